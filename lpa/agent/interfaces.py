@@ -1,0 +1,150 @@
+"""The seams of the agent, each with a production class and a fake (``verifyObject`` checks both).
+
+Flow of one mutation::
+
+    api ──submit(JobRequest)──▶ IJobManager ──execute(job, ctx)──▶ IPackageBackend
+                                    │                                  │ ctx.run(argv, timeout)
+                                    │ EventLog.append ─▶ broadcast     ▼
+                                    │                    (ws sessions) IProcessRunner ─▶ child
+                                    ▼                                  (own process group)
+                                 IJobStore (atomic JSON, survives restarts)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+# The names below are used only in annotations (strings under `from __future__ import annotations`).
+
+
+class IProcessRunner(Interface):
+    """Runs one child process, argv only, never a shell, in its own process group."""
+
+    def run(
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        on_stdout_line: Callable[[str], None] | None = None,
+        on_stderr_line: Callable[[str], None] | None = None,
+        extra_fds: Mapping[int, Callable[[str], None]] | None = None,
+    ) -> Deferred:
+        """Start ``argv``; fire with a ``CommandResult`` whatever the exit status.
+
+        Past ``timeout`` seconds the group gets SIGTERM, then SIGKILL after a grace period, and
+        the result has ``timed_out=True``.  Cancelling the Deferred terminates the group the same
+        way and errbacks with ``CancelledError``.  A missing executable errbacks with
+        ``CommandNotFoundError``.  ``extra_fds`` maps a child fd (e.g. apt's ``APT::Status-Fd``)
+        to a line callback.
+        """
+
+
+class IJobContext(Interface):
+    """What a backend may do while it executes a job: run commands and report progress."""
+
+    job = Attribute("the Job being executed (read-only for backends)")
+
+    def run(
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        ok_codes: Sequence[int] = (0,),
+        status_fd_line: Callable[[str], None] | None = None,
+    ) -> Deferred:
+        """Run a command for this job; every output line becomes an ``output`` event.
+
+        Fires with the ``CommandResult``; errbacks with ``CommandFailedError`` (exit not in
+        ``ok_codes``), ``CommandTimedOutError`` or ``JobCancelledError``.  ``status_fd_line``
+        receives lines of a machine-readable status channel (fd 3) when given.
+        """
+
+    def progress(percent: int, message: str) -> None:
+        """Report real progress (0–100) with a message; emits a ``progress`` event."""
+
+    def waiting_for_lock(holder: str) -> None:
+        """Say the package database lock is held by ``holder``; emits ``waiting_for_lock``."""
+
+
+class IPackageBackend(Interface):
+    """One package manager (apt, dnf, yum, zypper, apk, pacman) behind one interface."""
+
+    name = Attribute("the backend's name, e.g. 'apt'")
+
+    def list_packages(name_filter: str | None = None, status: str | None = None) -> Deferred:
+        """Fire with a list of ``Package``; read-only."""
+
+    def get_package(name: str) -> Deferred:
+        """Fire with one ``Package`` or errback with ``PackageNotFoundError``; read-only."""
+
+    def list_patches(security_only: bool = False) -> Deferred:
+        """Fire with a list of ``Patch`` (pending updates); read-only."""
+
+    def execute(job: object, context: IJobContext) -> Deferred:
+        """Carry out ``job.request`` (install/update/remove/patch_apply) through ``context``.
+
+        Fires with a ``JobOutcome``.  A dry run changes nothing and lists what would change in
+        ``JobOutcome.changes``.  Errors are the ``CommandError`` family or ``JobCancelledError``.
+        """
+
+
+class ISystem(Interface):
+    """Facts about and actions on the host that are not package-manager specific."""
+
+    def boot_id() -> str:
+        """``/proc/sys/kernel/random/boot_id`` (empty string when unavailable)."""
+
+    def system_info() -> Deferred:
+        """Fire with the ``/api/v1/system/info`` data dict."""
+
+    def uptime_seconds() -> int:
+        """Host uptime from ``/proc/uptime``."""
+
+    def service_status(name: str) -> Deferred:
+        """Fire with the service dict or errback ``ServiceNotFoundError``/``ServiceStatusError``."""
+
+    def reboot_argv(delay_seconds: int) -> list[str]:
+        """The command that reboots this host after ``delay_seconds``."""
+
+    def pending_reboot() -> Deferred:
+        """Fire with ``(bool, [package names])``: does the host need a reboot, and why."""
+
+
+class IJobStore(Interface):
+    """Durable job history: jobs with their kept events, written atomically."""
+
+    def load() -> list:
+        """Return ``[(Job, [JobEvent, ...]), ...]`` as last saved (empty when nothing saved)."""
+
+    def save(entries: list) -> None:
+        """Replace the history with ``[(Job, [JobEvent, ...]), ...]`` atomically."""
+
+
+class IJobManager(Interface):
+    """The job engine as the REST API and the WebSocket see it."""
+
+    events = Attribute("the EventLog: numbered, kept, published job events")
+
+    def submit(request: object) -> object:
+        """Admit a ``JobRequest``; return the new pending ``Job`` or raise ``AdmissionError``."""
+
+    def get(job_id: str) -> object:
+        """Return the ``Job`` or raise ``JobNotFoundError``."""
+
+    def list_jobs(status: str | None = None, limit: int = 50) -> list:
+        """Jobs newest first, optionally filtered by status."""
+
+    def cancel(job_id: str) -> object:
+        """End a pending or running job as ``cancelled``; raise ``CancelNotAllowedError`` if ended."""
+
+    def delete(job_id: str) -> None:
+        """Forget an ended job; raise ``DeleteNotAllowedError`` if it has not ended."""
+
+    def mutation_in_progress() -> bool:
+        """True while a package-database mutation runs."""
+
+    def active_count() -> int:
+        """Number of pending plus running jobs."""

@@ -1,0 +1,74 @@
+"""The seams of the relay.
+
+Flow::
+
+    scanner ──running_host_jobs()──▶ IRelayStore (PostgreSQL)
+       │ groups rows by agent (address, port)
+       ▼
+    AgentLink (machine.py) ── WebSocket client ─┐  events (JobEvent)
+       │ handshake failed → poller (treq) ──────┴──▶ apply_events(host_job, events, transport)
+       ▼                                              one transaction per call: guarded update,
+    back to the WebSocket when it opens               roll-up under lock, pg_notify
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import attr
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+TRANSPORT_WS = "ws"
+TRANSPORT_POLL = "poll"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AgentAddress:
+    """Where an agent listens: ``hosts.fqdn`` (else ``ip_address``) and ``hosts.agent_port``."""
+
+    host: str
+    port: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class HostJob:
+    """One running ``patch_job_hosts`` row the relay follows."""
+
+    row_id: str  # patch_job_hosts.id
+    job_id: str  # patch_jobs.id
+    host_id: str
+    agent_job_id: str
+    agent: AgentAddress
+    #: the last agent event seq applied to this row (0 when none)
+    last_seq: int = 0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class ApplyResult:
+    """What one ``apply_events`` call did."""
+
+    applied: int  # events that changed the row (skipped duplicates not counted)
+    last_seq: int  # the row's last applied seq afterwards
+    row_status: str  # the row's job_status afterwards (DB spelling: running/succeeded/…)
+    terminal: bool  # the row is terminal afterwards: stop following it
+    notified: int = 0  # pg_notify calls made (host + job level)
+
+
+class IRelayStore(Interface):
+    """PostgreSQL behind the relay; every write is one transaction with its notifications."""
+
+    def running_host_jobs() -> Deferred:
+        """Fire with the list of ``HostJob`` rows that are ``running`` with an ``agent_job_id``."""
+
+    def apply_events(host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+        """Apply agent ``JobEvent``s of this row in order, in ONE transaction; fire ``ApplyResult``.
+
+        Events whose ``job_id`` is not ``host_job.agent_job_id`` are refused (never touch the
+        row); events with a seq at or below the row's last applied seq are skipped; a terminal
+        row never changes.  Each status change fires one host-level ``pg_notify('job_update')``
+        and, when the last host of the job ends, exactly one job-level notification.
+        """
+
+    def fail_host_job(host_job: HostJob, reason: str, transport: str) -> Deferred:
+        """End the row ``failed`` with ``reason`` (agent unreachable, job unknown); ``ApplyResult``."""

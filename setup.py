@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lpa",
+    version="0.1.0",
+    description="Linux patch agent (lpa-agent) and live job-status relay (lpa-relay)",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa": ["sql/*.sql"]},
+    include_package_data=True,
+    install_requires=[
+        "Twisted[tls]>=24.10,<27",
+        "autobahn>=24.4,<27",
+        "txaio>=23.1,<27",
+        "treq>=24.9,<27",
+        "txpostgres>=1.7,<2",
+        "psycopg2-binary>=2.9.9,<3",
+        "pyOpenSSL>=24.2,<27",
+        "service-identity>=24.1,<27",
+        "klein>=24.8,<25",
+        "cryptography>=43,<51",
+        "PyYAML>=6.0,<7",
+        "attrs>=23.1",
+        "zope.interface>=6",
+    ],
+    extras_require={
+        "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2"],
+    },
+    entry_points={"console_scripts": ["lpa = lpa.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""lpa's trial suite; run with ``python -b -m twisted.trial --random=0 tests``."""

@@ -1,0 +1,21 @@
+"""twistd dropin for lpa: ServiceMaker objects only, modules named as strings.
+
+Importing this file must stay cheap and must not fail, or ``twistd --help`` silently loses both
+tapnames (see PITFALLS 16).
+"""
+
+from twisted.application.service import ServiceMaker
+
+lpaAgent = ServiceMaker(
+    "lpa agent",
+    "lpa.agent.tap",
+    "Linux patch agent: mTLS REST API and live job event WebSocket",
+    "lpa-agent",
+)
+
+lpaRelay = ServiceMaker(
+    "lpa relay",
+    "lpa.relay.tap",
+    "Relay live patch-job status from agents into PostgreSQL",
+    "lpa-relay",
+)
