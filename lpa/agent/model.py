@@ -35,6 +35,8 @@ class JobRequest:
     reboot_delay_seconds: int = 0
     force: bool = False
     no_recommends: bool = False
+    #: reboot only: with ``force``, reboot even while a package-database mutation runs
+    acknowledge_package_database_corruption_risk: bool = False
 
 
 @attr.s(slots=True, auto_attribs=True, kw_only=True)
