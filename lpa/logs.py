@@ -1,0 +1,87 @@
+"""Log observers for twistd: human-readable by default, JSON lines for log shippers.
+
+``twistd -n lpa-agent …`` logs as text through twistd's own observer.  For one JSON object per
+line on stdout (journald, Vector, Fluent Bit …) run ``twistd -n --logger=lpa.logs.json_observer
+lpa-agent …``: each line carries ``time``, ``level``, ``namespace``, the formatted ``message``,
+the structured fields of the event (``job_id``, ``seq`` …) and, for failures, ``traceback``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
+
+_SKIPPED_FIELDS = frozenset(
+    {
+        "log_format",
+        "log_level",
+        "log_namespace",
+        "log_time",
+        "log_source",
+        "log_logger",
+        "log_failure",
+        "log_io",
+        "log_system",
+        "log_trace",
+        "log_flattened",
+        "log_text",
+        "log_legacy",
+        "format",
+        "message",
+        "isError",
+        "time",
+        "system",
+        "failure",
+        "why",
+    }
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return repr(value)
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """Write each log event as one JSON object on one line."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        when = event.get("log_time")
+        record: dict[str, Any] = {
+            "time": (
+                datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+                if isinstance(when, (int, float))
+                else None
+            ),
+            "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+            "namespace": event.get("log_namespace", ""),
+            "message": formatEvent(event),
+        }
+        for key, value in event.items():
+            if key not in _SKIPPED_FIELDS and not key.startswith("log_"):
+                record[key] = _jsonable(value)
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        self._out.write(json.dumps(record, sort_keys=False) + "\n")
+        self._out.flush()
+
+
+def json_observer() -> JsonLinesObserver:
+    """Factory for ``twistd --logger=lpa.logs.json_observer``."""
+    return JsonLinesObserver(sys.stdout)
