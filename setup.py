@@ -24,6 +24,7 @@ setup(
         "PyYAML>=6.0,<7",
         "attrs>=23.1",
         "zope.interface>=6",
+        "websockets>=13,<18",  # the sync client behind `lpa agent watch`
     ],
     extras_require={
         "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2"],
