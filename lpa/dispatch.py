@@ -1,0 +1,390 @@
+"""``lpa dispatch``: what a patch manager does to start a patch job on some hosts.
+
+::
+
+    one transaction:  upsert hosts ─▶ INSERT patch_jobs (running) ─▶ INSERT patch_job_hosts (pending)
+    per host:         POST /api/v1/patches/apply ─▶ 202 job_id ─▶ row running + agent_job_id
+                                                 └▶ error    ─▶ row failed (+ roll-up, notify)
+    --watch:          LISTEN job_update (opened BEFORE the agents are called) and print each
+                      host payload of this job until the job-level one
+
+The relay (``lpa-relay``) picks the ``running`` rows up on its next scan and carries every agent
+event into them.  A host whose agent refuses the job is marked ``failed`` here, with the same
+parent roll-up rule and the same notification the relay uses, taken under the same row lock on the
+parent so that exactly one job-level notification fires however the hosts end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import select
+import socket
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence, TextIO
+
+import attr
+
+from lpa.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
+from lpa.errors import LpaError
+from lpa.relay import notify
+from lpa.relay.rows import rollup_status
+
+DEFAULT_AGENT_PORT = 12443
+
+
+class DispatchError(LpaError):
+    """Bad arguments, a database error or a failed watch; ``str()`` is one line."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class HostTarget:
+    """One ``--host NAME[:PORT]``: the name the agent's certificate carries, its address, port."""
+
+    fqdn: str
+    ip_address: str
+    port: int = DEFAULT_AGENT_PORT
+
+
+def _resolve(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise DispatchError(f"--host {name}: cannot resolve: {error.strerror}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as the manager stores
+    return str(infos[0][4][0])
+
+
+def parse_host(text: str, resolve: Callable[[str], str] = _resolve) -> HostTarget:
+    """``NAME``, ``NAME:PORT``, ``[IPv6]:PORT``; the address is resolved now (hosts needs one)."""
+    name, port_text = text, ""
+    if text.startswith("["):
+        name, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        name, port_text = text.split(":")
+    if not name:
+        raise DispatchError(f"--host {text!r}: empty host name")
+    port = DEFAULT_AGENT_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise DispatchError(f"--host {text!r}: bad port {port_text!r}")
+        port = int(port_text)
+    return HostTarget(name, resolve(name), port)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class HostRow:
+    """One ``patch_job_hosts`` row created by :func:`create_job`."""
+
+    row_id: str
+    host_id: str
+    target: HostTarget
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CreatedJob:
+    job_id: str
+    hosts: tuple[HostRow, ...]
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StartResult:
+    """How one host's start went: ``agent_job_id`` on success, else ``error``."""
+
+    row: HostRow
+    agent_job_id: str | None = None
+    error: str | None = None
+
+
+def create_job(
+    connection: Any, targets: Sequence[HostTarget], *, packages: Sequence[str] | None,
+    dry_run: bool, notes: str = "",
+) -> CreatedJob:
+    """Upsert the hosts and insert the job and its host rows in ONE transaction."""
+    if not targets:
+        raise DispatchError("give at least one --host")
+    with connection:  # commits, or rolls back on any error
+        with connection.cursor() as cursor:
+            host_ids = []
+            for target in targets:
+                cursor.execute(
+                    "INSERT INTO hosts (fqdn, ip_address, display_name, agent_port)"
+                    " VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (fqdn, ip_address) DO UPDATE"
+                    " SET agent_port = EXCLUDED.agent_port, updated_at = now()"
+                    " RETURNING id::text",
+                    (target.fqdn, target.ip_address, target.fqdn, target.port))
+                host_ids.append(cursor.fetchone()[0])
+            if len(set(host_ids)) != len(host_ids):
+                raise DispatchError("the same host was given twice")
+            selection = json.dumps(list(packages) if packages is not None else [])
+            cursor.execute(
+                "INSERT INTO patch_jobs (kind, status, immediate, patch_selection, notes,"
+                " allow_reboot, started_at)"
+                " VALUES ('patch_apply', 'running', false, %s::jsonb, %s, false, now())"
+                " RETURNING id::text",
+                (selection, notes or ("lpa dispatch (dry run)" if dry_run else "lpa dispatch")))
+            job_id = cursor.fetchone()[0]
+            rows = []
+            for host_id, target in zip(host_ids, targets):
+                cursor.execute(
+                    "INSERT INTO patch_job_hosts (job_id, host_id, status) VALUES (%s, %s, 'pending')"
+                    " RETURNING id::text", (job_id, host_id))
+                rows.append(HostRow(cursor.fetchone()[0], host_id, target))
+    return CreatedJob(job_id, tuple(rows))
+
+
+def start_on_agents(
+    connection: Any, job: CreatedJob, client_for: Callable[[HostTarget], AgentClient], *,
+    packages: Sequence[str] | None, dry_run: bool, security_only: bool = False,
+) -> list[StartResult]:
+    """Start the job on every agent; mark each row running with its agent job id, or failed."""
+    results = []
+    for row in job.hosts:
+        try:
+            data = client_for(row.target).apply(
+                dry_run=dry_run, security_only=security_only, packages=packages)
+            agent_job_id = (data or {}).get("job_id")
+            if not isinstance(agent_job_id, str) or not agent_job_id:
+                raise ClientError("the agent's 202 answer carries no job_id")
+        except ClientError as error:
+            reason = f"could not start the job on {row.target.fqdn}:{row.target.port}: {error}"
+            _fail_row(connection, job.job_id, row, reason)
+            results.append(StartResult(row, error=reason))
+            continue
+        with connection, connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE patch_job_hosts SET status = 'running', agent_job_id = %s,"
+                " started_at = now() WHERE id = %s AND status = 'pending'",
+                (agent_job_id, row.row_id))
+        results.append(StartResult(row, agent_job_id=agent_job_id))
+    return results
+
+
+def _fail_row(connection: Any, job_id: str, row: HostRow, reason: str) -> None:
+    """Row → failed, host notify, and the parent roll-up under its row lock (one transaction)."""
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM patch_jobs WHERE id = %s FOR UPDATE", (job_id,))
+        cursor.execute(
+            "UPDATE patch_job_hosts SET status = 'failed', error_message = %s, last_error = %s,"
+            " completed_at = now() WHERE id = %s AND status NOT IN ('succeeded','failed','cancelled')",
+            (reason, reason, row.row_id))
+        cursor.execute("SELECT pg_notify(%s, %s)", (notify.CHANNEL, notify.build_payload(
+            event_type=notify.EVENT_HOST, job_id=job_id, host_id=row.host_id, status="failed",
+            error_message=reason, transport="dispatch")))
+        cursor.execute("SELECT status::text FROM patch_job_hosts WHERE job_id = %s", (job_id,))
+        statuses = [status for (status,) in cursor.fetchall()]
+        final = rollup_status(statuses)
+        if final is None:
+            return
+        cursor.execute(
+            "UPDATE patch_jobs SET status = %s::job_status, completed_at = now() WHERE id = %s"
+            " AND status NOT IN ('succeeded','failed','cancelled')", (final, job_id))
+        if cursor.rowcount:
+            cursor.execute("SELECT pg_notify(%s, %s)", (notify.CHANNEL, notify.build_payload(
+                event_type=notify.EVENT_JOB, job_id=job_id, status=final,
+                succeeded_count=statuses.count("succeeded"),
+                failed_count=statuses.count("failed"), host_count=len(statuses))))
+
+
+# --- following the job through job_update ----------------------------------------------------
+
+
+def listen(connection: Any) -> None:
+    """Put an autocommit connection in LISTEN job_update (do this BEFORE starting agents)."""
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"LISTEN {notify.CHANNEL}")
+
+
+def job_status(connection: Any, job_id: str) -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT status::text FROM patch_jobs WHERE id = %s", (job_id,))
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def host_line(payload: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    """One progress line for a host-level payload."""
+    host = names.get(str(payload.get("host_id")), str(payload.get("host_id")))
+    parts = [f"{host}: {payload.get('status')}"]
+    if payload.get("progress") is not None:
+        parts.append(f"{payload['progress']}%")
+    if payload.get("seq") is not None:
+        parts.append(f"seq={payload['seq']}")
+    if payload.get("transport"):
+        parts.append(f"via {payload['transport']}")
+    if payload.get("error_message"):
+        parts.append(f"error: {payload['error_message']}")
+    return " ".join(parts)
+
+
+def job_line(payload: Mapping[str, Any]) -> str:
+    return (f"job {payload.get('job_id')} {payload.get('status')}: "
+            f"{payload.get('succeeded_count')} succeeded, {payload.get('failed_count')} failed"
+            f" of {payload.get('host_count')} hosts")
+
+
+def watch_job(
+    connection: Any, job_id: str, out: TextIO, *, names: Mapping[str, str] | None = None,
+    timeout: float = 300.0, recheck_interval: float = 5.0,
+    monotonic: Callable[[], float] = time.monotonic,
+    on_payload: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Print this job's notifications until the job-level one; return that payload.
+
+    ``connection`` must already LISTEN (:func:`listen`).  Every ``recheck_interval`` without a
+    notification the parent row is read, so a notification lost (e.g. the listener reconnected)
+    ends the watch too, with a payload marked ``"recovered": true``.
+    Raises :class:`DispatchError` after ``timeout`` seconds.
+    """
+    names = names or {}
+    deadline = monotonic() + timeout
+    while True:
+        for note in _drain(connection):
+            try:
+                payload = json.loads(note.payload)
+            except ValueError:
+                continue
+            if not isinstance(payload, dict) or payload.get("job_id") != job_id:
+                continue
+            if on_payload is not None:
+                on_payload(payload)
+            if payload.get("event_type") == notify.EVENT_JOB:
+                out.write(job_line(payload) + "\n")
+                out.flush()
+                return payload
+            out.write(host_line(payload, names) + "\n")
+            out.flush()
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise DispatchError(
+                f"job {job_id} had no job-level notification after {timeout:g} s "
+                f"(status {job_status(connection, job_id)}; is lpa-relay running?)")
+        ready, _, _ = select.select([connection], [], [], min(remaining, recheck_interval))
+        if not ready:
+            status = job_status(connection, job_id)
+            if status in ("succeeded", "failed", "cancelled"):
+                payload = _recovered_payload(connection, job_id, status)
+                out.write(job_line(payload) + " (read from the database)\n")
+                return payload
+
+
+def _drain(connection: Any) -> list[Any]:
+    connection.poll()
+    notes = list(connection.notifies)
+    del connection.notifies[:]
+    return notes
+
+
+def _recovered_payload(connection: Any, job_id: str, status: str) -> dict[str, Any]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT status::text FROM patch_job_hosts WHERE job_id = %s", (job_id,))
+        statuses = [s for (s,) in cursor.fetchall()]
+    return {"event_type": notify.EVENT_JOB, "job_id": job_id, "status": status,
+            "succeeded_count": statuses.count("succeeded"),
+            "failed_count": statuses.count("failed"), "host_count": len(statuses),
+            "recovered": True}
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def default_client_factory(
+    credentials: Credentials, timeout: float = 30.0,
+) -> Callable[[HostTarget], AgentClient]:
+    context = credentials.ssl_context()
+
+    def client_for(target: HostTarget) -> AgentClient:
+        return AgentClient(http_transport(AgentUrl(target.fqdn, target.port), context, timeout))
+
+    return client_for
+
+
+def connect(dsn: str) -> Any:
+    import psycopg2
+
+    try:
+        return psycopg2.connect(dsn)
+    except psycopg2.Error as error:
+        raise DispatchError(f"cannot connect to the database: {str(error).strip()}") from None
+
+
+def dispatch(
+    dsn: str, targets: Sequence[HostTarget], client_for: Callable[[HostTarget], AgentClient], *,
+    packages: Sequence[str] | None, dry_run: bool, security_only: bool = False,
+    watch: bool = False, timeout: float = 300.0, out: TextIO | None = None,
+    connect: Callable[[str], Any] = connect,
+) -> tuple[CreatedJob, list[StartResult], dict[str, Any] | None]:
+    """The whole ``lpa dispatch``: create, start, and (``watch``) follow to the job-level event."""
+    import psycopg2
+
+    out = sys.stdout if out is None else out
+    writer = connect(dsn)
+    listener = connect(dsn) if watch else None
+    try:
+        if listener is not None:
+            listen(listener)
+        try:
+            job = create_job(writer, targets, packages=packages, dry_run=dry_run)
+            out.write(f"job {job.job_id}: {len(job.hosts)} host(s)\n")
+            results = start_on_agents(writer, job, client_for, packages=packages,
+                                      dry_run=dry_run, security_only=security_only)
+        except psycopg2.Error as error:
+            raise DispatchError(f"database error: {str(error).strip()}") from None
+        for result in results:
+            target = result.row.target
+            if result.agent_job_id:
+                out.write(f"{target.fqdn}:{target.port}: started agent job {result.agent_job_id}\n")
+            else:
+                out.write(f"{target.fqdn}:{target.port}: {result.error}\n")
+        out.flush()
+        final = None
+        if listener is not None:
+            names = {row.host_id: row.target.fqdn for row in job.hosts}
+            final = watch_job(listener, job.job_id, out, names=names, timeout=timeout)
+        return job, results, final
+    finally:
+        writer.close()
+        if listener is not None:
+            listener.close()
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``lpa dispatch``."""
+    parser = subparsers.add_parser(
+        "dispatch", help="create a patch job in the manager's database and start it on agents",
+        description="Do what a patch manager does: upsert the hosts, create a patch_jobs row and "
+        "its patch_job_hosts rows in one transaction, start the job on each agent (POST "
+        "/api/v1/patches/apply) and mark each row running with its agent_job_id, for lpa-relay "
+        "to follow. --watch prints the job_update notifications until the job-level one.")
+    parser.add_argument("--dsn", required=True, help="PostgreSQL DSN or URL of the manager's database")
+    parser.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME[:PORT]",
+                        help="an agent (repeatable); NAME must match its certificate; port 12443")
+    parser.add_argument("--dry-run", action="store_true", help="agents report what would change; change nothing")
+    parser.add_argument("--security-only", action="store_true", help="security updates only")
+    parser.add_argument("--packages", nargs="+", metavar="NAME", help="only these packages (default all)")
+    parser.add_argument("--watch", action="store_true", help="follow job_update until the job-level notification")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds --watch waits (default 300)")
+    parser.add_argument("--cert", help="client certificate PEM (default $LPA_CERT)")
+    parser.add_argument("--key", help="client key PEM (default $LPA_KEY)")
+    parser.add_argument("--ca", help="CA that signed the agents (default $LPA_CA)")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    targets = [parse_host(text) for text in args.hosts]
+    client_for = default_client_factory(Credentials.resolve(args.cert, args.key, args.ca))
+    _, results, final = dispatch(
+        args.dsn, targets, client_for, packages=args.packages, dry_run=args.dry_run,
+        security_only=args.security_only, watch=args.watch, timeout=args.timeout)
+    if final is not None:
+        return 0 if final.get("status") == "succeeded" else 1
+    return 0 if all(result.agent_job_id for result in results) else 1

@@ -1,0 +1,225 @@
+"""Tests for ``lpa dispatch`` against a real throwaway PostgreSQL and a fake agent."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import uuid
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from lpa import dispatch
+from lpa.client import AgentClient
+from lpa.dispatch import DispatchError, HostTarget, parse_host
+from tests.test_client import FakeAgent, envelope
+
+try:
+    from tests import pg as _pg
+except ImportError:  # pragma: no cover - tests/pg.py is R1's fixture
+    _pg = None
+
+AGENT_JOB = "5f0e8a4e-1d0c-4c55-9d3a-0f7e8f1f2b3c"
+
+
+def fresh_database(case: SynchronousTestCase) -> str:
+    """A migrated database of its own for ``case`` (R1's one-cluster-per-run fixture)."""
+    if _pg is None:
+        dsn = _local_database(case)
+    else:
+        dsn = _pg.database_dsn(case) if hasattr(_pg, "database_dsn") else _pg.fresh_database(case)
+    from lpa.relay.schema import migrate
+
+    migrate(dsn)
+    return dsn
+
+
+_cluster: list[Any] = []
+
+
+def _local_database(case: SynchronousTestCase) -> str:
+    """Stand-in until tests/pg.py lands: one cluster for this module, stopped at exit."""
+    import atexit
+
+    from lpa.pgcluster import PostgresCluster, PostgresNotFound
+
+    if not _cluster:
+        try:
+            cluster = PostgresCluster()
+        except PostgresNotFound as error:
+            raise SkipTest(str(error))
+        cluster.start()
+        atexit.register(cluster.destroy)
+        _cluster.append(cluster)
+    name = "dispatch_" + uuid.uuid4().hex[:12]
+    dsn = _cluster[0].create_database(name)
+    case.addCleanup(_cluster[0].drop_database, name)
+    return dsn
+
+
+def connect(case: SynchronousTestCase, dsn: str) -> Any:
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    case.addCleanup(connection.close)
+    return connection
+
+
+def query(connection: Any, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with connection, connection.cursor() as cursor:
+        cursor.execute(sql, args)
+        return cursor.fetchall()
+
+
+def notify(connection: Any, payload: dict[str, Any]) -> None:
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify('job_update', %s)", (json.dumps(payload),))
+
+
+def ok_agent() -> AgentClient:
+    return AgentClient(FakeAgent({("POST", "/api/v1/patches/apply"): [
+        (202, envelope({"job_id": AGENT_JOB, "status": "pending"}))]}))
+
+
+def refusing_agent() -> AgentClient:
+    return AgentClient(FakeAgent({("POST", "/api/v1/patches/apply"): [
+        (429, envelope(error={"code": "QUEUE_FULL", "message": "queue is full", "retryable": True}))]}))
+
+
+class ParseHostTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """NAME, NAME:PORT and [IPv6]:PORT parse; the name is resolved to an address."""
+        resolve = {"web1": "10.0.0.5", "::1": "::1", "127.0.0.1": "127.0.0.1"}.__getitem__
+        self.assertEqual(parse_host("web1", resolve), HostTarget("web1", "10.0.0.5", 12443))
+        self.assertEqual(parse_host("web1:9443", resolve), HostTarget("web1", "10.0.0.5", 9443))
+        self.assertEqual(parse_host("[::1]:7", resolve), HostTarget("::1", "::1", 7))
+
+    def test_bad(self) -> None:
+        """A bad port or an unresolvable name is a one-line DispatchError."""
+        self.assertRaises(DispatchError, parse_host, "web1:http", lambda n: "10.0.0.1")
+        self.assertRaises(DispatchError, parse_host, ":80", lambda n: "10.0.0.1")
+        error = self.assertRaises(DispatchError, parse_host, "no-such-host.invalid")
+        self.assertIn("no-such-host.invalid", str(error))
+
+    def test_help(self) -> None:
+        """lpa dispatch --help says what it does."""
+        top = argparse.ArgumentParser(prog="lpa")
+        dispatch.add_parser(top.add_subparsers())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertRaises(SystemExit, top.parse_args, ["dispatch", "--help"])
+        self.assertIn("patch_job_hosts", out.getvalue())
+
+
+class DatabaseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dsn = fresh_database(self)
+        self.db = connect(self, self.dsn)
+        self.targets = [HostTarget("a.example", "10.0.0.1", 12443),
+                        HostTarget("b.example", "10.0.0.2", 9443)]
+
+    def test_create_job(self) -> None:
+        """One job row (running) and one pending row per host; hosts upserted with their port."""
+        job = dispatch.create_job(self.db, self.targets, packages=["curl"], dry_run=True)
+        again = dispatch.create_job(self.db, [HostTarget("a.example", "10.0.0.1", 1)],
+                                    packages=None, dry_run=False)
+        self.assertEqual(again.hosts[0].host_id, job.hosts[0].host_id)
+        self.assertEqual(query(self.db, "SELECT fqdn, agent_port FROM hosts ORDER BY fqdn"),
+                         [("a.example", 1), ("b.example", 9443)])
+        self.assertEqual(query(self.db, "SELECT status::text, kind::text, patch_selection,"
+                                        " allow_reboot FROM patch_jobs WHERE id = %s", job.job_id),
+                         [("running", "patch_apply", ["curl"], False)])
+        self.assertEqual(query(self.db, "SELECT status::text, agent_job_id FROM patch_job_hosts"
+                                        " WHERE job_id = %s", job.job_id),
+                         [("pending", None), ("pending", None)])
+
+    def test_duplicate_host_writes_nothing(self) -> None:
+        """The same host twice is refused and the transaction leaves no row behind."""
+        self.assertRaises(DispatchError, dispatch.create_job, self.db,
+                          [self.targets[0], self.targets[0]], packages=None, dry_run=True)
+        self.assertEqual(query(self.db, "SELECT count(*) FROM hosts"), [(0,)])
+        self.assertEqual(query(self.db, "SELECT count(*) FROM patch_jobs"), [(0,)])
+
+    def test_start(self) -> None:
+        """A started host is running with its agent_job_id; a refusal fails only that row."""
+        job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
+        clients = {"a.example": ok_agent(), "b.example": refusing_agent()}
+        results = dispatch.start_on_agents(self.db, job, lambda t: clients[t.fqdn],
+                                           packages=None, dry_run=True)
+        self.assertEqual([r.agent_job_id for r in results], [AGENT_JOB, None])
+        self.assertIn("QUEUE_FULL", results[1].error)
+        rows = query(self.db, "SELECT h.fqdn, r.status::text, r.agent_job_id, r.error_message"
+                              " FROM patch_job_hosts r JOIN hosts h ON h.id = r.host_id"
+                              " WHERE r.job_id = %s ORDER BY h.fqdn", job.job_id)
+        self.assertEqual(rows[0][:3], ("a.example", "running", AGENT_JOB))
+        self.assertEqual(rows[1][1:3], ("failed", None))
+        self.assertIn("QUEUE_FULL", rows[1][3])
+        self.assertEqual(query(self.db, "SELECT status::text FROM patch_jobs"), [("running",)])
+
+    def test_all_refused_rolls_up_once(self) -> None:
+        """When every agent refuses, the parent fails and exactly one job-level notify fires."""
+        listener = connect(self, self.dsn)
+        dispatch.listen(listener)
+        job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
+        dispatch.start_on_agents(self.db, job, lambda t: refusing_agent(), packages=None,
+                                 dry_run=True)
+        self.assertEqual(query(self.db, "SELECT status::text FROM patch_jobs"), [("failed",)])
+        listener.poll()
+        payloads = [json.loads(n.payload) for n in listener.notifies]
+        self.assertEqual([p["event_type"] for p in payloads], ["host", "host", "job"])
+        self.assertEqual((payloads[2]["failed_count"], payloads[2]["host_count"]), (2, 2))
+
+    def test_watch(self) -> None:
+        """watch prints this job's host lines, ignores other jobs, returns the job payload."""
+        listener = connect(self, self.dsn)
+        dispatch.listen(listener)
+        job_id = str(uuid.uuid4())
+        notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h", "status": "failed"})
+        notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
+                         "status": "running", "progress": 40, "seq": 3, "transport": "ws"})
+        notify(self.db, {"event_type": "job", "job_id": job_id, "status": "succeeded",
+                         "succeeded_count": 1, "failed_count": 0, "host_count": 1})
+        out = io.StringIO()
+        final = dispatch.watch_job(listener, job_id, out, names={"h1": "web1"}, timeout=5)
+        self.assertEqual(final["status"], "succeeded")
+        self.assertEqual(out.getvalue().splitlines(), [
+            "web1: running 40% seq=3 via ws",
+            f"job {job_id} succeeded: 1 succeeded, 0 failed of 1 hosts"])
+
+    def test_watch_recovers_lost_notification(self) -> None:
+        """A terminal parent without a notification still ends the watch (read from the table)."""
+        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
+        query(self.db, "UPDATE patch_job_hosts SET status = 'succeeded' RETURNING 1")
+        query(self.db, "UPDATE patch_jobs SET status = 'succeeded' RETURNING 1")
+        listener = connect(self, self.dsn)
+        dispatch.listen(listener)
+        final = dispatch.watch_job(listener, job.job_id, io.StringIO(), timeout=5,
+                                   recheck_interval=0.01)
+        self.assertEqual((final["status"], final["recovered"], final["succeeded_count"]),
+                         ("succeeded", True, 1))
+
+    def test_watch_timeout(self) -> None:
+        """No job-level notification within the timeout is a DispatchError naming the status."""
+        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
+        listener = connect(self, self.dsn)
+        dispatch.listen(listener)
+        error = self.assertRaises(DispatchError, dispatch.watch_job, listener, job.job_id,
+                                  io.StringIO(), timeout=0.05, recheck_interval=0.01)
+        self.assertIn("status running", str(error))
+
+    def test_dispatch_command(self) -> None:
+        """dispatch(): create, start, print one line per host."""
+        out = io.StringIO()
+        job, results, final = dispatch.dispatch(
+            self.dsn, self.targets[:1], lambda t: ok_agent(), packages=None, dry_run=True, out=out)
+        self.assertIsNone(final)
+        self.assertEqual(out.getvalue().splitlines()[1],
+                         f"a.example:12443: started agent job {AGENT_JOB}")
+
+    def test_bad_dsn(self) -> None:
+        """An unreachable database is one line, not a traceback."""
+        error = self.assertRaises(DispatchError, dispatch.connect,
+                                  "postgresql://nobody@/nodb?host=/nonexistent")
+        self.assertIn("cannot connect", str(error))
