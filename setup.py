@@ -27,7 +27,7 @@ setup(
         "websockets>=13,<18",  # the sync client behind `lpa agent watch`
     ],
     extras_require={
-        "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2"],
+        "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2", "h2>=4.1,<5"],
     },
     entry_points={"console_scripts": ["lpa = lpa.cli:main"]},
 )
