@@ -25,6 +25,7 @@ import uuid
 from typing import Any, Callable
 
 import autobahn.websocket
+from autobahn.util import encode_truncate
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -91,7 +92,8 @@ class JobStreamProtocol(WebSocketServerProtocol):
         self.sendMessage(text.encode("utf-8"), isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
-        self.sendClose(code=code, reason=reason)
+        # sendClose only allows 1000 and 3000-4999; 1008 (policy) is a protocol-level close
+        self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
 
     # -- IPushProducer (the transport tells us when its buffer is full or drained) ---------
 

@@ -1,0 +1,326 @@
+"""Tests for lpa.agent.ws: the Autobahn protocol and factory, over iosim with a task.Clock.
+
+Real Autobahn client protocols talk to the real server protocol through ``twisted.test.iosim``;
+Autobahn's own timers (auto-ping, handshake timeouts) run on the injected clock on the server
+and, through ``txaio.testutil.replace_loop``, on the client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import autobahn.websocket
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from txaio.testutil import replace_loop
+
+from lpa.agent.eventlog import EventLog
+from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
+from lpa.events import RUNNING
+from tests.test_ws_session import FakeJobManager, new_job
+
+SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8443)
+CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """Keeps parsed messages and how the connection ended."""
+
+    answer_pings = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[dict[str, Any]] = []
+        self.pongs: list[bytes] = []
+        self.opened = False
+        self.closed: tuple[bool, int | None, str | None] | None = None
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append(json.loads(payload))
+
+    def onPing(self, payload: bytes) -> None:
+        if self.answer_pings:
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        self.pongs.append(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (wasClean, code, reason)
+
+    def take(self) -> list[dict[str, Any]]:
+        messages, self.messages = self.messages, []
+        return messages
+
+    def send_json(self, message: Any) -> None:
+        self.sendMessage(json.dumps(message).encode(), isBinary=False)
+
+
+class SilentClient(RecordingClient):
+    """Never answers the server's pings."""
+
+    answer_pings = False
+
+
+class RawClient(Protocol):
+    """Bytes only, for handshakes Autobahn's client would not send."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class ProtocolTestBase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        loop = replace_loop(self.clock)
+        loop.__enter__()
+        self.addCleanup(loop.__exit__, None, None, None)
+        self.events = EventLog(self.clock, max_events_per_job=50)
+        self.jobs = FakeJobManager(self.events)
+        self.factory = self.make_factory()
+
+    def make_factory(self, **kw: Any) -> JobStreamFactory:
+        return JobStreamFactory(self.events, self.jobs, clock=self.clock, **kw)
+
+    def connect(
+        self, client_class: type[RecordingClient] = RecordingClient, factory: Any = None
+    ) -> tuple[RecordingClient, JobStreamProtocol, iosim.IOPump]:
+        server = (factory or self.factory).buildProtocol(CLIENT_ADDRESS)
+        client_factory = WebSocketClientFactory("ws://127.0.0.1:8443/api/v1/ws/jobs")
+        client_factory.protocol = client_class
+        client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0)
+        client = client_factory.buildProtocol(SERVER_ADDRESS)
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, isServer=True, peerAddress=CLIENT_ADDRESS),
+            client,
+            iosim.FakeTransport(client, isServer=False, peerAddress=SERVER_ADDRESS),
+            clock=self.clock,
+        )
+        self.addCleanup(self.disconnect, client, pump)
+        return client, server, pump
+
+    def disconnect(self, client: RecordingClient, pump: iosim.IOPump) -> None:
+        if client.closed is None:
+            client.sendClose(1000)
+            pump.flush()
+            self.clock.advance(10)
+            pump.flush()
+
+    def assert_no_timers(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FactoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events = EventLog(Clock())
+        self.jobs = FakeJobManager(self.events)
+
+    def test_options_set_explicitly(self) -> None:
+        """Size limits, heartbeat, handshake timeouts, connection cap and no deflate are set."""
+        factory = JobStreamFactory(
+            self.events, self.jobs, clock=Clock(), max_message_bytes=1000, max_connections=3
+        )
+        self.assertEqual(
+            (
+                factory.maxFramePayloadSize,
+                factory.maxMessagePayloadSize,
+                factory.autoPingInterval,
+                factory.autoPingTimeout,
+                factory.maxConnections,
+                factory.failByDrop,
+                factory.webStatus,
+            ),
+            (1000, 1000, 5.0, 5.0, 3, False, False),
+        )
+        self.assertGreater(factory.openHandshakeTimeout, 0)
+        self.assertGreater(factory.closeHandshakeTimeout, 0)
+        self.assertIsNone(factory.perMessageCompressionAccept([object()]))
+
+    def test_bad_limits_rejected(self) -> None:
+        """A ping timeout not above the interval, or a zero limit, is refused at construction."""
+        self.assertRaises(ValueError, JobStreamFactory, self.events, self.jobs, ping_timeout=5.0)
+        self.assertRaises(ValueError, JobStreamFactory, self.events, self.jobs, max_connections=0)
+
+    def test_nvx_confirmed(self) -> None:
+        """Autobahn's NVX accelerations are present, and the factory says so in its log."""
+        self.assertTrue(autobahn.websocket.USES_NVX)
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        JobStreamFactory(self.events, self.jobs, clock=Clock())
+        nvx = [e for e in seen if "nvx" in e]
+        self.assertEqual([(e["nvx"], e["log_level"]) for e in nvx], [("on", LogLevel.info)])
+
+    def test_make_ws_resource(self) -> None:
+        """make_ws_resource wraps the factory in Autobahn's WebSocketResource."""
+        factory = JobStreamFactory(self.events, self.jobs, clock=Clock())
+        resource = make_ws_resource(factory)
+        self.assertIsInstance(resource, WebSocketResource)
+        self.assertIs(resource._factory, factory)
+
+
+class StreamTests(ProtocolTestBase):
+    def test_handshake_and_greeting(self) -> None:
+        """The RFC 6455 handshake completes and the client is greeted with ``connected``."""
+        client, server, pump = self.connect()
+        self.assertTrue(client.opened)
+        [greeting] = client.take()
+        self.assertEqual(greeting["event"], "connected")
+        self.assertIs(server.transport.producer, server)
+
+    def test_subscribe_replay_and_live(self) -> None:
+        """subscribe with after_seq replays then streams live events through job_complete."""
+        job = new_job(self.jobs)
+        self.jobs.step(job, RUNNING, 10, "started")
+        client, server, pump = self.connect()
+        client.send_json({"action": "subscribe", "job_id": job, "after_seq": 0})
+        pump.flush()
+        self.jobs.step(job, RUNNING, 50, "half")
+        self.jobs.finish(job)
+        pump.flush()
+        frames = [m for m in client.take() if "seq" in m]
+        self.assertEqual([(m["seq"], m["event"]) for m in frames],
+                         [(1, "job_status"), (2, "job_status"), (3, "job_status"),
+                          (4, "job_status"), (5, "job_complete")])
+        self.assertEqual(frames, [e.to_wire() for e in self.events.kept(job)])
+
+    def test_garbage_then_still_working(self) -> None:
+        """Garbage text gets an error event and the same connection keeps working."""
+        client, server, pump = self.connect()
+        client.take()
+        client.sendMessage(b"\x00garbage{", isBinary=False)
+        pump.flush()
+        [error] = client.take()
+        self.assertEqual(error["error_code"], "INVALID_JSON")
+        job = new_job(self.jobs)
+        pump.flush()
+        self.assertEqual([m["job_id"] for m in client.take()], [job])
+        self.assertIsNone(client.closed)
+
+    def test_binary_frame_gets_error_event(self) -> None:
+        """A binary frame gets a BINARY_NOT_SUPPORTED error event; the connection stays open."""
+        client, server, pump = self.connect()
+        client.take()
+        client.sendMessage(b"\x01\x02", isBinary=True)
+        pump.flush()
+        [error] = client.take()
+        self.assertEqual(error["error_code"], "BINARY_NOT_SUPPORTED")
+        self.assertIsNone(client.closed)
+
+    def test_invalid_utf8_closes_1007(self) -> None:
+        """A text message with invalid UTF-8 is closed with 1007; others keep being served."""
+        bystander, _, bystander_pump = self.connect()
+        client, server, pump = self.connect()
+        client.sendMessage(b'{"action":"\xff\xfe"}', isBinary=False)
+        pump.flush()
+        self.assertEqual(client.closed[1], 1007)
+        new_job(self.jobs)
+        bystander_pump.flush()
+        self.assertEqual([m["event"] for m in bystander.take()], ["connected", "job_status"])
+
+    def test_oversized_message_closes_1009(self) -> None:
+        """A message over max_message_bytes is closed with 1009."""
+        factory = self.make_factory(max_message_bytes=1024)
+        client, server, pump = self.connect(factory=factory)
+        client.send_json({"action": "subscribe", "pad": "x" * 900})
+        pump.flush()
+        self.assertEqual(client.take()[-1]["event"], "subscribed")  # under the limit: served
+        client.send_json({"action": "subscribe", "pad": "x" * 1100})
+        pump.flush()
+        self.assertEqual(client.closed[1], 1009)
+
+    def test_slow_consumer_closed_1008(self) -> None:
+        """Past send_buffer_events while the transport is full, the server closes with 1008."""
+        factory = self.make_factory(send_buffer_events=5)
+        client, server, pump = self.connect(factory=factory)
+        client.take()
+        server.transport.producer.pauseProducing()  # what a full transport buffer does
+        job = new_job(self.jobs)
+        for i in range(5):
+            self.jobs.step(job, RUNNING, i, "step")
+        self.assertEqual(self.events.last_seq(job), 6)  # the engine was never held back
+        server.transport.producer.resumeProducing()
+        pump.flush()
+        self.assertEqual(client.take(), [])
+        wasClean, code, reason = client.closed
+        self.assertEqual(code, 1008)
+        self.assertIn("slow consumer", reason)
+        self.assertEqual(self.events.subscriber_count(), 0)
+
+    def test_connection_limit_answers_503(self) -> None:
+        """Past max_connections the opening handshake is refused with HTTP 503."""
+        factory = self.make_factory(max_connections=1)
+        first, _, _ = self.connect(factory=factory)
+        self.assertTrue(first.opened)
+        server = factory.buildProtocol(CLIENT_ADDRESS)
+        raw = RawClient()
+        pump = iosim.connect(
+            server, iosim.FakeTransport(server, isServer=True),
+            raw, iosim.FakeTransport(raw, isServer=False), clock=self.clock,
+        )
+        raw.transport.write(
+            b"GET /api/v1/ws/jobs HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        pump.flush()
+        self.assertTrue(raw.received.startswith(b"HTTP/1.1 503"), raw.received[:80])
+
+    def test_close_releases_everything(self) -> None:
+        """A closed connection leaves no EventLog subscriber and no pending timer."""
+        client, server, pump = self.connect()
+        self.assertEqual(self.events.subscriber_count(), 1)
+        client.sendClose(1000)
+        pump.flush()
+        self.assertEqual(client.closed[:2], (True, 1000))
+        self.assertEqual(self.events.subscriber_count(), 0)
+        self.clock.advance(60)
+        self.assert_no_timers()
+
+
+class HeartbeatTests(ProtocolTestBase):
+    def tick(self, pump: iosim.IOPump, seconds: float, step: float = 0.25) -> None:
+        """Advance the clock in small steps, pumping bytes after each (as real time would)."""
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+            pump.flush()
+
+    def test_silent_client_dropped_after_timeout(self) -> None:
+        """The server pings every 5 s and drops a client silent for 10 s."""
+        client, server, pump = self.connect(SilentClient)
+        self.tick(pump, 9.75)
+        self.assertIsNone(client.closed)
+        self.tick(pump, 0.5)
+        self.assertIsNotNone(client.closed)
+        self.assertFalse(client.closed[0])
+        self.assertEqual(self.events.subscriber_count(), 0)
+        self.clock.advance(60)
+        self.assert_no_timers()
+
+    def test_answering_client_stays(self) -> None:
+        """A client that answers the pings stays connected indefinitely."""
+        client, server, pump = self.connect()
+        self.tick(pump, 60)
+        self.assertIsNone(client.closed)
+
+    def test_client_ping_answered(self) -> None:
+        """A client's ping gets a pong with the same payload."""
+        client, server, pump = self.connect()
+        client.sendPing(b"are-you-there")
+        pump.flush()
+        self.assertEqual(client.pongs, [b"are-you-there"])
