@@ -171,3 +171,15 @@ class CommandNotFoundError(CommandError):
 
 class JobCancelledError(LpaError):
     """The job was cancelled while it ran; its commands were terminated."""
+
+
+class EventsGoneError(ApiError):
+    """The job's events after the asked ``seq`` are no longer kept; ``details`` holds the job."""
+
+    code, http_status = "EVENTS_EXPIRED", 410
+
+
+class DuplicateHeadersError(ApiError):
+    """A request repeated Content-Type, Host or Authorization (as the original refused)."""
+
+    code, http_status = "DUPLICATE_HEADERS", 400
