@@ -1,0 +1,531 @@
+"""apt/dpkg backend (Debian, Ubuntu).
+
+A mutation runs as::
+
+    lock probe ─▶ dpkg --configure -a ─▶ apt-get -s … (what will change, n packages)
+        ─▶ apt-get -y … -o APT::Status-Fd=3 (pmstatus → progress "package i of n")
+        ─▶ [dependency error: apt-get -f install, retry once]
+        ─▶ dpkg --audit (problems: dpkg --configure -a, audit again, else fail)
+
+A dry run runs only ``apt-get -s``, which reads the package database and changes nothing; it
+does not refresh the package lists either (``apt-get update`` writes ``/var/lib/apt/lists``).
+
+``force`` means ``--allow-downgrades`` (a version pin older than the installed one); it never
+means ``--allow-unauthenticated`` (bug 30): signatures are always checked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+from typing import Any, Callable, Iterable, Sequence
+
+import attr
+from twisted.logger import Logger
+
+from lpa.agent.backends.base import (
+    BackendBase,
+    Timeouts,
+    change,
+    error_text,
+    is_dependency_error,
+    is_fetch_error,
+    package_requires_reboot,
+)
+from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
+from lpa.errors import CommandFailedError, PackageNotFoundError
+from lpa import validation
+
+_log = Logger()
+
+APT_ENV = {
+    "DEBIAN_FRONTEND": "noninteractive",
+    "APT_LISTCHANGES_FRONTEND": "none",
+    "NEEDRESTART_MODE": "l",
+    "LC_ALL": "C",
+}
+DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
+
+
+# -- parsers -------------------------------------------------------------------------------
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AptListEntry:
+    """One line of ``apt list``: ``name/suite[,suite] version arch [flags]``."""
+
+    name: str
+    suites: tuple[str, ...]
+    version: str
+    arch: str
+    installed: bool
+    upgradable_to: str | None
+    upgradable_from: str | None
+
+    @property
+    def security(self) -> bool:
+        return any(suite.endswith("-security") or "-security" in suite for suite in self.suites)
+
+
+_APT_LIST_LINE = re.compile(r"^(?P<name>[^/\s]+)/(?P<suites>\S*) (?P<version>\S+) (?P<arch>\S+)(?: \[(?P<flags>[^\]]*)\])?$")
+
+
+def parse_apt_list(text: str) -> list[AptListEntry]:
+    """Parse ``apt list [--installed|--upgradable]``; reads the whole bracket (bug 25)."""
+    entries = []
+    for line in text.splitlines():
+        match = _APT_LIST_LINE.match(line.strip())
+        if match is None:
+            continue
+        flags = [flag.strip() for flag in (match["flags"] or "").split(",")]
+        upgradable_to = upgradable_from = None
+        for flag in flags:
+            if flag.startswith("upgradable to:"):
+                upgradable_to = flag.split(":", 1)[1].strip()
+            elif flag.startswith("upgradable from:"):
+                upgradable_from = flag.split(":", 1)[1].strip()
+        entries.append(
+            AptListEntry(
+                name=match["name"],
+                suites=tuple(s for s in match["suites"].split(",") if s and s != "now"),
+                version=match["version"],
+                arch=match["arch"],
+                installed="installed" in flags or upgradable_from is not None,
+                upgradable_to=upgradable_to,
+                upgradable_from=upgradable_from,
+            )
+        )
+    return entries
+
+
+_SIM_INST = re.compile(r"^Inst (?P<name>\S+)(?: \[(?P<old>[^\]]*)\])? \((?P<new>\S+)(?P<origin>[^)]*)\)")
+_SIM_REMV = re.compile(r"^(?P<verb>Remv|Purg) (?P<name>\S+)(?: \[(?P<old>[^\]]*)\])?")
+
+
+def parse_apt_simulation(text: str) -> list[dict[str, Any]]:
+    """``apt-get -s`` ``Inst``/``Remv``/``Purg`` lines → ``[{"name","from","to","action"}]``."""
+    changes = []
+    for line in text.splitlines():
+        match = _SIM_INST.match(line)
+        if match is not None:
+            old = match["old"] or None
+            changes.append(change(match["name"], old, match["new"], "upgrade" if old else "install"))
+            continue
+        match = _SIM_REMV.match(line)
+        if match is not None:
+            action = "remove" if match["verb"] == "Remv" else "purge"
+            changes.append(change(match["name"], match["old"] or None, None, action))
+    return changes
+
+
+def parse_dpkg_status(text: str) -> dict[str, str]:
+    """``dpkg -s`` control fields of the first stanza (continuation lines folded into the field)."""
+    fields: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        if line[0] in " \t" and key is not None:
+            fields[key] += "\n" + line.strip()
+            continue
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def dependency_names(value: str) -> tuple[str, ...]:
+    """Package names of a ``Depends:`` field (alternatives flattened, versions dropped)."""
+    names = []
+    for part in re.split(r"[,|]", value):
+        name = part.strip().split(" ", 1)[0].split(":", 1)[0]
+        if name and name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AptPolicy:
+    installed: str | None
+    candidate: str | None
+    #: origin lines (``500 http://… bookworm-security/main amd64 Packages``) of the candidate
+    candidate_origins: tuple[str, ...]
+
+    @property
+    def security(self) -> bool:
+        return any("-security" in origin for origin in self.candidate_origins)
+
+
+def parse_apt_policy(text: str) -> dict[str, AptPolicy]:
+    """``apt-cache policy NAME…`` → per package installed/candidate version and candidate origins."""
+    policies: dict[str, AptPolicy] = {}
+    name = None
+    installed = candidate = None
+    origins: list[str] = []
+    current_version = None
+    in_table = False
+
+    def flush() -> None:
+        if name is not None:
+            policies[name] = AptPolicy(installed, candidate, tuple(origins))
+
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            flush()
+            name, installed, candidate, origins, current_version, in_table = (
+                line.rstrip()[:-1], None, None, [], None, False,
+            )
+            continue
+        stripped = line.strip()
+        if stripped.startswith("Installed:"):
+            value = stripped.split(":", 1)[1].strip()
+            installed = None if value == "(none)" else value
+        elif stripped.startswith("Candidate:"):
+            value = stripped.split(":", 1)[1].strip()
+            candidate = None if value == "(none)" else value
+        elif stripped.startswith("Version table:"):
+            in_table = True
+        elif in_table and stripped:
+            parts = stripped.split()
+            if parts[0] == "***":
+                parts = parts[1:]
+            if len(parts) == 2 and not parts[0].isdigit():
+                current_version = parts[0]
+            elif current_version is not None and current_version == candidate:
+                origins.append(stripped)
+    flush()
+    return policies
+
+
+def parse_status_fd(line: str) -> tuple[str, str, float, str] | None:
+    """One ``APT::Status-Fd`` line → (kind, item, percent, description), or None."""
+    parts = line.rstrip("\n").split(":", 3)
+    if len(parts) != 4 or parts[0] not in ("pmstatus", "dlstatus", "pmerror", "pmconffile"):
+        return None
+    try:
+        percent = float(parts[2])
+    except ValueError:
+        return None
+    return parts[0], parts[1], percent, parts[3]
+
+
+_LOCK_WAIT = re.compile(r"Waiting for cache lock: Could not get lock (?P<path>\S+?)\.? It is held by process (?P<holder>\d+(?: \([^)]*\))?)")
+
+
+def apt_lock_holder(line: str) -> str | None:
+    """The holder named by apt's "Waiting for cache lock" line, e.g. ``process 7087 (python)``."""
+    match = _LOCK_WAIT.search(line)
+    return None if match is None else f"process {match['holder']}"
+
+
+def probe_lock_holder(paths: Iterable[str] = DPKG_LOCKS) -> str | None:
+    """Who holds a dpkg/apt lock now (``F_GETLK``: asks, never takes the lock), or None."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            request = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+            reply = fcntl.fcntl(fd, fcntl.F_GETLK, request)
+            lock_type, _, _, _, pid = struct.unpack("hhqqi", reply)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if lock_type != fcntl.F_UNLCK:
+            return f"process {pid} ({_process_name(pid)}) holds {path}"
+    return None
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "unknown"
+
+
+# -- backend -------------------------------------------------------------------------------
+
+class AptProgress:
+    """Turns status-fd lines into ``ctx.progress``: downloads 0–30 %, dpkg 30–99 %."""
+
+    def __init__(self, ctx: Any, total: int) -> None:
+        self._ctx = ctx
+        self._total = total
+        self._seen: list[str] = []
+        self._last = -1
+
+    def __call__(self, line: str) -> None:
+        parsed = parse_status_fd(line)
+        if parsed is None:
+            return
+        kind, item, percent, description = parsed
+        if kind == "dlstatus":
+            overall = int(percent * 0.3)
+            message = f"Downloading: {description}"
+        elif kind == "pmstatus":
+            overall = 30 + int(percent * 0.69)
+            if item not in self._seen and not item.startswith("dpkg-exec"):
+                self._seen.append(item)
+            message = description
+            if self._total and self._seen:
+                message = f"{description} (package {min(len(self._seen), self._total)} of {self._total})"
+        else:
+            return
+        if overall != self._last or kind == "pmstatus":
+            self._last = overall
+            self._ctx.progress(max(0, min(99, overall)), message)
+
+
+class AptBackend(BackendBase):
+    """apt-get/dpkg; read-only queries through ``runner``, mutations through the job context."""
+
+    name = "apt"
+
+    def __init__(
+        self,
+        runner: Any,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        lock_timeout: int = 300,
+        reboot_marker: str = "/var/run/reboot-required",
+        lock_probe: Callable[[], str | None] = probe_lock_holder,
+    ) -> None:
+        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
+        self._lock_timeout = int(lock_timeout)
+        self._lock_probe = lock_probe
+
+    # -- read-only -------------------------------------------------------------------------
+    def read_env(self) -> dict[str, str]:
+        return dict(APT_ENV)
+
+    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
+        if name_filter:
+            validation.package_name(name_filter)
+        wanted = (status or "").lower()
+        if wanted == "available":
+            result = await self._read(["apt", "list"], timeout=self._timeouts.refresh)
+            entries = [e for e in parse_apt_list(result.stdout) if not e.installed]
+        else:
+            result = await self._read(["apt", "list", "--installed"], timeout=self._timeouts.refresh)
+            entries = parse_apt_list(result.stdout)
+            if wanted == "upgradable":
+                entries = [e for e in entries if e.upgradable_to]
+        if name_filter:
+            entries = [e for e in entries if name_filter.lower() in e.name.lower()]
+        return [_package_from_entry(e) for e in entries]
+
+    async def _get_package(self, name: str) -> Package:
+        validation.package_name(name)
+        policy_result = await self._read(["apt-cache", "policy", "--", name])
+        policy = parse_apt_policy(policy_result.stdout).get(name)
+        status_result = await self._read(["dpkg", "-s", "--", name], ok_codes=(0, 1))
+        fields = parse_dpkg_status(status_result.stdout) if status_result.exit_code == 0 else {}
+        installed = fields.get("Status", "").endswith(" installed")
+        if not installed and (policy is None or policy.candidate is None):
+            raise PackageNotFoundError(f"package {name} not found", {"name": name})
+        candidate = policy.candidate if policy else None
+        if installed:
+            version = fields.get("Version", "")
+            upgradable = bool(candidate) and candidate != version
+            size = fields.get("Installed-Size", "")
+            return Package(
+                name=name,
+                version=version,
+                status="Upgradable" if upgradable else "Installed",
+                upgradable=upgradable,
+                latest_version=candidate if upgradable else version,
+                description=fields.get("Description", "").split("\n", 1)[0],
+                dependencies=dependency_names(
+                    ", ".join(v for v in (fields.get("Pre-Depends"), fields.get("Depends")) if v)
+                ),
+                size_installed=int(size) * 1024 if size.isdigit() else None,
+            )
+        return Package(
+            name=name,
+            version=candidate or "",
+            status="Available",
+            latest_version=candidate,
+        )
+
+    async def _list_patches(self, security_only: bool) -> list[Patch]:
+        result = await self._read(["apt", "list", "--upgradable"], timeout=self._timeouts.refresh)
+        patches = [_patch_from_entry(e) for e in parse_apt_list(result.stdout) if e.upgradable_from]
+        if security_only:
+            patches = [p for p in patches if p.security]
+        return patches
+
+    # -- argv ------------------------------------------------------------------------------
+    def apt_get(self, *args: str, simulate: bool = False) -> list[str]:
+        """``apt-get`` with conffile defaults, the lock timeout and status fd 3 (or ``-s``)."""
+        argv = [
+            "apt-get",
+            "-o", "Dpkg::Options::=--force-confdef",
+            "-o", "Dpkg::Options::=--force-confold",
+            "-o", f"DPkg::Lock::Timeout={self._lock_timeout}",
+        ]
+        argv += ["-s"] if simulate else ["-y", "-o", "APT::Status-Fd=3"]
+        return argv + list(args)
+
+    @staticmethod
+    def targets(specs: Sequence[PackageSpec]) -> list[str]:
+        return [f"{s.name}={s.version}" if s.version else s.name for s in specs]
+
+    def install_args(self, specs: Sequence[PackageSpec], request: JobRequest) -> list[str]:
+        args = ["install"]
+        if request.no_recommends:
+            args.append("--no-install-recommends")
+        if request.force:
+            args.append("--allow-downgrades")
+        return args + ["--"] + self.targets(specs)
+
+    # -- operations ------------------------------------------------------------------------
+    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        return await self._apply(ctx, request, self.install_args(specs, request), "Installed")
+
+    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        args = ["install", "--only-upgrade"] + (["--allow-downgrades"] if request.force else [])
+        return await self._apply(ctx, request, args + ["--"] + self.targets(specs), "Updated")
+
+    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        return await self._apply(ctx, request, ["remove", "--"] + self.targets(specs), "Removed")
+
+    async def _patch_apply(
+        self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
+    ) -> JobOutcome:
+        if not request.dry_run:
+            ctx.progress(2, "Refreshing package lists")
+            await self._refresh(ctx)
+        if request.security_only:
+            names = await self._security_names(ctx, specs)
+            if not names:
+                return JobOutcome(message="No security updates pending")
+            args = ["install", "--only-upgrade", "--"] + names
+        elif specs is None:
+            args = ["dist-upgrade"]
+        else:
+            args = ["install", "--only-upgrade", "--"] + self.targets(specs)
+        try:
+            return await self._apply(ctx, request, args, "Patched")
+        except CommandFailedError as error:
+            if request.dry_run or not is_fetch_error(error):
+                raise
+            _log.warn("apt fetch error, refreshing and retrying once: {error}", error=error)
+            await self._refresh(ctx)
+            return await self._apply(ctx, request, args, "Patched")
+
+    async def _security_names(self, ctx: Any, specs: tuple[PackageSpec, ...] | None) -> list[str]:
+        """Upgradable packages whose candidate comes from a ``*-security`` suite."""
+        result = await ctx.run(["apt", "list", "--upgradable"], timeout=self._timeouts.refresh, env=self.read_env())
+        names = [e.name for e in parse_apt_list(result.stdout) if e.upgradable_from and e.security]
+        if specs is not None:
+            wanted = {s.name for s in specs}
+            names = [n for n in names if n in wanted]
+        return names
+
+    async def _refresh(self, ctx: Any) -> None:
+        await ctx.run(
+            ["apt-get", "-o", f"DPkg::Lock::Timeout={self._lock_timeout}", "update"],
+            timeout=self._timeouts.refresh,
+            env=dict(APT_ENV),
+        )
+
+    async def _simulate(self, ctx: Any, args: list[str]) -> list[dict[str, Any]]:
+        result = await ctx.run(self.apt_get(*args, simulate=True), timeout=self._timeouts.package, env=dict(APT_ENV))
+        return parse_apt_simulation(result.stdout)
+
+    async def _apply(self, ctx: Any, request: JobRequest, args: list[str], verb: str) -> JobOutcome:
+        changes = await self._simulate(ctx, args)
+        if request.dry_run:
+            return await self.outcome(ctx, request, changes, verb)
+        self._report_lock(ctx)
+        await self._configure_pending(ctx)
+        progress = AptProgress(ctx, len(changes))
+        try:
+            await self._run_mutation(ctx, args, progress)
+        except CommandFailedError as error:
+            if not is_dependency_error(error):
+                await self._configure_after_failure(ctx)
+                raise
+            _log.warn("apt dependency error, running apt-get -f install and retrying once")
+            await self._run_mutation(ctx, ["-f", "install"], progress)
+            await self._run_mutation(ctx, args, progress)
+        await self._audit(ctx)
+        return await self.outcome(ctx, request, changes, verb)
+
+    async def _run_mutation(self, ctx: Any, args: list[str], progress: AptProgress) -> None:
+        await ctx.run(self.apt_get(*args), timeout=self._timeouts.package, env=dict(APT_ENV), status_fd_line=progress)
+
+    def _report_lock(self, ctx: Any) -> None:
+        holder = self._lock_probe()
+        if holder:
+            ctx.waiting_for_lock(holder)
+
+    async def _configure_pending(self, ctx: Any) -> None:
+        try:
+            await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+        except CommandFailedError as error:
+            raise CommandFailedError(
+                "dpkg --configure -a failed before the operation: the package database "
+                "requires manual intervention",
+                error.result,
+            ) from error
+
+    async def _configure_after_failure(self, ctx: Any) -> None:
+        try:
+            await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+        except CommandFailedError as error:
+            _log.warn("dpkg --configure -a after a failed apt command also failed: {error}", error=error)
+
+    async def _audit(self, ctx: Any) -> None:
+        result = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
+        if not (result.stdout.strip() or result.exit_code):
+            return
+        await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+        again = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
+        if again.stdout.strip() or again.exit_code:
+            raise CommandFailedError(
+                "dpkg --audit still reports problems after dpkg --configure -a: the package "
+                "database requires manual intervention",
+                again,
+            )
+
+
+def _package_from_entry(entry: AptListEntry) -> Package:
+    if entry.installed:
+        upgradable = entry.upgradable_to is not None
+        return Package(
+            name=entry.name,
+            version=entry.version,
+            status="Upgradable" if upgradable else "Installed",
+            upgradable=upgradable,
+            latest_version=entry.upgradable_to or entry.version,
+        )
+    return Package(name=entry.name, version=entry.version, status="Available", latest_version=entry.version)
+
+
+def _patch_from_entry(entry: AptListEntry) -> Patch:
+    reboot = package_requires_reboot(entry.name)
+    if entry.security:
+        severity = "critical" if reboot else "high"
+        description = f"Security update from {','.join(entry.suites)}"
+    else:
+        severity = "medium"
+        description = f"Package update available from {','.join(entry.suites)}"
+    return Patch(
+        name=entry.name,
+        current_version=entry.upgradable_from or "",
+        available_version=entry.version,
+        severity=severity,
+        description=description,
+        requires_reboot=reboot,
+        security=entry.security,
+        source=",".join(entry.suites),
+    )
+
+
+__all__ = ["AptBackend", "error_text"]

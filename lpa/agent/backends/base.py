@@ -1,0 +1,350 @@
+"""What every package-manager backend shares: request checks, timeouts, reboot hints, dispatch.
+
+A backend has two halves::
+
+    read-only  list_packages / get_package / list_patches ──runner.run──▶ parse ──▶ Package/Patch
+    mutating   execute(job, ctx) ─▶ checked specs ─▶ _install/_update/_remove/_patch_apply
+                                                        │ ctx.run(argv, timeout=…)
+                                                        ▼
+                                                     JobOutcome(changes, reboot_required)
+
+Every user-supplied name and version is validated with :mod:`lpa.validation` before an argv is
+built, and every argv puts ``--`` before those names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from lpa import validation
+from lpa.agent.model import CommandResult, JobOutcome, JobRequest, PackageSpec
+from lpa.errors import (
+    CommandError,
+    CommandFailedError,
+    CommandNotFoundError,
+    PackageManagerError,
+    ValidationError,
+)
+from lpa.events import OP_INSTALL, OP_PATCH_APPLY, OP_REMOVE, OP_UPDATE
+
+_log = Logger()
+
+#: package-name fragments whose update conservatively needs a reboot (as the original's list)
+REBOOT_NAME_FRAGMENTS: tuple[str, ...] = (
+    "linux-image",
+    "linux-signed",
+    "linux-firmware",
+    "kernel",
+    "glibc",
+    "libc6",
+    "musl",
+    "systemd",
+    "udev",
+    "dbus",
+    "openssl",
+    "libssl",
+    "microcode",
+    "grub",
+    "shim",
+    "bootloader",
+    "initramfs",
+    "dracut",
+)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Timeouts:
+    """Per-command deadlines in seconds (the original's 300/1800/60)."""
+
+    refresh: float = 300.0
+    package: float = 1800.0
+    quick: float = 60.0
+
+
+def package_requires_reboot(name: str) -> bool:
+    """Whether updating ``name`` conservatively calls for a reboot (kernel, libc, init …)."""
+    lowered = name.lower()
+    return any(fragment in lowered for fragment in REBOOT_NAME_FRAGMENTS)
+
+
+def name_severity(name: str) -> str:
+    """The original's name heuristic; used only where the manager gives no security data."""
+    lowered = name.lower()
+    if "kernel" in lowered or "ssl" in lowered or "security" in lowered:
+        return "critical"
+    if "lib" in lowered:
+        return "high"
+    return "medium"
+
+
+def checked_specs(packages: Sequence[PackageSpec] | None) -> tuple[PackageSpec, ...] | None:
+    """Validate every name and version; ``None`` stays None ("all"), ``()`` is refused (bug 24)."""
+    if packages is None:
+        return None
+    specs = tuple(packages)
+    if not specs:
+        raise ValidationError("packages must not be empty; omit it to mean all packages")
+    for spec in specs:
+        validation.package_name(spec.name)
+        if spec.version is not None:
+            validation.package_version(spec.version)
+    return specs
+
+
+def change(name: str, old: str | None, new: str | None, action: str) -> dict[str, Any]:
+    """One ``JobOutcome.changes`` entry."""
+    return {"name": name, "from": old, "to": new, "action": action}
+
+
+def read_reboot_marker(marker_path: str) -> tuple[bool, list[str]]:
+    """Debian's ``/var/run/reboot-required`` marker and the packages in its ``.pkgs`` file."""
+    if not os.path.exists(marker_path):
+        return False, []
+    names: list[str] = []
+    try:
+        with open(marker_path + ".pkgs", encoding="utf-8", errors="replace") as pkgs:
+            for line in pkgs:
+                line = line.strip()
+                if line and line not in names:
+                    names.append(line)
+    except OSError:
+        pass
+    return True, names
+
+
+def _version_key(text: str) -> tuple[Any, ...]:
+    """A natural sort key: digit runs compare as numbers (``6.10`` > ``6.9``)."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
+    )
+
+
+def newer_kernel_installed(running_release: str, modules_dir: str = "/lib/modules") -> bool:
+    """True when ``modules_dir`` holds a kernel newer than the running one.
+
+    When the running release is not among the installed ones (containers, custom kernels) we
+    cannot tell, and say False rather than invent a reboot.
+    """
+    try:
+        installed = [entry for entry in os.listdir(modules_dir) if not entry.startswith(".")]
+    except OSError:
+        return False
+    if running_release not in installed:
+        return False
+    newest = max(installed, key=_version_key)
+    return newest != running_release and _version_key(newest) > _version_key(running_release)
+
+
+async def run_read(
+    runner: Any,
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    ok_codes: Sequence[int] = (0,),
+) -> CommandResult:
+    """Run a read-only query; anything but an allowed exit is a retryable ``PackageManagerError``."""
+    try:
+        result: CommandResult = await runner.run(list(argv), timeout=timeout, env=env)
+    except CommandNotFoundError as error:
+        raise PackageManagerError(f"{argv[0]} could not be started: {error.message}") from error
+    if result.timed_out:
+        raise PackageManagerError(f"{argv[0]} timed out after {timeout:g}s", {"argv": list(argv)})
+    if result.exit_code not in ok_codes:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise PackageManagerError(
+            f"{' '.join(argv[:3])} failed with exit code {result.exit_code}",
+            {"argv": list(argv), "stderr": detail[-5:]},
+        )
+    return result
+
+
+def error_text(error: BaseException) -> str:
+    """Message plus captured output of a command error, lowercased, for keyword checks."""
+    parts = [str(error)]
+    result = getattr(error, "result", None)
+    if isinstance(result, CommandResult):
+        parts += [result.stdout, result.stderr]
+    return "\n".join(parts).lower()
+
+
+_DEPENDENCY_WORDS = ("unmet dependencies", "broken packages", "held broken", "dependency problems")
+_FETCH_WORDS = ("failed to fetch", "unable to fetch", "404", "not found", "could not resolve")
+
+
+def is_dependency_error(error: BaseException) -> bool:
+    return isinstance(error, CommandFailedError) and any(
+        word in error_text(error) for word in _DEPENDENCY_WORDS
+    )
+
+
+def is_fetch_error(error: BaseException) -> bool:
+    """A download failure that a cache refresh may cure (the original's one retry)."""
+    return isinstance(error, CommandFailedError) and any(
+        word in error_text(error) for word in _FETCH_WORDS
+    )
+
+
+class BackendBase:
+    """Request checking and dispatch shared by every backend; subclasses supply the commands."""
+
+    name = "base"
+    #: whether the manager has its own notion of security updates
+    supports_security_only = True
+    #: whether ``PackageSpec.version`` pins can be honoured
+    supports_version_pins = True
+
+    def __init__(
+        self,
+        runner: Any,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        reboot_marker: str = "/var/run/reboot-required",
+    ) -> None:
+        self._runner = runner
+        self._timeouts = timeouts
+        self._reboot_marker = reboot_marker
+
+    # -- read-only -------------------------------------------------------------------------
+    def list_packages(self, name_filter: str | None = None, status: str | None = None) -> Deferred:
+        return _deferred(self._list_packages, name_filter, status)
+
+    def get_package(self, name: str) -> Deferred:
+        return _deferred(self._get_package, name)
+
+    def list_patches(self, security_only: bool = False) -> Deferred:
+        return _deferred(self._list_patches, security_only)
+
+    async def _list_packages(self, name_filter: str | None, status: str | None) -> list:
+        raise NotImplementedError
+
+    async def _get_package(self, name: str) -> Any:
+        raise NotImplementedError
+
+    async def _list_patches(self, security_only: bool) -> list:
+        raise NotImplementedError
+
+    async def _read(
+        self, argv: Sequence[str], *, timeout: float | None = None, ok_codes: Sequence[int] = (0,)
+    ) -> CommandResult:
+        return await run_read(
+            self._runner,
+            argv,
+            timeout=self._timeouts.quick if timeout is None else timeout,
+            env=self.read_env(),
+            ok_codes=ok_codes,
+        )
+
+    def read_env(self) -> dict[str, str]:
+        """Environment additions for read-only queries: a fixed locale so parsing is stable."""
+        return {"LC_ALL": "C"}
+
+    # -- mutations -------------------------------------------------------------------------
+    def execute(self, job: Any, context: Any) -> Deferred:
+        return _deferred(self._execute, job, context)
+
+    def check_request(self, request: JobRequest) -> tuple[PackageSpec, ...] | None:
+        """Validate ``request`` for this backend before any command is built; return the specs."""
+        specs = checked_specs(request.packages)
+        operation = request.operation
+        if operation not in (OP_INSTALL, OP_UPDATE, OP_REMOVE, OP_PATCH_APPLY):
+            raise ValidationError(f"{self.name} backend cannot run operation {operation!r}")
+        if operation != OP_PATCH_APPLY and specs is None:
+            raise ValidationError(f"{operation} needs at least one package")
+        if request.security_only and operation != OP_PATCH_APPLY:
+            raise ValidationError("security_only applies to patch_apply only")
+        if request.security_only and not self.supports_security_only:
+            raise ValidationError(f"security_only is not supported by {self.name}")
+        if specs and not self.supports_version_pins and any(s.version for s in specs):
+            raise ValidationError(f"version pins are not supported by {self.name}")
+        if specs and operation == OP_REMOVE and any(s.version for s in specs):
+            raise ValidationError("remove takes package names without versions")
+        return specs
+
+    async def _execute(self, job: Any, context: Any) -> JobOutcome:
+        request: JobRequest = job.request
+        specs = self.check_request(request)
+        _log.info(
+            "{backend} {operation} job {job_id} (dry_run={dry_run})",
+            backend=self.name,
+            operation=request.operation,
+            job_id=getattr(job, "id", "?"),
+            dry_run=request.dry_run,
+        )
+        if request.operation == OP_INSTALL:
+            assert specs is not None
+            return await self._install(specs, request, context)
+        if request.operation == OP_UPDATE:
+            assert specs is not None
+            return await self._update(specs, request, context)
+        if request.operation == OP_REMOVE:
+            assert specs is not None
+            return await self._remove(specs, request, context)
+        return await self._patch_apply(specs, request, context)
+
+    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        raise NotImplementedError
+
+    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        raise NotImplementedError
+
+    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        raise NotImplementedError
+
+    async def _patch_apply(
+        self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
+    ) -> JobOutcome:
+        raise NotImplementedError
+
+    # -- outcome helpers -------------------------------------------------------------------
+    async def manager_says_reboot(self, ctx: Any) -> bool:
+        """The manager's own reboot verdict after an apply (e.g. ``dnf needs-restarting -r``)."""
+        return False
+
+    async def reboot_verdict(
+        self, ctx: Any, changes: Iterable[Mapping[str, Any]]
+    ) -> tuple[bool, tuple[str, ...]]:
+        """Reboot-required after a real apply: marker file, the manager's verdict, name list."""
+        marked, marker_names = read_reboot_marker(self._reboot_marker)
+        names = list(marker_names)
+        for entry in changes:
+            name = str(entry.get("name", ""))
+            if entry.get("action") != "remove" and package_requires_reboot(name) and name not in names:
+                names.append(name)
+        needed = marked or bool(names)
+        if not needed:
+            try:
+                needed = await self.manager_says_reboot(ctx)
+            except CommandError as error:
+                _log.warn("{backend} reboot check failed: {error}", backend=self.name, error=error)
+        return needed, tuple(names)
+
+    async def outcome(
+        self, ctx: Any, request: JobRequest, changes: Sequence[Mapping[str, Any]], verb: str
+    ) -> JobOutcome:
+        """Build the JobOutcome; a dry run never asks for a reboot (it changed nothing)."""
+        changes = tuple(dict(entry) for entry in changes)
+        if request.dry_run:
+            would = sorted({c["name"] for c in changes if package_requires_reboot(str(c["name"]))})
+            message = f"Dry run: {len(changes)} package(s) would change"
+            if would:
+                message += f"; a reboot would be needed for {', '.join(would)}"
+            return JobOutcome(message=message, changes=changes)
+        needed, names = await self.reboot_verdict(ctx, changes)
+        message = f"{verb}: {len(changes)} package(s) changed"
+        if needed:
+            message += "; reboot required"
+        return JobOutcome(
+            message=message, changes=changes, reboot_required=needed, reboot_packages=names
+        )
+
+
+def _deferred(function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Deferred:
+    """Start a coroutine method as a Deferred, turning synchronous raises into errbacks."""
+    return Deferred.fromCoroutine(function(*args))
