@@ -27,36 +27,8 @@ AGENT_JOB = "5f0e8a4e-1d0c-4c55-9d3a-0f7e8f1f2b3c"
 def fresh_database(case: SynchronousTestCase) -> str:
     """A migrated database of its own for ``case`` (R1's one-cluster-per-run fixture)."""
     if _pg is None:
-        dsn = _local_database(case)
-    else:
-        dsn = _pg.database_dsn(case) if hasattr(_pg, "database_dsn") else _pg.fresh_database(case)
-    from lpa.relay.schema import migrate
-
-    migrate(dsn)
-    return dsn
-
-
-_cluster: list[Any] = []
-
-
-def _local_database(case: SynchronousTestCase) -> str:
-    """Stand-in until tests/pg.py lands: one cluster for this module, stopped at exit."""
-    import atexit
-
-    from lpa.pgcluster import PostgresCluster, PostgresNotFound
-
-    if not _cluster:
-        try:
-            cluster = PostgresCluster()
-        except PostgresNotFound as error:
-            raise SkipTest(str(error))
-        cluster.start()
-        atexit.register(cluster.destroy)
-        _cluster.append(cluster)
-    name = "dispatch_" + uuid.uuid4().hex[:12]
-    dsn = _cluster[0].create_database(name)
-    case.addCleanup(_cluster[0].drop_database, name)
-    return dsn
+        raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
+    return _pg.database(case, migrated=True)
 
 
 def connect(case: SynchronousTestCase, dsn: str) -> Any:
