@@ -1,0 +1,220 @@
+"""Tests for ``lpa demo``: its generated configs, process handling, and the whole run end to end."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from lpa import demo
+from lpa.demo import DemoError, Processes
+from lpa.pgcluster import PostgresNotFound
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_relay_toml(self) -> None:
+        """The generated relay.toml loads with the relay's loader, fast intervals, our files."""
+        from lpa.relay.config import parse_relay_config
+
+        config = parse_relay_config(
+            demo.relay_toml(dsn="postgresql://postgres@/lpa_demo?host=%2Ftmp%2Fx&port=5432",
+                            pki_dir="/s/pki"), "relay.toml", environ={})
+        self.assertEqual(config.database_url,
+                         "postgresql://postgres@/lpa_demo?host=%2Ftmp%2Fx&port=5432")
+        self.assertEqual((config.poll_interval, config.scan_interval), (1.0, 1.0))
+        self.assertEqual(config.client_cert_path, "/s/pki/client.crt")
+
+    def test_agent_yaml(self) -> None:
+        """The generated agent.yaml loads with the agent's loader on loopback with our PKI."""
+        if importlib.util.find_spec("lpa.config") is None:
+            raise SkipTest("lpa/config.py (the agent config loader) is not in the tree yet")
+        from lpa.config import parse_agent_config
+
+        config = parse_agent_config(demo.agent_yaml(port=4443, pki_dir="/s/pki", state_dir="/s/a"))
+        self.assertEqual((config.server.bind, config.server.port), ("127.0.0.1", 4443))
+        self.assertEqual(config.tls.server_key, "/s/pki/server.key.pem")
+        self.assertEqual(config.state_dir, "/s/a")
+        self.assertEqual(tuple(config.warnings), ())
+
+    def test_daemon_env(self) -> None:
+        """The daemons get lpa on PYTHONPATH and none of the caller's manager overrides."""
+        env = demo.daemon_env({"PATCH_MANAGER__DATABASE__URL": "x", "PATCH_MANAGER_CONFIG": "y",
+                               "PYTHONPATH": "/extra", "HOME": "/h"})
+        self.assertNotIn("PATCH_MANAGER__DATABASE__URL", env)
+        self.assertNotIn("PATCH_MANAGER_CONFIG", env)
+        self.assertEqual(env["PYTHONPATH"].split(os.pathsep)[1:], ["/extra"])
+        self.assertTrue(os.path.isdir(os.path.join(env["PYTHONPATH"].split(os.pathsep)[0], "lpa")))
+
+    def test_twistd_argv(self) -> None:
+        """Each daemon gets its own pid file and log file (two twistd in one cwd would clash)."""
+        argv = demo.twistd_argv("lpa-agent", "/s/agent.yaml", "/s")
+        self.assertEqual(argv[1:4], ["-m", "twisted", "-n"])
+        self.assertIn("--pidfile=/s/lpa-agent.pid", argv)
+        self.assertEqual(argv[-3:], ["lpa-agent", "--config", "/s/agent.yaml"])
+
+
+class EnsurePostgresTests(SynchronousTestCase):
+    def missing(self) -> str:
+        raise PostgresNotFound("no initdb")
+
+    def test_not_root(self) -> None:
+        """Without the binaries and without root: one line saying how to install them."""
+        error = self.assertRaises(DemoError, demo.ensure_postgres, io.StringIO(),
+                                  find_bin_dir=self.missing, is_root=False, apt_get="/usr/bin/apt-get")
+        self.assertIn("apt-get install -y postgresql", str(error))
+
+    def test_root_installs(self) -> None:
+        """As root with apt-get, postgresql is installed non-interactively."""
+        calls: list[list[str]] = []
+        found = iter([PostgresNotFound("no"), "/usr/lib/postgresql/15/bin"])
+
+        def find() -> str:
+            item = next(found)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess:
+            calls.append(argv)
+            self.assertEqual(kw["env"]["DEBIAN_FRONTEND"], "noninteractive")  # type: ignore[index]
+            return subprocess.CompletedProcess(argv, 0)
+
+        out = io.StringIO()
+        demo.ensure_postgres(out, run=run, find_bin_dir=find, is_root=True, apt_get="/x/apt-get")
+        self.assertEqual(calls, [["apt-get", "install", "-y", "-q", "postgresql"]])
+        self.assertIn("installing PostgreSQL", out.getvalue())
+
+
+class ProcessesTests(SynchronousTestCase):
+    def test_stop_all_group(self) -> None:
+        """stop_all ends a daemon and the children of its session."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        processes = Processes()
+        process = processes.start(
+            "sleeper", ["/bin/sh", "-c", "sleep 60 & sleep 60; wait"], env=dict(os.environ),
+            cwd=directory, log_path=os.path.join(directory, "sleeper.log"))
+        time.sleep(0.2)
+        self.assertEqual(processes.stop_all(grace=5), [])
+        self.assertIsNotNone(process.returncode)
+        self.assertEqual(_live_in_group(process.pid), [])
+
+    def test_stop_all_kills_stubborn(self) -> None:
+        """A daemon ignoring SIGTERM is SIGKILLed after the grace period and named."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        processes = Processes()
+        processes.start("stubborn", ["/bin/sh", "-c", "trap '' TERM; sleep 60"],
+                        env=dict(os.environ), cwd=directory,
+                        log_path=os.path.join(directory, "stubborn.log"))
+        time.sleep(0.2)
+        self.assertEqual(processes.stop_all(grace=0.5), ["stubborn"])
+
+    def test_log_tail(self) -> None:
+        """log_tail returns the last lines of a daemon's log and its captured stdout."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("\n".join(f"line {n}" for n in range(30)))
+        with open(path + ".stdout", "w") as handle:
+            handle.write("Traceback: boom\n")
+        self.assertEqual(demo.log_tail(path, 2), "line 29\nTraceback: boom")
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_help(self) -> None:
+        """lpa demo --help says what it does."""
+        top = argparse.ArgumentParser(prog="lpa")
+        demo.add_parser(top.add_subparsers())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertRaises(SystemExit, top.parse_args, ["demo", "--help"])
+        self.assertIn("pg_notify", out.getvalue())
+
+    def test_stop_without_state(self) -> None:
+        """--stop with no kept demo is one clear line."""
+        error = self.assertRaises(DemoError, demo.stop_kept, self.mktemp(), io.StringIO())
+        self.assertIn("no kept demo", str(error))
+
+
+def _missing_pieces() -> list[str]:
+    missing = [name for name in ("lpa.cli", "lpa.pki", "lpa.agent.tap", "lpa.relay.tap")
+               if importlib.util.find_spec(name) is None]
+    return missing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are not zombies."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(") ", 1)[-1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if text.encode() in handle.read() and _alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+class EndToEndTests(SynchronousTestCase):
+    def test_demo(self) -> None:
+        """`lpa demo` without a terminal exits 0 with a succeeded summary and leaves no process."""
+        missing = _missing_pieces()
+        if missing:
+            raise SkipTest(f"the daemons are not all in the tree yet: {', '.join(missing)} missing")
+        state_dir = os.path.abspath(self.mktemp())
+        argv = [sys.executable, "-c", "import sys; from lpa.cli import main; sys.exit(main())",
+                "demo", "--state-dir", state_dir, "--timeout", "240"]
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            output, _ = process.communicate(timeout=330)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+            self.fail("lpa demo did not finish:\n" + output.decode(errors="replace"))
+        text = output.decode(errors="replace")
+        self.assertEqual(process.returncode, 0, text)
+        summary = [line for line in text.splitlines() if line.startswith("summary:")]
+        self.assertEqual(len(summary), 1, text)
+        self.assertIn(" succeeded: 1 of 1 host(s) succeeded", summary[0])
+        self.assertIn("localhost: running", text)
+        with open(os.path.join(state_dir, demo.STATE_FILE)) as handle:
+            state = json.load(handle)
+        for name, pid in state["pids"].items():
+            self.assertFalse(_alive(pid), f"{name} (pid {pid}) is still running")
+        self.assertEqual(_processes_mentioning(state_dir), [])
+        self.assertEqual(_processes_mentioning(state["postgres"]), [])
+        self.assertFalse(os.path.exists(state["postgres"]))
