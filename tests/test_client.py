@@ -353,3 +353,43 @@ class LoopbackTests(SynchronousTestCase):
         state = watcher.watch(JOB)
         self.assertEqual((state.status, state.seq), ("completed", 2))
         self.assertEqual(received, [{"action": "subscribe", "job_id": JOB, "after_seq": 0}])
+
+
+class TlsLoopbackTests(SynchronousTestCase):
+    """The real transport over mutual TLS, against a stdlib server requiring client certs."""
+
+    def serve(self) -> tuple[Any, int]:
+        import ssl
+
+        from tests.certs import make_test_pki
+
+        pki = make_test_pki(self.mktemp())
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        context.load_verify_locations(pki.ca_cert)
+        context.verify_mode = ssl.CERT_REQUIRED
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return pki, server.server_address[1]
+
+    def test_mutual_tls(self) -> None:
+        """With the relay's certificate from LPA_* variables the client gets the envelope."""
+        pki, port = self.serve()
+        env = {"LPA_CERT": pki.good.cert, "LPA_KEY": pki.good.key, "LPA_CA": pki.ca_cert}
+        args = parser().parse_args(["agent", f"localhost:{port}", "health"])
+        out = io.StringIO()
+        self.assertEqual(client.run(args, out=out, environ=env), 0)
+        self.assertEqual(json.loads(out.getvalue()), {"status": "healthy"})
+
+    def test_other_ca(self) -> None:
+        """A server from another CA is refused with a one-line TLS error."""
+        pki, port = self.serve()
+        creds = Credentials(pki.good.cert, pki.good.key, pki.other_ca_cert)
+        transport = client.http_transport(AgentUrl("localhost", port), creds.ssl_context(), 5)
+        error = self.assertRaises(ClientError, AgentClient(transport).health)
+        self.assertIn("TLS handshake", str(error))
