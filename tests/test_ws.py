@@ -262,6 +262,19 @@ class StreamTests(ProtocolTestBase):
         self.assertIn("slow consumer", reason)
         self.assertEqual(self.events.subscriber_count(), 0)
 
+    def test_peer_gone_during_close_leaves_no_timer(self) -> None:
+        """A peer that vanishes while the server waits for its close reply leaves no timer."""
+        factory = self.make_factory(send_buffer_events=1)
+        client, server, pump = self.connect(factory=factory)
+        server.transport.producer.pauseProducing()
+        new_job(self.jobs)
+        new_job(self.jobs)  # overflow: the server sends its close frame and waits
+        self.assertIsNotNone(server.closeHandshakeTimeoutCall)
+        client.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(server.closeHandshakeTimeoutCall, None)
+        self.assert_no_timers()
+
     def test_connection_limit_answers_503(self) -> None:
         """Past max_connections the opening handshake is refused with HTTP 503."""
         factory = self.make_factory(max_connections=1)

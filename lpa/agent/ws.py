@@ -54,12 +54,18 @@ class JobStreamProtocol(WebSocketServerProtocol):
         return None  # no subprotocol
 
     def onOpen(self) -> None:
-        # After WebSocketResource takes the connection over, the HTTP channel is still the
-        # transport's producer; we are the one producing now, so we take its place.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        self.become_producer()
         self.session = self.factory.make_session(self)
         self.session.start()
+
+    def become_producer(self) -> None:
+        """Hear the transport's "buffer full"/"drained" signals (bounded send queue).
+
+        After WebSocketResource takes the connection over, the HTTP channel is still the
+        transport's producer; we are the one producing now, so we take its place.
+        """
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -85,6 +91,11 @@ class JobStreamProtocol(WebSocketServerProtocol):
         # Autobahn's onClose hides the real cause (e.g. a TLS verification error); log it.
         self._log.debug("ws transport to {peer} lost: {why}", peer=self.peer, why=reason.value)
         super().connectionLost(reason)
+        # Autobahn leaves its close-handshake timer behind when the peer goes away first.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            call.cancel()
+            self.closeHandshakeTimeoutCall = None
 
     # -- IStreamChannel --------------------------------------------------------------------
 
