@@ -289,3 +289,109 @@ class ConcurrencyTests(StoreTestBase):
             (9, 1, 10),
         )
         self.assertEqual(self.seed.job_status(job), "failed")
+
+
+class OutageTests(StoreTestBase):
+    """The cluster is stopped and started again under a live store (tests run one at a time)."""
+
+    def outage(self) -> None:
+        server = pg.cluster()
+        self.seed.close()
+        self.listener.close()
+        server.stop()
+        self.addCleanup(server.start)  # no-op when the test already started it again
+
+    def back(self) -> None:
+        pg.cluster().start()
+        self.seed = Seeder(self.dsn)
+        self.addCleanup(self.seed.close)
+
+    async def test_restart_in_the_middle_queues_and_applies_in_order(self) -> None:
+        """Calls made while PostgreSQL is down wait and are applied in order after it returns."""
+        job = self.seed.job()
+        row1 = self.seed.host_job(job, self.seed.host("h1.example", "192.0.2.1"), "a1")
+        row2 = self.seed.host_job(job, self.seed.host("h2.example", "192.0.2.2"), "a2")
+        store = await self.make(pool_size=2)
+        await store.apply_events(row1, [event("a1", 1, "running")], TRANSPORT_WS)
+        self.outage()
+        calls = []
+        for seq in range(2, 12):
+            calls.append(store.apply_events(
+                row1, [event("a1", seq, "running", kind="output", message=f"line {seq}")], TRANSPORT_WS))
+            calls.append(store.apply_events(
+                row2, [event("a2", seq - 1, "running", kind="output", message=f"two {seq}")],
+                TRANSPORT_POLL))
+        calls.append(store.apply_events(row1, [event("a1", 12, "completed")], TRANSPORT_WS))
+        calls.append(store.apply_events(row2, [event("a2", 11, "completed")], TRANSPORT_WS))
+        await _until(lambda: not store._in_flight)
+        unavailable = await store.running_host_jobs().addErrback(lambda f: f.value)
+        self.assertEqual(type(unavailable).__name__, "RelayStoreUnavailable")
+        self.back()
+        results = await defer.gatherResults(calls)
+        self.assertTrue(all(result.applied == 1 for result in results))
+        self.assertEqual(self.seed.row(row1.row_id)["output"],
+                         "\n".join(f"line {seq}" for seq in range(2, 12)))
+        self.assertEqual(self.seed.row(row2.row_id)["output"],
+                         "\n".join(f"two {seq}" for seq in range(2, 12)))
+        self.assertEqual(self.seed.row(row1.row_id)["relay_last_seq"], 12)
+        self.assertEqual(self.seed.job_status(job), "succeeded")
+        self.assertEqual(len(await store.running_host_jobs()), 0)
+
+    async def test_call_after_pg_ctl_restart_is_applied(self) -> None:
+        """After `pg_ctl restart` between calls, the next call reconnects and is applied, not lost."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h1.example"), "a1")
+        store = await self.make(pool_size=1)
+        await store.apply_events(row, [event("a1", 1, "running")], TRANSPORT_WS)
+        self.outage()
+        self.back()  # stop + start: the store's connection is now dead without knowing it
+        result = await store.apply_events(row, [event("a1", 2, "completed")], TRANSPORT_WS)
+        self.assertEqual((result.applied, result.row_status), (1, "succeeded"))
+        self.assertEqual(self.seed.job_status(job), "succeeded")
+
+    async def test_backlog_bound_refuses_with_clear_error(self) -> None:
+        """Past max_pending_events waiting events a call errbacks with RelayStoreBacklogFull."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h1.example"), "a1")
+        store = await self.make(pool_size=1, max_pending_events=5)
+        self.outage()
+        waiting = store.apply_events(
+            row, [event("a1", seq, "running") for seq in (1, 2, 3)], TRANSPORT_WS)
+        refused = await store.apply_events(
+            row, [event("a1", seq, "running") for seq in (4, 5, 6)], TRANSPORT_WS
+        ).addErrback(lambda f: f.value)
+        self.assertEqual(type(refused).__name__, "RelayStoreBacklogFull")
+        self.assertIn("max_pending_events=5", str(refused))
+        self.back()
+        self.assertEqual((await waiting).last_seq, 3)
+        self.assertEqual(self.seed.row(row.row_id)["relay_last_seq"], 3)
+
+    async def test_stop_during_outage_reports_what_was_not_applied(self) -> None:
+        """stop() while PostgreSQL is down errbacks queued calls with RelayStoreStopped and says so."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h1.example"), "a1")
+        store = PostgresRelayStore(self.dsn, clock=reactor, reactor=reactor, pool_size=1)
+        await store.start()
+        self.outage()
+        waiting = store.apply_events(row, [event("a1", 1, "running")], TRANSPORT_WS)
+        # let the call fail on the dead connection and go back to the queue
+        await _until(lambda: not store._in_flight)
+        await store.stop()
+        stopped = await waiting.addErrback(lambda f: f.value)
+        self.assertEqual(type(stopped).__name__, "RelayStoreStopped")
+        late = await store.apply_events(row, [event("a1", 2, "running")], TRANSPORT_WS).addErrback(
+            lambda f: f.value)
+        self.assertEqual(type(late).__name__, "RelayStoreStopped")
+        self.back()
+        self.assertEqual(self.seed.row(row.row_id)["relay_last_seq"], 0)
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError("condition not reached")
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05

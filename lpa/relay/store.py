@@ -123,12 +123,35 @@ class _Detector(DeadConnectionDetector):
             self._retrying.cancel()
 
 
+class _QuietConnection(txpostgres.Connection):
+    """A Connection whose failed rollback on a dead connection is not logged as an Unhandled Error.
+
+    txpostgres logs a traceback (``cursor already closed``) for every transaction cut by a
+    connection loss; the store already reports the loss once, as a warning.
+    """
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred:  # noqa: N802
+        cursor = self.cursor()
+        ran = cursor.execute("begin")
+        ran.addCallback(interaction, *args, **kwargs)
+
+        def commit(result: Any) -> Deferred:
+            return cursor.execute("commit").addCallback(lambda _: result)
+
+        def rollback(failure: Failure) -> Deferred:
+            undone = defer.maybeDeferred(cursor.execute, "rollback")
+            undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))
+            return undone.addCallback(lambda _: failure)
+
+        return ran.addCallback(commit).addErrback(rollback)
+
+
 def default_connection_factory(reactor: Any, clock: IReactorTime) -> Callable[[], Any]:
     """Unconnected txpostgres Connections, each with its own cancellable dead-connection detector."""
 
     def make() -> txpostgres.Connection:
         detector = _Detector(reconnectionIterator=reconnect_delays, reactor=clock)
-        return txpostgres.Connection(reactor=reactor, detector=detector)
+        return _QuietConnection(reactor=reactor, detector=detector)
 
     return make
 
@@ -351,7 +374,16 @@ class PostgresRelayStore:
                 if dead and not work.retry_on_dead:
                     failure = Failure(RelayStoreUnavailable(f"database connection lost: {failure.value}"))
                 work.result.errback(failure)
+        if dead and not self._database_up():
+            self._fail_waiting_reads()
         self._dispatch()
+
+    def _fail_waiting_reads(self) -> None:
+        """Reads never wait for an outage: the scanner asks again on its next tick."""
+        reads = [work for work in self._queue if work.row_id is None]
+        for work in reads:
+            self._queue.remove(work)
+            work.result.errback(RelayStoreUnavailable("no database connection is up"))
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._queue and not self._in_flight:
