@@ -164,6 +164,20 @@ class LifecycleTests(EngineTestCase):
         self.assertEqual(len(self.store.events(job.id)), len(events))
         self.assertClean()
 
+    def test_job_complete_observer_sees_engine_idle(self) -> None:
+        """On job_complete the job no longer counts as active, so a reboot is admitted."""
+        answers: list = []
+
+        def on_event(event: object) -> None:
+            if event.event == EVENT_JOB_COMPLETE and event.job_id == first.id:  # type: ignore
+                answers.append((self.manager.active_count(), self.manager.mutation_in_progress()))
+                answers.append(self.manager.submit(reboot()).status)
+
+        self.manager.events.subscribe(on_event)
+        first = self.manager.submit(install("a"))
+        self.clock.advance(0)
+        self.assertEqual(answers, [(0, False), PENDING])
+
     def test_dispatch_waits_for_next_reactor_turn(self) -> None:
         """A job runs only after the clock turns, so the API can answer 202 pending."""
         job = self.manager.submit(install("vim"))

@@ -8,6 +8,9 @@
                                            ▼
                         CommandResult | CommandFailedError | CommandTimedOutError | JobCancelledError
 
+A line saying the package database lock is held (apt, dpkg, dnf, yum, zypper wording) also
+becomes one ``waiting_for_lock`` event per command, so every backend reports lock waits.
+
 ``abort`` cancels the running command's Deferred (the runner kills the child's process group)
 and makes every later ``run`` fail at once, so a backend cannot start another command for a job
 that is ending.  When the runner offers ``when_exited(deferred)``, ``run`` waits until the killed
@@ -16,6 +19,7 @@ child has really gone before it raises: the engine frees the package-database sl
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -35,6 +39,29 @@ ABORT_CANCELLED = "cancelled"
 ABORT_TIMED_OUT = "timed_out"
 
 _log = Logger()
+
+#: package-manager lines saying the database lock is held; group 1 = pid, group 2 = program
+_LOCK_WAIT_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"[Ii]t is held by process (\d+)(?: \(([^)]+)\))?"),  # apt, dpkg
+    re.compile(r"locked by the application with pid (\d+)(?: \(([^)]+)\))?"),  # zypper
+    re.compile(r"Waiting for process with pid (\d+)()"),  # dnf
+    re.compile(r"Another app is currently holding the yum lock()()"),  # yum
+    re.compile(r"Waiting for (?:cache |repository )?lock()()", re.IGNORECASE),
+)
+
+
+def lock_holder(line: str) -> str | None:
+    """Who holds the package database lock, if ``line`` says a manager waits for it."""
+    for pattern in _LOCK_WAIT_PATTERNS:
+        match = pattern.search(line)
+        if match is not None:
+            pid, program = match.group(1), match.group(2)
+            if pid and program:
+                return f"{program} (pid {pid})"
+            if pid:
+                return f"pid {pid}"
+            return "another process"
+    return None
 
 
 class JobSink(Protocol):
@@ -74,6 +101,8 @@ class JobContext:
         self._sink = sink
         self._job_timeout_seconds = job_timeout_seconds
         self._current: Deferred[CommandResult] | None = None
+        #: the lock wait was reported for the running command (reported once per command)
+        self._lock_reported = False
         #: None while the job may go on, else ABORT_CANCELLED or ABORT_TIMED_OUT
         self.aborted: str | None = None
 
@@ -129,7 +158,13 @@ class JobContext:
         if self.aborted is not None:
             return
         try:
-            self._sink.job_output(self.job, bounded_line(line.rstrip("\r\n")))
+            line = bounded_line(line.rstrip("\r\n"))
+            self._sink.job_output(self.job, line)
+            if not self._lock_reported:
+                holder = lock_holder(line)
+                if holder is not None:
+                    self._lock_reported = True
+                    self._sink.job_waiting_for_lock(self.job, holder)
         except Exception:
             _log.failure("could not record an output line of job {job_id}", job_id=self.job.id)
 
@@ -144,6 +179,7 @@ class JobContext:
         self._check_not_aborted()
         extra_fds = {3: status_fd_line} if status_fd_line is not None else None
         _log.info("job {job_id} runs {command}", job_id=self.job.id, command=command_text(argv))
+        self._lock_reported = False
         deferred = self._runner.run(
             argv,
             timeout=timeout,

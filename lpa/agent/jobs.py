@@ -445,15 +445,23 @@ class JobManager:
         finally:
             self._release(run)
 
-    def _release(self, run: _Run) -> None:
-        job = run.job
-        if run.timeout_call is not None and run.timeout_call.active():
+    def _detach(self, job: Job) -> None:
+        """Forget a job's run: its timer, its place among the running, its mutation slot.
+
+        Done before a terminal event is published, so an observer reacting to
+        ``job_complete`` (e.g. by asking for a reboot) sees the engine without that job.
+        """
+        run = self._runs.pop(job.id, None)
+        if run is not None and run.timeout_call is not None and run.timeout_call.active():
             run.timeout_call.cancel()
-        self._runs.pop(job.id, None)
         if self._mutation_job == job.id:
             self._mutation_job = None
         if job.terminal:
             self._release_reboot(job)
+
+    def _release(self, run: _Run) -> None:
+        job = run.job
+        self._detach(job)
         self._schedule_pump()
         if not self._runs:
             for waiter in list(self._idle_waiters):
@@ -529,7 +537,6 @@ class JobManager:
         else:
             job.progress = 100
             self._finish(job, COMPLETED, "Patches applied; the host did not reboot in time")
-        self._release_reboot(job)
 
     def _failed(self, run: _Run, error: Exception) -> None:
         job = run.job
@@ -625,8 +632,6 @@ class JobManager:
         self._queue.remove(job.id)
         self._append_log(job, message)
         self._finish(job, CANCELLED, message)
-        if job.operation == OP_REBOOT:
-            self._release_reboot(job)
 
     def _finish(
         self,
@@ -641,6 +646,7 @@ class JobManager:
         if job.terminal:
             return
         job.status = status
+        self._detach(job)
         job.error = error
         job.error_code = error_code
         job.completed_at = rfc3339_from_epoch(self._clock.seconds())

@@ -97,7 +97,7 @@ class _LineSplitter:
             return
         self._buffer += data
         while True:
-            index = self._buffer.find(b"\n")
+            index = self._buffer.find(b"\n", 0, self._max + 1)
             if index < 0:
                 if len(self._buffer) > self._max:
                     self._emit(bytes(self._buffer[: self._max]))
