@@ -1,0 +1,558 @@
+"""The agent's REST API: Klein routes behind one gate, every answer in the JSON envelope.
+
+Flow of one request::
+
+    Site ─▶ _Gate.render ─ peer_check (IP whitelist, client allowlist) ─▶ 403
+                │          duplicate Content-Type/Host/Authorization  ─▶ 400
+                │          RateLimiter.check (one per process)        ─▶ 429 + Retry-After
+                │          body over max_body_bytes                   ─▶ 413
+                ▼
+           Klein routes ─▶ IJobManager / IPackageBackend / ISystem / PatchCache
+                │
+                └─ any exception ─▶ Enveloper.write_error (the one error mapping)
+
+Unknown paths are 404 ``NOT_FOUND`` and known paths with an unknown method 405 with ``Allow``,
+both in the envelope (the original answered those in plain text or with empty bodies).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from typing import Any, Awaitable, Callable, Sequence
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+
+from lpa import validation
+from lpa.agent import api_input as read
+from lpa.agent.cache import PatchCache
+from lpa.agent.envelope import Answer, Enveloper
+from lpa.agent.eventlog import EventsExpiredError
+from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
+from lpa.agent.model import JobRequest, PackageSpec, Patch
+from lpa.agent.ratelimit import RateLimiter
+from lpa.errors import (
+    ApiError,
+    CommandError,
+    DuplicateHeadersError,
+    EventsGoneError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PackageManagerError,
+    ServiceStatusError,
+    SystemInfoError,
+    UpgradeRequiredError,
+    ValidationError,
+)
+from lpa.events import (
+    OP_INSTALL,
+    OP_PATCH_APPLY,
+    OP_REBOOT,
+    OP_REMOVE,
+    OP_UPDATE,
+    normalise_status,
+    rfc3339_from_epoch,
+)
+
+_log = Logger()
+
+PeerCheck = Callable[[IRequest], "ApiError | None"]
+
+#: headers a request may carry once only (the original's "security headers" middleware)
+_SINGLE_HEADERS = (b"content-type", b"host", b"authorization")
+_PACKAGE_STATUS_FILTERS = ("installed", "upgradable", "available")
+_SORT_KEYS = ("name", "version", "status")
+_HEALTH_DEFAULTS: dict[str, Any] = {
+    "crl_status": None,
+    "crl_age_seconds": None,
+    "crl_next_update": None,
+    "gpg_key_status": None,
+    "gpg_key_expires_at": None,
+    "repo_config_synced": None,
+    "repo_config_last_sync": None,
+}
+
+_app = Klein()
+
+
+def _route(path: str, *methods: str) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+    """Register an ``async`` handler returning an :class:`Answer` (or an ``IResource``)."""
+    allowed = set(methods) | ({"HEAD"} if "GET" in methods else set())
+
+    def decorate(handler: Callable[..., Awaitable[Any]]) -> Any:
+        @functools.wraps(handler)
+        async def endpoint(self: AgentApi, request: IRequest, **kwargs: Any) -> Any:
+            method = request.method.decode("ascii", "replace")
+            if method not in allowed:
+                # werkzeug lets OPTIONS through to every rule: never run a handler for it
+                raise _method_not_allowed(sorted(allowed))
+            answer = await handler(self, request, **kwargs)
+            if IResource.providedBy(answer):
+                return answer
+            return self._enveloper.write(request, answer)
+
+        return _app.route(path, methods=list(methods))(endpoint)
+
+    return decorate
+
+
+def _method_not_allowed(allowed: Sequence[str]) -> MethodNotAllowedError:
+    error = MethodNotAllowedError("Method not allowed", {"allowed_methods": list(allowed)})
+    error.headers = {"Allow": ", ".join(allowed)}  # type: ignore[attr-defined]
+    return error
+
+
+def _path(request: IRequest) -> str:
+    return request.path.decode("latin-1")
+
+
+class AgentApi:
+    """The REST API of one agent; :meth:`resource` is what the Site serves."""
+
+    app = _app
+
+    def __init__(
+        self,
+        *,
+        jobs: IJobManager,
+        backend: IPackageBackend,
+        system: ISystem,
+        clock: IReactorTime,
+        version: str,
+        rate_limiter: RateLimiter | None,
+        peer_check: PeerCheck | None = None,
+        ws_resource: IResource | None = None,
+        max_body_bytes: int = 1 << 20,
+        cache: PatchCache | None = None,
+        health_extra: Callable[[], dict[str, Any]] | None = None,
+        uuid_factory: Callable[[], uuid.UUID] = uuid.uuid4,
+    ) -> None:
+        self._jobs = jobs
+        self._backend = backend
+        self._system = system
+        self._clock = clock
+        self._version = version
+        self._rate_limiter = rate_limiter
+        self._peer_check = peer_check
+        self._ws_resource = ws_resource
+        self._max_body_bytes = max_body_bytes
+        self._cache = cache if cache is not None else PatchCache(clock, backend)
+        self._health_extra = health_extra
+        self._enveloper = Enveloper(clock, uuid_factory)
+        self._started_at = clock.seconds()
+
+    def resource(self) -> IResource:
+        """The whole API as one resource: the gate in front of the Klein routes."""
+        return _Gate(self, self.app.resource())
+
+    # -- the gate and the one error mapping --------------------------------------------------
+
+    def admit(self, request: IRequest) -> None:
+        """Checks every request passes before routing; raises an ``ApiError`` to refuse it."""
+        if self._peer_check is not None:
+            refusal = self._peer_check(request)
+            if refusal is not None:
+                raise refusal
+        for name in _SINGLE_HEADERS:
+            values = request.requestHeaders.getRawHeaders(name) or []
+            if len(values) > 1:
+                raise DuplicateHeadersError(
+                    "Duplicate critical headers not allowed", {"header": name.decode("ascii")}
+                )
+        if self._rate_limiter is not None:
+            address = request.getClientAddress()
+            client = str(getattr(address, "host", address))
+            self._rate_limiter.check(client, request.method.decode("ascii", "replace"), _path(request))
+        read.check_body_size(request, self._max_body_bytes)
+
+    @app.handle_errors(Exception)
+    def _errors(self, request: IRequest, failure: Failure) -> bytes:
+        if failure.check(MethodNotAllowed):
+            valid = failure.value.valid_methods or []
+            return self._enveloper.write_error(request, _method_not_allowed(sorted(valid)))
+        if failure.check(WerkzeugNotFound):
+            return self._enveloper.write_error(
+                request, NotFoundError("Not found", {"path": _path(request)})
+            )
+        return self._enveloper.write_error(request, failure)
+
+    # -- health and system ---------------------------------------------------------------------
+
+    @_route("/health", "GET")
+    async def health_root(self, request: IRequest) -> Answer:
+        return Answer(self.health())
+
+    @_route("/api/v1/health", "GET")
+    async def health_v1(self, request: IRequest) -> Answer:
+        return Answer(self.health())
+
+    def health(self) -> dict[str, Any]:
+        """Health data; reads state only (the original refreshed caches from here, bug 26)."""
+        data: dict[str, Any] = {"status": "healthy"}
+        try:
+            data["uptime_seconds"] = int(self._system.uptime_seconds())
+        except Exception:
+            _log.failure("could not read host uptime")
+            data["uptime_seconds"] = None
+        data["agent_uptime_seconds"] = int(self._clock.seconds() - self._started_at)
+        data["version"] = self._version
+        data["last_cache_update"] = self._cache.last_cache_update
+        data["cache_status"] = self._cache.status()
+        data.update(_HEALTH_DEFAULTS)
+        degraded = False
+        if self._health_extra is not None:
+            try:
+                extra = dict(self._health_extra())
+            except Exception:
+                _log.failure("health_extra failed")
+                extra, degraded = {}, True
+            degraded = degraded or extra.pop("degraded", False) is True
+            data.update({k: v for k, v in extra.items() if k not in ("status", "version")})
+            degraded = degraded or extra.get("status") == "degraded"
+        degraded = degraded or (
+            data["crl_status"] in ("invalid", "expired")
+            or data["gpg_key_status"] in ("missing", "expired", "revoked")
+            or data["repo_config_synced"] is False
+        )
+        data["status"] = "degraded" if degraded else "healthy"
+        return data
+
+    @_route("/api/v1/system/info", "GET")
+    async def system_info(self, request: IRequest) -> Answer:
+        try:
+            info = await self._system.system_info()
+        except ApiError:
+            raise
+        except Exception as error:
+            _log.warn("system info failed: {error}", error=str(error))
+            raise SystemInfoError("Failed to read system information") from None
+        return Answer(info)
+
+    @_route("/api/v1/system/services/<string:name>", "GET")
+    async def service_status(self, request: IRequest, name: str) -> Answer:
+        validation.service_name(name)
+        try:
+            status = await self._system.service_status(name)
+        except ApiError:
+            raise
+        except Exception as error:
+            _log.warn("service {name} status failed: {error}", name=name, error=str(error))
+            raise ServiceStatusError("Failed to read the service status") from None
+        return Answer(status)
+
+    @_route("/api/v1/system/reboot", "POST")
+    async def reboot(self, request: IRequest) -> Answer:
+        body = read.json_object(request, empty_ok=True)
+        read.refuse_unknown(
+            body, ("delay_seconds", "force", "acknowledge_package_database_corruption_risk")
+        )
+        delay = read.seconds(body, "delay_seconds")
+        force = read.boolean(body, "force")
+        job = self._jobs.submit(
+            JobRequest(
+                operation=OP_REBOOT,
+                reboot_delay_seconds=delay,
+                force=force,
+                acknowledge_package_database_corruption_risk=read.boolean(
+                    body, "acknowledge_package_database_corruption_risk"
+                ),
+            )
+        )
+        data = self._accepted(job)
+        data.update(
+            scheduled_at=rfc3339_from_epoch(self._clock.seconds() + delay),
+            delay_seconds=delay,
+            force=force,
+        )
+        return Answer(data, 202)
+
+    # -- packages --------------------------------------------------------------------------------
+
+    @_route("/api/v1/packages", "GET")
+    async def list_packages(self, request: IRequest) -> Answer:
+        name = read.query(request, "name")
+        if name is not None and name != "":
+            validation.package_name(name)
+        else:
+            name = None
+        status = (read.query(request, "status") or "").strip().lower()
+        status_filter = status if status in _PACKAGE_STATUS_FILTERS else None
+        upgradable = read.query_bool(request, "upgradable")
+        sort_key = (read.query(request, "sort") or "name").strip().lower()
+        if sort_key not in _SORT_KEYS:
+            sort_key = "name"
+        descending = (read.query(request, "order") or "asc").strip().lower() != "asc"
+        packages = await self._read(self._backend.list_packages(name, status_filter))
+        if status_filter == "installed":
+            packages = [p for p in packages if p.status in ("Installed", "Upgradable")]
+        elif status_filter == "upgradable":
+            packages = [p for p in packages if p.upgradable or p.status == "Upgradable"]
+        elif status_filter == "available":
+            packages = [p for p in packages if p.status in ("Available", "NotInstalled")]
+        if upgradable is not None:
+            packages = [p for p in packages if (p.upgradable or p.status == "Upgradable") == upgradable]
+        packages = sorted(
+            packages, key=lambda p: (getattr(p, sort_key), p.name), reverse=descending
+        )
+        return Answer({"packages": [p.to_dict() for p in packages], "total": len(packages)})
+
+    @_route("/api/v1/packages", "POST")
+    async def install(self, request: IRequest) -> Answer:
+        body = read.json_object(request)
+        read.refuse_unknown(body, ("packages", "options"))
+        if "packages" not in body:
+            raise ValidationError("packages is required", {"field": "packages"})
+        specs = read.package_specs(body["packages"])
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise ValidationError("options must be an object", {"field": "options"})
+        read.refuse_unknown(options, ("force", "no_recommends"), "options")
+        job = self._jobs.submit(
+            JobRequest(
+                operation=OP_INSTALL,
+                packages=specs,
+                force=read.boolean(options, "force"),
+                no_recommends=read.boolean(options, "no_recommends"),
+            )
+        )
+        return Answer(self._accepted(job, package=None), 202)
+
+    @_route("/api/v1/packages/<string:name>", "GET")
+    async def get_package(self, request: IRequest, name: str) -> Answer:
+        validation.package_name(name)
+        package = await self._read(self._backend.get_package(name))
+        return Answer(package.to_dict())
+
+    @_route("/api/v1/packages/<string:name>", "PUT")
+    async def update_package(self, request: IRequest, name: str) -> Answer:
+        return self._one_package(OP_UPDATE, name)
+
+    @_route("/api/v1/packages/<string:name>", "DELETE")
+    async def remove_package(self, request: IRequest, name: str) -> Answer:
+        return self._one_package(OP_REMOVE, name)
+
+    def _one_package(self, operation: str, name: str) -> Answer:
+        validation.package_name(name)
+        job = self._jobs.submit(JobRequest(operation=operation, packages=(PackageSpec(name),)))
+        return Answer(self._accepted(job, package=name), 202)
+
+    # -- patches ---------------------------------------------------------------------------------
+
+    @_route("/api/v1/patches", "GET")
+    async def list_patches(self, request: IRequest) -> Answer:
+        security_only = read.query_bool(request, "security") or False
+        patches: list[Patch] = await self._read(self._cache.patches())
+        if security_only:
+            patches = [p for p in patches if p.security]
+        return Answer(
+            {
+                "patches": [p.to_dict() for p in patches],
+                "total": len(patches),
+                "security_updates": sum(
+                    1 for p in patches if p.security or p.severity in ("critical", "high")
+                ),
+                "requires_reboot": any(p.requires_reboot for p in patches),
+                "last_cache_update": self._cache.last_cache_update,
+                "cache_status": self._cache.status(),
+            }
+        )
+
+    @_route("/api/v1/patches/apply", "POST")
+    async def apply_patches(self, request: IRequest) -> Answer:
+        body = read.json_object(request)
+        read.refuse_unknown(
+            body,
+            (
+                "packages",
+                "security_only",
+                "dry_run",
+                "allow_reboot",
+                "reboot",
+                "reboot_delay_seconds",
+            ),
+        )
+        packages = body.get("packages")
+        specs = read.package_specs(packages) if packages is not None else None
+        allow_reboot = read.boolean(body, "allow_reboot")
+        if "reboot" in body:
+            alias = read.boolean(body, "reboot")
+            if "allow_reboot" in body and alias != allow_reboot:
+                raise ValidationError(
+                    "allow_reboot and its alias reboot disagree", {"field": "reboot"}
+                )
+            allow_reboot = alias
+        job_request = JobRequest(
+            operation=OP_PATCH_APPLY,
+            packages=specs,
+            dry_run=read.boolean(body, "dry_run"),
+            security_only=read.boolean(body, "security_only"),
+            allow_reboot=allow_reboot,
+            reboot_delay_seconds=read.seconds(body, "reboot_delay_seconds"),
+        )
+        job = self._jobs.submit(job_request)
+        data = self._accepted(job, package=None)
+        data.update(
+            packages=job.package_names if specs is not None else None,
+            all_packages=specs is None,
+            dry_run=job_request.dry_run,
+            security_only=job_request.security_only,
+            allow_reboot=job_request.allow_reboot,
+            reboot_delay_seconds=job_request.reboot_delay_seconds,
+        )
+        return Answer(data, 202)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    @_route("/api/v1/jobs", "GET")
+    async def list_jobs(self, request: IRequest) -> Answer:
+        status = read.query(request, "status")
+        if status is not None:
+            try:
+                status = normalise_status(status)
+            except ValueError:
+                raise ValidationError(
+                    f"unknown job status {status!r}", {"field": "status"}
+                ) from None
+        limit = read.query_int(request, "limit", 50, 1, 1000)
+        jobs = self._jobs.list_jobs(status=status, limit=limit)
+        return Answer({"jobs": [job.to_summary() for job in jobs], "total": len(jobs)})
+
+    @_route("/api/v1/jobs/<string:job_id>", "GET")
+    async def get_job(self, request: IRequest, job_id: str) -> Answer:
+        return Answer(self._jobs.get(validation.job_id(job_id)).to_detail())
+
+    @_route("/api/v1/jobs/<string:job_id>", "DELETE")
+    async def delete_job(self, request: IRequest, job_id: str) -> Answer:
+        job_id = validation.job_id(job_id)
+        self._jobs.delete(job_id)
+        return Answer({"deleted": True, "job_id": job_id})
+
+    @_route("/api/v1/jobs/<string:job_id>/cancel", "POST")
+    async def cancel_job(self, request: IRequest, job_id: str) -> Answer:
+        job = self._jobs.cancel(validation.job_id(job_id))
+        return Answer(job.to_detail())
+
+    @_route("/api/v1/jobs/<string:job_id>/events", "GET")
+    async def job_events(self, request: IRequest, job_id: str) -> Answer:
+        job_id = validation.job_id(job_id)
+        after = read.query_int(request, "after", 0, 0, 2**63 - 1)
+        job = self._jobs.get(job_id)
+        try:
+            events = self._jobs.events.after(job_id, after)
+        except EventsExpiredError as expired:
+            raise EventsGoneError(
+                f"Events of job {job_id} after seq {after} are no longer kept; "
+                "resync from the job in details",
+                {"job": job.to_detail(), "oldest_kept": expired.oldest_kept, "after": after},
+            ) from None
+        return Answer(
+            {
+                "job_id": job_id,
+                "events": [event.to_wire() for event in events],
+                "last_seq": self._jobs.events.last_seq(job_id),
+                "status": job.status,
+                "terminal": job.terminal,
+            }
+        )
+
+    # -- websocket -------------------------------------------------------------------------------
+
+    @_route("/api/v1/ws/jobs", "GET")
+    async def websocket(self, request: IRequest) -> Any:
+        if self._ws_resource is None:
+            raise NotFoundError("The WebSocket endpoint is disabled", {"path": _path(request)})
+        upgrade = (request.getHeader(b"upgrade") or b"").decode("latin-1").lower()
+        if "websocket" not in [part.strip() for part in upgrade.split(",")]:
+            error = UpgradeRequiredError("This endpoint needs a WebSocket upgrade")
+            error.headers = {"Upgrade": "websocket", "Connection": "Upgrade"}  # type: ignore[attr-defined]
+            raise error
+        return self._ws_resource
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _accepted(self, job: Any, **extra: Any) -> dict[str, Any]:
+        data = {
+            "job_id": job.id,
+            "status": job.status,
+            "operation": job.operation,
+            "packages": job.package_names,
+            "seq": job.seq,
+        }
+        data.update(extra)
+        return data
+
+    async def _read(self, deferred: Any) -> Any:
+        """Await a read-only backend call; its unexpected failures are 500 PKG_MANAGER_ERROR."""
+        try:
+            return await deferred
+        except ApiError:
+            raise
+        except CommandError as error:
+            _log.warn("package manager query failed: {error}", error=error.message)
+            raise PackageManagerError("Package manager query failed") from None
+        except Exception:
+            _log.failure("package manager query crashed")
+            raise PackageManagerError("Package manager query failed") from None
+
+
+class _Gate(Resource):
+    """Runs :meth:`AgentApi.admit` on every request, then hands it to the Klein routes."""
+
+    isLeaf = True
+
+    def __init__(self, api: AgentApi, routes: IResource) -> None:
+        super().__init__()
+        self._api = api
+        self._routes = routes
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            self._api.admit(request)
+        except Exception:
+            return self._api._enveloper.write_error(request, Failure())
+        return self._routes.render(request)
+
+
+def make_peer_check(
+    whitelist: Any | None,
+    allowed_clients: Sequence[str],
+    identity_of: Callable[[IRequest], Any],
+    identity_allowed: Callable[[Any, Sequence[str]], bool] | None = None,
+) -> PeerCheck:
+    """Compose the IP whitelist (``whitelist.allows(ip)``) and the client allowlist into a check.
+
+    ``whitelist`` None means every IP; an empty ``allowed_clients`` means every client the CA
+    vouches for.  ``identity_of(request)`` gives the peer identity from the TLS transport (e.g.
+    ``lambda r: lpa.tls.peer_identity(r.transport)``); ``identity_allowed`` defaults to
+    ``lpa.tls.identity_allowed``.
+    """
+    if identity_allowed is None:
+        from lpa.tls import identity_allowed as tls_identity_allowed
+
+        identity_allowed = tls_identity_allowed
+    allowed = tuple(allowed_clients)
+    check_identity = identity_allowed
+
+    def peer_check(request: IRequest) -> ApiError | None:
+        if whitelist is not None:
+            address = request.getClientAddress()
+            host = getattr(address, "host", None)
+            if host is None or not whitelist.allows(host):
+                _log.warn("refused {ip}: not in the IP whitelist", ip=host)
+                return ForbiddenError("Client IP not allowed", {"ip": host})
+        if allowed:
+            identity = identity_of(request)
+            if not check_identity(identity, allowed):
+                _log.warn("refused client {identity}: not in auth.allowed_clients", identity=identity)
+                return ForbiddenError("Client certificate not allowed")
+        return None
+
+    return peer_check

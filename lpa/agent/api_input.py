@@ -1,0 +1,181 @@
+"""Reading what a REST client sent: JSON bodies, fields, query arguments, package lists.
+
+Everything here raises an :class:`~lpa.errors.ApiError` naming the bad member, so nothing
+malformed reaches the job engine.  Unknown members of a body are refused by name: the original's
+own end-to-end test sent ``{"patches": [], "options": {}}`` to ``/patches/apply``; both members
+were silently ignored, ``packages`` was therefore absent, and the agent applied EVERYTHING.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from twisted.web.iweb import IRequest
+
+from lpa import validation
+from lpa.agent.model import PackageSpec
+from lpa.errors import InvalidJsonError, PayloadTooLargeError, ValidationError
+
+#: more names than this in one request is refused (a patch run names a few hundred at most)
+MAX_PACKAGES = 2000
+#: upper bound for delays in seconds (one week)
+MAX_DELAY_SECONDS = 7 * 24 * 3600
+
+
+def body_size(request: IRequest) -> int:
+    content = request.content
+    if content is None:
+        return 0
+    position = content.tell()
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(position)
+    return int(size)
+
+
+def check_body_size(request: IRequest, max_bytes: int) -> None:
+    """413 when the declared or the received body is larger than ``max_bytes``."""
+    declared = request.getHeader(b"content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            length = -1
+        if length > max_bytes:
+            raise PayloadTooLargeError(
+                f"Request body larger than {max_bytes} bytes", {"max_bytes": max_bytes}
+            )
+    if body_size(request) > max_bytes:
+        raise PayloadTooLargeError(
+            f"Request body larger than {max_bytes} bytes", {"max_bytes": max_bytes}
+        )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_object(request: IRequest, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; ``{}`` for an empty body when ``empty_ok``."""
+    content = request.content
+    raw = b""
+    if content is not None:
+        content.seek(0)
+        raw = content.read()
+    if not raw.strip():
+        if empty_ok:
+            return {}
+        raise InvalidJsonError("Request body must be a JSON object")
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InvalidJsonError("Request body is not valid JSON", {"reason": str(error)}) from None
+    if not isinstance(body, dict):
+        raise InvalidJsonError("Request body must be a JSON object")
+    return body
+
+
+def refuse_unknown(body: dict[str, Any], allowed: Iterable[str], where: str = "body") -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ValidationError(
+            f"Unknown field(s) in {where}: {', '.join(unknown)}",
+            {"unknown_fields": unknown, "allowed_fields": sorted(allowed)},
+        )
+
+
+def boolean(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValidationError(f"{key} must be true or false", {"field": key})
+    return value
+
+
+def seconds(body: dict[str, Any], key: str, default: int = 0) -> int:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < 0
+        or value > MAX_DELAY_SECONDS
+    ):
+        raise ValidationError(
+            f"{key} must be an integer from 0 to {MAX_DELAY_SECONDS}", {"field": key}
+        )
+    return value
+
+
+def package_specs(value: Any, key: str = "packages") -> tuple[PackageSpec, ...]:
+    """A non-empty list of names or ``{name, version?}`` objects, validated, duplicates dropped."""
+    if not isinstance(value, list):
+        raise ValidationError(f"{key} must be a list", {"field": key})
+    if not value:
+        raise ValidationError(
+            f"{key} must not be empty (leave it out to mean every package)", {"field": key}
+        )
+    if len(value) > MAX_PACKAGES:
+        raise ValidationError(f"{key} names more than {MAX_PACKAGES} packages", {"field": key})
+    specs: dict[str, PackageSpec] = {}
+    for item in value:
+        if isinstance(item, str):
+            spec = PackageSpec(validation.package_name(item))
+        elif isinstance(item, dict):
+            refuse_unknown(item, ("name", "version"), f"{key} entry")
+            version = item.get("version")
+            spec = PackageSpec(
+                validation.package_name(item.get("name")),
+                validation.package_version(version) if version is not None else None,
+            )
+        else:
+            raise ValidationError(
+                f"each entry of {key} must be a package name or {{name, version}}", {"field": key}
+            )
+        if spec.name in specs and specs[spec.name] != spec:
+            raise ValidationError(
+                f"package {spec.name} is named twice with different versions", {"name": spec.name}
+            )
+        specs[spec.name] = spec
+    return tuple(specs.values())
+
+
+def query(request: IRequest, name: str) -> str | None:
+    """The last value of a query argument, decoded (None when absent)."""
+    values = (request.args or {}).get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(f"query argument {name} is not UTF-8", {"field": name}) from None
+
+
+def query_bool(request: IRequest, name: str) -> bool | None:
+    value = query(request, name)
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValidationError(f"query argument {name} must be true or false", {"field": name})
+
+
+def query_int(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    value = query(request, name)
+    if value is None:
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ValidationError(
+            f"query argument {name} must be an integer from {low} to {high}", {"field": name}
+        )
+    return number
