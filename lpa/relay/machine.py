@@ -1,0 +1,375 @@
+"""``AgentLink``: the relay's state for one agent — one WebSocket carrying all its running jobs.
+
+::
+
+                 start()
+                    │
+                    ▼            handshake ok
+              ┌──────────┐ ─────────────────────▶ ┌───────────┐
+              │connecting│                        │ streaming │  subscribe per job (after_seq)
+              └──────────┘ ◀───────────────────── └───────────┘
+                 │   ▲         open socket dropped      │ ▲
+   handshake     │   │ handshake ok                     │ │
+   failed        ▼   │ (retried in background)          │ │ handshake ok
+              ┌──────────┐ ◀────────────────────────────┘ │ (reconnect failed → poll)
+              │ polling  │ ────────────────────────────────┘
+              └──────────┘
+          any state ── stop() ──▶ stopped   (socket closed cleanly, poller stopped, queues flushed)
+
+Events reach a host job only by ``job_id`` (README G.1.1).  Per host job they go to
+``store.apply_events`` one call at a time; events arriving meanwhile are batched into the next
+call.  A failing store pauses that job (its events are kept, up to a bound; beyond it they are
+dropped and fetched again from the last applied seq — never lost silently) and retries with
+backoff.  A terminal result ends the job: unsubscribe and forget it (README G.1.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lpa.events import EVENT_JOB_COMPLETE, EVENT_JOB_STATUS, JobEvent
+from lpa.relay.backoff import Backoff
+from lpa.relay.interfaces import TRANSPORT_POLL, TRANSPORT_WS, AgentAddress, ApplyResult, HostJob, IRelayStore
+from lpa.relay.poller import snapshot_event
+
+_log = Logger()
+
+CONNECTING = "connecting"
+STREAMING = "streaming"
+POLLING = "polling"
+STOPPED = "stopped"
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _Followed:
+    """One host job the link follows."""
+
+    host_job: HostJob
+    #: last seq the store confirmed applied (from the DB at first)
+    applied_seq: int
+    #: highest seq received (queued or applied): the resume point for subscribe and poll
+    received_seq: int
+    queue: list[tuple[JobEvent, str]] = attr.ib(factory=list)
+    in_flight: Deferred | None = None
+    retry: IDelayedCall | None = None
+    backoff: Backoff | None = None
+    #: events were dropped while the store was down: resubscribe from applied_seq on resume
+    resubscribe: bool = False
+    failing: bool = False  # a fail_host_job call is in flight
+
+    @property
+    def agent_job_id(self) -> str:
+        return self.host_job.agent_job_id
+
+
+class AgentLink:
+    """Follows every running job of one agent; see the module docstring for the states.
+
+    :param dial: ``dial(address, listener)`` starts a reconnecting WebSocket and returns its
+        handle (``send_json(dict) -> bool``, ``stop() -> Deferred``); production passes a
+        :class:`~lpa.relay.ws_client.WebSocketDialer`.
+    :param make_poller: ``make_poller(address, target)`` returns an
+        :class:`~lpa.relay.poller.AgentPoller` (not started) polling for ``target``.
+    :param max_queued_events: per host job, events kept while the store is failing.
+    """
+
+    def __init__(
+        self,
+        address: AgentAddress,
+        *,
+        store: IRelayStore,
+        clock: IReactorTime,
+        dial: Callable[[AgentAddress, Any], Any],
+        make_poller: Callable[[AgentAddress, Any], Any],
+        make_backoff: Callable[[], Backoff] = lambda: Backoff(1.0, 30.0),
+        max_queued_events: int = 10000,
+    ) -> None:
+        self.address = address
+        self.label = f"{address.host}:{address.port}"
+        self.state = STOPPED
+        self._store = store
+        self._clock = clock
+        self._dial = dial
+        self._make_poller = make_poller
+        self._make_backoff = make_backoff
+        self._max_queued = max_queued_events
+        self._followed: dict[str, _Followed] = {}  # by row_id
+        self._ws: Any = None
+        self._poller: Any = None
+
+    # -- what the scanner calls ------------------------------------------------------------
+
+    @property
+    def host_jobs(self) -> list[HostJob]:
+        return [followed.host_job for followed in self._followed.values()]
+
+    def start(self, host_jobs: Iterable[HostJob] = ()) -> None:
+        """Follow ``host_jobs`` and start dialling."""
+        for host_job in host_jobs:
+            self._follow(host_job)
+        self._set_state(CONNECTING)
+        self._ws = self._dial(self.address, self)
+
+    def update(self, host_jobs: Iterable[HostJob]) -> None:
+        """The agent's running rows now: follow new ones, drop rows that are no longer running."""
+        wanted = {host_job.row_id: host_job for host_job in host_jobs}
+        for row_id, followed in list(self._followed.items()):
+            current = wanted.get(row_id)
+            if current is None or current.agent_job_id != followed.agent_job_id:
+                self._drop(followed, "the row is no longer running with this agent job")
+        for row_id, host_job in wanted.items():
+            if row_id not in self._followed:
+                self._follow(host_job)
+
+    def stop(self) -> Deferred:
+        """Close the WebSocket cleanly, stop polling, hand queued events to the store; fires when done."""
+        if self.state == STOPPED and self._ws is None:
+            return succeed(None)
+        self._set_state(STOPPED)
+        waits: list[Deferred] = []
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            waits.append(ws.stop())
+        for followed in list(self._followed.values()):
+            if followed.retry is not None and followed.retry.active():
+                followed.retry.cancel()
+            followed.retry = None
+            self._pump(followed, force=True)
+            if followed.in_flight is not None:
+                waits.append(followed.in_flight)
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- following -------------------------------------------------------------------------
+
+    def _follow(self, host_job: HostJob) -> None:
+        followed = _Followed(host_job=host_job, applied_seq=host_job.last_seq, received_seq=host_job.last_seq)
+        self._followed[host_job.row_id] = followed
+        _log.info(
+            "following job {agent_job_id} (row {row_id}) on agent {agent} from seq {seq}",
+            agent_job_id=host_job.agent_job_id, row_id=host_job.row_id, agent=self.label,
+            seq=host_job.last_seq,
+        )
+        if self.state == STREAMING:
+            self._subscribe(followed)
+
+    def _drop(self, followed: _Followed, why: str) -> None:
+        if self._followed.get(followed.host_job.row_id) is not followed:
+            return
+        del self._followed[followed.host_job.row_id]
+        if followed.retry is not None and followed.retry.active():
+            followed.retry.cancel()
+        followed.retry = None
+        followed.queue.clear()
+        _log.info(
+            "stopped following job {agent_job_id} (row {row_id}) on agent {agent}: {why}",
+            agent_job_id=followed.agent_job_id, row_id=followed.host_job.row_id, agent=self.label, why=why,
+        )
+        if self.state == STREAMING and self._ws is not None:
+            self._ws.send_json({"action": "unsubscribe", "job_id": followed.agent_job_id})
+
+    def _by_agent_job(self, agent_job_id: str) -> list[_Followed]:
+        return [f for f in self._followed.values() if f.agent_job_id == agent_job_id]
+
+    def _subscribe(self, followed: _Followed) -> None:
+        self._ws.send_json(
+            {"action": "subscribe", "job_id": followed.agent_job_id, "after_seq": followed.received_seq}
+        )
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            _log.info("agent {agent}: {old} → {new}", agent=self.label, old=self.state, new=state)
+            self.state = state
+
+    # -- WebSocket listener ----------------------------------------------------------------
+
+    def ws_opened(self) -> None:
+        if self.state == STOPPED:
+            return
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+        self._set_state(STREAMING)
+        for followed in list(self._followed.values()):
+            followed.resubscribe = False
+            self._subscribe(followed)
+
+    def ws_failed(self, reason: str, handshake: bool) -> None:
+        if self.state == STOPPED:
+            return
+        if not handshake:
+            self._set_state(CONNECTING)  # the factory redials; a failed redial moves us to polling
+            return
+        if self._poller is None:
+            self._poller = self._make_poller(self.address, self)
+            self._poller.start()
+        self._set_state(POLLING)
+
+    def ws_message(self, message: dict) -> None:
+        event = message.get("event")
+        if event in (EVENT_JOB_STATUS, EVENT_JOB_COMPLETE):
+            try:
+                job_event = JobEvent.from_wire(message)
+            except ValueError as error:
+                _log.warn("agent {agent} sent a bad event: {error}", agent=self.label, error=str(error))
+                return
+            self._route(job_event, TRANSPORT_WS)
+        elif event == "resync":
+            self._resync(message)
+        elif event == "error":
+            self._agent_error(message)
+        else:  # connected, subscribed, unsubscribed, anything newer
+            _log.debug("agent {agent}: {event} {job_id}", agent=self.label, event=event,
+                       job_id=message.get("job_id"))
+
+    def _route(self, job_event: JobEvent, transport: str) -> None:
+        targets = self._by_agent_job(job_event.job_id)
+        if not targets:
+            _log.debug(
+                "agent {agent}: event of job {job_id} nobody follows; ignored",
+                agent=self.label, job_id=job_event.job_id,
+            )
+            return
+        for followed in targets:
+            self._receive(followed, [job_event], transport)
+
+    def _resync(self, message: dict) -> None:
+        job_id = message.get("job_id")
+        detail = message.get("job")
+        targets = self._by_agent_job(job_id) if isinstance(job_id, str) else []
+        if not targets:
+            return
+        try:
+            snapshot = snapshot_event(job_id, detail if isinstance(detail, dict) else message, message.get("seq"))
+        except ValueError as error:
+            _log.warn("agent {agent}: unreadable resync for {job_id}: {error}", agent=self.label,
+                      job_id=job_id, error=str(error))
+            return
+        _log.info("agent {agent}: resync of job {job_id} at seq {seq}", agent=self.label, job_id=job_id,
+                  seq=snapshot.seq)
+        for followed in targets:
+            self._receive(followed, [snapshot], TRANSPORT_WS)
+
+    def _agent_error(self, message: dict) -> None:
+        code = message.get("error_code") or str(message.get("status", "")).upper()
+        job_id = message.get("job_id")
+        _log.warn("agent {agent} answered an error: {code} {text}", agent=self.label, code=code,
+                  text=message.get("message"))
+        if code == "JOB_NOT_FOUND" and isinstance(job_id, str):
+            for followed in self._by_agent_job(job_id):
+                self._give_up(followed, f"the agent does not know job {job_id} (JOB_NOT_FOUND)", TRANSPORT_WS)
+
+    # -- poll target -----------------------------------------------------------------------
+
+    def poll_jobs(self) -> Sequence[tuple[HostJob, int]]:
+        return [
+            (f.host_job, f.received_seq)
+            for f in self._followed.values()
+            if f.retry is None and not f.failing
+        ]
+
+    def poll_events(self, host_job: HostJob, events: Sequence[JobEvent]) -> None:
+        followed = self._followed.get(host_job.row_id)
+        if followed is not None and followed.agent_job_id == host_job.agent_job_id:
+            self._receive(followed, [e for e in events if e.job_id == followed.agent_job_id], TRANSPORT_POLL)
+
+    def poll_give_up(self, host_job: HostJob, reason: str) -> None:
+        followed = self._followed.get(host_job.row_id)
+        if followed is not None and followed.agent_job_id == host_job.agent_job_id:
+            self._give_up(followed, reason, TRANSPORT_POLL)
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _receive(self, followed: _Followed, events: Iterable[JobEvent], transport: str) -> None:
+        if followed.resubscribe and transport == TRANSPORT_WS:
+            return  # dropped for the store's sake: the stream resumes from applied_seq on resubscribe
+        for job_event in events:
+            if job_event.seq is not None:
+                if job_event.seq <= followed.received_seq:
+                    continue  # already queued or applied (replay overlap, poll after WS …)
+                followed.received_seq = job_event.seq
+            followed.queue.append((job_event, transport))
+        if len(followed.queue) > self._max_queued:
+            _log.warn(
+                "job {agent_job_id}: {count} events wait for the store; dropping them to fetch "
+                "again from seq {seq}", agent_job_id=followed.agent_job_id, count=len(followed.queue),
+                seq=followed.applied_seq,
+            )
+            followed.queue.clear()
+            followed.received_seq = followed.applied_seq
+            followed.resubscribe = True
+        self._pump(followed)
+
+    def _pump(self, followed: _Followed, force: bool = False) -> None:
+        if followed.in_flight is not None or not followed.queue:
+            return
+        if followed.retry is not None and not force:
+            return
+        transport = followed.queue[0][1]
+        batch: list[JobEvent] = []
+        while followed.queue and followed.queue[0][1] == transport:
+            batch.append(followed.queue.pop(0)[0])
+        applying = self._store.apply_events(followed.host_job, batch, transport)
+        followed.in_flight = applying
+        applying.addCallbacks(
+            self._applied, self._apply_failed,
+            callbackArgs=(followed,), errbackArgs=(followed, batch, transport),
+        )
+
+    def _applied(self, result: ApplyResult, followed: _Followed) -> None:
+        followed.in_flight = None
+        followed.backoff = None
+        followed.applied_seq = max(followed.applied_seq, result.last_seq)
+        if result.terminal:
+            self._drop(followed, f"the row is {result.row_status}")
+            return
+        self._resume(followed)
+
+    def _apply_failed(self, failure: Failure, followed: _Followed, batch: list[JobEvent], transport: str) -> None:
+        followed.in_flight = None
+        followed.queue[:0] = [(job_event, transport) for job_event in batch]
+        if followed.backoff is None:
+            followed.backoff = self._make_backoff()
+        delay = followed.backoff.next_delay()
+        _log.warn(
+            "store refused {count} events of job {agent_job_id}: {error}; retrying in {delay:.1f}s",
+            count=len(batch), agent_job_id=followed.agent_job_id, error=failure.getErrorMessage(), delay=delay,
+        )
+        if self.state == STOPPED or self._followed.get(followed.host_job.row_id) is not followed:
+            return  # the store keeps what it was given on stop; nothing more we can do
+        followed.retry = self._clock.callLater(delay, self._resume, followed)
+
+    def _resume(self, followed: _Followed) -> None:
+        followed.retry = None
+        if followed.resubscribe:
+            followed.resubscribe = False
+            if self.state == STREAMING:
+                self._ws.send_json({"action": "unsubscribe", "job_id": followed.agent_job_id})
+                self._subscribe(followed)
+        self._pump(followed)
+
+    def _give_up(self, followed: _Followed, reason: str, transport: str) -> None:
+        if followed.failing:
+            return
+        followed.failing = True
+        _log.warn("job {agent_job_id} (row {row_id}) ends failed: {reason}",
+                  agent_job_id=followed.agent_job_id, row_id=followed.host_job.row_id, reason=reason)
+
+        def done(result: ApplyResult) -> None:
+            followed.failing = False
+            self._drop(followed, f"ended: {reason}")
+
+        def failed(failure: Failure) -> None:
+            followed.failing = False
+            _log.warn("could not end job {agent_job_id} failed: {error}; will try again",
+                      agent_job_id=followed.agent_job_id, error=failure.getErrorMessage())
+
+        self._store.fail_host_job(followed.host_job, reason, transport).addCallbacks(done, failed)
