@@ -1,0 +1,233 @@
+"""The job stream as a new user meets it: the ``websockets`` library over wss with a client cert.
+
+Real loopback mTLS (``lpa.tls.server_tls_options`` over the test PKI of ``tests.certs``), a
+twisted.web ``Site`` with ``make_ws_resource`` at ``/api/v1/ws/jobs``, the real ``JobManager``
+running dry-run patch jobs on ``tests.fakes.FakeBackend`` (gated, so a job is still running
+while clients subscribe).  ``websockets``' sync client runs in a worker thread while the reactor
+serves; the thread releases the gate through ``blockingCallFromThread``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from websockets.exceptions import InvalidMessage
+from websockets.sync.client import ClientConnection, connect
+
+from lpa.agent.jobs import JobManager
+from lpa.agent.model import JobRequest
+from lpa.agent.ws import JobStreamFactory, make_ws_resource
+from tests.certs import TestPki, make_test_pki
+from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
+
+RECV_TIMEOUT = 10.0
+
+
+def client_context(pki: TestPki, which: str | None = "good") -> ssl.SSLContext:
+    """A stdlib context trusting the test CA and presenting ``which`` client certificate."""
+    context = ssl.create_default_context(cafile=pki.ca_cert)
+    if which is not None:
+        files = pki.client(which)
+        context.load_cert_chain(files.cert, files.key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def recv_json(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def recv_until(ws: ClientConnection, done: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Frames up to and including the first for which ``done`` is true."""
+    frames = []
+    while True:
+        frame = recv_json(ws)
+        frames.append(frame)
+        if done(frame):
+            return frames
+
+
+def drain(ws: ClientConnection, quiet: float = 0.3) -> list[dict[str, Any]]:
+    """Whatever arrives until the connection has been quiet for ``quiet`` seconds."""
+    frames = []
+    while True:
+        try:
+            frames.append(recv_json(ws, timeout=quiet))
+        except TimeoutError:
+            return frames
+
+
+def job_events(frames: list[dict[str, Any]], job_id: str | None = None) -> list[dict[str, Any]]:
+    return [
+        f for f in frames
+        if f["event"] in ("job_status", "job_complete") and job_id in (None, f["job_id"])
+    ]
+
+
+def is_complete(job_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda f: f["event"] == "job_complete" and f["job_id"] == job_id
+
+
+class WssInteropTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        self.pki = make_test_pki(self.mktemp())
+        self.backend = FakeBackend()
+        self.backend.script(
+            "patch_apply", progress=[(10, "resolving"), (40, "simulating")], gate=True
+        )
+        self.manager = JobManager(
+            backend=self.backend,
+            system=FakeSystem(),
+            runner=FakeProcessRunner(),
+            store=FakeJobStore(),
+            clock=reactor,
+            stop_grace_seconds=1.0,
+        )
+        self.factory = JobStreamFactory(self.manager.events, self.manager, clock=reactor)
+        root = Resource()
+        api = Resource()
+        v1 = Resource()
+        ws = Resource()
+        root.putChild(b"api", api)
+        api.putChild(b"v1", v1)
+        v1.putChild(b"ws", ws)
+        ws.putChild(b"jobs", make_ws_resource(self.factory))
+        self.port = reactor.listenSSL(
+            0, Site(root), self.pki.server_options(), interface="127.0.0.1"
+        )
+        self.url = f"wss://127.0.0.1:{self.port.getHost().port}/api/v1/ws/jobs"
+        self.addCleanup(self._tear_down)
+        return self.manager.start()
+
+    async def _tear_down(self) -> None:
+        for gate in self.backend.gates.values():
+            if not gate.called:
+                gate.callback(None)
+        await self.manager.stop()
+        await self.port.stopListening()
+        # let the server side of closed connections finish (PITFALLS 18)
+        for _ in range(3):
+            await deferLater(reactor, 0.05, lambda: None)
+
+    def connect(self, which: str | None = "good") -> ClientConnection:
+        return connect(
+            self.url, ssl=client_context(self.pki, which), proxy=None, open_timeout=10
+        )
+
+    def submit_patch(self) -> str:
+        return self.manager.submit(JobRequest(operation="patch_apply", dry_run=True)).id
+
+    def release(self, job_id: str) -> None:
+        """Let the gated job finish (runs on the reactor thread)."""
+        self.backend.gates.setdefault(job_id, Deferred()).callback(None)
+
+    async def running(self, job_id: str) -> None:
+        """Wait until the job's backend call has reached its gate."""
+        for _ in range(200):
+            if job_id in self.backend.gates:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"job {job_id} never reached its gate")
+
+    async def test_done_when(self) -> None:
+        """The issue's "Done when": every event once in order, filtering, late and mid replay,
+        garbage gets an error event and the connection keeps working."""
+        job_a = self.submit_patch()
+        job_b = self.submit_patch()  # queued behind A: one mutation at a time
+        await self.running(job_a)
+
+        def clients() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            with self.connect() as ws1, self.connect() as ws2:
+                out["hello"] = recv_json(ws1)
+                ws1.send(json.dumps({"action": "subscribe", "job_id": job_a, "after_seq": 0}))
+                recv_json(ws2)
+                ws2.send(json.dumps({"action": "subscribe", "job_id": job_b}))
+                out["ack2"] = recv_json(ws2)
+                blockingCallFromThread(reactor, self.release, job_a)
+                out["stream"] = recv_until(ws1, is_complete(job_a))
+                ws1.send("this is { not json")
+                out["garbage"] = recv_json(ws1)
+                ws1.send(json.dumps({"action": "subscribe", "job_id": job_a, "after_seq": 3}))
+                out["middle"] = recv_until(ws1, is_complete(job_a))
+                out["second"] = drain(ws2)
+            with self.connect() as late:
+                recv_json(late)
+                late.send(json.dumps({"action": "subscribe", "job_id": job_a, "after_seq": 0}))
+                out["late"] = recv_until(late, is_complete(job_a))
+            return out
+
+        out = await deferToThread(clients)
+        kept = [e.to_wire() for e in self.manager.events.kept(job_a)]
+        self.assertEqual(out["hello"]["event"], "connected")
+        self.assertEqual((out["ack2"]["event"], out["ack2"]["job_id"]), ("subscribed", job_b))
+
+        stream = job_events(out["stream"])
+        seqs = [f["seq"] for f in stream]
+        self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
+        self.assertEqual(stream, kept)
+        self.assertEqual([f["event"] for f in stream].count("job_complete"), 1)
+        self.assertEqual(stream[-1]["event"], "job_complete")
+        self.assertEqual(stream[-2]["status"], "completed")
+        self.assertEqual({f["job_id"] for f in stream}, {job_a})
+
+        self.assertEqual(
+            (out["garbage"]["event"], out["garbage"]["error_code"]), ("error", "INVALID_JSON")
+        )
+        self.assertEqual(job_events(out["middle"]), kept[3:])
+        self.assertEqual(job_events(out["late"]), kept)
+        self.assertEqual(job_events(out["second"], job_a), [])
+
+    async def test_no_client_certificate_refused(self) -> None:
+        """Without a client certificate the wss handshake fails; nobody gets a session."""
+
+        def attempt() -> Exception | None:
+            try:
+                with self.connect(which=None) as ws:
+                    ws.recv(timeout=5)
+            except Exception as e:  # noqa: BLE001 - the failure is the point
+                return e
+            return None
+
+        error = await deferToThread(attempt)
+        self.assertIsNotNone(error)
+        self.assertIsInstance(error, (InvalidMessage, ssl.SSLError, ConnectionError, EOFError,
+                                      OSError) + _closed_errors())
+        self.assertEqual(self.manager.events.subscriber_count(), 0)
+
+    async def test_finished_job_answers_at_once(self) -> None:
+        """Subscribing to a finished job without after_seq gives its end at once over wss."""
+        job = self.submit_patch()
+        await self.running(job)
+        self.release(job)
+        for _ in range(200):
+            if self.manager.get(job).terminal:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+
+        def client() -> list[dict[str, Any]]:
+            with self.connect() as ws:
+                recv_json(ws)
+                ws.send(json.dumps({"action": "subscribe", "job_id": job}))
+                return recv_until(ws, is_complete(job))
+
+        frames = await deferToThread(client)
+        kept = [e.to_wire() for e in self.manager.events.kept(job)]
+        self.assertEqual(job_events(frames), kept[-2:])
+
+
+def _closed_errors() -> tuple[type[BaseException], ...]:
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+    return (ConnectionClosed, InvalidHandshake)
