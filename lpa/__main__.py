@@ -1,0 +1,7 @@
+"""``python -m lpa``: the same as the ``lpa`` console script."""
+
+import sys
+
+from lpa.cli import main
+
+sys.exit(main())
