@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from lpa.relay.config import load_relay_config
 from lpa.relay.schema import DEFAULT_LOCK_TIMEOUT_MS, MIGRATIONS, migrate
@@ -36,8 +36,8 @@ def add_parser(subparsers: Any) -> None:
     migrate_parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     dsn = args.dsn or load_relay_config(args.config).database_url
     migrate(dsn, lock_timeout_ms=args.lock_timeout_ms)
-    print(f"lpa: schema up to date ({', '.join(MIGRATIONS)})", file=sys.stdout)
+    print(f"lpa: schema up to date ({', '.join(MIGRATIONS)})", file=out or sys.stdout)
     return 0
