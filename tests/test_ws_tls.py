@@ -23,11 +23,15 @@ from twisted.web.server import Site
 from websockets.exceptions import InvalidMessage
 from websockets.sync.client import ClientConnection, connect
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+
+from lpa.agent.eventlog import EventLog
 from lpa.agent.jobs import JobManager
 from lpa.agent.model import JobRequest
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from tests.certs import TestPki, make_test_pki
 from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
+from tests.test_ws_session import FakeJobManager, new_job
 
 RECV_TIMEOUT = 10.0
 
@@ -225,6 +229,93 @@ class WssInteropTests(TestCase):
         frames = await deferToThread(client)
         kept = [e.to_wire() for e in self.manager.events.kept(job)]
         self.assertEqual(job_events(frames), kept[-2:])
+
+
+class _PausableClient(WebSocketClientProtocol):
+    """Counts messages; fires ``opened``/``closed`` Deferreds for the test to await."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+        self.received = 0
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received += 1
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(reason))
+        self.closed.callback((wasClean, code, reason))
+
+
+class SlowConsumerOverTlsTests(TestCase):
+    timeout = 60
+
+    async def test_unread_connection_closed_1008_engine_unaffected(self) -> None:
+        """A client that stops reading over mTLS is closed with 1008 once its queue is full;
+        events keep being appended meanwhile (the engine is never held back)."""
+        pki = make_test_pki(self.mktemp())
+        events = EventLog(reactor)
+        jobs = FakeJobManager(events)
+        factory = JobStreamFactory(events, jobs, clock=reactor, send_buffer_events=50)
+        port = reactor.listenSSL(
+            0, Site(echo_free_root(factory)), pki.server_options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        url = f"wss://localhost:{port.getHost().port}/api/v1/ws/jobs"
+        client_factory = WebSocketClientFactory(url)
+        client_factory.protocol = _PausableClient
+        client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10)
+        protocols: list[_PausableClient] = []
+        client_factory.buildProtocol = (  # type: ignore[method-assign]
+            lambda addr, build=client_factory.buildProtocol: protocols.append(build(addr))
+            or protocols[-1]
+        )
+        connector = connectWS(client_factory, contextFactory=pki.client_options("good"))
+        self.addCleanup(connector.disconnect)
+        for _ in range(500):
+            if protocols:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        client = protocols[0]
+        await client.opened
+        self.assertEqual(events.subscriber_count(), 1)
+
+        client.transport.pauseProducing()  # stop reading: the server's buffers fill up
+        job = new_job(jobs)
+        line = "x" * 8000
+        appended = 0
+        while events.subscriber_count() and appended < 5000:
+            for _ in range(20):
+                jobs.step(job, "running", 50, line)
+                appended += 1
+            await deferLater(reactor, 0.001, lambda: None)
+        self.assertEqual(events.subscriber_count(), 0, f"not closed after {appended} events")
+        self.assertEqual(events.last_seq(job), appended + 1)
+
+        client.transport.resumeProducing()
+        wasClean, code, reason = await client.closed
+        self.assertEqual(code, 1008)
+        self.assertIn("slow consumer", reason)
+        self.assertLess(client.received, appended + 2)
+        for _ in range(3):
+            await deferLater(reactor, 0.05, lambda: None)
+
+
+def echo_free_root(factory: JobStreamFactory) -> Resource:
+    """``/api/v1/ws/jobs`` served by the agent's resource."""
+    root = Resource()
+    node = root
+    for segment in (b"api", b"v1", b"ws"):
+        child = Resource()
+        node.putChild(segment, child)
+        node = child
+    node.putChild(b"jobs", make_ws_resource(factory))
+    return root
 
 
 def _closed_errors() -> tuple[type[BaseException], ...]:
