@@ -2,7 +2,7 @@
 
 A mutation runs as::
 
-    lock probe ─▶ dpkg --configure -a ─▶ apt-get -s … (what will change, n packages)
+    dpkg --configure -a ─▶ apt-get -s … (what will change, n packages)
         ─▶ apt-get -y … -o APT::Status-Fd=3 (pmstatus → progress "package i of n")
         ─▶ [dependency error: apt-get -f install, retry once]
         ─▶ dpkg --audit (problems: dpkg --configure -a, audit again, else fail)
@@ -10,17 +10,18 @@ A mutation runs as::
 A dry run runs only ``apt-get -s``, which reads the package database and changes nothing; it
 does not refresh the package lists either (``apt-get update`` writes ``/var/lib/apt/lists``).
 
+A held lock is waited for by apt itself (``-o DPkg::Lock::Timeout=N``); its "Waiting for cache
+lock: … held by process N (name)" stdout line becomes a ``waiting_for_lock`` event in the job
+context, which watches every command's output.
+
 ``force`` means ``--allow-downgrades`` (a version pin older than the installed one); it never
 means ``--allow-unauthenticated`` (bug 30): signatures are always checked.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import struct
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import attr
 from twisted.logger import Logger
@@ -29,7 +30,6 @@ from lpa.agent.backends.base import (
     BackendBase,
     Timeouts,
     change,
-    error_text,
     is_dependency_error,
     is_fetch_error,
     package_requires_reboot,
@@ -46,7 +46,6 @@ APT_ENV = {
     "NEEDRESTART_MODE": "l",
     "LC_ALL": "C",
 }
-DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
 
 
 # -- parsers -------------------------------------------------------------------------------
@@ -211,43 +210,6 @@ def parse_status_fd(line: str) -> tuple[str, str, float, str] | None:
     return parts[0], parts[1], percent, parts[3]
 
 
-_LOCK_WAIT = re.compile(r"Waiting for cache lock: Could not get lock (?P<path>\S+?)\.? It is held by process (?P<holder>\d+(?: \([^)]*\))?)")
-
-
-def apt_lock_holder(line: str) -> str | None:
-    """The holder named by apt's "Waiting for cache lock" line, e.g. ``process 7087 (python)``."""
-    match = _LOCK_WAIT.search(line)
-    return None if match is None else f"process {match['holder']}"
-
-
-def probe_lock_holder(paths: Iterable[str] = DPKG_LOCKS) -> str | None:
-    """Who holds a dpkg/apt lock now (``F_GETLK``: asks, never takes the lock), or None."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            request = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
-            reply = fcntl.fcntl(fd, fcntl.F_GETLK, request)
-            lock_type, _, _, _, pid = struct.unpack("hhqqi", reply)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        if lock_type != fcntl.F_UNLCK:
-            return f"process {pid} ({_process_name(pid)}) holds {path}"
-    return None
-
-
-def _process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
-            return comm.read().strip()
-    except OSError:
-        return "unknown"
-
-
 # -- backend -------------------------------------------------------------------------------
 
 class AptProgress:
@@ -293,11 +255,9 @@ class AptBackend(BackendBase):
         timeouts: Timeouts = Timeouts(),
         lock_timeout: int = 300,
         reboot_marker: str = "/var/run/reboot-required",
-        lock_probe: Callable[[], str | None] = probe_lock_holder,
     ) -> None:
         super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
         self._lock_timeout = int(lock_timeout)
-        self._lock_probe = lock_probe
 
     # -- read-only -------------------------------------------------------------------------
     def read_env(self) -> dict[str, str]:
@@ -442,7 +402,6 @@ class AptBackend(BackendBase):
         changes = await self._simulate(ctx, args)
         if request.dry_run:
             return await self.outcome(ctx, request, changes, verb)
-        self._report_lock(ctx)
         await self._configure_pending(ctx)
         progress = AptProgress(ctx, len(changes))
         try:
@@ -459,11 +418,6 @@ class AptBackend(BackendBase):
 
     async def _run_mutation(self, ctx: Any, args: list[str], progress: AptProgress) -> None:
         await ctx.run(self.apt_get(*args), timeout=self._timeouts.package, env=dict(APT_ENV), status_fd_line=progress)
-
-    def _report_lock(self, ctx: Any) -> None:
-        holder = self._lock_probe()
-        if holder:
-            ctx.waiting_for_lock(holder)
 
     async def _configure_pending(self, ctx: Any) -> None:
         try:
@@ -528,4 +482,3 @@ def _patch_from_entry(entry: AptListEntry) -> Patch:
     )
 
 
-__all__ = ["AptBackend", "error_text"]

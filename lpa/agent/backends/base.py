@@ -21,8 +21,10 @@ from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
 import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lpa import validation
+from lpa.agent.interfaces import IPackageBackend
 from lpa.agent.model import CommandResult, JobOutcome, JobRequest, PackageSpec
 from lpa.errors import (
     CommandError,
@@ -191,6 +193,7 @@ def is_fetch_error(error: BaseException) -> bool:
     )
 
 
+@implementer(IPackageBackend)
 class BackendBase:
     """Request checking and dispatch shared by every backend; subclasses supply the commands."""
 

@@ -1,0 +1,93 @@
+"""Package-manager backends and how one is chosen.
+
+``package_manager.backend`` is ``"auto"`` (the first of apt, dnf, yum, zypper, apk, pacman whose
+executable is found) or one of those names, which must then be installed: a missing one is a
+:class:`~lpa.errors.ConfigError` at start-up, not a failure at the first job.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, Callable
+
+from lpa.agent.backends.apk import ApkBackend
+from lpa.agent.backends.apt import AptBackend
+from lpa.agent.backends.base import BackendBase, Timeouts
+from lpa.agent.backends.dnf import DnfBackend
+from lpa.agent.backends.pacman import PacmanBackend
+from lpa.agent.backends.yum import YumBackend
+from lpa.agent.backends.zypper import ZypperBackend
+from lpa.errors import ConfigError
+
+#: detection order and the executable that proves each manager is present
+DETECTION_ORDER: tuple[tuple[str, str], ...] = (
+    ("apt", "apt-get"),
+    ("dnf", "dnf"),
+    ("yum", "yum"),
+    ("zypper", "zypper"),
+    ("apk", "apk"),
+    ("pacman", "pacman"),
+)
+BACKENDS: dict[str, type[BackendBase]] = {
+    "apt": AptBackend,
+    "dnf": DnfBackend,
+    "yum": YumBackend,
+    "zypper": ZypperBackend,
+    "apk": ApkBackend,
+    "pacman": PacmanBackend,
+}
+
+
+def detect_backend(name: str = "auto", *, which: Callable[[str], str | None] = shutil.which) -> str:
+    """The backend name to use: the configured one if installed, or the first one found."""
+    executables = dict(DETECTION_ORDER)
+    wanted = (name or "auto").strip().lower()
+    if wanted == "auto":
+        for candidate, executable in DETECTION_ORDER:
+            if which(executable):
+                return candidate
+        raise ConfigError(
+            "package_manager.backend: auto found no supported package manager "
+            "(looked for apt-get, dnf, yum, zypper, apk, pacman)"
+        )
+    if wanted not in executables:
+        raise ConfigError(
+            f"package_manager.backend: unknown backend {name!r} "
+            f"(auto, {', '.join(executables)})"
+        )
+    if not which(executables[wanted]):
+        raise ConfigError(
+            f"package_manager.backend: {wanted} was chosen but {executables[wanted]} is not installed"
+        )
+    return wanted
+
+
+def make_backend(
+    name: str,
+    runner: Any,
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    timeouts: Timeouts = Timeouts(),
+    lock_timeout: int = 300,
+    reboot_marker: str = "/var/run/reboot-required",
+) -> BackendBase:
+    """Build the backend for ``name`` ("auto" or a manager name) over ``runner``."""
+    chosen = detect_backend(name, which=which)
+    if chosen == "apt":
+        return AptBackend(runner, timeouts=timeouts, lock_timeout=lock_timeout, reboot_marker=reboot_marker)
+    return BACKENDS[chosen](runner, timeouts=timeouts, reboot_marker=reboot_marker)
+
+
+__all__ = [
+    "BACKENDS",
+    "DETECTION_ORDER",
+    "AptBackend",
+    "ApkBackend",
+    "DnfBackend",
+    "PacmanBackend",
+    "Timeouts",
+    "YumBackend",
+    "ZypperBackend",
+    "detect_backend",
+    "make_backend",
+]

@@ -1,0 +1,32 @@
+"""yum backend (CentOS/RHEL 7): dnf's commands with yum's spellings.
+
+Differences from dnf: ``update`` instead of ``upgrade``, ``-C`` for cache-only queries,
+``updateinfo list updates`` / ``updateinfo list cves`` for advisories, ``needs-restarting -r``
+from yum-utils, and no weak dependencies or ``--allowerasing`` (``no_recommends`` and ``force``
+change nothing on yum).  ``--security`` is built into yum 3.4 (RHEL 7).
+"""
+
+from __future__ import annotations
+
+from lpa.agent.backends.dnf import DnfBackend
+from lpa.agent.model import JobRequest
+
+
+class YumBackend(DnfBackend):
+    name = "yum"
+    binary = "yum"
+    upgrade_verb = "update"
+    cache_only = "-C"
+
+    def options(self, verb: str, request: JobRequest) -> list[str]:
+        return ["--security"] if request.security_only else []
+
+    def advisory_argvs(self) -> list[list[str]]:
+        base = [self.binary, "-q", self.cache_only, "updateinfo", "list"]
+        return [base + ["updates"], base + ["cves"]]
+
+    def available_argv(self, name: str) -> list[str]:
+        return [self.binary, "-q", self.cache_only, "list", "available", "--", name]
+
+    def needs_restarting_argv(self) -> list[str]:
+        return ["needs-restarting", "-r"]
