@@ -6,6 +6,9 @@ import configparser
 import os
 import tomllib
 
+import attr
+import yaml
+
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +66,23 @@ class AgentExampleTests(SynchronousTestCase):
         loaded = config.load_agent_config(etc("agent.yaml"))
         defaults = config.parse_agent_config("")
         self.assertEqual(tuple(loaded.warnings), ())
-        self.assertEqual(loaded, defaults)
+        self.assertEqual(attr.evolve(loaded, source=defaults.source), defaults)
+
+    def test_every_key(self) -> None:
+        """Every key of the agent's config tree appears in the example."""
+        config = self.loader()
+        document = yaml.safe_load(read(etc("agent.yaml")))
+
+        def walk(node: object, tree: dict, prefix: str) -> None:
+            for field in attr.fields(type(node)):
+                if field.name in ("source", "warnings"):
+                    continue
+                value = getattr(node, field.name)
+                self.assertIn(field.name, tree, f"{prefix}{field.name} missing")
+                if attr.has(type(value)):
+                    walk(value, tree[field.name], f"{prefix}{field.name}.")
+
+        walk(config.parse_agent_config(""), document, "")
 
 
 class SchemaCopyTests(SynchronousTestCase):
