@@ -18,7 +18,7 @@ from lpa.agent.interfaces import (
     IProcessRunner,
     ISystem,
 )
-from lpa.agent.jobs import MAX_LOG_LINES, JobManager
+from lpa.agent.jobs import ABORT_GRACE_SECONDS, MAX_LOG_LINES, JobManager
 from lpa.agent.model import JobOutcome, JobRequest, PackageSpec
 from lpa.agent.process import ProcessRunner
 from lpa.agent.store import JsonJobStore
@@ -261,7 +261,8 @@ class LifecycleTests(EngineTestCase):
         self.assertEqual(job.exit_code, 100)
         self.assertEqual(job.command_stderr, "E: Unable to locate package nosuch")
         self.assertIn("Command failed (exit 100)", job.error)
-        self.assertIn("[stderr]", job.logs)
+        self.assertIn("E: Unable to locate package nosuch", job.logs)
+        self.assertEqual(job.logs[-1], "Command failed (exit 100): apt-get install -- nosuch")
         terminal = self.events_of(job.id)[-2]
         self.assertEqual((terminal.status, terminal.error_code), (FAILED, "PKG_NOT_FOUND"))
         self.assertEqual(self.events_of(job.id)[-1].error_code, "PKG_NOT_FOUND")
@@ -330,6 +331,18 @@ class CancelAndTimeoutTests(EngineTestCase):
         self.assertEqual(job.status, CANCELLED)
         self.clock.advance(0)
         self.assertEqual(len(self.runner.calls), 2)
+
+    def test_backend_ignoring_abort_is_cancelled_after_grace(self) -> None:
+        """A backend that waits on something else is cancelled ABORT_GRACE_SECONDS later."""
+        self.backend.script("install", gate=True)
+        job = self.manager.submit(install("a"))
+        self.clock.advance(0)
+        self.manager.cancel(job.id)
+        self.assertEqual(job.status, RUNNING)
+        self.clock.advance(ABORT_GRACE_SECONDS)
+        self.assertEqual(job.status, CANCELLED)
+        self.assertFalse(self.manager.mutation_in_progress())
+        self.assertClean()
 
     def test_cancel_terminal_refused(self) -> None:
         """Cancelling an ended job raises CancelNotAllowedError and changes nothing."""

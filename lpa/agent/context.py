@@ -74,6 +74,24 @@ class JobSink(Protocol):
     def job_waiting_for_lock(self, job: Job, holder: str) -> None: ...
 
 
+_DROPPED = re.compile(r"\.\.\. (\d+) earlier lines dropped")
+
+
+def append_log(job: Job, line: str, limit: int) -> None:
+    """Append to ``job.logs`` keeping the newest ``limit`` lines; the first then counts drops."""
+    logs = job.logs
+    logs.append(line)
+    if len(logs) <= limit:
+        return
+    marker = _DROPPED.fullmatch(logs[0])
+    if marker is not None:
+        del logs[1]
+        logs[0] = f"... {int(marker.group(1)) + 1} earlier lines dropped"
+    else:
+        del logs[0:2]
+        logs.insert(0, "... 2 earlier lines dropped")
+
+
 def bounded_line(line: str) -> str:
     if len(line) > MAX_LINE_CHARS:
         return line[: MAX_LINE_CHARS - 1] + "…"

@@ -28,7 +28,6 @@ saved as ``running`` with a log line saying the agent stopped, and the next star
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections import deque
 from typing import Any, Callable
@@ -39,7 +38,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lpa.agent import classify
-from lpa.agent.context import ABORT_CANCELLED, ABORT_TIMED_OUT, JobContext, command_text
+from lpa.agent.context import (
+    ABORT_CANCELLED,
+    ABORT_TIMED_OUT,
+    JobContext,
+    append_log,
+    command_text,
+)
 from lpa.agent.eventlog import EventLog
 from lpa.agent.interfaces import (
     IJobManager,
@@ -86,11 +91,13 @@ from lpa.events import (
 )
 
 MUTATIONS = frozenset({OP_INSTALL, OP_UPDATE, OP_REMOVE, OP_PATCH_APPLY})
-#: lines kept in ``job.logs``: the newest ones, with a first line counting what was dropped
-#: (the original kept 200 lines of failure output only; we keep all output, bounded)
+#: lines kept in ``job.logs``: every output line as it comes plus the engine's own lines,
+#: the newest MAX_LOG_LINES of them, the first line then counting what was dropped (the original
+#: kept only up to 200 lines of failure output)
 MAX_LOG_LINES = 500
-#: characters of a failed command's stdout/stderr copied into ``job.logs``
-FAILURE_OUTPUT_LINES = 200
+#: seconds a backend gets to return after its job was aborted (command killed) before the
+#: engine cancels the backend's Deferred itself
+ABORT_GRACE_SECONDS = 15.0
 REBOOT_COMMAND_TIMEOUT = 60.0
 
 _log = Logger()
@@ -103,6 +110,8 @@ class _Run:
         self.job = job
         self.context = context
         self.timeout_call: IDelayedCall | None = None
+        self.backend_deferred: Deferred[Any] | None = None
+        self.abort_call: IDelayedCall | None = None
 
 
 @implementer(IJobManager)
@@ -321,7 +330,9 @@ class JobManager:
             self._schedule_pump()
         else:
             _log.info("cancelling running job {job_id}", job_id=job_id)
-            self._runs[job_id].context.abort(ABORT_CANCELLED)
+            run = self._runs.get(job_id)
+            if run is not None:
+                self._abort(run, ABORT_CANCELLED)
         return job
 
     def delete(self, job_id: str) -> None:
@@ -428,7 +439,20 @@ class JobManager:
         if run is not None:
             run.timeout_call = None
             _log.warn("job {job_id} exceeded its timeout; terminating", job_id=job_id)
-            run.context.abort(ABORT_TIMED_OUT)
+            self._abort(run, ABORT_TIMED_OUT)
+
+    def _abort(self, run: _Run, reason: str) -> None:
+        """Kill the job's command now; if its backend still has not returned after
+        ABORT_GRACE_SECONDS (it waits on something else), cancel the backend's Deferred."""
+        run.context.abort(reason)
+        if run.abort_call is None and run.job.id in self._runs:
+            run.abort_call = self._clock.callLater(ABORT_GRACE_SECONDS, self._force_abort, run)
+
+    def _force_abort(self, run: _Run) -> None:
+        run.abort_call = None
+        if run.backend_deferred is not None and not run.backend_deferred.called:
+            _log.warn("backend of job {job_id} ignored the abort; cancelling it", job_id=run.job.id)
+            run.backend_deferred.cancel()
 
     async def _execute(self, run: _Run) -> None:
         job = run.job
@@ -436,7 +460,8 @@ class JobManager:
             if job.operation == OP_REBOOT:
                 await self._reboot(run, job.request.reboot_delay_seconds)
             else:
-                outcome = await maybeDeferred(self._backend.execute, job, run.context)
+                run.backend_deferred = maybeDeferred(self._backend.execute, job, run.context)
+                outcome = await run.backend_deferred
                 if run.context.aborted is not None:
                     raise run.context._abort_error()
                 await self._succeeded(run, outcome)
@@ -452,8 +477,11 @@ class JobManager:
         ``job_complete`` (e.g. by asking for a reboot) sees the engine without that job.
         """
         run = self._runs.pop(job.id, None)
-        if run is not None and run.timeout_call is not None and run.timeout_call.active():
-            run.timeout_call.cancel()
+        if run is not None:
+            for call in (run.timeout_call, run.abort_call):
+                if call is not None and call.active():
+                    call.cancel()
+            run.timeout_call = run.abort_call = None
         if self._mutation_job == job.id:
             self._mutation_job = None
         if job.terminal:
@@ -560,22 +588,13 @@ class JobManager:
         self._append_log(job, f"Job failed: {chain}")
         result = error.result if isinstance(error, CommandError) else None
         if result is not None:
+            # the output itself is already in the logs, line by line, as it came
             job.exit_code = result.exit_code
             job.command_stdout = result.stdout
             job.command_stderr = result.stderr
-            self._append_log(job, "Command output:")
-            self._append_log(job, f"Command failed (exit {result.exit_code}): "
-                             f"{command_text(result.argv)}")
-            for label, text in (("[stderr]", result.stderr), ("[stdout]", result.stdout)):
-                lines = text.splitlines()
-                if lines:
-                    self._append_log(job, label)
-                    for line in lines[:FAILURE_OUTPUT_LINES]:
-                        self._append_log(job, line)
-                    if len(lines) > FAILURE_OUTPUT_LINES:
-                        self._append_log(
-                            job, f"... output truncated at {FAILURE_OUTPUT_LINES} lines"
-                        )
+            self._append_log(
+                job, f"Command failed (exit {result.exit_code}): {command_text(result.argv)}"
+            )
         self._finish(job, status, str(error) or type(error).__name__, error=chain, error_code=code)
 
     # -- JobSink (called by JobContext) ------------------------------------------------------
@@ -671,18 +690,7 @@ class JobManager:
         self._persist()
 
     def _append_log(self, job: Job, line: str) -> None:
-        """Append to ``job.logs``, keeping the newest MAX_LOG_LINES (first line: a drop count)."""
-        logs = job.logs
-        logs.append(line)
-        if len(logs) <= MAX_LOG_LINES:
-            return
-        marker = re.fullmatch(r"\.\.\. (\d+) earlier lines dropped", logs[0])
-        if marker is not None:
-            del logs[1]
-            logs[0] = f"... {int(marker.group(1)) + 1} earlier lines dropped"
-        else:
-            del logs[0:2]
-            logs.insert(0, "... 2 earlier lines dropped")
+        append_log(job, line, MAX_LOG_LINES)
 
     # -- persistence -------------------------------------------------------------------------
 
