@@ -1,0 +1,96 @@
+"""The pure row rules (lpa.relay.rows) and the FakeRelayStore built on them."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpa.relay.interfaces import TRANSPORT_WS
+from lpa.relay.rows import RowState, fail_state, reduce_events, rollup_status
+from tests.fakes_relay import FakeRelayStore
+from tests.pgutil import event
+
+RUNNING = RowState(status="running", agent_job_id="a1")
+
+
+class ReduceTests(SynchronousTestCase):
+    def test_status_mapping(self) -> None:
+        """Agent statuses map to the manager's job_status (README G.1.3: none dropped)."""
+        expected = {"pending": "running", "running": "running", "rebooting": "running",
+                    "completed": "succeeded", "failed": "failed", "timed_out": "failed",
+                    "cancelled": "cancelled"}
+        for agent, db in expected.items():
+            self.assertEqual(reduce_events(RUNNING, "a1", [event("a1", 1, agent)]).state.status, db)
+
+    def test_order_duplicates_and_refusals(self) -> None:
+        """Events apply in order; seq at or below last_seq and other jobs' events are not applied."""
+        result = reduce_events(
+            RowState(status="running", last_seq=2, output="old"), "a1",
+            [event("a1", 2, "running", kind="output", message="dup"),
+             event("a1", 3, "running", kind="output", message="new"),
+             event("zz", 4, "completed"),
+             event("a1", 3, "running", kind="output", message="dup again")])
+        self.assertEqual((result.applied, result.duplicates, result.refused), (1, 2, 1))
+        self.assertEqual((result.state.output, result.state.last_seq), ("old\nnew", 3))
+        self.assertFalse(result.became_terminal)
+
+    def test_terminal_is_final(self) -> None:
+        """Once terminal (already, or within the batch) later events are ignored."""
+        result = reduce_events(RUNNING, "a1", [event("a1", 1, "completed"), event("a1", 2, "failed")])
+        self.assertEqual((result.state.status, result.applied, result.ignored), ("succeeded", 1, 1))
+        self.assertTrue(result.became_terminal)
+        again = reduce_events(result.state, "a1", [event("a1", 3, "running")])
+        self.assertEqual((again.applied, again.state), (0, result.state))
+        self.assertEqual(fail_state(result.state, "x").state, result.state)
+
+    def test_errors(self) -> None:
+        """failed keeps the agent's error; timed_out explains itself."""
+        failed = reduce_events(RUNNING, "a1", [event("a1", 1, "failed", error="dpkg broke")])
+        self.assertEqual(failed.state.error_message, "dpkg broke")
+        timed = reduce_events(RUNNING, "a1", [event("a1", 1, "timed_out", message="after 3600 s")])
+        self.assertEqual(timed.state.error_message, "timed out on the agent (after 3600 s)")
+
+    def test_text_cleaned_for_postgres(self) -> None:
+        """NUL characters and lone surrogates never reach a TEXT column."""
+        result = reduce_events(RUNNING, "a1", [
+            event("a1", 1, "running", kind="output", message="a\x00b\ud800c")])
+        self.assertEqual(result.state.output, "ab?c")
+
+    def test_rollup(self) -> None:
+        """Parent status once all hosts are terminal; mixed cancelled+succeeded is cancelled."""
+        self.assertIsNone(rollup_status(["succeeded", "running"]))
+        self.assertIsNone(rollup_status([]))
+        self.assertEqual(rollup_status(["succeeded", "succeeded"]), "succeeded")
+        self.assertEqual(rollup_status(["succeeded", "failed", "cancelled"]), "failed")
+        self.assertEqual(rollup_status(["cancelled", "cancelled"]), "cancelled")
+        self.assertEqual(rollup_status(["cancelled", "succeeded"]), "cancelled")
+
+
+class FakeStoreTests(SynchronousTestCase):
+    def test_fake_follows_the_rules_and_records(self) -> None:
+        """The fake applies the same rules, records calls and the notifications a real store sends."""
+        store = FakeRelayStore()
+        one = store.add_host_job(row_id="r1", job_id="j", host_id="h1", agent_job_id="a1")
+        two = store.add_host_job(row_id="r2", job_id="j", host_id="h2", agent_job_id="a2")
+        self.assertEqual(len(self.successResultOf(store.running_host_jobs())), 2)
+        result = self.successResultOf(store.apply_events(one, [event("a1", 1, "completed")], TRANSPORT_WS))
+        self.assertEqual((result.row_status, result.terminal, result.notified), ("succeeded", True, 1))
+        result = self.successResultOf(store.fail_host_job(two, "unreachable", TRANSPORT_WS))
+        self.assertEqual(result.notified, 2)
+        self.assertEqual([n["event_type"] for n in store.notifications], ["host", "host", "job"])
+        self.assertEqual(store.notifications[-1]["status"], "failed")
+        self.assertEqual([c.method for c in store.calls],
+                         ["running_host_jobs", "apply_events", "fail_host_job"])
+        self.assertEqual(self.successResultOf(store.running_host_jobs()), [])
+
+    def test_fake_faults(self) -> None:
+        """error makes calls errback; hold() keeps them pending until release()."""
+        store = FakeRelayStore()
+        row = store.add_host_job(row_id="r1", job_id="j", host_id="h", agent_job_id="a1")
+        store.error = RuntimeError("database down")
+        self.failureResultOf(store.apply_events(row, [], TRANSPORT_WS), RuntimeError)
+        store.error = None
+        store.hold()
+        pending = store.apply_events(row, [event("a1", 1, "running")], TRANSPORT_WS)
+        self.assertNoResult(pending)
+        store.release()
+        self.assertEqual(self.successResultOf(pending).last_seq, 1)
