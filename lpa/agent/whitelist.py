@@ -159,7 +159,7 @@ class IPWhitelist:
             )
             return False
         for warning in warnings:
-            _log.warn("IP whitelist: {warning}", warning=warning)
+            _log.warn("IP whitelist: {problem}", problem=warning)
         self._networks, self._deny_reason = tuple(networks), None
         if not networks:
             _log.warn("IP whitelist {path} allows no address", path=self._path)
