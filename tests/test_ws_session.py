@@ -296,7 +296,8 @@ class ReplayTests(SessionTestBase):
         self.channel.take()
         self.send({"action": "subscribe", "job_id": job, "after_seq": 3})
         self.assertEqual(
-            job_frames(self.channel.take()), [(4, "job_status"), (5, "job_status"), (6, "job_status")]
+            job_frames(self.channel.take()),
+            [(4, "job_status"), (5, "job_status"), (6, "job_status")],
         )
         self.jobs.step(job, RUNNING, 70, "live")
         self.assertEqual(job_frames(self.channel.take()), [(7, "job_status")])
@@ -331,7 +332,8 @@ class ReplayTests(SessionTestBase):
         self.assertEqual(self.session.queued, 4)
         self.session.resume_sending()
         self.assertEqual(
-            job_frames(self.channel.take()), [(2, "job_status"), (3, "job_status"), (4, "job_status")]
+            job_frames(self.channel.take()),
+            [(2, "job_status"), (3, "job_status"), (4, "job_status")],
         )
 
     def test_expired_after_seq_resyncs(self) -> None:
@@ -390,7 +392,8 @@ class BadInputTests(SessionTestBase):
         """Non-JSON gets INVALID_JSON in the original's error shape."""
         error = self.error_of("{nope")
         self.assertEqual(
-            (error["job_id"], error["status"], error["error_code"]), ("", "invalid_json", "INVALID_JSON")
+            (error["job_id"], error["status"], error["error_code"]),
+            ("", "invalid_json", "INVALID_JSON"),
         )
         self.assertTrue(error["message"].startswith("Invalid message"))
         self.assertEqual(error["error"], error["message"])
@@ -433,6 +436,20 @@ class BadInputTests(SessionTestBase):
             self.assertEqual(error["error_code"], "INVALID_MESSAGE")
         error = self.error_of({"action": "subscribe", "after_seq": 0})
         self.assertEqual(error["error_code"], "INVALID_MESSAGE")
+
+    def test_internal_fault_gets_error_and_session_survives(self) -> None:
+        """A fault of the job manager is logged, answered with INTERNAL_ERROR, and survived."""
+
+        def broken(job_id: str) -> None:
+            raise RuntimeError("store on fire")
+
+        self.jobs.get = broken  # type: ignore[method-assign]
+        error = self.error_of({"action": "subscribe", "job_id": str(uuid.uuid4())})
+        self.assertEqual(error["error_code"], "INTERNAL_ERROR")
+        self.assertNotIn("fire", error["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        new_job(self.jobs)
+        self.assertEqual(len(job_frames(self.channel.take())), 1)
 
     def test_binary(self) -> None:
         """A binary frame gets BINARY_NOT_SUPPORTED and the session keeps working."""

@@ -50,7 +50,9 @@ def recv_json(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, 
     return json.loads(ws.recv(timeout=timeout))
 
 
-def recv_until(ws: ClientConnection, done: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+def recv_until(
+    ws: ClientConnection, done: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
     """Frames up to and including the first for which ``done`` is true."""
     frames = []
     while True:

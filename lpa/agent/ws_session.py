@@ -19,10 +19,19 @@ jobs subscribed to; ``subscribe`` without ``job_id`` (or ``"all"``) asks for eve
 ``unsubscribe`` with a ``job_id`` stops that job (also in all-jobs mode); ``unsubscribe`` without
 one stops everything.
 
+Replay (``after_seq: N``) always sends the kept events after N, even ones this connection
+already got live in all-jobs mode: the client asked for them, and de-duplicates by ``seq``.
+N older than what is kept, or ahead of the job's last event, gets a ``resync`` carrying the job's
+snapshot (``job``: ``Job.to_detail()``) and ``seq``, the last event number; live events follow.
+A finished job subscribed without ``after_seq`` gets its terminal ``job_status`` and its
+``job_complete`` from the log at once (or a ``resync`` when they are no longer kept).
+
 Bounds: ``max_subscriptions`` job subscriptions (plus all-mode exclusions) per connection, an
 ``error`` event past it; ``send_buffer_events`` frames queued while the transport is paused,
 past it the connection is closed with 1008 and a reason that says how to resume, so no event is
-ever dropped silently and memory stays bounded.
+ever dropped silently and memory stays bounded.  A whole replay is queued before the first write
+(that is what keeps live events after it), so ``send_buffer_events`` must exceed the EventLog's
+``max_events_per_job`` (defaults 2000 and 1000).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import Interface
 
 from lpa import validation
 from lpa.agent.eventlog import EventLog, EventsExpiredError, Subscription
@@ -53,6 +62,7 @@ INVALID_JOB_ID = InvalidJobIdError.code
 JOB_NOT_FOUND = JobNotFoundError.code
 TOO_MANY_SUBSCRIPTIONS = "TOO_MANY_SUBSCRIPTIONS"
 BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
+INTERNAL_ERROR = "INTERNAL_ERROR"
 
 _ECHO_LIMIT = 100  # characters of a client-supplied job id echoed back in an error event
 
@@ -165,6 +175,12 @@ class JobStreamSession:
             self._handle(self._parse(text))
         except _Rejected as rejected:
             self._send_error(rejected)
+        except Exception:
+            # a fault of ours (e.g. the job manager raised): log it, tell this client, keep going
+            self._log.failure(
+                "ws {connection_id}: failed on a message", connection_id=self.connection_id
+            )
+            self._send_error(_Rejected(INTERNAL_ERROR, "internal error; see the agent's log"))
         # everything this message queued (ack, replay) went into the outbox before the first
         # write, so a live event arriving during the writes lands after the replay
         self._flush()
