@@ -1,0 +1,230 @@
+"""Builds the lpa-agent daemon from an :class:`~lpa.config.AgentConfig`.
+
+::
+
+    AgentService (MultiService)
+      ├─ JobManager.start()      load history, finalise orphans, run the queue
+      └─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs,
+                                 behind mutual TLS (tls.enabled) on server.bind:server.port
+
+Stop order is explicit (STYLE "Composing services"): stop accepting connections first, then let
+the job engine freeze admission and persist, so no job changes after the last save.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+import lpa
+from lpa.agent.api import AgentApi, make_peer_check
+from lpa.agent.backends import make_backend
+from lpa.agent.backends.base import Timeouts
+from lpa.agent.cache import PatchCache
+from lpa.agent.eventlog import EventLog
+from lpa.agent.jobs import JobManager
+from lpa.agent.process import ProcessRunner
+from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.store import JsonJobStore
+from lpa.agent.system import HostSystem
+from lpa.agent.whitelist import IPWhitelist
+from lpa.agent.ws import JobStreamFactory, make_ws_resource
+from lpa.config import AgentConfig
+from lpa.errors import ConfigError
+from lpa.tls import identity_allowed, peer_identity, server_tls_options
+
+_log = Logger()
+
+#: listen backlog: a fleet manager may open many connections at once (PITFALLS 9)
+LISTEN_BACKLOG = 512
+
+
+class AgentService(MultiService):
+    """The agent: a job engine and one listener, started and stopped in a fixed order."""
+
+    def __init__(self, jobs: JobManager, listener: StreamServerEndpointService) -> None:
+        super().__init__()
+        self.jobs = jobs
+        self.listener = listener
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        # The engine loads and recovers synchronously; the listener then starts accepting.
+        d = self.jobs.start()
+        d.addErrback(lambda f: _log.failure("job engine failed to start", f))
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        self.running = 0
+        d = ensureDeferred(_stop_in_order(self.listener, self.jobs))
+        d.addErrback(lambda f: _log.failure("agent did not stop cleanly", f))
+        return d
+
+
+async def _stop_in_order(listener: StreamServerEndpointService, jobs: JobManager) -> None:
+    if listener.running:
+        await listener.stopService()
+    await jobs.stop()
+
+
+def _state_dir(config: AgentConfig) -> str:
+    try:
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"state_dir: cannot create {config.state_dir}: {error.strerror}") from None
+    if not os.access(config.state_dir, os.W_OK):
+        raise ConfigError(f"state_dir: {config.state_dir} is not writable")
+    return config.state_dir
+
+
+def make_agent_service(
+    config: AgentConfig,
+    *,
+    reactor: Any = None,
+    backend: Any = None,
+    system: Any = None,
+    runner: Any = None,
+    store: Any = None,
+) -> AgentService:
+    """Build the daemon; every collaborator may be injected, the reactor included.
+
+    :raises ConfigError: a file, directory or value the configuration names is unusable.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    for warning in config.warnings:
+        _log.warn("config {source}: {warning}", source=config.source, warning=warning)
+
+    state_dir = _state_dir(config)
+    runner = runner or ProcessRunner(reactor)
+    system = system or HostSystem(runner)
+    if backend is None:
+        timeouts = config.jobs.command_timeouts
+        backend = make_backend(
+            config.package_manager.backend,
+            runner,
+            timeouts=Timeouts(
+                refresh=timeouts.refresh_secs,
+                package=timeouts.package_secs,
+                quick=timeouts.quick_secs,
+            ),
+            lock_timeout=config.jobs.lock_timeout_secs,
+        )
+    store = store or JsonJobStore(os.path.join(state_dir, "jobs_history.json"))
+    events = EventLog(reactor, config.jobs.max_events_per_job)
+    jobs = JobManager(
+        backend=backend,
+        system=system,
+        runner=runner,
+        store=store,
+        clock=reactor,
+        events=events,
+        max_concurrent=config.jobs.max_concurrent,
+        max_queue_depth=config.jobs.max_queue_depth,
+        job_timeout_seconds=config.jobs.timeout_minutes * 60,
+        history_limit=config.jobs.history_limit,
+        max_events_per_job=config.jobs.max_events_per_job,
+    )
+
+    ws_resource = None
+    if config.websocket.enabled:
+        ws = config.websocket
+        factory = JobStreamFactory(
+            events,
+            jobs,
+            ping_interval=ws.ping_interval_secs,
+            ping_timeout=ws.ping_timeout_secs,
+            max_message_bytes=ws.max_message_bytes,
+            max_subscriptions=ws.max_subscriptions,
+            max_connections=ws.max_connections,
+            send_buffer_events=ws.send_buffer_events,
+        )
+        ws_resource = make_ws_resource(factory)
+
+    whitelist = IPWhitelist.from_file(config.whitelist.path) if config.whitelist.path else None
+    peer_check = make_peer_check(
+        whitelist,
+        config.auth.allowed_clients,
+        lambda request: peer_identity(request.transport),
+        identity_allowed,
+    )
+    rl = config.rate_limit
+    api = AgentApi(
+        jobs=jobs,
+        backend=backend,
+        system=system,
+        clock=reactor,
+        version=lpa.__version__,
+        rate_limiter=RateLimiter(
+            reactor,
+            destructive_per_minute=rl.destructive_per_minute,
+            destructive_burst=rl.destructive_burst,
+            read_per_minute=rl.read_per_minute,
+            read_burst=rl.read_burst,
+            enabled=rl.enabled,
+        ),
+        peer_check=peer_check,
+        ws_resource=ws_resource,
+        max_body_bytes=config.api.max_body_bytes,
+        cache=PatchCache(
+            reactor,
+            backend,
+            stale_threshold_secs=config.cache.stale_threshold_secs,
+            state_path=os.path.join(state_dir, "cache.json"),
+        ),
+    )
+    site = Site(api.resource())
+    site.displayTracebacks = False
+
+    server = config.server
+    if config.tls.enabled:
+        tls = config.tls
+        context = server_tls_options(
+            ca_cert_path=tls.ca_cert,
+            cert_path=tls.server_cert,
+            key_path=tls.server_key,
+            crl_path=tls.crl_path,
+            min_tls_version=tls.min_tls_version,
+        )
+        endpoint: Any
+        if ":" in server.bind:
+            endpoint = _ssl6_endpoint(reactor, server.port, context, server.bind)
+        else:
+            endpoint = SSL4ServerEndpoint(
+                reactor, server.port, context, backlog=LISTEN_BACKLOG, interface=server.bind
+            )
+    else:
+        _log.warn(
+            "TLS is disabled (tls.enabled: false): the agent serves plain HTTP WITHOUT client "
+            "authentication (INSECURE); enable TLS for anything but a lab"
+        )
+        endpoint_class = TCP6ServerEndpoint if ":" in server.bind else TCP4ServerEndpoint
+        endpoint = endpoint_class(reactor, server.port, backlog=LISTEN_BACKLOG, interface=server.bind)
+    listener = StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    return AgentService(jobs, listener)
+
+
+def _ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any:
+    """An IPv6 TLS listener: TLS wrapped around a TCP6 endpoint."""
+    from twisted.internet.interfaces import IStreamServerEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from zope.interface import implementer
+
+    tcp = TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=interface)
+
+    @implementer(IStreamServerEndpoint)
+    class _TLS6:
+        def listen(self, factory: Any) -> Deferred[Any]:
+            return tcp.listen(TLSMemoryBIOFactory(context, False, factory))
+
+    return _TLS6()
