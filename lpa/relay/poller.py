@@ -215,6 +215,7 @@ class AgentPoller:
         self._failing_since: dict[str, float] = {}
         self._loop: LoopingCall | None = None
         self._tick_deferred: Deferred | None = None
+        self._stopped = False
 
     @property
     def running(self) -> bool:
@@ -222,10 +223,12 @@ class AgentPoller:
 
     def start(self, now: bool = True) -> None:
         if self._loop is None:
+            self._stopped = False
             self._run_loop(self.interval, now)
 
     def stop(self) -> None:
         """Stop polling; an in-flight request is cancelled."""
+        self._stopped = True
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -267,7 +270,7 @@ class AgentPoller:
             try:
                 outcome = await self._http.fetch(host_job.agent_job_id, after_seq)
             except PollError as error:
-                if self._loop is None:
+                if self._stopped:
                     return
                 failed = True
                 _log.warn(
@@ -278,7 +281,7 @@ class AgentPoller:
                 if error.transport:
                     unreachable = str(error)
                 continue
-            if self._loop is None:
+            if self._stopped:
                 return
             self._failing_since.pop(host_job.row_id, None)
             if outcome.gone is not None:

@@ -1,0 +1,263 @@
+"""AgentLink: one WebSocket per agent, routing by job id, resume from seq, fallback to polling and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyClass, verifyObject
+
+from lpa.events import EVENT_JOB_COMPLETE, JobEvent
+from lpa.relay.backoff import Backoff
+from lpa.relay.interfaces import AgentAddress, IRelayStore
+from lpa.relay.machine import CONNECTING, POLLING, STOPPED, STREAMING, AgentLink
+from lpa.relay.store import PostgresRelayStore
+from tests.fakes_relay import FakeRelayStore
+
+ADDRESS = AgentAddress("agent1.example", 12443)
+A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+OTHER = "cccccccc-cccc-4ccc-8ccc-cccccccccccc"
+
+
+def wire(job_id: str, seq: int, status: str = "running", event: str = "job_status", **extra: Any) -> dict:
+    return JobEvent(job_id=job_id, seq=seq, status=status, progress=0, message=f"{job_id[:1]}{seq}",
+                    timestamp="t", event=event, **extra).to_wire()
+
+
+class FakeWebSocket:
+    """The handle a dial returns: records frames; ``open`` says whether sends go through."""
+
+    def __init__(self, address: AgentAddress, listener: Any) -> None:
+        self.address = address
+        self.listener = listener
+        self.sent: list[dict] = []
+        self.open = False
+        self.stopped = False
+
+    def send_json(self, message: dict) -> bool:
+        if self.open:
+            self.sent.append(message)
+        return self.open
+
+    def stop(self) -> Deferred:
+        self.stopped = True
+        return succeed(None)
+
+    def opened(self) -> None:
+        self.open = True
+        self.listener.ws_opened()
+
+    def failed(self, handshake: bool = True) -> None:
+        self.open = False
+        self.listener.ws_failed("refused", handshake)
+
+
+class FakePoller:
+    def __init__(self, address: AgentAddress, target: Any) -> None:
+        self.target = target
+        self.running = False
+        self.starts = 0
+
+    def start(self) -> None:
+        self.running = True
+        self.starts += 1
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class LinkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = FakeRelayStore()
+        self.row_a = self.store.add_host_job(row_id="ra", job_id="j1", host_id="h1", agent_job_id=A,
+                                             agent=ADDRESS, last_seq=3)
+        self.row_b = self.store.add_host_job(row_id="rb", job_id="j2", host_id="h1", agent_job_id=B,
+                                             agent=ADDRESS)
+        self.dials: list[FakeWebSocket] = []
+        self.pollers: list[FakePoller] = []
+
+        def dial(address: AgentAddress, listener: Any) -> FakeWebSocket:
+            ws = FakeWebSocket(address, listener)
+            self.dials.append(ws)
+            return ws
+
+        def make_poller(address: AgentAddress, target: Any) -> FakePoller:
+            poller = FakePoller(address, target)
+            self.pollers.append(poller)
+            return poller
+
+        self.link = AgentLink(ADDRESS, store=self.store, clock=self.clock, dial=dial, make_poller=make_poller,
+                              make_backoff=lambda: Backoff(1, 8, jitter=lambda: 1.0), max_queued_events=5)
+        self.link.start([self.row_a, self.row_b])
+        self.ws = self.dials[0]
+
+    def applied(self) -> list[tuple[str, list[int | None], str]]:
+        return [(c.host_job.row_id, [e.seq for e in c.events], c.transport)
+                for c in self.store.calls if c.method == "apply_events"]
+
+    def test_fakes_match_interface(self) -> None:
+        """FakeRelayStore and PostgresRelayStore both provide IRelayStore."""
+        verifyObject(IRelayStore, self.store)
+        verifyClass(IRelayStore, PostgresRelayStore)
+
+    def test_one_socket_subscribes_each_job_from_last_seq(self) -> None:
+        """One dial per agent; on open one subscribe per job with after_seq from the row's last_seq."""
+        self.assertEqual((len(self.dials), self.link.state), (1, CONNECTING))
+        self.ws.opened()
+        self.assertEqual(self.link.state, STREAMING)
+        self.assertEqual(self.ws.sent, [
+            {"action": "subscribe", "job_id": A, "after_seq": 3},
+            {"action": "subscribe", "job_id": B, "after_seq": 0},
+        ])
+
+    def test_routing_by_job_id(self) -> None:
+        """Each event reaches only the row of its job; another job's event never touches a row."""
+        self.ws.opened()
+        self.link.ws_message(wire(A, 4))
+        self.link.ws_message(wire(B, 1, "completed"))
+        self.link.ws_message(wire(OTHER, 7, "completed"))
+        self.assertEqual(self.applied(), [("ra", [4], "ws"), ("rb", [1], "ws")])
+        self.assertEqual(self.store.rows["ra"].status, "running")
+        self.assertEqual(self.store.rows["ra"].last_seq, 4)
+
+    def test_duplicates_and_old_seqs_skipped(self) -> None:
+        """Replayed events at or below the resume point are not sent to the store again."""
+        self.ws.opened()
+        self.link.ws_message(wire(A, 3))
+        self.link.ws_message(wire(A, 4))
+        self.link.ws_message(wire(A, 4))
+        self.assertEqual(self.applied(), [("ra", [4], "ws")])
+
+    def test_terminal_unsubscribes_and_forgets(self) -> None:
+        """job_complete/terminal status ends the job: applied, unsubscribed, no longer followed."""
+        self.ws.opened()
+        self.link.ws_message(wire(A, 4, "completed"))
+        self.link.ws_message(wire(A, 5, "completed", event=EVENT_JOB_COMPLETE))
+        self.assertEqual(self.store.rows["ra"].status, "succeeded")
+        self.assertIn({"action": "unsubscribe", "job_id": A}, self.ws.sent)
+        self.assertEqual([h.row_id for h in self.link.host_jobs], ["rb"])
+        self.assertEqual(self.applied(), [("ra", [4], "ws")])
+
+    def test_events_batched_while_store_busy(self) -> None:
+        """Per job one store call at a time; events arriving meanwhile go in the next call, in order."""
+        self.ws.opened()
+        self.store.hold()
+        self.link.ws_message(wire(A, 4))
+        self.link.ws_message(wire(A, 5))
+        self.link.ws_message(wire(A, 6))
+        self.assertEqual(self.applied(), [("ra", [4], "ws")])
+        self.store.release()
+        self.assertEqual(self.applied(), [("ra", [4], "ws"), ("ra", [5, 6], "ws")])
+        self.assertEqual(self.store.rows["ra"].last_seq, 6)
+
+    def test_store_failure_pauses_and_retries(self) -> None:
+        """A failing store keeps the events and retries them later, in order, with backoff."""
+        self.ws.opened()
+        self.store.error = RuntimeError("database down")
+        self.link.ws_message(wire(A, 4))
+        self.link.ws_message(wire(A, 5))
+        self.assertEqual(self.store.rows["ra"].last_seq, 3)
+        self.clock.advance(1)  # retry fails again; the next waits 2
+        self.store.error = None
+        self.clock.advance(1)
+        self.assertEqual(self.store.rows["ra"].last_seq, 3)
+        self.clock.advance(1)
+        self.assertEqual(self.store.rows["ra"].last_seq, 5)
+        self.assertEqual(self.applied()[-1], ("ra", [4, 5], "ws"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_overflow_resubscribes_from_applied(self) -> None:
+        """Past the bound the queue is dropped and the job resubscribed from the last applied seq: nothing lost."""
+        self.ws.opened()
+        self.store.error = RuntimeError("database down")
+        for seq in range(4, 11):
+            self.link.ws_message(wire(A, seq))
+        self.link.ws_message(wire(A, 11))  # ignored until resubscribed
+        self.store.error = None
+        self.ws.sent.clear()
+        self.clock.advance(1)
+        self.assertEqual(self.ws.sent, [{"action": "unsubscribe", "job_id": A},
+                                        {"action": "subscribe", "job_id": A, "after_seq": 3}])
+        for seq in range(4, 12):
+            self.link.ws_message(wire(A, seq))
+        self.assertEqual(self.store.rows["ra"].last_seq, 11)
+
+    def test_resync_applies_snapshot(self) -> None:
+        """A resync frame is applied as a snapshot with the job's detail."""
+        self.ws.opened()
+        self.link.ws_message({"event": "resync", "job_id": A, "seq": 20, "kind": "snapshot", "status": "running",
+                              "job": {"job_id": A, "status": "failed", "progress": 50, "message": "x",
+                                      "logs": ["l1"], "error": "boom", "seq": 20}})
+        row = self.store.rows["ra"]
+        self.assertEqual((row.status, row.last_seq, row.error_message, row.output), ("failed", 20, "boom", "l1"))
+
+    def test_handshake_failure_polls_then_back_to_ws(self) -> None:
+        """A failed handshake starts polling; when the WebSocket opens the poller stops and jobs resubscribe."""
+        self.ws.failed(handshake=True)
+        self.assertEqual((self.link.state, self.pollers[0].running), (POLLING, True))
+        self.assertEqual(self.link.poll_jobs(), [(self.row_a, 3), (self.row_b, 0)])
+        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 4))])
+        self.assertEqual(self.applied(), [("ra", [4], "poll")])
+        self.ws.failed(handshake=True)  # background retry fails again: same poller
+        self.assertEqual(len(self.pollers), 1)
+        self.ws.opened()
+        self.assertEqual((self.link.state, self.pollers[0].running), (STREAMING, False))
+        self.assertEqual(self.ws.sent[0], {"action": "subscribe", "job_id": A, "after_seq": 4})
+
+    def test_open_socket_dropped_reconnects_first(self) -> None:
+        """A dropped open socket means reconnecting, not polling; a failed redial then polls."""
+        self.ws.opened()
+        self.ws.failed(handshake=False)
+        self.assertEqual((self.link.state, self.pollers), (CONNECTING, []))
+        self.ws.failed(handshake=True)
+        self.assertEqual(self.link.state, POLLING)
+
+    def test_poll_give_up_fails_row(self) -> None:
+        """A job the poller gives up on ends failed with the reason and is forgotten."""
+        self.ws.failed()
+        self.link.poll_give_up(self.row_b, "agent unreachable for 900s")
+        self.assertEqual(self.store.rows["rb"].status, "failed")
+        self.assertEqual(self.store.rows["rb"].error_message, "agent unreachable for 900s")
+        self.assertEqual([h.row_id for h in self.link.host_jobs], ["ra"])
+
+    def test_ws_job_not_found(self) -> None:
+        """The agent's JOB_NOT_FOUND error for a subscription ends that job failed."""
+        self.ws.opened()
+        self.link.ws_message({"event": "error", "job_id": B, "status": "job_not_found",
+                              "error_code": "JOB_NOT_FOUND", "message": "nope"})
+        self.assertEqual(self.store.rows["rb"].status, "failed")
+
+    def test_bad_frames_ignored(self) -> None:
+        """Malformed events are logged and ignored; the link keeps working."""
+        self.ws.opened()
+        self.link.ws_message({"event": "job_status", "job_id": A, "seq": "x", "status": "running"})
+        self.link.ws_message({"event": "subscribed", "job_id": A})
+        self.link.ws_message(wire(A, 4))
+        self.assertEqual(self.applied(), [("ra", [4], "ws")])
+
+    def test_update_adds_and_removes(self) -> None:
+        """The scan's new rows are subscribed; rows no longer running are unsubscribed."""
+        self.ws.opened()
+        self.ws.sent.clear()
+        row_c = self.store.add_host_job(row_id="rc", job_id="j3", host_id="h1", agent_job_id=OTHER, agent=ADDRESS,
+                                        last_seq=9)
+        self.link.update([self.row_a, row_c])
+        self.assertEqual(self.ws.sent, [{"action": "unsubscribe", "job_id": B},
+                                        {"action": "subscribe", "job_id": OTHER, "after_seq": 9}])
+
+    def test_stop_flushes(self) -> None:
+        """stop() closes the socket, stops the poller, and hands queued events to the store."""
+        self.ws.failed()
+        self.store.error = RuntimeError("down")
+        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 4))])
+        self.store.error = None
+        self.successResultOf(self.link.stop())
+        self.assertEqual((self.link.state, self.ws.stopped, self.pollers[0].running), (STOPPED, True, False))
+        self.assertEqual(self.store.rows["ra"].last_seq, 4)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.link.ws_failed("late", True)
+        self.assertEqual(len(self.pollers), 1)
