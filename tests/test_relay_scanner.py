@@ -1,0 +1,96 @@
+"""The scan: one link per agent with running rows; add, remove, disconnect; a failing tick goes on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpa.relay.interfaces import AgentAddress, HostJob
+from lpa.relay.scanner import Scanner
+from tests.fakes_relay import FakeRelayStore
+
+ONE = AgentAddress("agent1.example", 12443)
+TWO = AgentAddress("agent2.example", 12444)
+
+
+class FakeLink:
+    def __init__(self, address: AgentAddress) -> None:
+        self.address = address
+        self.started: list[str] | None = None
+        self.updates: list[list[str]] = []
+        self.stopped = False
+
+    def start(self, host_jobs: list[HostJob]) -> None:
+        self.started = [h.row_id for h in host_jobs]
+
+    def update(self, host_jobs: list[HostJob]) -> None:
+        self.updates.append([h.row_id for h in host_jobs])
+
+    def stop(self) -> Deferred:
+        self.stopped = True
+        return succeed(None)
+
+
+class ScannerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = FakeRelayStore()
+        self.made: list[FakeLink] = []
+
+        def make_link(address: AgentAddress) -> FakeLink:
+            link = FakeLink(address)
+            self.made.append(link)
+            return link
+
+        self.scanner = Scanner(self.store, make_link, clock=self.clock, interval=10)
+        self.addCleanup(self.scanner.stop_scanning)
+
+    def add(self, row_id: str, agent: AgentAddress, status: str = "running") -> None:
+        self.store.add_host_job(row_id=row_id, job_id="j1", host_id=row_id, agent_job_id=f"a-{row_id}",
+                                agent=agent, status=status)
+
+    def test_groups_rows_by_agent(self) -> None:
+        """Running rows are grouped per agent address (port honoured); one link each; others skipped."""
+        self.add("r1", ONE)
+        self.add("r2", ONE)
+        self.add("r3", TWO)
+        self.add("r4", AgentAddress("agent1.example", 9999), status="succeeded")
+        self.scanner.start()
+        self.assertEqual({link.address: link.started for link in self.made}, {ONE: ["r1", "r2"], TWO: ["r3"]})
+
+    def test_rescan_updates_and_disconnects(self) -> None:
+        """The next scan updates existing links and stops links whose agent has no running row."""
+        self.add("r1", ONE)
+        self.add("r3", TWO)
+        self.scanner.start()
+        self.add("r2", ONE)
+        self.store.rows["r3"] = self.store.rows["r3"].__class__(status="failed", agent_job_id="a-r3")
+        self.clock.advance(10)
+        one, two = self.made
+        self.assertEqual((one.updates, one.stopped, two.stopped), ([["r1", "r2"]], False, True))
+        self.assertEqual(set(self.scanner.links), {ONE})
+
+    def test_failing_scan_goes_on(self) -> None:
+        """A failed read is logged, keeps the links, and the loop scans again next interval."""
+        self.add("r1", ONE)
+        self.scanner.start()
+        self.store.error = RuntimeError("db down")
+        self.clock.advance(10)
+        self.assertEqual((len(self.made), self.made[0].stopped), (1, False))
+        self.store.error = None
+        self.clock.advance(10)
+        self.assertEqual(self.made[0].updates, [["r1"]])
+        self.assertEqual(len([c for c in self.store.calls if c.method == "running_host_jobs"]), 3)
+
+    def test_stop_links(self) -> None:
+        """stop_scanning ends the loop; stop_links stops every link."""
+        self.add("r1", ONE)
+        self.scanner.start()
+        self.scanner.stop_scanning()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.successResultOf(self.scanner.stop_links())
+        self.assertTrue(self.made[0].stopped)
+        self.assertEqual(self.scanner.links, {})
