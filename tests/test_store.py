@@ -206,6 +206,19 @@ class ApplyTests(StoreTestBase):
         self.assertEqual([n["event_type"] for n in notes], ["host", "job"])
         self.assertEqual(notes[1]["failed_count"], 1)
 
+    async def test_stop_applies_what_is_queued(self) -> None:
+        """stop() with the database up first applies every queued call, in order, then closes."""
+        _, row = await self.one_row()
+        store = await self.make(pool_size=2)
+        calls = [
+            store.apply_events(
+                row, [event("a1", seq, "running", kind="output", message=str(seq))], TRANSPORT_WS)
+            for seq in range(1, 21)
+        ]
+        await store.stop()
+        self.assertEqual([(await call).last_seq for call in calls], list(range(1, 21)))
+        self.assertEqual(self.seed.row(row.row_id)["output"], "\n".join(map(str, range(1, 21))))
+
     async def test_missing_row_says_stop_following(self) -> None:
         """A deleted row answers terminal with status 'missing' instead of an error."""
         job, row = await self.one_row()
@@ -347,6 +360,18 @@ class OutageTests(StoreTestBase):
         self.back()  # stop + start: the store's connection is now dead without knowing it
         result = await store.apply_events(row, [event("a1", 2, "completed")], TRANSPORT_WS)
         self.assertEqual((result.applied, result.row_status), (1, "succeeded"))
+        self.assertEqual(self.seed.job_status(job), "succeeded")
+
+    async def test_start_while_database_down_then_apply_when_up(self) -> None:
+        """A store started during an outage fires start(), queues calls, applies them once up."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h1.example"), "a1")
+        self.outage()
+        store = await self.make(pool_size=2)
+        waiting = store.apply_events(row, [event("a1", 1, "completed")], TRANSPORT_WS)
+        self.assertFalse(waiting.called)
+        self.back()
+        self.assertEqual((await waiting).row_status, "succeeded")
         self.assertEqual(self.seed.job_status(job), "succeeded")
 
     async def test_backlog_bound_refuses_with_clear_error(self) -> None:

@@ -244,6 +244,8 @@ class PostgresRelayStore:
         return defer.gatherResults(attempts, consumeErrors=True).addCallback(report)
 
     def _connect_failed(self, slot: _Slot, failure: Failure) -> None:
+        if slot.state == "closed":
+            return
         slot.state = "down"
         first_line = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
         _log.warn("database connection failed: {reason}", reason=first_line)
