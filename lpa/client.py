@@ -376,7 +376,7 @@ class JobWatcher:
             except HandshakeFailed as why:
                 self._log(f"WebSocket handshake failed ({why}); polling instead")
         else:
-            self._log("WebSocket disabled; polling")
+            self._log("polling over REST (--poll)")
         self.transport = "poll"
         self._poll(state, deadline)
         return self._done(state)

@@ -122,7 +122,7 @@ def daemon_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def twistd_argv(tapname: str, config: str, state_dir: str) -> list[str]:
     """``twistd -n TAP --config FILE`` with its own pid file and log file in the state dir."""
-    return [sys.executable, "-m", "twisted", "-n",
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             f"--pidfile={os.path.join(state_dir, tapname + '.pid')}",
             f"--logfile={os.path.join(state_dir, tapname + '.log')}",
             tapname, "--config", config]

@@ -57,7 +57,7 @@ class ConfigTests(SynchronousTestCase):
     def test_twistd_argv(self) -> None:
         """Each daemon gets its own pid file and log file (two twistd in one cwd would clash)."""
         argv = demo.twistd_argv("lpa-agent", "/s/agent.yaml", "/s")
-        self.assertEqual(argv[1:4], ["-m", "twisted", "-n"])
+        self.assertEqual(argv[1:4], ["-c", "from twisted.scripts.twistd import run; run()", "-n"])
         self.assertIn("--pidfile=/s/lpa-agent.pid", argv)
         self.assertEqual(argv[-3:], ["lpa-agent", "--config", "/s/agent.yaml"])
 
