@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -159,9 +160,13 @@ class ApplyTests(StoreTestBase):
         """Events of another agent job (README G.1.1) are refused: no change, no notify."""
         job, row = await self.one_row()
         store = await self.make()
-        result = await store.apply_events(
-            row, [event("__health_refresh__", 1, "completed")], TRANSPORT_WS
-        )
+        with capturedLogs() as logged:
+            result = await store.apply_events(
+                row, [event("__health_refresh__", 1, "completed")], TRANSPORT_WS
+            )
+        [warning] = [e for e in logged if "refused" in e.get("log_format", "")]
+        self.assertEqual((warning["log_level"], warning["count"], warning["ours"]),
+                         (LogLevel.warn, 1, "a1"))
         self.assertEqual((result.applied, result.row_status, result.terminal), (0, "running", False))
         saved = self.seed.row(row.row_id)
         self.assertEqual((saved["status"], saved["relay_last_seq"]), ("running", 0))

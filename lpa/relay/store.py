@@ -298,7 +298,9 @@ class PostgresRelayStore:
                 work.result.errback(RelayStoreStopped("relay store stopped before this was applied"))
         for slot in self._slots:
             slot.state = "closed"
-            slot.connection.detector.stop()
+            stop_reconnecting = getattr(slot.connection.detector, "stop", None)
+            if stop_reconnecting is not None:  # ours; a plain txpostgres detector cannot
+                stop_reconnecting()
             try:
                 slot.connection.close()
             except Exception:  # never connected, or already gone
