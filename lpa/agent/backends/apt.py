@@ -199,15 +199,21 @@ def parse_apt_policy(text: str) -> dict[str, AptPolicy]:
 
 
 def parse_status_fd(line: str) -> tuple[str, str, float, str] | None:
-    """One ``APT::Status-Fd`` line → (kind, item, percent, description), or None."""
-    parts = line.rstrip("\n").split(":", 3)
-    if len(parts) != 4 or parts[0] not in ("pmstatus", "dlstatus", "pmerror", "pmconffile"):
+    """One ``APT::Status-Fd`` line → (kind, item, percent, description), or None.
+
+    The item may carry an architecture (``pmstatus:libc6:amd64:20.0000:Preparing libc6:amd64``)
+    and the description may hold colons, so the percent is the first numeric field after it.
+    """
+    parts = line.rstrip("\n").split(":")
+    if len(parts) < 4 or parts[0] not in ("pmstatus", "dlstatus", "pmerror", "pmconffile"):
         return None
-    try:
-        percent = float(parts[2])
-    except ValueError:
-        return None
-    return parts[0], parts[1], percent, parts[3]
+    for index in range(2, len(parts) - 1):
+        try:
+            percent = float(parts[index])
+        except ValueError:
+            continue
+        return parts[0], ":".join(parts[1:index]), percent, ":".join(parts[index + 1:])
+    return None
 
 
 # -- backend -------------------------------------------------------------------------------
