@@ -1,0 +1,211 @@
+"""The lpa-agent daemon as an operator runs it: real mTLS listener, real engine, real apt.
+
+These are the issue's "done when" checks, on loopback: health over mTLS, a dry-run patch apply
+that ends ``completed`` with what would change while installed packages stay as they were, a
+name with shell metacharacters refused, clients refused at the handshake, history kept across a
+restart, and a bad configuration stopping twistd with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from lpa.agent.service import make_agent_service
+from lpa.config import parse_agent_config
+from lpa.events import COMPLETED, EVENT_JOB_COMPLETE
+from tests.agentclient import mtls_client
+from tests.certs import make_test_pki
+from tests.fakes import FakeBackend, FakeSystem
+
+
+def _config_text(pki: Any, state_dir: str, extra: str = "") -> str:
+    return (
+        "server:\n  bind: 127.0.0.1\n  port: 0\n"
+        f"tls:\n  ca_cert: {pki.ca_cert}\n  server_cert: {pki.server_cert}\n"
+        f"  server_key: {pki.server_key}\n  crl_path: {pki.crl}\n"
+        f"state_dir: {state_dir}\n" + extra
+    )
+
+
+def _installed_packages() -> str:
+    return subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+class _DaemonCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="lpa-agent-svc-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+        self.state_dir = os.path.join(self.tmp, "state")
+
+    async def _start(self, **inject: Any) -> Any:
+        config = parse_agent_config(_config_text(self.pki, self.state_dir), "test")
+        service = make_agent_service(config, reactor=reactor, **inject)
+        service.startService()
+        port = await service.listener._waitingForPort
+        self.port = port.getHost().port
+
+        async def stop() -> None:
+            if service.running:
+                await service.stopService()
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        return service
+
+    def _client(self, which: str = "good") -> Any:
+        client, pool = mtls_client(self.pki.client_options(which))
+        self.addCleanup(pool.closeCachedConnections)
+        return client
+
+    def _url(self, path: str) -> str:
+        return f"https://localhost:{self.port}{path}"
+
+    async def _json(self, response: Any) -> dict[str, Any]:
+        body = await response.content()
+        return json.loads(body)
+
+    async def _wait_terminal(self, client: Any, job_id: str) -> dict[str, Any]:
+        # Half a second between polls stays inside the read rate limit (burst 30, 120/min).
+        for _ in range(200):
+            response = await client.get(self._url(f"/api/v1/jobs/{job_id}"))
+            body = await self._json(response)
+            self.assertEqual(response.code, 200, body)
+            detail = body["data"]
+            if detail["status"] in ("completed", "failed", "cancelled", "timed_out"):
+                return detail
+            await task.deferLater(reactor, 0.5, lambda: None)
+        self.fail(f"job {job_id} did not end")
+
+
+
+class AgentDaemonTests(_DaemonCase):
+    async def test_health_over_mtls(self) -> None:
+        """A client holding a certificate of the CA gets /api/v1/health in the envelope."""
+        await self._start(backend=FakeBackend(), system=FakeSystem())
+        response = await self._client().get(self._url("/api/v1/health"))
+        self.assertEqual(response.code, 200)
+        body = await self._json(response)
+        self.assertTrue(body["success"])
+        self.assertEqual(body["data"]["status"], "healthy")
+        self.assertEqual(set(body), {"success", "request_id", "timestamp", "data", "error"})
+
+    async def test_refused_clients_at_handshake(self) -> None:
+        """Expired, revoked and foreign-CA client certificates never reach the API."""
+        await self._start(backend=FakeBackend(), system=FakeSystem())
+        for which in ("expired", "revoked", "other_ca"):
+            failure = None
+            try:
+                await self._client(which).get(self._url("/api/v1/health"))
+            except Exception:
+                failure = Failure()
+            self.assertIsNotNone(failure, f"{which} client was served")
+
+    async def test_metacharacters_refused_nothing_submitted(self) -> None:
+        """A package name carrying shell metacharacters is a 400 VALIDATION_ERROR; no job made."""
+        backend = FakeBackend()
+        service = await self._start(backend=backend, system=FakeSystem())
+        response = await self._client().post(
+            self._url("/api/v1/patches/apply"),
+            json={"packages": ["vim; rm -rf /"], "dry_run": True},
+        )
+        self.assertEqual(response.code, 400)
+        body = await self._json(response)
+        self.assertEqual(body["error"]["code"], "VALIDATION_ERROR")
+        self.assertEqual(service.jobs.list_jobs(), [])
+        self.assertEqual(backend.executed, [])
+
+    async def test_history_survives_restart(self) -> None:
+        """A finished job and its numbered events are served again after the daemon restarts."""
+        service = await self._start(backend=FakeBackend(), system=FakeSystem())
+        client = self._client()
+        response = await client.post(self._url("/api/v1/patches/apply"), json={"dry_run": True})
+        self.assertEqual(response.code, 202)
+        job_id = (await self._json(response))["data"]["job_id"]
+        detail = await self._wait_terminal(client, job_id)
+        self.assertEqual(detail["status"], COMPLETED)
+        before = [e.to_wire() for e in service.jobs.events.kept(job_id)]
+        await service.stopService()
+
+        await self._start(backend=FakeBackend(), system=FakeSystem())
+        response = await self._client().get(self._url(f"/api/v1/jobs/{job_id}/events?after=0"))
+        events = (await self._json(response))["data"]["events"]
+        self.assertEqual(events, before)
+        self.assertEqual(events[-1]["event"], EVENT_JOB_COMPLETE)
+        self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
+
+
+class AgentDaemonAptTests(_DaemonCase):
+    """The same daemon over this machine's real apt, read-only and dry-run only."""
+
+    def setUp(self) -> None:
+        if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
+            raise self.skipTest("apt is not installed here")
+        super().setUp()
+
+    async def test_dry_run_apply_changes_nothing(self) -> None:
+        """A dry-run apply is accepted, runs apt-get -s, ends completed, and dpkg is unchanged."""
+        before = _installed_packages()
+        await self._start()
+        client = self._client()
+        response = await client.post(self._url("/api/v1/patches/apply"), json={"dry_run": True})
+        self.assertEqual(response.code, 202)
+        job_id = (await self._json(response))["data"]["job_id"]
+        detail = await self._wait_terminal(client, job_id)
+        self.assertEqual(detail["status"], COMPLETED, detail.get("error"))
+        self.assertTrue(detail["dry_run"])
+        self.assertIsInstance(detail["changes"], list)
+        for change in detail["changes"]:
+            self.assertEqual(set(change) >= {"name", "action"}, True)
+        self.assertEqual(_installed_packages(), before)
+
+
+class AgentTapTests(TestCase):
+    def _twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        if not os.path.exists(twistd):
+            raise self.skipTest("twistd not installed beside this interpreter")
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=top)
+        with tempfile.TemporaryDirectory() as cwd:
+            return subprocess.run(
+                [twistd, "-n", "--pidfile=", "lpa-agent", *args],
+                cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+            )
+
+    def test_missing_config_file_one_line(self) -> None:
+        """A missing config file stops start-up with one line and a non-zero exit."""
+        done = self._twistd("--config", "/nonexistent/agent.yaml")
+        self.assertNotEqual(done.returncode, 0)
+        lines = done.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, done.stderr)
+        self.assertIn("/nonexistent/agent.yaml", lines[0])
+        self.assertNotIn("Traceback", done.stderr + done.stdout)
+
+    def test_typo_key_one_line(self) -> None:
+        """A misspelt key names the key, with no traceback."""
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            handle.write("jobs:\n  max_concurent: 3\n")
+        self.addCleanup(os.unlink, handle.name)
+        done = self._twistd("--config", handle.name)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("max_concurent", done.stderr)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr + done.stdout)
