@@ -240,6 +240,9 @@ def watch_job(
 ) -> dict[str, Any]:
     """Print this job's notifications until the job-level one; return that payload.
 
+    A host line is printed when the host's status, progress or error changes (a job's output
+    lines each notify, with nothing new to show on a progress line).
+
     ``connection`` must already LISTEN (:func:`listen`).  Every ``recheck_interval`` without a
     notification the parent row is read, so a notification lost (e.g. the listener reconnected)
     ends the watch too, with a payload marked ``"recovered": true``.
@@ -247,6 +250,7 @@ def watch_job(
     """
     names = names or {}
     deadline = monotonic() + timeout
+    shown: dict[str, tuple[Any, ...]] = {}  # host_id -> what its last printed line said
     while True:
         for note in _drain(connection):
             try:
@@ -261,6 +265,10 @@ def watch_job(
                 out.write(job_line(payload) + "\n")
                 out.flush()
                 return payload
+            key = (payload.get("status"), payload.get("progress"), payload.get("error_message"))
+            if shown.get(str(payload.get("host_id"))) == key:
+                continue  # output lines only: the state did not change
+            shown[str(payload.get("host_id"))] = key
             out.write(host_line(payload, names) + "\n")
             out.flush()
         remaining = deadline - monotonic()

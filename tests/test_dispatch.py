@@ -144,13 +144,15 @@ class DatabaseTests(SynchronousTestCase):
         self.assertEqual((payloads[2]["failed_count"], payloads[2]["host_count"]), (2, 2))
 
     def test_watch(self) -> None:
-        """watch prints this job's host lines, ignores other jobs, returns the job payload."""
+        """watch prints this job's host changes, ignores other jobs, returns the job payload."""
         listener = connect(self, self.dsn)
         dispatch.listen(listener)
         job_id = str(uuid.uuid4())
         notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h", "status": "failed"})
         notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
                          "status": "running", "progress": 40, "seq": 3, "transport": "ws"})
+        notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
+                         "status": "running", "progress": 40, "seq": 4, "transport": "ws"})
         notify(self.db, {"event_type": "job", "job_id": job_id, "status": "succeeded",
                          "succeeded_count": 1, "failed_count": 0, "host_count": 1})
         out = io.StringIO()
