@@ -175,6 +175,8 @@ def _make_verify_callback(fail_closed_reason: str | None) -> Callable[..., bool]
         connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
         if fail_closed_reason is not None:
+            if depth > 0 and ok:
+                return True  # refuse at the leaf, so the log names the client
             _log.error(
                 "TLS client {peer} refused: {reason}",
                 peer=_cert_label(cert),
@@ -205,12 +207,37 @@ def _verify_error_string(errno: int) -> str:
         return ""
 
 
-class _MutualTLSOptions(ssl.CertificateOptions):
-    """CertificateOptions whose contexts carry our verify callback."""
+class ServerTLSOptions(ssl.CertificateOptions):
+    """CertificateOptions whose contexts carry our verify callback, with a reloadable CRL."""
 
-    def __init__(self, *, verify_callback: Callable[..., bool], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._verify_callback = verify_callback
+    def __init__(
+        self,
+        *,
+        ca_certs: Sequence[x509.Certificate],
+        crl_path: str | None,
+        now: Callable[[], datetime.datetime],
+        **kwargs: Any,
+    ) -> None:
+        self._ca_certs = list(ca_certs)
+        self._crl_path = crl_path
+        self._now = now
+        crl, refuse_all = _check_crl(crl_path, self._ca_certs, now())
+        super().__init__(trustRoot=_CATrustRoot(self._ca_certs, crl), **kwargs)
+        self._verify_callback = _make_verify_callback(refuse_all)
+        self.fail_closed_reason: str | None = refuse_all
+
+    def reload_crl(self) -> bool:
+        """Re-read the CRL (after ``lpa pki revoke`` or a fetch) for connections from now on.
+
+        Returns False when the new CRL fails closed (every client is then refused, and that
+        was logged).  The daemon calls this on SIGHUP or from a timer.
+        """
+        crl, refuse_all = _check_crl(self._crl_path, self._ca_certs, self._now())
+        self.trustRoot = _CATrustRoot(self._ca_certs, crl)
+        self._verify_callback = _make_verify_callback(refuse_all)
+        self.fail_closed_reason = refuse_all
+        self._context = None  # the next handshake builds a context with the new store
+        return refuse_all is None
 
     def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
         ctx = super()._makeContext(skipCiphers=skipCiphers)
@@ -273,8 +300,10 @@ def server_tls_options(
     crl_path: str | None,
     min_tls_version: str = "1.3",
     now: Callable[[], datetime.datetime] | None = None,
-) -> ssl.CertificateOptions:
+) -> ServerTLSOptions:
     """Options for the agent's mTLS listener (see the module docstring for the policy).
+
+    Call :meth:`ServerTLSOptions.reload_crl` on the result to pick up a changed CRL.
 
     :raises ConfigError: a file is missing, unreadable or malformed, the key does not match the
         certificate, or ``min_tls_version`` is not ``"1.2"``/``"1.3"``.
@@ -282,19 +311,20 @@ def server_tls_options(
     minimum = _tls_version(min_tls_version)
     ca_certs = load_certificates(ca_cert_path)
     cert, key = load_key_pair(cert_path, key_path)
-    current = (now or (lambda: datetime.datetime.now(datetime.timezone.utc)))()
+    clock = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
+    current = clock()
     if cert.not_valid_after_utc < current:
         _log.warn(
             "TLS: server certificate {cert_path} expired at {when}",
             cert_path=cert_path,
             when=cert.not_valid_after_utc.isoformat(),
         )
-    crl, refuse_all = _check_crl(crl_path, ca_certs, current)
-    return _MutualTLSOptions(
-        verify_callback=_make_verify_callback(refuse_all),
+    return ServerTLSOptions(
+        ca_certs=ca_certs,
+        crl_path=crl_path,
+        now=clock,
         privateKey=key,
         certificate=cert,
-        trustRoot=_CATrustRoot(ca_certs, crl),
         raiseMinimumTo=minimum,
         acceptableProtocols=[HTTP11],
     )

@@ -11,6 +11,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -78,6 +79,15 @@ class HandshakeMatrixTests(TestCase):
 
     def setUp(self) -> None:
         self.pki: TestPki = make_test_pki(self.mktemp())
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def refusals(self) -> list[str]:
+        """The server's logged reasons for refusing client certificates."""
+        return [
+            formatEvent(e) for e in self.events if "refused" in e.get("log_format", "")
+        ]
 
     def listen(self, options: Any) -> int:
         site = _TrackingSite(_Whoami())
@@ -124,16 +134,20 @@ class HandshakeMatrixTests(TestCase):
         """A client certificate from another CA is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("other_ca"))
+        self.assertIn("unable to get local issuer certificate", " ".join(self.refusals()))
 
     async def test_expired_refused(self) -> None:
         """An expired client certificate is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("expired"))
+        self.assertIn("certificate has expired", " ".join(self.refusals()))
 
     async def test_revoked_refused(self) -> None:
         """A client certificate listed in the CRL is refused; the good one still passes."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("revoked"))
+        self.assertIn("CN=revoked-client", " ".join(self.refusals()))
+        self.assertIn("certificate revoked", " ".join(self.refusals()))
         await self.assertServed(port, self.pki.client_options("good"), b"lpa-relay|http/1.1")
 
     async def test_missing_crl_allows_revoked(self) -> None:
@@ -150,7 +164,8 @@ class HandshakeMatrixTests(TestCase):
             f.write(b"-----BEGIN X509 CRL-----\nnot a crl\n-----END X509 CRL-----\n")
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("good"))
-        self.flushLoggedErrors()
+        self.assertIn("CN=lpa-relay", " ".join(self.refusals()))
+        self.assertIn("not a PEM or DER certificate revocation list", " ".join(self.refusals()))
 
     async def test_crl_from_other_ca_refuses_everyone(self) -> None:
         """A CRL not signed by the configured CA makes every handshake fail."""
@@ -163,6 +178,21 @@ class HandshakeMatrixTests(TestCase):
         pki.write_file(self.pki.crl, crl.public_bytes(Encoding.PEM))
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("good"))
+
+    async def test_reload_crl(self) -> None:
+        """reload_crl applies a new revocation to later handshakes; a broken CRL fails closed."""
+        from lpa import pki
+
+        options = self.pki.server_options()
+        port = self.listen(options)
+        await self.assertServed(port, self.pki.client_options("good"), b"lpa-relay|http/1.1")
+        pki.revoke(self.pki.directory, self.pki.good.cert)
+        self.assertTrue(options.reload_crl())
+        await self.assertRefused(port, self.pki.client_options("good"))
+        with open(self.pki.crl, "wb") as f:
+            f.write(b"garbage")
+        self.assertFalse(options.reload_crl())
+        self.assertIn(self.pki.crl, options.fail_closed_reason)
 
     async def test_tls_1_1_refused(self) -> None:
         """A client limited to TLS 1.1 gets no service even when the minimum is 1.2."""
