@@ -1,0 +1,178 @@
+"""Builds the relay daemon: store, scanner, one link per agent, with an explicit stop order.
+
+::
+
+    RelayService.startService: store.start() (calls wait for the pool) → scanner.start()
+    RelayService.stopService:  stop scanning → stop links (WebSocket close frames, pollers
+                               stopped, queued events handed to the store) → store.stop()
+                               (applies or keeps what it was given) → close the HTTP pool
+
+``MultiService`` would stop children concurrently; the order above is what makes SIGTERM lose
+nothing, so it is written out here.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lpa.relay.backoff import Backoff, HandshakeGate
+from lpa.relay.config import RelayConfig
+from lpa.relay.interfaces import AgentAddress, IRelayStore
+from lpa.relay.machine import AgentLink
+from lpa.relay.poller import AgentJobsHttp, AgentPoller, make_agent_http_client
+from lpa.relay.scanner import Scanner
+from lpa.relay.ws_client import WebSocketDialer
+
+_log = Logger()
+
+#: one poll request (connect + TLS + answer) may take this long
+POLL_REQUEST_TIMEOUT = 30.0
+
+
+class RelayService(MultiService):
+    """The relay: owns the scanner (and the store unless it was injected)."""
+
+    def __init__(
+        self,
+        store: IRelayStore,
+        scanner: Scanner,
+        *,
+        own_store: bool,
+        on_stopped: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.scanner = scanner
+        self._own_store = own_store
+        self._on_stopped = on_stopped
+
+    def startService(self) -> None:
+        super().startService()
+        if self._own_store:
+            maybeDeferred(self.store.start).addErrback(  # type: ignore[attr-defined]
+                lambda failure: _log.failure("relay store did not start", failure)
+            )
+        self.scanner.start()
+        _log.info("lpa-relay started: scanning every {interval:g}s", interval=self.scanner.interval)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        self.scanner.stop_scanning()
+        stopping = self.scanner.stop_links()
+
+        def stop_store(_: object) -> Any:
+            if self._own_store:
+                return self.store.stop()  # type: ignore[attr-defined]
+            return None
+
+        def cleanup(result: object) -> Any:
+            if isinstance(result, Failure):
+                _log.failure("relay stop failed", result)
+            if self._on_stopped is not None:
+                return maybeDeferred(self._on_stopped)
+            return None
+
+        stopping.addCallback(stop_store)
+        stopping.addBoth(cleanup)
+        stopping.addCallback(lambda _: _log.info("lpa-relay stopped"))
+        return stopping
+
+
+def make_relay_service(
+    config: RelayConfig,
+    *,
+    reactor: Any = None,
+    clock: Any = None,
+    store: IRelayStore | None = None,
+    tls_options_for: Callable[[str], Any] | None = None,
+    http_client: Any = None,
+    dial: Callable[[AgentAddress, Any], Any] | None = None,
+    jitter: Callable[[], float] = random.random,
+) -> RelayService:
+    """The relay daemon for ``config``; every collaborator can be injected (tests, embedding).
+
+    :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default reads the
+        ``[security]`` files with :func:`lpa.tls.client_tls_options` (ALPN http/1.1 only) for
+        every new connection, so rotated certificates are picked up.
+    :raises ConfigError: the certificate files cannot be loaded.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    if clock is None:
+        clock = reactor
+    own_store = store is None
+    if store is None:
+        from lpa.relay.store import PostgresRelayStore
+
+        store = PostgresRelayStore(
+            config.database_url, clock=clock, reactor=reactor, max_pending_events=config.max_pending_events
+        )
+    if tls_options_for is None:
+        from lpa.tls import client_tls_options
+
+        def tls_options_for(host: str) -> Any:
+            return client_tls_options(
+                host,
+                ca_cert_path=config.ca_cert_path,
+                cert_path=config.client_cert_path,
+                key_path=config.client_key_path,
+            )
+
+        tls_options_for("localhost")  # fail at start-up, with one line, if the files are bad
+    pool = None
+    if http_client is None:
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        http_client = make_agent_http_client(reactor, tls_options_for, pool=pool)
+
+    def make_backoff() -> Backoff:
+        return Backoff(config.reconnect_initial_delay, config.reconnect_max_delay, jitter=jitter)
+
+    if dial is None:
+        dial = WebSocketDialer(
+            reactor=reactor,
+            clock=clock,
+            tls_options_for=tls_options_for,
+            gate=HandshakeGate(config.max_handshakes_in_flight),
+            make_backoff=make_backoff,
+            handshake_timeout=config.handshake_timeout,
+        )
+
+    def make_poller(address: AgentAddress, target: Any) -> AgentPoller:
+        http = AgentJobsHttp(http_client, address, clock=clock, timeout=POLL_REQUEST_TIMEOUT)
+        return AgentPoller(
+            http,
+            target,
+            clock=clock,
+            interval=config.poll_interval,
+            max_interval=max(config.poll_interval, config.reconnect_max_delay),
+            deadline=config.unreachable_deadline,
+        )
+
+    def make_link(address: AgentAddress) -> AgentLink:
+        return AgentLink(
+            address,
+            store=store,
+            clock=clock,
+            dial=dial,
+            make_poller=make_poller,
+            make_backoff=make_backoff,
+            max_queued_events=config.max_pending_events,
+        )
+
+    scanner = Scanner(store, make_link, clock=clock, interval=config.scan_interval)
+    return RelayService(
+        store,
+        scanner,
+        own_store=own_store,
+        on_stopped=pool.closeCachedConnections if pool is not None else None,
+    )

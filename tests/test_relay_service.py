@@ -1,0 +1,129 @@
+"""The relay service wiring, its stop order, and the twistd plugin's handling of bad configuration."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from lpa.relay import tap
+from lpa.relay.config import RelayConfig
+from lpa.relay.interfaces import AgentAddress
+from lpa.relay.machine import CONNECTING
+from lpa.relay.service import RelayService, make_relay_service
+from lpa.relay.scanner import Scanner
+from tests.fakes_relay import FakeRelayStore
+
+ADDRESS = AgentAddress("agent1.example", 12443)
+
+
+class FakeWs:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.closing: Deferred = Deferred()
+
+    def send_json(self, message: dict) -> bool:
+        return False
+
+    def stop(self) -> Deferred:
+        self.log.append("ws closing")
+        return self.closing
+
+
+class OrderedStore(FakeRelayStore):
+    """A fake store that also has the real store's start/stop, recording the order of stops."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def start(self) -> Deferred:
+        self.log.append("store start")
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        self.log.append("store stop")
+        return succeed(None)
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log: list[str] = []
+        self.store = OrderedStore(self.log)
+        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1", agent=ADDRESS)
+        self.sockets: list[FakeWs] = []
+
+        def dial(address: AgentAddress, listener: Any) -> FakeWs:
+            self.log.append(f"dial {address.host}:{address.port}")
+            ws = FakeWs(self.log)
+            self.sockets.append(ws)
+            return ws
+
+        self.config = RelayConfig(database_url="postgres://x@localhost/db", scan_interval=5)
+        self.dial = dial
+
+    def test_make_relay_service_scans_and_dials(self) -> None:
+        """Started, the service scans the store and dials each agent with running rows."""
+        service = make_relay_service(self.config, reactor=self.clock, clock=self.clock, store=self.store,
+                                     tls_options_for=lambda host: "tls", http_client=object(), dial=self.dial)
+        service.startService()
+        self.assertEqual(self.log, ["dial agent1.example:12443"])
+        [link] = service.scanner.links.values()
+        self.assertEqual(link.state, CONNECTING)
+        stopping = service.stopService()
+        self.sockets[0].closing.callback(None)
+        self.successResultOf(stopping)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_order(self) -> None:
+        """stopService: scanning stops, links close (awaited), and only then the store stops."""
+        service = make_relay_service(self.config, reactor=self.clock, clock=self.clock, store=self.store,
+                                     tls_options_for=lambda host: "tls", http_client=object(), dial=self.dial)
+        owned = RelayService(self.store, service.scanner, own_store=True)
+        owned.startService()
+        stopping = owned.stopService()
+        self.assertNoResult(stopping)
+        self.assertEqual(self.log, ["store start", "dial agent1.example:12443", "ws closing"])
+        self.sockets[0].closing.callback(None)
+        self.successResultOf(stopping)
+        self.assertEqual(self.log[-1], "store stop")
+        self.clock.advance(60)
+        self.assertEqual(len([c for c in self.store.calls if c.method == "running_host_jobs"]), 1)
+
+    def test_bad_certificate_files_are_config_errors(self) -> None:
+        """Unreadable [security] files stop the build with a ConfigError naming the file."""
+        from lpa.errors import ConfigError
+
+        config = RelayConfig(database_url="postgres://x@localhost/db", ca_cert_path="/nonexistent/ca.crt")
+        error = self.assertRaises(ConfigError, make_relay_service, config, reactor=self.clock,
+                                  store=self.store, dial=self.dial)
+        self.assertIn("/nonexistent/ca.crt", str(error))
+
+
+class TapTests(SynchronousTestCase):
+    def test_default_config_path(self) -> None:
+        """--config defaults to /etc/lpa/relay.toml."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"], "/etc/lpa/relay.toml")
+
+    def test_bad_config_one_line_nonzero_exit(self) -> None:
+        """A bad value prints one line on stderr and exits non-zero, without a traceback."""
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "relay.toml")
+        with open(path, "w") as handle:
+            handle.write('[database]\nurl = "postgres://x@localhost/db"\n[worker]\nws_relay_scan_interval_secs = "soon"\n')
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        stderr = io.StringIO()
+        self.patch(tap.sys, "stderr", stderr)
+        exit_ = self.assertRaises(SystemExit, tap.makeService, options)
+        self.assertEqual(exit_.code, 2)
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+        self.assertIn("ws_relay_scan_interval_secs", stderr.getvalue())
