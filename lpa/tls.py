@@ -52,7 +52,6 @@ _TLS_VERSIONS = {
 # OpenSSL X509_V_ERR_* codes the verify callback treats specially
 _X509_V_ERR_CRL_NOT_YET_VALID = 11
 _X509_V_ERR_CRL_HAS_EXPIRED = 12
-_X509_V_ERR_CERT_REVOKED = 23
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +275,8 @@ def _check_crl(
         _log.error("TLS: {error}; refusing every client (fail closed)", error=str(e))
         return None, str(e)
     if not any(
-        crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        crl.issuer == ca.subject
+        and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
         for ca in ca_certs
     ):
         reason = f"CRL {crl_path}: not signed by the configured CA"
@@ -413,7 +413,9 @@ def identity_allowed(identity: PeerIdentity | None, allowed_clients: Sequence[st
         return True
     if identity is None:
         return False
-    return any(_same_name(name, allowed) for name in identity.names() for allowed in allowed_clients)
+    return any(
+        _same_name(name, allowed) for name in identity.names() for allowed in allowed_clients
+    )
 
 
 def negotiated_protocol(transport: Any) -> bytes | None:

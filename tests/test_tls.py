@@ -194,6 +194,24 @@ class HandshakeMatrixTests(TestCase):
         self.assertFalse(options.reload_crl())
         self.assertIn(self.pki.crl, options.fail_closed_reason)
 
+    async def test_expired_crl_still_used(self) -> None:
+        """A CRL past its nextUpdate still refuses what it lists and lets the rest in."""
+        import datetime
+
+        from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+
+        from lpa import pki
+
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+        ca = tls.load_certificate(self.pki.ca_cert)
+        key = load_pem_private_key(open(self.pki.ca_key, "rb").read(), None)
+        crl = pki.make_crl(ca, key, [(self.pki.revoked.serial, past)], now=past, days=1)
+        pki.write_file(self.pki.crl, crl.public_bytes(Encoding.PEM))
+        port = self.listen(self.pki.server_options())
+        self.assertTrue(any("expired" in e.get("log_format", "") for e in self.events))
+        await self.assertRefused(port, self.pki.client_options("revoked"))
+        await self.assertServed(port, self.pki.client_options("good"), b"lpa-relay|http/1.1")
+
     async def test_tls_1_1_refused(self) -> None:
         """A client limited to TLS 1.1 gets no service even when the minimum is 1.2."""
         port = self.listen(self.pki.server_options(min_tls_version="1.2"))

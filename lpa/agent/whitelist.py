@@ -68,7 +68,8 @@ def parse_entries(
             continue
         except ValueError:
             pass
-        if "/" in text or ":" in text or not _HOSTNAME.match(text) or text.replace(".", "").isdigit():
+        looks_numeric = text.replace(".", "").isdigit()  # a bad IPv4 address, not a name
+        if "/" in text or ":" in text or looks_numeric or not _HOSTNAME.match(text):
             raise ConfigError(f"{source}: entry {text!r} is not an address, block or hostname")
         try:
             resolved = resolver(text)
