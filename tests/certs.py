@@ -21,7 +21,9 @@ import os
 from typing import Sequence
 
 import attr
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
@@ -90,7 +92,9 @@ class TestPki:
         )
 
 
-def _write_client(directory: str, stem: str, cert, key) -> ClientFiles:  # type: ignore[no-untyped-def]
+def _write_client(
+    directory: str, stem: str, cert: x509.Certificate, key: PrivateKeyTypes
+) -> ClientFiles:
     cert_path = os.path.join(directory, f"{stem}.crt")
     key_path = os.path.join(directory, f"{stem}.key")
     _pki.write_file(cert_path, _pki.cert_pem(cert))
@@ -121,7 +125,9 @@ def make_test_pki(directory: str, *, now: datetime.datetime | None = None) -> Te
     revoked = _write_client(
         directory,
         "revoked",
-        *_pki.issue_certificate(ca_cert, ca_key, "revoked-client", now=start),  # type: ignore[arg-type]
+        *_pki.issue_certificate(
+            ca_cert, ca_key, "revoked-client", now=start  # type: ignore[arg-type]
+        ),
     )
     _pki.revoke(directory, revoked.cert, now=start)
     other_ca_cert, other_ca_key = _pki.make_ca("other CA", now=start)

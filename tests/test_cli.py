@@ -26,7 +26,9 @@ def _run(argv: Sequence[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _subcommand_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _subcommand_paths(
+    parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
     paths = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -72,7 +74,9 @@ class CliTests(SynchronousTestCase):
     def test_pki_init_and_refusal(self) -> None:
         """pki init writes files; a second run fails with one 'lpa: error:' line, exit 1."""
         directory = self.mktemp()
-        code, out, _ = _run(["pki", "init", directory, "--agent-host", "agent1", "--agent-host", "10.1.1.1"])
+        code, out, _ = _run(
+            ["pki", "init", directory, "--agent-host", "agent1", "--agent-host", "10.1.1.1"]
+        )
         self.assertEqual(code, 0)
         self.assertIn(os.path.join(directory, "server.key.pem"), out)
         code, out, err = _run(["pki", "init", directory])
@@ -98,7 +102,9 @@ class CliTests(SynchronousTestCase):
         code, out, err = _run(["config", "check", path])
         self.assertEqual(code, 2)
         self.assertEqual(
-            err, f"lpa: error: {path}: unknown key jobs.max_concurent (did you mean jobs.max_concurrent?)\n"
+            err,
+            f"lpa: error: {path}: unknown key jobs.max_concurent "
+            "(did you mean jobs.max_concurrent?)\n",
         )
 
     def test_error_mapping(self) -> None:
@@ -121,7 +127,9 @@ class CliTests(SynchronousTestCase):
             return parser
 
         self.patch(cli, "build_parser", build_parser)
-        self.assertEqual(_run(["cfg"])[::2], (2, "lpa: error: agent.yaml: server.port: bad second line\n"))
+        self.assertEqual(
+            _run(["cfg"])[::2], (2, "lpa: error: agent.yaml: server.port: bad second line\n")
+        )
         self.assertEqual(_run(["other"])[::2], (1, "lpa: error: it broke\n"))
         self.assertRaises(ZeroDivisionError, cli.main, ["bug"])
 
@@ -141,4 +149,6 @@ class CliTests(SynchronousTestCase):
             cwd=root, capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 2)
-        self.assertEqual(result.stderr, "lpa: error: config file /nonexistent/agent.yaml: not found\n")
+        self.assertEqual(
+            result.stderr, "lpa: error: config file /nonexistent/agent.yaml: not found\n"
+        )

@@ -86,7 +86,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(c.source, "embedded defaults")
         self.assertEqual(c.warnings, ())
         self.assertEqual(c.state_dir, "/var/lib/lpa")
-        self.assertEqual((c.server.bind, c.server.port, c.server.timeout_seconds), ("0.0.0.0", 12443, 30))
+        self.assertEqual(
+            (c.server.bind, c.server.port, c.server.timeout_seconds), ("0.0.0.0", 12443, 30)
+        )
         self.assertEqual(
             c.tls,
             TlsConfig(
@@ -104,11 +106,14 @@ class DefaultsTests(SynchronousTestCase):
              j.max_events_per_job, j.lock_timeout_secs),
             (5, 30, 100, 500, 1000, 300),
         )
-        self.assertEqual(j.command_timeouts, CommandTimeouts(refresh_secs=300, package_secs=1800, quick_secs=60))
+        self.assertEqual(
+            j.command_timeouts, CommandTimeouts(refresh_secs=300, package_secs=1800, quick_secs=60)
+        )
         self.assertIsNone(c.whitelist.path)
         r = c.rate_limit
         self.assertEqual(
-            (r.enabled, r.destructive_per_minute, r.destructive_burst, r.read_per_minute, r.read_burst),
+            (r.enabled, r.destructive_per_minute, r.destructive_burst, r.read_per_minute,
+             r.read_burst),
             (True, 20, 10, 120, 30),
         )
         self.assertEqual(c.cache.stale_threshold_secs, 3600)

@@ -20,7 +20,8 @@ from tests.test_tls import _Fetch, _TrackingSite, _Whoami
 
 def _sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return san.get_values_for_type(x509.DNSName), [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    ips = [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    return san.get_values_for_type(x509.DNSName), ips
 
 
 class InitTests(SynchronousTestCase):
@@ -67,7 +68,8 @@ class InitTests(SynchronousTestCase):
         paths = pki.init_pki(self.dir, ["agent1.example", "10.0.0.7", "fd00::7", "agent1"])
         server = tls.load_certificate(paths.server_cert)
         self.assertEqual(
-            _sans(server), (["agent1.example", "agent1"], ["10.0.0.7", str(ipaddress.ip_address("fd00::7"))])
+            _sans(server),
+            (["agent1.example", "agent1"], ["10.0.0.7", str(ipaddress.ip_address("fd00::7"))]),
         )
         self.assertEqual(tls.PeerIdentity.from_certificate(server).common_name, "agent1.example")
 
@@ -150,7 +152,8 @@ class TestPkiTests(SynchronousTestCase):
         crl = tls.load_crl(t.crl)
         self.assertEqual([r.serial_number for r in crl], [t.revoked.serial])
         ca = tls.load_certificate(t.ca_cert)
-        self.assertRaises(Exception, tls.load_certificate(t.other_ca.cert).verify_directly_issued_by, ca)
+        other = tls.load_certificate(t.other_ca.cert)
+        self.assertRaises(Exception, other.verify_directly_issued_by, ca)
         self.assertEqual(t.good.common_name, "lpa-relay")
 
 

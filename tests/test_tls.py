@@ -356,7 +356,8 @@ class OptionErrorTests(SynchronousTestCase):
     def test_options_have_no_deprecation_warnings(self) -> None:
         """Building server and client contexts raises no DeprecationWarning (pyOpenSSL 26)."""
         self.build().getContext()
-        self.pki.client_options("good")._createConnection.__self__.getContext()  # type: ignore[attr-defined]
+        client = self.pki.client_options("good")
+        client._createConnection.__self__.getContext()  # type: ignore[attr-defined]
         warnings = [w for w in self.flushWarnings() if w["category"] is DeprecationWarning]
         self.assertEqual(warnings, [])
 
