@@ -422,3 +422,17 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(tls.negotiated_protocol(_FakeTLSTransport(None, b"http/1.1")), b"http/1.1")
         self.assertIsNone(tls.negotiated_protocol(_FakeTLSTransport(None, None)))
         self.assertIsNone(tls.negotiated_protocol(object()))
+
+
+class InterfaceTests(SynchronousTestCase):
+    """Our trust root satisfies Twisted's interface."""
+
+    def test_trust_root_interface(self) -> None:
+        """_CATrustRoot provides IOpenSSLTrustRoot."""
+        from twisted.internet._sslverify import IOpenSSLTrustRoot
+        from zope.interface.verify import verifyObject
+
+        pki = make_test_pki(self.mktemp())
+        self.assertTrue(
+            verifyObject(IOpenSSLTrustRoot, tls._CATrustRoot(tls.load_certificates(pki.ca_cert)))
+        )
