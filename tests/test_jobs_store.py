@@ -83,6 +83,18 @@ class JsonJobStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.load(), entries)
         self.assertEqual(JsonJobStore(self.path).load(), entries)
 
+    def test_loaded_jobs_saved_again_after_change(self) -> None:
+        """Jobs read back and then changed are written with their change."""
+        self.store.save(sample())
+        store = JsonJobStore(self.path)
+        entries = store.load()
+        store.save(entries)
+        self.assertEqual(JsonJobStore(self.path).load(), sample())
+        entries[1][0].status = "cancelled"
+        entries[1][0].seq = 2
+        store.save(entries)
+        self.assertEqual(JsonJobStore(self.path).load()[1][0].status, "cancelled")
+
     def test_file_mode_and_directory(self) -> None:
         """The directory is created; the file is 0600; no temporary file is left."""
         self.store.save(sample())
@@ -128,3 +140,37 @@ class JsonJobStoreTests(SynchronousTestCase):
         self.assertEqual(document["jobs"][0]["job"]["request"]["packages"][0],
                          {"name": "openssl", "version": "3.0.15-1~deb12u1"})
         self.assertEqual(document["jobs"][0]["events"][2]["event"], EVENT_JOB_COMPLETE)
+
+
+class BackgroundWriteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp()) / "jobs_history.json"
+        self.store = JsonJobStore(self.path, background=True)
+        self.addCleanup(self.store.close)
+
+    def test_flush_puts_newest_history_on_disk(self) -> None:
+        """save returns at once; flush waits until the newest history is written."""
+        entries = sample()
+        self.store.save(entries[1:])
+        self.store.save(entries)
+        self.store.flush()
+        self.assertEqual(JsonJobStore(self.path).load(), entries)
+
+    def test_write_error_is_raised_on_reactor_thread(self) -> None:
+        """A failed background write is raised by the next flush, once."""
+        self.path.parent.write_text("a file where the directory should be")
+        self.store.save(sample())
+        self.assertRaises(OSError, self.store.flush)
+        self.store.flush()
+
+    def test_unchanged_jobs_are_not_reencoded(self) -> None:
+        """Only jobs whose change key moved are serialised again."""
+        entries = sample()
+        self.store.save(entries)
+        entries[0][0].changes.append({"name": "sneaky"})  # no event, no key change
+        entries[1][0].seq += 1
+        self.store.save(entries)
+        self.store.flush()
+        loaded = JsonJobStore(self.path).load()
+        self.assertEqual(loaded[0][0].changes, sample()[0][0].changes)
+        self.assertEqual(loaded[1][0].seq, 1)

@@ -204,6 +204,7 @@ class JobManager:
         if not self._runs:
             self._shutdown_timers()
             self._persist()
+            self._flush_store()
             done.callback(None)
             return done
 
@@ -218,6 +219,7 @@ class JobManager:
             self._idle_waiters.remove(on_idle)
             self._shutdown_timers()
             self._persist()
+            self._flush_store()
             done.callback(None)
 
         grace = self._clock.callLater(self._stop_grace, give_up)
@@ -226,10 +228,21 @@ class JobManager:
             grace.cancel()
             self._shutdown_timers()
             self._persist()
+            self._flush_store()
             done.callback(None)
 
         self._idle_waiters.append(on_idle)
         return done
+
+    def _flush_store(self) -> None:
+        """Wait for a background-writing store (``JsonJobStore(background=True)``)."""
+        flush = getattr(self._store, "flush", None)
+        if flush is None:
+            return
+        try:
+            flush()
+        except Exception:
+            _log.failure("could not save the job history at shutdown")
 
     def _shutdown_timers(self) -> None:
         for run in self._runs.values():
