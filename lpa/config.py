@@ -347,7 +347,7 @@ def _flatten(mapping: Mapping[Any, Any], prefix: str, out: dict[str, Any]) -> No
 
 
 def _unknown_key(key: str) -> ConfigError:
-    known = list(_SPEC) + list(_UNUSED)
+    known = list(_SPEC) + list(_UNUSED) + sorted(_SECTIONS) + list(_UNUSED_SECTIONS)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return ConfigError(f"unknown key {key}{hint}")

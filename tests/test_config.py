@@ -243,7 +243,7 @@ class ErrorTests(SynchronousTestCase):
         """An unknown key is refused with the close match suggested."""
         self.assertError("jobs:\n  max_concurent: 3\n", "unknown key jobs.max_concurent",
                          "did you mean jobs.max_concurrent?")
-        self.assertError("sever:\n  port: 3\n", "unknown key sever")
+        self.assertError("sever:\n  port: 3\n", "unknown key sever (did you mean server?)")
         self.assertError("rate_limit: {read_brust: 3}\n", "did you mean rate_limit.read_burst?")
 
     def test_unknown_without_suggestion(self) -> None:
