@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 
@@ -152,6 +153,12 @@ class AgentApi:
     def resource(self) -> IResource:
         """The whole API as one resource: the gate in front of the Klein routes."""
         return _Gate(self, self.app.resource())
+
+    def site(self) -> Site:
+        """A Site serving :meth:`resource` whose requests never buffer more than the body limit."""
+        site = Site(self.resource(), requestFactory=bounded_request_factory(self._max_body_bytes))
+        site.displayTracebacks = False
+        return site
 
     # -- the gate and the one error mapping --------------------------------------------------
 
@@ -501,6 +508,37 @@ class AgentApi:
         except Exception:
             _log.failure("package manager query crashed")
             raise PackageManagerError("Package manager query failed") from None
+
+
+class BoundedRequest(Request):
+    """A request that stops buffering its body past ``max_body_bytes`` and flags it.
+
+    twisted.web reads the whole body before rendering (into a temporary file past 100 kB);
+    with this request class an oversized body, declared or chunked, is counted and dropped, and
+    the gate answers 413.  Use :func:`bounded_request_factory` to set the limit.
+    """
+
+    max_body_bytes = 1 << 20
+    body_too_large = False
+    _body_received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_received += len(data)
+        if self._body_received > self.max_body_bytes:
+            self.body_too_large = True
+        if not self.body_too_large:
+            super().handleContentChunk(data)
+
+
+def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
+    """A :class:`BoundedRequest` subclass for ``Site(requestFactory=...)``."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
 
 
 class _Gate(Resource):

@@ -36,6 +36,10 @@ def body_size(request: IRequest) -> int:
 
 def check_body_size(request: IRequest, max_bytes: int) -> None:
     """413 when the declared or the received body is larger than ``max_bytes``."""
+    if getattr(request, "body_too_large", False):
+        raise PayloadTooLargeError(
+            f"Request body larger than {max_bytes} bytes", {"max_bytes": max_bytes}
+        )
     declared = request.getHeader(b"content-length")
     if declared is not None:
         try:
