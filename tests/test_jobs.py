@@ -50,7 +50,6 @@ from tests.fakes import (
     FakeJobStore,
     FakeProcessRunner,
     FakeSystem,
-    Script,
 )
 
 
@@ -445,6 +444,38 @@ class HistoryTests(EngineTestCase):
         self.assertRaises(JobNotFoundError, self.manager.get, job.id)
         self.assertEqual(self.manager.events.kept(job.id), [])
         self.assertIsNone(self.store.job(job.id))
+
+
+class JsonHistoryTests(EngineTestCase):
+    def test_restart_over_json_file(self) -> None:
+        """With the real JSON store, history, events and recovery survive a restart."""
+        self.store = JsonJobStore(self.mktemp() + "/jobs_history.json")
+        first = self.make_manager()
+        self.backend.script("install", gate=True)
+        done = first.submit(install("a"))
+        self.clock.advance(0)
+        self.backend.gates[done.id].callback(None)
+        running = first.submit(install("b"))
+        self.clock.advance(0)
+        self.assertEqual(running.status, RUNNING)
+        again = self.make_manager()
+        self.assertEqual(again.events.kept(done.id), first.events.kept(done.id))
+        recovered = again.get(running.id)
+        self.assertEqual((recovered.status, recovered.error_code), (FAILED, "AGENT_RESTARTED"))
+        self.assertEqual(self.store.load()[1][0].status, FAILED)
+
+    def test_unreadable_history_fails_start(self) -> None:
+        """A store that cannot be read fails start() (a Deferred), it does not raise."""
+
+        class BrokenStore(FakeJobStore):
+            def load(self) -> list:
+                raise PermissionError("no")
+
+        manager = JobManager(
+            backend=self.backend, system=self.system, runner=self.runner,
+            store=BrokenStore(), clock=self.clock,
+        )
+        self.failureResultOf(manager.start(), PermissionError)
 
 
 class RecoveryTests(EngineTestCase):

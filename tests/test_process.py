@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import stat
-import uuid
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -168,6 +166,12 @@ class ProcessRunnerTests(TestCase):
         await runner.run([script], timeout=10, on_stdout_line=lines.append)
         self.assertEqual([len(x) for x in lines], [100, 100, 50])
 
+    def test_bad_arguments(self) -> None:
+        """An empty argv or an extra fd replacing stdio is refused before spawning."""
+        self.assertRaises(ValueError, self.runner.run, [], timeout=1)
+        script = self.pm.write("x", "true\n")
+        self.assertRaises(ValueError, self.runner.run, [script], timeout=1, extra_fds={1: print})
+
     async def test_status_fd_three(self) -> None:
         """Lines written to fd 3 reach the extra_fds callback (apt's APT::Status-Fd=3)."""
         script = self.pm.write("status", 'echo "pmstatus:vim:50:Installing vim" >&3\necho out\n')
@@ -304,5 +308,3 @@ class EngineWithRealProcessesTests(TestCase):
         self.assertIn("apt-get (pid 4242)", waits[0].message)
         self.assertEqual(manager.get(job_id).status, COMPLETED)
 
-
-del defer, stat, uuid

@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -173,7 +173,10 @@ class JobManager:
 
     def start(self) -> Deferred[None]:
         """Load history, finalise jobs orphaned by the previous process, then run the queue."""
-        entries = self._store.load()
+        try:
+            entries = self._store.load()
+        except Exception:
+            return fail()
         loaded: dict[str, Job] = {}
         for job, job_events in entries:
             if job.id in self._jobs or job.id in loaded:
