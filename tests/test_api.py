@@ -562,7 +562,7 @@ class WebSocketRouteTests(ApiTestCase):
 class GateTests(ApiTestCase):
     def test_unknown_path(self) -> None:
         """An unknown path, also under /api/v1, is 404 NOT_FOUND in the envelope."""
-        for path in ("/", "/api/v1/nothing", "/api/v1/jobs/", "/api/v2/health"):
+        for path in ("/", "/api/v1/nothing", "/api/v1/jobs/", "/api/v2/health", "/api/v1//jobs", "/api/v1/packages/%2Fetc"):
             self.assertError(self.call("GET", path), 404, "NOT_FOUND")
 
     def test_method_not_allowed(self) -> None:

@@ -28,8 +28,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
 
 from lpa import validation
 from lpa.agent import api_input as read
@@ -111,6 +112,14 @@ def _method_not_allowed(allowed: Sequence[str]) -> MethodNotAllowedError:
     return error
 
 
+def _from_werkzeug(exception: HTTPException) -> ApiError:
+    """Another routing-level HTTP error (rare) as an ApiError with the same status."""
+    error = ApiError(exception.name)
+    error.http_status = exception.code or 400
+    error.code = exception.name.upper().replace(" ", "_")
+    return error
+
+
 def _path(request: IRequest) -> str:
     return request.path.decode("latin-1")
 
@@ -185,10 +194,13 @@ class AgentApi:
         if failure.check(MethodNotAllowed):
             valid = failure.value.valid_methods or []
             return self._enveloper.write_error(request, _method_not_allowed(sorted(valid)))
-        if failure.check(WerkzeugNotFound):
+        if failure.check(WerkzeugNotFound, RequestRedirect):
+            # no redirects (e.g. for doubled slashes): a path that is not ours is not found
             return self._enveloper.write_error(
                 request, NotFoundError("Not found", {"path": _path(request)})
             )
+        if failure.check(HTTPException):
+            return self._enveloper.write_error(request, _from_werkzeug(failure.value))
         return self._enveloper.write_error(request, failure)
 
     # -- health and system ---------------------------------------------------------------------
