@@ -111,6 +111,16 @@ class ProcessRunnerTests(TestCase):
         await deferLater(reactor, 0.2, lambda: None)
         self.assertFalse(pid_alive(grandchild))
 
+    async def test_descendant_holding_pipes_does_not_hang(self) -> None:
+        """A background descendant keeping stdout open does not keep the command running."""
+        runner = ProcessRunner(reactor, pipe_grace_seconds=0.2)
+        pidfile = self.pm.directory / "daemon.pid"
+        script = self.pm.write("daemon", f"sleep 300 &\necho $! > {pidfile}\necho bye\nexit 0\n")
+        result = await runner.run([script], timeout=10)
+        os.kill(int(pidfile.read_text()), 9)
+        self.assertEqual((result.exit_code, result.timed_out), (0, False))
+        self.assertEqual(result.stdout, "bye\n")
+
     async def test_sigterm_ignored_then_sigkill(self) -> None:
         """A child ignoring SIGTERM is killed with SIGKILL after the grace period."""
         script = self.pm.write("stubborn", "trap '' TERM\necho ready\nwhile true; do sleep 0.1; done\n")

@@ -12,6 +12,16 @@ kept, published); a job's terminal ``job_status`` event is followed by exactly o
 ``job_complete``.  History is saved at every state change and, for output lines, at most once
 per ``persist_interval_seconds`` on the injected clock.
 
+An output line is a ``KIND_OUTPUT`` event and a ``job.logs`` line; it moves ``job.seq`` and
+``updated_at`` but not ``job.message``, which keeps saying what the job is doing.
+
+Reboots (the original's ``reserve_reboot``): a reboot job, or a patch job with ``allow_reboot``
+whose outcome needs one, reserves the reboot: admission freezes, every other pending job ends
+``cancelled``.  After the reboot command succeeded the job waits as ``rebooting`` (not
+terminal); the next start marks it ``completed``.  If the host is still up
+``reboot_delay_seconds + reboot_grace_seconds`` later, the reboot job fails ``REBOOT_ERROR`` (a
+patch job completes, saying so) and admission reopens.
+
 Dispatch happens on the next reactor turn (``callLater(0)``), so ``submit`` always returns a
 ``pending`` job; tests using ``task.Clock`` call ``clock.advance(0)`` to let it start.
 

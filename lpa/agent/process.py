@@ -142,6 +142,7 @@ class _ChildProtocol(ProcessProtocol):
         self._ended = False
         self._timeout_call = self._clock.callLater(timeout, self._on_timeout)
         self._kill_call: Any = None
+        self._pipes_call: Any = None
         self.pid: int | None = None
 
     # -- termination ---------------------------------------------------------------------------
@@ -204,13 +205,27 @@ class _ChildProtocol(ProcessProtocol):
         if self._terminating:
             # the leader is gone: anything left in its group goes now, so pipes close
             self._signal_group(signal.SIGKILL)
+        else:
+            # a descendant holding our pipes open must not keep the command "running"
+            self._pipes_call = self._clock.callLater(
+                self._runner.pipe_grace_seconds, self._close_pipes
+            )
+
+    def _close_pipes(self) -> None:
+        self._pipes_call = None
+        _log.warn(
+            "command {argv} exited but a descendant still holds its output open; "
+            "no longer reading it",
+            argv=self._argv,
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
         self._ended = True
-        for call in (self._timeout_call, self._kill_call):
+        for call in (self._timeout_call, self._kill_call, self._pipes_call):
             if call is not None and call.active():
                 call.cancel()
-        self._timeout_call = self._kill_call = None
+        self._timeout_call = self._kill_call = self._pipes_call = None
         for splitter in self._lines.values():
             splitter.close()
         exit_code: int | None = None
@@ -249,6 +264,8 @@ class ProcessRunner:
     :param kill_grace_seconds: time between SIGTERM and SIGKILL.
     :param max_line_chars: longest line handed to a line callback (longer ones are split).
     :param keep_bytes: output kept per stream in the result (half head, half tail).
+    :param pipe_grace_seconds: after the child exits, how long a descendant may keep its
+        output pipes open before we stop reading them and report the exit.
     :param python: interpreter running the process-group trampoline.
     """
 
@@ -259,6 +276,7 @@ class ProcessRunner:
         kill_grace_seconds: float = 5.0,
         max_line_chars: int = 8192,
         keep_bytes: int = 128 * 1024,
+        pipe_grace_seconds: float = 2.0,
         python: str = sys.executable,
     ) -> None:
         self._reactor = reactor
@@ -266,6 +284,7 @@ class ProcessRunner:
         self.kill_grace_seconds = kill_grace_seconds
         self.max_line_chars = max_line_chars
         self.keep_bytes = keep_bytes
+        self.pipe_grace_seconds = pipe_grace_seconds
         self._python = python
         self._children: dict[int, _ChildProtocol] = {}
 
