@@ -1,0 +1,322 @@
+"""Test agents on real loopback TLS for the relay's transport tests.
+
+* :class:`LpaTestAgent` — a minimal lpa-protocol agent: an Autobahn ``WebSocketServerFactory``
+  behind ``WebSocketResource`` at ``/api/v1/ws/jobs`` (subscribe with ``after_seq`` replays then
+  goes live, resync when the events are gone, per-job filtering), the REST twin
+  ``GET /api/v1/jobs/{id}/events?after=N`` and ``GET /api/v1/jobs/{id}``, all fed from an
+  :class:`~lpa.agent.eventlog.EventLog`.  ``websocket=False`` answers the WS path with 404 (an
+  agent with ``websocket.enabled: false``).
+* :class:`StubHandshakeAgent` — the original agent's stub: ``101`` with a JSON body and no
+  ``Sec-WebSocket-Accept``; only ``GET /api/v1/jobs/{id}``; any other ``/api/v1`` path gets an
+  EMPTY 405.
+* :func:`h2_preferring_options` — server TLS options offering ALPN ``[h2, http/1.1]``.
+
+Each agent records the ALPN protocol of every connection it accepted (``negotiated``) and can be
+killed (listener closed, every connection aborted) and started again on the same port.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from lpa import events as ev
+from lpa.agent.eventlog import EventLog, EventsExpiredError
+from lpa.tls import load_certificates, load_key_pair, negotiated_protocol
+
+
+def envelope(data: Any = None, error: Any = None) -> bytes:
+    return json.dumps({
+        "success": error is None, "request_id": str(uuid.uuid4()), "timestamp": ev.rfc3339(),
+        "data": data, "error": error,
+    }).encode()
+
+
+def h2_preferring_options(pki: Any) -> ssl.CertificateOptions:
+    """The test PKI's server certificate, client certificates required, ALPN ``h2`` first."""
+    cert, key = load_key_pair(pki.server_cert, pki.server_key)
+    roots = [ssl.Certificate.loadPEM(c.public_bytes(_pem())) for c in load_certificates(pki.ca_cert)]
+    return ssl.CertificateOptions(
+        privateKey=key, certificate=cert, trustRoot=ssl.trustRootFromCertificates(roots),
+        acceptableProtocols=[b"h2", b"http/1.1"],
+    )
+
+
+def _pem() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.PEM
+
+
+class _RecordingSite(Site):
+    """A Site that remembers its connections so a test can kill them all."""
+
+    def __init__(self, resource: Resource, agent: "_BaseAgent") -> None:
+        super().__init__(resource)
+        self._agent = agent
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = super().buildProtocol(addr)
+        self._agent.connections.append(proto)
+        return proto
+
+
+class _BaseAgent:
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.requests: list[str] = []
+        self.connections: list[Any] = []
+        self.negotiated: list[str | None] = []
+        self.port: Any = None
+        self.port_number = 0
+
+    def add_job(self, job_id: str | None = None, status: str = ev.PENDING) -> str:
+        job_id = job_id or str(uuid.uuid4())
+        self.jobs[job_id] = {
+            "job_id": job_id, "id": job_id, "operation": "update", "status": status, "progress": 0,
+            "message": "Job created", "logs": [], "error": None, "error_code": None,
+            "created_at": ev.rfc3339(), "updated_at": ev.rfc3339(),
+        }
+        return job_id
+
+    def _resource(self) -> Resource:
+        raise NotImplementedError
+
+    def listen(self, options: Any) -> int:
+        """Listen on 127.0.0.1 (the previous port after a kill); returns the port number."""
+        self.port = self.reactor.listenSSL(
+            self.port_number, _RecordingSite(self._resource(), self), options, interface="127.0.0.1"
+        )
+        self.port_number = self.port.getHost().port
+        return self.port_number
+
+    def kill(self) -> Deferred:
+        """Stop listening and abort every connection (an agent crash)."""
+        stopping = [self.port.stopListening()] if self.port is not None else []
+        self.port = None
+        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections]
+        # an upgraded connection's transport moved from the HTTP channel to the WebSocket protocol
+        transports += [p.transport for p in getattr(self, "sockets", [])]
+        for transport in transports:
+            if transport is not None and not getattr(transport, "disconnected", False):
+                try:
+                    transport.abortConnection()
+                except AttributeError:  # TLS already torn down
+                    pass
+        self.connections = []
+        return DeferredList(stopping)
+
+
+class _MiniAgentProtocol(WebSocketServerProtocol):
+    """Just enough of the lpa agent's stream for the relay: subscribe/unsubscribe, replay, live."""
+
+    factory: Any
+
+    def onConnect(self, request: Any) -> None:
+        agent = self.factory.agent
+        value = negotiated_protocol(self.transport)
+        agent.negotiated.append(value.decode() if value else None)
+
+    def onOpen(self) -> None:
+        self.subscribed: set[str] = set()
+        self.sent: dict[str, int] = {}
+        self.factory.agent.sockets.append(self)
+        self._subscription = self.factory.agent.events.subscribe(self._live)
+        self._send(self._ack("connected", "", "WebSocket connected"))
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        subscription = getattr(self, "_subscription", None)
+        if subscription is not None:
+            subscription.cancel()
+        if self in self.factory.agent.sockets:
+            self.factory.agent.sockets.remove(self)
+
+    def _ack(self, event: str, job_id: str, message: str) -> dict[str, Any]:
+        return {"event": event, "job_id": job_id, "status": event, "progress": 0, "message": message,
+                "timestamp": ev.rfc3339()}
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        self.sendMessage(json.dumps(frame).encode(), isBinary=False)
+
+    def _send_event(self, job_event: ev.JobEvent) -> None:
+        if job_event.seq <= self.sent.get(job_event.job_id, 0):
+            return
+        self.sent[job_event.job_id] = job_event.seq
+        self._send(job_event.to_wire())
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        agent = self.factory.agent
+        message = json.loads(payload)
+        agent.ws_messages.append(message)
+        job_id = message.get("job_id")
+        if message.get("action") == "unsubscribe":
+            self.subscribed.discard(job_id)
+            self.sent.pop(job_id, None)
+            self._send(self._ack("unsubscribed", job_id, f"Unsubscribed from job: {job_id}"))
+            return
+        if job_id not in agent.jobs:
+            frame = self._ack("error", job_id, f"job {job_id} not found")
+            frame.update(status="job_not_found", error="not found", error_code="JOB_NOT_FOUND")
+            self._send(frame)
+            return
+        self.subscribed.add(job_id)
+        self._send(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
+        after = message.get("after_seq") or 0
+        try:
+            replay = agent.events.after(job_id, after)
+        except EventsExpiredError:
+            last = agent.events.last_seq(job_id)
+            detail = dict(agent.jobs[job_id], seq=last)
+            self._send({"event": "resync", "job_id": job_id, "seq": last, "kind": ev.KIND_SNAPSHOT,
+                        "status": detail["status"], "progress": detail["progress"],
+                        "message": "resync", "timestamp": ev.rfc3339(), "job": detail})
+            self.sent[job_id] = last
+            return
+        for job_event in replay:
+            self._send_event(job_event)
+
+    def _live(self, job_event: ev.JobEvent) -> None:
+        if job_event.job_id in self.subscribed:
+            self._send_event(job_event)
+
+
+class _LpaRoot(Resource):
+    isLeaf = True
+
+    def __init__(self, agent: "LpaTestAgent") -> None:
+        super().__init__()
+        self.agent = agent
+        factory = WebSocketServerFactory()
+        factory.protocol = _MiniAgentProtocol
+        factory.agent = agent
+        self.ws = WebSocketResource(factory)
+
+    def render_GET(self, request: Any) -> Any:
+        agent = self.agent
+        path = request.path.decode()
+        agent.requests.append(request.uri.decode())
+        if path == "/api/v1/ws/jobs":
+            if not agent.websocket:
+                request.setResponseCode(404)
+                return envelope(error={"code": "NOT_FOUND", "message": "WebSocket disabled"})
+            return self.ws.render(request)
+        parts = path.split("/")
+        if len(parts) in (5, 6) and parts[:4] == ["", "api", "v1", "jobs"]:
+            job_id = parts[4]
+            detail = agent.jobs.get(job_id)
+            if detail is None:
+                request.setResponseCode(404)
+                return envelope(error={"code": "JOB_NOT_FOUND", "message": "no such job"})
+            if len(parts) == 5:
+                return envelope(dict(detail, seq=agent.events.last_seq(job_id)))
+            if parts[5] == "events":
+                after = int(request.args.get(b"after", [b"0"])[0])
+                try:
+                    events = agent.events.after(job_id, after)
+                except EventsExpiredError:
+                    request.setResponseCode(410)
+                    return envelope(error={"code": "EVENTS_EXPIRED", "message": "gone",
+                                           "details": dict(detail, seq=agent.events.last_seq(job_id))})
+                return envelope({"events": [e.to_wire() for e in events]})
+        request.setResponseCode(405)
+        return b""
+
+
+class LpaTestAgent(_BaseAgent):
+    """A minimal lpa-protocol agent fed from an EventLog (see the module docstring)."""
+
+    def __init__(self, reactor: Any, *, websocket: bool = True, max_events_per_job: int = 1000) -> None:
+        super().__init__(reactor)
+        self.websocket = websocket
+        self.events = EventLog(reactor, max_events_per_job=max_events_per_job)
+        self.sockets: list[_MiniAgentProtocol] = []
+        self.ws_messages: list[dict[str, Any]] = []
+
+    def _resource(self) -> Resource:
+        return _LpaRoot(self)
+
+    def emit(self, job_id: str, status: str, message: str = "", *, kind: str = ev.KIND_STATUS,
+             error: str | None = None) -> ev.JobEvent:
+        """Append one event (and keep the job detail in step)."""
+        detail = self.jobs[job_id]
+        detail.update(status=status, message=message, updated_at=ev.rfc3339())
+        if status == ev.COMPLETED:
+            detail["progress"] = 100
+        if kind == ev.KIND_OUTPUT:
+            detail["logs"].append(message)
+        if error is not None:
+            detail["error"] = error
+        return self.events.append(job_id, status=status, progress=detail["progress"], message=message,
+                                  kind=kind, error=error)
+
+    def finish(self, job_id: str, status: str = ev.COMPLETED, error: str | None = None) -> None:
+        """The terminal job_status, then the single job_complete."""
+        self.emit(job_id, status, "Job finished", error=error)
+        detail = self.jobs[job_id]
+        self.events.append(job_id, status=status, progress=detail["progress"], message="Job complete",
+                           event=ev.EVENT_JOB_COMPLETE, error=error)
+
+
+class _StubRoot(Resource):
+    isLeaf = True
+
+    def __init__(self, agent: "StubHandshakeAgent") -> None:
+        super().__init__()
+        self.agent = agent
+
+    def render_GET(self, request: Any) -> Any:
+        agent = self.agent
+        path = request.path.decode()
+        agent.requests.append(request.uri.decode())
+        if path == "/api/v1/ws/jobs":
+            if (request.getHeader("upgrade") or "").lower() == "websocket":
+                request.setResponseCode(101)
+                request.setHeader("Upgrade", "websocket")
+                request.setHeader("Connection", "Upgrade")
+                return json.dumps({
+                    "event": "connected", "ws_id": str(uuid.uuid4()), "timestamp": ev.rfc3339(),
+                    "message": "WebSocket endpoint ready. Full implementation requires "
+                               "actix-web-actors compatibility.",
+                    "polling_alternative": "Use GET /api/v1/jobs/{id} for job status polling",
+                }).encode()
+            return envelope({"endpoint": "/api/v1/ws/jobs"})
+        parts = path.split("/")
+        if len(parts) == 5 and parts[:4] == ["", "api", "v1", "jobs"]:
+            detail = agent.jobs.get(parts[4])
+            if detail is None:
+                request.setResponseCode(404)
+                return envelope(error={"code": "JOB_NOT_FOUND", "message": "Job not found"})
+            return envelope(detail)
+        request.setResponseCode(405)
+        request.setHeader("Allow", "GET, POST, PUT, DELETE")
+        return b""
+
+
+class StubHandshakeAgent(_BaseAgent):
+    """The original agent: stub WebSocket handshake, REST spelling ``timedout``, details only."""
+
+    def _resource(self) -> Resource:
+        return _StubRoot(self)
+
+    def set_state(self, job_id: str, status: str, *, logs: list[str] | None = None,
+                  error: str | None = None) -> None:
+        detail = self.jobs[job_id]
+        detail.update(status=status, updated_at=ev.rfc3339())
+        if status == "completed":
+            detail["progress"] = 100
+        if logs is not None:
+            detail["logs"] = logs
+        if error is not None:
+            detail["error"] = error
+
+
+__all__ = ["LpaTestAgent", "StubHandshakeAgent", "h2_preferring_options", "envelope"]
