@@ -85,9 +85,17 @@ class ProcessRunnerTests(TestCase):
         """The child gets a safe base environment plus the given mapping only."""
         os.environ["LPA_TEST_SECRET"] = "s3cret"
         self.addCleanup(os.environ.pop, "LPA_TEST_SECRET")
-        script = self.pm.write("env", 'echo "secret=$LPA_TEST_SECRET extra=$EXTRA lang=$LC_ALL"\n')
+        if "https_proxy" not in os.environ:
+            os.environ["https_proxy"] = "http://proxy.invalid:3128"
+            self.addCleanup(os.environ.pop, "https_proxy")
+        script = self.pm.write(
+            "env", 'echo "secret=$LPA_TEST_SECRET extra=$EXTRA lang=$LC_ALL proxy=$https_proxy"\n'
+        )
         result = await self.runner.run([script], timeout=10, env={"EXTRA": "yes"})
-        self.assertEqual(result.stdout, "secret= extra=yes lang=C.UTF-8\n")
+        self.assertEqual(
+            result.stdout,
+            f"secret= extra=yes lang=C.UTF-8 proxy={os.environ['https_proxy']}\n",
+        )
 
     async def test_own_process_group_and_session(self) -> None:
         """The child leads its own process group (pgid == pid)."""

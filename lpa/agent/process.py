@@ -49,9 +49,19 @@ TRAMPOLINE = (
 )
 
 
-def base_environment() -> dict[str, str]:
-    """A minimal safe environment: no inherited secrets, a fixed PATH, a UTF-8 C locale."""
-    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+#: inherited from the agent's environment when set: proxies (package downloads) and the zone
+PASSED_THROUGH = (
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "TZ",
+)
+
+
+def base_environment(inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal safe environment: a fixed PATH, a UTF-8 C locale (stable output to parse),
+    the proxy settings, and nothing else of the agent's environment."""
+    inherited = os.environ if inherited is None else inherited
+    environment = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+    environment.update({k: inherited[k] for k in PASSED_THROUGH if k in inherited})
+    return environment
 
 
 class _BoundedText:
