@@ -24,12 +24,22 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def fixture(*parts: str) -> str:
-    """A fixture's text without its leading ``#`` header comment (where we say its origin)."""
+    """A fixture's text without its ``#`` header comment (where we say its origin) and without
+    a trailing ``# exit N`` line (the captured exit status, see :func:`fixture_exit`)."""
     with open(os.path.join(FIXTURES, *parts), encoding="utf-8") as source:
         lines = source.read().splitlines(keepends=True)
     while lines and lines[0].startswith("#"):
         lines.pop(0)
+    while lines and lines[-1].startswith("# exit "):
+        lines.pop()
     return "".join(lines)
+
+
+def fixture_exit(*parts: str) -> int:
+    """The exit status recorded on a fixture's trailing ``# exit N`` line (0 when absent)."""
+    with open(os.path.join(FIXTURES, *parts), encoding="utf-8") as source:
+        lines = source.read().splitlines()
+    return int(lines[-1].split()[-1]) if lines and lines[-1].startswith("# exit ") else 0
 
 
 @attr.s(auto_attribs=True)
