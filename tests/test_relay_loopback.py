@@ -168,3 +168,22 @@ class LoopbackTests(TestCase):
         # 7 is the terminal job_status; 8 (job_complete) is only sent on when it shared 7's batch
         self.assertIn(seqs, (list(range(1, 8)), list(range(1, 9))))
         self.assertEqual(self.store.rows["r1"].output, "\n".join(f"line {n}" for n in range(5)))
+
+    async def test_tls_name_mismatch_reports_real_cause(self) -> None:
+        """A certificate for another name fails the handshake; the reported cause is the TLS one, then polling."""
+        agent = LpaTestAgent(reactor)
+        address = self.start_agent(agent)
+        job = agent.add_job()
+        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        service = make_relay_service(
+            RelayConfig(database_url="postgres://unused@localhost/db", scan_interval=0.2, poll_interval=0.2,
+                        reconnect_initial_delay=0.2, reconnect_max_delay=0.4),
+            reactor=reactor, store=self.store,
+            tls_options_for=lambda host: pki().client_options("good", "wrong.example"),
+        )
+        service.startService()
+        self.addCleanup(lambda: service.stopService().addCallback(lambda _: deferLater(reactor, 0.1, lambda: None)))
+        await until(lambda: self.link_state(service, address) == POLLING, "polling")
+        reason = service.scanner.links[address].last_failure
+        self.assertRegex(reason, "(?i)verif|certificate|mismatch|wrong.example")
+        self.assertEqual(agent.ws_messages, [])

@@ -151,3 +151,40 @@ class FactoryTests(SynchronousTestCase):
         self.addCleanup(factory.stop)
         self.assertEqual((hosts, self.reactor.tls), (["agent9.example"], ["tls-for-agent9.example"]))
         self.assertEqual(factory.url, "wss://agent9.example:443/api/v1/ws/jobs")
+
+
+class AlpnTests(SynchronousTestCase):
+    def protocol(self, negotiated: str | None) -> tuple[Any, list]:
+        from lpa.relay.ws_client import RelayWebSocketProtocol
+
+        events: list = []
+
+        class Factory:
+            label = "agent1:12443"
+            listener = Listener()
+
+            def negotiated_protocol(self, transport: Any) -> str | None:
+                return negotiated
+
+            def handshake_succeeded(self, proto: Any) -> None:
+                events.append("succeeded")
+
+        proto = RelayWebSocketProtocol()
+        proto.factory = Factory()
+        proto.transport = object()
+        proto.dropConnection = lambda abort=False: events.append(("drop", abort))  # type: ignore[method-assign]
+        return proto, events
+
+    def test_h2_is_a_handshake_failure(self) -> None:
+        """A connection that negotiated anything but http/1.1 is dropped and never reported open."""
+        for negotiated in ("h2", None):
+            proto, events = self.protocol(negotiated)
+            proto.onOpen()
+            self.assertEqual((events, proto.opened), ([("drop", True)], False))
+            self.assertIn(repr(negotiated), proto.describe_failure())
+
+    def test_http11_opens(self) -> None:
+        """http/1.1 negotiated: the factory hears the handshake succeeded."""
+        proto, events = self.protocol("http/1.1")
+        proto.onOpen()
+        self.assertEqual((events, proto.opened), (["succeeded"], True))

@@ -102,6 +102,8 @@ class AgentLink:
         self._followed: dict[str, _Followed] = {}  # by row_id
         self._ws: Any = None
         self._poller: Any = None
+        #: why the last handshake or connection failed (for operators and tests)
+        self.last_failure: str | None = None
 
     # -- what the scanner calls ------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class AgentLink:
     def ws_failed(self, reason: str, handshake: bool) -> None:
         if self.state == STOPPED:
             return
+        self.last_failure = reason
         if not handshake:
             self._set_state(CONNECTING)  # the factory redials; a failed redial moves us to polling
             return
