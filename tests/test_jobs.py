@@ -235,6 +235,9 @@ class LifecycleTests(EngineTestCase):
         self.assertRaises(JobNotFoundError, self.manager.get, "nope")
         self.assertRaises(JobNotFoundError, self.manager.cancel, "nope")
         self.assertRaises(JobNotFoundError, self.manager.delete, "nope")
+        for bad_option in ({"max_concurrent": 0}, {"max_queue_depth": 0},
+                           {"history_limit": 0}, {"job_timeout_seconds": 0}):
+            self.assertRaises(ValueError, self.make_manager, **bad_option)
 
     def test_list_jobs_newest_first_filtered_and_limited(self) -> None:
         """list_jobs is newest first, filters by status (old spellings too) and limits."""

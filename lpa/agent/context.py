@@ -158,7 +158,8 @@ class JobContext:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _abort_error(self, result: CommandResult | None = None) -> Exception:
+    def abort_error(self, result: CommandResult | None = None) -> Exception:
+        """The exception that ends an aborted job's work (cancel or job timeout)."""
         if self.aborted == ABORT_TIMED_OUT:
             return CommandTimedOutError(
                 f"Job exceeded its timeout of {self._job_timeout_seconds:g}s"
@@ -170,7 +171,7 @@ class JobContext:
 
     def _check_not_aborted(self) -> None:
         if self.aborted is not None:
-            raise self._abort_error()
+            raise self.abort_error()
 
     def _line(self, line: str) -> None:
         if self.aborted is not None:
@@ -211,11 +212,11 @@ class JobContext:
             result: CommandResult = await deferred
         except CancelledError:
             await self._wait_exited(deferred)
-            raise self._abort_error() from None
+            raise self.abort_error() from None
         finally:
             self._current = None
         if self.aborted is not None:
-            raise self._abort_error(result)
+            raise self.abort_error(result)
         text = command_text(argv)
         if result.timed_out:
             raise CommandTimedOutError(f"Command timed out after {timeout:g}s: {text}", result)

@@ -272,22 +272,17 @@ class JobManager:
             self._append_log(job, "Agent restarted after the reboot; marking completed")
             job.progress = 100
             self._finish(job, COMPLETED, "Host rebooted; job completed")
-        elif rebooted:
-            self._finish(
-                job,
-                FAILED,
-                "Agent rebooted during job execution",
-                error="Agent rebooted during job execution; the outcome is unknown",
-                error_code=classify.AGENT_REBOOTED,
-            )
         else:
+            when = "before the job ran" if job.status == PENDING else "during job execution"
+            what = "rebooted" if rebooted else "restarted"
             self._finish(
                 job,
                 FAILED,
-                "Agent restarted during job execution",
-                error="Agent process restart during job execution; the package manager may "
-                "have finished, the outcome is unknown",
-                error_code=classify.AGENT_RESTARTED,
+                f"Agent {what} {when}",
+                error=f"Agent {'host reboot' if rebooted else 'process restart'} {when}; "
+                + ("the job never ran" if job.status == PENDING
+                   else "the package manager may have finished, the outcome is unknown"),
+                error_code=classify.AGENT_REBOOTED if rebooted else classify.AGENT_RESTARTED,
             )
 
     # -- IJobManager -------------------------------------------------------------------------
@@ -489,7 +484,7 @@ class JobManager:
                 run.backend_deferred = maybeDeferred(self._backend.execute, job, run.context)
                 outcome = await run.backend_deferred
                 if run.context.aborted is not None:
-                    raise run.context._abort_error()
+                    raise run.context.abort_error()
                 await self._succeeded(run, outcome)
         except Exception as error:
             self._failed(run, error)
