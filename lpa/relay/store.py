@@ -44,7 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import retrying, txpostgres
-from txpostgres.reconnection import DeadConnectionDetector
+from txpostgres.reconnection import ConnectionDead, DeadConnectionDetector
 from zope.interface import implementer
 
 from lpa.errors import LpaError
@@ -146,6 +146,15 @@ class _QuietConnection(txpostgres.Connection):
         return ran.addCallback(commit).addErrback(rollback)
 
 
+def _connection_failure(connection: Any, failure: Failure) -> bool:
+    """The call failed because the connection did (not because of the call): worth a retry.
+
+    Judged from the failure itself, not from the detector's current state, which may already
+    have recovered by the time the failure arrives.
+    """
+    return bool(failure.check(ConnectionDead) or connection.detector.deathChecker(failure))
+
+
 def default_connection_factory(reactor: Any, clock: IReactorTime) -> Callable[[], Any]:
     """Unconnected txpostgres Connections, each with its own cancellable dead-connection detector."""
 
@@ -158,10 +167,20 @@ def default_connection_factory(reactor: Any, clock: IReactorTime) -> Callable[[]
 
 @attr.s(auto_attribs=True)
 class _Slot:
-    """One connection and whether it can take work."""
+    """One connection; whether it is usable comes from its detector (the one source of truth)."""
 
     connection: Any
-    state: str = "connecting"  # connecting | idle | busy | down | closed
+    connected: bool = False  # it connected at least once (after that the detector knows)
+    busy: bool = False
+    closed: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.connected and not self.closed and not self.connection.detector.connectionIsDead
+
+    @property
+    def ready(self) -> bool:
+        return self.up and not self.busy
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -235,7 +254,7 @@ class PostgresRelayStore:
             attempts.append(attempt)
 
         def report(_: object) -> None:
-            up = sum(1 for slot in self._slots if slot.state in ("idle", "busy"))
+            up = sum(1 for slot in self._slots if slot.up)
             if up == 0:
                 _log.warn("database unreachable at start; retrying, calls will wait")
             else:
@@ -244,23 +263,22 @@ class PostgresRelayStore:
         return defer.gatherResults(attempts, consumeErrors=True).addCallback(report)
 
     def _connect_failed(self, slot: _Slot, failure: Failure) -> None:
-        if slot.state == "closed":
+        if slot.closed:
             return
-        slot.state = "down"
         first_line = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
         _log.warn("database connection failed: {reason}", reason=first_line)
         slot.connection.detector.checkForDeadConnection(failure)
 
     def _recovered(self, slot: _Slot) -> None:
-        if slot.state == "closed":
+        if slot.closed:
             return
-        if slot.state == "down":
+        if slot.connected:
             _log.info("database connection recovered")
-        slot.state = "idle"
+        slot.connected = True
         self._dispatch()
 
     def _database_up(self) -> bool:
-        return any(slot.state in ("idle", "busy") for slot in self._slots)
+        return any(slot.up for slot in self._slots)
 
     def stop(self) -> Deferred:
         """Apply what is queued (if the database is up, within ``stop_timeout``), then close."""
@@ -297,7 +315,7 @@ class PostgresRelayStore:
             if not work.result.called:
                 work.result.errback(RelayStoreStopped("relay store stopped before this was applied"))
         for slot in self._slots:
-            slot.state = "closed"
+            slot.closed = True
             stop_reconnecting = getattr(slot.connection.detector, "stop", None)
             if stop_reconnecting is not None:  # ours; a plain txpostgres detector cannot
                 stop_reconnecting()
@@ -337,7 +355,7 @@ class PostgresRelayStore:
 
     def _dispatch(self) -> None:
         for slot in self._slots:
-            if slot.state != "idle":
+            if not slot.ready:
                 continue
             work = self._next_work()
             if work is None:
@@ -346,7 +364,7 @@ class PostgresRelayStore:
         self._check_drained()
 
     def _run(self, slot: _Slot, work: _Work) -> None:
-        slot.state = "busy"
+        slot.busy = True
         if work.row_id is not None:
             self._busy_rows.add(work.row_id)
         self._in_flight[id(work)] = work
@@ -361,9 +379,8 @@ class PostgresRelayStore:
             return  # the store was closed meanwhile and already answered the caller
         if work.row_id is not None:
             self._busy_rows.discard(work.row_id)
-        dead = failure is not None and bool(slot.connection.detector.connectionIsDead)
-        if slot.state == "busy":
-            slot.state = "down" if dead else "idle"
+        slot.busy = False
+        dead = failure is not None and _connection_failure(slot.connection, failure)
         if dead and work.retry_on_dead and not self._stopping:
             _log.warn(
                 "database connection lost during {what}; it waits for reconnection",
