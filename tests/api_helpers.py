@@ -90,7 +90,9 @@ class ApiTestCase(SynchronousTestCase):
         """Send one request and check the envelope shape of whatever comes back."""
         data = raw
         send_headers = {
-            name.encode("ascii"): [v.encode("latin-1") for v in (value if isinstance(value, list) else [value])]
+            name.encode("ascii"): [
+                v.encode("latin-1") for v in (value if isinstance(value, list) else [value])
+            ]
             for name, value in (headers or {}).items()
         }
         if body is not None:
@@ -122,9 +124,7 @@ class ApiTestCase(SynchronousTestCase):
         else:
             self.assertIs(envelope["success"], False)
             self.assertIsNone(envelope["data"])
-            self.assertEqual(
-                sorted(envelope["error"]), ["code", "details", "message", "retryable"]
-            )
+            self.assertEqual(sorted(envelope["error"]), ["code", "details", "message", "retryable"])
             self.assertIsInstance(envelope["error"]["code"], str)
             self.assertIsInstance(envelope["error"]["retryable"], bool)
 

@@ -113,9 +113,7 @@ class SystemTests(ApiTestCase):
         self.system.services["ssh.service"] = {"name": "ssh.service", "healthy": True}
         reply = self.call("GET", "/api/v1/system/services/ssh.service")
         self.assertEqual((reply.code, reply.data["healthy"]), (200, True))
-        self.assertError(
-            self.call("GET", "/api/v1/system/services/nope"), 404, "SERVICE_NOT_FOUND"
-        )
+        self.assertError(self.call("GET", "/api/v1/system/services/nope"), 404, "SERVICE_NOT_FOUND")
 
     def test_service_name_validated(self) -> None:
         """A service name that is not a unit name is 400 INVALID_SERVICE_NAME."""
@@ -159,7 +157,9 @@ class SystemTests(ApiTestCase):
     def test_reboot_bad_input(self) -> None:
         """A negative delay, a non-boolean force or an unknown field is 400, nothing submitted."""
         for body in ({"delay_seconds": -1}, {"force": "yes"}, {"delay": 5}):
-            self.assertError(self.call("POST", "/api/v1/system/reboot", body), 400, "VALIDATION_ERROR")
+            self.assertError(
+                self.call("POST", "/api/v1/system/reboot", body), 400, "VALIDATION_ERROR"
+            )
         self.assertEqual(self.jobs.submitted, [])
 
     def test_reboot_refusals(self) -> None:
@@ -211,7 +211,9 @@ class PackageTests(ApiTestCase):
 
     def test_list_bad_query(self) -> None:
         """A non-boolean upgradable or a name with shell metacharacters is 400."""
-        self.assertError(self.call("GET", "/api/v1/packages?upgradable=maybe"), 400, "VALIDATION_ERROR")
+        self.assertError(
+            self.call("GET", "/api/v1/packages?upgradable=maybe"), 400, "VALIDATION_ERROR"
+        )
         self.assertError(self.call("GET", "/api/v1/packages?name=vi%3Brm"), 400, "VALIDATION_ERROR")
         self.assertEqual(self.backend.calls, [])
 
@@ -237,9 +239,11 @@ class PackageTests(ApiTestCase):
         self.assertError(self.call("GET", "/api/v1/packages/-rf"), 400, "VALIDATION_ERROR")
 
     def test_install_accepted(self) -> None:
-        """Install is 202 with the job; names and versions reach the engine, options default false."""
+        """Install is 202; names and versions reach the engine, options default to false."""
         reply = self.call(
-            "POST", "/api/v1/packages", {"packages": [{"name": "vim", "version": "2:9.0-1"}, "nano"]}
+            "POST",
+            "/api/v1/packages",
+            {"packages": [{"name": "vim", "version": "2:9.0-1"}, "nano"]},
         )
         self.assertEqual(reply.code, 202)
         self.assertEqual(reply.data["operation"], "install")
@@ -252,13 +256,15 @@ class PackageTests(ApiTestCase):
 
     def test_install_options(self) -> None:
         """Each install option may be given alone."""
-        self.call("POST", "/api/v1/packages", {"packages": ["vim"], "options": {"no_recommends": True}})
+        self.call(
+            "POST", "/api/v1/packages", {"packages": ["vim"], "options": {"no_recommends": True}}
+        )
         self.assertEqual(
             (self.jobs.submitted[0].force, self.jobs.submitted[0].no_recommends), (False, True)
         )
 
     def test_install_shell_metacharacters_refused(self) -> None:
-        """A package name with shell metacharacters is 400 VALIDATION_ERROR and nothing is submitted."""
+        """A name with shell metacharacters is 400 VALIDATION_ERROR and nothing is submitted."""
         for packages in (["vim; rm -rf /"], [{"name": "vim", "version": "1;reboot"}], ["--purge"]):
             reply = self.call("POST", "/api/v1/packages", {"packages": packages})
             self.assertError(reply, 400, "VALIDATION_ERROR")
@@ -283,7 +289,9 @@ class PackageTests(ApiTestCase):
         """PUT is an update and DELETE a removal of the named package, both 202."""
         update = self.call("PUT", "/api/v1/packages/vim")
         remove = self.call("DELETE", "/api/v1/packages/vim")
-        self.assertEqual((update.code, update.data["operation"], update.data["package"]), (202, "update", "vim"))
+        self.assertEqual(
+            (update.code, update.data["operation"], update.data["package"]), (202, "update", "vim")
+        )
         self.assertEqual((remove.code, remove.data["operation"]), (202, "remove"))
         self.assertEqual(
             [(r.operation, r.packages) for r in self.jobs.submitted],
@@ -309,8 +317,16 @@ class PatchTests(ApiTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.backend.patches = [
-            Patch(name="openssl", current_version="1", available_version="2", severity="critical", security=True),
-            Patch(name="linux-image", current_version="1", available_version="2", requires_reboot=True),
+            Patch(
+                name="openssl",
+                current_version="1",
+                available_version="2",
+                severity="critical",
+                security=True,
+            ),
+            Patch(
+                name="linux-image", current_version="1", available_version="2", requires_reboot=True
+            ),
             Patch(name="nano", current_version="1", available_version="2"),
         ]
 
@@ -318,13 +334,17 @@ class PatchTests(ApiTestCase):
         """Patches come with total, security count and whether any needs a reboot."""
         data = self.call("GET", "/api/v1/patches").data
         self.assertEqual([p["name"] for p in data["patches"]], ["openssl", "linux-image", "nano"])
-        self.assertEqual((data["total"], data["security_updates"], data["requires_reboot"]), (3, 1, True))
+        self.assertEqual(
+            (data["total"], data["security_updates"], data["requires_reboot"]), (3, 1, True)
+        )
         self.assertEqual(data["cache_status"], "fresh")
 
     def test_security_filter(self) -> None:
         """?security=true lists only security updates."""
         data = self.call("GET", "/api/v1/patches?security=true").data
-        self.assertEqual(([p["name"] for p in data["patches"]], data["requires_reboot"]), (["openssl"], False))
+        self.assertEqual(
+            ([p["name"] for p in data["patches"]], data["requires_reboot"]), (["openssl"], False)
+        )
 
     def test_cached_until_stale(self) -> None:
         """The backend is asked once while the list is fresh and again when it is stale."""
@@ -359,7 +379,12 @@ class PatchTests(ApiTestCase):
         reply = self.call(
             "POST",
             "/api/v1/patches/apply",
-            {"packages": ["openssl", "nano", "openssl"], "security_only": True, "reboot": True, "reboot_delay_seconds": 30},
+            {
+                "packages": ["openssl", "nano", "openssl"],
+                "security_only": True,
+                "reboot": True,
+                "reboot_delay_seconds": 30,
+            },
         )
         self.assertEqual((reply.code, reply.data["packages"]), (202, ["openssl", "nano"]))
         [request] = self.jobs.submitted
@@ -375,13 +400,15 @@ class PatchTests(ApiTestCase):
 
     def test_apply_unknown_fields_refused(self) -> None:
         """The original e2e body {patches, options} is refused naming both, not applied to all."""
-        reply = self.call("POST", "/api/v1/patches/apply", {"patches": [], "options": {"dry_run": True}})
+        reply = self.call(
+            "POST", "/api/v1/patches/apply", {"patches": [], "options": {"dry_run": True}}
+        )
         self.assertError(reply, 400, "VALIDATION_ERROR")
         self.assertEqual(reply.error["details"]["unknown_fields"], ["options", "patches"])
         self.assertEqual(self.jobs.submitted, [])
 
     def test_apply_bad_values(self) -> None:
-        """Bad names, non-booleans, bad delays and disagreeing aliases are 400, nothing submitted."""
+        """Bad names, non-booleans, bad delays, disagreeing aliases: 400, nothing submitted."""
         for body in (
             {"packages": ["vim; rm -rf /"]},
             {"packages": ["$(reboot)"]},
@@ -390,13 +417,20 @@ class PatchTests(ApiTestCase):
             {"reboot_delay_seconds": 1.5},
             {"allow_reboot": True, "reboot": False},
         ):
-            self.assertError(self.call("POST", "/api/v1/patches/apply", body), 400, "VALIDATION_ERROR")
+            self.assertError(
+                self.call("POST", "/api/v1/patches/apply", body), 400, "VALIDATION_ERROR"
+            )
         self.assertEqual(self.jobs.submitted, [])
 
     def test_apply_broken_json(self) -> None:
         """Broken JSON, a non-object, NaN or an empty body are 400 INVALID_JSON."""
         for raw in (b"{not json", b"[1, 2]", b'{"dry_run": NaN}', b"", b"\xff\xfe"):
-            reply = self.call("POST", "/api/v1/patches/apply", raw=raw, headers={"Content-Type": "application/json"})
+            reply = self.call(
+                "POST",
+                "/api/v1/patches/apply",
+                raw=raw,
+                headers={"Content-Type": "application/json"},
+            )
             self.assertError(reply, 400, "INVALID_JSON")
         self.assertEqual(self.jobs.submitted, [])
 
@@ -454,8 +488,12 @@ class JobTests(ApiTestCase):
         job_id = self.submit()
         reply = self.call("POST", f"/api/v1/jobs/{job_id}/cancel")
         self.assertEqual((reply.code, reply.data["status"]), (200, "cancelled"))
-        self.assertError(self.call("POST", f"/api/v1/jobs/{job_id}/cancel"), 409, "CANCEL_NOT_ALLOWED")
-        self.assertError(self.call("POST", f"/api/v1/jobs/{JOB_ID_UNKNOWN}/cancel"), 404, "JOB_NOT_FOUND")
+        self.assertError(
+            self.call("POST", f"/api/v1/jobs/{job_id}/cancel"), 409, "CANCEL_NOT_ALLOWED"
+        )
+        self.assertError(
+            self.call("POST", f"/api/v1/jobs/{JOB_ID_UNKNOWN}/cancel"), 404, "JOB_NOT_FOUND"
+        )
 
     def test_job_id_canonicalised(self) -> None:
         """An upper-case job id finds the job."""
@@ -513,10 +551,14 @@ class EventsTests(ApiTestCase):
         """A bad after is 400, a bad id 400 INVALID_JOB_ID, an unknown job 404."""
         for after in ("-1", "x", "1.5"):
             self.assertError(
-                self.call("GET", f"/api/v1/jobs/{self.job_id}/events?after={after}"), 400, "VALIDATION_ERROR"
+                self.call("GET", f"/api/v1/jobs/{self.job_id}/events?after={after}"),
+                400,
+                "VALIDATION_ERROR",
             )
         self.assertError(self.call("GET", "/api/v1/jobs/nope/events"), 400, "INVALID_JOB_ID")
-        self.assertError(self.call("GET", f"/api/v1/jobs/{JOB_ID_UNKNOWN}/events"), 404, "JOB_NOT_FOUND")
+        self.assertError(
+            self.call("GET", f"/api/v1/jobs/{JOB_ID_UNKNOWN}/events"), 404, "JOB_NOT_FOUND"
+        )
 
 
 class _Upgraded(Resource):
@@ -562,7 +604,14 @@ class WebSocketRouteTests(ApiTestCase):
 class GateTests(ApiTestCase):
     def test_unknown_path(self) -> None:
         """An unknown path, also under /api/v1, is 404 NOT_FOUND in the envelope."""
-        for path in ("/", "/api/v1/nothing", "/api/v1/jobs/", "/api/v2/health", "/api/v1//jobs", "/api/v1/packages/%2Fetc"):
+        for path in (
+            "/",
+            "/api/v1/nothing",
+            "/api/v1/jobs/",
+            "/api/v2/health",
+            "/api/v1//jobs",
+            "/api/v1/packages/%2Fetc",
+        ):
             self.assertError(self.call("GET", path), 404, "NOT_FOUND")
 
     def test_method_not_allowed(self) -> None:
@@ -580,7 +629,7 @@ class GateTests(ApiTestCase):
 
     def test_head(self) -> None:
         """HEAD is served where GET is."""
-        response = self.successResultOf(self.treq.head(f"https://agent.test/api/v1/health"))
+        response = self.successResultOf(self.treq.head("https://agent.test/api/v1/health"))
         self.assertEqual(response.code, 200)
 
     def test_body_too_large(self) -> None:
@@ -593,7 +642,10 @@ class GateTests(ApiTestCase):
         """Repeating Content-Type or Authorization is 400, as the original refused."""
         for name in ("Content-Type", "Authorization"):
             reply = self.call(
-                "POST", "/api/v1/patches/apply", raw=b"{}", headers={name: ["application/json", "text/plain"]}
+                "POST",
+                "/api/v1/patches/apply",
+                raw=b"{}",
+                headers={name: ["application/json", "text/plain"]},
             )
             self.assertError(reply, 400, "DUPLICATE_HEADERS")
         self.assertEqual(self.jobs.submitted, [])
@@ -601,7 +653,11 @@ class GateTests(ApiTestCase):
     def test_peer_check_first(self) -> None:
         """A refused peer gets 403 on every path, before routing, and nothing runs."""
         self.peer_error = ForbiddenError("Client certificate not allowed")
-        for method, path in (("GET", "/health"), ("GET", "/nothing"), ("POST", "/api/v1/patches/apply")):
+        for method, path in (
+            ("GET", "/health"),
+            ("GET", "/nothing"),
+            ("POST", "/api/v1/patches/apply"),
+        ):
             self.assertError(self.call(method, path, {}), 403, "FORBIDDEN")
         self.assertEqual((self.jobs.submitted, self.backend.calls), ([], []))
 

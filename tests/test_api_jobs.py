@@ -65,13 +65,11 @@ class RealEngineTests(ApiTestCase):
         self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
         self.assertEqual(events["events"][-1]["event"], "job_complete")
         self.assertEqual((events["last_seq"], events["terminal"]), (seqs[-1], True))
-        self.assertEqual(
-            events["events"], [e.to_wire() for e in self.jobs.events.kept(job_id)]
-        )
+        self.assertEqual(events["events"], [e.to_wire() for e in self.jobs.events.kept(job_id)])
         self.assertEqual(self.call("GET", "/api/v1/jobs?status=completed").data["total"], 1)
 
     def test_queue_full_and_reboot_blocked(self) -> None:
-        """The engine's refusals reach the client: 409 REBOOT_BLOCKED, 429 QUEUE_FULL + Retry-After."""
+        """Engine refusals reach the client: 409 REBOOT_BLOCKED, 429 QUEUE_FULL + Retry-After."""
         self.backend.script("update", gate=True)
         first = self.call("PUT", "/api/v1/packages/vim").data["job_id"]
         self.clock.advance(0)
@@ -92,5 +90,7 @@ class RealEngineTests(ApiTestCase):
         self.assertEqual(reply.code, 200)
         self.clock.advance(60)
         self.assertEqual(self.call("GET", f"/api/v1/jobs/{job_id}").data["status"], "cancelled")
-        self.assertError(self.call("POST", f"/api/v1/jobs/{job_id}/cancel"), 409, "CANCEL_NOT_ALLOWED")
+        self.assertError(
+            self.call("POST", f"/api/v1/jobs/{job_id}/cancel"), 409, "CANCEL_NOT_ALLOWED"
+        )
         self.assertEqual(self.call("DELETE", f"/api/v1/jobs/{job_id}").code, 200)

@@ -54,7 +54,8 @@ class SiteTests(ApiTestCase):
         """A request within the limit is served through the real Site."""
         payload = b'{"dry_run": true}'
         raw = (
-            b"POST /api/v1/patches/apply HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+            b"POST /api/v1/patches/apply HTTP/1.1\r\nHost: agent\r\n"
+            b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         code, _, body = self.exchange(raw)

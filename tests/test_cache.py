@@ -106,7 +106,9 @@ class PatchCacheTests(SynchronousTestCase):
         self.assertEqual(os.listdir(os.path.dirname(self.state_path)), ["cache.json"])
         self.clock.advance(10)
         again = PatchCache(self.clock, self.backend, 600, self.state_path)
-        self.assertEqual((again.status(), again.last_cache_update), ("fresh", state["last_cache_update"]))
+        self.assertEqual(
+            (again.status(), again.last_cache_update), ("fresh", state["last_cache_update"])
+        )
         self.successResultOf(again.patches())
         self.assertEqual(len(self.backend.calls), 2, "the list itself is not persisted")
 
@@ -115,7 +117,9 @@ class PatchCacheTests(SynchronousTestCase):
         self.backend.read_error = CommandFailedError("x")
         self.failureResultOf(self.cache.patches())
         with open(self.state_path) as f:
-            self.assertEqual(json.load(f), {"last_cache_update": None, "last_update_success": False})
+            self.assertEqual(
+                json.load(f), {"last_cache_update": None, "last_update_success": False}
+            )
 
     def test_unreadable_state_ignored(self) -> None:
         """A corrupt state file is ignored with a warning; the cache starts stale."""

@@ -20,7 +20,9 @@ class RateLimiterTests(SynchronousTestCase):
             read_burst=3,
         )
 
-    def spend(self, n: int, client: str = "10.0.0.1", method: str = "GET", path: str = "/api/v1/jobs") -> None:
+    def spend(
+        self, n: int, client: str = "10.0.0.1", method: str = "GET", path: str = "/api/v1/jobs"
+    ) -> None:
         for _ in range(n):
             self.limiter.check(client, method, path)
 
@@ -28,7 +30,9 @@ class RateLimiterTests(SynchronousTestCase):
         """The burst passes, the next request is refused with Retry-After from the refill rate."""
         self.spend(3)
         error = self.assertRaises(RateLimitedError, self.spend, 1)
-        self.assertEqual((error.retry_after, error.code, error.http_status), (1, "RATE_LIMITED", 429))
+        self.assertEqual(
+            (error.retry_after, error.code, error.http_status), (1, "RATE_LIMITED", 429)
+        )
         self.assertEqual(error.details, {"tier": "read"})
 
     def test_refill(self) -> None:

@@ -26,14 +26,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.resource import IResource
+from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
 from lpa import validation
 from lpa.agent import api_input as read
+from lpa.agent.api_gate import (
+    Admission,
+    BoundedRequest,
+    Gate,
+    PeerCheck,
+    bounded_request_factory,
+    make_peer_check,
+)
 from lpa.agent.cache import PatchCache
 from lpa.agent.envelope import Answer, Enveloper
 from lpa.agent.eventlog import EventsExpiredError
@@ -43,9 +51,7 @@ from lpa.agent.ratelimit import RateLimiter
 from lpa.errors import (
     ApiError,
     CommandError,
-    DuplicateHeadersError,
     EventsGoneError,
-    ForbiddenError,
     MethodNotAllowedError,
     NotFoundError,
     PackageManagerError,
@@ -64,12 +70,10 @@ from lpa.events import (
     rfc3339_from_epoch,
 )
 
+__all__ = ["AgentApi", "BoundedRequest", "bounded_request_factory", "make_peer_check"]
+
 _log = Logger()
 
-PeerCheck = Callable[[IRequest], "ApiError | None"]
-
-#: headers a request may carry once only (the original's "security headers" middleware)
-_SINGLE_HEADERS = (b"content-type", b"host", b"authorization")
 _PACKAGE_STATUS_FILTERS = ("installed", "upgradable", "available")
 _SORT_KEYS = ("name", "version", "status")
 _HEALTH_DEFAULTS: dict[str, Any] = {
@@ -161,7 +165,12 @@ class AgentApi:
 
     def resource(self) -> IResource:
         """The whole API as one resource: the gate in front of the Klein routes."""
-        return _Gate(self, self.app.resource())
+        admit = Admission(
+            peer_check=self._peer_check,
+            rate_limiter=self._rate_limiter,
+            max_body_bytes=self._max_body_bytes,
+        )
+        return Gate(self.app.resource(), admit, self._enveloper.write_error)
 
     def site(self) -> Site:
         """A Site serving :meth:`resource` whose requests never buffer more than the body limit."""
@@ -169,25 +178,7 @@ class AgentApi:
         site.displayTracebacks = False
         return site
 
-    # -- the gate and the one error mapping --------------------------------------------------
-
-    def admit(self, request: IRequest) -> None:
-        """Checks every request passes before routing; raises an ``ApiError`` to refuse it."""
-        if self._peer_check is not None:
-            refusal = self._peer_check(request)
-            if refusal is not None:
-                raise refusal
-        for name in _SINGLE_HEADERS:
-            values = request.requestHeaders.getRawHeaders(name) or []
-            if len(values) > 1:
-                raise DuplicateHeadersError(
-                    "Duplicate critical headers not allowed", {"header": name.decode("ascii")}
-                )
-        if self._rate_limiter is not None:
-            address = request.getClientAddress()
-            client = str(getattr(address, "host", address))
-            self._rate_limiter.check(client, request.method.decode("ascii", "replace"), _path(request))
-        read.check_body_size(request, self._max_body_bytes)
+    # -- the one error mapping ---------------------------------------------------------------
 
     @app.handle_errors(Exception)
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
@@ -317,7 +308,9 @@ class AgentApi:
         elif status_filter == "available":
             packages = [p for p in packages if p.status in ("Available", "NotInstalled")]
         if upgradable is not None:
-            packages = [p for p in packages if (p.upgradable or p.status == "Upgradable") == upgradable]
+            packages = [
+                p for p in packages if (p.upgradable or p.status == "Upgradable") == upgradable
+            ]
         packages = sorted(
             packages, key=lambda p: (getattr(p, sort_key), p.name), reverse=descending
         )
@@ -520,89 +513,3 @@ class AgentApi:
         except Exception:
             _log.failure("package manager query crashed")
             raise PackageManagerError("Package manager query failed") from None
-
-
-class BoundedRequest(Request):
-    """A request that stops buffering its body past ``max_body_bytes`` and flags it.
-
-    twisted.web reads the whole body before rendering (into a temporary file past 100 kB);
-    with this request class an oversized body, declared or chunked, is counted and dropped, and
-    the gate answers 413.  Use :func:`bounded_request_factory` to set the limit.
-    """
-
-    max_body_bytes = 1 << 20
-    body_too_large = False
-    _body_received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body_bytes:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._body_received += len(data)
-        if self._body_received > self.max_body_bytes:
-            self.body_too_large = True
-        if not self.body_too_large:
-            super().handleContentChunk(data)
-
-
-def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
-    """A :class:`BoundedRequest` subclass for ``Site(requestFactory=...)``."""
-    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
-
-
-class _Gate(Resource):
-    """Runs :meth:`AgentApi.admit` on every request, then hands it to the Klein routes."""
-
-    isLeaf = True
-
-    def __init__(self, api: AgentApi, routes: IResource) -> None:
-        super().__init__()
-        self._api = api
-        self._routes = routes
-
-    def render(self, request: IRequest) -> Any:
-        try:
-            self._api.admit(request)
-        except Exception:
-            return self._api._enveloper.write_error(request, Failure())
-        return self._routes.render(request)
-
-
-def make_peer_check(
-    whitelist: Any | None,
-    allowed_clients: Sequence[str],
-    identity_of: Callable[[IRequest], Any],
-    identity_allowed: Callable[[Any, Sequence[str]], bool] | None = None,
-) -> PeerCheck:
-    """Compose the IP whitelist (``whitelist.allows(ip)``) and the client allowlist into a check.
-
-    ``whitelist`` None means every IP; an empty ``allowed_clients`` means every client the CA
-    vouches for.  ``identity_of(request)`` gives the peer identity from the TLS transport (e.g.
-    ``lambda r: lpa.tls.peer_identity(r.transport)``); ``identity_allowed`` defaults to
-    ``lpa.tls.identity_allowed``.
-    """
-    if identity_allowed is None:
-        from lpa.tls import identity_allowed as tls_identity_allowed
-
-        identity_allowed = tls_identity_allowed
-    allowed = tuple(allowed_clients)
-    check_identity = identity_allowed
-
-    def peer_check(request: IRequest) -> ApiError | None:
-        if whitelist is not None:
-            address = request.getClientAddress()
-            host = getattr(address, "host", None)
-            if host is None or not whitelist.allows(host):
-                _log.warn("refused {ip}: not in the IP whitelist", ip=host)
-                return ForbiddenError("Client IP not allowed", {"ip": host})
-        if allowed:
-            identity = identity_of(request)
-            if not check_identity(identity, allowed):
-                _log.warn("refused client {identity}: not in auth.allowed_clients", identity=identity)
-                return ForbiddenError("Client certificate not allowed")
-        return None
-
-    return peer_check

@@ -107,7 +107,7 @@ class PatchCache:
         self._patches = None
 
     def follow(self, events: EventLog) -> Subscription:
-        """Invalidate whenever a job completes (it may have changed packages), so ``/patches`` is current."""
+        """Invalidate when any job completes (it may have changed packages)."""
 
         def on_event(event: JobEvent) -> None:
             if event.event == EVENT_JOB_COMPLETE:
@@ -168,7 +168,10 @@ class PatchCache:
     def _save_state(self) -> None:
         if self._state_path is None:
             return
-        state = {"last_cache_update": self.last_cache_update, "last_update_success": self._last_success}
+        state = {
+            "last_cache_update": self.last_cache_update,
+            "last_update_success": self._last_success,
+        }
         directory = os.path.dirname(os.path.abspath(self._state_path))
         try:
             fd, temp = tempfile.mkstemp(prefix=".cache-", suffix=".json", dir=directory)
@@ -187,4 +190,3 @@ class PatchCache:
                 path=self._state_path,
                 error=str(error),
             )
-
