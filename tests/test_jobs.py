@@ -655,11 +655,21 @@ class ContextTests(EngineTestCase):
         self.failureResultOf(d, CommandFailedError)
 
     def test_aborted_context_refuses_commands(self) -> None:
-        """After abort no further command starts."""
+        """After abort nothing more is reported and no further command starts."""
         from lpa.errors import JobCancelledError
 
         job = self.manager.submit(install("a"))
         context = JobContext(job, runner=self.runner, sink=self.manager)
+        status_lines: list[str] = []
+        d = context.run(["x"], timeout=1, status_fd_line=status_lines.append)
+        command = self.runner.last
         context.abort("cancelled")
+        self.failureResultOf(d, JobCancelledError)
+        seq = job.seq
+        context.progress(50, "late")
+        context.waiting_for_lock("late")
+        command.emit_fd(3, "late status")
+        command.emit_stdout("late output")
+        self.assertEqual((job.seq, status_lines), (seq, []))
         self.failureResultOf(context.run(["x"], timeout=1), JobCancelledError)
-        self.assertEqual(self.runner.calls, [])
+        self.assertEqual(len(self.runner.calls), 1)

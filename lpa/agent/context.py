@@ -140,12 +140,12 @@ class JobContext:
         )
 
     def progress(self, percent: int, message: str) -> None:
-        self._check_not_aborted()
-        self._sink.job_progress(self.job, max(0, min(100, int(percent))), message)
+        if self.aborted is None:  # an ending job reports nothing more (nor raises from callbacks)
+            self._sink.job_progress(self.job, max(0, min(100, int(percent))), message)
 
     def waiting_for_lock(self, holder: str) -> None:
-        self._check_not_aborted()
-        self._sink.job_waiting_for_lock(self.job, holder)
+        if self.aborted is None:
+            self._sink.job_waiting_for_lock(self.job, holder)
 
     # -- engine side -------------------------------------------------------------------------
 
@@ -196,7 +196,15 @@ class JobContext:
         status_fd_line: Callable[[str], None] | None,
     ) -> CommandResult:
         self._check_not_aborted()
-        extra_fds = {3: status_fd_line} if status_fd_line is not None else None
+        extra_fds = None
+        if status_fd_line is not None:
+            callback = status_fd_line
+
+            def status_line(line: str) -> None:
+                if self.aborted is None:
+                    callback(line)
+
+            extra_fds = {3: status_line}
         _log.info("job {job_id} runs {command}", job_id=self.job.id, command=command_text(argv))
         self._lock_reported = False
         deferred = self._runner.run(
