@@ -461,9 +461,9 @@ class AgentApi:
             events = self._jobs.events.after(job_id, after)
         except EventsExpiredError as expired:
             raise EventsGoneError(
-                f"Events of job {job_id} after seq {after} are no longer kept; "
-                "resync from the job in details",
-                {"job": job.to_detail(), "oldest_kept": expired.oldest_kept, "after": after},
+                f"Events of job {job_id} after seq {after} are no longer kept (oldest kept: "
+                f"{expired.oldest_kept}); details hold the job to resync from",
+                job.to_detail(),
             ) from None
         return Answer(
             {
