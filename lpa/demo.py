@@ -287,6 +287,11 @@ class Demo:
         from lpa.pki import init_pki
         from lpa.relay.schema import migrate
 
+        running = kept_demo_running(self.state_dir)
+        if running:
+            raise DemoError(f"a demo kept with --keep is still running in {self.state_dir} "
+                            f"({', '.join(running)}): stop it with "
+                            f"`{lpa_command()} demo --stop --state-dir {self.state_dir}`")
         os.makedirs(self.state_dir, exist_ok=True)
         pki_dir = os.path.join(self.state_dir, "pki")
         agent_state = os.path.join(self.state_dir, "agent-state")
@@ -394,18 +399,46 @@ class Demo:
 
     def _print_keep(self, dsn: str, port: int, pki_dir: str) -> None:
         d = self.state_dir
+        lpa = lpa_command()
         self.out.write(
             "\nThe demo is still running (--keep):\n"
             f"  agent:    https://{AGENT_HOST}:{port}\n"
             f"            export LPA_CERT={pki_dir}/client.crt LPA_KEY={pki_dir}/client.key "
             f"LPA_CA={pki_dir}/ca.pem\n"
-            f"            lpa agent {AGENT_HOST}:{port} health\n"
+            f"            {lpa} agent {AGENT_HOST}:{port} health\n"
             f"            curl --cert $LPA_CERT --key $LPA_KEY --cacert $LPA_CA "
             f"https://{AGENT_HOST}:{port}/api/v1/health\n"
             f"  database: psql '{dsn}'   (then: LISTEN job_update;)\n"
-            f"            lpa dispatch --dsn '{dsn}' --host {AGENT_HOST}:{port} --dry-run --watch\n"
+            f"            {lpa} dispatch --dsn '{dsn}' --host {AGENT_HOST}:{port} --dry-run --watch\n"
             f"  logs:     {d}/lpa-agent.log  {d}/lpa-relay.log\n"
-            f"  stop:     lpa demo --stop --state-dir {d}\n")
+            f"  stop:     {lpa} demo --stop --state-dir {d}\n")
+
+
+def lpa_command() -> str:
+    """How to run ``lpa`` from this environment (the venv's script may not be on PATH)."""
+    script = os.path.join(os.path.dirname(sys.executable), "lpa")
+    if os.access(script, os.X_OK):
+        return script if shutil.which("lpa") != script else "lpa"
+    return f"{sys.executable} -m lpa"
+
+
+def kept_demo_running(state_dir: str) -> list[str]:
+    """Names of daemons a previous ``--keep`` run left alive in ``state_dir``."""
+    try:
+        with open(os.path.join(os.path.abspath(state_dir), STATE_FILE), encoding="utf-8") as handle:
+            pids = json.load(handle).get("pids", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    alive = []
+    for name, pid in pids.items():
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, ValueError, TypeError):
+            continue
+        except PermissionError:
+            pass
+        alive.append(name)
+    return alive
 
 
 def stop_kept(state_dir: str, out: TextIO) -> int:

@@ -218,3 +218,20 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(_processes_mentioning(state_dir), [])
         self.assertEqual(_processes_mentioning(state["postgres"]), [])
         self.assertFalse(os.path.exists(state["postgres"]))
+
+
+class KeptDemoTests(SynchronousTestCase):
+    def test_running_kept_demo_refused(self) -> None:
+        """A second demo in a state dir whose kept daemons still run refuses, naming --stop."""
+        state_dir = self.mktemp()
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, demo.STATE_FILE), "w") as handle:
+            json.dump({"pids": {"lpa-agent": os.getpid(), "lpa-relay": 2**22 + 7}}, handle)
+        self.assertEqual(demo.kept_demo_running(state_dir), ["lpa-agent"])
+        out = io.StringIO()
+        error = self.assertRaises(DemoError, demo.Demo(state_dir, keep=False, timeout=1, out=out).run)
+        self.assertIn("demo --stop", str(error))
+
+    def test_nothing_kept(self) -> None:
+        """No state file means nothing is running."""
+        self.assertEqual(demo.kept_demo_running(self.mktemp()), [])
