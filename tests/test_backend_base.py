@@ -56,7 +56,8 @@ class DetectionTests(SynchronousTestCase):
     def test_timeouts_reach_commands(self) -> None:
         """The configured per-command timeouts are the ones commands run with."""
         runner = ScriptedRunner()
-        built = backends.make_backend("dnf", runner, which=lambda _: "/x", timeouts=base.Timeouts(refresh=11, package=22, quick=33))
+        built = backends.make_backend("dnf", runner, which=lambda _: "/x", reboot_marker="/nonexistent",
+                                      timeouts=base.Timeouts(refresh=11, package=22, quick=33))
         job = make_job("install", "a")
         self.successResultOf(built.execute(job, FakeJobContext(runner, job)))
         timeouts = {call.argv[1] if call.argv[0] == "dnf" else call.argv[0]: call.timeout for call in runner.calls}
