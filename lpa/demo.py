@@ -236,6 +236,21 @@ def wait_for_agent(client: AgentClient, process: subprocess.Popen, log_path: str
                     f"its log:\n{log_tail(log_path)}")
 
 
+def agent_failure(client: AgentClient, agent_job_id: str | None) -> str:
+    """The agent's own account of a failed job (error and stderr tail), for the failure line."""
+    if not agent_job_id:
+        return ""
+    try:
+        detail = client.job(agent_job_id) or {}
+    except ClientError as error:
+        return f" (the agent's job detail is unavailable: {error})"
+    parts = [str(detail[key]).strip() for key in ("error_code", "error") if detail.get(key)]
+    stderr = [line for line in str(detail.get("command_stderr") or "").splitlines() if line.strip()]
+    if stderr:
+        parts.append("stderr: " + " | ".join(stderr[-3:]))
+    return f": {'; '.join(parts)}" if parts else ""
+
+
 def check_alive(processes: Processes, state_dir: str) -> None:
     for name, process in processes.started.items():
         if process.poll() is not None:
@@ -373,7 +388,8 @@ class Demo:
             raise DemoError(f"the job ended {final.get('status')} but no job-level notification "
                             "arrived")
         if final.get("status") != "succeeded":
-            raise DemoError(f"the job ended {final.get('status')}, not succeeded (see "
+            raise DemoError(f"the job ended {final.get('status')}, not succeeded"
+                            f"{agent_failure(client, results[0].agent_job_id)} (see "
                             f"{self.state_dir}/lpa-agent.log)")
         return 0
 

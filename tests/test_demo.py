@@ -235,3 +235,18 @@ class KeptDemoTests(SynchronousTestCase):
     def test_nothing_kept(self) -> None:
         """No state file means nothing is running."""
         self.assertEqual(demo.kept_demo_running(self.mktemp()), [])
+
+
+class AgentFailureTests(SynchronousTestCase):
+    def test_detail(self) -> None:
+        """A failed job is explained with the agent's error code, error and stderr tail."""
+        from lpa.client import AgentClient
+        from tests.test_client import FakeAgent, envelope
+
+        agent = FakeAgent({("GET", "/api/v1/jobs/j1"): [(200, envelope({
+            "error_code": "DEPENDENCY_CONFLICT", "error": "Command failed (exit 100)",
+            "command_stderr": "W: one\nE: Broken packages\n"}))]})
+        self.assertEqual(demo.agent_failure(AgentClient(agent), "j1"),
+                         ": DEPENDENCY_CONFLICT; Command failed (exit 100); "
+                         "stderr: W: one | E: Broken packages")
+        self.assertEqual(demo.agent_failure(AgentClient(agent), None), "")
