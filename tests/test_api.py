@@ -356,6 +356,16 @@ class PatchTests(ApiTestCase):
         self.assertEqual(len(self.backend.calls), 2)
         self.assertEqual(self.jobs.submitted, [])
 
+    def test_finished_job_invalidates(self) -> None:
+        """Once a job completes, GET /patches asks the backend again (it may have patched)."""
+        self.call("GET", "/api/v1/patches")
+        job_id = self.call("POST", "/api/v1/patches/apply", {}).data["job_id"]
+        self.call("GET", "/api/v1/patches")
+        self.assertEqual(len(self.backend.calls), 1)
+        self.jobs.finish(job_id, COMPLETED)
+        self.call("GET", "/api/v1/patches")
+        self.assertEqual(len(self.backend.calls), 2)
+
     def test_list_failure(self) -> None:
         """With nothing cached a failing backend is 500 PKG_MANAGER_ERROR; health says failed."""
         self.backend.read_error = CommandFailedError("apt-get update failed")

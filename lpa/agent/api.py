@@ -2,10 +2,10 @@
 
 Flow of one request::
 
-    Site ─▶ _Gate.render ─ peer_check (IP whitelist, client allowlist) ─▶ 403
-                │          duplicate Content-Type/Host/Authorization  ─▶ 400
-                │          RateLimiter.check (one per process)        ─▶ 429 + Retry-After
-                │          body over max_body_bytes                   ─▶ 413
+    Site ─▶ api_gate.Gate ─ peer_check (IP whitelist, client allowlist) ─▶ 403
+                │           duplicate Content-Type/Host/Authorization  ─▶ 400
+                │           RateLimiter.check (one per process)        ─▶ 429 + Retry-After
+                │           body over max_body_bytes                   ─▶ 413
                 ▼
            Klein routes ─▶ IJobManager / IPackageBackend / ISystem / PatchCache
                 │
@@ -159,6 +159,8 @@ class AgentApi:
         self._ws_resource = ws_resource
         self._max_body_bytes = max_body_bytes
         self._cache = cache if cache is not None else PatchCache(clock, backend)
+        # a finished job may have changed packages: the next GET /patches asks the backend
+        self._cache_subscription = self._cache.follow(jobs.events)
         self._health_extra = health_extra
         self._enveloper = Enveloper(clock, uuid_factory)
         self._started_at = clock.seconds()
