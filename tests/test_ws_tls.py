@@ -79,6 +79,10 @@ def job_events(frames: list[dict[str, Any]], job_id: str | None = None) -> list[
     ]
 
 
+def is_ack(frame: dict[str, Any]) -> bool:
+    return frame["event"] == "subscribed"
+
+
 def is_complete(job_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda f: f["event"] == "job_complete" and f["job_id"] == job_id
 
@@ -158,6 +162,7 @@ class WssInteropTests(TestCase):
             with self.connect() as ws1, self.connect() as ws2:
                 out["hello"] = recv_json(ws1)
                 ws1.send(json.dumps({"action": "subscribe", "job_id": job_a, "after_seq": 0}))
+                recv_until(ws1, is_ack)  # before it, the implicit all-jobs mode applies
                 recv_json(ws2)
                 ws2.send(json.dumps({"action": "subscribe", "job_id": job_b}))
                 out["ack2"] = recv_json(ws2)
@@ -231,6 +236,67 @@ class WssInteropTests(TestCase):
         frames = await deferToThread(client)
         kept = [e.to_wire() for e in self.manager.events.kept(job)]
         self.assertEqual(job_events(frames), kept[-2:])
+
+
+class AgentSiteTests(WssInteropTests):
+    """The same stream through the agent's real Klein site (``AgentApi``), next to its REST twin."""
+
+    def setUp(self) -> Deferred[None]:
+        started = super().setUp()
+        from lpa.agent.api import AgentApi
+
+        api = AgentApi(
+            jobs=self.manager,
+            backend=self.backend,
+            system=FakeSystem(),
+            clock=reactor,
+            version="test",
+            rate_limiter=None,
+            ws_resource=make_ws_resource(self.factory),
+        )
+        self.port.stopListening()  # replaced by the agent's site
+        self.port = reactor.listenSSL(
+            0, Site(api.resource()), self.pki.server_options(), interface="127.0.0.1"
+        )
+        self.base = f"127.0.0.1:{self.port.getHost().port}"
+        self.url = f"wss://{self.base}/api/v1/ws/jobs"
+        return started
+
+    def rest(self, path: str) -> tuple[int, dict[str, Any]]:
+        """GET over the same mTLS port (blocking; call from a thread)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"https://{self.base}{path}", context=client_context(self.pki), timeout=10
+            ) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    async def test_rest_twin_returns_the_same_events(self) -> None:
+        """``GET /api/v1/jobs/{id}/events?after=0`` answers exactly what the WebSocket sent."""
+        job = self.submit_patch()
+        await self.running(job)
+
+        def client() -> tuple[list[dict[str, Any]], Any]:
+            with self.connect() as ws:
+                recv_json(ws)
+                ws.send(json.dumps({"action": "subscribe", "job_id": job, "after_seq": 0}))
+                recv_until(ws, is_ack)
+                blockingCallFromThread(reactor, self.release, job)
+                frames = recv_until(ws, is_complete(job))
+            return frames, self.rest(f"/api/v1/jobs/{job}/events?after=0")
+
+        frames, (status, body) = await deferToThread(client)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["data"]["events"], job_events(frames))
+
+    async def test_plain_get_is_426(self) -> None:
+        """A GET without the upgrade on the agent's site answers 426, and the site still serves."""
+        status, body = await deferToThread(self.rest, "/api/v1/ws/jobs")
+        self.assertEqual(status, 426)
 
 
 class _PausableClient(WebSocketClientProtocol):
