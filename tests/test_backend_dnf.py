@@ -169,7 +169,7 @@ class DnfExecuteTests(SynchronousTestCase):
         """A real apply runs dnf upgrade -y; needs-restarting -r exit 1 means reboot required."""
         runner = ScriptedRunner()
         runner.on("upgrade", stdout=fixture("dnf", "upgrade_assumeno.txt"))
-        runner.on("needs-restarting", exit_code=1)
+        runner.on("needs-restarting", exit_code=1, stdout="Reboot is required to fully utilize these updates.\n")
         job = make_job("patch_apply", "lpademo")
         outcome = self.successResultOf(self.run_job(DnfBackend(runner, reboot_marker="/nonexistent"), runner, job))
         self.assertEqual(runner.calls[0].argv, ("dnf", "upgrade", "-y", "--", "lpademo"))

@@ -23,7 +23,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lpa import validation
-from lpa.agent.backends.base import newer_kernel_installed, read_reboot_marker
+from lpa.agent.backends.base import (
+    needs_restarting_verdict,
+    newer_kernel_installed,
+    read_reboot_marker,
+)
 from lpa.agent.interfaces import ISystem
 from lpa.agent.model import CommandResult
 from lpa.errors import (
@@ -217,8 +221,9 @@ class HostSystem:
                 result = await self._run(tool)
             except CommandError:
                 continue
-            if not result.timed_out and result.exit_code in (0, 1):
-                return result.exit_code == 1, []
+            verdict = needs_restarting_verdict(result)
+            if verdict is not None:
+                return verdict, []
         if newer_kernel_installed(self._uname().release, self._modules_dir):
             return True, ["kernel"]
         return False, []

@@ -120,6 +120,19 @@ def read_reboot_marker(marker_path: str) -> tuple[bool, list[str]]:
     return True, names
 
 
+def needs_restarting_verdict(result: CommandResult) -> bool | None:
+    """Read ``needs-restarting -r``: True (exit 1 and "Reboot is required"), False (exit 0),
+    None when inconclusive, e.g. dnf without the plugin ("No such command", also exit 1)."""
+    text = (result.stdout + "\n" + result.stderr).lower()
+    if result.timed_out:
+        return None
+    if result.exit_code == 1 and "reboot is required" in text:
+        return True
+    if result.exit_code == 0:
+        return False
+    return None
+
+
 def _version_key(text: str) -> tuple[Any, ...]:
     """A natural sort key: digit runs compare as numbers (``6.10`` > ``6.9``)."""
     return tuple(

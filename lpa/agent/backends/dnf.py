@@ -21,6 +21,7 @@ from lpa.agent.backends.base import (
     Timeouts,
     change,
     name_severity,
+    needs_restarting_verdict,
     package_requires_reboot,
 )
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
@@ -352,12 +353,12 @@ class DnfBackend(BackendBase):
         return [self.binary, "needs-restarting", "-r"]
 
     async def manager_says_reboot(self, ctx: Any) -> bool:
-        """``needs-restarting -r`` exits 1 when a reboot is needed, 0 when not."""
+        """``needs-restarting -r`` exits 1 and says "Reboot is required" when one is needed."""
         try:
             result = await ctx.run(self.needs_restarting_argv(), timeout=self._timeouts.quick, ok_codes=(0, 1))
         except (CommandFailedError, CommandNotFoundError):
             return False
-        return result.exit_code == 1
+        return bool(needs_restarting_verdict(result))
 
 
 def _with_update(package: Package, update: tuple[str, str] | None) -> Package:
