@@ -724,6 +724,8 @@ class JobManager:
             self.events.forget(job_id)
 
     def _persist_soon(self) -> None:
+        if self._stopping:
+            return  # no new timers after stop(); a job's end is still saved at once
         if self._flush_call is None or not self._flush_call.active():
             self._flush_call = self._clock.callLater(self._persist_interval, self._persist)
 
