@@ -54,10 +54,17 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self._own_store:
-            maybeDeferred(self.store.start).addErrback(  # type: ignore[attr-defined]
-                lambda failure: _log.failure("relay store did not start", failure)
-            )
+        if not self._own_store:
+            self._start_scanning()
+            return
+        # the first scan waits for the pool's first connection attempts (start never errbacks)
+        starting = maybeDeferred(self.store.start)  # type: ignore[attr-defined]
+        starting.addErrback(lambda failure: _log.failure("relay store did not start", failure))
+        starting.addCallback(lambda _: self._start_scanning())
+
+    def _start_scanning(self) -> None:
+        if not self.running:
+            return
         self.scanner.start()
         _log.info("lpa-relay started: scanning every {interval:g}s", interval=self.scanner.interval)
 

@@ -122,6 +122,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
     """Dials one agent's ``wss://host:port/api/v1/ws/jobs`` and keeps redialling until stopped."""
 
     protocol = RelayWebSocketProtocol
+    noisy = False  # no "Starting factory" line per dial; we log what matters ourselves
 
     def __init__(
         self,

@@ -1,0 +1,130 @@
+"""End to end: PostgreSQL + real lpa agents + the original's stub agent, followed by the relay daemon.
+
+One patch job on three hosts — a real agent streaming over the WebSocket, a real agent with
+``websocket.enabled: false`` (polled through the events endpoint) and a stub-handshake agent with
+100 KB of logs (polled through ``GET /jobs/{id}``) — from a manager-shaped ``relay.toml``; a LISTEN
+session sees host events for all three, every payload under 8000 bytes, and exactly one job-level
+event with ``host_count`` 3 and ``succeeded_count`` 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from lpa.agent.service import make_agent_service
+from lpa.config import parse_agent_config
+from lpa.relay.config import load_relay_config
+from lpa.relay.service import make_relay_service
+from tests import pg
+from tests.agentclient import mtls_client
+from tests.certs import make_test_pki
+from tests.fakeagents import StubHandshakeAgent
+from tests.fakes import FakeBackend, FakeSystem
+from tests.pgutil import Listener, Seeder
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+class RelayEndToEndTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="lpa-relay-e2e-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+
+    async def start_agent(self, name: str, extra: str = "") -> int:
+        text = (
+            "server:\n  bind: 127.0.0.1\n  port: 0\n"
+            f"tls:\n  ca_cert: {self.pki.ca_cert}\n  server_cert: {self.pki.server_cert}\n"
+            f"  server_key: {self.pki.server_key}\n  crl_path: {self.pki.crl}\n"
+            f"state_dir: {os.path.join(self.tmp, name)}\n" + extra
+        )
+        service = make_agent_service(parse_agent_config(text, name), reactor=reactor,
+                                     backend=FakeBackend(), system=FakeSystem())
+        service.startService()
+        port = await service.listener._waitingForPort
+        self.addCleanup(lambda: defer.ensureDeferred(service.stopService()) if service.running else None)
+        return port.getHost().port
+
+    async def dry_run_job(self, port: int) -> str:
+        client, pool = mtls_client(self.pki.client_options("good"))
+        self.addCleanup(pool.closeCachedConnections)
+        response = await client.post(f"https://localhost:{port}/api/v1/patches/apply", json={"dry_run": True})
+        body = json.loads(await response.content())
+        self.assertEqual(response.code, 202, body)
+        return body["data"]["job_id"]
+
+    async def test_three_hosts_one_job(self) -> None:
+        """Streaming, events-polled and stub agents all end succeeded; one job-level notification."""
+        dsn = pg.database(self, migrated=True)
+        seeder = Seeder(dsn)
+        self.addCleanup(seeder.close)
+        listener = Listener(dsn)
+        self.addCleanup(listener.close)
+
+        streaming_port = await self.start_agent("streaming")
+        polled_port = await self.start_agent("polled", "websocket:\n  enabled: false\n")
+        stub = StubHandshakeAgent(reactor)
+        stub.listen(self.pki.server_options(crl_path=None))
+        self.addCleanup(stub.kill)
+        stub_job = stub.add_job(status="running")
+
+        config_path = os.path.join(self.tmp, "relay.toml")
+        with open(config_path, "w") as handle:
+            handle.write(
+                "[server]\nbind = \"0.0.0.0:8080\"\n\n"
+                f"[database]\nurl = \"{dsn}\"\nmax_connections = 10\n\n"
+                "[worker]\nws_relay_poll_interval_secs = 1\nws_relay_scan_interval_secs = 0.5\n"
+                "ws_relay_reconnect_initial_delay_secs = 0.5\nws_relay_reconnect_max_delay_secs = 2\n\n"
+                f"[security]\nagent_client_cert_path = \"{self.pki.good.cert}\"\n"
+                f"agent_client_key_path = \"{self.pki.good.key}\"\nca_cert_path = \"{self.pki.ca_cert}\"\n"
+            )
+        relay = make_relay_service(load_relay_config(config_path, environ={}), reactor=reactor)
+        relay.startService()
+
+        async def stop_relay() -> None:
+            await relay.stopService()
+            await deferLater(reactor, 0.2, lambda: None)
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop_relay()))
+
+        job_id = seeder.job("running")
+        rows = []
+        for ip, port, agent_job in (  # hosts are unique by (fqdn, ip); the relay dials the fqdn
+            ("192.0.2.1", streaming_port, await self.dry_run_job(streaming_port)),
+            ("192.0.2.2", polled_port, await self.dry_run_job(polled_port)),
+            ("192.0.2.3", stub.port_number, stub_job),
+        ):
+            host_id = seeder.host("localhost", ip, port)
+            rows.append(seeder.host_job(job_id, host_id, agent_job).row_id)
+
+        await until(lambda: f"/api/v1/jobs/{stub_job}" in stub.requests, "stub job polled")
+        stub.set_state(stub_job, "completed", logs=[f"{n:04d} " + "y" * 95 for n in range(1000)])
+        await until(lambda: seeder.job_status(job_id) == "succeeded", "parent job succeeded", timeout=60)
+
+        payloads = listener.collect(expected=4, timeout=5)
+        self.assertTrue(all(len(raw.encode()) < 8000 for raw in listener.raw))
+        host_events = [p for p in payloads if p["event_type"] == "host"]
+        job_events = [p for p in payloads if p["event_type"] == "job"]
+        self.assertEqual({p["host_id"] for p in host_events} and len({p["agent_job_id"] for p in host_events}), 3)
+        self.assertEqual(len(job_events), 1)
+        self.assertEqual((job_events[0]["host_count"], job_events[0]["succeeded_count"]), (3, 3))
+        transports = [seeder.row(row)["relay_transport"] for row in rows]
+        self.assertEqual(transports, ["ws", "poll", "poll"])
+        self.assertEqual({seeder.row(row)["status"] for row in rows}, {"succeeded"})
+        self.assertGreater(len(seeder.row(rows[2])["output"]), 100_000)
