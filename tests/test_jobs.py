@@ -9,6 +9,7 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
+from lpa.agent.backends.apt import AptBackend
 from lpa.agent.context import JobContext
 from lpa.agent.interfaces import (
     IJobContext,
@@ -22,6 +23,7 @@ from lpa.agent.jobs import ABORT_GRACE_SECONDS, MAX_LOG_LINES, JobManager
 from lpa.agent.model import JobOutcome, JobRequest, PackageSpec
 from lpa.agent.process import ProcessRunner
 from lpa.agent.store import JsonJobStore
+from lpa.agent.system import HostSystem
 from lpa.errors import (
     AdmissionFrozenError,
     CancelNotAllowedError,
@@ -109,7 +111,9 @@ class InterfaceTests(SynchronousTestCase):
         verifyClass(IProcessRunner, ProcessRunner)
         verifyObject(IProcessRunner, ProcessRunner(clock))
         verifyObject(IPackageBackend, FakeBackend())
+        verifyClass(IPackageBackend, AptBackend)
         verifyObject(ISystem, FakeSystem())
+        verifyClass(ISystem, HostSystem)
         verifyObject(IJobStore, FakeJobStore())
         verifyObject(IJobStore, JsonJobStore(self.mktemp()))
         manager = JobManager(
