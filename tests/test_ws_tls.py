@@ -211,11 +211,13 @@ class WssInteropTests(TestCase):
                 return e
             return None
 
+        subscribers = self.manager.events.subscriber_count()
         error = await deferToThread(attempt)
         self.assertIsNotNone(error)
         self.assertIsInstance(error, (InvalidMessage, ssl.SSLError, ConnectionError, EOFError,
                                       OSError) + _closed_errors())
-        self.assertEqual(self.manager.events.subscriber_count(), 0)
+        self.assertEqual(self.manager.events.subscriber_count(), subscribers)
+        self.assertEqual(self.factory.countConnections, 0)
 
     async def test_finished_job_answers_at_once(self) -> None:
         """Subscribing to a finished job without after_seq gives its end at once over wss."""
