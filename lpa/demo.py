@@ -372,7 +372,8 @@ class Demo:
             final = dispatch.watch_job(
                 listener, job.job_id, self.out, names={job.hosts[0].host_id: AGENT_HOST},
                 timeout=self.timeout,
-                on_payload=lambda p: transports.add(p["transport"]) if p.get("transport") else None)
+                on_payload=lambda p: transports.add(p["transport"]) if p.get("transport") else None,
+                on_idle=lambda: check_alive(self.processes, self.state_dir))
             summary = self._summary(writer, job.job_id, final, transports)
         except dispatch.DispatchError as error:
             check_alive(self.processes, self.state_dir)

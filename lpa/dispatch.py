@@ -237,6 +237,7 @@ def watch_job(
     timeout: float = 300.0, recheck_interval: float = 5.0,
     monotonic: Callable[[], float] = time.monotonic,
     on_payload: Callable[[dict[str, Any]], None] | None = None,
+    on_idle: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Print this job's notifications until the job-level one; return that payload.
 
@@ -245,7 +246,8 @@ def watch_job(
 
     ``connection`` must already LISTEN (:func:`listen`).  Every ``recheck_interval`` without a
     notification the parent row is read, so a notification lost (e.g. the listener reconnected)
-    ends the watch too, with a payload marked ``"recovered": true``.
+    ends the watch too, with a payload marked ``"recovered": true``; ``on_idle`` is called
+    then as well (the demo checks that its daemons still run; it may raise).
     Raises :class:`DispatchError` after ``timeout`` seconds.
     """
     names = names or {}
@@ -278,6 +280,8 @@ def watch_job(
                 f"(status {job_status(connection, job_id)}; is lpa-relay running?)")
         ready, _, _ = select.select([connection], [], [], min(remaining, recheck_interval))
         if not ready:
+            if on_idle is not None:
+                on_idle()
             status = job_status(connection, job_id)
             if status in ("succeeded", "failed", "cancelled"):
                 payload = _recovered_payload(connection, job_id, status)

@@ -183,6 +183,22 @@ class DatabaseTests(SynchronousTestCase):
                                   io.StringIO(), timeout=0.05, recheck_interval=0.01)
         self.assertIn("status running", str(error))
 
+    def test_watch_idle_check(self) -> None:
+        """on_idle runs while nothing arrives, and what it raises ends the watch."""
+        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
+        listener = connect(self, self.dsn)
+        dispatch.listen(listener)
+        calls: list[int] = []
+
+        def on_idle() -> None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise DispatchError("lpa-relay exited")
+
+        error = self.assertRaises(DispatchError, dispatch.watch_job, listener, job.job_id,
+                                  io.StringIO(), timeout=5, recheck_interval=0.01, on_idle=on_idle)
+        self.assertEqual((str(error), len(calls)), ("lpa-relay exited", 2))
+
     def test_dispatch_command(self) -> None:
         """dispatch(): create, start, print one line per host."""
         out = io.StringIO()
