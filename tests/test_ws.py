@@ -14,15 +14,19 @@ import autobahn.websocket
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
+from zope.interface.verify import verifyObject
 
 from lpa.agent.eventlog import EventLog
 from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
+from lpa.agent.ws_session import IStreamChannel
 from lpa.events import RUNNING
 from tests.test_ws_session import FakeJobManager, new_job
 
@@ -150,6 +154,13 @@ class FactoryTests(SynchronousTestCase):
         self.assertGreater(factory.openHandshakeTimeout, 0)
         self.assertGreater(factory.closeHandshakeTimeout, 0)
         self.assertIsNone(factory.perMessageCompressionAccept([object()]))
+
+    def test_protocol_provides_its_interfaces(self) -> None:
+        """The protocol is the session's channel and the transport's push producer."""
+        factory = JobStreamFactory(self.events, self.jobs, clock=Clock())
+        protocol = factory.buildProtocol(CLIENT_ADDRESS)
+        self.assertTrue(verifyObject(IStreamChannel, protocol))
+        self.assertTrue(verifyObject(IPushProducer, protocol))
 
     def test_bad_limits_rejected(self) -> None:
         """A ping timeout not above the interval, or a zero limit, is refused at construction."""
@@ -304,6 +315,25 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(self.events.subscriber_count(), 0)
         self.clock.advance(60)
         self.assert_no_timers()
+
+
+class _ReturnsUnfiredDeferred(JobStreamProtocol):
+    def onMessage(self, payload: bytes, isBinary: bool) -> Any:
+        super().onMessage(payload, isBinary)
+        return Deferred()  # never fires
+
+
+class HookTests(ProtocolTestBase):
+    def test_autobahn_does_not_await_hooks(self) -> None:
+        """Autobahn calls onMessage synchronously and ignores what it returns (STYLE pin)."""
+        factory = self.make_factory()
+        factory.protocol = _ReturnsUnfiredDeferred
+        client, server, pump = self.connect(factory=factory)
+        client.take()
+        client.send_json({"action": "subscribe"})
+        client.send_json({"action": "unsubscribe"})
+        pump.flush()
+        self.assertEqual([m["event"] for m in client.take()], ["subscribed", "unsubscribed"])
 
 
 class HeartbeatTests(ProtocolTestBase):

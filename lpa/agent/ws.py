@@ -201,6 +201,7 @@ class JobStreamFactory(WebSocketServerFactory):
             # that went silent just after a pong is dropped `ping_timeout` seconds later.
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout - ping_interval,
+            autoPingRestartOnAnyTraffic=True,  # a client's data frames count as signs of life
             openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             maxConnections=max_connections,
