@@ -398,6 +398,11 @@ class BadInputTests(SessionTestBase):
         self.assertTrue(error["message"].startswith("Invalid message"))
         self.assertEqual(error["error"], error["message"])
 
+    def test_deeply_nested_json(self) -> None:
+        """JSON nested past the parser's depth is bad input, not an internal fault."""
+        self.assertEqual(self.error_of("[" * 60000)["error_code"], "INVALID_JSON")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_not_an_object(self) -> None:
         """A JSON value that is not an object gets INVALID_MESSAGE."""
         self.assertEqual(self.error_of("[1, 2]")["error_code"], "INVALID_MESSAGE")

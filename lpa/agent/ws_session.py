@@ -190,6 +190,8 @@ class JobStreamSession:
             message = json.loads(text)
         except ValueError as e:
             raise _Rejected(INVALID_JSON, f"Invalid message: not JSON ({e})") from None
+        except RecursionError:
+            raise _Rejected(INVALID_JSON, "Invalid message: JSON nested too deeply") from None
         if not isinstance(message, dict):
             raise _Rejected(INVALID_MESSAGE, "Invalid message: expected a JSON object")
         return message
