@@ -118,6 +118,19 @@ class AgentDaemonTests(_DaemonCase):
                 failure = Failure()
             self.assertIsNotNone(failure, f"{which} client was served")
 
+    async def test_revocation_applies_on_reload(self) -> None:
+        """A client revoked while the agent runs is refused after a reload, without a restart."""
+        from lpa.pki import revoke
+
+        service = await self._start(backend=FakeBackend(), system=FakeSystem())
+        response = await self._client().get(self._url("/api/v1/health"))
+        self.assertEqual(response.code, 200)
+        await response.content()
+        revoke(self.pki.directory, self.pki.good.cert)
+        service.reloader.reload()
+        with self.assertRaises(Exception):
+            await self._client().get(self._url("/api/v1/health"))
+
     async def test_metacharacters_refused_nothing_submitted(self) -> None:
         """A package name carrying shell metacharacters is a 400 VALIDATION_ERROR; no job made."""
         backend = FakeBackend()

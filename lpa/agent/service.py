@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -49,6 +49,8 @@ LISTEN_BACKLOG = 512
 class AgentService(MultiService):
     """The agent: a job engine and one listener, started and stopped in a fixed order."""
 
+    reloader: "Reloader | None" = None
+
     def __init__(self, jobs: JobManager, listener: StreamServerEndpointService) -> None:
         super().__init__()
         self.jobs = jobs
@@ -63,15 +65,18 @@ class AgentService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         self.running = 0
-        d = ensureDeferred(_stop_in_order(self.listener, self.jobs))
+        d = ensureDeferred(self._stop_in_order())
         d.addErrback(lambda f: _log.failure("agent did not stop cleanly", f))
         return d
 
-
-async def _stop_in_order(listener: StreamServerEndpointService, jobs: JobManager) -> None:
-    if listener.running:
-        await listener.stopService()
-    await jobs.stop()
+    async def _stop_in_order(self) -> None:
+        # Timers first, then stop accepting, then let the engine freeze admission and persist.
+        for child in list(self):
+            if child is not self.listener and child.running:
+                await maybeDeferred(child.stopService)
+        if self.listener.running:
+            await self.listener.stopService()
+        await self.jobs.stop()
 
 
 def _state_dir(config: AgentConfig) -> str:
@@ -102,7 +107,7 @@ def make_agent_service(
 
         reactor = global_reactor
     for warning in config.warnings:
-        _log.warn("config {source}: {warning}", source=config.source, warning=warning)
+        _log.warn("config {source}: {problem}", source=config.source, problem=warning)
 
     state_dir = _state_dir(config)
     runner = runner or ProcessRunner(reactor)
@@ -203,15 +208,42 @@ def make_agent_service(
                 reactor, server.port, context, backlog=LISTEN_BACKLOG, interface=server.bind
             )
     else:
-        _log.warn(
-            "TLS is disabled (tls.enabled: false): the agent serves plain HTTP WITHOUT client "
-            "authentication (INSECURE); enable TLS for anything but a lab"
-        )
+        # lpa.config already warned that this is INSECURE.
+        context = None
         endpoint_class = TCP6ServerEndpoint if ":" in server.bind else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, server.port, backlog=LISTEN_BACKLOG, interface=server.bind)
     listener = StreamServerEndpointService(endpoint, site)
     listener._raiseSynchronously = True
-    return AgentService(jobs, listener)
+    agent = AgentService(jobs, listener)
+    reloader = Reloader(context, whitelist)
+    agent.reloader = reloader
+    TimerService(RELOAD_INTERVAL_SECONDS, reloader.reload).setServiceParent(agent)
+    return agent
+
+
+#: how often the CRL and the IP whitelist are re-read without a SIGHUP
+RELOAD_INTERVAL_SECONDS = 3600.0
+
+
+class Reloader:
+    """Re-reads the CRL and the IP whitelist (hourly, and on SIGHUP from ``tap.py``).
+
+    A revocation or a whitelist edit takes effect without a restart; either file turning
+    unreadable fails closed (the TLS options and the whitelist both deny everyone then).
+    """
+
+    def __init__(self, tls_options: Any, whitelist: IPWhitelist | None) -> None:
+        self._tls_options = tls_options
+        self._whitelist = whitelist
+
+    def reload(self) -> None:
+        if self._tls_options is not None and not self._tls_options.reload_crl():
+            _log.error(
+                "CRL reload failed: refusing every client until it is fixed ({reason})",
+                reason=self._tls_options.fail_closed_reason,
+            )
+        if self._whitelist is not None and not self._whitelist.reload():
+            _log.error("IP whitelist reload failed: denying every address until it is fixed")
 
 
 def _ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any:

@@ -45,6 +45,18 @@ def makeService(options: Options) -> Any:
     from lpa.agent.service import make_agent_service
 
     try:
-        return make_agent_service(options["agent_config"], reactor=reactor)
+        service = make_agent_service(options["agent_config"], reactor=reactor)
     except ConfigError as error:
         _exit_with(error)
+    _reload_on_sighup(reactor, service)
+    return service
+
+
+def _reload_on_sighup(reactor: Any, service: Any) -> None:
+    """SIGHUP re-reads the CRL and the IP whitelist (``systemctl reload lpa-agent``)."""
+    import signal
+
+    reloader = getattr(service, "reloader", None)
+    if reloader is None:
+        return
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reloader.reload))
