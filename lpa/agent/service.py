@@ -124,7 +124,8 @@ def make_agent_service(
             ),
             lock_timeout=config.jobs.lock_timeout_secs,
         )
-    store = store or JsonJobStore(os.path.join(state_dir, "jobs_history.json"))
+    # Writes and fsyncs off the reactor; JobManager.stop() flushes before the process exits.
+    store = store or JsonJobStore(os.path.join(state_dir, "jobs_history.json"), background=True)
     events = EventLog(reactor, config.jobs.max_events_per_job)
     jobs = JobManager(
         backend=backend,
