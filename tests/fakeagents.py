@@ -145,6 +145,8 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
                 "timestamp": ev.rfc3339()}
 
     def _send(self, frame: dict[str, Any]) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return  # closing: the client resumes from its last seq
         self.sendMessage(json.dumps(frame).encode(), isBinary=False)
 
     def _send_event(self, job_event: ev.JobEvent) -> None:

@@ -21,12 +21,13 @@ from twisted.trial.unittest import TestCase
 
 from lpa.agent.service import make_agent_service
 from lpa.config import parse_agent_config
-from lpa.relay.config import load_relay_config
+from lpa import events as ev
+from lpa.relay.config import RelayConfig, load_relay_config
 from lpa.relay.service import make_relay_service
 from tests import pg
 from tests.agentclient import mtls_client
 from tests.certs import make_test_pki
-from tests.fakeagents import StubHandshakeAgent
+from tests.fakeagents import LpaTestAgent, StubHandshakeAgent
 from tests.fakes import FakeBackend, FakeSystem
 from tests.pgutil import Listener, Seeder
 
@@ -128,3 +129,48 @@ class RelayEndToEndTests(TestCase):
         self.assertEqual(transports, ["ws", "poll", "poll"])
         self.assertEqual({seeder.row(row)["status"] for row in rows}, {"succeeded"})
         self.assertGreater(len(seeder.row(rows[2])["output"]), 100_000)
+
+    async def test_relay_restart_resumes_from_database_seq(self) -> None:
+        """A relay stopped mid-job and started again resumes from relay_last_seq: nothing lost, nothing twice."""
+        dsn = pg.database(self, migrated=True)
+        seeder = Seeder(dsn)
+        self.addCleanup(seeder.close)
+        listener = Listener(dsn)
+        self.addCleanup(listener.close)
+        agent = LpaTestAgent(reactor)
+        agent.listen(self.pki.server_options(crl_path=None))
+        self.addCleanup(agent.kill)
+        job = agent.add_job()
+        agent.emit(job, ev.RUNNING, "Job started")
+        agent.emit(job, ev.RUNNING, "line 1", kind=ev.KIND_OUTPUT)
+        job_id = seeder.job("running")
+        row = seeder.host_job(job_id, seeder.host("localhost", "192.0.2.9", agent.port_number), job).row_id
+        config = RelayConfig(
+            database_url=dsn, scan_interval=0.3, poll_interval=0.3, reconnect_initial_delay=0.2,
+            reconnect_max_delay=1.0, client_cert_path=self.pki.good.cert,
+            client_key_path=self.pki.good.key, ca_cert_path=self.pki.ca_cert,
+        )
+
+        async def run_relay() -> Any:
+            relay = make_relay_service(config, reactor=reactor)
+            relay.startService()
+            self.addCleanup(lambda: defer.ensureDeferred(relay.stopService()) if relay.running else None)
+            return relay
+
+        first = await run_relay()
+        await until(lambda: seeder.row(row)["relay_last_seq"] == 2, "first relay applied seq 2")
+        await first.stopService()
+        agent.emit(job, ev.RUNNING, "line 2", kind=ev.KIND_OUTPUT)
+        agent.emit(job, ev.RUNNING, "line 3", kind=ev.KIND_OUTPUT)
+        await run_relay()
+        await until(lambda: seeder.row(row)["relay_last_seq"] == 4, "second relay applied seq 4")
+        agent.finish(job)
+        await until(lambda: seeder.job_status(job_id) == "succeeded", "parent job succeeded")
+        subscribes = [m for m in agent.ws_messages if m.get("action") == "subscribe"]
+        self.assertEqual([m["after_seq"] for m in subscribes], [0, 2])
+        self.assertEqual(seeder.row(row)["output"], "line 1\nline 2\nline 3")
+        payloads = listener.collect(expected=4, timeout=5)
+        seqs = [p["seq"] for p in payloads if p["event_type"] == "host"]
+        self.assertEqual(seqs, sorted(set(seqs)))
+        self.assertEqual(seqs[-1], 5)
+        self.assertEqual(len([p for p in payloads if p["event_type"] == "job"]), 1)

@@ -187,3 +187,23 @@ class LoopbackTests(TestCase):
         reason = service.scanner.links[address].last_failure
         self.assertRegex(reason, "(?i)verif|certificate|mismatch|wrong.example")
         self.assertEqual(agent.ws_messages, [])
+
+    async def test_back_to_websocket_when_it_opens(self) -> None:
+        """Polling while the WebSocket is refused; once the agent accepts it, the link streams and stops polling."""
+        agent = LpaTestAgent(reactor, websocket=False)
+        address = self.start_agent(agent)
+        job = agent.add_job()
+        agent.emit(job, ev.RUNNING, "Job started")
+        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        service = self.start_relay()
+        await until(lambda: self.store.rows["r1"].last_seq == 1, "first event polled")
+        self.assertEqual(self.link_state(service, address), POLLING)
+        agent.websocket = True
+        await until(lambda: self.link_state(service, address) == STREAMING, "streaming")
+        self.assertIn({"action": "subscribe", "job_id": job, "after_seq": 1}, agent.ws_messages)
+        polls = len([r for r in agent.requests if "/events" in r])
+        agent.emit(job, ev.RUNNING, "line", kind=ev.KIND_OUTPUT)
+        await until(lambda: self.store.rows["r1"].last_seq == 2, "streamed event")
+        await deferLater(reactor, 0.5, lambda: None)  # more than two poll intervals
+        self.assertEqual(len([r for r in agent.requests if "/events" in r]), polls)
+        self.assertEqual(self.applied("r1"), [([1], "poll"), ([2], "ws")])
