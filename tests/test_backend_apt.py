@@ -17,13 +17,15 @@ from lpa.errors import (
     PackageNotFoundError,
     ValidationError,
 )
-from tests.fakes_backends import FakeJobContext, ScriptedRunner, fixture, make_job
+from tests.fakes_backends import FakeJobContext, ScriptedRunner, fixture, fixture_exit, make_job
 
 INSTALLED = fixture("apt", "list_installed.txt")
 UPGRADABLE = fixture("apt", "list_upgradable.txt")
 DIST_UPGRADE = fixture("apt", "sim_dist_upgrade.txt")
 POLICY = fixture("apt", "policy_several.txt")
 DPKG_S_BASH = fixture("apt", "dpkg_s_bash.txt")
+#: dpkg --audit wording for interrupted work (documented format; this host's audit is clean)
+HALF_CONFIGURED = "The following packages are only half configured, probably due to problems\nconfiguring them the first time.\n x   some package\n"
 
 
 class AptParserTests(SynchronousTestCase):
@@ -228,7 +230,10 @@ class AptExecuteTests(SynchronousTestCase):
         job = make_job("install", "sl", "curl", versions={"curl": "7.88.1-10+deb12u15"}, no_recommends=True, force=True)
         ctx, d = self.run_job(runner, job, lock_timeout=120)
         outcome = self.successResultOf(d)
-        self.assertEqual([c.argv[:3] for c in runner.calls][1:], [("dpkg", "--configure", "-a"), runner.calls[2].argv[:3], ("dpkg", "--audit")[:3]])
+        self.assertEqual(runner.argvs[0], ("dpkg", "--audit"))
+        self.assertIn("-s", runner.argvs[1])
+        self.assertEqual(runner.argvs[3], ("dpkg", "--audit"))
+        self.assertEqual(len(runner.calls), 4)
         real = runner.calls[2].argv
         self.assertEqual(real[0], "apt-get")
         for option in ("Dpkg::Options::=--force-confdef", "Dpkg::Options::=--force-confold", "DPkg::Lock::Timeout=120", "APT::Status-Fd=3"):
@@ -333,13 +338,34 @@ class AptExecuteTests(SynchronousTestCase):
         self.assertFalse(any("-y" in c.argv for c in runner.calls))
 
     def test_configure_failure_needs_manual_intervention(self) -> None:
-        """A failing ``dpkg --configure -a`` pre-flight fails the job before apt-get runs."""
+        """Interrupted dpkg work is finished first; if that fails the job fails before apt-get."""
         runner = ScriptedRunner()
+        runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED)
         runner.on("dpkg", "--configure", exit_code=1, stderr="dpkg: error processing package x")
         ctx, d = self.run_job(runner, make_job("remove", "sl"))
         failure = self.failureResultOf(d, CommandFailedError)
         self.assertIn("requires manual intervention", failure.value.message)
-        self.assertFalse(any("-y" in c.argv for c in runner.calls))
+        self.assertEqual(runner.argvs, [("dpkg", "--audit"), ("dpkg", "--configure", "-a")])
+
+    def test_configure_lock_held(self) -> None:
+        """``dpkg --configure -a`` meeting a held lock (real message) says so, not "manual"."""
+        runner = ScriptedRunner()
+        runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED)
+        runner.on(
+            "dpkg", "--configure",
+            exit_code=fixture_exit("apt", "dpkg_configure_locked.txt"),
+            stderr=fixture("apt", "dpkg_configure_locked.txt"),
+        )
+        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        failure = self.failureResultOf(d, CommandFailedError)
+        self.assertIn("another package manager holds it", failure.value.message)
+
+    def test_clean_database_skips_configure(self) -> None:
+        """With a clean ``dpkg --audit`` no ``dpkg --configure -a`` runs (it would not wait for the lock)."""
+        runner = ScriptedRunner()
+        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        self.successResultOf(d)
+        self.assertNotIn(("dpkg", "--configure", "-a"), runner.argvs)
 
     def test_dependency_error_fix_broken_retry(self) -> None:
         """A dependency error runs ``apt-get -f install`` and retries once."""
@@ -363,11 +389,14 @@ class AptExecuteTests(SynchronousTestCase):
     def test_audit_problems_repaired_or_fail(self) -> None:
         """``dpkg --audit`` problems: configure and audit again; still there → failure."""
         runner = ScriptedRunner()
-        runner.on("dpkg", "--audit", stdout="The following packages are only half configured:\n x\n", times=1)
+        runner.on("dpkg", "--audit", times=1)
+        runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED, times=1)
         ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.successResultOf(d)
+        self.assertEqual(runner.argvs[-3:], [("dpkg", "--audit"), ("dpkg", "--configure", "-a"), ("dpkg", "--audit")])
         runner = ScriptedRunner()
-        runner.on("dpkg", "--audit", stdout="The following packages are only half configured:\n x\n")
+        runner.on("dpkg", "--audit", times=1)
+        runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED)
         ctx, d = self.run_job(runner, make_job("remove", "sl"))
         failure = self.failureResultOf(d, CommandFailedError)
         self.assertIn("dpkg --audit", failure.value.message)

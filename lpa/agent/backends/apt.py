@@ -2,7 +2,7 @@
 
 A mutation runs as::
 
-    dpkg --configure -a ─▶ apt-get -s … (what will change, n packages)
+    dpkg --audit (problems: dpkg --configure -a) ─▶ apt-get -s … (what will change, n packages)
         ─▶ apt-get -y … -o APT::Status-Fd=3 (pmstatus → progress "package i of n")
         ─▶ [dependency error: apt-get -f install, retry once]
         ─▶ dpkg --audit (problems: dpkg --configure -a, audit again, else fail)
@@ -30,6 +30,7 @@ from lpa.agent.backends.base import (
     BackendBase,
     Timeouts,
     change,
+    error_text,
     is_dependency_error,
     is_fetch_error,
     package_requires_reboot,
@@ -405,10 +406,11 @@ class AptBackend(BackendBase):
         return parse_apt_simulation(result.stdout)
 
     async def _apply(self, ctx: Any, request: JobRequest, args: list[str], verb: str) -> JobOutcome:
+        if not request.dry_run:
+            await self._configure_pending(ctx)
         changes = await self._simulate(ctx, args)
         if request.dry_run:
             return await self.outcome(ctx, request, changes, verb)
-        await self._configure_pending(ctx)
         progress = AptProgress(ctx, len(changes))
         try:
             await self._run_mutation(ctx, args, progress)
@@ -426,14 +428,28 @@ class AptBackend(BackendBase):
         await ctx.run(self.apt_get(*args), timeout=self._timeouts.package, env=dict(APT_ENV), status_fd_line=progress)
 
     async def _configure_pending(self, ctx: Any) -> None:
+        """Finish interrupted dpkg work first; only when ``dpkg --audit`` reports some, because
+        ``dpkg --configure -a`` takes the lock without waiting for it."""
+        if await self._audit_clean(ctx):
+            return
         try:
             await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
         except CommandFailedError as error:
+            if "locked by another process" in error_text(error):
+                raise CommandFailedError(
+                    "dpkg --configure -a could not take the dpkg lock: another package manager "
+                    "holds it while interrupted work waits to be finished; try again later",
+                    error.result,
+                ) from error
             raise CommandFailedError(
                 "dpkg --configure -a failed before the operation: the package database "
                 "requires manual intervention",
                 error.result,
             ) from error
+
+    async def _audit_clean(self, ctx: Any) -> bool:
+        result = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
+        return not (result.stdout.strip() or result.exit_code)
 
     async def _configure_after_failure(self, ctx: Any) -> None:
         try:
@@ -442,16 +458,14 @@ class AptBackend(BackendBase):
             _log.warn("dpkg --configure -a after a failed apt command also failed: {error}", error=error)
 
     async def _audit(self, ctx: Any) -> None:
-        result = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
-        if not (result.stdout.strip() or result.exit_code):
+        """``dpkg --audit`` after the operation; problems get one ``dpkg --configure -a``."""
+        if await self._audit_clean(ctx):
             return
         await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
-        again = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
-        if again.stdout.strip() or again.exit_code:
+        if not await self._audit_clean(ctx):
             raise CommandFailedError(
                 "dpkg --audit still reports problems after dpkg --configure -a: the package "
                 "database requires manual intervention",
-                again,
             )
 
 
