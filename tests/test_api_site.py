@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyChannel
 
 from lpa.agent.api import BoundedRequest, bounded_request_factory
@@ -66,6 +69,19 @@ class SiteTests(ApiTestCase):
         raw = b"GET /api/v1/jobs HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
         code, _, body = self.exchange(raw)
         self.assertEqual((code, body["error"]["code"]), (400, "DUPLICATE_HEADERS"))
+
+    def test_disconnect_cancels_backend_query(self) -> None:
+        """A client that goes away cancels the package-manager query; no error is logged."""
+        cancelled: list[bool] = []
+        pending: Deferred = Deferred(lambda d: cancelled.append(True))
+        self.backend.list_packages = lambda name=None, status=None: pending  # type: ignore[method-assign]
+        site = self.api.site()
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"GET /api/v1/packages HTTP/1.1\r\nHost: agent\r\n\r\n")
+        self.assertEqual(cancelled, [])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(cancelled, [True])
 
     def test_bounded_request_drops_excess(self) -> None:
         """The request class keeps nothing of an oversized body."""

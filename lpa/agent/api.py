@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Sequence
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -241,7 +242,7 @@ class AgentApi:
     async def system_info(self, request: IRequest) -> Answer:
         try:
             info = await self._system.system_info()
-        except ApiError:
+        except (ApiError, CancelledError):
             raise
         except Exception as error:
             _log.warn("system info failed: {error}", error=str(error))
@@ -253,7 +254,7 @@ class AgentApi:
         validation.service_name(name)
         try:
             status = await self._system.service_status(name)
-        except ApiError:
+        except (ApiError, CancelledError):
             raise
         except Exception as error:
             _log.warn("service {name} status failed: {error}", name=name, error=str(error))
@@ -507,7 +508,7 @@ class AgentApi:
         """Await a read-only backend call; its unexpected failures are 500 PKG_MANAGER_ERROR."""
         try:
             return await deferred
-        except ApiError:
+        except (ApiError, CancelledError):
             raise
         except CommandError as error:
             _log.warn("package manager query failed: {error}", error=error.message)
