@@ -79,7 +79,7 @@ class ApkBackendTests(SynchronousTestCase):
         self.assertEqual(len(outcome.changes), 3)
         runner = ScriptedRunner()
         job = make_job("patch_apply")
-        self.successResultOf(ApkBackend(runner, reboot_marker="/nonexistent").execute(job, FakeJobContext(runner, job)))
+        self.successResultOf(ApkBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent").execute(job, FakeJobContext(runner, job)))
         self.assertEqual(runner.argvs, [("apk", "update"), ("apk", "upgrade")])
 
     def test_security_only_refused(self) -> None:

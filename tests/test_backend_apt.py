@@ -131,7 +131,7 @@ class AptParserTests(SynchronousTestCase):
 
 
 def backend(runner: ScriptedRunner, **kwargs: object) -> AptBackend:
-    return AptBackend(runner, reboot_marker="/nonexistent/reboot-required", **kwargs)  # type: ignore[arg-type]
+    return AptBackend(runner, reboot_marker="/nonexistent/reboot-required", modules_dir="/nonexistent", **kwargs)  # type: ignore[arg-type]
 
 
 class AptReadTests(SynchronousTestCase):
@@ -422,7 +422,7 @@ class AptExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         job = make_job("update", "sl")
         ctx = FakeJobContext(runner, job)
-        outcome = self.successResultOf(AptBackend(runner, reboot_marker=marker).execute(job, ctx))
+        outcome = self.successResultOf(AptBackend(runner, reboot_marker=marker, modules_dir="/nonexistent").execute(job, ctx))
         self.assertTrue(outcome.reboot_required)
         self.assertEqual(outcome.reboot_packages, ("libc6",))
 
@@ -434,6 +434,17 @@ class AptExecuteTests(SynchronousTestCase):
         outcome = self.successResultOf(d)
         self.assertTrue(outcome.reboot_required)
         self.assertEqual(outcome.reboot_packages, ("linux-image-amd64",))
+
+    def test_newer_kernel_after_apply(self) -> None:
+        """Without other signals, a newer installed kernel than the running one means reboot."""
+        modules = self.mktemp()
+        for release in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
+            os.makedirs(os.path.join(modules, release))
+        runner = ScriptedRunner()
+        job = make_job("update", "sl")
+        backend = AptBackend(runner, reboot_marker="/nonexistent", modules_dir=modules, running_kernel=lambda: "6.1.0-9-amd64")
+        outcome = self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
+        self.assertEqual((outcome.reboot_required, outcome.reboot_packages), (True, ("kernel",)))
 
     def test_status_fd_progress_during_apply(self) -> None:
         """Status-fd lines of the real command reach ctx.progress with package counts."""

@@ -28,7 +28,7 @@ class AptLiveTests(TestCase):
         from lpa.agent.process import ProcessRunner
 
         self.runner = ProcessRunner(reactor)
-        self.backend = AptBackend(self.runner, reboot_marker="/nonexistent/reboot-required")
+        self.backend = AptBackend(self.runner, reboot_marker="/nonexistent/reboot-required", modules_dir="/nonexistent")
 
     async def installed_state(self) -> str:
         result: CommandResult = await self.runner.run(DPKG_QUERY, timeout=60)

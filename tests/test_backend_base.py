@@ -56,7 +56,7 @@ class DetectionTests(SynchronousTestCase):
     def test_timeouts_reach_commands(self) -> None:
         """The configured per-command timeouts are the ones commands run with."""
         runner = ScriptedRunner()
-        built = backends.make_backend("dnf", runner, which=lambda _: "/x", reboot_marker="/nonexistent",
+        built = backends.make_backend("dnf", runner, which=lambda _: "/x", reboot_marker="/nonexistent", modules_dir="/nonexistent",
                                       timeouts=base.Timeouts(refresh=11, package=22, quick=33))
         job = make_job("install", "a")
         self.successResultOf(built.execute(job, FakeJobContext(runner, job)))

@@ -84,7 +84,7 @@ class PacmanReadTests(SynchronousTestCase):
 class PacmanExecuteTests(SynchronousTestCase):
     def run_job(self, runner: ScriptedRunner, job: object):  # type: ignore[no-untyped-def]
         ctx = FakeJobContext(runner, job)  # type: ignore[arg-type]
-        return PacmanBackend(runner, reboot_marker="/nonexistent").execute(job, ctx)
+        return PacmanBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent").execute(job, ctx)
 
     def test_dry_run_apply_all_does_not_sync(self) -> None:
         """A dry-run apply previews with -Su --print (no -y) and runs nothing else."""

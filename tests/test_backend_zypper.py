@@ -101,7 +101,7 @@ class ZypperReadTests(SynchronousTestCase):
 class ZypperExecuteTests(SynchronousTestCase):
     def run_job(self, runner: ScriptedRunner, job: object):  # type: ignore[no-untyped-def]
         ctx = FakeJobContext(runner, job)  # type: ignore[arg-type]
-        return ZypperBackend(runner, reboot_marker="/nonexistent").execute(job, ctx)
+        return ZypperBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent").execute(job, ctx)
 
     def test_install_argv(self) -> None:
         """install: non-interactive, xmlout, --no-recommends, --force-resolution, pins after --."""

@@ -70,12 +70,19 @@ def make_backend(
     timeouts: Timeouts = Timeouts(),
     lock_timeout: int = 300,
     reboot_marker: str = "/var/run/reboot-required",
+    modules_dir: str = "/lib/modules",
 ) -> BackendBase:
-    """Build the backend for ``name`` ("auto" or a manager name) over ``runner``."""
+    """Build the backend for ``name`` ("auto" or a manager name) over ``runner``.
+
+    :param timeouts: per-command deadlines (refresh 300 s, package operations 1800 s, quick 60 s)
+    :param lock_timeout: apt's ``DPkg::Lock::Timeout`` in seconds (how long a held lock is waited for)
+    :raises ConfigError: no manager found, an unknown name, or the chosen one is not installed
+    """
     chosen = detect_backend(name, which=which)
+    options = {"timeouts": timeouts, "reboot_marker": reboot_marker, "modules_dir": modules_dir}
     if chosen == "apt":
-        return AptBackend(runner, timeouts=timeouts, lock_timeout=lock_timeout, reboot_marker=reboot_marker)
-    return BACKENDS[chosen](runner, timeouts=timeouts, reboot_marker=reboot_marker)
+        return AptBackend(runner, lock_timeout=lock_timeout, **options)  # type: ignore[arg-type]
+    return BACKENDS[chosen](runner, **options)  # type: ignore[arg-type]
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import attr
 
 from lpa import validation
-from lpa.agent.backends.base import BackendBase, Timeouts, change, name_severity, package_requires_reboot
+from lpa.agent.backends.base import BackendBase, change, name_severity, package_requires_reboot
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import PackageNotFoundError
 
@@ -92,15 +92,6 @@ def parse_apk_steps(text: str) -> list[dict[str, Any]]:
 class ApkBackend(BackendBase):
     name = "apk"
     supports_security_only = False
-
-    def __init__(
-        self,
-        runner: Any,
-        *,
-        timeouts: Timeouts = Timeouts(),
-        reboot_marker: str = "/var/run/reboot-required",
-    ) -> None:
-        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
 
     async def _list(self, *args: str) -> list[ApkEntry]:
         result = await self._read(["apk", "list", *args], timeout=self._timeouts.refresh)

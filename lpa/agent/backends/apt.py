@@ -20,8 +20,9 @@ means ``--allow-unauthenticated`` (bug 30): signatures are always checked.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attr
 from twisted.logger import Logger
@@ -262,8 +263,16 @@ class AptBackend(BackendBase):
         timeouts: Timeouts = Timeouts(),
         lock_timeout: int = 300,
         reboot_marker: str = "/var/run/reboot-required",
+        modules_dir: str = "/lib/modules",
+        running_kernel: Callable[[], str] = lambda: os.uname().release,
     ) -> None:
-        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
+        super().__init__(
+            runner,
+            timeouts=timeouts,
+            reboot_marker=reboot_marker,
+            modules_dir=modules_dir,
+            running_kernel=running_kernel,
+        )
         self._lock_timeout = int(lock_timeout)
 
     # -- read-only -------------------------------------------------------------------------

@@ -222,10 +222,14 @@ class BackendBase:
         *,
         timeouts: Timeouts = Timeouts(),
         reboot_marker: str = "/var/run/reboot-required",
+        modules_dir: str = "/lib/modules",
+        running_kernel: Callable[[], str] = lambda: os.uname().release,
     ) -> None:
         self._runner = runner
         self._timeouts = timeouts
         self._reboot_marker = reboot_marker
+        self._modules_dir = modules_dir
+        self._running_kernel = running_kernel
 
     # -- read-only -------------------------------------------------------------------------
     def list_packages(self, name_filter: str | None = None, status: str | None = None) -> Deferred:
@@ -326,7 +330,8 @@ class BackendBase:
     async def reboot_verdict(
         self, ctx: Any, changes: Iterable[Mapping[str, Any]]
     ) -> tuple[bool, tuple[str, ...]]:
-        """Reboot-required after a real apply: marker file, the manager's verdict, name list."""
+        """Reboot-required after a real apply: marker file (+ .pkgs), the conservative name list,
+        the manager's verdict, then a newer installed kernel than the running one."""
         marked, marker_names = read_reboot_marker(self._reboot_marker)
         names = list(marker_names)
         for entry in changes:
@@ -339,6 +344,8 @@ class BackendBase:
                 needed = await self.manager_says_reboot(ctx)
             except CommandError as error:
                 _log.warn("{backend} reboot check failed: {error}", backend=self.name, error=error)
+        if not needed and newer_kernel_installed(self._running_kernel(), self._modules_dir):
+            needed, names = True, ["kernel"]
         return needed, tuple(names)
 
     async def outcome(

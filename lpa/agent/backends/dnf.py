@@ -18,7 +18,6 @@ from typing import Any, Sequence
 from lpa import validation
 from lpa.agent.backends.base import (
     BackendBase,
-    Timeouts,
     change,
     name_severity,
     needs_restarting_verdict,
@@ -189,15 +188,6 @@ class DnfBackend(BackendBase):
 
     name = "dnf"
     binary = "dnf"
-
-    def __init__(
-        self,
-        runner: Any,
-        *,
-        timeouts: Timeouts = Timeouts(),
-        reboot_marker: str = "/var/run/reboot-required",
-    ) -> None:
-        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
 
     # -- read-only -------------------------------------------------------------------------
     async def _installed(self, name: str | None = None) -> list[Package]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from lpa import validation
-from lpa.agent.backends.base import BackendBase, Timeouts, change, name_severity, package_requires_reboot
+from lpa.agent.backends.base import BackendBase, change, name_severity, package_requires_reboot
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import PackageNotFoundError
 
@@ -78,15 +78,6 @@ class PacmanBackend(BackendBase):
     name = "pacman"
     supports_security_only = False
     supports_version_pins = False
-
-    def __init__(
-        self,
-        runner: Any,
-        *,
-        timeouts: Timeouts = Timeouts(),
-        reboot_marker: str = "/var/run/reboot-required",
-    ) -> None:
-        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
 
     async def _updates(self) -> dict[str, tuple[str, str]]:
         result = await self._read(["pacman", "-Qu"], ok_codes=(0, 1))

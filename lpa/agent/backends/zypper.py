@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import attr
 
 from lpa import validation
-from lpa.agent.backends.base import BackendBase, Timeouts, change, package_requires_reboot
+from lpa.agent.backends.base import BackendBase, change, package_requires_reboot
 from lpa.agent.backends.dnf import RPM_QUERYFORMAT, SEVERITIES, parse_rpm_qa
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import (
@@ -101,15 +101,6 @@ def parse_install_summary(text: str) -> list[dict[str, Any]]:
 
 class ZypperBackend(BackendBase):
     name = "zypper"
-
-    def __init__(
-        self,
-        runner: Any,
-        *,
-        timeouts: Timeouts = Timeouts(),
-        reboot_marker: str = "/var/run/reboot-required",
-    ) -> None:
-        super().__init__(runner, timeouts=timeouts, reboot_marker=reboot_marker)
 
     # -- read-only -------------------------------------------------------------------------
     async def _installed(self) -> list[Package]:
