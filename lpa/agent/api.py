@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -47,7 +47,7 @@ from lpa.agent.cache import PatchCache
 from lpa.agent.envelope import Answer, Enveloper
 from lpa.agent.eventlog import EventsExpiredError
 from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
-from lpa.agent.model import JobRequest, PackageSpec, Patch
+from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
 from lpa.agent.ratelimit import RateLimiter
 from lpa.errors import (
     ApiError,
@@ -123,6 +123,11 @@ def _from_werkzeug(exception: HTTPException) -> ApiError:
     error.http_status = exception.code or 400
     error.code = exception.name.upper().replace(" ", "_")
     return error
+
+
+def _as_job(job: object) -> Job:
+    """IJobManager returns ``object`` (the interface cannot name the attrs class); it is a Job."""
+    return cast(Job, job)
 
 
 def _path(request: IRequest) -> str:
@@ -269,14 +274,16 @@ class AgentApi:
         )
         delay = read.seconds(body, "delay_seconds")
         force = read.boolean(body, "force")
-        job = self._jobs.submit(
-            JobRequest(
-                operation=OP_REBOOT,
-                reboot_delay_seconds=delay,
-                force=force,
-                acknowledge_package_database_corruption_risk=read.boolean(
-                    body, "acknowledge_package_database_corruption_risk"
-                ),
+        job = _as_job(
+            self._jobs.submit(
+                JobRequest(
+                    operation=OP_REBOOT,
+                    reboot_delay_seconds=delay,
+                    force=force,
+                    acknowledge_package_database_corruption_risk=read.boolean(
+                        body, "acknowledge_package_database_corruption_risk"
+                    ),
+                )
             )
         )
         data = self._accepted(job)
@@ -330,12 +337,14 @@ class AgentApi:
         if not isinstance(options, dict):
             raise ValidationError("options must be an object", {"field": "options"})
         read.refuse_unknown(options, ("force", "no_recommends"), "options")
-        job = self._jobs.submit(
-            JobRequest(
-                operation=OP_INSTALL,
-                packages=specs,
-                force=read.boolean(options, "force"),
-                no_recommends=read.boolean(options, "no_recommends"),
+        job = _as_job(
+            self._jobs.submit(
+                JobRequest(
+                    operation=OP_INSTALL,
+                    packages=specs,
+                    force=read.boolean(options, "force"),
+                    no_recommends=read.boolean(options, "no_recommends"),
+                )
             )
         )
         return Answer(self._accepted(job, package=None), 202)
@@ -356,7 +365,9 @@ class AgentApi:
 
     def _one_package(self, operation: str, name: str) -> Answer:
         validation.package_name(name)
-        job = self._jobs.submit(JobRequest(operation=operation, packages=(PackageSpec(name),)))
+        job = _as_job(
+            self._jobs.submit(JobRequest(operation=operation, packages=(PackageSpec(name),)))
+        )
         return Answer(self._accepted(job, package=name), 202)
 
     # -- patches ---------------------------------------------------------------------------------
@@ -412,7 +423,7 @@ class AgentApi:
             allow_reboot=allow_reboot,
             reboot_delay_seconds=read.seconds(body, "reboot_delay_seconds"),
         )
-        job = self._jobs.submit(job_request)
+        job = _as_job(self._jobs.submit(job_request))
         data = self._accepted(job, package=None)
         data.update(
             packages=job.package_names if specs is not None else None,
@@ -442,7 +453,7 @@ class AgentApi:
 
     @_route("/api/v1/jobs/<string:job_id>", "GET")
     async def get_job(self, request: IRequest, job_id: str) -> Answer:
-        return Answer(self._jobs.get(validation.job_id(job_id)).to_detail())
+        return Answer(_as_job(self._jobs.get(validation.job_id(job_id))).to_detail())
 
     @_route("/api/v1/jobs/<string:job_id>", "DELETE")
     async def delete_job(self, request: IRequest, job_id: str) -> Answer:
@@ -452,14 +463,14 @@ class AgentApi:
 
     @_route("/api/v1/jobs/<string:job_id>/cancel", "POST")
     async def cancel_job(self, request: IRequest, job_id: str) -> Answer:
-        job = self._jobs.cancel(validation.job_id(job_id))
+        job = _as_job(self._jobs.cancel(validation.job_id(job_id)))
         return Answer(job.to_detail())
 
     @_route("/api/v1/jobs/<string:job_id>/events", "GET")
     async def job_events(self, request: IRequest, job_id: str) -> Answer:
         job_id = validation.job_id(job_id)
         after = read.query_int(request, "after", 0, 0, 2**63 - 1)
-        job = self._jobs.get(job_id)
+        job = _as_job(self._jobs.get(job_id))
         try:
             events = self._jobs.events.after(job_id, after)
         except EventsExpiredError as expired:
