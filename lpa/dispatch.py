@@ -223,6 +223,10 @@ def host_line(payload: Mapping[str, Any], names: Mapping[str, str]) -> str:
         parts.append(f"via {payload['transport']}")
     if payload.get("error_message"):
         parts.append(f"error: {payload['error_message']}")
+    elif payload.get("output"):
+        lines = [line for line in str(payload["output"]).splitlines() if line.strip()]
+        if lines:
+            parts.append(f"| {lines[-1][:100]}")
     return " ".join(parts)
 
 
@@ -238,11 +242,13 @@ def watch_job(
     monotonic: Callable[[], float] = time.monotonic,
     on_payload: Callable[[dict[str, Any]], None] | None = None,
     on_idle: Callable[[], None] | None = None,
+    output_interval: float = 1.0,
 ) -> dict[str, Any]:
     """Print this job's notifications until the job-level one; return that payload.
 
-    A host line is printed when the host's status, progress or error changes (a job's output
-    lines each notify, with nothing new to show on a progress line).
+    A host line is printed when the host's status, progress or error changes, and otherwise (a
+    job's output lines each notify) at most every ``output_interval`` seconds, with the latest
+    output line.
 
     ``connection`` must already LISTEN (:func:`listen`).  Every ``recheck_interval`` without a
     notification the parent row is read, so a notification lost (e.g. the listener reconnected)
@@ -253,6 +259,7 @@ def watch_job(
     names = names or {}
     deadline = monotonic() + timeout
     shown: dict[str, tuple[Any, ...]] = {}  # host_id -> what its last printed line said
+    shown_at: dict[str, float] = {}  # host_id -> when it was printed
     while True:
         for note in _drain(connection):
             try:
@@ -267,10 +274,12 @@ def watch_job(
                 out.write(job_line(payload) + "\n")
                 out.flush()
                 return payload
+            host = str(payload.get("host_id"))
             key = (payload.get("status"), payload.get("progress"), payload.get("error_message"))
-            if shown.get(str(payload.get("host_id"))) == key:
-                continue  # output lines only: the state did not change
-            shown[str(payload.get("host_id"))] = key
+            now = monotonic()
+            if shown.get(host) == key and now - shown_at.get(host, now) < output_interval:
+                continue  # only output changed, and we showed this host a moment ago
+            shown[host], shown_at[host] = key, now
             out.write(host_line(payload, names) + "\n")
             out.flush()
         remaining = deadline - monotonic()

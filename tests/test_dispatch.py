@@ -144,7 +144,7 @@ class DatabaseTests(SynchronousTestCase):
         self.assertEqual((payloads[2]["failed_count"], payloads[2]["host_count"]), (2, 2))
 
     def test_watch(self) -> None:
-        """watch prints this job's host changes, ignores other jobs, returns the job payload."""
+        """watch prints host changes (output at most every second), returns the job payload."""
         listener = connect(self, self.dsn)
         dispatch.listen(listener)
         job_id = str(uuid.uuid4())
@@ -153,13 +153,24 @@ class DatabaseTests(SynchronousTestCase):
                          "status": "running", "progress": 40, "seq": 3, "transport": "ws"})
         notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
                          "status": "running", "progress": 40, "seq": 4, "transport": "ws"})
+        notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
+                         "status": "running", "progress": 40, "seq": 5, "transport": "ws",
+                         "output": "Inst a\nInst b\n"})
         notify(self.db, {"event_type": "job", "job_id": job_id, "status": "succeeded",
                          "succeeded_count": 1, "failed_count": 0, "host_count": 1})
         out = io.StringIO()
-        final = dispatch.watch_job(listener, job_id, out, names={"h1": "web1"}, timeout=5)
+        clock = [0.0]
+        at_seq = {3: 0.0, 4: 0.5, 5: 1.5}  # when each host payload arrives
+
+        def arrived(payload: dict[str, Any]) -> None:
+            clock[0] = at_seq.get(payload.get("seq"), clock[0])
+
+        final = dispatch.watch_job(listener, job_id, out, names={"h1": "web1"}, timeout=5,
+                                   monotonic=lambda: clock[0], on_payload=arrived)
         self.assertEqual(final["status"], "succeeded")
         self.assertEqual(out.getvalue().splitlines(), [
             "web1: running 40% seq=3 via ws",
+            "web1: running 40% seq=5 via ws | Inst b",
             f"job {job_id} succeeded: 1 succeeded, 0 failed of 1 hosts"])
 
     def test_watch_recovers_lost_notification(self) -> None:
