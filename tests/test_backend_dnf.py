@@ -65,6 +65,17 @@ class DnfParserTests(SynchronousTestCase):
         info = dnf.parse_updateinfo("FEDORA-2024-1 bugfix bash-5.2.26-3.fc40.x86_64\n")
         self.assertFalse(info["bash"]["security"])
 
+    def test_updateinfo_other_layouts(self) -> None:
+        """yum 3's trailing "updateinfo list done" is skipped; dnf 5's severity column is read."""
+        info = dnf.parse_updateinfo(
+            "RHSA-2024:1234 Important/Sec. openssl-1:1.0.2k-26.el7_9.x86_64\nupdateinfo list done\n"
+            "Name Type Severity Package Issued\n"
+            "FEDORA-2024-0d7d security Critical kernel-6.9.7-200.fc40.x86_64 2024-06-30 01:02:03\n"
+        )
+        self.assertEqual(sorted(info), ["kernel", "openssl"])
+        self.assertEqual(info["kernel"]["severity"], "critical")
+        self.assertEqual(info["openssl"]["severity"], "high")
+
     def test_split_nevra(self) -> None:
         """NEVRA strings split into name and version, epochs kept when not zero."""
         self.assertEqual(dnf.split_nevra("openssl-1:3.0.7-25.el9.x86_64"), ("openssl", "1:3.0.7-25.el9"))
@@ -97,7 +108,7 @@ class DnfReadTests(SynchronousTestCase):
         runner = scripted()
         [package] = self.successResultOf(DnfBackend(runner).list_packages())
         self.assertEqual((package.status, package.latest_version), ("Upgradable", "1.1-1"))
-        self.assertIn(("dnf", "-q", "--cacheonly", "check-update"), runner.argvs)
+        self.assertIn(("dnf", "-q", "check-update"), runner.argvs)
 
     def test_patches_use_advisories(self) -> None:
         """Patches carry the advisory's security flag, severity and CVE ids."""
@@ -187,8 +198,8 @@ class DnfExecuteTests(SynchronousTestCase):
         self.assertFalse(outcome.reboot_required)
         read = ScriptedRunner()
         self.successResultOf(YumBackend(read).list_patches())
-        self.assertIn(("yum", "-q", "-C", "check-update"), read.argvs)
-        self.assertIn(("yum", "-q", "-C", "updateinfo", "list", "cves"), read.argvs)
+        self.assertIn(("yum", "-q", "check-update"), read.argvs)
+        self.assertIn(("yum", "-q", "updateinfo", "list", "cves"), read.argvs)
 
     def test_metacharacters_refused(self) -> None:
         """Shell metacharacters in a name stop the job before any argv is built."""

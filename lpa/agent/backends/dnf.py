@@ -3,7 +3,9 @@
 Installed packages come from ``rpm -qa`` with our own query format (tab-separated, so parsing
 does not depend on the manager's table layout).  Pending updates come from ``dnf check-update``
 (exit 100 means "updates exist") joined with ``dnf updateinfo list`` for real security data:
-advisory type/severity (``Important/Sec.``) and, with ``--with-cve``, CVE ids.
+advisory type/severity (``Important/Sec.``) and, with ``--with-cve``, CVE ids.  As in the
+original, these queries let dnf refresh expired metadata (no ``--cacheonly``, which fails
+outright on a host whose cache was never built).
 
 A dry run is the real command with ``--assumeno`` instead of ``-y``: dnf resolves, prints the
 transaction table, answers "no" and exits 1, which is expected.  ``force`` means
@@ -107,16 +109,20 @@ def parse_updateinfo(text: str) -> dict[str, dict[str, Any]]:
     """``dnf updateinfo list [--with-cve]`` → per package name: security, severity, ids.
 
     Rows are ``ID TYPE NEVRA`` where TYPE is ``security``/``bugfix``/``enhancement`` or
-    ``<Severity>/Sec.`` (dnf 4); ID is an advisory or, with ``--with-cve``, a CVE id.
+    ``<Severity>/Sec.`` (dnf 4, yum 3); ID is an advisory or, with ``--with-cve``, a CVE id.
+    dnf 5 spells ``ID security <Severity> NEVRA <issued>``; any row without a NEVRA is skipped.
     """
     info: dict[str, dict[str, Any]] = {}
     for line in text.splitlines():
         tokens = line.split()
-        if len(tokens) < 3 or tokens[0].startswith(("Last", "Updating")):
+        if len(tokens) < 3:
             continue
-        ident, kind, nevra = tokens[0], tokens[1], tokens[-1]
-        if len(tokens) == 4:  # dnf 5: ID TYPE SEVERITY NEVRA
-            kind = f"{tokens[2]}/Sec." if tokens[1].lower() == "security" else tokens[1]
+        ident, kind = tokens[0], tokens[1]
+        nevra = next((t for t in tokens[2:] if _NEVRA.match(t)), None)
+        if nevra is None:
+            continue  # headers, "updateinfo list done", blank lines
+        if kind.lower() == "security" and tokens[2].lower() in SEVERITIES:  # dnf 5 columns
+            kind = f"{tokens[2]}/Sec."
         name, _ = split_nevra(nevra)
         entry = info.setdefault(name, {"security": False, "severity": None, "ids": []})
         lowered = kind.lower()
@@ -127,6 +133,9 @@ def parse_updateinfo(text: str) -> dict[str, dict[str, Any]]:
         if ident not in entry["ids"]:
             entry["ids"].append(ident)
     return info
+
+
+_NEVRA = re.compile(r"^[^\s/]+-[^-\s/]+-[^-\s/]+\.[A-Za-z0-9_]+$")
 
 
 #: how dnf/yum end a dry run that resolved fine (exit 1 after answering "no")
@@ -197,7 +206,7 @@ class DnfBackend(BackendBase):
         return [p for p in packages if p.name == name] if name else packages
 
     async def _updates(self, names: Sequence[str] = ()) -> dict[str, tuple[str, str]]:
-        argv = [self.binary, "-q", self.cache_only, "check-update"]
+        argv = [self.binary, "-q", "check-update"]
         if names:
             argv += ["--"] + list(names)
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=(0, 100))
@@ -303,15 +312,14 @@ class DnfBackend(BackendBase):
         return [f"{s.name}-{s.version}" if s.version else s.name for s in specs]
 
     upgrade_verb = "upgrade"
-    cache_only = "--cacheonly"
 
     def advisory_argvs(self) -> list[list[str]]:
-        base = [self.binary, "-q", self.cache_only, "updateinfo", "list", "--updates"]
+        base = [self.binary, "-q", "updateinfo", "list", "--updates"]
         return [base, base + ["--with-cve"]]
 
     def available_argv(self, name: str) -> list[str]:
         """Lists ``name.arch version repo`` rows, the check-update layout."""
-        return [self.binary, "-q", self.cache_only, "list", "--available", "--", name]
+        return [self.binary, "-q", "list", "--available", "--", name]
 
     # -- operations ------------------------------------------------------------------------
     async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:

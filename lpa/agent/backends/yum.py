@@ -1,7 +1,6 @@
 """yum backend (CentOS/RHEL 7): dnf's commands with yum's spellings.
 
-Differences from dnf: ``update`` instead of ``upgrade``, ``-C`` for cache-only queries,
-``updateinfo list updates`` / ``updateinfo list cves`` for advisories, ``needs-restarting -r``
+Differences from dnf: ``update`` instead of ``upgrade``, ``updateinfo list updates`` / ``updateinfo list cves`` for advisories, ``needs-restarting -r``
 from yum-utils, and no weak dependencies or ``--allowerasing`` (``no_recommends`` and ``force``
 change nothing on yum).  ``--security`` is built into yum 3.4 (RHEL 7).
 """
@@ -16,17 +15,16 @@ class YumBackend(DnfBackend):
     name = "yum"
     binary = "yum"
     upgrade_verb = "update"
-    cache_only = "-C"
 
     def options(self, verb: str, request: JobRequest) -> list[str]:
         return ["--security"] if request.security_only else []
 
     def advisory_argvs(self) -> list[list[str]]:
-        base = [self.binary, "-q", self.cache_only, "updateinfo", "list"]
+        base = [self.binary, "-q", "updateinfo", "list"]
         return [base + ["updates"], base + ["cves"]]
 
     def available_argv(self, name: str) -> list[str]:
-        return [self.binary, "-q", self.cache_only, "list", "available", "--", name]
+        return [self.binary, "-q", "list", "available", "--", name]
 
     def needs_restarting_argv(self) -> list[str]:
         return ["needs-restarting", "-r"]
