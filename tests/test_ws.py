@@ -286,6 +286,16 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(server.closeHandshakeTimeoutCall, None)
         self.assert_no_timers()
 
+    def test_events_while_closing_are_not_errors(self) -> None:
+        """Events published once the closing handshake began end the session quietly."""
+        client, server, pump = self.connect()
+        server.sendClose(1000)
+        new_job(self.jobs)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.events.subscriber_count(), 0)
+        pump.flush()
+        self.assertEqual(client.closed[:2], (True, 1000))
+
     def test_connection_limit_answers_503(self) -> None:
         """Past max_connections the opening handshake is refused with HTTP 503."""
         factory = self.make_factory(max_connections=1)

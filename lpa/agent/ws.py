@@ -28,6 +28,7 @@ import autobahn.websocket
 from autobahn.util import encode_truncate
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -100,6 +101,12 @@ class JobStreamProtocol(WebSocketServerProtocol):
     # -- IStreamChannel --------------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            # Closing (either side began the closing handshake): nothing more can be delivered;
+            # the client resumes with after_seq on its next connection.
+            if self.session is not None:
+                self.session.stop()
+            return
         self.sendMessage(text.encode("utf-8"), isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
