@@ -10,10 +10,15 @@ this module adapts it to Autobahn and to the transport::
         pause/resumeProducing (transport buffer full/drained) ─▶ session queues/flushes
         onClose:   session.stop()
 
-Autobahn enforces the RFC 6455 closes itself: a frame or message over ``max_message_bytes`` is
-closed with 1009, invalid UTF-8 in a text message with 1007, protocol errors with 1002.  The
-server pings every ``ping_interval`` seconds and drops a connection silent for ``ping_timeout``
-seconds; client pings are answered.  permessage-deflate is declined (not tested here).
+Close codes, each with a reason (``failByDrop`` is off, so protocol failures get a close frame
+rather than a bare TCP drop): 1009 for a frame or message over ``max_message_bytes``, 1007 for
+invalid UTF-8 in a text message, 1002 for other protocol errors (all three by Autobahn), 1008 from
+the session for a slow consumer past ``send_buffer_events``.  Past ``max_connections`` the
+opening handshake is refused with HTTP 503.  Binary frames get an ``error`` event
+(``BINARY_NOT_SUPPORTED``), not a 1003 close, so one bad frame does not cost a relay its replay
+position.  The server pings every ``ping_interval`` seconds and drops (1006 at the client) a
+connection silent for ``ping_timeout`` seconds; client pings are answered.  permessage-deflate
+is declined (not tested here).
 
 Autobahn's hooks are called synchronously and nothing awaits them, so they stay synchronous.
 Autobahn owns the ``log`` attribute of protocols and factories; ours is ``_log``.
@@ -25,9 +30,9 @@ import uuid
 from typing import Any, Callable
 
 import autobahn.websocket
-from autobahn.util import encode_truncate
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
