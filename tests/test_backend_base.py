@@ -131,3 +131,55 @@ class HelperTests(SynchronousTestCase):
         outcome = self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
         self.assertFalse(outcome.reboot_required)
         self.assertIn("reboot would be needed for linux-image-amd64", outcome.message)
+
+
+#: options that would bypass signature checks or clobber files: never in any argv
+FORBIDDEN = {"--allow-unauthenticated", "--nogpgcheck", "--no-gpg-checks", "--allow-untrusted", "--overwrite", "--force"}
+
+
+def is_mutation(backend: str, argv: tuple[str, ...]) -> bool:
+    """Whether ``argv`` could change the host (what a dry run must never run)."""
+    if backend == "apt":
+        return ("apt-get" == argv[0] and ("-y" in argv or "update" in argv)) or argv[:2] == ("dpkg", "--configure")
+    if backend in ("dnf", "yum"):
+        return "-y" in argv or "makecache" in argv
+    if backend == "zypper":
+        return any(v in argv for v in ("install", "update", "remove", "patch", "refresh")) and "--dry-run" not in argv
+    if backend == "apk":
+        return any(v in argv for v in ("add", "upgrade", "del", "update")) and "--simulate" not in argv
+    return any(op in argv for op in ("-S", "-R", "-Syu", "-Su")) and "--print" not in argv
+
+
+class ArgvMatrixTests(SynchronousTestCase):
+    """Every backend × operation × dry run: names after ``--``, no unsafe options, dry runs inert."""
+
+    def run_everything(self, name: str, dry_run: bool) -> list[tuple[str, ...]]:
+        argvs: list[tuple[str, ...]] = []
+        for operation, packages in (("install", ("pkga", "pkgb")), ("update", ("pkga",)), ("remove", ("pkga",)),
+                                    ("patch_apply", ("pkga", "pkgb")), ("patch_apply", ())):
+            runner = ScriptedRunner()
+            backend = backends.make_backend(name, runner, which=lambda _: "/x", reboot_marker="/nonexistent", modules_dir="/nonexistent")
+            job = make_job(operation, *packages, dry_run=dry_run, force=True, no_recommends=True)
+            self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
+            self.assertTrue(runner.calls, f"{name} {operation} ran nothing")
+            argvs += runner.argvs
+        return argvs
+
+    def test_names_after_double_dash_and_no_unsafe_options(self) -> None:
+        """User-supplied names always follow ``--``; no signature bypass or overwrite options."""
+        for name in backends.BACKENDS:
+            for dry_run in (False, True):
+                for argv in self.run_everything(name, dry_run):
+                    self.assertFalse(FORBIDDEN & set(argv), (name, argv))
+                    positions = [i for i, a in enumerate(argv) if a.startswith(("pkga", "pkgb"))]
+                    if positions:
+                        self.assertIn("--", argv, (name, argv))
+                        self.assertLess(argv.index("--"), min(positions), (name, argv))
+
+    def test_dry_runs_run_no_mutation(self) -> None:
+        """A dry run never runs a command that could change the host, on any backend."""
+        for name in backends.BACKENDS:
+            argvs = self.run_everything(name, dry_run=True)
+            self.assertEqual([a for a in argvs if is_mutation(name, a)], [], name)
+            real = self.run_everything(name, dry_run=False)
+            self.assertTrue([a for a in real if is_mutation(name, a)], name)
