@@ -113,6 +113,9 @@ class Credentials:
         for label, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
             if path is not None and not os.path.isfile(path):
                 raise ClientError(f"{label} file {path} does not exist")
+        if self.cert is None and self.key is None:
+            raise ClientError(f"no client certificate: agents require one; pass --cert and --key "
+                              f"or set {ENV_CERT} and {ENV_KEY} (and --ca or {ENV_CA})")
         if (self.cert is None) != (self.key is None):
             raise ClientError("give both a client certificate and its key (--cert and --key)")
         try:

@@ -82,6 +82,11 @@ class CredentialsTests(SynchronousTestCase):
         error = self.assertRaises(ClientError, Credentials("/nonexistent.pem", "/x", None).ssl_context)
         self.assertIn("/nonexistent.pem", str(error))
 
+    def test_no_certificate(self) -> None:
+        """Without any client certificate the error says how to give one."""
+        error = self.assertRaises(ClientError, Credentials().ssl_context)
+        self.assertIn("LPA_CERT", str(error))
+
     def test_cert_without_key(self) -> None:
         """A certificate without a key is refused before any connection."""
         path = self.mktemp()
