@@ -34,18 +34,27 @@ from lpa.tls import load_certificates, load_key_pair, negotiated_protocol
 
 
 def envelope(data: Any = None, error: Any = None) -> bytes:
-    return json.dumps({
-        "success": error is None, "request_id": str(uuid.uuid4()), "timestamp": ev.rfc3339(),
-        "data": data, "error": error,
-    }).encode()
+    return json.dumps(
+        {
+            "success": error is None,
+            "request_id": str(uuid.uuid4()),
+            "timestamp": ev.rfc3339(),
+            "data": data,
+            "error": error,
+        }
+    ).encode()
 
 
 def h2_preferring_options(pki: Any) -> ssl.CertificateOptions:
     """The test PKI's server certificate, client certificates required, ALPN ``h2`` first."""
     cert, key = load_key_pair(pki.server_cert, pki.server_key)
-    roots = [ssl.Certificate.loadPEM(c.public_bytes(_pem())) for c in load_certificates(pki.ca_cert)]
+    roots = [
+        ssl.Certificate.loadPEM(c.public_bytes(_pem())) for c in load_certificates(pki.ca_cert)
+    ]
     return ssl.CertificateOptions(
-        privateKey=key, certificate=cert, trustRoot=ssl.trustRootFromCertificates(roots),
+        privateKey=key,
+        certificate=cert,
+        trustRoot=ssl.trustRootFromCertificates(roots),
         acceptableProtocols=[b"h2", b"http/1.1"],
     )
 
@@ -82,9 +91,17 @@ class _BaseAgent:
     def add_job(self, job_id: str | None = None, status: str = ev.PENDING) -> str:
         job_id = job_id or str(uuid.uuid4())
         self.jobs[job_id] = {
-            "job_id": job_id, "id": job_id, "operation": "update", "status": status, "progress": 0,
-            "message": "Job created", "logs": [], "error": None, "error_code": None,
-            "created_at": ev.rfc3339(), "updated_at": ev.rfc3339(),
+            "job_id": job_id,
+            "id": job_id,
+            "operation": "update",
+            "status": status,
+            "progress": 0,
+            "message": "Job created",
+            "logs": [],
+            "error": None,
+            "error_code": None,
+            "created_at": ev.rfc3339(),
+            "updated_at": ev.rfc3339(),
         }
         return job_id
 
@@ -103,7 +120,9 @@ class _BaseAgent:
         """Stop listening and abort every connection (an agent crash)."""
         stopping = [self.port.stopListening()] if self.port is not None else []
         self.port = None
-        transports = [getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections]
+        transports = [
+            getattr(getattr(p, "_channel", p), "transport", None) for p in self.connections
+        ]
         # an upgraded connection's transport moved from the HTTP channel to the WebSocket protocol
         transports += [p.transport for p in getattr(self, "sockets", [])]
         for transport in transports:
@@ -141,8 +160,14 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
             self.factory.agent.sockets.remove(self)
 
     def _ack(self, event: str, job_id: str, message: str) -> dict[str, Any]:
-        return {"event": event, "job_id": job_id, "status": event, "progress": 0, "message": message,
-                "timestamp": ev.rfc3339()}
+        return {
+            "event": event,
+            "job_id": job_id,
+            "status": event,
+            "progress": 0,
+            "message": message,
+            "timestamp": ev.rfc3339(),
+        }
 
     def _send(self, frame: dict[str, Any]) -> None:
         if self.state != WebSocketServerProtocol.STATE_OPEN:
@@ -178,9 +203,19 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
         except EventsExpiredError:
             last = agent.events.last_seq(job_id)
             detail = dict(agent.jobs[job_id], seq=last)
-            self._send({"event": "resync", "job_id": job_id, "seq": last, "kind": ev.KIND_SNAPSHOT,
-                        "status": detail["status"], "progress": detail["progress"],
-                        "message": "resync", "timestamp": ev.rfc3339(), "job": detail})
+            self._send(
+                {
+                    "event": "resync",
+                    "job_id": job_id,
+                    "seq": last,
+                    "kind": ev.KIND_SNAPSHOT,
+                    "status": detail["status"],
+                    "progress": detail["progress"],
+                    "message": "resync",
+                    "timestamp": ev.rfc3339(),
+                    "job": detail,
+                }
+            )
             self.sent[job_id] = last
             return
         for job_event in replay:
@@ -226,8 +261,13 @@ class _LpaRoot(Resource):
                     events = agent.events.after(job_id, after)
                 except EventsExpiredError:
                     request.setResponseCode(410)
-                    return envelope(error={"code": "EVENTS_EXPIRED", "message": "gone",
-                                           "details": dict(detail, seq=agent.events.last_seq(job_id))})
+                    return envelope(
+                        error={
+                            "code": "EVENTS_EXPIRED",
+                            "message": "gone",
+                            "details": dict(detail, seq=agent.events.last_seq(job_id)),
+                        }
+                    )
                 return envelope({"events": [e.to_wire() for e in events]})
         request.setResponseCode(405)
         return b""
@@ -236,7 +276,9 @@ class _LpaRoot(Resource):
 class LpaTestAgent(_BaseAgent):
     """A minimal lpa-protocol agent fed from an EventLog (see the module docstring)."""
 
-    def __init__(self, reactor: Any, *, websocket: bool = True, max_events_per_job: int = 1000) -> None:
+    def __init__(
+        self, reactor: Any, *, websocket: bool = True, max_events_per_job: int = 1000
+    ) -> None:
         super().__init__(reactor)
         self.websocket = websocket
         self.events = EventLog(reactor, max_events_per_job=max_events_per_job)
@@ -246,8 +288,15 @@ class LpaTestAgent(_BaseAgent):
     def _resource(self) -> Resource:
         return _LpaRoot(self)
 
-    def emit(self, job_id: str, status: str, message: str = "", *, kind: str = ev.KIND_STATUS,
-             error: str | None = None) -> ev.JobEvent:
+    def emit(
+        self,
+        job_id: str,
+        status: str,
+        message: str = "",
+        *,
+        kind: str = ev.KIND_STATUS,
+        error: str | None = None,
+    ) -> ev.JobEvent:
         """Append one event (and keep the job detail in step)."""
         detail = self.jobs[job_id]
         detail.update(status=status, message=message, updated_at=ev.rfc3339())
@@ -257,15 +306,27 @@ class LpaTestAgent(_BaseAgent):
             detail["logs"].append(message)
         if error is not None:
             detail["error"] = error
-        return self.events.append(job_id, status=status, progress=detail["progress"], message=message,
-                                  kind=kind, error=error)
+        return self.events.append(
+            job_id,
+            status=status,
+            progress=detail["progress"],
+            message=message,
+            kind=kind,
+            error=error,
+        )
 
     def finish(self, job_id: str, status: str = ev.COMPLETED, error: str | None = None) -> None:
         """The terminal job_status, then the single job_complete."""
         self.emit(job_id, status, "Job finished", error=error)
         detail = self.jobs[job_id]
-        self.events.append(job_id, status=status, progress=detail["progress"], message="Job complete",
-                           event=ev.EVENT_JOB_COMPLETE, error=error)
+        self.events.append(
+            job_id,
+            status=status,
+            progress=detail["progress"],
+            message="Job complete",
+            event=ev.EVENT_JOB_COMPLETE,
+            error=error,
+        )
 
 
 class _StubRoot(Resource):
@@ -284,12 +345,16 @@ class _StubRoot(Resource):
                 request.setResponseCode(101)
                 request.setHeader("Upgrade", "websocket")
                 request.setHeader("Connection", "Upgrade")
-                return json.dumps({
-                    "event": "connected", "ws_id": str(uuid.uuid4()), "timestamp": ev.rfc3339(),
-                    "message": "WebSocket endpoint ready. Full implementation requires "
-                               "actix-web-actors compatibility.",
-                    "polling_alternative": "Use GET /api/v1/jobs/{id} for job status polling",
-                }).encode()
+                return json.dumps(
+                    {
+                        "event": "connected",
+                        "ws_id": str(uuid.uuid4()),
+                        "timestamp": ev.rfc3339(),
+                        "message": "WebSocket endpoint ready. Full implementation requires "
+                        "actix-web-actors compatibility.",
+                        "polling_alternative": "Use GET /api/v1/jobs/{id} for job status polling",
+                    }
+                ).encode()
             return envelope({"endpoint": "/api/v1/ws/jobs"})
         parts = path.split("/")
         if len(parts) == 5 and parts[:4] == ["", "api", "v1", "jobs"]:
@@ -309,8 +374,9 @@ class StubHandshakeAgent(_BaseAgent):
     def _resource(self) -> Resource:
         return _StubRoot(self)
 
-    def set_state(self, job_id: str, status: str, *, logs: list[str] | None = None,
-                  error: str | None = None) -> None:
+    def set_state(
+        self, job_id: str, status: str, *, logs: list[str] | None = None, error: str | None = None
+    ) -> None:
         detail = self.jobs[job_id]
         detail.update(status=status, updated_at=ev.rfc3339())
         if status == "completed":

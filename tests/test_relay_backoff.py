@@ -35,7 +35,7 @@ class BackoffTests(SynchronousTestCase):
 
 class HandshakeGateTests(SynchronousTestCase):
     def test_cap_and_release(self) -> None:
-        """Only ``limit`` acquirers hold a slot; a release lets the next one in; double release is harmless."""
+        """Only ``limit`` hold a slot; a release lets the next in; a double release is harmless."""
         gate = HandshakeGate(2)
         first, second, third = gate.acquire(), gate.acquire(), gate.acquire()
         release1 = self.successResultOf(first)

@@ -1,8 +1,9 @@
-"""End to end: PostgreSQL + real lpa agents + the original's stub agent, followed by the relay daemon.
+"""End to end: PostgreSQL, real lpa agents and the original's stub agent, followed by the relay.
 
 One patch job on three hosts — a real agent streaming over the WebSocket, a real agent with
 ``websocket.enabled: false`` (polled through the events endpoint) and a stub-handshake agent with
-100 KB of logs (polled through ``GET /jobs/{id}``) — from a manager-shaped ``relay.toml``; a LISTEN
+100 KB of logs (polled through ``GET /jobs/{id}``) — from a manager-shaped ``relay.toml``; a
+LISTEN
 session sees host events for all three, every payload under 8000 bytes, and exactly one job-level
 event with ``host_count`` 3 and ``succeeded_count`` 3.
 """
@@ -19,9 +20,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from lpa import events as ev
 from lpa.agent.service import make_agent_service
 from lpa.config import parse_agent_config
-from lpa import events as ev
 from lpa.relay.config import RelayConfig, load_relay_config
 from lpa.relay.service import make_relay_service
 from tests import pg
@@ -55,23 +56,31 @@ class RelayEndToEndTests(TestCase):
             f"  server_key: {self.pki.server_key}\n  crl_path: {self.pki.crl}\n"
             f"state_dir: {os.path.join(self.tmp, name)}\n" + extra
         )
-        service = make_agent_service(parse_agent_config(text, name), reactor=reactor,
-                                     backend=FakeBackend(), system=FakeSystem())
+        service = make_agent_service(
+            parse_agent_config(text, name),
+            reactor=reactor,
+            backend=FakeBackend(),
+            system=FakeSystem(),
+        )
         service.startService()
         port = await service.listener._waitingForPort
-        self.addCleanup(lambda: defer.ensureDeferred(service.stopService()) if service.running else None)
+        self.addCleanup(
+            lambda: defer.ensureDeferred(service.stopService()) if service.running else None
+        )
         return port.getHost().port
 
     async def dry_run_job(self, port: int) -> str:
         client, pool = mtls_client(self.pki.client_options("good"))
         self.addCleanup(pool.closeCachedConnections)
-        response = await client.post(f"https://localhost:{port}/api/v1/patches/apply", json={"dry_run": True})
+        response = await client.post(
+            f"https://localhost:{port}/api/v1/patches/apply", json={"dry_run": True}
+        )
         body = json.loads(await response.content())
         self.assertEqual(response.code, 202, body)
         return body["data"]["job_id"]
 
     async def test_three_hosts_one_job(self) -> None:
-        """Streaming, events-polled and stub agents all end succeeded; one job-level notification."""
+        """Streaming, events-polled and stub agents all end succeeded; one job-level notify."""
         dsn = pg.database(self, migrated=True)
         seeder = Seeder(dsn)
         self.addCleanup(seeder.close)
@@ -88,12 +97,14 @@ class RelayEndToEndTests(TestCase):
         config_path = os.path.join(self.tmp, "relay.toml")
         with open(config_path, "w") as handle:
             handle.write(
-                "[server]\nbind = \"0.0.0.0:8080\"\n\n"
-                f"[database]\nurl = \"{dsn}\"\nmax_connections = 10\n\n"
+                '[server]\nbind = "0.0.0.0:8080"\n\n'
+                f'[database]\nurl = "{dsn}"\nmax_connections = 10\n\n'
                 "[worker]\nws_relay_poll_interval_secs = 1\nws_relay_scan_interval_secs = 0.5\n"
-                "ws_relay_reconnect_initial_delay_secs = 0.5\nws_relay_reconnect_max_delay_secs = 2\n\n"
-                f"[security]\nagent_client_cert_path = \"{self.pki.good.cert}\"\n"
-                f"agent_client_key_path = \"{self.pki.good.key}\"\nca_cert_path = \"{self.pki.ca_cert}\"\n"
+                "ws_relay_reconnect_initial_delay_secs = 0.5\n"
+                "ws_relay_reconnect_max_delay_secs = 2\n\n"
+                f'[security]\nagent_client_cert_path = "{self.pki.good.cert}"\n'
+                f'agent_client_key_path = "{self.pki.good.key}"\n'
+                f'ca_cert_path = "{self.pki.ca_cert}"\n'
             )
         relay = make_relay_service(load_relay_config(config_path, environ={}), reactor=reactor)
         relay.startService()
@@ -116,13 +127,17 @@ class RelayEndToEndTests(TestCase):
 
         await until(lambda: f"/api/v1/jobs/{stub_job}" in stub.requests, "stub job polled")
         stub.set_state(stub_job, "completed", logs=[f"{n:04d} " + "y" * 95 for n in range(1000)])
-        await until(lambda: seeder.job_status(job_id) == "succeeded", "parent job succeeded", timeout=60)
+        await until(
+            lambda: seeder.job_status(job_id) == "succeeded", "parent job succeeded", timeout=60
+        )
 
         payloads = listener.collect(expected=4, timeout=5)
         self.assertTrue(all(len(raw.encode()) < 8000 for raw in listener.raw))
         host_events = [p for p in payloads if p["event_type"] == "host"]
         job_events = [p for p in payloads if p["event_type"] == "job"]
-        self.assertEqual({p["host_id"] for p in host_events} and len({p["agent_job_id"] for p in host_events}), 3)
+        self.assertEqual(
+            {p["host_id"] for p in host_events} and len({p["agent_job_id"] for p in host_events}), 3
+        )
         self.assertEqual(len(job_events), 1)
         self.assertEqual((job_events[0]["host_count"], job_events[0]["succeeded_count"]), (3, 3))
         transports = [seeder.row(row)["relay_transport"] for row in rows]
@@ -131,7 +146,7 @@ class RelayEndToEndTests(TestCase):
         self.assertGreater(len(seeder.row(rows[2])["output"]), 100_000)
 
     async def test_relay_restart_resumes_from_database_seq(self) -> None:
-        """A relay stopped mid-job and started again resumes from relay_last_seq: nothing lost, nothing twice."""
+        """A relay restarted mid-job resumes from relay_last_seq: nothing lost, nothing twice."""
         dsn = pg.database(self, migrated=True)
         seeder = Seeder(dsn)
         self.addCleanup(seeder.close)
@@ -144,17 +159,26 @@ class RelayEndToEndTests(TestCase):
         agent.emit(job, ev.RUNNING, "Job started")
         agent.emit(job, ev.RUNNING, "line 1", kind=ev.KIND_OUTPUT)
         job_id = seeder.job("running")
-        row = seeder.host_job(job_id, seeder.host("localhost", "192.0.2.9", agent.port_number), job).row_id
+        row = seeder.host_job(
+            job_id, seeder.host("localhost", "192.0.2.9", agent.port_number), job
+        ).row_id
         config = RelayConfig(
-            database_url=dsn, scan_interval=0.3, poll_interval=0.3, reconnect_initial_delay=0.2,
-            reconnect_max_delay=1.0, client_cert_path=self.pki.good.cert,
-            client_key_path=self.pki.good.key, ca_cert_path=self.pki.ca_cert,
+            database_url=dsn,
+            scan_interval=0.3,
+            poll_interval=0.3,
+            reconnect_initial_delay=0.2,
+            reconnect_max_delay=1.0,
+            client_cert_path=self.pki.good.cert,
+            client_key_path=self.pki.good.key,
+            ca_cert_path=self.pki.ca_cert,
         )
 
         async def run_relay() -> Any:
             relay = make_relay_service(config, reactor=reactor)
             relay.startService()
-            self.addCleanup(lambda: defer.ensureDeferred(relay.stopService()) if relay.running else None)
+            self.addCleanup(
+                lambda: defer.ensureDeferred(relay.stopService()) if relay.running else None
+            )
             return relay
 
         first = await run_relay()

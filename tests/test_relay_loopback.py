@@ -1,4 +1,4 @@
-"""The relay against test agents over real loopback mTLS: stream, stub-handshake fallback, h2, restart."""
+"""The relay against test agents over loopback mTLS: stream, stub fallback, h2, restart."""
 
 from __future__ import annotations
 
@@ -52,12 +52,20 @@ class LoopbackTests(TestCase):
         return AgentAddress("localhost", agent.port_number)
 
     def start_relay(self, **overrides: Any) -> Any:
-        settings = dict(database_url="postgres://unused@localhost/db", scan_interval=0.2, poll_interval=0.2,
-                        handshake_timeout=5.0, reconnect_initial_delay=0.1, reconnect_max_delay=0.4,
-                        unreachable_deadline=60.0)
+        settings = dict(
+            database_url="postgres://unused@localhost/db",
+            scan_interval=0.2,
+            poll_interval=0.2,
+            handshake_timeout=5.0,
+            reconnect_initial_delay=0.1,
+            reconnect_max_delay=0.4,
+            unreachable_deadline=60.0,
+        )
         settings.update(overrides)
         service = make_relay_service(
-            RelayConfig(**settings), reactor=reactor, store=self.store,
+            RelayConfig(**settings),
+            reactor=reactor,
+            store=self.store,
             tls_options_for=lambda host: pki().client_options("good", host),
         )
         service.startService()
@@ -74,18 +82,22 @@ class LoopbackTests(TestCase):
         return link.state if link is not None else None
 
     def applied(self, row_id: str) -> list[tuple[list[int | None], str]]:
-        return [([e.seq for e in c.events], c.transport) for c in self.store.calls
-                if c.method == "apply_events" and c.host_job.row_id == row_id]
+        return [
+            ([e.seq for e in c.events], c.transport)
+            for c in self.store.calls
+            if c.method == "apply_events" and c.host_job.row_id == row_id
+        ]
 
     async def test_streams_from_last_seq_and_routes_by_job(self) -> None:
-        """Over mTLS + http/1.1 the relay subscribes from last_seq; only that job's events reach its row."""
+        """Over mTLS + http/1.1 it subscribes from last_seq; only its job's events reach a row."""
         agent = LpaTestAgent(reactor)
         address = self.start_agent(agent)
         mine, other = agent.add_job(), agent.add_job()
         agent.emit(mine, ev.PENDING, "Job created")
         agent.emit(mine, ev.RUNNING, "Job started")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=mine, agent=address,
-                                last_seq=1)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=mine, agent=address, last_seq=1
+        )
         service = self.start_relay()
         await until(lambda: self.link_state(service, address) == STREAMING, "streaming")
         await until(lambda: self.store.rows["r1"].last_seq == 2, "replay of seq 2")
@@ -100,14 +112,18 @@ class LoopbackTests(TestCase):
         self.assertIn({"action": "subscribe", "job_id": mine, "after_seq": 1}, agent.ws_messages)
         self.assertEqual(agent.negotiated, ["http/1.1"])
         self.assertEqual(self.store.job_status["j1"], "succeeded")
-        await until(lambda: {"action": "unsubscribe", "job_id": mine} in agent.ws_messages, "unsubscribe")
+        await until(
+            lambda: {"action": "unsubscribe", "job_id": mine} in agent.ws_messages, "unsubscribe"
+        )
 
     async def test_stub_handshake_falls_back_to_detail_polling(self) -> None:
-        """The original's 101-without-accept fails the handshake; the job is polled via GET /jobs/{id}."""
+        """The original's 101 without accept key fails; the job is polled via GET /jobs/{id}."""
         agent = StubHandshakeAgent(reactor)
         address = self.start_agent(agent)
         job = agent.add_job(status="running")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = self.start_relay()
         await until(lambda: self.link_state(service, address) == POLLING, "polling")
         await until(lambda: f"/api/v1/jobs/{job}" in agent.requests, "detail poll")
@@ -120,24 +136,28 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.store.notifications[-1]["event_type"], "job")
 
     async def test_h2_preferring_server_gets_http11(self) -> None:
-        """Against a server offering h2 first, the relay's connection negotiates http/1.1 and streams."""
+        """Against a server offering h2 first, the relay negotiates http/1.1 and streams."""
         agent = LpaTestAgent(reactor)
         address = self.start_agent(agent, h2_preferring_options(pki()))
         job = agent.add_job()
         agent.emit(job, ev.RUNNING, "Job started")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = self.start_relay()
         await until(lambda: self.store.rows["r1"].last_seq == 1, "event applied")
         self.assertEqual(self.link_state(service, address), STREAMING)
         self.assertEqual(agent.negotiated, ["http/1.1"])
 
     async def test_websocket_disabled_polls_events_endpoint(self) -> None:
-        """An lpa agent with the WebSocket off (404) is polled through the events endpoint, by seq."""
+        """An agent with the WebSocket off (404) is polled through the events endpoint."""
         agent = LpaTestAgent(reactor, websocket=False)
         address = self.start_agent(agent)
         job = agent.add_job()
         agent.emit(job, ev.RUNNING, "Job started")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = self.start_relay()
         await until(lambda: self.store.rows["r1"].last_seq == 1, "first event")
         self.assertEqual(self.link_state(service, address), POLLING)
@@ -148,12 +168,14 @@ class LoopbackTests(TestCase):
         self.assertNotIn(f"/api/v1/jobs/{job}", agent.requests)
 
     async def test_agent_restart_resumes_without_loss_or_duplicate(self) -> None:
-        """Agent killed mid-job: events made while it is down arrive after it returns, once each, in order."""
+        """Agent killed mid-job: events made while down arrive later, once each, in order."""
         agent = LpaTestAgent(reactor)
         address = self.start_agent(agent)
         job = agent.add_job()
         agent.emit(job, ev.RUNNING, "Job started")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = self.start_relay()
         await until(lambda: self.store.rows["r1"].last_seq == 1, "first event")
         await agent.kill()
@@ -163,38 +185,54 @@ class LoopbackTests(TestCase):
         agent.listen(pki().server_options(crl_path=None))
         agent.finish(job)
         await until(lambda: self.store.rows["r1"].status == "succeeded", "row succeeded")
-        await until(lambda: self.link_state(service, address) is None, "link gone with its last job")
+        await until(
+            lambda: self.link_state(service, address) is None, "link gone with its last job"
+        )
         seqs = [s for batch, _ in self.applied("r1") for s in batch]
         # 7 is the terminal job_status; 8 (job_complete) is only sent on when it shared 7's batch
         self.assertIn(seqs, (list(range(1, 8)), list(range(1, 9))))
         self.assertEqual(self.store.rows["r1"].output, "\n".join(f"line {n}" for n in range(5)))
 
     async def test_tls_name_mismatch_reports_real_cause(self) -> None:
-        """A certificate for another name fails the handshake; the reported cause is the TLS one, then polling."""
+        """A certificate for another name fails; the TLS cause is reported; then polling."""
         agent = LpaTestAgent(reactor)
         address = self.start_agent(agent)
         job = agent.add_job()
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = make_relay_service(
-            RelayConfig(database_url="postgres://unused@localhost/db", scan_interval=0.2, poll_interval=0.2,
-                        reconnect_initial_delay=0.2, reconnect_max_delay=0.4),
-            reactor=reactor, store=self.store,
+            RelayConfig(
+                database_url="postgres://unused@localhost/db",
+                scan_interval=0.2,
+                poll_interval=0.2,
+                reconnect_initial_delay=0.2,
+                reconnect_max_delay=0.4,
+            ),
+            reactor=reactor,
+            store=self.store,
             tls_options_for=lambda host: pki().client_options("good", "wrong.example"),
         )
         service.startService()
-        self.addCleanup(lambda: service.stopService().addCallback(lambda _: deferLater(reactor, 0.1, lambda: None)))
+        self.addCleanup(
+            lambda: service.stopService().addCallback(
+                lambda _: deferLater(reactor, 0.1, lambda: None)
+            )
+        )
         await until(lambda: self.link_state(service, address) == POLLING, "polling")
         reason = service.scanner.links[address].last_failure
         self.assertRegex(reason, "(?i)verif|certificate|mismatch|wrong.example")
         self.assertEqual(agent.ws_messages, [])
 
     async def test_back_to_websocket_when_it_opens(self) -> None:
-        """Polling while the WebSocket is refused; once the agent accepts it, the link streams and stops polling."""
+        """Polling while the WebSocket is refused; once it opens, the link streams, no polls."""
         agent = LpaTestAgent(reactor, websocket=False)
         address = self.start_agent(agent)
         job = agent.add_job()
         agent.emit(job, ev.RUNNING, "Job started")
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=job, agent=address
+        )
         service = self.start_relay()
         await until(lambda: self.store.rows["r1"].last_seq == 1, "first event polled")
         self.assertEqual(self.link_state(service, address), POLLING)

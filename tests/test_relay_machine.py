@@ -1,4 +1,4 @@
-"""AgentLink: one WebSocket per agent, routing by job id, resume from seq, fallback to polling and back."""
+"""AgentLink: one WebSocket per agent, routing by job id, resume from seq, polling and back."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.events import EVENT_JOB_COMPLETE, JobEvent
 from lpa.relay.backoff import Backoff
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import CONNECTING, POLLING, STOPPED, STREAMING, AgentLink
+from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget
 from lpa.relay.store import PostgresRelayStore
+from lpa.relay.ws_client import IAgentWebSocket, IWebSocketListener, RelayWebSocketFactory
 from tests.fakes_relay import FakeRelayStore
 
 ADDRESS = AgentAddress("agent1.example", 12443)
@@ -22,11 +25,22 @@ B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
 OTHER = "cccccccc-cccc-4ccc-8ccc-cccccccccccc"
 
 
-def wire(job_id: str, seq: int, status: str = "running", event: str = "job_status", **extra: Any) -> dict:
-    return JobEvent(job_id=job_id, seq=seq, status=status, progress=0, message=f"{job_id[:1]}{seq}",
-                    timestamp="t", event=event, **extra).to_wire()
+def wire(
+    job_id: str, seq: int, status: str = "running", event: str = "job_status", **extra: Any
+) -> dict:
+    return JobEvent(
+        job_id=job_id,
+        seq=seq,
+        status=status,
+        progress=0,
+        message=f"{job_id[:1]}{seq}",
+        timestamp="t",
+        event=event,
+        **extra,
+    ).to_wire()
 
 
+@implementer(IAgentWebSocket)
 class FakeWebSocket:
     """The handle a dial returns: records frames; ``open`` says whether sends go through."""
 
@@ -55,13 +69,14 @@ class FakeWebSocket:
         self.listener.ws_failed("refused", handshake)
 
 
+@implementer(IAgentPoller)
 class FakePoller:
     def __init__(self, address: AgentAddress, target: Any) -> None:
         self.target = target
         self.running = False
         self.starts = 0
 
-    def start(self) -> None:
+    def start(self, now: bool = True) -> None:
         self.running = True
         self.starts += 1
 
@@ -73,10 +88,12 @@ class LinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = FakeRelayStore()
-        self.row_a = self.store.add_host_job(row_id="ra", job_id="j1", host_id="h1", agent_job_id=A,
-                                             agent=ADDRESS, last_seq=3)
-        self.row_b = self.store.add_host_job(row_id="rb", job_id="j2", host_id="h1", agent_job_id=B,
-                                             agent=ADDRESS)
+        self.row_a = self.store.add_host_job(
+            row_id="ra", job_id="j1", host_id="h1", agent_job_id=A, agent=ADDRESS, last_seq=3
+        )
+        self.row_b = self.store.add_host_job(
+            row_id="rb", job_id="j2", host_id="h1", agent_job_id=B, agent=ADDRESS
+        )
         self.dials: list[FakeWebSocket] = []
         self.pollers: list[FakePoller] = []
 
@@ -90,29 +107,48 @@ class LinkTests(SynchronousTestCase):
             self.pollers.append(poller)
             return poller
 
-        self.link = AgentLink(ADDRESS, store=self.store, clock=self.clock, dial=dial, make_poller=make_poller,
-                              make_backoff=lambda: Backoff(1, 8, jitter=lambda: 1.0), max_queued_events=5)
+        self.link = AgentLink(
+            ADDRESS,
+            store=self.store,
+            clock=self.clock,
+            dial=dial,
+            make_poller=make_poller,
+            make_backoff=lambda: Backoff(1, 8, jitter=lambda: 1.0),
+            max_queued_events=5,
+        )
         self.link.start([self.row_a, self.row_b])
         self.ws = self.dials[0]
 
     def applied(self) -> list[tuple[str, list[int | None], str]]:
-        return [(c.host_job.row_id, [e.seq for e in c.events], c.transport)
-                for c in self.store.calls if c.method == "apply_events"]
+        return [
+            (c.host_job.row_id, [e.seq for e in c.events], c.transport)
+            for c in self.store.calls
+            if c.method == "apply_events"
+        ]
 
     def test_fakes_match_interface(self) -> None:
-        """FakeRelayStore and PostgresRelayStore both provide IRelayStore."""
+        """Fakes and real classes provide the same interfaces (store, socket, poller, link)."""
         verifyObject(IRelayStore, self.store)
         verifyClass(IRelayStore, PostgresRelayStore)
+        verifyObject(IAgentWebSocket, self.ws)
+        verifyClass(IAgentWebSocket, RelayWebSocketFactory)
+        verifyObject(IAgentPoller, FakePoller(ADDRESS, self.link))
+        verifyClass(IAgentPoller, AgentPoller)
+        verifyObject(IWebSocketListener, self.link)
+        verifyObject(IPollTarget, self.link)
 
     def test_one_socket_subscribes_each_job_from_last_seq(self) -> None:
-        """One dial per agent; on open one subscribe per job with after_seq from the row's last_seq."""
+        """One dial per agent; on open one subscribe per job, after_seq = the row's last_seq."""
         self.assertEqual((len(self.dials), self.link.state), (1, CONNECTING))
         self.ws.opened()
         self.assertEqual(self.link.state, STREAMING)
-        self.assertEqual(self.ws.sent, [
-            {"action": "subscribe", "job_id": A, "after_seq": 3},
-            {"action": "subscribe", "job_id": B, "after_seq": 0},
-        ])
+        self.assertEqual(
+            self.ws.sent,
+            [
+                {"action": "subscribe", "job_id": A, "after_seq": 3},
+                {"action": "subscribe", "job_id": B, "after_seq": 0},
+            ],
+        )
 
     def test_routing_by_job_id(self) -> None:
         """Each event reaches only the row of its job; another job's event never touches a row."""
@@ -143,7 +179,7 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(self.applied(), [("ra", [4], "ws")])
 
     def test_events_batched_while_store_busy(self) -> None:
-        """Per job one store call at a time; events arriving meanwhile go in the next call, in order."""
+        """Per job one store call at a time; events arriving meanwhile go in the next call."""
         self.ws.opened()
         self.store.hold()
         self.link.ws_message(wire(A, 4))
@@ -171,7 +207,7 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_overflow_resubscribes_from_applied(self) -> None:
-        """Past the bound the queue is dropped and the job resubscribed from the last applied seq: nothing lost."""
+        """Past the bound the queue is dropped and resubscribed from the applied seq: no loss."""
         self.ws.opened()
         self.store.error = RuntimeError("database down")
         for seq in range(4, 11):
@@ -180,8 +216,13 @@ class LinkTests(SynchronousTestCase):
         self.store.error = None
         self.ws.sent.clear()
         self.clock.advance(1)
-        self.assertEqual(self.ws.sent, [{"action": "unsubscribe", "job_id": A},
-                                        {"action": "subscribe", "job_id": A, "after_seq": 3}])
+        self.assertEqual(
+            self.ws.sent,
+            [
+                {"action": "unsubscribe", "job_id": A},
+                {"action": "subscribe", "job_id": A, "after_seq": 3},
+            ],
+        )
         for seq in range(4, 12):
             self.link.ws_message(wire(A, seq))
         self.assertEqual(self.store.rows["ra"].last_seq, 11)
@@ -189,14 +230,31 @@ class LinkTests(SynchronousTestCase):
     def test_resync_applies_snapshot(self) -> None:
         """A resync frame is applied as a snapshot with the job's detail."""
         self.ws.opened()
-        self.link.ws_message({"event": "resync", "job_id": A, "seq": 20, "kind": "snapshot", "status": "running",
-                              "job": {"job_id": A, "status": "failed", "progress": 50, "message": "x",
-                                      "logs": ["l1"], "error": "boom", "seq": 20}})
+        self.link.ws_message(
+            {
+                "event": "resync",
+                "job_id": A,
+                "seq": 20,
+                "kind": "snapshot",
+                "status": "running",
+                "job": {
+                    "job_id": A,
+                    "status": "failed",
+                    "progress": 50,
+                    "message": "x",
+                    "logs": ["l1"],
+                    "error": "boom",
+                    "seq": 20,
+                },
+            }
+        )
         row = self.store.rows["ra"]
-        self.assertEqual((row.status, row.last_seq, row.error_message, row.output), ("failed", 20, "boom", "l1"))
+        self.assertEqual(
+            (row.status, row.last_seq, row.error_message, row.output), ("failed", 20, "boom", "l1")
+        )
 
     def test_handshake_failure_polls_then_back_to_ws(self) -> None:
-        """A failed handshake starts polling; when the WebSocket opens the poller stops and jobs resubscribe."""
+        """A failed handshake polls; when the socket opens the poller stops, jobs resubscribe."""
         self.ws.failed(handshake=True)
         self.assertEqual((self.link.state, self.pollers[0].running), (POLLING, True))
         self.assertEqual(self.link.poll_jobs(), [(self.row_a, 3), (self.row_b, 0)])
@@ -227,8 +285,15 @@ class LinkTests(SynchronousTestCase):
     def test_ws_job_not_found(self) -> None:
         """The agent's JOB_NOT_FOUND error for a subscription ends that job failed."""
         self.ws.opened()
-        self.link.ws_message({"event": "error", "job_id": B, "status": "job_not_found",
-                              "error_code": "JOB_NOT_FOUND", "message": "nope"})
+        self.link.ws_message(
+            {
+                "event": "error",
+                "job_id": B,
+                "status": "job_not_found",
+                "error_code": "JOB_NOT_FOUND",
+                "message": "nope",
+            }
+        )
         self.assertEqual(self.store.rows["rb"].status, "failed")
 
     def test_bad_frames_ignored(self) -> None:
@@ -243,11 +308,17 @@ class LinkTests(SynchronousTestCase):
         """The scan's new rows are subscribed; rows no longer running are unsubscribed."""
         self.ws.opened()
         self.ws.sent.clear()
-        row_c = self.store.add_host_job(row_id="rc", job_id="j3", host_id="h1", agent_job_id=OTHER, agent=ADDRESS,
-                                        last_seq=9)
+        row_c = self.store.add_host_job(
+            row_id="rc", job_id="j3", host_id="h1", agent_job_id=OTHER, agent=ADDRESS, last_seq=9
+        )
         self.link.update([self.row_a, row_c])
-        self.assertEqual(self.ws.sent, [{"action": "unsubscribe", "job_id": B},
-                                        {"action": "subscribe", "job_id": OTHER, "after_seq": 9}])
+        self.assertEqual(
+            self.ws.sent,
+            [
+                {"action": "unsubscribe", "job_id": B},
+                {"action": "subscribe", "job_id": OTHER, "after_seq": 9},
+            ],
+        )
 
     def test_stop_flushes(self) -> None:
         """stop() closes the socket, stops the poller, and hands queued events to the store."""
@@ -256,7 +327,9 @@ class LinkTests(SynchronousTestCase):
         self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 4))])
         self.store.error = None
         self.successResultOf(self.link.stop())
-        self.assertEqual((self.link.state, self.ws.stopped, self.pollers[0].running), (STOPPED, True, False))
+        self.assertEqual(
+            (self.link.state, self.ws.stopped, self.pollers[0].running), (STOPPED, True, False)
+        )
         self.assertEqual(self.store.rows["ra"].last_seq, 4)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.link.ws_failed("late", True)

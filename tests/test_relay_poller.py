@@ -1,9 +1,9 @@
-"""The poller: events endpoint, fallback to the job detail, 410 resync, JOB_NOT_FOUND, deadline, backoff."""
+"""The poller: events endpoint, detail fallback, 410, JOB_NOT_FOUND, deadline, backoff."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
@@ -24,8 +24,9 @@ def envelope(data: Any = None, error: Any = None) -> bytes:
 
 
 def wire(seq: int, status: str = "running", job_id: str = JOB, **extra: Any) -> dict[str, Any]:
-    return JobEvent(job_id=job_id, seq=seq, status=status, progress=0, message=f"e{seq}",
-                    timestamp="t", **extra).to_wire()
+    return JobEvent(
+        job_id=job_id, seq=seq, status=status, progress=0, message=f"e{seq}", timestamp="t", **extra
+    ).to_wire()
 
 
 class FakeAgentResource(Resource):
@@ -68,8 +69,14 @@ class RecordingTarget:
 
 
 def host_job(row_id: str = "r1", agent_job_id: str = JOB, last_seq: int = 0) -> HostJob:
-    return HostJob(row_id=row_id, job_id="j1", host_id="h1", agent_job_id=agent_job_id, agent=ADDRESS,
-                   last_seq=last_seq)
+    return HostJob(
+        row_id=row_id,
+        job_id="j1",
+        host_id="h1",
+        agent_job_id=agent_job_id,
+        agent=ADDRESS,
+        last_seq=last_seq,
+    )
 
 
 class PollerTests(SynchronousTestCase):
@@ -79,8 +86,9 @@ class PollerTests(SynchronousTestCase):
         self.stub = StubTreq(self.resource)
         self.http = AgentJobsHttp(self.stub, ADDRESS, clock=self.clock, timeout=30)
         self.target = RecordingTarget(host_job(last_seq=2))
-        self.poller = AgentPoller(self.http, self.target, clock=self.clock, interval=10, max_interval=80,
-                                  deadline=100)
+        self.poller = AgentPoller(
+            self.http, self.target, clock=self.clock, interval=10, max_interval=80, deadline=100
+        )
         self.addCleanup(self.poller.stop)
 
     def poll(self) -> None:
@@ -89,9 +97,11 @@ class PollerTests(SynchronousTestCase):
         self.successResultOf(done)
 
     def test_events_endpoint(self) -> None:
-        """An lpa agent is asked for events after the cursor; its data.events are handed on in seq order."""
+        """An lpa agent is asked for events after the cursor; data.events go on in seq order."""
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
-            200, envelope({"events": [wire(4), wire(3), wire(9, job_id="other")]}))
+            200,
+            envelope({"events": [wire(4), wire(3), wire(9, job_id="other")]}),
+        )
         self.poll()
         self.assertEqual(self.resource.requests, [f"/api/v1/jobs/{JOB}/events?after=2"])
         [(row_id, events)] = self.target.events
@@ -99,9 +109,16 @@ class PollerTests(SynchronousTestCase):
         self.assertTrue(self.http.has_events_endpoint)
 
     def test_empty_405_falls_back_to_detail(self) -> None:
-        """The original's empty 405 on the events path → GET /jobs/{id} → one snapshot; the path is remembered."""
-        detail = {"id": JOB, "status": "timedout", "progress": 40, "message": "m", "logs": ["a", "b"],
-                  "error": "slow", "error_code": "TIMEOUT"}
+        """The original's empty 405 → GET /jobs/{id} → one snapshot; the fallback is remembered."""
+        detail = {
+            "id": JOB,
+            "status": "timedout",
+            "progress": 40,
+            "message": "m",
+            "logs": ["a", "b"],
+            "error": "slow",
+            "error_code": "TIMEOUT",
+        }
         self.resource.routes[f"/api/v1/jobs/{JOB}"] = (200, envelope(detail))
         self.poll()
         [(_, [event])] = self.target.events
@@ -110,15 +127,25 @@ class PollerTests(SynchronousTestCase):
             (KIND_SNAPSHOT, None, "timed_out", "a\nb", "slow", 40),
         )
         self.poll()
-        self.assertEqual(self.resource.requests, [
-            f"/api/v1/jobs/{JOB}/events?after=2", f"/api/v1/jobs/{JOB}", f"/api/v1/jobs/{JOB}"])
+        self.assertEqual(
+            self.resource.requests,
+            [f"/api/v1/jobs/{JOB}/events?after=2", f"/api/v1/jobs/{JOB}", f"/api/v1/jobs/{JOB}"],
+        )
 
     def test_410_is_a_snapshot(self) -> None:
-        """410 EVENTS_EXPIRED carries the job detail; it is applied as a snapshot with the detail's seq."""
-        detail = {"job_id": JOB, "status": "completed", "progress": 100, "message": "done", "logs": [],
-                  "seq": 40}
+        """410 EVENTS_EXPIRED carries the job detail: a snapshot with the detail's seq."""
+        detail = {
+            "job_id": JOB,
+            "status": "completed",
+            "progress": 100,
+            "message": "done",
+            "logs": [],
+            "seq": 40,
+        }
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
-            410, envelope(error={"code": "EVENTS_EXPIRED", "message": "gone", "details": detail}))
+            410,
+            envelope(error={"code": "EVENTS_EXPIRED", "message": "gone", "details": detail}),
+        )
         self.poll()
         [(_, [event])] = self.target.events
         self.assertEqual((event.kind, event.seq, event.status), (KIND_SNAPSHOT, 40, "completed"))
@@ -126,7 +153,9 @@ class PollerTests(SynchronousTestCase):
     def test_job_not_found_gives_up(self) -> None:
         """JOB_NOT_FOUND from the agent ends the host job instead of polling forever."""
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
-            404, envelope(error={"code": "JOB_NOT_FOUND", "message": "no"}))
+            404,
+            envelope(error={"code": "JOB_NOT_FOUND", "message": "no"}),
+        )
         self.poll()
         [(row_id, reason)] = self.target.given_up
         self.assertEqual(row_id, "r1")
@@ -140,7 +169,10 @@ class PollerTests(SynchronousTestCase):
 
     def test_errors_back_off_then_deadline(self) -> None:
         """Failed polls double the interval up to the cap; past the deadline the job ends failed."""
-        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (500, envelope(error={"code": "X"}))
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            500,
+            envelope(error={"code": "X"}),
+        )
         self.poller.start()
         self.stub.flush()
         intervals = [self.poller.interval]
@@ -168,6 +200,7 @@ class PollerTests(SynchronousTestCase):
 
     def test_unreachable_agent(self) -> None:
         """A transport error marks every job of the agent failing and stops the pass."""
+
         class Boom:
             def get(self, url: str) -> Any:
                 raise ConnectionRefusedError("refused")
@@ -183,7 +216,9 @@ class PollerTests(SynchronousTestCase):
             return await original(agent_job_id, after)
 
         http.fetch = counting  # type: ignore[method-assign]
-        poller = AgentPoller(http, target, clock=self.clock, interval=10, max_interval=10, deadline=0)
+        poller = AgentPoller(
+            http, target, clock=self.clock, interval=10, max_interval=10, deadline=0
+        )
         self.successResultOf(poller._tick())
         self.assertEqual(calls, [JOB])
         self.assertEqual([r for r, _ in target.given_up], ["r1", "r2"])
@@ -213,3 +248,36 @@ class PollerTests(SynchronousTestCase):
         """A detail without a status is a ValueError, not a guess."""
         self.assertRaises(ValueError, snapshot_event, JOB, {"progress": 3})
         self.assertRaises(ValueError, snapshot_event, JOB, {"status": "exploded"})
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_429_waits_retry_after_without_deadline(self) -> None:
+        """A 429 waits at least Retry-After and never counts toward the unreachable deadline."""
+        clock = Clock()
+
+        requests: list[str] = []
+
+        class Limited(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                requests.append(request.uri.decode())
+                request.setResponseCode(429)
+                request.setHeader(b"Retry-After", b"45")
+                return b"Rate limit exceeded. Retry after 45 seconds."
+
+        stub = StubTreq(Limited())
+        target = RecordingTarget(host_job(), host_job("r2", "22222222-2222-4222-8222-222222222222"))
+        poller = AgentPoller(
+            AgentJobsHttp(stub, ADDRESS, clock=clock, timeout=5),
+            target,
+            clock=clock,
+            interval=10,
+            max_interval=20,
+            deadline=0,
+        )
+        self.addCleanup(poller.stop)
+        poller.start()
+        stub.flush()
+        self.assertEqual((poller.interval, target.given_up), (45, []))
+        self.assertEqual(len(requests), 1)  # the rest of the pass waits too

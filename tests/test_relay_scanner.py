@@ -1,8 +1,6 @@
-"""The scan: one link per agent with running rows; add, remove, disconnect; a failing tick goes on."""
+"""The scan: one link per agent with running rows; add, remove, disconnect; failures."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -49,17 +47,25 @@ class ScannerTests(SynchronousTestCase):
         self.addCleanup(self.scanner.stop_scanning)
 
     def add(self, row_id: str, agent: AgentAddress, status: str = "running") -> None:
-        self.store.add_host_job(row_id=row_id, job_id="j1", host_id=row_id, agent_job_id=f"a-{row_id}",
-                                agent=agent, status=status)
+        self.store.add_host_job(
+            row_id=row_id,
+            job_id="j1",
+            host_id=row_id,
+            agent_job_id=f"a-{row_id}",
+            agent=agent,
+            status=status,
+        )
 
     def test_groups_rows_by_agent(self) -> None:
-        """Running rows are grouped per agent address (port honoured); one link each; others skipped."""
+        """Running rows are grouped per agent address (port honoured); one link per agent."""
         self.add("r1", ONE)
         self.add("r2", ONE)
         self.add("r3", TWO)
         self.add("r4", AgentAddress("agent1.example", 9999), status="succeeded")
         self.scanner.start()
-        self.assertEqual({link.address: link.started for link in self.made}, {ONE: ["r1", "r2"], TWO: ["r3"]})
+        self.assertEqual(
+            {link.address: link.started for link in self.made}, {ONE: ["r1", "r2"], TWO: ["r3"]}
+        )
 
     def test_rescan_updates_and_disconnects(self) -> None:
         """The next scan updates existing links and stops links whose agent has no running row."""
@@ -67,7 +73,9 @@ class ScannerTests(SynchronousTestCase):
         self.add("r3", TWO)
         self.scanner.start()
         self.add("r2", ONE)
-        self.store.rows["r3"] = self.store.rows["r3"].__class__(status="failed", agent_job_id="a-r3")
+        self.store.rows["r3"] = self.store.rows["r3"].__class__(
+            status="failed", agent_job_id="a-r3"
+        )
         self.clock.advance(10)
         one, two = self.made
         self.assertEqual((one.updates, one.stopped, two.stopped), ([["r1", "r2"]], False, True))

@@ -1,4 +1,4 @@
-"""The relay service wiring, its stop order, and the twistd plugin's handling of bad configuration."""
+"""The relay service wiring, its stop order, and the twistd plugin on bad configuration."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.machine import CONNECTING
 from lpa.relay.service import RelayService, make_relay_service
-from lpa.relay.scanner import Scanner
 from tests.fakes_relay import FakeRelayStore
 
 ADDRESS = AgentAddress("agent1.example", 12443)
@@ -56,7 +55,9 @@ class ServiceTests(SynchronousTestCase):
         self.clock = Clock()
         self.log: list[str] = []
         self.store = OrderedStore(self.log)
-        self.store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1", agent=ADDRESS)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1", agent=ADDRESS
+        )
         self.sockets: list[FakeWs] = []
 
         def dial(address: AgentAddress, listener: Any) -> FakeWs:
@@ -70,8 +71,15 @@ class ServiceTests(SynchronousTestCase):
 
     def test_make_relay_service_scans_and_dials(self) -> None:
         """Started, the service scans the store and dials each agent with running rows."""
-        service = make_relay_service(self.config, reactor=self.clock, clock=self.clock, store=self.store,
-                                     tls_options_for=lambda host: "tls", http_client=object(), dial=self.dial)
+        service = make_relay_service(
+            self.config,
+            reactor=self.clock,
+            clock=self.clock,
+            store=self.store,
+            tls_options_for=lambda host: "tls",
+            http_client=object(),
+            dial=self.dial,
+        )
         service.startService()
         self.assertEqual(self.log, ["dial agent1.example:12443"])
         [link] = service.scanner.links.values()
@@ -83,8 +91,15 @@ class ServiceTests(SynchronousTestCase):
 
     def test_stop_order(self) -> None:
         """stopService: scanning stops, links close (awaited), and only then the store stops."""
-        service = make_relay_service(self.config, reactor=self.clock, clock=self.clock, store=self.store,
-                                     tls_options_for=lambda host: "tls", http_client=object(), dial=self.dial)
+        service = make_relay_service(
+            self.config,
+            reactor=self.clock,
+            clock=self.clock,
+            store=self.store,
+            tls_options_for=lambda host: "tls",
+            http_client=object(),
+            dial=self.dial,
+        )
         owned = RelayService(self.store, service.scanner, own_store=True)
         owned.startService()
         stopping = owned.stopService()
@@ -100,9 +115,17 @@ class ServiceTests(SynchronousTestCase):
         """Unreadable [security] files stop the build with a ConfigError naming the file."""
         from lpa.errors import ConfigError
 
-        config = RelayConfig(database_url="postgres://x@localhost/db", ca_cert_path="/nonexistent/ca.crt")
-        error = self.assertRaises(ConfigError, make_relay_service, config, reactor=self.clock,
-                                  store=self.store, dial=self.dial)
+        config = RelayConfig(
+            database_url="postgres://x@localhost/db", ca_cert_path="/nonexistent/ca.crt"
+        )
+        error = self.assertRaises(
+            ConfigError,
+            make_relay_service,
+            config,
+            reactor=self.clock,
+            store=self.store,
+            dial=self.dial,
+        )
         self.assertIn("/nonexistent/ca.crt", str(error))
 
 
@@ -118,7 +141,10 @@ class TapTests(SynchronousTestCase):
         directory = tempfile.mkdtemp()
         path = os.path.join(directory, "relay.toml")
         with open(path, "w") as handle:
-            handle.write('[database]\nurl = "postgres://x@localhost/db"\n[worker]\nws_relay_scan_interval_secs = "soon"\n')
+            handle.write(
+                '[database]\nurl = "postgres://x@localhost/db"\n'
+                '[worker]\nws_relay_scan_interval_secs = "soon"\n'
+            )
         options = tap.Options()
         options.parseOptions(["--config", path])
         stderr = io.StringIO()

@@ -1,4 +1,4 @@
-"""The reconnecting WebSocket factory: backoff and jitter on the clock, the handshake cap, timeouts, stop."""
+"""The reconnecting WebSocket factory: backoff and jitter, the handshake cap, timeouts, stop."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ class FakeReactor:
         self.connectors: dict[str, FakeConnector] = {}
         self.tls: list[Any] = []
 
-    def connectSSL(self, host: str, port: int, factory: Any, options: Any, timeout: float) -> FakeConnector:
+    def connectSSL(
+        self, host: str, port: int, factory: Any, options: Any, timeout: float
+    ) -> FakeConnector:
         connector = FakeConnector(factory, self.dialled)
         self.connectors[host] = connector
         self.tls.append(options)
@@ -74,8 +76,14 @@ class FactoryTests(SynchronousTestCase):
 
     def factory(self, host: str = "agent1", tls: Any = "TLS") -> RelayWebSocketFactory:
         factory = RelayWebSocketFactory(
-            AgentAddress(host, 12443), self.listener, reactor=self.reactor, clock=self.clock, tls_options=tls,
-            gate=self.gate, backoff=Backoff(1, 4, jitter=lambda: 1.0), handshake_timeout=10,
+            AgentAddress(host, 12443),
+            self.listener,
+            reactor=self.reactor,
+            clock=self.clock,
+            tls_options=tls,
+            gate=self.gate,
+            backoff=Backoff(1, 4, jitter=lambda: 1.0),
+            handshake_timeout=10,
         )
         self.addCleanup(factory.stop)
         return factory
@@ -92,8 +100,11 @@ class FactoryTests(SynchronousTestCase):
         delays = []
         for _ in range(4):
             connector.fail()
-            [call] = [c for c in self.clock.getDelayedCalls() if c.getTime() > self.clock.seconds()
-                      and c.func.__name__ == "redial"]
+            [call] = [
+                c
+                for c in self.clock.getDelayedCalls()
+                if c.getTime() > self.clock.seconds() and c.func.__name__ == "redial"
+            ]
             delays.append(call.getTime() - self.clock.seconds())
             self.clock.advance(delays[-1])
         self.assertEqual(delays, [1, 2, 4, 4])
@@ -143,13 +154,18 @@ class FactoryTests(SynchronousTestCase):
         """The dialer asks for TLS options for the agent's host name and starts dialling."""
         hosts = []
         dialer = WebSocketDialer(
-            reactor=self.reactor, clock=self.clock,
+            reactor=self.reactor,
+            clock=self.clock,
             tls_options_for=lambda host: hosts.append(host) or f"tls-for-{host}",
-            gate=self.gate, make_backoff=lambda: Backoff(1, 2), handshake_timeout=5,
+            gate=self.gate,
+            make_backoff=lambda: Backoff(1, 2),
+            handshake_timeout=5,
         )
         factory = dialer(AgentAddress("agent9.example", 443), self.listener)
         self.addCleanup(factory.stop)
-        self.assertEqual((hosts, self.reactor.tls), (["agent9.example"], ["tls-for-agent9.example"]))
+        self.assertEqual(
+            (hosts, self.reactor.tls), (["agent9.example"], ["tls-for-agent9.example"])
+        )
         self.assertEqual(factory.url, "wss://agent9.example:443/api/v1/ws/jobs")
 
 

@@ -32,11 +32,20 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lpa.events import EVENT_JOB_COMPLETE, EVENT_JOB_STATUS, JobEvent
 from lpa.relay.backoff import Backoff
-from lpa.relay.interfaces import TRANSPORT_POLL, TRANSPORT_WS, AgentAddress, ApplyResult, HostJob, IRelayStore
-from lpa.relay.poller import snapshot_event
+from lpa.relay.interfaces import (
+    TRANSPORT_POLL,
+    TRANSPORT_WS,
+    AgentAddress,
+    ApplyResult,
+    HostJob,
+    IRelayStore,
+)
+from lpa.relay.poller import IPollTarget, snapshot_event
+from lpa.relay.ws_client import IWebSocketListener
 
 _log = Logger()
 
@@ -68,6 +77,7 @@ class _Followed:
         return self.host_job.agent_job_id
 
 
+@implementer(IWebSocketListener, IPollTarget)
 class AgentLink:
     """Follows every running job of one agent; see the module docstring for the states.
 
@@ -130,7 +140,7 @@ class AgentLink:
                 self._follow(host_job)
 
     def stop(self) -> Deferred:
-        """Close the WebSocket cleanly, stop polling, hand queued events to the store; fires when done."""
+        """Close the socket, stop polling, hand queued events to the store; fires when done."""
         if self.state == STOPPED and self._ws is None:
             return succeed(None)
         self._set_state(STOPPED)
@@ -153,11 +163,15 @@ class AgentLink:
     # -- following -------------------------------------------------------------------------
 
     def _follow(self, host_job: HostJob) -> None:
-        followed = _Followed(host_job=host_job, applied_seq=host_job.last_seq, received_seq=host_job.last_seq)
+        followed = _Followed(
+            host_job=host_job, applied_seq=host_job.last_seq, received_seq=host_job.last_seq
+        )
         self._followed[host_job.row_id] = followed
         _log.info(
             "following job {agent_job_id} (row {row_id}) on agent {agent} from seq {seq}",
-            agent_job_id=host_job.agent_job_id, row_id=host_job.row_id, agent=self.label,
+            agent_job_id=host_job.agent_job_id,
+            row_id=host_job.row_id,
+            agent=self.label,
             seq=host_job.last_seq,
         )
         if self.state == STREAMING:
@@ -173,7 +187,10 @@ class AgentLink:
         followed.queue.clear()
         _log.info(
             "stopped following job {agent_job_id} (row {row_id}) on agent {agent}: {why}",
-            agent_job_id=followed.agent_job_id, row_id=followed.host_job.row_id, agent=self.label, why=why,
+            agent_job_id=followed.agent_job_id,
+            row_id=followed.host_job.row_id,
+            agent=self.label,
+            why=why,
         )
         if self.state == STREAMING and self._ws is not None:
             self._ws.send_json({"action": "unsubscribe", "job_id": followed.agent_job_id})
@@ -183,7 +200,11 @@ class AgentLink:
 
     def _subscribe(self, followed: _Followed) -> None:
         self._ws.send_json(
-            {"action": "subscribe", "job_id": followed.agent_job_id, "after_seq": followed.received_seq}
+            {
+                "action": "subscribe",
+                "job_id": followed.agent_job_id,
+                "after_seq": followed.received_seq,
+            }
         )
 
     def _set_state(self, state: str) -> None:
@@ -222,7 +243,9 @@ class AgentLink:
             try:
                 job_event = JobEvent.from_wire(message)
             except ValueError as error:
-                _log.warn("agent {agent} sent a bad event: {error}", agent=self.label, error=str(error))
+                _log.warn(
+                    "agent {agent} sent a bad event: {error}", agent=self.label, error=str(error)
+                )
                 return
             self._route(job_event, TRANSPORT_WS)
         elif event == "resync":
@@ -230,15 +253,20 @@ class AgentLink:
         elif event == "error":
             self._agent_error(message)
         else:  # connected, subscribed, unsubscribed, anything newer
-            _log.debug("agent {agent}: {event} {job_id}", agent=self.label, event=event,
-                       job_id=message.get("job_id"))
+            _log.debug(
+                "agent {agent}: {event} {job_id}",
+                agent=self.label,
+                event=event,
+                job_id=message.get("job_id"),
+            )
 
     def _route(self, job_event: JobEvent, transport: str) -> None:
         targets = self._by_agent_job(job_event.job_id)
         if not targets:
             _log.debug(
                 "agent {agent}: event of job {job_id} nobody follows; ignored",
-                agent=self.label, job_id=job_event.job_id,
+                agent=self.label,
+                job_id=job_event.job_id,
             )
             return
         for followed in targets:
@@ -251,24 +279,40 @@ class AgentLink:
         if not targets:
             return
         try:
-            snapshot = snapshot_event(job_id, detail if isinstance(detail, dict) else message, message.get("seq"))
+            snapshot = snapshot_event(
+                job_id, detail if isinstance(detail, dict) else message, message.get("seq")
+            )
         except ValueError as error:
-            _log.warn("agent {agent}: unreadable resync for {job_id}: {error}", agent=self.label,
-                      job_id=job_id, error=str(error))
+            _log.warn(
+                "agent {agent}: unreadable resync for {job_id}: {error}",
+                agent=self.label,
+                job_id=job_id,
+                error=str(error),
+            )
             return
-        _log.info("agent {agent}: resync of job {job_id} at seq {seq}", agent=self.label, job_id=job_id,
-                  seq=snapshot.seq)
+        _log.info(
+            "agent {agent}: resync of job {job_id} at seq {seq}",
+            agent=self.label,
+            job_id=job_id,
+            seq=snapshot.seq,
+        )
         for followed in targets:
             self._receive(followed, [snapshot], TRANSPORT_WS)
 
     def _agent_error(self, message: dict) -> None:
         code = message.get("error_code") or str(message.get("status", "")).upper()
         job_id = message.get("job_id")
-        _log.warn("agent {agent} answered an error: {code} {text}", agent=self.label, code=code,
-                  text=message.get("message"))
+        _log.warn(
+            "agent {agent} answered an error: {code} {text}",
+            agent=self.label,
+            code=code,
+            text=message.get("message"),
+        )
         if code == "JOB_NOT_FOUND" and isinstance(job_id, str):
             for followed in self._by_agent_job(job_id):
-                self._give_up(followed, f"the agent does not know job {job_id} (JOB_NOT_FOUND)", TRANSPORT_WS)
+                self._give_up(
+                    followed, f"the agent does not know job {job_id} (JOB_NOT_FOUND)", TRANSPORT_WS
+                )
 
     # -- poll target -----------------------------------------------------------------------
 
@@ -282,7 +326,9 @@ class AgentLink:
     def poll_events(self, host_job: HostJob, events: Sequence[JobEvent]) -> None:
         followed = self._followed.get(host_job.row_id)
         if followed is not None and followed.agent_job_id == host_job.agent_job_id:
-            self._receive(followed, [e for e in events if e.job_id == followed.agent_job_id], TRANSPORT_POLL)
+            self._receive(
+                followed, [e for e in events if e.job_id == followed.agent_job_id], TRANSPORT_POLL
+            )
 
     def poll_give_up(self, host_job: HostJob, reason: str) -> None:
         followed = self._followed.get(host_job.row_id)
@@ -293,7 +339,7 @@ class AgentLink:
 
     def _receive(self, followed: _Followed, events: Iterable[JobEvent], transport: str) -> None:
         if followed.resubscribe and transport == TRANSPORT_WS:
-            return  # dropped for the store's sake: the stream resumes from applied_seq on resubscribe
+            return  # dropped for the store: the stream resumes from applied_seq on resubscribe
         for job_event in events:
             if job_event.seq is not None:
                 if job_event.seq <= followed.received_seq:
@@ -303,7 +349,9 @@ class AgentLink:
         if len(followed.queue) > self._max_queued:
             _log.warn(
                 "job {agent_job_id}: {count} events wait for the store; dropping them to fetch "
-                "again from seq {seq}", agent_job_id=followed.agent_job_id, count=len(followed.queue),
+                "again from seq {seq}",
+                agent_job_id=followed.agent_job_id,
+                count=len(followed.queue),
                 seq=followed.applied_seq,
             )
             followed.queue.clear()
@@ -323,8 +371,10 @@ class AgentLink:
         applying = self._store.apply_events(followed.host_job, batch, transport)
         followed.in_flight = applying
         applying.addCallbacks(
-            self._applied, self._apply_failed,
-            callbackArgs=(followed,), errbackArgs=(followed, batch, transport),
+            self._applied,
+            self._apply_failed,
+            callbackArgs=(followed,),
+            errbackArgs=(followed, batch, transport),
         )
 
     def _applied(self, result: ApplyResult, followed: _Followed) -> None:
@@ -336,7 +386,9 @@ class AgentLink:
             return
         self._resume(followed)
 
-    def _apply_failed(self, failure: Failure, followed: _Followed, batch: list[JobEvent], transport: str) -> None:
+    def _apply_failed(
+        self, failure: Failure, followed: _Followed, batch: list[JobEvent], transport: str
+    ) -> None:
         followed.in_flight = None
         followed.queue[:0] = [(job_event, transport) for job_event in batch]
         if followed.backoff is None:
@@ -344,7 +396,10 @@ class AgentLink:
         delay = followed.backoff.next_delay()
         _log.warn(
             "store refused {count} events of job {agent_job_id}: {error}; retrying in {delay:.1f}s",
-            count=len(batch), agent_job_id=followed.agent_job_id, error=failure.getErrorMessage(), delay=delay,
+            count=len(batch),
+            agent_job_id=followed.agent_job_id,
+            error=failure.getErrorMessage(),
+            delay=delay,
         )
         if self.state == STOPPED or self._followed.get(followed.host_job.row_id) is not followed:
             return  # the store keeps what it was given on stop; nothing more we can do
@@ -363,8 +418,12 @@ class AgentLink:
         if followed.failing:
             return
         followed.failing = True
-        _log.warn("job {agent_job_id} (row {row_id}) ends failed: {reason}",
-                  agent_job_id=followed.agent_job_id, row_id=followed.host_job.row_id, reason=reason)
+        _log.warn(
+            "job {agent_job_id} (row {row_id}) ends failed: {reason}",
+            agent_job_id=followed.agent_job_id,
+            row_id=followed.host_job.row_id,
+            reason=reason,
+        )
 
         def done(result: ApplyResult) -> None:
             followed.failing = False
@@ -372,7 +431,10 @@ class AgentLink:
 
         def failed(failure: Failure) -> None:
             followed.failing = False
-            _log.warn("could not end job {agent_job_id} failed: {error}; will try again",
-                      agent_job_id=followed.agent_job_id, error=failure.getErrorMessage())
+            _log.warn(
+                "could not end job {agent_job_id} failed: {error}; will try again",
+                agent_job_id=followed.agent_job_id,
+                error=failure.getErrorMessage(),
+            )
 
         self._store.fail_host_job(followed.host_job, reason, transport).addCallbacks(done, failed)

@@ -18,7 +18,7 @@ TLS policy returns :func:`lpa.tls.client_tls_options` (see :func:`make_agent_htt
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from lpa.events import KIND_SNAPSHOT, JobEvent, normalise_status
 from lpa.relay.interfaces import AgentAddress, HostJob
@@ -37,11 +38,18 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class PollError(Exception):
-    """One poll request failed; ``transport`` is True when the agent could not be reached."""
+    """One poll request failed; ``transport`` is True when the agent could not be reached.
 
-    def __init__(self, message: str, *, transport: bool = False) -> None:
+    ``retry_after`` (seconds) is set when the agent rate-limited us (429): that is an agent
+    that answers, so it never counts toward the unreachable deadline.
+    """
+
+    def __init__(
+        self, message: str, *, transport: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.transport = transport
+        self.retry_after = retry_after
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -90,6 +98,15 @@ def snapshot_event(agent_job_id: str, detail: Mapping[str, Any], seq: Any = None
     )
 
 
+def _retry_after(headers: Any) -> float:
+    """Seconds from a ``Retry-After`` header (1 when absent or unreadable)."""
+    try:
+        values = headers.getRawHeaders(b"retry-after") or []
+        return max(1.0, float(values[0]))
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return 1.0
+
+
 def _error_code(body: Any) -> str | None:
     if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
         code = body["error"].get("code")
@@ -100,7 +117,9 @@ def _error_code(body: Any) -> str | None:
 class AgentJobsHttp:
     """The two REST reads a poller needs from one agent, over an injected treq client."""
 
-    def __init__(self, client: Any, address: AgentAddress, *, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, client: Any, address: AgentAddress, *, clock: IReactorTime, timeout: float
+    ) -> None:
         self._client = client
         self._base = f"https://{address.host}:{address.port}/api/v1/jobs"
         self._timeout = timeout
@@ -109,18 +128,26 @@ class AgentJobsHttp:
         self.has_events_endpoint: bool | None = None
 
     async def _get(self, url: str) -> tuple[int, Any]:
-        async def request() -> tuple[int, bytes]:
+        async def request() -> tuple[int, bytes, Any]:
             response = await self._client.get(url)
-            return response.code, await response.content()
+            return response.code, await response.content(), response.headers
 
         try:
-            code, raw = await Deferred.fromCoroutine(request()).addTimeout(self._timeout, self._clock)
+            code, raw, headers = await Deferred.fromCoroutine(request()).addTimeout(
+                self._timeout, self._clock
+            )
         except CancelledError:
             raise  # the poller was stopped
         except TimeoutError:
-            raise PollError(f"GET {url}: no answer within {self._timeout:g}s", transport=True) from None
+            raise PollError(
+                f"GET {url}: no answer within {self._timeout:g}s", transport=True
+            ) from None
         except Exception as error:  # connection refused, TLS failure, reset …
-            raise PollError(f"GET {url}: {error.__class__.__name__}: {error}", transport=True) from None
+            raise PollError(
+                f"GET {url}: {error.__class__.__name__}: {error}", transport=True
+            ) from None
+        if code == 429:
+            raise PollError(f"GET {url}: rate limited (429)", retry_after=_retry_after(headers))
         if len(raw) > MAX_BODY_BYTES:
             raise PollError(f"GET {url}: body of {len(raw)} bytes is too large")
         body: Any = None
@@ -145,19 +172,26 @@ class AgentJobsHttp:
                 details = body["error"].get("details")
                 return PollOutcome(events=(snapshot_event(agent_job_id, details),))
             if error_code == "JOB_NOT_FOUND":
-                return PollOutcome(gone=f"the agent does not know job {agent_job_id} (JOB_NOT_FOUND)")
+                return PollOutcome(
+                    gone=f"the agent does not know job {agent_job_id} (JOB_NOT_FOUND)"
+                )
             if code not in (404, 405):
                 raise PollError(f"GET {url}: HTTP {code} {error_code or ''}".rstrip())
             self.has_events_endpoint = False
             _log.info(
                 "agent {agent} has no events endpoint (HTTP {code}): polling job details",
-                agent=self._base, code=code,
+                agent=self._base,
+                code=code,
             )
         url = f"{self._base}/{agent_job_id}"
         code, body = await self._get(url)
         if code == 404:
             return PollOutcome(gone=f"the agent does not know job {agent_job_id} (HTTP 404)")
-        if code != 200 or not isinstance(body, Mapping) or not isinstance(body.get("data"), Mapping):
+        if (
+            code != 200
+            or not isinstance(body, Mapping)
+            or not isinstance(body.get("data"), Mapping)
+        ):
             raise PollError(f"GET {url}: HTTP {code} {_error_code(body) or ''}".rstrip())
         try:
             return PollOutcome(events=(snapshot_event(agent_job_id, body["data"]),))
@@ -172,33 +206,46 @@ class AgentJobsHttp:
             try:
                 event = JobEvent.from_wire(wire)
             except ValueError as error:
-                _log.warn("agent {agent} sent a bad event: {error}", agent=self._base, error=str(error))
+                _log.warn(
+                    "agent {agent} sent a bad event: {error}", agent=self._base, error=str(error)
+                )
                 continue
             if event.job_id == agent_job_id:
                 events.append(event)
         return tuple(sorted(events, key=lambda e: e.seq or 0))
 
 
-class PollTarget(Protocol):
+class IPollTarget(Interface):
     """What a poller feeds: the agent link."""
 
-    def poll_jobs(self) -> Sequence[tuple[HostJob, int]]:
+    def poll_jobs() -> Sequence[tuple[HostJob, int]]:
         """The host jobs to poll now, each with the seq to poll after."""
 
-    def poll_events(self, host_job: HostJob, events: Sequence[JobEvent]) -> None:
+    def poll_events(host_job: HostJob, events: Sequence[JobEvent]) -> None:
         """Events read for ``host_job`` (to apply)."""
 
-    def poll_give_up(self, host_job: HostJob, reason: str) -> None:
+    def poll_give_up(host_job: HostJob, reason: str) -> None:
         """End ``host_job`` failed: the agent forgot it or stayed unreachable too long."""
 
 
+class IAgentPoller(Interface):
+    """Polling one agent's jobs for an :class:`IPollTarget`."""
+
+    def start(now: bool = True) -> None:
+        """Start the loop (first pass now unless ``now`` is False)."""
+
+    def stop() -> None:
+        """Stop the loop and cancel an in-flight request."""
+
+
+@implementer(IAgentPoller)
 class AgentPoller:
     """A ``LoopingCall`` polling every followed job of one agent; errors back off."""
 
     def __init__(
         self,
         http: AgentJobsHttp,
-        target: PollTarget,
+        target: IPollTarget,
         *,
         clock: IReactorTime,
         interval: float,
@@ -263,19 +310,32 @@ class AgentPoller:
         now = self._clock.seconds()
         failed = False
         unreachable: str | None = None
+        wait: float | None = None
         for host_job, after_seq in jobs:
             if unreachable is not None:
                 self._failing(host_job, unreachable, now)
                 continue
+            if wait is not None:
+                continue  # rate limited: the rest of the pass waits for the next tick
             try:
                 outcome = await self._http.fetch(host_job.agent_job_id, after_seq)
             except PollError as error:
                 if self._stopped:
                     return
                 failed = True
+                if error.retry_after is not None:
+                    wait = error.retry_after
+                    _log.info(
+                        "agent {agent} rate-limits polls; waiting {wait:g}s",
+                        agent=self._http._base,
+                        wait=wait,
+                    )
+                    continue
                 _log.warn(
                     "poll of job {agent_job_id} on {agent} failed: {reason}",
-                    agent_job_id=host_job.agent_job_id, agent=self._http._base, reason=str(error),
+                    agent_job_id=host_job.agent_job_id,
+                    agent=self._http._base,
+                    reason=str(error),
                 )
                 self._failing(host_job, str(error), now)
                 if error.transport:
@@ -292,18 +352,21 @@ class AgentPoller:
         for row_id in list(self._failing_since):
             if row_id not in followed:
                 del self._failing_since[row_id]
-        self._reschedule(failed)
+        self._reschedule(failed, wait)
 
     def _failing(self, host_job: HostJob, reason: str, now: float) -> None:
         since = self._failing_since.setdefault(host_job.row_id, now)
         if now - since >= self.deadline:
             del self._failing_since[host_job.row_id]
             self._target.poll_give_up(
-                host_job, f"agent unreachable for {now - since:.0f}s (deadline {self.deadline:g}s): {reason}"
+                host_job,
+                f"agent unreachable for {now - since:.0f}s (deadline {self.deadline:g}s): {reason}",
             )
 
-    def _reschedule(self, failed: bool) -> None:
+    def _reschedule(self, failed: bool, wait: float | None = None) -> None:
         interval = min(self.max_interval, self.interval * 2) if failed else self.base_interval
+        if wait is not None:
+            interval = max(interval, wait)
         if interval != self.interval and self._loop is not None:
             self.interval = interval
             self._loop.stop()

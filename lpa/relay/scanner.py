@@ -2,9 +2,10 @@
 
 Every ``scan_interval`` (a ``LoopingCall`` on the injected clock)::
 
-    store.running_host_jobs() ─▶ group by AgentAddress ─▶ new agent      → make_link(address).start(rows)
-                                                        ─▶ known agent    → link.update(rows)
-                                                        ─▶ agent w/o rows → link.stop() (disconnect)
+    store.running_host_jobs() ─▶ group by AgentAddress
+        ─▶ new agent      → make_link(address).start(rows)
+        ─▶ known agent    → link.update(rows)
+        ─▶ agent w/o rows → link.stop() (disconnect)
 
 A failing scan (database down) is logged and the loop goes on; the links keep what they have.
 """
@@ -68,7 +69,10 @@ class Scanner:
         try:
             rows = await self._store.running_host_jobs()
         except Exception as error:
-            _log.warn("relay scan failed, keeping current links: {error}", error=f"{error.__class__.__name__}: {error}")
+            _log.warn(
+                "relay scan failed, keeping current links: {error}",
+                error=f"{error.__class__.__name__}: {error}",
+            )
             return
         if self._loop is None:
             return  # stopped while the query ran
@@ -84,7 +88,10 @@ class Scanner:
         for address, link in list(self.links.items()):
             if address not in by_agent:
                 del self.links[address]
-                _log.info("agent {agent} has no running job: disconnecting", agent=f"{address.host}:{address.port}")
+                _log.info(
+                    "agent {agent} has no running job: disconnecting",
+                    agent=f"{address.host}:{address.port}",
+                )
                 self._track_stop(link.stop())
         for address, host_jobs in by_agent.items():
             link = self.links.get(address)
@@ -102,5 +109,3 @@ class Scanner:
             self._stopping.remove(stopping)
 
         stopping.addBoth(done)
-
-

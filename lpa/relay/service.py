@@ -120,7 +120,10 @@ def make_relay_service(
         from lpa.relay.store import PostgresRelayStore
 
         store = PostgresRelayStore(
-            config.database_url, clock=clock, reactor=reactor, max_pending_events=config.max_pending_events
+            config.database_url,
+            clock=clock,
+            reactor=reactor,
+            max_pending_events=config.max_pending_events,
         )
     if tls_options_for is None:
         from lpa.tls import client_tls_options

@@ -22,7 +22,7 @@ handshake is "lost before onOpen", never an awaited ``is_open``.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from lpa.relay.backoff import Backoff, HandshakeGate
 from lpa.relay.interfaces import AgentAddress
@@ -43,14 +44,27 @@ WS_PATH = "/api/v1/ws/jobs"
 ALPN_HTTP11 = "http/1.1"
 
 
-class WebSocketListener(Protocol):
+class IWebSocketListener(Interface):
     """What the per-agent link hears from its WebSocket."""
 
-    def ws_opened(self) -> None: ...
+    def ws_opened() -> None:
+        """The handshake succeeded (TLS, 101, accept key, ALPN http/1.1): send subscriptions."""
 
-    def ws_message(self, message: dict) -> None: ...
+    def ws_message(message: dict) -> None:
+        """One JSON object frame from the agent."""
 
-    def ws_failed(self, reason: str, handshake: bool) -> None: ...
+    def ws_failed(reason: str, handshake: bool) -> None:
+        """The handshake failed (``handshake``), or an open socket dropped; a redial follows."""
+
+
+class IAgentWebSocket(Interface):
+    """The link's handle on its reconnecting WebSocket."""
+
+    def send_json(message: dict) -> bool:
+        """Send one JSON text frame if open; False when not open."""
+
+    def stop() -> Deferred:
+        """Stop redialling and close cleanly; fires when the connection is gone."""
 
 
 def _default_negotiated_protocol(transport: Any) -> str | None:
@@ -81,7 +95,9 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         negotiated = self.factory.negotiated_protocol(self.transport)
         if negotiated != ALPN_HTTP11:
-            self.fail_reason = f"negotiated application protocol {negotiated!r}, not {ALPN_HTTP11!r}"
+            self.fail_reason = (
+                f"negotiated application protocol {negotiated!r}, not {ALPN_HTTP11!r}"
+            )
             self.dropConnection(abort=True)
             return
         self.opened = True
@@ -94,10 +110,14 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
         try:
             message = json.loads(payload.decode("utf-8"))
         except ValueError:
-            _log.warn("agent {agent} sent a frame that is not JSON; ignored", agent=self.factory.label)
+            _log.warn(
+                "agent {agent} sent a frame that is not JSON; ignored", agent=self.factory.label
+            )
             return
         if not isinstance(message, dict):
-            _log.warn("agent {agent} sent a JSON frame that is not an object", agent=self.factory.label)
+            _log.warn(
+                "agent {agent} sent a JSON frame that is not an object", agent=self.factory.label
+            )
             return
         self.factory.listener.ws_message(message)
 
@@ -118,6 +138,7 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
         return "; ".join(seen) or "connection closed"
 
 
+@implementer(IAgentWebSocket)
 class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
     """Dials one agent's ``wss://host:port/api/v1/ws/jobs`` and keeps redialling until stopped."""
 
@@ -127,7 +148,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
     def __init__(
         self,
         address: AgentAddress,
-        listener: WebSocketListener,
+        listener: IWebSocketListener,
         *,
         reactor: Any,
         clock: Any,
@@ -143,7 +164,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
             raise ValueError("the relay never dials an agent without TLS options (PITFALLS 1)")
         url = f"wss://{address.host}:{address.port}{WS_PATH}"
         WebSocketClientFactory.__init__(self, url, reactor=reactor)
-        # our own clock-driven timeout covers TCP + TLS + upgrade; autobahn's would use the global loop
+        # our clock-driven timeout covers TCP + TLS + upgrade; autobahn's uses the global loop
         self.setProtocolOptions(
             openHandshakeTimeout=0,
             autoPingInterval=auto_ping_interval,
@@ -184,7 +205,10 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
             self._release = release
             if self.connector is None:
                 self.connector = self.reactor.connectSSL(
-                    self.address.host, self.address.port, self, self.tls_options,
+                    self.address.host,
+                    self.address.port,
+                    self,
+                    self.tls_options,
                     timeout=self.handshake_timeout,
                 )
             else:
@@ -202,7 +226,9 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         delay = self._backoff.next_delay()
         _log.info(
             "reconnecting to agent {agent} in {delay:.2f}s (attempt {attempt})",
-            agent=self.label, delay=delay, attempt=self._backoff.attempts,
+            agent=self.label,
+            delay=delay,
+            attempt=self._backoff.attempts,
         )
 
         def redial() -> None:
@@ -253,7 +279,8 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         self._current = None
         cause = (
             f"connection timed out after {self.handshake_timeout:g}s"
-            if self._timed_out else _describe(reason)
+            if self._timed_out
+            else _describe(reason)
         )
         self._report(cause, handshake=True)
         self.retry(connector)
@@ -273,9 +300,15 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         if not self.continueTrying:
             return
         if handshake:
-            _log.warn("WebSocket handshake with agent {agent} failed: {reason}", agent=self.label, reason=cause)
+            _log.warn(
+                "WebSocket handshake with agent {agent} failed: {reason}",
+                agent=self.label,
+                reason=cause,
+            )
         else:
-            _log.warn("WebSocket to agent {agent} dropped: {reason}", agent=self.label, reason=cause)
+            _log.warn(
+                "WebSocket to agent {agent} dropped: {reason}", agent=self.label, reason=cause
+            )
         self.listener.ws_failed(cause, handshake)
 
     # -- used by the link ------------------------------------------------------------------
@@ -340,7 +373,9 @@ class WebSocketDialer:
         self._handshake_timeout = handshake_timeout
         self._negotiated_protocol = negotiated_protocol
 
-    def __call__(self, address: AgentAddress, listener: WebSocketListener) -> RelayWebSocketFactory:
+    def __call__(
+        self, address: AgentAddress, listener: IWebSocketListener
+    ) -> RelayWebSocketFactory:
         factory = RelayWebSocketFactory(
             address,
             listener,
