@@ -105,6 +105,8 @@ class AgentDaemonTests(_DaemonCase):
         body = await self._json(response)
         self.assertTrue(body["success"])
         self.assertEqual(body["data"]["status"], "healthy")
+        self.assertEqual(body["data"]["crl_status"], "valid")
+        self.assertIsInstance(body["data"]["crl_age_seconds"], int)
         self.assertEqual(set(body), {"success", "request_id", "timestamp", "data", "error"})
 
     async def test_refused_clients_at_handshake(self) -> None:
@@ -222,3 +224,37 @@ class AgentTapTests(TestCase):
         self.assertIn("max_concurent", done.stderr)
         self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
         self.assertNotIn("Traceback", done.stderr + done.stdout)
+
+
+class CrlHealthTests(TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="lpa-crl-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+
+    def test_states(self) -> None:
+        """The CRL health fields: missing, valid, expired, and invalid for garbage or another CA."""
+        import time
+
+        from lpa.agent.service import crl_health
+
+        now = time.time()
+        self.assertEqual(crl_health(None, self.pki.ca_cert, now)["crl_status"], "missing")
+        self.assertEqual(
+            crl_health(os.path.join(self.tmp, "none.pem"), self.pki.ca_cert, now)["crl_status"],
+            "missing",
+        )
+        valid = crl_health(self.pki.crl, self.pki.ca_cert, now)
+        self.assertEqual(valid["crl_status"], "valid")
+        self.assertIsNotNone(valid["crl_next_update"])
+        self.assertEqual(
+            crl_health(self.pki.crl, self.pki.ca_cert, now + 10 * 365 * 86400)["crl_status"],
+            "expired",
+        )
+        self.assertEqual(
+            crl_health(self.pki.crl, self.pki.other_ca_cert, now)["crl_status"], "invalid"
+        )
+        garbage = os.path.join(self.tmp, "garbage.pem")
+        with open(garbage, "w") as handle:
+            handle.write("not a crl")
+        self.assertEqual(crl_health(garbage, self.pki.ca_cert, now)["crl_status"], "invalid")

@@ -21,7 +21,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 import lpa
 from lpa.agent.api import AgentApi, make_peer_check
@@ -38,7 +37,14 @@ from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.config import AgentConfig
 from lpa.errors import ConfigError
-from lpa.tls import identity_allowed, peer_identity, server_tls_options
+from lpa.events import rfc3339
+from lpa.tls import (
+    identity_allowed,
+    load_certificates,
+    load_crl,
+    peer_identity,
+    server_tls_options,
+)
 
 _log = Logger()
 
@@ -181,6 +187,11 @@ def make_agent_service(
         peer_check=peer_check,
         ws_resource=ws_resource,
         max_body_bytes=config.api.max_body_bytes,
+        health_extra=(
+            (lambda: crl_health(config.tls.crl_path, config.tls.ca_cert, reactor.seconds()))
+            if config.tls.enabled
+            else None
+        ),
         cache=PatchCache(
             reactor,
             backend,
@@ -188,8 +199,8 @@ def make_agent_service(
             state_path=os.path.join(state_dir, "cache.json"),
         ),
     )
-    site = Site(api.resource())
-    site.displayTracebacks = False
+    # BoundedRequest: a body past api.max_body_bytes is refused, never buffered.
+    site = api.site()
 
     server = config.server
     if config.tls.enabled:
@@ -220,6 +231,41 @@ def make_agent_service(
     agent.reloader = reloader
     TimerService(RELOAD_INTERVAL_SECONDS, reloader.reload).setServiceParent(agent)
     return agent
+
+
+def crl_health(crl_path: str | None, ca_path: str, now: float) -> dict[str, Any]:
+    """The health fields of the original about the CRL: status, age and next update.
+
+    ``missing`` (no CRL configured or no file: revocation is not enforced), ``invalid`` (does
+    not parse or is not signed by the CA: every client is refused), ``expired`` (past its next
+    update: the serials it lists are still refused) or ``valid``.
+    """
+    fields: dict[str, Any] = {"crl_status": "missing", "crl_age_seconds": None, "crl_next_update": None}
+    if not crl_path or not os.path.exists(crl_path):
+        return fields
+    try:
+        crl = load_crl(crl_path)
+        cas = load_certificates(ca_path)
+    except ConfigError:
+        fields["crl_status"] = "invalid"
+        return fields
+    if not any(_signed_by(crl, ca) for ca in cas):
+        fields["crl_status"] = "invalid"
+        return fields
+    fields["crl_age_seconds"] = max(0, int(now - crl.last_update_utc.timestamp()))
+    next_update = crl.next_update_utc
+    if next_update is not None:
+        fields["crl_next_update"] = rfc3339(next_update)
+    expired = next_update is not None and next_update.timestamp() < now
+    fields["crl_status"] = "expired" if expired else "valid"
+    return fields
+
+
+def _signed_by(crl: Any, ca: Any) -> bool:
+    try:
+        return bool(crl.is_signature_valid(ca.public_key()))
+    except Exception:
+        return False
 
 
 #: how often the CRL and the IP whitelist are re-read without a SIGHUP
