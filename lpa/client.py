@@ -356,7 +356,8 @@ class JobWatcher:
     def __init__(
         self, client: AgentClient, printer: ProgressPrinter, *,
         ws_events: EventSource | None, poll_interval: float = 2.0,
-        sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
         timeout: float | None = None, log: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
@@ -458,7 +459,8 @@ def _format_patches(data: Any, out: TextIO) -> None:
 def _format_jobs(data: Any, out: TextIO) -> None:
     jobs = (data or {}).get("jobs", [])
     for job in jobs:
-        out.write(f"{job.get('job_id')}  {job.get('status', '?'):<9} {job.get('operation', '?'):<12}"
+        out.write(f"{job.get('job_id')}  {job.get('status', '?'):<9} "
+                  f"{job.get('operation', '?'):<12}"
                   f" {job.get('created_at', '')}\n")
     out.write(f"{len(jobs)} jobs\n")
 
@@ -530,7 +532,8 @@ def add_parser(subparsers: Any) -> None:
         description="Talk to one lpa-agent (or linux-patch-api) over mutual TLS. Certificates "
         f"come from --cert/--key/--ca or ${ENV_CERT}, ${ENV_KEY}, ${ENV_CA}.")
     parser.add_argument("url", metavar="URL",
-                        help=f"the agent: HOST, HOST:PORT or https://HOST[:PORT] (port {DEFAULT_PORT})")
+                        help="the agent: HOST, HOST:PORT or https://HOST[:PORT] "
+                        f"(port {DEFAULT_PORT})")
     parser.add_argument("--cert", help=f"client certificate PEM (default ${ENV_CERT})")
     parser.add_argument("--key", help=f"client private key PEM (default ${ENV_KEY})")
     parser.add_argument("--ca", help=f"CA bundle that signed the agent (default ${ENV_CA})")
@@ -549,7 +552,8 @@ def add_parser(subparsers: Any) -> None:
         "apply", help="start a patch job and print its id",
         description="POST /api/v1/patches/apply: start a patch job (all pending patches unless "
         "--packages) and print its job id; --watch follows it to its end.")
-    apply.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="report what would change; change nothing")
     apply.add_argument("--security-only", action="store_true", help="security updates only")
     apply.add_argument("--packages", nargs="+", metavar="NAME", help="only these packages")
     _add_watch_options(apply)
@@ -575,7 +579,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _add_watch_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--poll", action="store_true", help="poll over REST; do not try the WebSocket")
+    parser.add_argument("--poll", action="store_true",
+                        help="poll over REST; do not try the WebSocket")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="seconds between polls (default 2)")
 

@@ -202,7 +202,8 @@ def ensure_postgres(
     if not is_root or not apt_get:
         raise DemoError("PostgreSQL server binaries not found: install them (Debian/Ubuntu: "
                         "sudo apt-get install -y postgresql) and run again")
-    out.write("demo: installing PostgreSQL from the system's packages (apt-get install postgresql)\n")
+    out.write("demo: installing PostgreSQL from the system's packages "
+              "(apt-get install postgresql)\n")
     out.flush()
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for argv in (["apt-get", "install", "-y", "-q", "postgresql"],
@@ -426,7 +427,8 @@ class Demo:
             f"            curl --cert $LPA_CERT --key $LPA_KEY --cacert $LPA_CA "
             f"https://{AGENT_HOST}:{port}/api/v1/health\n"
             f"  database: psql '{dsn}'   (then: LISTEN job_update;)\n"
-            f"            {lpa} dispatch --dsn '{dsn}' --host {AGENT_HOST}:{port} --dry-run --watch\n"
+            f"            {lpa} dispatch --dsn '{dsn}' --host {AGENT_HOST}:{port} "
+            "--dry-run --watch\n"
             f"  logs:     {d}/lpa-agent.log  {d}/lpa-relay.log\n"
             f"  stop:     {lpa} demo --stop --state-dir {d}\n")
 

@@ -2,7 +2,7 @@
 
 ::
 
-    one transaction:  upsert hosts ─▶ INSERT patch_jobs (running) ─▶ INSERT patch_job_hosts (pending)
+    one transaction:  upsert hosts ─▶ INSERT patch_jobs (running) ─▶ patch_job_hosts (pending)
     per host:         POST /api/v1/patches/apply ─▶ 202 job_id ─▶ row running + agent_job_id
                                                  └▶ error    ─▶ row failed (+ roll-up, notify)
     --watch:          LISTEN job_update (opened BEFORE the agents are called) and print each
@@ -135,7 +135,8 @@ def create_job(
             rows = []
             for host_id, target in zip(host_ids, targets):
                 cursor.execute(
-                    "INSERT INTO patch_job_hosts (job_id, host_id, status) VALUES (%s, %s, 'pending')"
+                    "INSERT INTO patch_job_hosts (job_id, host_id, status)"
+                    " VALUES (%s, %s, 'pending')"
                     " RETURNING id::text", (job_id, host_id))
                 rows.append(HostRow(cursor.fetchone()[0], host_id, target))
     return CreatedJob(job_id, tuple(rows))
@@ -174,7 +175,8 @@ def _fail_row(connection: Any, job_id: str, row: HostRow, reason: str) -> None:
         cursor.execute("SELECT 1 FROM patch_jobs WHERE id = %s FOR UPDATE", (job_id,))
         cursor.execute(
             "UPDATE patch_job_hosts SET status = 'failed', error_message = %s, last_error = %s,"
-            " completed_at = now() WHERE id = %s AND status NOT IN ('succeeded','failed','cancelled')",
+            " completed_at = now()"
+            " WHERE id = %s AND status NOT IN ('succeeded','failed','cancelled')",
             (reason, reason, row.row_id))
         cursor.execute("SELECT pg_notify(%s, %s)", (notify.CHANNEL, notify.build_payload(
             event_type=notify.EVENT_HOST, job_id=job_id, host_id=row.host_id, status="failed",
@@ -386,14 +388,20 @@ def add_parser(subparsers: Any) -> None:
         "its patch_job_hosts rows in one transaction, start the job on each agent (POST "
         "/api/v1/patches/apply) and mark each row running with its agent_job_id, for lpa-relay "
         "to follow. --watch prints the job_update notifications until the job-level one.")
-    parser.add_argument("--dsn", required=True, help="PostgreSQL DSN or URL of the manager's database")
-    parser.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME[:PORT]",
+    parser.add_argument("--dsn", required=True,
+                        help="PostgreSQL DSN or URL of the manager's database")
+    parser.add_argument("--host", dest="hosts", action="append", required=True,
+                        metavar="NAME[:PORT]",
                         help="an agent (repeatable); NAME must match its certificate; port 12443")
-    parser.add_argument("--dry-run", action="store_true", help="agents report what would change; change nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="agents report what would change; change nothing")
     parser.add_argument("--security-only", action="store_true", help="security updates only")
-    parser.add_argument("--packages", nargs="+", metavar="NAME", help="only these packages (default all)")
-    parser.add_argument("--watch", action="store_true", help="follow job_update until the job-level notification")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds --watch waits (default 300)")
+    parser.add_argument("--packages", nargs="+", metavar="NAME",
+                        help="only these packages (default all)")
+    parser.add_argument("--watch", action="store_true",
+                        help="follow job_update until the job-level notification")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds --watch waits (default 300)")
     parser.add_argument("--cert", help="client certificate PEM (default $LPA_CERT)")
     parser.add_argument("--key", help="client key PEM (default $LPA_KEY)")
     parser.add_argument("--ca", help="CA that signed the agents (default $LPA_CA)")

@@ -79,7 +79,8 @@ class CredentialsTests(SynchronousTestCase):
 
     def test_missing_file(self) -> None:
         """A certificate path that does not exist is named in the error."""
-        error = self.assertRaises(ClientError, Credentials("/nonexistent.pem", "/x", None).ssl_context)
+        credentials = Credentials("/nonexistent.pem", "/x", None)
+        error = self.assertRaises(ClientError, credentials.ssl_context)
         self.assertIn("/nonexistent.pem", str(error))
 
     def test_no_certificate(self) -> None:
@@ -186,7 +187,8 @@ class WatcherTests(SynchronousTestCase):
 
         base = f"/api/v1/jobs/{JOB}/events?after="
         agent = FakeAgent({
-            ("GET", base + "0"): [(200, envelope({"events": [event(1, "running")], "terminal": False}))],
+            ("GET", base + "0"): [
+                (200, envelope({"events": [event(1, "running")], "terminal": False}))],
             ("GET", base + "1"): [(200, envelope({"events": [
                 event(2, "completed", 100), event(3, "completed", 100, name="job_complete")],
                 "terminal": True}))],
@@ -219,7 +221,8 @@ class WatcherTests(SynchronousTestCase):
         """JOB_NOT_FOUND while polling is an error, not a switch to snapshots."""
         agent = FakeAgent({("GET", f"/api/v1/jobs/{JOB}/events?after=0"): [(404, envelope(
             error={"code": "JOB_NOT_FOUND", "message": "no such job", "retryable": False}))]})
-        error = self.assertRaises(ClientError, self.watcher(agent, None, io.StringIO(), []).watch, JOB)
+        watcher = self.watcher(agent, None, io.StringIO(), [])
+        error = self.assertRaises(ClientError, watcher.watch, JOB)
         self.assertEqual(error.code, "JOB_NOT_FOUND")
 
     def test_timeout(self) -> None:

@@ -69,7 +69,8 @@ class EnsurePostgresTests(SynchronousTestCase):
     def test_not_root(self) -> None:
         """Without the binaries and without root: one line saying how to install them."""
         error = self.assertRaises(DemoError, demo.ensure_postgres, io.StringIO(),
-                                  find_bin_dir=self.missing, is_root=False, apt_get="/usr/bin/apt-get")
+                                  find_bin_dir=self.missing, is_root=False,
+                                  apt_get="/usr/bin/apt-get")
         self.assertIn("apt-get install -y postgresql", str(error))
 
     def test_root_installs(self) -> None:
@@ -229,7 +230,8 @@ class KeptDemoTests(SynchronousTestCase):
             json.dump({"pids": {"lpa-agent": os.getpid(), "lpa-relay": 2**22 + 7}}, handle)
         self.assertEqual(demo.kept_demo_running(state_dir), ["lpa-agent"])
         out = io.StringIO()
-        error = self.assertRaises(DemoError, demo.Demo(state_dir, keep=False, timeout=1, out=out).run)
+        run = demo.Demo(state_dir, keep=False, timeout=1, out=out).run
+        error = self.assertRaises(DemoError, run)
         self.assertIn("demo --stop", str(error))
 
     def test_nothing_kept(self) -> None:

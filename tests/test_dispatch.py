@@ -57,7 +57,8 @@ def ok_agent() -> AgentClient:
 
 def refusing_agent() -> AgentClient:
     return AgentClient(FakeAgent({("POST", "/api/v1/patches/apply"): [
-        (429, envelope(error={"code": "QUEUE_FULL", "message": "queue is full", "retryable": True}))]}))
+        (429, envelope(error={"code": "QUEUE_FULL", "message": "queue is full",
+                              "retryable": True}))]}))
 
 
 class ParseHostTests(SynchronousTestCase):
@@ -148,7 +149,8 @@ class DatabaseTests(SynchronousTestCase):
         listener = connect(self, self.dsn)
         dispatch.listen(listener)
         job_id = str(uuid.uuid4())
-        notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h", "status": "failed"})
+        notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h",
+                         "status": "failed"})
         notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
                          "status": "running", "progress": 40, "seq": 3, "transport": "ws"})
         notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
