@@ -71,13 +71,16 @@ class FakeWebSocket:
 
 @implementer(IAgentPoller)
 class FakePoller:
-    def __init__(self, address: AgentAddress, target: Any) -> None:
+    def __init__(self, address: AgentAddress, target: Any, backstop: bool = False) -> None:
         self.target = target
+        self.backstop = backstop
+        self.now: bool | None = None
         self.running = False
         self.starts = 0
 
     def start(self, now: bool = True) -> None:
         self.running = True
+        self.now = now
         self.starts += 1
 
     def stop(self) -> None:
@@ -102,8 +105,8 @@ class LinkTests(SynchronousTestCase):
             self.dials.append(ws)
             return ws
 
-        def make_poller(address: AgentAddress, target: Any) -> FakePoller:
-            poller = FakePoller(address, target)
+        def make_poller(address: AgentAddress, target: Any, backstop: bool = False) -> FakePoller:
+            poller = FakePoller(address, target, backstop)
             self.pollers.append(poller)
             return poller
 
@@ -265,14 +268,34 @@ class LinkTests(SynchronousTestCase):
         self.ws.opened()
         self.assertEqual((self.link.state, self.pollers[0].running), (STREAMING, False))
         self.assertEqual(self.ws.sent[0], {"action": "subscribe", "job_id": A, "after_seq": 4})
+        backstop = self.pollers[1]
+        self.assertEqual((backstop.backstop, backstop.running, backstop.now), (True, True, False))
+
+    def test_backstop_sweep_while_streaming(self) -> None:
+        """Streaming runs a slow backstop sweep (not at once); what it finds missing is applied."""
+        self.ws.opened()
+        [backstop] = self.pollers
+        self.assertEqual((backstop.backstop, backstop.now), (True, False))
+        self.link.ws_message(wire(A, 4))
+        self.assertEqual(self.link.poll_jobs()[0], (self.row_a, 4))
+        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 5))])
+        self.link.ws_message(wire(A, 5))  # the stream's copy arrives late: not applied twice
+        self.assertEqual(self.applied(), [("ra", [4], "ws"), ("ra", [5], "poll")])
+        self.ws.opened()  # a reconnect keeps the one sweep
+        self.assertEqual(len(self.pollers), 1)
 
     def test_open_socket_dropped_reconnects_first(self) -> None:
         """A dropped open socket means reconnecting, not polling; a failed redial then polls."""
         self.ws.opened()
         self.ws.failed(handshake=False)
-        self.assertEqual((self.link.state, self.pollers), (CONNECTING, []))
+        self.assertEqual(
+            (self.link.state, [p.backstop for p in self.pollers]), (CONNECTING, [True])
+        )
         self.ws.failed(handshake=True)
         self.assertEqual(self.link.state, POLLING)
+        self.assertEqual(
+            [(p.backstop, p.running) for p in self.pollers], [(True, False), (False, True)]
+        )
 
     def test_poll_give_up_fails_row(self) -> None:
         """A job the poller gives up on ends failed with the reason and is forgotten."""

@@ -84,8 +84,11 @@ class AgentLink:
     :param dial: ``dial(address, listener)`` starts a reconnecting WebSocket and returns its
         handle (``send_json(dict) -> bool``, ``stop() -> Deferred``); production passes a
         :class:`~lpa.relay.ws_client.WebSocketDialer`.
-    :param make_poller: ``make_poller(address, target)`` returns an
-        :class:`~lpa.relay.poller.AgentPoller` (not started) polling for ``target``.
+    :param make_poller: ``make_poller(address, target, backstop=False)`` returns an
+        :class:`~lpa.relay.poller.AgentPoller` (not started) polling for ``target``: the
+        fallback poller, or with ``backstop=True`` the slow sweep that runs while streaming
+        (field notes 4.6: a healthy-looking stream can still miss events; the sweep asks the
+        events endpoint after the last seq received, which is normally empty).
     :param max_queued_events: per host job, events kept while the store is failing.
     """
 
@@ -112,6 +115,7 @@ class AgentLink:
         self._followed: dict[str, _Followed] = {}  # by row_id
         self._ws: Any = None
         self._poller: Any = None
+        self._poller_is_backstop = False
         #: why the last handshake or connection failed (for operators and tests)
         self.last_failure: str | None = None
 
@@ -214,12 +218,20 @@ class AgentLink:
 
     # -- WebSocket listener ----------------------------------------------------------------
 
+    def _run_poller(self, backstop: bool) -> None:
+        """Run the fallback poller (now) or the backstop sweep (after one interval)."""
+        if self._poller is not None:
+            if self._poller_is_backstop == backstop:
+                return
+            self._poller.stop()
+        self._poller = self._make_poller(self.address, self, backstop=backstop)
+        self._poller_is_backstop = backstop
+        self._poller.start(now=not backstop)
+
     def ws_opened(self) -> None:
         if self.state == STOPPED:
             return
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
+        self._run_poller(backstop=True)
         self._set_state(STREAMING)
         for followed in list(self._followed.values()):
             followed.resubscribe = False
@@ -232,9 +244,7 @@ class AgentLink:
         if not handshake:
             self._set_state(CONNECTING)  # the factory redials; a failed redial moves us to polling
             return
-        if self._poller is None:
-            self._poller = self._make_poller(self.address, self)
-            self._poller.start()
+        self._run_poller(backstop=False)
         self._set_state(POLLING)
 
     def ws_message(self, message: dict) -> None:

@@ -101,14 +101,19 @@ def make_relay_service(
     http_client: Any = None,
     dial: Callable[[AgentAddress, Any], Any] | None = None,
     jitter: Callable[[], float] = random.random,
+    backstop_interval: float | None = None,
 ) -> RelayService:
     """The relay daemon for ``config``; every collaborator can be injected (tests, embedding).
 
     :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default reads the
         ``[security]`` files with :func:`lpa.tls.client_tls_options` (ALPN http/1.1 only) for
         every new connection, so rotated certificates are picked up.
+    :param backstop_interval: how often a streaming link also sweeps its jobs over REST;
+        default ``max(60, 6 * poll_interval)``.
     :raises ConfigError: the certificate files cannot be loaded.
     """
+    if backstop_interval is None:
+        backstop_interval = max(60.0, 6 * config.poll_interval)
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -157,14 +162,15 @@ def make_relay_service(
             handshake_timeout=config.handshake_timeout,
         )
 
-    def make_poller(address: AgentAddress, target: Any) -> AgentPoller:
+    def make_poller(address: AgentAddress, target: Any, backstop: bool = False) -> AgentPoller:
         http = AgentJobsHttp(http_client, address, clock=clock, timeout=POLL_REQUEST_TIMEOUT)
+        interval = backstop_interval if backstop else config.poll_interval
         return AgentPoller(
             http,
             target,
             clock=clock,
-            interval=config.poll_interval,
-            max_interval=max(config.poll_interval, config.reconnect_max_delay),
+            interval=interval,
+            max_interval=max(interval, config.reconnect_max_delay),
             deadline=config.unreachable_deadline,
         )
 
