@@ -13,6 +13,7 @@ import json
 import sys
 from typing import IO, Any
 
+from twisted.application.service import MultiService, Service
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
@@ -85,3 +86,48 @@ class JsonLinesObserver:
 def json_observer() -> JsonLinesObserver:
     """Factory for ``twistd --logger=lpa.logs.json_observer``."""
     return JsonLinesObserver(sys.stdout)
+
+
+def configured_observer(
+    log_format: str, level: str = "info", out: IO[str] | None = None
+) -> ILogObserver | None:
+    """The observer a config's ``logging`` section asks for, or None for twistd's default.
+
+    ``text`` at ``info`` keeps twistd's own observer (so ``--logfile`` and ``--syslog`` work as
+    usual); ``json`` or another level writes to stdout (run ``twistd -n``, as systemd does).
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevelFilterPredicate,
+        textFileLogObserver,
+    )
+
+    if log_format == "text" and level in ("info", ""):
+        return None
+    stream = out if out is not None else sys.stdout
+    base: ILogObserver = (
+        JsonLinesObserver(stream) if log_format == "json" else textFileLogObserver(stream)
+    )
+    name = {"trace": "debug", "warning": "warn"}.get(level, level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(name))
+    return FilteringLogObserver(base, [predicate])
+
+
+class LogConfiguredService(MultiService):
+    """Wraps a daemon's root service so the config's log observer becomes twistd's.
+
+    twistd asks the application for an ``ILogObserver`` component after ``makeService`` (unless
+    ``--logger`` was given, which still wins); setting it when we are attached to the
+    application is the only hook a plugin has.
+    """
+
+    def __init__(self, child: Service, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+        self.child = child
+        child.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)

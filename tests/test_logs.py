@@ -44,3 +44,35 @@ class JsonLinesObserverTests(SynchronousTestCase):
     def test_factory(self) -> None:
         """The twistd --logger factory returns an observer."""
         self.assertIsInstance(json_observer(), JsonLinesObserver)
+
+
+class ConfiguredObserverTests(SynchronousTestCase):
+    def test_text_info_keeps_twistd_default(self) -> None:
+        """text at info means: leave twistd's own observer (and --logfile) alone."""
+        from lpa.logs import configured_observer
+
+        self.assertIsNone(configured_observer("text", "info"))
+
+    def test_json_with_level_filter(self) -> None:
+        """json at warn writes JSON lines and drops info events."""
+        from lpa.logs import configured_observer
+
+        out = io.StringIO()
+        observer = configured_observer("json", "warn", out)
+        log = Logger(namespace="t", observer=LogPublisher(observer))
+        log.info("quiet")
+        log.warn("loud {n}", n=1)
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([r["message"] for r in records], ["loud 1"])
+
+    def test_component_set_on_application(self) -> None:
+        """Attached to a twistd application, the wrapper registers its observer there."""
+        from twisted.application.service import Application, Service
+        from twisted.logger import ILogObserver
+
+        from lpa.logs import LogConfiguredService, configured_observer
+
+        observer = configured_observer("json", "info", io.StringIO())
+        application = Application("t")
+        LogConfiguredService(Service(), observer).setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)

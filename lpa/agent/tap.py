@@ -8,6 +8,7 @@ from typing import Any
 from twisted.python import usage
 
 from lpa.errors import ConfigError
+from lpa.logs import LogConfiguredService, configured_observer
 
 DEFAULT_CONFIG = "/etc/lpa/agent.yaml"
 
@@ -49,7 +50,8 @@ def makeService(options: Options) -> Any:
     except ConfigError as error:
         _exit_with(error)
     _reload_on_sighup(reactor, service)
-    return service
+    logging = options["agent_config"].logging
+    return LogConfiguredService(service, configured_observer(logging.format, logging.level))
 
 
 def _reload_on_sighup(reactor: Any, service: Any) -> None:
