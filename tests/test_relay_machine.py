@@ -357,3 +357,12 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.link.ws_failed("late", True)
         self.assertEqual(len(self.pollers), 1)
+
+    def test_stop_does_not_wait_for_a_hung_store(self) -> None:
+        """stop() fires once the socket closed, even while a store call hangs."""
+        self.ws.opened()
+        self.store.hold()
+        self.link.ws_message(wire(A, 4))
+        self.successResultOf(self.link.stop())
+        self.store.release()
+        self.assertEqual(self.store.rows["ra"].last_seq, 4)

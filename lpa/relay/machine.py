@@ -144,7 +144,13 @@ class AgentLink:
                 self._follow(host_job)
 
     def stop(self) -> Deferred:
-        """Close the socket, stop polling, hand queued events to the store; fires when done."""
+        """Close the socket, stop polling, hand queued events to the store; fires once closed.
+
+        In-flight store calls are not awaited: ``store.stop()`` (after every link) applies or
+        keeps them within its own timeout, so a database outage cannot hang SIGTERM.  Events the
+        store never got were not applied, so the next relay asks the agent for them again (it
+        resumes from the seq in the database).
+        """
         if self.state == STOPPED and self._ws is None:
             return succeed(None)
         self._set_state(STOPPED)
@@ -160,8 +166,6 @@ class AgentLink:
                 followed.retry.cancel()
             followed.retry = None
             self._pump(followed, force=True)
-            if followed.in_flight is not None:
-                waits.append(followed.in_flight)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # -- following -------------------------------------------------------------------------
