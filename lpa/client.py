@@ -310,6 +310,10 @@ class HandshakeFailed(Exception):
     """The WebSocket could not be opened; the watcher falls back to polling."""
 
 
+class StreamClosed(ClientError):
+    """An open WebSocket closed before the job completed; the watcher polls from its last seq."""
+
+
 def websocket_events(
     url: AgentUrl, context: ssl.SSLContext | None, job_id: str, after_seq: int,
     *, open_timeout: float = 10.0,
@@ -341,10 +345,10 @@ def websocket_events(
             if isinstance(decoded, dict):
                 yield decoded
     except ConnectionClosed as error:
-        raise ClientError(f"the agent closed the WebSocket: {error}") from None
+        raise StreamClosed(f"the agent closed the WebSocket: {error}") from None
     finally:
         connection.close()  # a normal 1000 close, also when the caller stops early
-    raise ClientError("the agent closed the WebSocket before the job completed")
+    raise StreamClosed("the agent closed the WebSocket before the job completed")
 
 
 EventSource = Callable[[str, int], Iterator[dict[str, Any]]]
@@ -379,6 +383,8 @@ class JobWatcher:
                 return self._done(state)
             except HandshakeFailed as why:
                 self._log(f"WebSocket handshake failed ({why}); polling instead")
+            except StreamClosed as why:
+                self._log(f"{why}; polling from seq {state.seq}")
         else:
             self._log("polling over REST (--poll)")
         self.transport = "poll"

@@ -199,6 +199,21 @@ class WatcherTests(SynchronousTestCase):
         self.assertEqual((state.status, state.seq, watcher.transport), ("completed", 3, "poll"))
         self.assertIn("polling instead", logs[0])
 
+    def test_stream_closed_resumes_by_polling(self) -> None:
+        """A WebSocket closed mid-job is followed up by polling from the last seq seen."""
+        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
+            yield event(1, "running")
+            yield event(2, "running", 10)
+            raise client.StreamClosed("the agent closed the WebSocket: 1008 too slow")
+
+        agent = FakeAgent({("GET", f"/api/v1/jobs/{JOB}/events?after=2"): [(200, envelope({
+            "events": [event(3, "completed", 100), event(4, "completed", 100, name="job_complete")],
+            "terminal": True}))]})
+        out, logs = io.StringIO(), []
+        state = self.watcher(agent, ws, out, logs).watch(JOB)
+        self.assertEqual((state.status, state.seq), ("completed", 4))
+        self.assertIn("polling from seq 2", logs[0])
+
     def test_expired_then_old_agent(self) -> None:
         """410 EVENTS_EXPIRED resyncs from the job detail; an agent without events is polled."""
         expired = envelope(error={"code": "EVENTS_EXPIRED", "message": "gone", "retryable": False,
