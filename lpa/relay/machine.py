@@ -2,19 +2,16 @@
 
 ::
 
-                 start()
-                    │
-                    ▼            handshake ok
-              ┌──────────┐ ─────────────────────▶ ┌───────────┐
-              │connecting│                        │ streaming │  subscribe per job (after_seq)
-              └──────────┘ ◀───────────────────── └───────────┘
-                 │   ▲         open socket dropped      │ ▲
-   handshake     │   │ handshake ok                     │ │
-   failed        ▼   │ (retried in background)          │ │ handshake ok
-              ┌──────────┐ ◀────────────────────────────┘ │ (reconnect failed → poll)
-              │ polling  │ ────────────────────────────────┘
-              └──────────┘
-          any state ── stop() ──▶ stopped   (socket closed cleanly, poller stopped, queues flushed)
+    start() ─▶ connecting ──handshake ok──▶ streaming ──open socket dropped──▶ connecting
+                   │                          ▲  subscribe per job (after_seq),
+                   │ handshake failed         │  slow backstop sweep over REST
+                   ▼                          │
+                polling ──handshake ok────────┘  (the factory redials with backoff)
+                  every poll_interval; errors back off; unreachable past the deadline or
+                  JOB_NOT_FOUND → the row ends failed
+
+    any state ── stop() ──▶ stopped   (close frame sent, pollers stopped, queued events handed
+                                       to the store)
 
 Events reach a host job only by ``job_id`` (README G.1.1).  Per host job they go to
 ``store.apply_events`` one call at a time; events arriving meanwhile are batched into the next
