@@ -9,7 +9,8 @@
 * :class:`StubHandshakeAgent` — the original agent's stub: ``101`` with a JSON body and no
   ``Sec-WebSocket-Accept``; only ``GET /api/v1/jobs/{id}``; any other ``/api/v1`` path gets an
   EMPTY 405.
-* :func:`h2_preferring_options` — server TLS options offering ALPN ``[h2, http/1.1]``.
+* :func:`h2_preferring_options` + ``listen(..., alpn=H2_FIRST)`` — a server whose ALPN offer is
+  ``[h2, http/1.1]`` (a client offering h2 gets h2: the negative test proves it).
 
 Each agent records the ALPN protocol of every connection it accepted (``negotiated``) and can be
 killed (listener closed, every connection aborted) and started again on the same port.
@@ -45,6 +46,10 @@ def envelope(data: Any = None, error: Any = None) -> bytes:
     ).encode()
 
 
+#: the ALPN offer of an h2-preferring server (pass to ``listen(..., alpn=H2_FIRST)`` as well)
+H2_FIRST = (b"h2", b"http/1.1")
+
+
 def h2_preferring_options(pki: Any) -> ssl.CertificateOptions:
     """The test PKI's server certificate, client certificates required, ALPN ``h2`` first."""
     cert, key = load_key_pair(pki.server_cert, pki.server_key)
@@ -55,7 +60,7 @@ def h2_preferring_options(pki: Any) -> ssl.CertificateOptions:
         privateKey=key,
         certificate=cert,
         trustRoot=ssl.trustRootFromCertificates(roots),
-        acceptableProtocols=[b"h2", b"http/1.1"],
+        acceptableProtocols=list(H2_FIRST),
     )
 
 
@@ -66,11 +71,22 @@ def _pem() -> Any:
 
 
 class _RecordingSite(Site):
-    """A Site that remembers its connections so a test can kill them all."""
+    """A Site that remembers its connections so a test can kill them all.
 
-    def __init__(self, resource: Resource, agent: "_BaseAgent") -> None:
+    ``alpn`` overrides the protocols the Site offers over ALPN: Twisted 26 puts a factory's
+    ``acceptableProtocols()`` AHEAD of the TLS options' list, so an h2-preferring server must
+    say so here too (a plain Site offers h2 first only when Twisted's HTTP/2 is importable).
+    """
+
+    def __init__(self, resource: Resource, agent: "_BaseAgent", alpn: Any = None) -> None:
         super().__init__(resource)
         self._agent = agent
+        self._alpn = list(alpn) if alpn is not None else None
+
+    def acceptableProtocols(self) -> list[bytes]:
+        if self._alpn is not None:
+            return self._alpn
+        return super().acceptableProtocols()  # type: ignore[no-any-return]
 
     def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)
@@ -108,11 +124,13 @@ class _BaseAgent:
     def _resource(self) -> Resource:
         raise NotImplementedError
 
-    def listen(self, options: Any) -> int:
-        """Listen on 127.0.0.1 (the previous port after a kill); returns the port number."""
-        self.port = self.reactor.listenSSL(
-            self.port_number, _RecordingSite(self._resource(), self), options, interface="127.0.0.1"
-        )
+    def listen(self, options: Any, alpn: Any = None) -> int:
+        """Listen on 127.0.0.1 (the previous port after a kill); returns the port number.
+
+        :param alpn: the Site's ALPN offer, e.g. :data:`H2_FIRST`; default Twisted's own.
+        """
+        site = _RecordingSite(self._resource(), self, alpn)
+        self.port = self.reactor.listenSSL(self.port_number, site, options, interface="127.0.0.1")
         self.port_number = self.port.getHost().port
         return self.port_number
 
@@ -387,4 +405,4 @@ class StubHandshakeAgent(_BaseAgent):
             detail["error"] = error
 
 
-__all__ = ["LpaTestAgent", "StubHandshakeAgent", "h2_preferring_options", "envelope"]
+__all__ = ["H2_FIRST", "LpaTestAgent", "StubHandshakeAgent", "envelope", "h2_preferring_options"]

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -15,8 +16,9 @@ from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.machine import POLLING, STREAMING
 from lpa.relay.service import make_relay_service
+from lpa.tls import negotiated_protocol
 from tests.certs import make_test_pki
-from tests.fakeagents import LpaTestAgent, StubHandshakeAgent, h2_preferring_options
+from tests.fakeagents import H2_FIRST, LpaTestAgent, StubHandshakeAgent, h2_preferring_options
 from tests.fakes_relay import FakeRelayStore
 
 _pki = None
@@ -45,8 +47,8 @@ class LoopbackTests(TestCase):
         self.store = FakeRelayStore()
         self.agents: list[Any] = []
 
-    def start_agent(self, agent: Any, options: Any = None) -> AgentAddress:
-        agent.listen(options or pki().server_options(crl_path=None))
+    def start_agent(self, agent: Any, options: Any = None, alpn: Any = None) -> AgentAddress:
+        agent.listen(options or pki().server_options(crl_path=None), alpn)
         self.agents.append(agent)
         self.addCleanup(agent.kill)
         return AgentAddress("localhost", agent.port_number)
@@ -138,7 +140,7 @@ class LoopbackTests(TestCase):
     async def test_h2_preferring_server_gets_http11(self) -> None:
         """Against a server offering h2 first, the relay negotiates http/1.1 and streams."""
         agent = LpaTestAgent(reactor)
-        address = self.start_agent(agent, h2_preferring_options(pki()))
+        address = self.start_agent(agent, h2_preferring_options(pki()), H2_FIRST)
         job = agent.add_job()
         agent.emit(job, ev.RUNNING, "Job started")
         self.store.add_host_job(
@@ -148,6 +150,32 @@ class LoopbackTests(TestCase):
         await until(lambda: self.store.rows["r1"].last_seq == 1, "event applied")
         self.assertEqual(self.link_state(service, address), STREAMING)
         self.assertEqual(agent.negotiated, ["http/1.1"])
+
+    async def test_h2_preferring_server_does_give_h2_to_whoever_offers_it(self) -> None:
+        """Control for the test above: a client offering h2 first does get h2 from that server."""
+        agent = LpaTestAgent(reactor)
+        address = self.start_agent(agent, h2_preferring_options(pki()), H2_FIRST)
+        got: Deferred = Deferred()
+
+        class Probe(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                if not got.called:
+                    got.callback(negotiated_protocol(self.transport))
+                self.transport.loseConnection()
+
+            def connectionLost(self, reason: Any) -> None:
+                if not got.called:
+                    got.callback(negotiated_protocol(self.transport))
+
+        options = pki().client_options("good", "localhost", acceptable_protocols=H2_FIRST)
+        reactor.connectSSL("127.0.0.1", address.port, ClientFactory.forProtocol(Probe), options)
+        self.assertEqual(await got, b"h2")
+        await deferLater(reactor, 0.1, lambda: None)
+        # without Twisted's HTTP/2 (the `priority` package) the server cannot speak what it chose
+        self.flushLoggedErrors(ValueError)
 
     async def test_websocket_disabled_polls_events_endpoint(self) -> None:
         """An agent with the WebSocket off (404) is polled through the events endpoint."""
