@@ -102,3 +102,22 @@ class ScannerTests(SynchronousTestCase):
         self.successResultOf(self.scanner.stop_links())
         self.assertTrue(self.made[0].stopped)
         self.assertEqual(self.scanner.links, {})
+
+    def test_link_that_cannot_start_is_retried(self) -> None:
+        """A link whose start raises (unreadable certificates) is dropped; the next scan retries."""
+        self.add("r1", ONE)
+        original = FakeLink.start
+        attempts = []
+
+        def failing_start(link: FakeLink, host_jobs: list[HostJob]) -> None:
+            attempts.append(link)
+            if len(attempts) == 1:
+                raise OSError("client.key: No such file or directory")
+            original(link, host_jobs)
+
+        self.patch(FakeLink, "start", failing_start)
+        self.scanner.start()
+        self.assertEqual((self.scanner.links, self.made[0].stopped), ({}, True))
+        self.clock.advance(10)
+        self.assertEqual(self.scanner.links, {ONE: self.made[1]})
+        self.assertEqual(self.made[1].started, ["r1"])

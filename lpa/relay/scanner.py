@@ -96,11 +96,24 @@ class Scanner:
         for address, host_jobs in by_agent.items():
             link = self.links.get(address)
             if link is None:
-                link = self._make_link(address)
-                self.links[address] = link
-                link.start(host_jobs)
+                self._start_link(address, host_jobs)
             else:
                 link.update(host_jobs)
+
+    def _start_link(self, address: AgentAddress, host_jobs: list[HostJob]) -> None:
+        """A new link; if it cannot start (e.g. certificate files gone), the next scan retries."""
+        link = self._make_link(address)
+        try:
+            link.start(host_jobs)
+        except Exception as error:
+            _log.error(
+                "cannot follow agent {agent}: {error}; retrying at the next scan",
+                agent=f"{address.host}:{address.port}",
+                error=f"{error.__class__.__name__}: {error}",
+            )
+            self._track_stop(link.stop())
+            return
+        self.links[address] = link
 
     def _track_stop(self, stopping: Deferred) -> None:
         self._stopping.append(stopping)
