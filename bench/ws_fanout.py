@@ -80,6 +80,7 @@ class Tally:
         self.ended: dict[str, int] = {j: 0 for j in jobs}
         self.ready = 0
         self.round_trips: list[float] = []
+        self.cpu_mark = 0.0
 
     def event(self, job_id: str, message: str, received: float) -> None:
         if message.startswith("t="):
@@ -92,9 +93,12 @@ class Tally:
         self.ended[job_id] += 1
         if self.ended[job_id] == self.clients:
             say({"phase": "done", "job_id": job_id})
+            if job_id == self.jobs[0]:
+                self.cpu_mark = time.process_time()
             if all(self.ended[j] == self.clients for j in self.jobs):
                 say({"phase": "results", "delays": self.delays, "first_sent": self.first_sent,
-                     "last_receipt": self.last_receipt, "round_trips": self.round_trips})
+                     "last_receipt": self.last_receipt, "round_trips": self.round_trips,
+                     "burst_cpu": time.process_time() - self.cpu_mark})
 
     def became_ready(self) -> None:
         self.ready += 1
@@ -350,12 +354,14 @@ async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict
         await with_timeout(reactor, child.wait(f"done:{job_ids[0]}"), 30, f"{mode}: paced end")
 
         # burst phase on job 2
+        cpu_before = time.process_time()
         for i in range(0, options.burst, CHUNK):
             for _ in range(min(CHUNK, options.burst - i)):
                 jobs.emit(job_ids[1], f"t={time.monotonic():.6f} {LINE}", kind=KIND_OUTPUT)
             await task.deferLater(reactor, 0, lambda: None)
         jobs.finish(job_ids[1], COMPLETED)
         results = await with_timeout(reactor, child.wait("results"), 60, f"{mode}: burst end")
+        results["agent_burst_cpu"] = time.process_time() - cpu_before
     finally:
         if process is not None and process.pid is not None:
             process.closeStdin()
@@ -389,6 +395,8 @@ def summarise(mode: str, r: dict[str, Any], options: argparse.Namespace) -> dict
         "burst_p50": pct(burst, 0.5) * 1000,
         "burst_p99": pct(burst, 0.99) * 1000,
         "per_conn_kib": r["rss_delta"] / options.clients / 1024,
+        "agent_cpu": r["agent_burst_cpu"],
+        "client_cpu": r["burst_cpu"],
     }
     if r["round_trips"]:
         summary["rtt_ms"] = statistics.median(r["round_trips"]) * 1000
@@ -417,6 +425,9 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         delivered = f"{s['paced_got'] + s['burst_got']}/{s['paced_expected'] + s['burst_expected']}"
         print(f"{names[mode]:24}{s['p50']:>14.2f}{s['p99']:>14.2f}{delivered:>16}"
               f"{s['burst_rate']:>12.0f}{s['burst_p99']:>14.1f}{s['per_conn_kib']:>14.1f}")
+    for mode, s in summaries.items():
+        print(f"burst CPU seconds, {names[mode]}: agent {s['agent_cpu']:.2f}, "
+              f"clients {s['client_cpu']:.2f}")
     print(f"\nratio ws/poll: p50 delay {ws['p50'] / poll['p50']:.4f}x "
           f"({poll['p50'] / ws['p50']:.0f}x lower), p99 {ws['p99'] / poll['p99']:.4f}x, "
           f"burst events/s {ws['burst_rate'] / poll['burst_rate']:.2f}x")
