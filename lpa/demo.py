@@ -144,21 +144,39 @@ class Processes:
         return process
 
     def stop_all(self, grace: float = 15.0) -> list[str]:
-        """SIGTERM every group, wait up to ``grace``, then SIGKILL; return what had to be killed."""
-        for process in self.started.values():
+        """SIGTERM every group, wait up to ``grace``, then SIGKILL; return what had to be killed.
+
+        Each daemon leads its own process group.  Signals go to a group only while its leader
+        is alive or an unreaped zombie (``waitid`` with ``WNOWAIT``), so the group id cannot
+        have been reused by an unrelated process; once the leader has exited, whatever is left
+        of its group (a helper forked as the TERM arrived) gets SIGKILL, then the leader is
+        reaped.
+        """
+        live = {name: p for name, p in self.started.items() if p.returncode is None}
+        for process in live.values():
             _signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         killed = []
-        for name, process in self.started.items():
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        for name, process in live.items():
+            while not _exited(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _exited(process.pid):
                 killed.append(name)
                 _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
-            _signal_group(process.pid, signal.SIGKILL)  # leftovers of its session, if any
+                while not _exited(process.pid):
+                    time.sleep(0.05)
+            _signal_group(process.pid, signal.SIGKILL)  # leftovers; the zombie holds the id
+            process.wait()
         self.started.clear()
         return killed
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, WITHOUT reaping it (its pid stays reserved)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped elsewhere
+        return True
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -441,6 +459,21 @@ def lpa_command() -> str:
     return f"{sys.executable} -m lpa"
 
 
+def is_demo_daemon(pid: Any, state_dir: str) -> bool:
+    """Whether ``pid`` is still a daemon of the demo in ``state_dir`` (its argv names the dir).
+
+    A pid from a state file may have been reused by an unrelated process since; we never signal
+    a process whose command line does not name our state directory.
+    """
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except (OSError, ValueError, TypeError):
+        return False
+    marker = os.path.abspath(state_dir).encode()
+    return any(arg.startswith(b"--pidfile=" + marker + b"/") for arg in argv)
+
+
 def kept_demo_running(state_dir: str) -> list[str]:
     """Names of daemons a previous ``--keep`` run left alive in ``state_dir``."""
     try:
@@ -448,16 +481,7 @@ def kept_demo_running(state_dir: str) -> list[str]:
             pids = json.load(handle).get("pids", {})
     except (OSError, ValueError, AttributeError):
         return []
-    alive = []
-    for name, pid in pids.items():
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, ValueError, TypeError):
-            continue
-        except PermissionError:
-            pass
-        alive.append(name)
-    return alive
+    return [name for name, pid in pids.items() if is_demo_daemon(pid, state_dir)]
 
 
 def stop_kept(state_dir: str, out: TextIO) -> int:
@@ -469,11 +493,12 @@ def stop_kept(state_dir: str, out: TextIO) -> int:
     except (OSError, ValueError):
         raise DemoError(f"no kept demo in {state_dir} ({path} missing or unreadable)") from None
     for name, pid in state.get("pids", {}).items():
+        if not is_demo_daemon(pid, state_dir):
+            out.write(f"demo: {name} (pid {pid}) was not running\n")
+            continue
         _signal_group(int(pid), signal.SIGTERM)
-        for _ in range(100):
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
+        for _ in range(150):
+            if not is_demo_daemon(pid, state_dir):
                 break
             time.sleep(0.1)
         else:

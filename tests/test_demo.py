@@ -107,6 +107,10 @@ class ProcessesTests(SynchronousTestCase):
         time.sleep(0.2)
         self.assertEqual(processes.stop_all(grace=5), [])
         self.assertIsNotNone(process.returncode)
+        for _ in range(100):  # SIGKILL is delivered asynchronously
+            if not _live_in_group(process.pid):
+                break
+            time.sleep(0.02)
         self.assertEqual(_live_in_group(process.pid), [])
 
     def test_stop_all_kills_stubborn(self) -> None:
@@ -223,16 +227,34 @@ class EndToEndTests(SynchronousTestCase):
 
 class KeptDemoTests(SynchronousTestCase):
     def test_running_kept_demo_refused(self) -> None:
-        """A second demo in a state dir whose kept daemons still run refuses, naming --stop."""
+        """A second demo over kept daemons that still run refuses; a reused pid is not ours."""
         state_dir = self.mktemp()
         os.makedirs(state_dir)
+        sleeper = subprocess.Popen(
+            ["/bin/sh", "-c", "sleep 60", "--pidfile=" + os.path.abspath(state_dir) + "/x.pid"])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        for _ in range(100):  # until the child has exec'd (its argv names the state dir)
+            if demo.is_demo_daemon(sleeper.pid, state_dir):
+                break
+            time.sleep(0.05)
         with open(os.path.join(state_dir, demo.STATE_FILE), "w") as handle:
-            json.dump({"pids": {"lpa-agent": os.getpid(), "lpa-relay": 2**22 + 7}}, handle)
+            json.dump({"pids": {"lpa-agent": sleeper.pid, "lpa-relay": os.getpid()}}, handle)
         self.assertEqual(demo.kept_demo_running(state_dir), ["lpa-agent"])
         out = io.StringIO()
         run = demo.Demo(state_dir, keep=False, timeout=1, out=out).run
         error = self.assertRaises(DemoError, run)
         self.assertIn("demo --stop", str(error))
+
+    def test_stop_skips_reused_pid(self) -> None:
+        """--stop never signals a pid from the state file that is not our daemon any more."""
+        state_dir = self.mktemp()
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, demo.STATE_FILE), "w") as handle:
+            json.dump({"pids": {"lpa-agent": os.getpid()}}, handle)
+        out = io.StringIO()
+        self.assertEqual(demo.stop_kept(state_dir, out), 0)
+        self.assertIn("was not running", out.getvalue())
 
     def test_nothing_kept(self) -> None:
         """No state file means nothing is running."""
