@@ -266,7 +266,9 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.link_state(service, address), POLLING)
         agent.websocket = True
         await until(lambda: self.link_state(service, address) == STREAMING, "streaming")
-        self.assertIn({"action": "subscribe", "job_id": job, "after_seq": 1}, agent.ws_messages)
+        subscribe = {"action": "subscribe", "job_id": job, "after_seq": 1}
+        await until(lambda: subscribe in agent.ws_messages, "subscribe after seq 1")
+        await deferLater(reactor, 0.1, lambda: None)  # a poll sent before the switch lands
         polls = len([r for r in agent.requests if "/events" in r])
         agent.emit(job, ev.RUNNING, "line", kind=ev.KIND_OUTPUT)
         await until(lambda: self.store.rows["r1"].last_seq == 2, "streamed event")
