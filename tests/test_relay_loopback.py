@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -275,3 +275,19 @@ class LoopbackTests(TestCase):
         await deferLater(reactor, 0.5, lambda: None)  # more than two poll intervals
         self.assertEqual(len([r for r in agent.requests if "/events" in r]), polls)
         self.assertEqual(self.applied("r1"), [([1], "poll"), ([2], "ws")])
+
+    async def test_silent_agent_times_out_the_handshake(self) -> None:
+        """An agent that accepts TCP but never answers TLS is given up after handshake_timeout."""
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        address = AgentAddress("localhost", silent.getHost().port)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1", agent=address
+        )
+        service = self.start_relay(
+            handshake_timeout=0.5, reconnect_initial_delay=5.0, reconnect_max_delay=5.0
+        )
+        started = reactor.seconds()
+        await until(lambda: self.link_state(service, address) == POLLING, "polling")
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertIn("timed out after 0.5s", service.scanner.links[address].last_failure)
