@@ -348,6 +348,7 @@ def dispatch(
 ) -> tuple[CreatedJob, list[StartResult], dict[str, Any] | None]:
     """The whole ``lpa dispatch``: create, start, and (``watch``) follow to the job-level event."""
     import psycopg2
+    import psycopg2.errors
 
     out = sys.stdout if out is None else out
     writer = connect(dsn)
@@ -360,6 +361,9 @@ def dispatch(
             out.write(f"job {job.job_id}: {len(job.hosts)} host(s)\n")
             results = start_on_agents(writer, job, client_for, packages=packages,
                                       dry_run=dry_run, security_only=security_only)
+        except psycopg2.errors.UndefinedTable as error:
+            raise DispatchError(f"{str(error).strip().splitlines()[0]}: run "
+                                "`lpa db migrate --dsn DSN` first") from None
         except psycopg2.Error as error:
             raise DispatchError(f"database error: {str(error).strip()}") from None
         for result in results:

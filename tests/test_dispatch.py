@@ -221,6 +221,16 @@ class DatabaseTests(SynchronousTestCase):
         self.assertEqual(out.getvalue().splitlines()[1],
                          f"a.example:12443: started agent job {AGENT_JOB}")
 
+    def test_unmigrated_database(self) -> None:
+        """A database without the schema names the migration to run."""
+        if _pg is None:
+            raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
+        dsn = _pg.database(self)
+        error = self.assertRaises(DispatchError, dispatch.dispatch, dsn, self.targets[:1],
+                                  lambda t: ok_agent(), packages=None, dry_run=True,
+                                  out=io.StringIO())
+        self.assertIn("lpa db migrate", str(error))
+
     def test_bad_dsn(self) -> None:
         """An unreachable database is one line, not a traceback."""
         error = self.assertRaises(DispatchError, dispatch.connect,
