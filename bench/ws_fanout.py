@@ -39,8 +39,11 @@ import gc
 import json
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -56,6 +59,22 @@ LINE = "Setting up libexample:amd64 (1.2.3-1+deb12u1) ... Processing triggers fo
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def established(port: int) -> int:
+    """Established TCP connections to ``port`` on this host (agent side), from /proc/net/tcp."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines)
+                for line in lines:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except OSError:
+            pass
+    return count
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,6 +166,20 @@ def _reactor() -> Any:
     return reactor
 
 
+def client_tls(options: argparse.Namespace) -> Any:
+    """The relay's mTLS client options over the bench PKI (None for plain ws/http)."""
+    if not options.pki:
+        return None
+    from lpa.tls import client_tls_options
+
+    return client_tls_options(
+        "localhost",
+        ca_cert_path=os.path.join(options.pki, "ca.pem"),
+        cert_path=options.client_cert,
+        key_path=options.client_key,
+    )
+
+
 def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) -> WsClients:
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 
@@ -176,7 +209,9 @@ def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) ->
             elif kind == "job_complete":
                 tally.end(frame["job_id"])
 
-    url = f"ws://127.0.0.1:{options.port}/api/v1/ws/jobs"
+    tls = client_tls(options)
+    scheme = "wss" if tls is not None else "ws"
+    url = f"{scheme}://localhost:{options.port}/api/v1/ws/jobs"
     factory = WebSocketClientFactory(url)
     factory.protocol = Client
     factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=30)
@@ -184,7 +219,10 @@ def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) ->
     # open connections a few at a time: a burst of K handshakes is not what we measure
     async def dial() -> None:
         for _ in range(options.clients):
-            reactor.connectTCP("127.0.0.1", options.port, factory)
+            if tls is not None:
+                reactor.connectSSL("127.0.0.1", options.port, factory, tls)
+            else:
+                reactor.connectTCP("127.0.0.1", options.port, factory)
             await task.deferLater(reactor, 0.002, lambda: None)
 
     defer.Deferred.fromCoroutine(dial()).addErrback(lambda f: say({"error": str(f.value)}))
@@ -192,15 +230,16 @@ def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) ->
 
 
 class Pollers:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self) -> None:
         self.loops: list[task.LoopingCall] = []
-        self.pool = pool
+        self.pools: list[Any] = []
 
     async def close(self) -> None:
         for loop in self.loops:
             if loop.running:
                 loop.stop()
-        await self.pool.closeCachedConnections()
+        for pool in self.pools:
+            await pool.closeCachedConnections()
 
 
 def start_pollers(reactor: Any, options: argparse.Namespace, tally: Tally) -> Pollers:
@@ -208,13 +247,32 @@ def start_pollers(reactor: Any, options: argparse.Namespace, tally: Tally) -> Po
     from twisted.web.client import Agent, HTTPConnectionPool
 
     jobs = options.jobs.split(",")
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = options.clients + 1
-    client = treq.client.HTTPClient(Agent(reactor, pool=pool))
-    pollers = Pollers(pool)
-    base = f"http://127.0.0.1:{options.port}/api/v1/jobs"
+    tls = client_tls(options)
+    policy = None
+    if tls is not None:
+        from twisted.web.iweb import IPolicyForHTTPS
+        from zope.interface import implementer
+
+        @implementer(IPolicyForHTTPS)
+        class Policy:
+            def creatorForNetloc(self, hostname: bytes, port: int) -> Any:  # noqa: N802
+                return tls
+
+        policy = Policy()
+    pollers = Pollers()
+    base = f"{'https' if tls is not None else 'http'}://127.0.0.1:{options.port}/api/v1/jobs"
+
+    def new_client() -> Any:
+        """Each poller is its own relay: its own keep-alive connection, as in the field."""
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1
+        pollers.pools.append(pool)
+        if policy is not None:
+            return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+        return treq.client.HTTPClient(Agent(reactor, pool=pool))
 
     def make_poller() -> task.LoopingCall:
+        client = new_client()
         after = {j: 0 for j in jobs}
         ended: set[str] = set()
         first = [True]
@@ -323,7 +381,11 @@ async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict
                                send_buffer_events=int(keep) + 100)
     api = AgentApi(jobs=jobs, backend=FakeBackend(), system=FakeSystem(), clock=reactor,
                    version="bench", rate_limiter=None, ws_resource=make_ws_resource(factory))
-    port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+    if options.pki_files is not None:
+        port = reactor.listenSSL(0, api.site(), options.pki_files.server_options(),
+                                 interface="127.0.0.1")
+    else:
+        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
     job_ids = [jobs.submit(JobRequest(operation=JOB_OP, dry_run=True)).id for _ in range(2)]
     for job_id in job_ids:
         jobs.emit(job_id, "Job started", status=RUNNING)
@@ -335,11 +397,16 @@ async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict
         argv = [sys.executable, os.path.abspath(__file__), "--client", mode,
                 "--port", str(port.getHost().port), "--jobs", ",".join(job_ids),
                 "--clients", str(options.clients), "--interval", str(options.interval)]
+        if options.pki_files is not None:
+            files = options.pki_files
+            argv += ["--pki", files.directory, "--client-cert", files.good.cert,
+                     "--client-key", files.good.key]
         process = reactor.spawnProcess(child, sys.executable, argv, env=os.environ.copy())
         await with_timeout(reactor, child.wait("ready"), 60, f"{mode}: clients connecting")
         await task.deferLater(reactor, 0.5, lambda: None)  # let the handshakes settle
         gc.collect()
         after = rss_bytes()
+        open_connections = established(port.getHost().port)
 
         # paced phase on job 1
         paced = int(options.rate * options.seconds)
@@ -372,6 +439,7 @@ async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict
                 await child.ended
         await port.stopListening()  # the child's exit closed every connection
     results["rss_delta"] = after - before
+    results["open_connections"] = open_connections
     results["jobs"] = job_ids
     results["paced"] = paced
     return results
@@ -395,6 +463,7 @@ def summarise(mode: str, r: dict[str, Any], options: argparse.Namespace) -> dict
         "burst_p50": pct(burst, 0.5) * 1000,
         "burst_p99": pct(burst, 0.99) * 1000,
         "per_conn_kib": r["rss_delta"] / options.clients / 1024,
+        "open": r["open_connections"],
         "agent_cpu": r["agent_burst_cpu"],
         "client_cpu": r["burst_cpu"],
     }
@@ -403,28 +472,64 @@ def summarise(mode: str, r: dict[str, Any], options: argparse.Namespace) -> dict
     return summary
 
 
-async def main(reactor: Any, options: argparse.Namespace) -> None:
+async def agent_main(reactor: Any, options: argparse.Namespace) -> None:
+    """One mode's agent side (``--agent ws|poll``): prints ``RESULT <json>``."""
+    options.pki_files = None
+    directory = None
+    if options.tls:
+        from tests.certs import make_test_pki
+
+        directory = tempfile.mkdtemp(prefix="lpa-bench-pki-")
+        options.pki_files = make_test_pki(directory)
+    try:
+        results = await run_mode(reactor, options.agent, options)
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    print("RESULT " + json.dumps(results))
+
+
+def main(options: argparse.Namespace) -> None:
     import autobahn
     import autobahn.websocket
     import twisted
 
     print(f"ws_fanout: {options.clients} clients in a child process, paced {options.rate:.0f} "
-          f"events/s for {options.seconds:.0f} s, burst {options.burst} events; loopback, plain "
-          f"ws/http; {os.cpu_count()} CPUs")
+          f"events/s for {options.seconds:.0f} s, burst {options.burst} events; loopback; "
+          f"{os.cpu_count()} CPUs")
     print(f"Python {sys.version.split()[0]}, Twisted {twisted.__version__}, autobahn "
           f"{autobahn.__version__}, autobahn.websocket.USES_NVX = {autobahn.websocket.USES_NVX}")
+    if options.tls:
+        print("transport: wss/https with mutual TLS (lpa.tls server options, TLS 1.3, CRL "
+              "checked; tests/certs.py PKI)")
+    else:
+        print("transport: plain ws/http (add --tls for wss/https with mutual TLS)")
     summaries = {}
     for mode in ("ws", "poll"):
-        r = await run_mode(reactor, mode, options)
-        summaries[mode] = summarise(mode, r, options)
+        # a fresh agent process per mode: a heap grown by the other mode would hide RSS growth
+        argv = [sys.executable, os.path.abspath(__file__), "--agent", mode,
+                "--clients", str(options.clients), "--rate", str(options.rate),
+                "--seconds", str(options.seconds), "--burst", str(options.burst),
+                "--interval", str(options.interval)] + (["--tls"] if options.tls else [])
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=180,
+                                   check=False)
+        lines = [x for x in completed.stdout.splitlines() if x.startswith("RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(completed.stdout[-2000:], completed.stderr[-3000:], sep="\n")
+            raise SystemExit(f"{mode}: agent process failed ({completed.returncode})")
+        for line in completed.stdout.splitlines():
+            if not line.startswith("RESULT "):
+                print(f"  [{mode} agent] {line}")
+        summaries[mode] = summarise(mode, json.loads(lines[-1][len("RESULT "):]), options)
     ws, poll = summaries["ws"], summaries["poll"]
     print(f"\n{'':24}{'p50 delay ms':>14}{'p99 delay ms':>14}{'delivered':>16}"
-          f"{'burst ev/s':>12}{'burst p99 ms':>14}{'RSS/conn KiB':>14}")
+          f"{'burst ev/s':>12}{'burst p99 ms':>14}{'RSS/conn KiB':>14}{'conns':>7}")
     names = {"ws": "ws (lpa)", "poll": f"poll {options.interval:g} s (peer)"}
     for mode, s in summaries.items():
         delivered = f"{s['paced_got'] + s['burst_got']}/{s['paced_expected'] + s['burst_expected']}"
         print(f"{names[mode]:24}{s['p50']:>14.2f}{s['p99']:>14.2f}{delivered:>16}"
-              f"{s['burst_rate']:>12.0f}{s['burst_p99']:>14.1f}{s['per_conn_kib']:>14.1f}")
+              f"{s['burst_rate']:>12.0f}{s['burst_p99']:>14.1f}{s['per_conn_kib']:>14.1f}"
+              f"{s['open']:>7}")
     for mode, s in summaries.items():
         print(f"burst CPU seconds, {names[mode]}: agent {s['agent_cpu']:.2f}, "
               f"clients {s['client_cpu']:.2f}")
@@ -443,10 +548,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 15 s)")
     parser.add_argument("--clients", type=int, default=None, help="K (default 100, quick 20)")
     parser.add_argument("--rate", type=float, default=50.0, help="paced events/s")
-    parser.add_argument("--seconds", type=float, default=None, help="paced phase (default 8, quick 3)")
-    parser.add_argument("--burst", type=int, default=None, help="burst events (default 500, quick 200)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="paced phase in s (default 8, quick 3)")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="burst events (default 500, quick 200)")
     parser.add_argument("--interval", type=float, default=1.0, help="poll interval of the peer")
+    parser.add_argument("--tls", action="store_true", help="wss/https with mutual TLS")
     parser.add_argument("--client", choices=("ws", "poll"), help=argparse.SUPPRESS)
+    parser.add_argument("--agent", choices=("ws", "poll"), help=argparse.SUPPRESS)
+    parser.add_argument("--pki", help=argparse.SUPPRESS)
+    parser.add_argument("--client-cert", help=argparse.SUPPRESS)
+    parser.add_argument("--client-key", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -460,5 +572,7 @@ if __name__ == "__main__":
     parsed = parse(sys.argv[1:])
     if parsed.client:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(client_main(reactor, parsed)))
+    elif parsed.agent:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(agent_main(reactor, parsed)))
     else:
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, parsed)))
+        main(parsed)
