@@ -402,8 +402,6 @@ class Demo:
             listener.close()
             writer.close()
         self.out.write(summary + "\n")
-        if self.keep:
-            self._print_keep(dsn, port, pki_dir)
         if final.get("recovered"):
             raise DemoError(f"the job ended {final.get('status')} but no job-level notification "
                             "arrived")
@@ -411,15 +409,16 @@ class Demo:
             raise DemoError(f"the job ended {final.get('status')}, not succeeded"
                             f"{agent_failure(client, results[0].agent_job_id)} (see "
                             f"{self.state_dir}/lpa-agent.log)")
+        if self.keep:
+            self._print_keep(dsn, port, pki_dir)
         return 0
 
     def _summary(self, connection: Any, job_id: str, final: dict[str, Any],
                  transports: set[str]) -> str:
         with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT count(*) FILTER (WHERE output <> ''),"
-                           " max(length(output)) FROM patch_job_hosts WHERE job_id = %s",
+            cursor.execute("SELECT max(length(output)) FROM patch_job_hosts WHERE job_id = %s",
                            (job_id,))
-            with_output, longest = cursor.fetchone()
+            (longest,) = cursor.fetchone()
         elapsed = time.monotonic() - self.started_at
         return (f"summary: job {job_id} {final.get('status')}: {final.get('succeeded_count')} of "
                 f"{final.get('host_count')} host(s) succeeded, {final.get('failed_count')} failed; "
