@@ -423,7 +423,7 @@ class Demo:
         return (f"summary: job {job_id} {final.get('status')}: {final.get('succeeded_count')} of "
                 f"{final.get('host_count')} host(s) succeeded, {final.get('failed_count')} failed; "
                 f"dry run, via {', '.join(sorted(transports)) or 'relay'}; "
-                f"{longest or 0} bytes of output kept; {elapsed:.1f} s")
+                f"{longest or 0} characters of output kept; {elapsed:.1f} s")
 
     def _write_state(self, dsn: str, port: int, pki_dir: str) -> None:
         state = {"pids": {name: p.pid for name, p in self.processes.started.items()},
