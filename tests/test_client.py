@@ -295,6 +295,22 @@ class CommandLineTests(SynchronousTestCase):
         code, _ = self.run_cli(["agent", "http://h:1", "watch", JOB], FakeAgent({}), ws_events=ws)
         self.assertEqual(code, 1)
 
+    def test_patches_and_cancel(self) -> None:
+        """patches --security asks for security updates and prints a table; cancel prints status."""
+        agent = FakeAgent({
+            ("GET", "/api/v1/patches?security=true"): [(200, envelope({
+                "patches": [{"name": "openssl", "current_version": "3.0.1",
+                             "available_version": "3.0.2", "severity": "critical"}],
+                "security_updates": 1, "requires_reboot": True}))],
+            ("POST", f"/api/v1/jobs/{JOB}/cancel"): [(200, envelope({"status": "cancelled"}))],
+        })
+        code, out = self.run_cli(["agent", "http://h:1", "patches", "--security"], agent)
+        self.assertEqual(code, 0)
+        self.assertTrue(out.startswith("openssl "))
+        self.assertEqual(out.splitlines()[-1], "1 patches (1 security); reboot required: yes")
+        code, out = self.run_cli(["agent", "http://h:1", "cancel", JOB], agent)
+        self.assertEqual(out, f"job {JOB} cancelled\n")
+
     def test_jobs_table(self) -> None:
         """jobs prints one line per job and a count."""
         agent = FakeAgent({("GET", "/api/v1/jobs?status=running&limit=5"): [(200, envelope(
