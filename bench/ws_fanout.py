@@ -35,6 +35,7 @@ Linux), so a client computes the append→receipt delay per event.  Phases, same
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
@@ -480,6 +481,7 @@ async def agent_main(reactor: Any, options: argparse.Namespace) -> None:
         from tests.certs import make_test_pki
 
         directory = tempfile.mkdtemp(prefix="lpa-bench-pki-")
+        atexit.register(shutil.rmtree, directory, True)  # also after Ctrl-C stops the reactor
         options.pki_files = make_test_pki(directory)
     try:
         results = await run_mode(reactor, options.agent, options)
