@@ -2,23 +2,29 @@
 
 Run by hand (not part of the trial suite)::
 
-    /tmp/lpa-venv/bin/python bench/ws_fanout.py [--quick] [--clients 100]
+    /tmp/lpa-venv/bin/python bench/ws_fanout.py [--quick] [--clients 100] [--tls]
 
-The agent side runs in this process on the reactor: the real :class:`~lpa.agent.api.AgentApi`
-(Klein routes behind the gate, its ``site()``) with the real ``JobStreamFactory`` mounted through
-``make_ws_resource`` at ``/api/v1/ws/jobs``, plain ws on 127.0.0.1, port 0.  The job engine is
+Processes: this script (``main``, no reactor) runs one fresh agent process per mode
+(``--agent ws|poll``, so a heap grown by one mode cannot hide the other's memory growth), and
+each agent process spawns the clients' process (``--client``) and closes its stdin to end it.
+
+The agent side runs on the reactor: the real :class:`~lpa.agent.api.AgentApi` (Klein routes
+behind the gate, its ``site()``) with the real ``JobStreamFactory`` mounted through
+``make_ws_resource`` at ``/api/v1/ws/jobs`` on 127.0.0.1, port 0: plain ws/http, or with
+``--tls`` mutual TLS (``lpa.tls`` server options over a ``tests.certs`` PKI in a temporary
+directory; the clients present the relay certificate).  The job engine is
 ``tests.fakes_api.FakeJobManager``: it numbers events through the real ``EventLog`` (what the
 WebSocket sessions and the events endpoint read) and runs no package manager.  The rate limiter
 is off (K pollers from one address would trip it) and there is no peer check.
 
-The clients run in a child process (``--client``, spawned and reaped by this script) so the
-agent's resident memory grows only by what the server keeps per connection:
+The clients run in their own process so the agent's resident memory grows only by what the
+server keeps per connection:
 
 ``ws`` (lpa)
     K Autobahn ``WebSocketClientProtocol`` connections, each subscribing to the two jobs by id.
 ``poll`` (the named peer: "REST polling at 1 s", the original relay's fallback and every
     poller's model)
-    K treq pollers (persistent HTTP/1.1 connections), each ``GET /api/v1/jobs/{id}/events?after=N``
+    K treq pollers (one keep-alive connection each), each ``GET /api/v1/jobs/{id}/events?after=N``
     every 1.0 s from a random phase, N the last seq it holds.  The delay is MEASURED, not
     computed: append to the moment the poll that carried the event was read.  The model figure
     (measured poll round trip + interval/2) is printed next to it.
