@@ -258,3 +258,16 @@ class CrlHealthTests(TestCase):
         with open(garbage, "w") as handle:
             handle.write("not a crl")
         self.assertEqual(crl_health(garbage, self.pki.ca_cert, now)["crl_status"], "invalid")
+
+
+class AlpnTests(TestCase):
+    def test_site_offers_http11_only(self) -> None:
+        """The agent's Site offers only http/1.1 in ALPN, even where h2 is importable."""
+        from lpa.agent.api import AgentApi
+        from tests.fakes_api import FakeJobManager
+
+        api = AgentApi(
+            jobs=FakeJobManager(task.Clock()), backend=FakeBackend(), system=FakeSystem(),
+            clock=task.Clock(), version="t", rate_limiter=None,
+        )
+        self.assertEqual(api.site().acceptableProtocols(), [b"http/1.1"])

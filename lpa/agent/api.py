@@ -182,7 +182,9 @@ class AgentApi:
 
     def site(self) -> Site:
         """A Site serving :meth:`resource` whose requests never buffer more than the body limit."""
-        site = Site(self.resource(), requestFactory=bounded_request_factory(self._max_body_bytes))
+        site = _Http11Site(
+            self.resource(), requestFactory=bounded_request_factory(self._max_body_bytes)
+        )
         site.displayTracebacks = False
         return site
 
@@ -527,3 +529,15 @@ class AgentApi:
         except Exception:
             _log.failure("package manager query crashed")
             raise PackageManagerError("Package manager query failed") from None
+
+
+class _Http11Site(Site):
+    """A Site that never offers HTTP/2 in ALPN, whatever is installed.
+
+    Twisted puts the Site's own protocol list (h2 first when ``h2`` and ``priority`` import)
+    ahead of the TLS options' list, and WebSockets break over h2 (PITFALLS 4): the agent's one
+    port must speak HTTP/1.1 only.
+    """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
