@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from lpa.agent.api import Http11Site
 from lpa import tls
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
@@ -36,7 +37,7 @@ class _Whoami(Resource):
         return f"{cn}|".encode() + proto
 
 
-class _TrackingSite(Site):
+class _TrackingSite(Http11Site):  # the agent's ALPN policy: http/1.1 only
     """A Site that can wait until every connection it accepted is closed."""
 
     def __init__(self, resource: Resource) -> None:

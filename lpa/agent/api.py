@@ -182,7 +182,7 @@ class AgentApi:
 
     def site(self) -> Site:
         """A Site serving :meth:`resource` whose requests never buffer more than the body limit."""
-        site = _Http11Site(
+        site = Http11Site(
             self.resource(), requestFactory=bounded_request_factory(self._max_body_bytes)
         )
         site.displayTracebacks = False
@@ -531,7 +531,7 @@ class AgentApi:
             raise PackageManagerError("Package manager query failed") from None
 
 
-class _Http11Site(Site):
+class Http11Site(Site):
     """A Site that never offers HTTP/2 in ALPN, whatever is installed.
 
     Twisted puts the Site's own protocol list (h2 first when ``h2`` and ``priority`` import)
