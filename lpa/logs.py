@@ -131,3 +131,18 @@ class LogConfiguredService(MultiService):
         if self.observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.observer)
         super().setServiceParent(parent)
+
+
+def observer_for_twistd(options: Any, log_format: str, level: str = "info") -> ILogObserver | None:
+    """:func:`configured_observer` writing where twistd was told to log.
+
+    ``--logfile PATH`` (other than ``-``) keeps its file, with rotation; otherwise stdout.
+    """
+    parent = getattr(options, "parent", None)
+    logfile = parent.get("logfile") if parent is not None else None
+    out: Any = None
+    if logfile and logfile != "-":
+        from twisted.python.logfile import LogFile
+
+        out = LogFile.fromFullPath(logfile)
+    return configured_observer(log_format, level, out)

@@ -76,3 +76,19 @@ class ConfiguredObserverTests(SynchronousTestCase):
         application = Application("t")
         LogConfiguredService(Service(), observer).setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), observer)
+
+
+class TwistdLogfileTests(SynchronousTestCase):
+    def test_logfile_kept(self) -> None:
+        """With twistd --logfile, the config's JSON observer writes to that file, not stdout."""
+        from lpa.logs import observer_for_twistd
+
+        path = self.mktemp()
+
+        class Options(dict):
+            parent = {"logfile": path}
+
+        observer = observer_for_twistd(Options(), "json")
+        Logger(namespace="t", observer=LogPublisher(observer)).info("to the file")
+        with open(path) as handle:
+            self.assertEqual(json.loads(handle.readline())["message"], "to the file")

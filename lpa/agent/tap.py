@@ -8,7 +8,7 @@ from typing import Any
 from twisted.python import usage
 
 from lpa.errors import ConfigError
-from lpa.logs import LogConfiguredService, configured_observer
+from lpa.logs import LogConfiguredService, observer_for_twistd
 
 DEFAULT_CONFIG = "/etc/lpa/agent.yaml"
 
@@ -51,7 +51,9 @@ def makeService(options: Options) -> Any:
         _exit_with(error)
     _reload_on_sighup(reactor, service)
     logging = options["agent_config"].logging
-    return LogConfiguredService(service, configured_observer(logging.format, logging.level))
+    return LogConfiguredService(
+        service, observer_for_twistd(options, logging.format, logging.level)
+    )
 
 
 def _reload_on_sighup(reactor: Any, service: Any) -> None:

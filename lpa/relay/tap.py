@@ -27,14 +27,14 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from lpa.logs import LogConfiguredService, configured_observer
+    from lpa.logs import LogConfiguredService, observer_for_twistd
     from lpa.relay.config import load_relay_config
     from lpa.relay.service import make_relay_service
 
     try:
         config = load_relay_config(options["config"])
         service = make_relay_service(config, reactor=reactor)
-        return LogConfiguredService(service, configured_observer(config.log_format))
+        return LogConfiguredService(service, observer_for_twistd(options, config.log_format))
     except ConfigError as error:
         sys.stderr.write(f"lpa-relay: {error}\n")
         sys.stderr.flush()
