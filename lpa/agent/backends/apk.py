@@ -14,7 +14,13 @@ from typing import Any, Sequence
 import attr
 
 from lpa import validation
-from lpa.agent.backends.base import BackendBase, change, name_severity, package_requires_reboot
+from lpa.agent.backends.base import (
+    BackendBase,
+    VerbCommandsMixin,
+    change,
+    name_severity,
+    package_requires_reboot,
+)
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import PackageNotFoundError
 
@@ -89,8 +95,9 @@ def parse_apk_steps(text: str) -> list[dict[str, Any]]:
     return changes
 
 
-class ApkBackend(BackendBase):
+class ApkBackend(VerbCommandsMixin, BackendBase):
     name = "apk"
+    install_verb, update_verb, remove_verb = "add", "upgrade", "del"
     supports_security_only = False
 
     async def _list(self, *args: str) -> list[ApkEntry]:
@@ -145,15 +152,6 @@ class ApkBackend(BackendBase):
 
     def command(self, verb: str, request: JobRequest, *args: str) -> list[str]:
         return ["apk", verb] + (["--simulate"] if request.dry_run else []) + list(args)
-
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("add", request, "--", *self.targets(specs)), "Installed")
-
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("upgrade", request, "--", *self.targets(specs)), "Updated")
-
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("del", request, "--", *self.targets(specs)), "Removed")
 
     async def _patch_apply(
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any

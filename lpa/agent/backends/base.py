@@ -371,3 +371,30 @@ class BackendBase:
 def _deferred(function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Deferred:
     """Start a coroutine method as a Deferred, turning synchronous raises into errbacks."""
     return Deferred.fromCoroutine(function(*args))
+
+
+class VerbCommandsMixin:
+    """install / update / remove as ``command(verb, request, "--", names…)`` through ``_run``.
+
+    For managers whose three operations differ only by the verb (apk, dnf, yum, zypper); each
+    backend provides ``command`` (adds its dry-run and non-interactive flags) and ``_run``.
+    """
+
+    install_verb = "install"
+    update_verb = "update"
+    remove_verb = "remove"
+
+    async def _by_verb(
+        self, verb: str, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any, label: str
+    ) -> JobOutcome:
+        argv = self.command(verb, request, "--", *self.targets(specs))  # type: ignore[attr-defined]
+        return await self._run(ctx, request, argv, label)  # type: ignore[attr-defined,no-any-return]
+
+    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        return await self._by_verb(self.install_verb, specs, request, ctx, "Installed")
+
+    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        return await self._by_verb(self.update_verb, specs, request, ctx, "Updated")
+
+    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+        return await self._by_verb(self.remove_verb, specs, request, ctx, "Removed")

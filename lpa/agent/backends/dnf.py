@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from lpa import validation
 from lpa.agent.backends.base import (
     BackendBase,
+    VerbCommandsMixin,
     change,
     name_severity,
     needs_restarting_verdict,
@@ -192,7 +193,7 @@ def parse_transaction_table(text: str) -> list[dict[str, Any]]:
     return changes
 
 
-class DnfBackend(BackendBase):
+class DnfBackend(VerbCommandsMixin, BackendBase):
     """dnf (4 or 5); ``yum`` and ``zypper`` reuse its rpm queries."""
 
     name = "dnf"
@@ -313,6 +314,11 @@ class DnfBackend(BackendBase):
 
     upgrade_verb = "upgrade"
 
+    @property
+    def update_verb(self) -> str:  # type: ignore[override]
+        """yum says ``update`` where dnf says ``upgrade``: one attribute drives both."""
+        return self.upgrade_verb
+
     def advisory_argvs(self) -> list[list[str]]:
         base = [self.binary, "-q", "updateinfo", "list", "--updates"]
         return [base, base + ["--with-cve"]]
@@ -322,15 +328,6 @@ class DnfBackend(BackendBase):
         return [self.binary, "-q", "list", "--available", "--", name]
 
     # -- operations ------------------------------------------------------------------------
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("install", request, "--", *self.targets(specs)), "Installed")
-
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command(self.upgrade_verb, request, "--", *self.targets(specs)), "Updated")
-
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("remove", request, "--", *self.targets(specs)), "Removed")
-
     async def _patch_apply(
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
     ) -> JobOutcome:

@@ -18,7 +18,12 @@ from typing import Any, Sequence
 import attr
 
 from lpa import validation
-from lpa.agent.backends.base import BackendBase, change, package_requires_reboot
+from lpa.agent.backends.base import (
+    BackendBase,
+    VerbCommandsMixin,
+    change,
+    package_requires_reboot,
+)
 from lpa.agent.backends.dnf import RPM_QUERYFORMAT, SEVERITIES, parse_rpm_qa
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import (
@@ -99,7 +104,7 @@ def parse_install_summary(text: str) -> list[dict[str, Any]]:
     return changes
 
 
-class ZypperBackend(BackendBase):
+class ZypperBackend(VerbCommandsMixin, BackendBase):
     name = "zypper"
 
     # -- read-only -------------------------------------------------------------------------
@@ -206,15 +211,6 @@ class ZypperBackend(BackendBase):
         return specs
 
     # -- operations ------------------------------------------------------------------------
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("install", request, "--", *self.targets(specs)), "Installed")
-
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("update", request, "--", *self.targets(specs)), "Updated")
-
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._run(ctx, request, self.command("remove", request, "--", *self.targets(specs)), "Removed")
-
     async def _patch_apply(
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
     ) -> JobOutcome:
