@@ -29,5 +29,5 @@ setup(
     extras_require={
         "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2", "h2>=4.1,<5"],
     },
-    entry_points={"console_scripts": ["lpa = lpa.cli:main"]},
+    entry_points={"console_scripts": ["lpa = lpa.tools.cli:main"]},
 )

@@ -2,9 +2,9 @@
 
 Run by hand (not part of the trial suite)::
 
-    /tmp/lpa-venv/bin/python bench/relay_apply.py [--quick] [--rows 8] [--events 3200]
+    .venv/bin/python bench/relay_apply.py [--quick] [--rows 8] [--events 3200]
 
-Everything happens on a throwaway PostgreSQL cluster (``lpa.pgcluster``: unix socket only, fsync
+Everything happens on a throwaway PostgreSQL cluster (``lpa.tools.pgcluster``: unix socket only, fsync
 off, run as the ``postgres`` user when root) that is destroyed at exit.  The relay schema comes
 from ``lpa.relay.schema.migrate``.  A separate psycopg2 session LISTENs on ``job_update`` during
 every run and counts what arrives.
@@ -17,7 +17,7 @@ The two contenders write the same events to the same kind of rows (one job, ``--
     ``PostgresRelayStore(pool_size=pool).apply_events(host_job, batch, "ws")``: one transaction
     per call (row lock, guarded update, one ``pg_notify`` with a payload capped at 7000 bytes,
     roll-up under the parent lock).
-``original``  (the named peer: "original pm-worker pattern", README E.2)
+``original``  (the named peer: "original pm-worker pattern": the statement sequence of the manager's relay)
     per event, separate autocommit statements with psycopg2: the guarded ``UPDATE``, then
     ``SELECT pg_notify('job_update', payload)`` with the event's ``output``/``error``
     untruncated; a terminal event then runs the check-then-act parent roll-up and its notify.
@@ -60,7 +60,7 @@ from twisted.internet.threads import deferToThread  # noqa: E402
 
 from lpa import events as ev  # noqa: E402
 from lpa.events import JobEvent  # noqa: E402
-from lpa.pgcluster import PostgresCluster  # noqa: E402
+from lpa.tools.pgcluster import PostgresCluster  # noqa: E402
 from lpa.relay.interfaces import TRANSPORT_WS, AgentAddress, HostJob  # noqa: E402
 from lpa.relay.notify import PG_NOTIFY_LIMIT  # noqa: E402
 from lpa.relay.schema import migrate  # noqa: E402

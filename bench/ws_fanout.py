@@ -2,13 +2,13 @@
 
 Run by hand (not part of the trial suite)::
 
-    /tmp/lpa-venv/bin/python bench/ws_fanout.py [--quick] [--clients 100] [--tls]
+    .venv/bin/python bench/ws_fanout.py [--quick] [--clients 100] [--tls]
 
 Processes: this script (``main``, no reactor) runs one fresh agent process per mode
 (``--agent ws|poll``, so a heap grown by one mode cannot hide the other's memory growth), and
 each agent process spawns the clients' process (``--client``) and closes its stdin to end it.
 
-The agent side runs on the reactor: the real :class:`~lpa.agent.api.AgentApi` (Klein routes
+The agent side runs on the reactor: the real :class:`~lpa.agent.http.api.AgentApi` (Klein routes
 behind the gate, its ``site()``) with the real ``JobStreamFactory`` mounted through
 ``make_ws_resource`` at ``/api/v1/ws/jobs`` on 127.0.0.1, port 0: plain ws/http, or with
 ``--tls`` mutual TLS (``lpa.tls`` server options over a ``tests.certs`` PKI in a temporary
@@ -374,7 +374,7 @@ def with_timeout(reactor: Any, d: defer.Deferred[Any], seconds: float, what: str
 
 
 async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict[str, Any]:
-    from lpa.agent.api import AgentApi
+    from lpa.agent.http.api import AgentApi
     from lpa.agent.model import JobRequest
     from lpa.agent.ws import JobStreamFactory, make_ws_resource
     from lpa.events import COMPLETED, KIND_OUTPUT, RUNNING

@@ -2,6 +2,6 @@
 
 import sys
 
-from lpa.cli import main
+from lpa.tools.cli import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """One exception hierarchy for lpa.
 
 Every :class:`ApiError` maps to exactly one API error code and HTTP status; the REST layer turns
-them into the JSON envelope in one place (``lpa.agent.api``).  :class:`ConfigError` is for
+them into the JSON envelope in one place (``lpa.agent.http.api``).  :class:`ConfigError` is for
 start-up: it carries one line naming the key and the problem.
 """
 

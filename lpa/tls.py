@@ -2,7 +2,7 @@
 
 Everything is built on pyOpenSSL through :mod:`twisted.internet.ssl`, with cryptography objects
 handed to OpenSSL wherever pyOpenSSL accepts them, so that pyOpenSSL 26 raises no
-DeprecationWarning on our paths (PITFALLS 6).
+DeprecationWarning on our paths (pyOpenSSL 26 deprecates its X509/PKey objects).
 
 Server handshake policy (README D, with the original's gaps closed):
 
@@ -12,9 +12,9 @@ Server handshake policy (README D, with the original's gaps closed):
   not parse or is not signed by the CA makes every handshake fail (fail closed).  A missing CRL
   file is allowed with a warning.  An expired CRL is still used for revocation, as the original
   did, with a warning at load, rather than locking every client out;
-* ALPN offers ``http/1.1`` only (PITFALLS 4: h2 breaks WebSockets and loses the peer cert).
+* ALPN offers ``http/1.1`` only (h2 breaks WebSockets and loses the peer certificate).
 
-A refused handshake is silent on the wire (PITFALLS 19); the verify callback logs why.
+A refused handshake is silent on the wire; the verify callback logs why.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lpa.errors import ConfigError
 
 _log = Logger()
 
-#: the only application protocol we speak (PITFALLS 4)
+#: the only application protocol we speak (h2 breaks WebSocket upgrades)
 HTTP11 = b"http/1.1"
 
 _TLS_VERSIONS = {

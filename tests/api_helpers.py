@@ -11,9 +11,9 @@ from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.agent.api import AgentApi
+from lpa.agent.http.api import AgentApi
 from lpa.agent.cache import PatchCache
-from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import RateLimiter
 from tests.fakes import FakeBackend, FakeSystem
 from tests.fakes_api import FakeJobManager
 

@@ -1,4 +1,4 @@
-"""A throw-away PKI for tests, built on :mod:`lpa.pki` (EC P-256, so it takes milliseconds).
+"""A throw-away PKI for tests, built on :mod:`lpa.tools.pki` (EC P-256, so it takes milliseconds).
 
 ``make_test_pki(directory)`` writes into ``directory``:
 
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from lpa import pki as _pki
+from lpa.tools import pki as _pki
 from lpa import tls as _tls
 
 

@@ -18,7 +18,7 @@ import os
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from lpa.pgcluster import PostgresCluster, PostgresNotFound
+from lpa.tools.pgcluster import PostgresCluster, PostgresNotFound
 
 _cluster: PostgresCluster | None = None
 _counter = itertools.count(1)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lpa.agent.service import make_agent_service
-from lpa.config import parse_agent_config
+from lpa.agent.config import parse_agent_config
 from lpa.events import COMPLETED, EVENT_JOB_COMPLETE
 from tests.agentclient import mtls_client
 from tests.certs import make_test_pki
@@ -122,7 +122,7 @@ class AgentDaemonTests(_DaemonCase):
 
     async def test_revocation_applies_on_reload(self) -> None:
         """A client revoked while the agent runs is refused after a reload, without a restart."""
-        from lpa.pki import revoke
+        from lpa.tools.pki import revoke
 
         service = await self._start(backend=FakeBackend(), system=FakeSystem())
         response = await self._client().get(self._url("/api/v1/health"))
@@ -263,7 +263,7 @@ class CrlHealthTests(TestCase):
 class AlpnTests(TestCase):
     def test_site_offers_http11_only(self) -> None:
         """The agent's Site offers only http/1.1 in ALPN, even where h2 is importable."""
-        from lpa.agent.api import AgentApi
+        from lpa.agent.http.api import AgentApi
         from tests.fakes_api import FakeJobManager
 
         api = AgentApi(

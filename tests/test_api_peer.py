@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpa.agent.api import make_peer_check
+from lpa.agent.http.api import make_peer_check
 from lpa.agent.whitelist import IPWhitelist
 from lpa.tls import PeerIdentity, identity_allowed
 from tests.api_helpers import ApiTestCase

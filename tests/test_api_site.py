@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyChannel
 
-from lpa.agent.api import BoundedRequest, bounded_request_factory
+from lpa.agent.http.api import BoundedRequest, bounded_request_factory
 from tests.api_helpers import ApiTestCase
 
 

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa import __version__, cli
+from lpa import __version__
+from lpa.tools import cli
 from lpa.errors import ConfigError, LpaError
 
 
@@ -137,7 +138,7 @@ class CliTests(SynchronousTestCase):
         """A subcommand module that fails to import is reported, the others still work."""
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            parser = cli.build_parser(("lpa.no_such_module", "lpa.pki"))
+            parser = cli.build_parser(("lpa.no_such_module", "lpa.tools.pki"))
         self.assertIn("lpa.no_such_module", err.getvalue())
         self.assertEqual(parser.parse_args(["pki", "revoke", "d", "c"]).cert, "c")
 

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa import client
-from lpa.client import (
+from lpa.tools import client
+from lpa.tools.client import (
     AgentClient,
     AgentUrl,
     ClientError,

@@ -7,7 +7,7 @@ import os
 import attr
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.config import (
+from lpa.agent.config import (
     AgentConfig,
     CommandTimeouts,
     TlsConfig,
@@ -16,7 +16,7 @@ from lpa.config import (
 )
 from lpa.errors import ConfigError
 
-#: the original's example config.yaml, key for key (README F.1, loader.rs e00c524)
+#: the original's example config.yaml, key for key (linux-patch-api's config.yaml)
 ORIGINAL_EXAMPLE = """\
 server:
   bind: "0.0.0.0"
@@ -81,7 +81,7 @@ class DefaultsTests(SynchronousTestCase):
     """Every default, from no file, an empty file and an empty mapping."""
 
     def test_every_default(self) -> None:
-        """The embedded defaults match the original's (F.1) and the brief's own keys."""
+        """The embedded defaults match the original's and lpa's own keys."""
         c = load_agent_config(None)
         self.assertEqual(c.source, "embedded defaults")
         self.assertEqual(c.warnings, ())

@@ -15,9 +15,9 @@ import time
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from lpa import demo
-from lpa.demo import DemoError, Processes
-from lpa.pgcluster import PostgresNotFound
+from lpa.tools import demo
+from lpa.tools.demo import DemoError, Processes
+from lpa.tools.pgcluster import PostgresNotFound
 
 
 class ConfigTests(SynchronousTestCase):
@@ -35,9 +35,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_agent_yaml(self) -> None:
         """The generated agent.yaml loads with the agent's loader on loopback with our PKI."""
-        if importlib.util.find_spec("lpa.config") is None:
-            raise SkipTest("lpa/config.py (the agent config loader) is not in the tree yet")
-        from lpa.config import parse_agent_config
+        from lpa.agent.config import parse_agent_config
 
         config = parse_agent_config(demo.agent_yaml(port=4443, pki_dir="/s/pki", state_dir="/s/a"))
         self.assertEqual((config.server.bind, config.server.port), ("127.0.0.1", 4443))
@@ -151,7 +149,7 @@ class CommandLineTests(SynchronousTestCase):
 
 
 def _missing_pieces() -> list[str]:
-    missing = [name for name in ("lpa.cli", "lpa.pki", "lpa.agent.tap", "lpa.relay.tap")
+    missing = [name for name in ("lpa.tools.cli", "lpa.tools.pki", "lpa.agent.tap", "lpa.relay.tap")
                if importlib.util.find_spec(name) is None]
     return missing
 
@@ -199,7 +197,7 @@ class EndToEndTests(SynchronousTestCase):
         if missing:
             raise SkipTest(f"the daemons are not all in the tree yet: {', '.join(missing)} missing")
         state_dir = os.path.abspath(self.mktemp())
-        argv = [sys.executable, "-c", "import sys; from lpa.cli import main; sys.exit(main())",
+        argv = [sys.executable, "-c", "import sys; from lpa.tools.cli import main; sys.exit(main())",
                 "demo", "--state-dir", state_dir, "--timeout", "240"]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
@@ -264,7 +262,7 @@ class KeptDemoTests(SynchronousTestCase):
 class AgentFailureTests(SynchronousTestCase):
     def test_detail(self) -> None:
         """A failed job is explained with the agent's error code, error and stderr tail."""
-        from lpa.client import AgentClient
+        from lpa.tools.client import AgentClient
         from tests.test_client import FakeAgent, envelope
 
         agent = FakeAgent({("GET", "/api/v1/jobs/j1"): [(200, envelope({

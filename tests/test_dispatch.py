@@ -11,9 +11,9 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from lpa import dispatch
-from lpa.client import AgentClient
-from lpa.dispatch import DispatchError, HostTarget, parse_host
+from lpa.tools import dispatch
+from lpa.tools.client import AgentClient
+from lpa.tools.dispatch import DispatchError, HostTarget, parse_host
 from tests.test_client import FakeAgent, envelope
 
 try:

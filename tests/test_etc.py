@@ -16,7 +16,7 @@ import yaml
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from lpa.client import ClientError
+from lpa.tools.client import ClientError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,10 +61,8 @@ class RelayExampleTests(SynchronousTestCase):
 
 class AgentExampleTests(SynchronousTestCase):
     def loader(self):  # type: ignore[no-untyped-def]
-        try:
-            from lpa import config
-        except ImportError:
-            raise SkipTest("lpa/config.py (the agent config loader) is not in the tree yet")
+        from lpa.agent import config
+
         return config
 
     def test_loads_with_defaults(self) -> None:
@@ -136,7 +134,7 @@ class DaemonsStartTests(SynchronousTestCase):
     """The examples start the real daemons after only their paths are edited."""
 
     def start(self, tapname: str, config_text: str) -> tuple["subprocess.Popen[bytes]", str]:
-        from lpa.demo import daemon_env, twistd_argv
+        from lpa.tools.demo import daemon_env, twistd_argv
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory, exist_ok=True)
@@ -159,7 +157,7 @@ class DaemonsStartTests(SynchronousTestCase):
                 probe.bind(("0.0.0.0", 12443))
             except OSError:
                 raise SkipTest("port 12443 (the example's) is in use here")
-        from lpa.client import AgentClient, AgentUrl, Credentials, http_transport
+        from lpa.tools.client import AgentClient, AgentUrl, Credentials, http_transport
         from tests.certs import make_test_pki
 
         pki = make_test_pki(os.path.abspath(self.mktemp()))

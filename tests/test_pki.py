@@ -1,4 +1,4 @@
-"""lpa.pki: the files init writes, their modes and SANs, revocation, and the test PKI."""
+"""lpa.tools.pki: the files init writes, their modes and SANs, revocation, and the test PKI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lpa import pki, tls
+from lpa import tls
+from lpa.tools import pki
 from lpa.errors import ConfigError
 from tests.certs import make_test_pki
 from tests.test_tls import _Fetch, _TrackingSite, _Whoami
@@ -158,7 +159,7 @@ class TestPkiTests(SynchronousTestCase):
 
 
 class RevokedRefusedTests(TestCase):
-    """A certificate revoked with lpa.pki.revoke is refused at the handshake."""
+    """A certificate revoked with lpa.tools.pki.revoke is refused at the handshake."""
 
     async def test_revoked_refused_over_loopback(self) -> None:
         """Before revoke the client is served; after revoke (new options) it is refused."""

@@ -34,7 +34,7 @@ class TwistdPluginTests(SynchronousTestCase):
         self.assertIn("lpa-relay", listing)
 
     def test_no_plugins_package_init(self) -> None:
-        """The checkout ships no twisted/__init__.py or twisted/plugins/__init__.py (PITFALLS 13)."""
+        """The checkout ships no twisted/__init__.py or twisted/plugins/__init__.py (pip would overwrite Twisted's and uninstalling would delete it)."""
         top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.assertFalse(os.path.exists(os.path.join(top, "twisted", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(top, "twisted", "plugins", "__init__.py")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import RateLimiter
 from lpa.errors import RateLimitedError
 
 

@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from lpa import events as ev
 from lpa.agent.service import make_agent_service
-from lpa.config import parse_agent_config
+from lpa.agent.config import parse_agent_config
 from lpa.relay.config import RelayConfig, load_relay_config
 from lpa.relay.service import make_relay_service
 from tests import pg

@@ -74,7 +74,7 @@ class LoopbackTests(TestCase):
 
         async def stop() -> None:
             await service.stopService()
-            await deferLater(reactor, 0.1, lambda: None)  # PITFALLS 18: let the server side finish
+            await deferLater(reactor, 0.1, lambda: None)  # let the server side finish closing
 
         self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         return service

@@ -89,7 +89,7 @@ class FactoryTests(SynchronousTestCase):
         return factory
 
     def test_never_without_tls(self) -> None:
-        """A factory without TLS options cannot be built (PITFALLS 1)."""
+        """A factory without TLS options cannot be built."""
         self.assertRaises(ValueError, self.factory, tls=None)
 
     def test_backoff_sequence_on_failures(self) -> None:

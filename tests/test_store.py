@@ -157,7 +157,7 @@ class ApplyTests(StoreTestBase):
         self.assertEqual(len(self.listener.collect(1)), 1)
 
     async def test_other_agent_jobs_events_never_touch_the_row(self) -> None:
-        """Events of another agent job (README G.1.1) are refused: no change, no notify."""
+        """Events of another agent job are refused: no change, no notify."""
         job, row = await self.one_row()
         store = await self.make()
         with capturedLogs() as logged:
@@ -189,7 +189,7 @@ class ApplyTests(StoreTestBase):
         self.assertEqual(self.listener.collect(0), [])
 
     async def test_timed_out_fails_with_reason(self) -> None:
-        """timed_out on the agent ends the row failed with an explanatory error (README G.1.3)."""
+        """timed_out on the agent ends the row failed with an explanatory error."""
         _, row = await self.one_row()
         store = await self.make()
         result = await store.apply_events(

@@ -14,7 +14,7 @@ RUNNING = RowState(status="running", agent_job_id="a1")
 
 class ReduceTests(SynchronousTestCase):
     def test_status_mapping(self) -> None:
-        """Agent statuses map to the manager's job_status (README G.1.3: none dropped)."""
+        """Agent statuses map to the manager's job_status (none dropped)."""
         expected = {"pending": "running", "running": "running", "rebooting": "running",
                     "completed": "succeeded", "failed": "failed", "timed_out": "failed",
                     "cancelled": "cancelled"}

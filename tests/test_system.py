@@ -159,7 +159,7 @@ class HostSystemFileTests(SynchronousTestCase):
         self.assertEqual(parse_systemctl_show("ExecStart=a=b\nbad line\n"), {"ExecStart": "a=b"})
 
     def test_reboot_argv(self) -> None:
-        """B.4: systemctl reboot now, shutdown -r +ceil(delay/60) later, reboot on Alpine."""
+        """systemctl reboot now, shutdown -r +ceil(delay/60) later, reboot on Alpine."""
         full = lambda name: "/x"  # noqa: E731
         self.assertEqual(reboot_argv_for(0, which=full), ["systemctl", "reboot"])
         self.assertEqual(reboot_argv_for(1, which=full), ["shutdown", "-r", "+1"])

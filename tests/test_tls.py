@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from lpa.agent.api import Http11Site
+from lpa.agent.http.api import Http11Site
 from lpa import tls
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
@@ -170,7 +170,7 @@ class HandshakeMatrixTests(TestCase):
 
     async def test_crl_from_other_ca_refuses_everyone(self) -> None:
         """A CRL not signed by the configured CA makes every handshake fail."""
-        from lpa import pki
+        from lpa.tools import pki
 
         other_cert, other_key = pki.make_ca("other CA")
         crl = pki.make_crl(other_cert, other_key)
@@ -182,7 +182,7 @@ class HandshakeMatrixTests(TestCase):
 
     async def test_reload_crl(self) -> None:
         """reload_crl applies a new revocation to later handshakes; a broken CRL fails closed."""
-        from lpa import pki
+        from lpa.tools import pki
 
         options = self.pki.server_options()
         port = self.listen(options)
@@ -201,7 +201,7 @@ class HandshakeMatrixTests(TestCase):
 
         from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-        from lpa import pki
+        from lpa.tools import pki
 
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
         ca = tls.load_certificate(self.pki.ca_cert)

@@ -126,7 +126,7 @@ class WssInteropTests(TestCase):
                 gate.callback(None)
         await self.manager.stop()
         await self.port.stopListening()
-        # let the server side of closed connections finish (PITFALLS 18)
+        # let the server side of closed connections finish 
         for _ in range(3):
             await deferLater(reactor, 0.05, lambda: None)
 
@@ -245,7 +245,7 @@ class AgentSiteTests(WssInteropTests):
 
     def setUp(self) -> Deferred[None]:
         started = super().setUp()
-        from lpa.agent.api import AgentApi
+        from lpa.agent.http.api import AgentApi
 
         api = AgentApi(
             jobs=self.manager,

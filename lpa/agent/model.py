@@ -1,8 +1,8 @@
 """Value objects of the agent: jobs, packages, patches, command results.
 
 :class:`Job` is the one mutable record here; only ``JobManager`` changes it.  Its REST shapes
-(:meth:`Job.to_summary`, :meth:`Job.to_detail`) keep the original agent's fields (section A.3 of
-the originals' record) and add ``seq``, the last event number, and the request options.
+(:meth:`Job.to_summary`, :meth:`Job.to_detail`) keep the original agent's fields
+and add ``seq``, the last event number, and the request options.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Builds the lpa-agent daemon from an :class:`~lpa.config.AgentConfig`.
+"""Builds the lpa-agent daemon from an :class:`~lpa.agent.config.AgentConfig`.
 
 ::
 
@@ -23,19 +23,19 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, T
 from twisted.logger import Logger
 
 import lpa
-from lpa.agent.api import AgentApi, make_peer_check
+from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.backends import make_backend
 from lpa.agent.backends.base import Timeouts
 from lpa.agent.cache import PatchCache
 from lpa.agent.eventlog import EventLog
 from lpa.agent.jobs import JobManager
 from lpa.agent.process import ProcessRunner
-from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import RateLimiter
 from lpa.agent.store import JsonJobStore
 from lpa.agent.system import HostSystem
 from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
-from lpa.config import AgentConfig
+from lpa.agent.config import AgentConfig
 from lpa.errors import ConfigError
 from lpa.events import rfc3339
 from lpa.tls import (
@@ -48,7 +48,7 @@ from lpa.tls import (
 
 _log = Logger()
 
-#: listen backlog: a fleet manager may open many connections at once (PITFALLS 9)
+#: listen backlog: a fleet manager may open many connections at once (the default backlog of 50 drops them silently)
 LISTEN_BACKLOG = 512
 
 
@@ -220,7 +220,7 @@ def make_agent_service(
                 reactor, server.port, context, backlog=LISTEN_BACKLOG, interface=server.bind
             )
     else:
-        # lpa.config already warned that this is INSECURE.
+        # lpa.agent.config already warned that this is INSECURE.
         context = None
         endpoint_class = TCP6ServerEndpoint if ":" in server.bind else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, server.port, backlog=LISTEN_BACKLOG, interface=server.bind)

@@ -68,7 +68,7 @@ def parse_systemctl_show(text: str) -> dict[str, str]:
 
 
 def reboot_argv_for(delay_seconds: int, *, which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """B.4: ``shutdown -r +N`` (N = ceil(delay/60), at least 1), else ``systemctl reboot``;
+    """The original's choice: ``shutdown -r +N`` (N = ceil(delay/60), at least 1), else ``systemctl reboot``;
     ``reboot`` where there is no systemctl (Alpine) or no shutdown for a delayed reboot."""
     delay = max(0, int(delay_seconds))
     if delay > 0 and which("shutdown"):

@@ -25,7 +25,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        from lpa.config import load_agent_config
+        from lpa.agent.config import load_agent_config
 
         try:
             self["agent_config"] = load_agent_config(self["config"])

@@ -1,6 +1,6 @@
 """Reconnect backoff with jitter, and the relay-wide cap on WebSocket handshakes in flight.
 
-After a relay restart every agent link dials at once; field notes 8.7 ("thundering herd") ask
+After a relay restart every agent link dials at once; Salt's and Fleet's "thundering herd" reports ask
 for jitter and a concurrency cap.  :class:`Backoff` gives the delays (exponential, capped, with
 "equal jitter": half the delay is fixed, half random, so links spread out yet never retry at 0);
 :class:`HandshakeGate` is the shared semaphore every link passes before it dials.

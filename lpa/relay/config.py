@@ -3,7 +3,7 @@
 The relay takes the keys it needs from the manager's file (``[database]``, ``[worker]``,
 ``[security]``, ``[logging]``) and ignores every other section and key, so one file serves both.
 Unlike the original (which silently fell back to built-in defaults, including the database URL,
-on any parse error: README G.2.15), a bad value here is a :class:`~lpa.errors.ConfigError` with one
+on any parse error, including its default database URL), a bad value here is a :class:`~lpa.errors.ConfigError` with one
 line naming the key.
 
 ``[database] url`` is REQUIRED (in the file or as ``PATCH_MANAGER__DATABASE__URL``): a relay that

@@ -13,11 +13,11 @@
     any state ── stop() ──▶ stopped   (close frame sent, pollers stopped, queued events handed
                                        to the store)
 
-Events reach a host job only by ``job_id`` (README G.1.1).  Per host job they go to
+Events reach a host job only by ``job_id`` (the original relay applied every job's events to its row).  Per host job they go to
 ``store.apply_events`` one call at a time; events arriving meanwhile are batched into the next
 call.  A failing store pauses that job (its events are kept, up to a bound; beyond it they are
 dropped and fetched again from the last applied seq — never lost silently) and retries with
-backoff.  A terminal result ends the job: unsubscribe and forget it (README G.1.2).
+backoff.  A terminal result ends the job: unsubscribe and forget it (the original relay never left its loop).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class AgentLink:
     :param make_poller: ``make_poller(address, target, backstop=False)`` returns an
         :class:`~lpa.relay.poller.AgentPoller` (not started) polling for ``target``: the
         fallback poller, or with ``backstop=True`` the slow sweep that runs while streaming
-        (field notes 4.6: a healthy-looking stream can still miss events; the sweep asks the
+        (as Fleet's sweep backstop: a healthy-looking stream can still miss events; the sweep asks the
         events endpoint after the last seq received, which is normally empty).
     :param max_queued_events: per host job, events kept while the store is failing.
     """

@@ -2,7 +2,7 @@
 
 PostgreSQL refuses a payload of 8000 bytes or more (``payload string too long``), and the
 original relay put the agent's untruncated output and error in it, so a long one lost the browser
-notification after the row had been updated (README G.1.5).  Here the final JSON, measured as
+notification after the row had been updated (the original pm-worker did this).  Here the final JSON, measured as
 UTF-8 bytes, never exceeds :data:`PAYLOAD_BUDGET` (well below the limit): the error keeps its head
 (the cause comes first), the output keeps its tail (the latest lines), and ``output_truncated`` /
 ``error_truncated`` say so.  The row keeps the full text; the browser fetches it by id.

@@ -9,7 +9,7 @@ One :class:`AgentPoller` per agent link, driven by a ``LoopingCall`` on the inje
           405 / other 404     → the agent lacks the path (the original): remember, and
         GET /api/v1/jobs/{id}                    → one KIND_SNAPSHOT event
     a failed request:   the interval doubles up to ``max_interval``; a job failing longer than
-                        ``deadline`` ends failed (README G.1.3: the original polled forever)
+                        ``deadline`` ends failed (the original polled forever)
 
 The HTTP client is an injected treq ``HTTPClient``; production builds it over an ``Agent`` whose
 TLS policy returns :func:`lpa.tls.client_tls_options` (see :func:`make_agent_http_client`).

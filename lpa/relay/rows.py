@@ -3,12 +3,12 @@
 The PostgreSQL store and ``tests.fakes_relay.FakeRelayStore`` both run :func:`reduce_events` on
 the row they read, so the fake cannot drift from the real rules:
 
-* events of another agent job are refused (README G.1.1: the agent broadcasts every job);
+* events of another agent job are refused (the original agent broadcast every job);
 * events with ``seq`` at or below the row's ``relay_last_seq`` are duplicates and skipped;
 * a ``seq``-less snapshot (a poller reading an old agent) counts only if it changes something;
 * a terminal row (succeeded/failed/cancelled) never changes;
 * agent statuses map to the manager's ``job_status`` (:data:`DB_STATUS`); ``timed_out`` ends the
-  row ``failed`` with an explanatory error (the original dropped it: README G.1.3).
+  row ``failed`` with an explanatory error (the original relay dropped it).
 
 The job-level roll-up (:func:`rollup_status`) decides the parent ``patch_jobs`` status once every
 host row is terminal.
@@ -195,7 +195,7 @@ def rollup_status(host_statuses: Sequence[str]) -> str | None:
 
     All succeeded → succeeded; any failed → failed; otherwise (all cancelled, or cancelled mixed
     with succeeded) → cancelled: the job did not do everything it was asked, but nothing failed.
-    The original relay called all-cancelled "succeeded" (README G.1.6).
+    The original relay called all-cancelled "succeeded".
     """
     if not host_statuses or any(s not in DB_TERMINAL for s in host_statuses):
         return None

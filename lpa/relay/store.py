@@ -16,7 +16,7 @@ Flow of one ``apply_events`` call::
                                  UPDATE patch_jobs … ; pg_notify(job payload)  (exactly once)
                              COMMIT ──▶ ApplyResult
 
-Why this shape (the original's bugs, README G.1): update, roll-up and notify were separate
+Why this shape (the original relay's bugs): update, roll-up and notify were separate
 autocommit statements, so a crash lost notifications and two hosts finishing together both rolled
 the job up.  Here the parent row lock serialises the roll-ups: under READ COMMITTED the second
 transaction's count (a new statement after it gets the lock) sees the first one's committed row,

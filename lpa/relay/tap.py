@@ -1,7 +1,7 @@
 """``twistd -n lpa-relay --config /etc/lpa/relay.toml``: the only place the global reactor appears.
 
 A bad configuration ends start-up with one line on stderr and a non-zero exit, no traceback
-(the original silently fell back to defaults: README G.2.15).
+(the original silently fell back to defaults, database URL included).
 """
 
 from __future__ import annotations

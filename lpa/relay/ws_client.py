@@ -14,8 +14,9 @@ fleet.  Everything the link needs to know arrives through three listener calls::
       (the link polls; we retry with backoff)             listener.ws_message(dict) …
                                                           drop → ws_failed(reason, handshake=False)
 
-PITFALLS 1: we never dial without TLS options.  PITFALLS 2: the real cause of a TLS failure only
-reaches ``connectionLost``, so the reason we report is assembled there.  PITFALLS 3: a failed
+``connectWS`` without TLS options does not verify the server, so we never dial without them.
+The real cause of a TLS failure (e.g. a hostname mismatch) only reaches ``connectionLost``, so
+the reason we report is assembled there.  A failed
 handshake is "lost before onOpen", never an awaited ``is_open``.
 """
 
@@ -40,7 +41,7 @@ from lpa.tls import negotiated_protocol
 _log = Logger()
 
 WS_PATH = "/api/v1/ws/jobs"
-#: the only application protocol the relay speaks to agents (PITFALLS 4)
+#: the only application protocol the relay speaks to agents (h2 breaks WebSocket upgrades)
 ALPN_HTTP11 = "http/1.1"
 
 
@@ -122,7 +123,7 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
         self.factory.listener.ws_message(message)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        # PITFALLS 2: this is the only place the real cause of a TLS failure shows up
+        # this is the only place the real cause of a TLS failure shows up
         self.lost_reason = reason
         super().connectionLost(reason)
 
@@ -161,7 +162,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         auto_ping_timeout: float = 10.0,
     ) -> None:
         if tls_options is None:
-            raise ValueError("the relay never dials an agent without TLS options (PITFALLS 1)")
+            raise ValueError("the relay never dials an agent without TLS options")
         url = f"wss://{address.host}:{address.port}{WS_PATH}"
         WebSocketClientFactory.__init__(self, url, reactor=reactor)
         # our clock-driven timeout covers TCP + TLS + upgrade; autobahn's uses the global loop

@@ -1,7 +1,7 @@
 """twistd dropin for lpa: ServiceMaker objects only, modules named as strings.
 
 Importing this file must stay cheap and must not fail, or ``twistd --help`` silently loses both
-tapnames (see PITFALLS 16).
+tapnames.
 """
 
 from twisted.application.service import ServiceMaker

@@ -2,7 +2,7 @@
 
 Flow of one request::
 
-    Site ─▶ api_gate.Gate ─ peer_check (IP whitelist, client allowlist) ─▶ 403
+    Site ─▶ gate.Gate ─ peer_check (IP whitelist, client allowlist) ─▶ 403
                 │           duplicate Content-Type/Host/Authorization  ─▶ 400
                 │           RateLimiter.check (one per process)        ─▶ 429 + Retry-After
                 │           body over max_body_bytes                   ─▶ 413
@@ -34,8 +34,8 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
 from lpa import validation
-from lpa.agent import api_input as read
-from lpa.agent.api_gate import (
+from lpa.agent.http import inputs as read
+from lpa.agent.http.gate import (
     Admission,
     BoundedRequest,
     Gate,
@@ -44,11 +44,11 @@ from lpa.agent.api_gate import (
     make_peer_check,
 )
 from lpa.agent.cache import PatchCache
-from lpa.agent.envelope import Answer, Enveloper
+from lpa.agent.http.envelope import Answer, Enveloper
 from lpa.agent.eventlog import EventsExpiredError
 from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
 from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
-from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import RateLimiter
 from lpa.errors import (
     ApiError,
     CommandError,
@@ -535,7 +535,7 @@ class Http11Site(Site):
     """A Site that never offers HTTP/2 in ALPN, whatever is installed.
 
     Twisted puts the Site's own protocol list (h2 first when ``h2`` and ``priority`` import)
-    ahead of the TLS options' list, and WebSockets break over h2 (PITFALLS 4): the agent's one
+    ahead of the TLS options' list, and WebSockets break over h2 (autobahn's HTTP/2 branch fails the upgrade): the agent's one
     port must speak HTTP/1.1 only.
     """
 

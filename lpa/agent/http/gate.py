@@ -21,8 +21,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from lpa.agent import api_input
-from lpa.agent.ratelimit import RateLimiter
+from lpa.agent.http import inputs
+from lpa.agent.http.ratelimit import RateLimiter
 from lpa.errors import ApiError, DuplicateHeadersError, ForbiddenError
 
 _log = Logger()
@@ -64,7 +64,7 @@ class Admission:
             self._rate_limiter.check(
                 client, request.method.decode("ascii", "replace"), request.path.decode("latin-1")
             )
-        api_input.check_body_size(request, self._max_body_bytes)
+        inputs.check_body_size(request, self._max_body_bytes)
 
 
 class Gate(Resource):

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from lpa.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
+from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
 from lpa.errors import LpaError
 
 DEFAULT_STATE_DIR = ".demo"
@@ -106,7 +106,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _code_root() -> str:
     """The directory holding the ``lpa`` package (a checkout or site-packages)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def daemon_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -206,8 +206,8 @@ def ensure_postgres(
     apt_get: str | None = None,
 ) -> None:
     """PostgreSQL server binaries, installed from the system's packages when missing and root."""
-    from lpa import pgcluster
-    from lpa.pgcluster import PostgresNotFound
+    from lpa.tools import pgcluster
+    from lpa.tools.pgcluster import PostgresNotFound
 
     find_bin_dir = find_bin_dir or pgcluster.find_bin_dir
     is_root = os.geteuid() == 0 if is_root is None else is_root
@@ -316,9 +316,9 @@ class Demo:
             self.cluster = None
 
     def _run(self) -> int:
-        from lpa import dispatch
-        from lpa.pgcluster import PostgresCluster
-        from lpa.pki import init_pki
+        from lpa.tools import dispatch
+        from lpa.tools.pgcluster import PostgresCluster
+        from lpa.tools.pki import init_pki
         from lpa.relay.schema import migrate
 
         running = kept_demo_running(self.state_dir)
@@ -504,7 +504,7 @@ def stop_kept(state_dir: str, out: TextIO) -> int:
             _signal_group(int(pid), signal.SIGKILL)
         out.write(f"demo: stopped {name} (pid {pid})\n")
     if state.get("postgres"):
-        from lpa.pgcluster import PostgresCluster
+        from lpa.tools.pgcluster import PostgresCluster
 
         cluster = PostgresCluster(state["postgres"], bin_dir=state.get("postgres_bin"))
         cluster.running = True

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import attr
 
-from lpa.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
+from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
 from lpa.errors import LpaError
 from lpa.relay import notify
 from lpa.relay.rows import rollup_status

@@ -21,12 +21,12 @@ from lpa.errors import ConfigError, LpaError
 
 #: modules that each add one subcommand; others append theirs here
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "lpa.pki",
-    "lpa.config",
+    "lpa.tools.pki",
+    "lpa.agent.config",
     "lpa.relay.migrate",
-    "lpa.client",
-    "lpa.dispatch",
-    "lpa.demo",
+    "lpa.tools.client",
+    "lpa.tools.dispatch",
+    "lpa.tools.demo",
 )
 
 EXIT_ERROR = 1
