@@ -42,6 +42,20 @@ class ReduceTests(SynchronousTestCase):
         self.assertEqual((again.applied, again.state), (0, result.state))
         self.assertEqual(fail_state(result.state, "x").state, result.state)
 
+    def test_final_snapshot_wins_behind_the_row(self) -> None:
+        """A terminal snapshot at or below relay_last_seq (an agent that renumbered) still ends
+        the row; a non-terminal one there is a duplicate, and last_seq never goes backwards."""
+        ahead = RowState(status="running", last_seq=53, agent_job_id="a1")
+        stale = reduce_events(ahead, "a1", [event("a1", 4, "running", kind="snapshot")])
+        self.assertEqual((stale.applied, stale.duplicates, stale.state), (0, 1, ahead))
+        final = reduce_events(ahead, "a1", [
+            event("a1", 4, "failed", kind="snapshot", error="agent restarted")])
+        self.assertEqual((final.state.status, final.state.last_seq), ("failed", 53))
+        self.assertEqual((final.applied, final.state.error_message), (1, "agent restarted"))
+        self.assertTrue(final.became_terminal)
+        output_line = reduce_events(ahead, "a1", [event("a1", 4, "completed", kind="output")])
+        self.assertEqual((output_line.applied, output_line.duplicates), (0, 1))
+
     def test_errors(self) -> None:
         """failed keeps the agent's error; timed_out explains itself."""
         failed = reduce_events(RUNNING, "a1", [event("a1", 1, "failed", error="dpkg broke")])

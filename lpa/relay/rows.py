@@ -4,7 +4,10 @@ The PostgreSQL store and ``tests.fakes_relay.FakeRelayStore`` both run :func:`re
 the row they read, so the fake cannot drift from the real rules:
 
 * events of another agent job are refused (the original agent broadcast every job);
-* events with ``seq`` at or below the row's ``relay_last_seq`` are duplicates and skipped;
+* events with ``seq`` at or below the row's ``relay_last_seq`` are duplicates and skipped, except
+  a terminal snapshot (a ``resync`` or a polled job detail): the agent's final word on a job wins
+  even when the agent lost or renumbered events (an old agent, a restored backup, a disk that lost
+  its last writes), so a row is never left ``running`` behind a seq it already passed;
 * a ``seq``-less snapshot (a poller reading an old agent) counts only if it changes something;
 * a terminal row (succeeded/failed/cancelled) never changes;
 * agent statuses map to the manager's ``job_status`` (:data:`DB_STATUS`); ``timed_out`` ends the
@@ -138,6 +141,11 @@ def _apply_one(state: RowState, event: ev.JobEvent) -> RowState:
     )
 
 
+def _final_snapshot(event: ev.JobEvent) -> bool:
+    """A terminal job detail from the agent (``resync`` or a poll): applied whatever its seq."""
+    return event.kind == ev.KIND_SNAPSHOT and event.terminal
+
+
 def reduce_events(state: RowState, agent_job_id: str, events: Iterable[ev.JobEvent]) -> Reduction:
     """Apply ``events`` in order to ``state`` under the rules in the module docstring."""
     applied = duplicates = refused = ignored = 0
@@ -151,8 +159,12 @@ def reduce_events(state: RowState, agent_job_id: str, events: Iterable[ev.JobEve
             ignored += 1
             continue
         if event.seq is not None:
-            if event.seq <= state.last_seq:
+            if event.seq <= state.last_seq and not _final_snapshot(event):
                 duplicates += 1
+                continue
+            if event.seq <= state.last_seq:  # a final snapshot behind the row: it still wins
+                state = attr.evolve(_apply_one(state, event), last_seq=state.last_seq)
+                applied += 1
                 continue
             state = _apply_one(state, event)
             applied += 1
