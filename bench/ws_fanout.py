@@ -189,6 +189,7 @@ def client_tls(options: argparse.Namespace) -> Any:
 
 def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) -> WsClients:
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from lpa.protocol import SUBPROTOCOL
 
     jobs = options.jobs.split(",")
     clients = WsClients()
@@ -219,7 +220,7 @@ def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) ->
     tls = client_tls(options)
     scheme = "wss" if tls is not None else "ws"
     url = f"{scheme}://localhost:{options.port}/api/v1/ws/jobs"
-    factory = WebSocketClientFactory(url)
+    factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL])
     factory.protocol = Client
     factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=30)
 

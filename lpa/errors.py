@@ -113,6 +113,28 @@ class UpgradeRequiredError(ApiError):
     code, http_status = "UPGRADE_REQUIRED", 426
 
 
+class SubprotocolRequiredError(ApiError):
+    """A WebSocket handshake on the job stream that did not offer its subprotocol."""
+
+    code, http_status = "SUBPROTOCOL_REQUIRED", 400
+
+
+class WebSocketHandshakeError(ApiError):
+    """Any other refused WebSocket opening handshake; the status is the one Autobahn chose."""
+
+    code, http_status = "WEBSOCKET_HANDSHAKE_FAILED", 400
+
+    def __init__(self, message: str, http_status: int = 400, details: Any = None) -> None:
+        super().__init__(message, details)
+        self.http_status = http_status
+
+
+class TooManyConnectionsError(ApiError):
+    """The job stream already holds ``websocket.max_connections`` connections."""
+
+    code, http_status, retryable, retry_after = "TOO_MANY_CONNECTIONS", 503, True, 10
+
+
 class RateLimitedError(ApiError):
     code, http_status, retryable = "RATE_LIMITED", 429, True
 

@@ -4,8 +4,10 @@
   behind ``WebSocketResource`` at ``/api/v1/ws/jobs`` (subscribe with ``after_seq`` replays then
   goes live, resync when the events are gone, per-job filtering), the REST twin
   ``GET /api/v1/jobs/{id}/events?after=N`` and ``GET /api/v1/jobs/{id}``, all fed from an
-  :class:`~lpa.agent.eventlog.EventLog`.  ``websocket=False`` answers the WS path with 404 (an
-  agent with ``websocket.enabled: false``).
+  :class:`~lpa.agent.eventlog.EventLog`.  Like the real agent, it serves the stream only under
+  the subprotocol ``lpa.jobs.v1`` (a handshake without it gets HTTP 400) and sends a connection
+  only what it subscribed to.  ``websocket=False`` answers the WS path with 404 (an agent with
+  ``websocket.enabled: false``).
 * :class:`StubHandshakeAgent` — the original agent's stub: ``101`` with a JSON body and no
   ``Sec-WebSocket-Accept``; only ``GET /api/v1/jobs/{id}``; any other ``/api/v1`` path gets an
   EMPTY 405.
@@ -24,6 +26,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.resource import Resource
@@ -31,6 +34,7 @@ from twisted.web.server import Site
 
 from lpa import events as ev
 from lpa.agent.eventlog import EventLog, EventsExpiredError
+from lpa.protocol import SUBPROTOCOL
 from lpa.tls import load_certificates, load_key_pair, negotiated_protocol
 
 
@@ -158,10 +162,13 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
 
     factory: Any
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> str:
         agent = self.factory.agent
         value = negotiated_protocol(self.transport)
         agent.negotiated.append(value.decode() if value else None)
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"offer the subprotocol {SUBPROTOCOL}")
+        return SUBPROTOCOL
 
     def onOpen(self) -> None:
         self.subscribed: set[str] = set()

@@ -375,13 +375,14 @@ class LoopbackTests(SynchronousTestCase):
         received: list[Any] = []
 
         def handler(connection: Any) -> None:
+            received.append(connection.subprotocol)
             received.append(json.loads(connection.recv()))
             connection.send(json.dumps(event(1, "completed", 100)))
             connection.send(json.dumps(event(2, "completed", 100, name="job_complete")))
             for _ in connection:  # until the client closes normally
                 pass
 
-        server = serve(handler, "127.0.0.1", 0)
+        server = serve(handler, "127.0.0.1", 0, subprotocols=["lpa.jobs.v1"])  # type: ignore[list-item]
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join)
@@ -391,7 +392,9 @@ class LoopbackTests(SynchronousTestCase):
                              ws_events=lambda j, a: client.websocket_events(url, None, j, a))
         state = watcher.watch(JOB)
         self.assertEqual((state.status, state.seq), ("completed", 2))
-        self.assertEqual(received, [{"action": "subscribe", "job_id": JOB, "after_seq": 0}])
+        self.assertEqual(
+            received, ["lpa.jobs.v1", {"action": "subscribe", "job_id": JOB, "after_seq": 0}]
+        )
 
 
 class TlsLoopbackTests(SynchronousTestCase):

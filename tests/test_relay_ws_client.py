@@ -167,10 +167,13 @@ class FactoryTests(SynchronousTestCase):
             (hosts, self.reactor.tls), (["agent9.example"], ["tls-for-agent9.example"])
         )
         self.assertEqual(factory.url, "wss://agent9.example:443/api/v1/ws/jobs")
+        self.assertEqual(factory.protocols, ["lpa.jobs.v1"])  # the job stream's subprotocol
 
 
 class AlpnTests(SynchronousTestCase):
-    def protocol(self, negotiated: str | None) -> tuple[Any, list]:
+    def protocol(
+        self, negotiated: str | None, subprotocol: str | None = "lpa.jobs.v1"
+    ) -> tuple[Any, list]:
         from lpa.relay.ws_client import RelayWebSocketProtocol
 
         events: list = []
@@ -188,6 +191,7 @@ class AlpnTests(SynchronousTestCase):
         proto = RelayWebSocketProtocol()
         proto.factory = Factory()
         proto.transport = object()
+        proto.websocket_protocol_in_use = subprotocol
         proto.dropConnection = lambda abort=False: events.append(("drop", abort))  # type: ignore[method-assign]
         return proto, events
 
@@ -198,6 +202,13 @@ class AlpnTests(SynchronousTestCase):
             proto.onOpen()
             self.assertEqual((events, proto.opened), ([("drop", True)], False))
             self.assertIn(repr(negotiated), proto.describe_failure())
+
+    def test_subprotocol_not_selected_is_a_handshake_failure(self) -> None:
+        """An agent that did not select lpa.jobs.v1 is dropped and never reported open."""
+        proto, events = self.protocol("http/1.1", subprotocol=None)
+        proto.onOpen()
+        self.assertEqual((events, proto.opened), ([("drop", True)], False))
+        self.assertIn("lpa.jobs.v1", proto.describe_failure())
 
     def test_http11_opens(self) -> None:
         """http/1.1 negotiated: the factory hears the handshake succeeded."""

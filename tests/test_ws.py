@@ -15,10 +15,13 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
@@ -28,10 +31,25 @@ from lpa.agent.eventlog import EventLog
 from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
 from lpa.agent.ws_session import IStreamChannel
 from lpa.events import RUNNING
+from lpa.protocol import SUBPROTOCOL
 from tests.test_ws_session import FakeJobManager, new_job
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8443)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+UPGRADE_REQUEST = (
+    b"GET /api/v1/ws/jobs HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+def http_answer(raw: bytes) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Status line, headers (lower-cased names) and JSON body of a raw HTTP response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return status, headers, json.loads(body)
 
 
 class RecordingClient(WebSocketClientProtocol):
@@ -101,10 +119,17 @@ class ProtocolTestBase(SynchronousTestCase):
         return JobStreamFactory(self.events, self.jobs, clock=self.clock, **kw)
 
     def connect(
-        self, client_class: type[RecordingClient] = RecordingClient, factory: Any = None
+        self,
+        client_class: type[RecordingClient] = RecordingClient,
+        factory: Any = None,
+        protocols: list[str] | None = None,
+        subscribe_all: bool = False,
     ) -> tuple[RecordingClient, JobStreamProtocol, iosim.IOPump]:
         server = (factory or self.factory).buildProtocol(CLIENT_ADDRESS)
-        client_factory = WebSocketClientFactory("ws://127.0.0.1:8443/api/v1/ws/jobs")
+        client_factory = WebSocketClientFactory(
+            "ws://127.0.0.1:8443/api/v1/ws/jobs",
+            protocols=[SUBPROTOCOL] if protocols is None else protocols,
+        )
         client_factory.protocol = client_class
         client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0)
         client = client_factory.buildProtocol(SERVER_ADDRESS)
@@ -116,10 +141,24 @@ class ProtocolTestBase(SynchronousTestCase):
             clock=self.clock,
         )
         self.addCleanup(self.disconnect, client, pump)
+        if subscribe_all:
+            client.send_json({"action": "subscribe"})
+            pump.flush()
         return client, server, pump
 
+    def raw_connect(
+        self, factory: Any = None
+    ) -> tuple[RawClient, JobStreamProtocol, iosim.IOPump]:
+        server = (factory or self.factory).buildProtocol(CLIENT_ADDRESS)
+        raw = RawClient()
+        pump = iosim.connect(
+            server, iosim.FakeTransport(server, isServer=True),
+            raw, iosim.FakeTransport(raw, isServer=False), clock=self.clock,
+        )
+        return raw, server, pump
+
     def disconnect(self, client: RecordingClient, pump: iosim.IOPump) -> None:
-        if client.closed is None:
+        if client.closed is None and client.opened:
             client.sendClose(1000)
             pump.flush()
             self.clock.advance(10)
@@ -193,6 +232,87 @@ class StreamTests(ProtocolTestBase):
         [greeting] = client.take()
         self.assertEqual(greeting["event"], "connected")
         self.assertIs(server.transport.producer, server)
+        self.assertEqual(
+            (client.websocket_protocol_in_use, server.websocket_protocol_in_use),
+            (SUBPROTOCOL, SUBPROTOCOL),
+        )
+
+    def test_subprotocol_selected_among_others(self) -> None:
+        """A client offering several subprotocols, lpa.jobs.v1 among them, gets lpa.jobs.v1."""
+        client, server, pump = self.connect(protocols=["lpa.jobs.v0", SUBPROTOCOL])
+        self.assertTrue(client.opened)
+        self.assertEqual(client.websocket_protocol_in_use, SUBPROTOCOL)
+
+    def test_no_subprotocol_refused_with_envelope(self) -> None:
+        """A handshake without lpa.jobs.v1 (the manager's relay) gets HTTP 400 and the JSON
+        envelope naming the subprotocol; the server closes the connection, no session starts."""
+        raw, server, pump = self.raw_connect()
+        raw.transport.write(UPGRADE_REQUEST + b"\r\n")
+        pump.flush()
+        status, headers, body = http_answer(raw.received)
+        self.assertEqual(status, "HTTP/1.1 400 Bad Request")
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(int(headers["content-length"]), len(raw.received.split(b"\r\n\r\n")[1]))
+        self.assertEqual(set(body), {"success", "request_id", "timestamp", "data", "error"})
+        self.assertEqual((body["success"], body["data"]), (False, None))
+        error = body["error"]
+        self.assertEqual((error["code"], error["retryable"]), ("SUBPROTOCOL_REQUIRED", False))
+        self.assertIn(SUBPROTOCOL, error["message"])
+        self.assertEqual(error["details"], {"subprotocol": SUBPROTOCOL, "offered": []})
+        self.assertTrue(server.transport.disconnected)
+        self.assertIsNone(server.session)
+        self.assertEqual((self.events.subscriber_count(), self.factory.countConnections), (0, 0))
+        self.clock.advance(60)
+        self.assert_no_timers()
+
+    def test_other_subprotocol_refused(self) -> None:
+        """Offering only other subprotocols is refused the same way; the offer is echoed."""
+        raw, server, pump = self.raw_connect()
+        raw.transport.write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: graphql-ws\r\n\r\n")
+        pump.flush()
+        status, _, body = http_answer(raw.received)
+        self.assertTrue(status.startswith("HTTP/1.1 400"))
+        self.assertEqual(body["error"]["details"]["offered"], ["graphql-ws"])
+
+    def test_autobahn_client_without_subprotocol_fails_handshake(self) -> None:
+        """A WebSocket client offering no subprotocol never opens: its handshake fails, which
+        is what sends the manager's relay to polling."""
+        client, server, pump = self.connect(protocols=[])
+        self.assertFalse(client.opened)
+        self.assertIsNotNone(client.closed)
+        self.assertFalse(client.closed[0])
+        self.assertEqual(self.events.subscriber_count(), 0)
+
+    def test_refused_client_that_stays_is_aborted(self) -> None:
+        """A refused client that keeps its end open (e.g. never answers TLS close_notify) is
+        aborted after the closing-handshake timeout: a refusal holds no socket."""
+        server = self.factory.buildProtocol(CLIENT_ADDRESS)
+        transport = StringTransport()
+        transport.registerProducer(RawClient(), True)  # the HTTP channel, as in the agent
+        server.makeConnection(transport)
+        server.dataReceived(UPGRADE_REQUEST + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"))
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnected)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assert_no_timers()
+
+    def test_refusal_logs_one_info_line(self) -> None:
+        """A refused handshake is one info line naming the subprotocol, no warning."""
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        raw, server, pump = self.raw_connect()
+        raw.transport.write(UPGRADE_REQUEST + b"\r\n")
+        pump.flush()
+        levels = [e["log_level"] for e in seen if e.get("log_level") >= LogLevel.info]
+        self.assertEqual(levels, [LogLevel.info])
+        [line] = [e for e in seen if e.get("log_level") == LogLevel.info]
+        self.assertEqual(line["subprotocol"], SUBPROTOCOL)
 
     def test_subscribe_replay_and_live(self) -> None:
         """subscribe with after_seq replays then streams live events through job_complete."""
@@ -212,7 +332,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_garbage_then_still_working(self) -> None:
         """Garbage text gets an error event and the same connection keeps working."""
-        client, server, pump = self.connect()
+        client, server, pump = self.connect(subscribe_all=True)
         client.take()
         client.sendMessage(b"\x00garbage{", isBinary=False)
         pump.flush()
@@ -235,14 +355,16 @@ class StreamTests(ProtocolTestBase):
 
     def test_invalid_utf8_closes_1007(self) -> None:
         """A text message with invalid UTF-8 is closed with 1007; others keep being served."""
-        bystander, _, bystander_pump = self.connect()
+        bystander, _, bystander_pump = self.connect(subscribe_all=True)
         client, server, pump = self.connect()
         client.sendMessage(b'{"action":"\xff\xfe"}', isBinary=False)
         pump.flush()
         self.assertEqual(client.closed[1], 1007)
         new_job(self.jobs)
         bystander_pump.flush()
-        self.assertEqual([m["event"] for m in bystander.take()], ["connected", "job_status"])
+        self.assertEqual(
+            [m["event"] for m in bystander.take()], ["connected", "subscribed", "job_status"]
+        )
 
     def test_oversized_message_closes_1009(self) -> None:
         """A message over max_message_bytes is closed with 1009."""
@@ -258,7 +380,7 @@ class StreamTests(ProtocolTestBase):
     def test_slow_consumer_closed_1008(self) -> None:
         """Past send_buffer_events while the transport is full, the server closes with 1008."""
         factory = self.make_factory(send_buffer_events=5)
-        client, server, pump = self.connect(factory=factory)
+        client, server, pump = self.connect(factory=factory, subscribe_all=True)
         client.take()
         server.transport.producer.pauseProducing()  # what a full transport buffer does
         job = new_job(self.jobs)
@@ -276,7 +398,7 @@ class StreamTests(ProtocolTestBase):
     def test_peer_gone_during_close_leaves_no_timer(self) -> None:
         """A peer that vanishes while the server waits for its close reply leaves no timer."""
         factory = self.make_factory(send_buffer_events=1)
-        client, server, pump = self.connect(factory=factory)
+        client, server, pump = self.connect(factory=factory, subscribe_all=True)
         server.transport.producer.pauseProducing()
         new_job(self.jobs)
         new_job(self.jobs)  # overflow: the server sends its close frame and waits
@@ -288,7 +410,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_events_while_closing_are_not_errors(self) -> None:
         """Events published once the closing handshake began end the session quietly."""
-        client, server, pump = self.connect()
+        client, server, pump = self.connect(subscribe_all=True)
         server.sendClose(1000)
         new_job(self.jobs)
         self.assertEqual(self.flushLoggedErrors(), [])
@@ -297,23 +419,34 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(client.closed[:2], (True, 1000))
 
     def test_connection_limit_answers_503(self) -> None:
-        """Past max_connections the opening handshake is refused with HTTP 503."""
+        """Past max_connections the opening handshake is refused with HTTP 503, a Retry-After
+        and the JSON envelope."""
         factory = self.make_factory(max_connections=1)
         first, _, _ = self.connect(factory=factory)
         self.assertTrue(first.opened)
-        server = factory.buildProtocol(CLIENT_ADDRESS)
-        raw = RawClient()
-        pump = iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            raw, iosim.FakeTransport(raw, isServer=False), clock=self.clock,
+        raw, server, pump = self.raw_connect(factory)
+        raw.transport.write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: lpa.jobs.v1\r\n\r\n")
+        pump.flush()
+        status, headers, body = http_answer(raw.received)
+        self.assertEqual(status, "HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(headers["retry-after"], "10")
+        self.assertEqual(
+            (body["error"]["code"], body["error"]["retryable"]), ("TOO_MANY_CONNECTIONS", True)
         )
+        self.assertTrue(server.transport.disconnected)
+
+    def test_bad_handshake_answered_with_envelope(self) -> None:
+        """Another bad handshake (an unsupported WebSocket version) is refused in the envelope
+        too, with the headers Autobahn adds (the versions it speaks)."""
+        raw, server, pump = self.raw_connect()
         raw.transport.write(
-            b"GET /api/v1/ws/jobs HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
+            UPGRADE_REQUEST.replace(b"Version: 13", b"Version: 99") + b"\r\n"
         )
         pump.flush()
-        self.assertTrue(raw.received.startswith(b"HTTP/1.1 503"), raw.received[:80])
+        status, headers, body = http_answer(raw.received)
+        self.assertTrue(status.startswith("HTTP/1.1 4"), status)
+        self.assertEqual(body["error"]["code"], "WEBSOCKET_HANDSHAKE_FAILED")
+        self.assertIn("sec-websocket-version", headers)
 
     def test_close_releases_everything(self) -> None:
         """A closed connection leaves no EventLog subscriber and no pending timer."""

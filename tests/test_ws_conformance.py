@@ -4,7 +4,9 @@ The cases expect an echo server, so the testee is :mod:`tests.wsecho`: the agent
 ``JobStreamFactory`` (default options: 64 KiB frame/message limit, 5 s/10 s heartbeat, handshake
 timeouts, 64 connections, no permessage-deflate) with an echoing protocol subclass, served by
 ``make_ws_resource`` on a twisted.web ``Site``.  kosoku always requests ``/``, so the resource is
-mounted at ``/`` and at ``/api/v1/ws/jobs``.
+mounted at ``/`` and at ``/api/v1/ws/jobs``.  The fuzzing clients offer no subprotocol, so the
+echo accepts a handshake without ``lpa.jobs.v1`` (the agent's own protocol refuses it;
+``tests.test_ws`` pins that).
 
 kosoku 0.1.0 has no TLS options (``kosoku --help``: address, -i/-x/-p/-s/-o only), so this runs
 over plain ``ws://`` on loopback; TLS does not change framing, and the wss path is covered by the

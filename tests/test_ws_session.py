@@ -184,14 +184,48 @@ class GreetingAndFilterTests(SessionTestBase):
             },
         )
 
-    def test_never_subscribed_gets_all_jobs(self) -> None:
-        """A connection that never subscribes receives every job's events (original clients)."""
+    def test_never_subscribed_gets_nothing(self) -> None:
+        """A connection that never subscribes receives no job's events (no implicit all-jobs
+        mode: the manager's relay, which never subscribes, must not see other jobs)."""
+        self.channel.take()
         a, b = new_job(self.jobs), new_job(self.jobs)
-        frames = self.channel.take()
-        self.assertEqual({f["job_id"] for f in frames if f["event"] == "job_status"}, {a, b})
+        self.jobs.step(a, RUNNING, 5, "a runs")
+        self.jobs.finish(b)
+        self.assertEqual(self.channel.take(), [])
+
+    def test_rejected_subscribe_subscribes_to_nothing(self) -> None:
+        """After a subscribe refused with JOB_NOT_FOUND, INVALID_JOB_ID or
+        TOO_MANY_SUBSCRIPTIONS, other jobs' events still do not arrive."""
+        for message in (
+            {"action": "subscribe", "job_id": str(uuid.uuid4())},
+            {"action": "subscribe", "job_id": "not-a-uuid"},
+            {"action": "subscribe", "after_seq": 1},
+        ):
+            self.send(message)
+        codes = [f["error_code"] for f in self.channel.take() if f["event"] == "error"]
+        self.assertEqual(codes, ["JOB_NOT_FOUND", "INVALID_JOB_ID", "INVALID_MESSAGE"])
+        a = new_job(self.jobs)
+        self.jobs.finish(a)
+        self.assertEqual(self.channel.take(), [])
+
+    def test_explicit_all_gets_every_job(self) -> None:
+        """``subscribe`` without job_id, or with ``"all"``, asks for every job explicitly."""
+        for message in ({"action": "subscribe"}, {"action": "subscribe", "job_id": "all"}):
+            channel = RecordingChannel()
+            session = JobStreamSession(
+                self.events, self.jobs, channel, now=lambda: "t", connection_id="x"
+            )
+            session.start()
+            self.addCleanup(session.stop)
+            session.receive_text(json.dumps(message))
+            channel.take()
+            a, b = new_job(self.jobs), new_job(self.jobs)
+            frames = channel.take()
+            self.assertEqual({f["job_id"] for f in frames if f["event"] == "job_status"}, {a, b})
 
     def test_job_events_are_the_wire_objects(self) -> None:
         """A job event on the socket is exactly ``JobEvent.to_wire()`` from the EventLog."""
+        self.send({"action": "subscribe"})
         job = new_job(self.jobs)
         self.jobs.step(job, RUNNING, 10, "apt-get", kind=KIND_OUTPUT)
         frames = [f for f in self.channel.take() if f["event"] == "job_status"]
@@ -243,8 +277,9 @@ class GreetingAndFilterTests(SessionTestBase):
         self.assertEqual(self.channel.take(), [])
 
     def test_unsubscribe_in_all_mode_excludes_job(self) -> None:
-        """In the implicit all-jobs mode, unsubscribing one job stops that job only."""
+        """In the all-jobs mode, unsubscribing one job stops that job only."""
         a, b = new_job(self.jobs), new_job(self.jobs)
+        self.send({"action": "subscribe"})
         self.send({"action": "unsubscribe", "job_id": a})
         self.channel.take()
         self.jobs.step(a, RUNNING, 5, "a runs")
@@ -252,8 +287,10 @@ class GreetingAndFilterTests(SessionTestBase):
         self.assertEqual({f["job_id"] for f in self.channel.take()}, {b})
 
     def test_unsubscribe_all(self) -> None:
-        """``unsubscribe`` without job_id stops everything, the implicit mode included."""
+        """``unsubscribe`` without job_id stops everything, the all-jobs mode included."""
         a = new_job(self.jobs)
+        self.send({"action": "subscribe"})
+        self.send({"action": "subscribe", "job_id": a})
         self.send({"action": "unsubscribe"})
         self.assertEqual(self.channel.take()[-1]["job_id"], "all")
         self.jobs.step(a, RUNNING, 5, "runs")
@@ -419,8 +456,8 @@ class BadInputTests(SessionTestBase):
         """A job id that is not a UUID gets INVALID_JOB_ID naming it, and changes nothing."""
         error = self.error_of({"action": "subscribe", "job_id": "../etc"})
         self.assertEqual((error["error_code"], error["job_id"]), ("INVALID_JOB_ID", "../etc"))
-        new_job(self.jobs)  # still in the implicit all-jobs mode
-        self.assertEqual(len(job_frames(self.channel.take())), 1)
+        new_job(self.jobs)  # subscribed to nothing
+        self.assertEqual(job_frames(self.channel.take()), [])
 
     def test_job_id_wrong_type(self) -> None:
         """A job id that is not a string gets INVALID_JOB_ID with an empty job_id."""
@@ -453,6 +490,7 @@ class BadInputTests(SessionTestBase):
         self.assertEqual(error["error_code"], "INTERNAL_ERROR")
         self.assertNotIn("fire", error["message"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.send({"action": "subscribe"})
         new_job(self.jobs)
         self.assertEqual(len(job_frames(self.channel.take())), 1)
 
@@ -462,6 +500,8 @@ class BadInputTests(SessionTestBase):
         self.session.receive_binary()
         [error] = self.channel.take()
         self.assertEqual(error["error_code"], "BINARY_NOT_SUPPORTED")
+        self.send({"action": "subscribe"})
+        self.channel.take()
         new_job(self.jobs)
         self.assertEqual(len(self.channel.take()), 1)
 
@@ -489,6 +529,7 @@ class SlowConsumerTests(SessionTestBase):
         """Past send_buffer_events unsent frames the session closes with 1008 and a reason."""
         channel = RecordingChannel()
         session = self.make_session(channel, send_buffer_events=5)
+        self.send({"action": "subscribe"}, session)
         channel.take()
         session.pause_sending()
         job = new_job(self.jobs)
@@ -509,6 +550,8 @@ class SlowConsumerTests(SessionTestBase):
         """A paused, overflowing session neither blocks the EventLog nor other sessions."""
         slow_channel = RecordingChannel()
         slow = self.make_session(slow_channel, send_buffer_events=3)
+        for session in (slow, self.session):
+            self.send({"action": "subscribe"}, session)
         slow.pause_sending()
         self.channel.take()
         job = new_job(self.jobs)
@@ -520,6 +563,7 @@ class SlowConsumerTests(SessionTestBase):
 
     def test_resume_flushes_in_order(self) -> None:
         """Frames queued while paused are written in order on resume."""
+        self.send({"action": "subscribe"})
         self.channel.take()
         self.session.pause_sending()
         job = new_job(self.jobs)

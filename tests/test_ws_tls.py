@@ -20,7 +20,7 @@ from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from websockets.exceptions import InvalidMessage
+from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
@@ -29,6 +29,7 @@ from lpa.agent.eventlog import EventLog
 from lpa.agent.jobs import JobManager
 from lpa.agent.model import JobRequest
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
+from lpa.protocol import SUBPROTOCOL
 from tests.certs import TestPki, make_test_pki
 from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
 from tests.test_ws_session import FakeJobManager, new_job
@@ -130,9 +131,15 @@ class WssInteropTests(TestCase):
         for _ in range(3):
             await deferLater(reactor, 0.05, lambda: None)
 
-    def connect(self, which: str | None = "good") -> ClientConnection:
+    def connect(
+        self, which: str | None = "good", subprotocols: list[str] | None = None
+    ) -> ClientConnection:
         return connect(
-            self.url, ssl=client_context(self.pki, which), proxy=None, open_timeout=10
+            self.url,
+            ssl=client_context(self.pki, which),
+            proxy=None,
+            open_timeout=10,
+            subprotocols=[SUBPROTOCOL] if subprotocols is None else subprotocols,  # type: ignore[arg-type]
         )
 
     def submit_patch(self) -> str:
@@ -162,7 +169,7 @@ class WssInteropTests(TestCase):
             with self.connect() as ws1, self.connect() as ws2:
                 out["hello"] = recv_json(ws1)
                 ws1.send(json.dumps({"action": "subscribe", "job_id": job_a, "after_seq": 0}))
-                recv_until(ws1, is_ack)  # before it, the implicit all-jobs mode applies
+                recv_until(ws1, is_ack)
                 recv_json(ws2)
                 ws2.send(json.dumps({"action": "subscribe", "job_id": job_b}))
                 out["ack2"] = recv_json(ws2)
@@ -218,6 +225,28 @@ class WssInteropTests(TestCase):
                                       OSError) + _closed_errors())
         self.assertEqual(self.manager.events.subscriber_count(), subscribers)
         self.assertEqual(self.factory.countConnections, 0)
+
+    async def test_no_subprotocol_refused_with_envelope(self) -> None:
+        """A wss client offering no subprotocol gets HTTP 400 with the JSON envelope naming
+        lpa.jobs.v1, and no session; one offering it gets it selected."""
+
+        def attempts() -> tuple[Any, str | None]:
+            try:
+                with self.connect(subprotocols=[]):
+                    pass
+            except InvalidStatus as refused:
+                answer = refused.response
+            with self.connect() as ws:
+                recv_json(ws)
+                return answer, ws.subprotocol
+
+        answer, selected = await deferToThread(attempts)
+        self.assertEqual(answer.status_code, 400)
+        self.assertEqual(answer.headers["Content-Type"], "application/json")
+        body = json.loads(answer.body)
+        self.assertEqual((body["success"], body["error"]["code"]), (False, "SUBPROTOCOL_REQUIRED"))
+        self.assertEqual(body["error"]["details"]["subprotocol"], SUBPROTOCOL)
+        self.assertEqual(selected, SUBPROTOCOL)
 
     async def test_finished_job_answers_at_once(self) -> None:
         """Subscribing to a finished job without after_seq gives its end at once over wss."""
@@ -325,19 +354,23 @@ class _PausableClient(WebSocketClientProtocol):
 class SlowConsumerOverTlsTests(TestCase):
     timeout = 60
 
-    async def test_unread_connection_closed_1008_engine_unaffected(self) -> None:
-        """A client that stops reading over mTLS is closed with 1008 once its queue is full;
-        events keep being appended meanwhile (the engine is never held back)."""
+    async def overflow(
+        self, **factory_options: Any
+    ) -> tuple[_PausableClient, JobStreamFactory, EventLog, int]:
+        """Connect over mTLS, subscribe to all, stop reading, append events until the server
+        closes the connection as a slow consumer; return the client, factory, log, count."""
         pki = make_test_pki(self.mktemp())
         events = EventLog(reactor)
         jobs = FakeJobManager(events)
-        factory = JobStreamFactory(events, jobs, clock=reactor, send_buffer_events=50)
+        factory = JobStreamFactory(
+            events, jobs, clock=reactor, send_buffer_events=50, **factory_options
+        )
         port = reactor.listenSSL(
             0, Site(echo_free_root(factory)), pki.server_options(), interface="127.0.0.1"
         )
         self.addCleanup(port.stopListening)
         url = f"wss://localhost:{port.getHost().port}/api/v1/ws/jobs"
-        client_factory = WebSocketClientFactory(url)
+        client_factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL])
         client_factory.protocol = _PausableClient
         client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10)
         protocols: list[_PausableClient] = []
@@ -354,6 +387,9 @@ class SlowConsumerOverTlsTests(TestCase):
         client = protocols[0]
         await client.opened
         self.assertEqual(events.subscriber_count(), 1)
+        client.sendMessage(b'{"action": "subscribe"}')
+        while client.received < 2:  # connected, subscribed
+            await deferLater(reactor, 0.01, lambda: None)
 
         client.transport.pauseProducing()  # stop reading: the server's buffers fill up
         job = new_job(jobs)
@@ -366,14 +402,23 @@ class SlowConsumerOverTlsTests(TestCase):
             await deferLater(reactor, 0.001, lambda: None)
         self.assertEqual(events.subscriber_count(), 0, f"not closed after {appended} events")
         self.assertEqual(events.last_seq(job), appended + 1)
+        self.addCleanup(_settle)
+        return client, factory, events, appended
 
+    async def test_unread_connection_closed_1008_engine_unaffected(self) -> None:
+        """A client that stops reading over mTLS is closed with 1008 once its queue is full;
+        events keep being appended meanwhile (the engine is never held back)."""
+        client, factory, events, appended = await self.overflow()
         client.transport.resumeProducing()
         wasClean, code, reason = await client.closed
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
         self.assertLess(client.received, appended + 2)
-        for _ in range(3):
-            await deferLater(reactor, 0.05, lambda: None)
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await deferLater(reactor, 0.05, lambda: None)
 
 
 def echo_free_root(factory: JobStreamFactory) -> Resource:

@@ -1,9 +1,11 @@
 """A test-only echo variant of the agent's WebSocket, for the Autobahn|Testsuite (kosoku, wstest).
 
 The conformance cases expect an echo server.  :class:`EchoProtocol` echoes every message and
-starts no job-stream session; everything else (framing, limits, heartbeat, handshake timeouts,
-the producer take-over, the resource and the site) is exactly what the agent runs, because the
-factory is a :class:`~lpa.agent.ws.JobStreamFactory` built with the caller's options.
+starts no job-stream session, and it accepts a handshake without the ``lpa.jobs.v1``
+subprotocol (the fuzzing clients offer none); everything else (framing, limits, heartbeat,
+handshake timeouts, the producer take-over, the resource and the site) is exactly what the agent
+runs, because the factory is a :class:`~lpa.agent.ws.JobStreamFactory` built with the caller's
+options.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ WS_PATH = (b"api", b"v1", b"ws", b"jobs")
 
 class EchoProtocol(JobStreamProtocol):
     """Echoes each message back as it came (text or binary)."""
+
+    def onConnect(self, request: Any) -> str | None:
+        # the fuzzing clients offer no subprotocol; select ours when one is offered
+        return super().onConnect(request) if request.protocols else None
 
     def onOpen(self) -> None:
         self.become_producer()

@@ -4,21 +4,30 @@ The logic (subscriptions, replay, bounds) lives in :class:`~lpa.agent.ws_session
 this module adapts it to Autobahn and to the transport::
 
     HTTP GET /api/v1/ws/jobs ─▶ WebSocketResource ─▶ JobStreamProtocol (one per connection)
-        onConnect: Autobahn refuses past max_connections with HTTP 503
+        onConnect: past max_connections ─▶ HTTP 503 TOO_MANY_CONNECTIONS
+                   no "lpa.jobs.v1" in Sec-WebSocket-Protocol ─▶ HTTP 400 SUBPROTOCOL_REQUIRED
+                   else select lpa.jobs.v1
         onOpen:    register as the transport's push producer, start a session
         onMessage: text ─▶ session.receive_text, binary ─▶ session.receive_binary (error event)
         pause/resumeProducing (transport buffer full/drained) ─▶ session queues/flushes
         onClose:   session.stop()
 
+The stream is served only under the subprotocol :data:`lpa.protocol.SUBPROTOCOL`.  The
+manager's own relay (inside pm-worker) opens this path without a subprotocol and never
+subscribes; its handshake fails here, as it always failed against the original agent, and it
+falls back to polling ``GET /api/v1/jobs/{id}``.  Every refused handshake is answered with the
+JSON envelope (Autobahn alone sends a bare status line) and ``Connection: close``; the
+connection is then closed, and aborted if the client has not gone ``CLOSE_HANDSHAKE_TIMEOUT``
+seconds later, so a refused client holds no socket.
+
 Close codes, each with a reason (``failByDrop`` is off, so protocol failures get a close frame
 rather than a bare TCP drop): 1009 for a frame or message over ``max_message_bytes``, 1007 for
 invalid UTF-8 in a text message, 1002 for other protocol errors (all three by Autobahn), 1008 from
-the session for a slow consumer past ``send_buffer_events``.  Past ``max_connections`` the
-opening handshake is refused with HTTP 503.  Binary frames get an ``error`` event
-(``BINARY_NOT_SUPPORTED``), not a 1003 close, so one bad frame does not cost a relay its replay
-position.  The server pings every ``ping_interval`` seconds and drops (1006 at the client) a
-connection silent for ``ping_timeout`` seconds; client pings are answered.  permessage-deflate
-is declined (not tested here).
+the session for a slow consumer past ``send_buffer_events``.  Binary frames get an ``error``
+event (``BINARY_NOT_SUPPORTED``), not a 1003 close, so one bad frame does not cost a relay its
+replay position.  The server pings every ``ping_interval`` seconds and drops (1006 at the
+client) a connection silent for ``ping_timeout`` seconds; client pings are answered.
+permessage-deflate is declined (not tested here).
 
 Autobahn's hooks are called synchronously and nothing awaits them, so they stay synchronous.
 Autobahn owns the ``log`` attribute of protocols and factories; ours is ``_log``.
@@ -26,25 +35,40 @@ Autobahn owns the ``log`` attribute of protocols and factories; ours is ``_log``
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
-from typing import Any, Callable
+from http import HTTPStatus
+from typing import Any, Callable, Sequence
 
 import autobahn.websocket
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from lpa.agent.eventlog import EventLog
+from lpa.agent.http.envelope import Enveloper
 from lpa.agent.ws_session import IStreamChannel, JobStreamSession
+from lpa.errors import (
+    ApiError,
+    SubprotocolRequiredError,
+    TooManyConnectionsError,
+    WebSocketHandshakeError,
+)
 from lpa.events import rfc3339, rfc3339_from_epoch
+from lpa.protocol import SUBPROTOCOL
 
-#: how long a client may take to complete the opening and the closing handshake
+#: how long a client may take to complete the opening and the closing handshake (and, after a
+#: refused handshake, to go away)
 OPEN_HANDSHAKE_TIMEOUT = 10.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: subprotocols a refused client offered, as echoed in the log and the error's details
+_ECHO_OFFERED = 8
 
 
 @implementer(IPushProducer, IStreamChannel)
@@ -54,10 +78,66 @@ class JobStreamProtocol(WebSocketServerProtocol):
     _log = Logger()
     factory: "JobStreamFactory"
     session: JobStreamSession | None = None
+    #: the error a refused handshake is answered with (None: built from Autobahn's reason)
+    _refusal: ApiError | None = None
+    #: the opening handshake was refused (logged once, in failHandshake)
+    _refused = False
+    #: aborts the connection if it outlives a refusal or a slow-consumer close
+    _teardown_call: Any = None
 
-    def onConnect(self, request: Any) -> None:
-        self._log.info("ws connection from {peer} for {path}", peer=self.peer, path=request.path)
-        return None  # no subprotocol
+    def onConnect(self, request: ConnectionRequest) -> str:
+        offered = [p[:64] for p in (request.protocols or [])][:_ECHO_OFFERED]
+        if SUBPROTOCOL not in (request.protocols or []):
+            self._refusal = SubprotocolRequiredError(
+                f"The job stream is served only under the WebSocket subprotocol {SUBPROTOCOL}: "
+                f"offer it in Sec-WebSocket-Protocol, or poll GET /api/v1/jobs/{{job_id}}",
+                {"subprotocol": SUBPROTOCOL, "offered": offered},
+            )
+            self._log.info(
+                "ws connection from {peer} refused: it did not offer the subprotocol "
+                "{subprotocol} (offered: {offered}); such clients poll the REST API instead",
+                peer=self.peer,
+                subprotocol=SUBPROTOCOL,
+                offered=", ".join(offered) or "none",
+            )
+            raise ConnectionDeny(400, "Subprotocol required")
+        self._log.info(
+            "ws connection from {peer} for {path} ({subprotocol})",
+            peer=self.peer,
+            path=request.path,
+            subprotocol=SUBPROTOCOL,
+        )
+        return SUBPROTOCOL
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: Sequence[Any] | None = None
+    ) -> None:
+        """Refuse the opening handshake with the JSON envelope, then close the connection.
+
+        Autobahn would send only a status line; every answer of the agent is the envelope.
+        A refusal is a deliberate, orderly end (``wasClean``), not a warning in the log.
+        """
+        error = self._refusal
+        if error is None:
+            if code == 503:
+                error = TooManyConnectionsError(
+                    "The agent holds its maximum number of WebSocket connections; retry later",
+                    {"max_connections": self.maxConnections},
+                )
+            else:
+                error = WebSocketHandshakeError(f"WebSocket handshake refused: {reason}", code)
+            self._log.info(
+                "ws handshake from {peer} refused ({status}): {reason}",
+                peer=self.peer,
+                status=error.http_status,
+                reason=reason,
+            )
+        self._refused = True
+        self.wasNotCleanReason = reason
+        self.wasClean = True
+        self.sendData(self.factory.http_error(error, responseHeaders))
+        self.dropConnection(abort=False)
+        self._teardown_after(CLOSE_HANDSHAKE_TIMEOUT, "did not go away after its refusal")
 
     def onOpen(self) -> None:
         self.become_producer()
@@ -83,13 +163,14 @@ class JobStreamProtocol(WebSocketServerProtocol):
             self.session.receive_text(payload.decode("utf-8"))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._log.info(
-            "ws connection from {peer} closed (clean={clean}, code={code}, reason={reason})",
-            peer=self.peer,
-            clean=wasClean,
-            code=code,
-            reason=reason,
-        )
+        if not self._refused:
+            self._log.info(
+                "ws connection from {peer} closed (clean={clean}, code={code}, reason={reason})",
+                peer=self.peer,
+                clean=wasClean,
+                code=code,
+                reason=reason,
+            )
         if self.session is not None:
             self.session.stop()
 
@@ -98,10 +179,31 @@ class JobStreamProtocol(WebSocketServerProtocol):
         self._log.debug("ws transport to {peer} lost: {why}", peer=self.peer, why=reason.value)
         super().connectionLost(reason)
         # Autobahn leaves its close-handshake timer behind when the peer goes away first.
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            call.cancel()
-            self.closeHandshakeTimeoutCall = None
+        for name in ("closeHandshakeTimeoutCall", "_teardown_call"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+
+    def _teardown_after(self, seconds: float, why: str) -> None:
+        """Abort the connection if it is still there ``seconds`` from now (bounded hold)."""
+        if self._teardown_call is not None:
+            self._teardown_call.cancel()
+
+        def teardown() -> None:
+            self._teardown_call = None
+            transport = self.transport
+            if transport is None or not getattr(transport, "connected", True):
+                return
+            self._log.info(
+                "ws connection from {peer} {why} in {seconds:g}s; connection aborted",
+                peer=self.peer,
+                why=why,
+                seconds=seconds,
+            )
+            transport.abortConnection()
+
+        self._teardown_call = self.factory._batched_timer.call_later(seconds, teardown)
 
     # -- IStreamChannel --------------------------------------------------------------------
 
@@ -141,6 +243,14 @@ class _ClockTimer:
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return _QuietCall(self._clock.callLater(delay, fn, *args, **kw))
+
+
+class _WallClock:
+    """``seconds()`` for envelope timestamps when no clock is injected."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
 
 
 class _QuietCall:
@@ -204,6 +314,7 @@ class JobStreamFactory(WebSocketServerFactory):
         self.max_subscriptions = max_subscriptions
         self.send_buffer_events = send_buffer_events
         self._clock = clock
+        self._enveloper = Enveloper(clock if clock is not None else _WallClock())
         if clock is not None:
             self._batched_timer = _ClockTimer(clock)
         self.setProtocolOptions(
@@ -231,6 +342,25 @@ class JobStreamFactory(WebSocketServerFactory):
         if self._clock is None:
             return rfc3339()
         return rfc3339_from_epoch(self._clock.seconds())
+
+    def http_error(self, error: ApiError, headers: Sequence[Any] | None = None) -> bytes:
+        """A whole HTTP/1.1 error response carrying the JSON envelope, then the close."""
+        body = json.dumps(self._enveloper.envelope(error=error), separators=(",", ":")).encode()
+        try:
+            phrase = HTTPStatus(error.http_status).phrase
+        except ValueError:
+            phrase = "Error"
+        lines = [
+            f"HTTP/1.1 {error.http_status} {phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-store",
+            "Connection: close",
+        ]
+        if error.retry_after is not None:
+            lines.append(f"Retry-After: {error.retry_after}")
+        lines += [f"{name}: {value}" for name, value in headers or ()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def make_session(self, channel: IStreamChannel) -> JobStreamSession:
         return JobStreamSession(

@@ -13,11 +13,13 @@ Every frame leaves through one outbox, in order.  A job's events are de-duplicat
 (``_last_sent``), so a replay and live events that arrive while the replay is being written
 (re-entrantly, or while the transport is paused) come out once each, in ``seq`` order.
 
-Filtering: a connection that never subscribes gets every job (what the original's clients
-expect).  ``subscribe`` with a ``job_id`` switches that implicit mode off and delivers only the
-jobs subscribed to; ``subscribe`` without ``job_id`` (or ``"all"``) asks for every job explicitly;
-``unsubscribe`` with a ``job_id`` stops that job (also in all-jobs mode); ``unsubscribe`` without
-one stops everything.
+Filtering: a connection gets only what it subscribed to, nothing before its first
+``subscribe``.  There is no implicit all-jobs mode (the original's was on for every connection
+and could not be turned off, so its own relay applied other jobs' states to its row): a client
+that wants every job says so with ``subscribe`` without ``job_id`` (or with ``"all"``).
+``subscribe`` with a ``job_id`` adds that job; a rejected one (``JOB_NOT_FOUND``,
+``INVALID_JOB_ID``, ``TOO_MANY_SUBSCRIPTIONS``) subscribes to nothing.  ``unsubscribe`` with a
+``job_id`` stops that job (also in all-jobs mode); ``unsubscribe`` without one stops everything.
 
 Replay (``after_seq: N``) always sends the kept events after N, even ones this connection
 already got live in all-jobs mode: the client asked for them, and de-duplicates by ``seq``.
@@ -111,8 +113,8 @@ class JobStreamSession:
         self._max_subscriptions = max_subscriptions
         self._send_buffer_events = send_buffer_events
 
-        #: "implicit" (never subscribed), "explicit" (subscribe without job_id) or None
-        self._all_mode: str | None = "implicit"
+        #: True after ``subscribe`` without a job_id (explicit all-jobs mode)
+        self._all_jobs = False
         self._jobs_subscribed: set[str] = set()
         self._jobs_excluded: set[str] = set()  # unsubscribed while in all-jobs mode
         #: highest seq queued per job still able to emit; dropped at job_complete
@@ -241,12 +243,12 @@ class JobStreamSession:
     # -- subscriptions ---------------------------------------------------------------------
 
     def _subscribe_all(self) -> None:
-        self._all_mode = "explicit"
+        self._all_jobs = True
         self._jobs_excluded.clear()
         self._enqueue(self._ack("subscribed", ALL, "Subscribed to all job events"))
 
     def _unsubscribe_all(self) -> None:
-        self._all_mode = None
+        self._all_jobs = False
         self._jobs_subscribed.clear()
         self._jobs_excluded.clear()
         self._last_sent.clear()
@@ -254,7 +256,7 @@ class JobStreamSession:
 
     def _unsubscribe_job(self, job_id: str) -> None:
         self._jobs_subscribed.discard(job_id)
-        if self._all_mode is not None:
+        if self._all_jobs:
             if job_id not in self._jobs_excluded:
                 self._check_room(job_id)
                 self._jobs_excluded.add(job_id)
@@ -276,8 +278,6 @@ class JobStreamSession:
             raise _Rejected(JOB_NOT_FOUND, f"job {job_id} not found", job_id) from None
         if job_id not in self._jobs_subscribed:
             self._check_room(job_id)
-        if self._all_mode == "implicit":
-            self._all_mode = None
         self._jobs_excluded.discard(job_id)
         self._jobs_subscribed.add(job_id)
         self._enqueue(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
@@ -341,7 +341,7 @@ class JobStreamSession:
     def _wants(self, job_id: str) -> bool:
         if job_id in self._jobs_subscribed:
             return True
-        return self._all_mode is not None and job_id not in self._jobs_excluded
+        return self._all_jobs and job_id not in self._jobs_excluded
 
     def _on_live_event(self, job_event: JobEvent) -> None:
         if self.closed or not self._wants(job_event.job_id):

@@ -8,7 +8,8 @@ fleet.  Everything the link needs to know arrives through three listener calls::
     dial ──gate──▶ TCP+TLS (client_tls_options: mTLS, ALPN http/1.1) ──▶ HTTP upgrade
       │                                                         │
       │  failed: refused, TLS, status ≠ 101, bad accept key,    │ 101 + accept ok,
-      │          ALPN ≠ http/1.1, handshake_timeout             │ ALPN http/1.1
+      │          ALPN ≠ http/1.1, subprotocol ≠ lpa.jobs.v1,    │ ALPN http/1.1,
+      │          handshake_timeout                              │ lpa.jobs.v1
       ▼                                                         ▼
     listener.ws_failed(reason, handshake=True)            listener.ws_opened()
       (the link polls; we retry with backoff)             listener.ws_message(dict) …
@@ -34,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from lpa.protocol import SUBPROTOCOL
 from lpa.relay.backoff import Backoff, HandshakeGate
 from lpa.relay.interfaces import AgentAddress
 from lpa.tls import negotiated_protocol
@@ -101,6 +103,10 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
             )
             self.dropConnection(abort=True)
             return
+        if getattr(self, "websocket_protocol_in_use", None) != SUBPROTOCOL:
+            self.fail_reason = f"the agent did not select the subprotocol {SUBPROTOCOL}"
+            self.dropConnection(abort=True)
+            return
         self.opened = True
         self.factory.handshake_succeeded(self)
 
@@ -164,7 +170,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         if tls_options is None:
             raise ValueError("the relay never dials an agent without TLS options")
         url = f"wss://{address.host}:{address.port}{WS_PATH}"
-        WebSocketClientFactory.__init__(self, url, reactor=reactor)
+        WebSocketClientFactory.__init__(self, url, reactor=reactor, protocols=[SUBPROTOCOL])
         # our clock-driven timeout covers TCP + TLS + upgrade; autobahn's uses the global loop
         self.setProtocolOptions(
             openHandshakeTimeout=0,

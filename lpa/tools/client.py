@@ -325,9 +325,13 @@ def websocket_events(
     """
     from websockets.exceptions import ConnectionClosed, InvalidHandshake
     from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
+
+    from lpa.protocol import SUBPROTOCOL
 
     try:
         connection = connect(url.ws_url(), ssl=context if url.secure else None,
+                             subprotocols=[Subprotocol(SUBPROTOCOL)],
                              open_timeout=open_timeout, max_size=2**22,
                              user_agent_header="lpa-client")
     except (InvalidHandshake, OSError, TimeoutError, ssl.SSLError) as error:
