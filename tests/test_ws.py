@@ -395,6 +395,42 @@ class StreamTests(ProtocolTestBase):
         self.assertIn("slow consumer", reason)
         self.assertEqual(self.events.subscriber_count(), 0)
 
+    def test_slow_consumer_close_outlasts_autobahn_timers(self) -> None:
+        """After a 1008 close the client may read late: neither the closing-handshake timeout
+        (5 s) nor the auto-ping timeout (10 s) aborts it; the close arrives, clean, with code
+        and reason."""
+        factory = self.make_factory(send_buffer_events=2)
+        client, server, pump = self.connect(factory=factory, subscribe_all=True)
+        server.transport.producer.pauseProducing()
+        job = new_job(self.jobs)
+        for i in range(3):
+            self.jobs.step(job, RUNNING, i, "step")
+        self.assertEqual(server.state, server.STATE_CLOSING)
+        self.clock.advance(25)  # the client reads nothing meanwhile
+        self.assertFalse(server.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(client.closed[:2], (True, 1008))
+        self.assertIn("slow consumer", client.closed[2])
+        self.clock.advance(60)
+        self.assert_no_timers()
+
+    def test_slow_consumer_that_never_reads_is_aborted(self) -> None:
+        """A client closed with 1008 that never reads is aborted after drain_timeout."""
+        factory = self.make_factory(send_buffer_events=2, drain_timeout=30)
+        client, server, pump = self.connect(factory=factory, subscribe_all=True)
+        server.transport.producer.pauseProducing()
+        job = new_job(self.jobs)
+        for i in range(3):
+            self.jobs.step(job, RUNNING, i, "step")
+        self.clock.advance(29.9)
+        self.assertFalse(server.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(server.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(self.events.subscriber_count(), 0)
+        self.clock.advance(60)
+        self.assert_no_timers()
+
     def test_peer_gone_during_close_leaves_no_timer(self) -> None:
         """A peer that vanishes while the server waits for its close reply leaves no timer."""
         factory = self.make_factory(send_buffer_events=1)
@@ -402,10 +438,10 @@ class StreamTests(ProtocolTestBase):
         server.transport.producer.pauseProducing()
         new_job(self.jobs)
         new_job(self.jobs)  # overflow: the server sends its close frame and waits
-        self.assertIsNotNone(server.closeHandshakeTimeoutCall)
+        self.assertIsNotNone(server._teardown_call)
         client.transport.loseConnection()
         pump.flush()
-        self.assertEqual(server.closeHandshakeTimeoutCall, None)
+        self.assertEqual((server.closeHandshakeTimeoutCall, server._teardown_call), (None, None))
         self.assert_no_timers()
 
     def test_events_while_closing_are_not_errors(self) -> None:

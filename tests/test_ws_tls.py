@@ -355,7 +355,7 @@ class SlowConsumerOverTlsTests(TestCase):
     timeout = 60
 
     async def overflow(
-        self, **factory_options: Any
+        self, close_handshake_timeout: float | None = None, **factory_options: Any
     ) -> tuple[_PausableClient, JobStreamFactory, EventLog, int]:
         """Connect over mTLS, subscribe to all, stop reading, append events until the server
         closes the connection as a slow consumer; return the client, factory, log, count."""
@@ -365,6 +365,8 @@ class SlowConsumerOverTlsTests(TestCase):
         factory = JobStreamFactory(
             events, jobs, clock=reactor, send_buffer_events=50, **factory_options
         )
+        if close_handshake_timeout is not None:
+            factory.setProtocolOptions(closeHandshakeTimeout=close_handshake_timeout)
         port = reactor.listenSSL(
             0, Site(echo_free_root(factory)), pki.server_options(), interface="127.0.0.1"
         )
@@ -414,6 +416,34 @@ class SlowConsumerOverTlsTests(TestCase):
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
         self.assertLess(client.received, appended + 2)
+
+    async def test_slow_reader_gets_close_frame_after_handshake_timeout(self) -> None:
+        """A client that reads again only after the closing-handshake timeout has passed still
+        reads every buffered frame, then the 1008 close frame and its reason (Autobahn's own
+        timers used to abort the connection with a reset, which discarded the close frame)."""
+        # Autobahn's closing-handshake timer made short: it must not matter
+        client, factory, events, appended = await self.overflow(close_handshake_timeout=0.2)
+        await deferLater(reactor, 1.0, lambda: None)  # well past 0.2 s, still unread
+        client.transport.resumeProducing()
+        wasClean, code, reason = await client.closed
+        self.assertEqual((wasClean, code), (True, 1008))
+        self.assertIn("slow consumer", reason)
+        self.assertIn("after_seq", reason)
+        self.assertGreater(client.received, 2)
+
+    async def test_client_that_never_reads_is_torn_down(self) -> None:
+        """A client that never reads again loses its TCP connection after drain_timeout: the
+        server holds no socket for it."""
+        client, factory, events, appended = await self.overflow(drain_timeout=0.5)
+        self.assertEqual(factory.countConnections, 1)
+        for _ in range(500):
+            if factory.countConnections == 0:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(factory.countConnections, 0)
+        client.transport.resumeProducing()
+        wasClean, code, reason = await client.closed
+        self.assertFalse(wasClean)
 
 
 async def _settle() -> None:

@@ -23,7 +23,10 @@ seconds later, so a refused client holds no socket.
 Close codes, each with a reason (``failByDrop`` is off, so protocol failures get a close frame
 rather than a bare TCP drop): 1009 for a frame or message over ``max_message_bytes``, 1007 for
 invalid UTF-8 in a text message, 1002 for other protocol errors (all three by Autobahn), 1008 from
-the session for a slow consumer past ``send_buffer_events``.  Binary frames get an ``error``
+the session for a slow consumer past ``send_buffer_events``.  The 1008 close frame is queued
+behind what the transport still buffers, so the client reaches it only after reading that:
+Autobahn's closing-handshake and auto-ping timeouts (which abort with a reset, discarding the
+frame) are replaced for that connection by ``drain_timeout``.  Binary frames get an ``error``
 event (``BINARY_NOT_SUPPORTED``), not a 1003 close, so one bad frame does not cost a relay its
 replay position.  The server pings every ``ping_interval`` seconds and drops (1006 at the
 client) a connection silent for ``ping_timeout`` seconds; client pings are answered.
@@ -67,6 +70,8 @@ from lpa.protocol import SUBPROTOCOL
 #: refused handshake, to go away)
 OPEN_HANDSHAKE_TIMEOUT = 10.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: how long a client closed as a slow consumer may take to read up to the close frame
+DRAIN_TIMEOUT = 30.0
 #: subprotocols a refused client offered, as echoed in the log and the error's details
 _ECHO_OFFERED = 8
 
@@ -205,6 +210,18 @@ class JobStreamProtocol(WebSocketServerProtocol):
 
         self._teardown_call = self.factory._batched_timer.call_later(seconds, teardown)
 
+    def _stop_timers_for_drain(self) -> None:
+        """Autobahn's closing-handshake timeout and auto-ping would abort the connection (a
+        reset, which discards the buffered close frame) before a slow client could read it."""
+        for name in ("closeHandshakeTimeoutCall", "autoPingPendingCall", "autoPingTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+        self.autoPingInterval = 0
+        self.autoPingTimeout = 0
+        self.autoPingPending = None
+
     # -- IStreamChannel --------------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
@@ -217,8 +234,21 @@ class JobStreamProtocol(WebSocketServerProtocol):
         self.sendMessage(text.encode("utf-8"), isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
+        """Send the close frame and give the client ``drain_timeout`` to read up to it.
+
+        The session has already dropped its unsent frames; the close frame is written behind
+        what the transport still buffers (a client that stopped reading has that much to read
+        first).  When the client answers the close, Autobahn ends the connection cleanly; when
+        it never reads, the connection is aborted after ``drain_timeout``.
+        """
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
         # sendClose only allows 1000 and 3000-4999; 1008 (policy) is a protocol-level close
         self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+        self._stop_timers_for_drain()
+        self._teardown_after(
+            self.factory.drain_timeout, f"did not read up to its close frame ({code})"
+        )
 
     # -- IPushProducer (the transport tells us when its buffer is full or drained) ---------
 
@@ -279,6 +309,8 @@ class JobStreamFactory(WebSocketServerFactory):
     :param send_buffer_events: frames a connection may have unsent while its transport is full
         (closed with 1008 beyond); keep it above the EventLog's ``max_events_per_job`` so a full
         replay fits.
+    :param drain_timeout: seconds a connection closed with 1008 may take to read what was
+        already sent and the close frame before its TCP connection is aborted.
     """
 
     protocol = JobStreamProtocol
@@ -296,10 +328,13 @@ class JobStreamFactory(WebSocketServerFactory):
         max_subscriptions: int = 256,
         max_connections: int = 64,
         send_buffer_events: int = 2000,
+        drain_timeout: float = DRAIN_TIMEOUT,
         url: str | None = None,
     ) -> None:
         if ping_interval <= 0 or ping_timeout <= ping_interval:
             raise ValueError("ping_timeout must be greater than ping_interval > 0")
+        if drain_timeout <= 0:
+            raise ValueError("drain_timeout must be greater than 0")
         for name, value in (
             ("max_message_bytes", max_message_bytes),
             ("max_subscriptions", max_subscriptions),
@@ -313,6 +348,7 @@ class JobStreamFactory(WebSocketServerFactory):
         self.jobs = jobs
         self.max_subscriptions = max_subscriptions
         self.send_buffer_events = send_buffer_events
+        self.drain_timeout = drain_timeout
         self._clock = clock
         self._enveloper = Enveloper(clock if clock is not None else _WallClock())
         if clock is not None:
