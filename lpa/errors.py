@@ -105,6 +105,13 @@ class MutationInProgressError(ConflictError):
     code = "PACKAGE_DB_MUTATION_IN_PROGRESS"
 
 
+class UnsupportedOnLpaError(ConflictError):
+    """A request of the original agent that lpa answers on purpose with a migration step
+    (the manager's self-upgrade of ``linux-patch-api``)."""
+
+    code = "UNSUPPORTED_ON_LPA"
+
+
 class PayloadTooLargeError(ApiError):
     code, http_status = "PAYLOAD_TOO_LARGE", 413
 

@@ -56,7 +56,8 @@ class FakeJobManager:
         if self.refuse_with is not None:
             raise self.refuse_with
         if request.packages is not None and len(request.packages) == 0:
-            raise ValidationError("packages must not be empty")
+            if request.operation != "patch_apply":
+                raise ValidationError("packages must not be empty")
         self.submitted.append(request)
         now = rfc3339_from_epoch(self._clock.seconds())
         job = Job(

@@ -162,6 +162,20 @@ class SystemTests(ApiTestCase):
             )
         self.assertEqual(self.jobs.submitted, [])
 
+    def test_reboot_dry_run_refused(self) -> None:
+        """A reboot has no dry run: dry_run in the body or the query is 400, nothing scheduled."""
+        for path, body in (
+            ("/api/v1/system/reboot", {"dry_run": True}),
+            ("/api/v1/system/reboot", {"dry_run": False}),
+            ("/api/v1/system/reboot?dry_run=true", {}),
+            ("/api/v1/system/reboot?dryrun=1", {}),
+        ):
+            reply = self.call("POST", path, body)
+            self.assertError(reply, 400, "VALIDATION_ERROR")
+        self.assertIn("no dry run", self.call("POST", "/api/v1/system/reboot?dry_run=1").error[
+            "message"])
+        self.assertEqual(self.jobs.submitted, [])
+
     def test_reboot_refusals(self) -> None:
         """The engine's reboot refusals keep their 409 codes and details."""
         self.jobs.refuse_with = RebootBlockedError("blocked", {"active_jobs": 2})
@@ -275,6 +289,7 @@ class PackageTests(ApiTestCase):
         for body in (
             {},
             {"packages": []},
+            {"packages": ["vim"], "dry_run": "yes"},
             {"packages": "vim"},
             {"packages": [7]},
             {"packages": ["vim"], "options": {"force": "yes"}},
@@ -284,6 +299,71 @@ class PackageTests(ApiTestCase):
         ):
             self.assertError(self.call("POST", "/api/v1/packages", body), 400, "VALIDATION_ERROR")
         self.assertEqual(self.jobs.submitted, [])
+
+    def test_install_dry_run(self) -> None:
+        """dry_run (body or query) reaches the engine and the 202 says so."""
+        for path, body in (
+            ("/api/v1/packages", {"packages": ["vim"], "dry_run": True}),
+            ("/api/v1/packages?dry_run=true", {"packages": ["vim"]}),
+        ):
+            reply = self.call("POST", path, body)
+            self.assertEqual((reply.code, reply.data["dry_run"]), (202, True))
+        self.assertEqual([r.dry_run for r in self.jobs.submitted], [True, True])
+        reply = self.call("POST", "/api/v1/packages", {"packages": ["vim"]})
+        self.assertEqual((reply.data["dry_run"], self.jobs.submitted[-1].dry_run), (False, False))
+
+    def test_update_and_remove_dry_run(self) -> None:
+        """PUT and DELETE honour dry_run in a body or the query; 202 with dry_run true."""
+        for method in ("PUT", "DELETE"):
+            body = self.call(method, "/api/v1/packages/vim", {"dry_run": True})
+            query = self.call(method, "/api/v1/packages/vim?dry_run=1")
+            self.assertEqual((body.code, body.data["dry_run"]), (202, True))
+            self.assertEqual((query.code, query.data["dry_run"]), (202, True))
+        self.assertEqual(
+            [(r.operation, r.dry_run) for r in self.jobs.submitted],
+            [("update", True)] * 2 + [("remove", True)] * 2,
+        )
+
+    def test_update_and_remove_bad_bodies_refused(self) -> None:
+        """A body PUT/DELETE cannot honour is 400, never ignored: unknown fields, a non-boolean
+        dry_run, a non-object, broken JSON, an unknown query argument, disagreeing dry_runs."""
+        for method in ("PUT", "DELETE"):
+            for path, body in (
+                ("/api/v1/packages/vim", {"dry_run": True, "version": "1.0"}),
+                ("/api/v1/packages/vim", {"dry_run": "true"}),
+                ("/api/v1/packages/vim?dryrun=true", None),
+                ("/api/v1/packages/vim?dry_run=maybe", None),
+                ("/api/v1/packages/vim?dry_run=false", {"dry_run": True}),
+            ):
+                self.assertError(self.call(method, path, body), 400, "VALIDATION_ERROR")
+            for raw in (b"[true]", b"{not json"):
+                reply = self.call(method, "/api/v1/packages/vim", raw=raw)
+                self.assertError(reply, 400, "INVALID_JSON")
+        self.assertEqual(self.jobs.submitted, [])
+
+    def test_self_upgrade_unsupported(self) -> None:
+        """The manager's self-upgrade (PUT linux-patch-api) and any change of lpa's own package
+        are 409 UNSUPPORTED_ON_LPA naming the migration step; nothing is submitted."""
+        for method, path, body in (
+            ("PUT", "/api/v1/packages/linux-patch-api", None),
+            ("PUT", "/api/v1/packages/linux-patch-api", {"target_version": "2.7.0"}),
+            ("PUT", "/api/v1/packages/lpa-agent", {"dry_run": True}),
+            ("DELETE", "/api/v1/packages/lpa-agent", None),
+            ("POST", "/api/v1/packages", {"packages": ["curl", "linux-patch-api"]}),
+            ("POST", "/api/v1/packages", {"packages": ["lpa-agent"]}),
+        ):
+            reply = self.call(method, path, body)
+            self.assertError(reply, 409, "UNSUPPORTED_ON_LPA")
+            self.assertIn("lpa-agent", reply.error["message"])
+            self.assertIn("apt-get install --only-upgrade lpa-agent", reply.error["message"])
+            self.assertFalse(reply.error["retryable"])
+        self.assertEqual(reply.error["details"]["agent_version"], "9.9.9")
+        self.assertEqual(self.jobs.submitted, [])
+
+    def test_leftover_original_agent_may_be_removed(self) -> None:
+        """Removing a leftover linux-patch-api package is an ordinary removal."""
+        reply = self.call("DELETE", "/api/v1/packages/linux-patch-api")
+        self.assertEqual((reply.code, reply.data["package"]), (202, "linux-patch-api"))
 
     def test_update_and_remove(self) -> None:
         """PUT is an update and DELETE a removal of the named package, both 202."""
@@ -402,11 +482,24 @@ class PatchTests(ApiTestCase):
         self.assertTrue(request.security_only and request.allow_reboot)
         self.assertEqual((request.reboot_delay_seconds, request.dry_run), (30, False))
 
-    def test_apply_empty_list_refused(self) -> None:
-        """packages: [] is 400 VALIDATION_ERROR, not a silent no-op, and nothing is submitted."""
-        reply = self.call("POST", "/api/v1/patches/apply", {"packages": []})
-        self.assertError(reply, 400, "VALIDATION_ERROR")
-        self.assertEqual(self.jobs.submitted, [])
+    def test_apply_empty_list_is_nothing(self) -> None:
+        """packages: [] (the manager's body for a host with nothing selected) is 202 and reaches
+        the engine as packages=() — apply nothing, never "all"."""
+        body = {"packages": [], "allow_reboot": True, "reboot_delay_seconds": 0}
+        reply = self.call("POST", "/api/v1/patches/apply", body)
+        self.assertEqual(reply.code, 202)
+        self.assertEqual((reply.data["packages"], reply.data["all_packages"]), ([], False))
+        [request] = self.jobs.submitted
+        self.assertEqual(request.packages, ())
+
+    def test_apply_dry_run_in_query(self) -> None:
+        """?dry_run=true on apply is honoured; a misspelt query argument is 400."""
+        reply = self.call("POST", "/api/v1/patches/apply?dry_run=true", {"packages": []})
+        self.assertEqual((reply.code, reply.data["dry_run"]), (202, True))
+        self.assertError(
+            self.call("POST", "/api/v1/patches/apply?dryrun=true", {}), 400, "VALIDATION_ERROR"
+        )
+        self.assertEqual(len(self.jobs.submitted), 1)
 
     def test_apply_unknown_fields_refused(self) -> None:
         """The original e2e body {patches, options} is refused naming both, not applied to all."""

@@ -276,10 +276,23 @@ class AptExecuteTests(SynchronousTestCase):
         self.failureResultOf(d, ValidationError)
         self.assertEqual(runner.calls, [])
 
-    def test_empty_package_list_refused(self) -> None:
-        """``packages: []`` is refused, never a silent no-op (bug 24)."""
+    def test_empty_package_list_applies_nothing(self) -> None:
+        """``packages: []`` on patch_apply runs no command at all (the original ran
+        ``apt-get install -y --``) and completes with an empty change list and no reboot."""
+        for dry_run in (False, True):
+            runner = ScriptedRunner()
+            ctx, d = self.run_job(
+                runner, make_job("patch_apply", empty=True, dry_run=dry_run, allow_reboot=True)
+            )
+            outcome = self.successResultOf(d)
+            self.assertEqual((outcome.changes, outcome.reboot_required), ((), False))
+            self.assertIn("othing to apply", outcome.message)
+            self.assertEqual(runner.calls, [])
+
+    def test_empty_package_list_refused_elsewhere(self) -> None:
+        """An empty package list for install never builds an argv."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("patch_apply", empty=True))
+        ctx, d = self.run_job(runner, make_job("install", empty=True))
         self.failureResultOf(d, ValidationError)
         self.assertEqual(runner.calls, [])
 

@@ -380,8 +380,7 @@ class JobManager:
             raise ValidationError("not a job request")
         if request.operation not in OPERATIONS:
             raise ValidationError(f"unknown operation {request.operation!r}")
-        if request.packages is not None and len(request.packages) == 0:
-            raise ValidationError("packages must not be empty (omit it to mean all)")
+        # packages=() is "apply nothing" (patch_apply only): the job completes, changing nothing
         if request.operation in (OP_INSTALL, OP_UPDATE, OP_REMOVE) and not request.packages:
             raise ValidationError(f"{request.operation} needs at least one package")
         if request.reboot_delay_seconds < 0:

@@ -27,7 +27,7 @@ class JobRequest:
     """What a client asked for; validated by the API before it reaches the engine."""
 
     operation: str
-    #: None means "all" (patch_apply only); never an empty tuple
+    #: None means "all" and () "nothing" (both patch_apply only)
     packages: tuple[PackageSpec, ...] | None = None
     dry_run: bool = False
     security_only: bool = False

@@ -86,7 +86,9 @@ def name_severity(name: str) -> str:
 
 
 def checked_specs(packages: Sequence[PackageSpec] | None) -> tuple[PackageSpec, ...] | None:
-    """Validate every name and version; ``None`` stays None ("all"), ``()`` is refused (bug 24)."""
+    """Validate every name and version; ``None`` stays None ("all"), ``()`` is refused: no argv
+    is ever built from an empty list (the original ran ``apt-get install -y --``).  An empty
+    patch_apply ends before this, in :meth:`BackendBase._execute`."""
     if packages is None:
         return None
     specs = tuple(packages)
@@ -289,6 +291,15 @@ class BackendBase:
 
     async def _execute(self, job: Any, context: Any) -> JobOutcome:
         request: JobRequest = job.request
+        if request.operation == OP_PATCH_APPLY and request.packages == ():
+            # the manager's "nothing selected on this host": no command runs, no reboot
+            _log.info(
+                "{backend} patch_apply job {job_id}: no packages named, nothing to apply",
+                backend=self.name,
+                job_id=getattr(job, "id", "?"),
+            )
+            prefix = "Dry run: n" if request.dry_run else "N"
+            return JobOutcome(message=f"{prefix}othing to apply: the request named no packages")
         specs = self.check_request(request)
         _log.info(
             "{backend} {operation} job {job_id} (dry_run={dry_run})",

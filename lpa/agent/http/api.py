@@ -13,6 +13,13 @@ Flow of one request::
 
 Unknown paths are 404 ``NOT_FOUND`` and known paths with an unknown method 405 with ``Allow``,
 both in the envelope (the original answered those in plain text or with empty bodies).
+
+Mutating endpoints never ignore what they were asked: an unknown body field or query argument is
+a 400, and ``dry_run`` (body, or ``?dry_run=true``) is honoured by install, update, remove and
+patch apply, and refused by reboot, which has no dry run.  The agent never installs, upgrades or
+removes its own package, nor installs or upgrades the original agent it replaced: those answer
+409 ``UNSUPPORTED_ON_LPA`` naming the migration step (the manager's self-upgrade is
+``PUT /api/v1/packages/linux-patch-api``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from lpa.errors import (
     PackageManagerError,
     ServiceStatusError,
     SystemInfoError,
+    UnsupportedOnLpaError,
     UpgradeRequiredError,
     ValidationError,
 )
@@ -86,6 +94,13 @@ _HEALTH_DEFAULTS: dict[str, Any] = {
     "repo_config_synced": None,
     "repo_config_last_sync": None,
 }
+
+#: the original agent's package; the manager's self-upgrade is a PUT of it
+ORIGINAL_AGENT_PACKAGE = "linux-patch-api"
+#: lpa's own package (the agent never changes it through its own API)
+LPA_AGENT_PACKAGE = "lpa-agent"
+#: the one query argument a mutating endpoint knows
+_DRY_RUN = ("dry_run",)
 
 _app = Klein()
 
@@ -271,6 +286,11 @@ class AgentApi:
     @_route("/api/v1/system/reboot", "POST")
     async def reboot(self, request: IRequest) -> Answer:
         body = read.json_object(request, empty_ok=True)
+        if "dry_run" in body or "dry_run" in read.uri_query(request):
+            raise ValidationError(
+                "A reboot has no dry run; nothing was scheduled", {"field": "dry_run"}
+            )
+        read.refuse_unknown_query(request)
         read.refuse_unknown(
             body, ("delay_seconds", "force", "acknowledge_package_database_corruption_risk")
         )
@@ -331,25 +351,29 @@ class AgentApi:
     @_route("/api/v1/packages", "POST")
     async def install(self, request: IRequest) -> Answer:
         body = read.json_object(request)
-        read.refuse_unknown(body, ("packages", "options"))
+        read.refuse_unknown(body, ("packages", "options", "dry_run"))
+        read.refuse_unknown_query(request, _DRY_RUN)
         if "packages" not in body:
             raise ValidationError("packages is required", {"field": "packages"})
         specs = read.package_specs(body["packages"])
+        self._refuse_own_package(OP_INSTALL, [spec.name for spec in specs])
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise ValidationError("options must be an object", {"field": "options"})
         read.refuse_unknown(options, ("force", "no_recommends"), "options")
+        dry_run = read.dry_run(request, body)
         job = _as_job(
             self._jobs.submit(
                 JobRequest(
                     operation=OP_INSTALL,
                     packages=specs,
+                    dry_run=dry_run,
                     force=read.boolean(options, "force"),
                     no_recommends=read.boolean(options, "no_recommends"),
                 )
             )
         )
-        return Answer(self._accepted(job, package=None), 202)
+        return Answer(self._accepted(job, package=None, dry_run=dry_run), 202)
 
     @_route("/api/v1/packages/<string:name>", "GET")
     async def get_package(self, request: IRequest, name: str) -> Answer:
@@ -359,18 +383,51 @@ class AgentApi:
 
     @_route("/api/v1/packages/<string:name>", "PUT")
     async def update_package(self, request: IRequest, name: str) -> Answer:
-        return self._one_package(OP_UPDATE, name)
+        return self._one_package(request, OP_UPDATE, name)
 
     @_route("/api/v1/packages/<string:name>", "DELETE")
     async def remove_package(self, request: IRequest, name: str) -> Answer:
-        return self._one_package(OP_REMOVE, name)
+        return self._one_package(request, OP_REMOVE, name)
 
-    def _one_package(self, operation: str, name: str) -> Answer:
+    def _one_package(self, request: IRequest, operation: str, name: str) -> Answer:
+        """Update or remove one package; an optional body ``{"dry_run": bool}``.
+
+        The original ignored any body here, so a ``dry_run: true`` started a real update.
+        """
         validation.package_name(name)
+        # before the body: the manager's self-upgrade gets this answer whatever it sends
+        self._refuse_own_package(operation, [name])
+        body = read.json_object(request, empty_ok=True)
+        read.refuse_unknown(body, _DRY_RUN)
+        read.refuse_unknown_query(request, _DRY_RUN)
+        dry_run = read.dry_run(request, body)
         job = _as_job(
-            self._jobs.submit(JobRequest(operation=operation, packages=(PackageSpec(name),)))
+            self._jobs.submit(
+                JobRequest(operation=operation, packages=(PackageSpec(name),), dry_run=dry_run)
+            )
         )
-        return Answer(self._accepted(job, package=name), 202)
+        return Answer(self._accepted(job, package=name, dry_run=dry_run), 202)
+
+    def _refuse_own_package(self, operation: str, names: Sequence[str]) -> None:
+        """409 ``UNSUPPORTED_ON_LPA`` for lpa's own package, and for installing or upgrading
+        the original agent it replaced (removing a leftover original agent is allowed)."""
+        for name in names:
+            if name == LPA_AGENT_PACKAGE or (
+                name == ORIGINAL_AGENT_PACKAGE and operation != OP_REMOVE
+            ):
+                raise UnsupportedOnLpaError(
+                    f"This host runs lpa-agent {self._version}, which replaced "
+                    f"{ORIGINAL_AGENT_PACKAGE}: it will not {operation} {name} through its API. "
+                    f"To upgrade the agent (the manager's self-upgrade), upgrade the "
+                    f"{LPA_AGENT_PACKAGE} package with the host's package manager, e.g. "
+                    f"apt-get install --only-upgrade {LPA_AGENT_PACKAGE}",
+                    {
+                        "package": name,
+                        "operation": operation,
+                        "agent_package": LPA_AGENT_PACKAGE,
+                        "agent_version": self._version,
+                    },
+                )
 
     # -- patches ---------------------------------------------------------------------------------
 
@@ -395,7 +452,10 @@ class AgentApi:
 
     @_route("/api/v1/patches/apply", "POST")
     async def apply_patches(self, request: IRequest) -> Answer:
+        """Apply patches; ``packages`` absent means all, ``[]`` nothing (the manager sends it
+        for a host with nothing selected; the job completes with an empty change list)."""
         body = read.json_object(request)
+        read.refuse_unknown_query(request, _DRY_RUN)
         read.refuse_unknown(
             body,
             (
@@ -408,7 +468,7 @@ class AgentApi:
             ),
         )
         packages = body.get("packages")
-        specs = read.package_specs(packages) if packages is not None else None
+        specs = read.package_specs(packages, empty_ok=True) if packages is not None else None
         allow_reboot = read.boolean(body, "allow_reboot")
         if "reboot" in body:
             alias = read.boolean(body, "reboot")
@@ -420,7 +480,7 @@ class AgentApi:
         job_request = JobRequest(
             operation=OP_PATCH_APPLY,
             packages=specs,
-            dry_run=read.boolean(body, "dry_run"),
+            dry_run=read.dry_run(request, body),
             security_only=read.boolean(body, "security_only"),
             allow_reboot=allow_reboot,
             reboot_delay_seconds=read.seconds(body, "reboot_delay_seconds"),

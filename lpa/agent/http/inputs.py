@@ -9,6 +9,7 @@ were silently ignored, ``packages`` was therefore absent, and the agent applied 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any, Iterable
 
 from twisted.web.iweb import IRequest
@@ -114,14 +115,17 @@ def seconds(body: dict[str, Any], key: str, default: int = 0) -> int:
     return value
 
 
-def package_specs(value: Any, key: str = "packages") -> tuple[PackageSpec, ...]:
-    """A non-empty list of names or ``{name, version?}`` objects, validated, duplicates dropped."""
+def package_specs(
+    value: Any, key: str = "packages", *, empty_ok: bool = False
+) -> tuple[PackageSpec, ...]:
+    """A list of names or ``{name, version?}`` objects, validated, duplicates dropped; empty
+    only when ``empty_ok``."""
     if not isinstance(value, list):
         raise ValidationError(f"{key} must be a list", {"field": key})
     if not value:
-        raise ValidationError(
-            f"{key} must not be empty (leave it out to mean every package)", {"field": key}
-        )
+        if empty_ok:
+            return ()
+        raise ValidationError(f"{key} must name at least one package", {"field": key})
     if len(value) > MAX_PACKAGES:
         raise ValidationError(f"{key} names more than {MAX_PACKAGES} packages", {"field": key})
     specs: dict[str, PackageSpec] = {}
@@ -147,6 +151,40 @@ def package_specs(value: Any, key: str = "packages") -> tuple[PackageSpec, ...]:
     return tuple(specs.values())
 
 
+def uri_query(request: IRequest) -> dict[str, str]:
+    """The request URI's query arguments, last value each (never a form body's fields, which
+    twisted.web mixes into ``request.args`` for a form-encoded POST)."""
+    query_string = urllib.parse.urlsplit(request.uri or b"").query
+    pairs = urllib.parse.parse_qsl(query_string, keep_blank_values=True)
+    return {
+        name.decode("utf-8", "replace"): value.decode("utf-8", "replace") for name, value in pairs
+    }
+
+
+def refuse_unknown_query(request: IRequest, allowed: Iterable[str] = ()) -> None:
+    """400 for query arguments a mutating endpoint does not know: a misspelt option (say
+    ``?dryrun=1``) must not be ignored while the request mutates."""
+    known = set(allowed)
+    unknown = sorted(name for name in uri_query(request) if name not in known)
+    if unknown:
+        raise ValidationError(
+            f"Unknown query argument(s): {', '.join(n[:40] for n in unknown[:10])}",
+            {"unknown_query_arguments": unknown[:10], "allowed_query_arguments": sorted(known)},
+        )
+
+
+def dry_run(request: IRequest, body: dict[str, Any]) -> bool:
+    """``dry_run`` from the body or the query (``?dry_run=true``); both given must agree."""
+    in_body = boolean(body, "dry_run")
+    raw = uri_query(request).get("dry_run")
+    in_query = None if raw is None else _parse_bool("dry_run", raw)
+    if in_query is not None and body.get("dry_run") is not None and in_query != in_body:
+        raise ValidationError(
+            "dry_run in the query and in the body disagree", {"field": "dry_run"}
+        )
+    return in_body or in_query is True
+
+
 def query(request: IRequest, name: str) -> str | None:
     """The last value of a query argument, decoded (None when absent)."""
     values = (request.args or {}).get(name.encode("ascii"))
@@ -162,6 +200,10 @@ def query_bool(request: IRequest, name: str) -> bool | None:
     value = query(request, name)
     if value is None:
         return None
+    return _parse_bool(name, value)
+
+
+def _parse_bool(name: str, value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("true", "1", "yes"):
         return True
