@@ -382,7 +382,8 @@ class LoopbackTests(SynchronousTestCase):
             for _ in connection:  # until the client closes normally
                 pass
 
-        server = serve(handler, "127.0.0.1", 0, subprotocols=["lpa.jobs.v1"])  # type: ignore[list-item]
+        offered = ["lpa.jobs.v1"]
+        server = serve(handler, "127.0.0.1", 0, subprotocols=offered)  # type: ignore[arg-type]
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         self.addCleanup(thread.join)

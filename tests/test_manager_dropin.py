@@ -406,7 +406,9 @@ class DryRunMutatesNothingTests(_StandInAgentCase):
     async def test_install_dry_run(self) -> None:
         """POST /api/v1/packages with dry_run: true runs only apt-get -s."""
         await self.start_stand_in_agent()
-        await self.check_dry_run("POST", "/api/v1/packages", {"packages": ["curl"], "dry_run": True})
+        await self.check_dry_run(
+            "POST", "/api/v1/packages", {"packages": ["curl"], "dry_run": True}
+        )
 
     async def test_update_dry_run(self) -> None:
         """PUT /api/v1/packages/{name} honours a body's (or the query's) dry_run."""

@@ -139,7 +139,7 @@ class WssInteropTests(TestCase):
             ssl=client_context(self.pki, which),
             proxy=None,
             open_timeout=10,
-            subprotocols=[SUBPROTOCOL] if subprotocols is None else subprotocols,  # type: ignore[arg-type]
+            subprotocols=[SUBPROTOCOL] if subprotocols is None else subprotocols,  # type: ignore
         )
 
     def submit_patch(self) -> str:
