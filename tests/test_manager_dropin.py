@@ -11,13 +11,12 @@ The manager (Linux-Patch-Manager's pm-worker) keeps talking to a host whose agen
   a host with nothing selected: 202, and the job completes with an empty change list;
 * every mutating endpoint with ``dry_run: true`` mutates nothing, or is refused with 400.
 
-The agent is the real daemon (``make_agent_service``: mTLS listener, REST API, WebSocket, job
-engine, history) on loopback.  For the dry-run checks its backend is the real apt backend whose
-runner is the real ``ProcessRunner`` with ``PATH`` set to a directory of stand-in executables
-(``apt-get``, ``apt``, ``apt-cache``, ``dpkg``, ``systemctl``, ``shutdown``, ``reboot``) that record
-every argv to a file and print what apt's simulation would; the runner refuses any program named
-by an absolute path, so no command can reach this machine's package manager.  The stand-ins are
-checked to be in effect before the first request.
+The agent is the real daemon on loopback over mutual TLS.  For the WebSocket checks it runs in
+this process (``make_agent_service``) with a gated fake backend, so a job is still running while
+clients connect.  For everything that reaches the package manager it is a real ``lpa-agent``
+process from :mod:`tests.agentproc`: apt, dpkg and the reboot commands are stand-ins
+(:mod:`tests.standin`) bind-mounted over the real ones in a private mount namespace, each
+invocation recorded, and proven in effect before the first request.
 """
 
 from __future__ import annotations
@@ -27,61 +26,33 @@ import os
 import shutil
 import socket
 import ssl
-import sys
 import tempfile
 import uuid
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
-from lpa.agent.backends.apt import AptBackend
 from lpa.agent.config import parse_agent_config
-from lpa.agent.interfaces import IProcessRunner
-from lpa.agent.process import ProcessRunner
 from lpa.agent.service import make_agent_service
-from lpa.errors import CommandNotFoundError
 from lpa.events import COMPLETED
 from lpa.protocol import SUBPROTOCOL
+from tests import standin
 from tests.agentclient import mtls_client
+from tests.agentproc import AgentProcess, wait_until
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
-STAND_INS = ("apt-get", "apt", "apt-cache", "dpkg", "dpkg-query", "systemctl", "shutdown",
-             "reboot")
-
-#: a stand-in package-manager executable: records its argv, prints apt's simulation lines
-STAND_IN = """#!{python}
-import json, os, sys
-name = os.path.basename(sys.argv[0])
-args = sys.argv[1:]
-with open({record!r}, "a") as record:
-    record.write(json.dumps([name] + args) + "\\n")
-if args == ["--version"]:
-    print("lpa stand-in " + name)
-elif name == "apt-get" and "-s" in args:
-    targets = args[args.index("--") + 1:] if "--" in args else ["standin-all"]
-    for target in targets:
-        base = target.split("=")[0]
-        if "remove" in args:
-            print("Remv %s [1.0-1]" % base)
-        else:
-            print("Inst %s [1.0-1] (1.1-1 Stand-in:1 [amd64])" % base)
-"""
 
 
 def mutating(argv: Sequence[str]) -> bool:
-    """Whether a recorded command could change the host (anything not known read-only)."""
+    """Whether a recorded command could change the host: anything not known to be read-only
+    (stricter than ``standin.mutating_calls``: ``apt-get update`` and reboots count too)."""
     name, args = argv[0], list(argv[1:])
-    if args == ["--version"]:
-        return False
     if name == "apt-get":
         return "-s" not in args
     if name == "dpkg":
@@ -89,37 +60,6 @@ def mutating(argv: Sequence[str]) -> bool:
     if name in ("apt", "apt-cache", "dpkg-query"):
         return args[:1] not in (["list"], ["policy"], ["show"], ["-W"])
     return True  # systemctl, shutdown, reboot: never expected here
-
-
-@implementer(IProcessRunner)
-class StandInRunner:
-    """The real ProcessRunner, but children find only the stand-ins: ``PATH`` is their
-    directory, and a program named by an absolute path is refused."""
-
-    def __init__(self, inner: ProcessRunner, bin_dir: str) -> None:
-        self._inner = inner
-        self._bin_dir = bin_dir
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float,
-        env: Mapping[str, str] | None = None,
-        on_stdout_line: Callable[[str], None] | None = None,
-        on_stderr_line: Callable[[str], None] | None = None,
-        extra_fds: Mapping[int, Callable[[str], None]] | None = None,
-    ) -> Deferred:
-        if os.sep in argv[0]:
-            return defer.fail(CommandNotFoundError(f"{argv[0]}: not run in this test"))
-        return self._inner.run(
-            argv,
-            timeout=timeout,
-            env={**(env or {}), "PATH": self._bin_dir},
-            on_stdout_line=on_stdout_line,
-            on_stderr_line=on_stderr_line,
-            extra_fds=extra_fds,
-        )
 
 
 def client_context(pki: Any) -> ssl.SSLContext:
@@ -324,43 +264,54 @@ class ManagerRelayTests(_AgentCase):
         self.assertEqual(await deferToThread(attempt), 400)
 
 
-class _StandInAgentCase(_AgentCase):
-    """A real agent whose apt backend runs stand-in executables recording every argv."""
+class _StandInAgentCase(TestCase):
+    """A real ``lpa-agent`` process whose apt/dpkg/reboot commands are recording stand-ins."""
+
+    timeout = 120
 
     async def start_stand_in_agent(self) -> None:
-        bin_dir = os.path.join(self.tmp, "bin")
-        os.mkdir(bin_dir)
-        self.record = os.path.join(self.tmp, "argv.jsonl")
-        for name in STAND_INS:
-            path = os.path.join(bin_dir, name)
-            with open(path, "w") as f:
-                f.write(STAND_IN.format(python=sys.executable, record=self.record))
-            os.chmod(path, 0o755)
-        runner = StandInRunner(ProcessRunner(reactor), bin_dir)
-        self.assertTrue(verifyObject(IProcessRunner, runner))
-        # the stand-ins are in effect before the first request, and nothing else can run
-        result = await runner.run(["apt-get", "--version"], timeout=30)
-        self.assertEqual(result.stdout.strip(), "lpa stand-in apt-get")
-        with self.assertRaises(CommandNotFoundError):
-            await runner.run(["/usr/bin/apt-get", "--version"], timeout=30)
-        os.unlink(self.record)
-        backend = AptBackend(
-            runner,
-            reboot_marker=os.path.join(self.tmp, "reboot-required"),
-            modules_dir=os.path.join(self.tmp, "modules"),
+        tmp = tempfile.mkdtemp(prefix="lpa-dropin-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = make_test_pki(os.path.join(tmp, "pki"))
+        self.agent = AgentProcess(
+            os.path.join(tmp, "agent"),
+            pki,
+            extra_yaml="rate_limit:\n  enabled: false\n",
+            download_seconds=0.1,
+            dpkg_seconds=0.1,
         )
-        await self.start_agent(backend=backend, runner=runner)
+        self.addCleanup(self.agent.cleanup)
+        await self.agent.start()  # proves the stand-ins are in effect
+        self.seen = len(self.agent.record())
 
     def recorded(self) -> list[list[str]]:
-        if not os.path.exists(self.record):
-            return []
-        with open(self.record) as f:
-            return [json.loads(line) for line in f]
+        """``[command, *argv]`` of every stand-in started since the last call."""
+        records = self.agent.record()
+        starts = [r for r in records[self.seen:] if r.get("event") == "start"]
+        self.seen = len(records)
+        return [[r["command"], *r["argv"]] for r in starts]
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return await self.agent.request(method, path, **({} if body is None else {"json": body}))
 
     async def accepted_job(self, method: str, path: str, body: Any) -> dict[str, Any]:
         code, answer = await self.request(method, path, body)
         self.assertEqual(code, 202, answer)
-        return await self.until_terminal(answer["data"]["job_id"])
+        job_id = answer["data"]["job_id"]
+        detail: dict[str, Any] = {}
+
+        async def ended() -> bool:
+            _, polled = await self.request("GET", f"/api/v1/jobs/{job_id}")
+            detail.update(polled["data"])
+            return polled["data"]["status"] in TERMINAL
+
+        await wait_until(ended, f"job {job_id} to end")
+        return detail
+
+    async def jobs(self) -> list[Any]:
+        code, body = await self.request("GET", "/api/v1/jobs")
+        self.assertEqual(code, 200)
+        return list(body["data"]["jobs"])
 
 
 class ManagerApplyTests(_StandInAgentCase):
@@ -386,7 +337,7 @@ class ManagerApplyTests(_StandInAgentCase):
         code, body = await self.request("PUT", "/api/v1/packages/linux-patch-api")
         self.assertEqual((code, body["error"]["code"]), (409, "UNSUPPORTED_ON_LPA"))
         self.assertIn("lpa-agent", body["error"]["message"])
-        self.assertEqual(self.service.jobs.list_jobs(), [])
+        self.assertEqual(await self.jobs(), [])
         self.assertEqual(self.recorded(), [])
 
 
@@ -394,12 +345,12 @@ class DryRunMutatesNothingTests(_StandInAgentCase):
     async def check_dry_run(self, method: str, path: str, body: Any) -> None:
         """One endpoint: 202, completed with the stand-in's simulated change, only read-only
         commands recorded (and some were: the stand-ins really ran)."""
-        before = len(self.recorded())
+        self.recorded()
         detail = await self.accepted_job(method, path, body)
         self.assertEqual(detail["status"], COMPLETED, detail.get("error"))
         self.assertTrue(detail["dry_run"])
         self.assertTrue(detail["changes"], detail)
-        calls = self.recorded()[before:]
+        calls = self.recorded()
         self.assertTrue(calls)
         self.assertEqual([argv for argv in calls if mutating(argv)], [], f"{method} {path}")
 
@@ -438,7 +389,7 @@ class DryRunMutatesNothingTests(_StandInAgentCase):
         ):
             code, answer = await self.request("POST", path, body)
             self.assertEqual((code, answer["error"]["code"]), (400, "VALIDATION_ERROR"))
-        self.assertEqual(self.service.jobs.list_jobs(), [])
+        self.assertEqual(await self.jobs(), [])
         self.assertEqual(self.recorded(), [])
 
     async def test_mutating_calls_are_seen(self) -> None:
@@ -450,3 +401,4 @@ class DryRunMutatesNothingTests(_StandInAgentCase):
         flagged = [argv for argv in self.recorded() if mutating(argv)]
         self.assertIn("-y", flagged[0])
         self.assertEqual(flagged[0][-3:], ["--only-upgrade", "--", "curl"])
+        self.assertEqual(standin.mutating_calls(self.agent.record()), [flagged[0][1:]])
