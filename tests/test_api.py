@@ -360,6 +360,22 @@ class PackageTests(ApiTestCase):
         self.assertEqual(reply.error["details"]["agent_version"], "9.9.9")
         self.assertEqual(self.jobs.submitted, [])
 
+    def test_own_package_rules(self) -> None:
+        """Which operations on which packages the agent refuses, directly."""
+        from lpa.agent.http.ownpackage import refuse_own_package
+        from lpa.errors import UnsupportedOnLpaError
+
+        for operation, name in (
+            ("update", "linux-patch-api"),
+            ("install", "linux-patch-api"),
+            ("update", "lpa-agent"),
+            ("install", "lpa-agent"),
+            ("remove", "lpa-agent"),
+        ):
+            self.assertRaises(UnsupportedOnLpaError, refuse_own_package, operation, [name], "1")
+        for operation, name in (("remove", "linux-patch-api"), ("update", "lpa-agentx")):
+            refuse_own_package(operation, [name], "1")
+
     def test_leftover_original_agent_may_be_removed(self) -> None:
         """Removing a leftover linux-patch-api package is an ordinary removal."""
         reply = self.call("DELETE", "/api/v1/packages/linux-patch-api")

@@ -18,8 +18,7 @@ Mutating endpoints never ignore what they were asked: an unknown body field or q
 a 400, and ``dry_run`` (body, or ``?dry_run=true``) is honoured by install, update, remove and
 patch apply, and refused by reboot, which has no dry run.  The agent never installs, upgrades or
 removes its own package, nor installs or upgrades the original agent it replaced: those answer
-409 ``UNSUPPORTED_ON_LPA`` naming the migration step (the manager's self-upgrade is
-``PUT /api/v1/packages/linux-patch-api``).
+409 ``UNSUPPORTED_ON_LPA`` naming the migration step (:mod:`lpa.agent.http.ownpackage`).
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from lpa.agent.http.gate import (
 )
 from lpa.agent.cache import PatchCache
 from lpa.agent.http.envelope import Answer, Enveloper
+from lpa.agent.http.ownpackage import refuse_own_package
 from lpa.agent.eventlog import EventsExpiredError
 from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
 from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
@@ -65,7 +65,6 @@ from lpa.errors import (
     PackageManagerError,
     ServiceStatusError,
     SystemInfoError,
-    UnsupportedOnLpaError,
     UpgradeRequiredError,
     ValidationError,
 )
@@ -95,10 +94,6 @@ _HEALTH_DEFAULTS: dict[str, Any] = {
     "repo_config_last_sync": None,
 }
 
-#: the original agent's package; the manager's self-upgrade is a PUT of it
-ORIGINAL_AGENT_PACKAGE = "linux-patch-api"
-#: lpa's own package (the agent never changes it through its own API)
-LPA_AGENT_PACKAGE = "lpa-agent"
 #: the one query argument a mutating endpoint knows
 _DRY_RUN = ("dry_run",)
 
@@ -356,7 +351,7 @@ class AgentApi:
         if "packages" not in body:
             raise ValidationError("packages is required", {"field": "packages"})
         specs = read.package_specs(body["packages"])
-        self._refuse_own_package(OP_INSTALL, [spec.name for spec in specs])
+        refuse_own_package(OP_INSTALL, [spec.name for spec in specs], self._version)
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise ValidationError("options must be an object", {"field": "options"})
@@ -396,7 +391,7 @@ class AgentApi:
         """
         validation.package_name(name)
         # before the body: the manager's self-upgrade gets this answer whatever it sends
-        self._refuse_own_package(operation, [name])
+        refuse_own_package(operation, [name], self._version)
         body = read.json_object(request, empty_ok=True)
         read.refuse_unknown(body, _DRY_RUN)
         read.refuse_unknown_query(request, _DRY_RUN)
@@ -407,27 +402,6 @@ class AgentApi:
             )
         )
         return Answer(self._accepted(job, package=name, dry_run=dry_run), 202)
-
-    def _refuse_own_package(self, operation: str, names: Sequence[str]) -> None:
-        """409 ``UNSUPPORTED_ON_LPA`` for lpa's own package, and for installing or upgrading
-        the original agent it replaced (removing a leftover original agent is allowed)."""
-        for name in names:
-            if name == LPA_AGENT_PACKAGE or (
-                name == ORIGINAL_AGENT_PACKAGE and operation != OP_REMOVE
-            ):
-                raise UnsupportedOnLpaError(
-                    f"This host runs lpa-agent {self._version}, which replaced "
-                    f"{ORIGINAL_AGENT_PACKAGE}: it will not {operation} {name} through its API. "
-                    f"To upgrade the agent (the manager's self-upgrade), upgrade the "
-                    f"{LPA_AGENT_PACKAGE} package with the host's package manager, e.g. "
-                    f"apt-get install --only-upgrade {LPA_AGENT_PACKAGE}",
-                    {
-                        "package": name,
-                        "operation": operation,
-                        "agent_package": LPA_AGENT_PACKAGE,
-                        "agent_version": self._version,
-                    },
-                )
 
     # -- patches ---------------------------------------------------------------------------------
 
