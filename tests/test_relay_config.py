@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import attr
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -57,11 +59,24 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(config.client_cert_path, "/etc/patch-manager/certs/client.crt")
         self.assertEqual(config.log_format, "json")
 
+    def test_manager_keys_warned_once_per_group(self) -> None:
+        """The manager's own keys in the checked sections are accepted, named in one warning."""
+        config = parse(MANAGER_FILE)
+        manager = [w for w in config.warnings if "the manager's own" in w]
+        self.assertEqual(len(manager), 1, config.warnings)
+        for key in ("worker.health_poll_interval_secs", "worker.max_concurrent_agent_calls",
+                    "security.ip_whitelist", "security.jwt_signing_key_path",
+                    "database.max_connections"):
+            self.assertIn(key, manager[0])
+        self.assertTrue(any(w.startswith("logging.level is accepted") for w in config.warnings))
+        self.assertFalse(any("server" in w or "rate_limit" in w for w in config.warnings))
+
     def test_defaults(self) -> None:
         """Only database.url is required; everything else has the documented default."""
         config = parse('[database]\nurl = "postgresql:///patch_manager"\n')
+        self.assertEqual((config.source, config.warnings), ("config.toml", ()))
         self.assertEqual(
-            attr.asdict(config),
+            attr.asdict(config, filter=lambda field, _: field.name not in ("source", "warnings")),
             {
                 "database_url": "postgresql:///patch_manager",
                 "poll_interval": 10.0,
@@ -136,10 +151,12 @@ class BadConfigTests(SynchronousTestCase):
         cases = [
             ("[worker]\nws_relay_poll_interval_secs = 0\n", "worker.ws_relay_poll_interval_secs"),
             ("[worker]\nws_relay_scan_interval_secs = -1\n", "worker.ws_relay_scan_interval_secs"),
-            ('[worker]\nws_relay_handshake_timeout_secs = "10"\n', "ws_relay_handshake_timeout_secs"),
+            ('[worker]\nws_relay_handshake_timeout_secs = "10"\n',
+             "ws_relay_handshake_timeout_secs"),
             ("[worker]\nws_relay_max_handshakes = 1.5\n", "worker.ws_relay_max_handshakes"),
             ("[worker]\nws_relay_max_pending_events = true\n", "ws_relay_max_pending_events"),
-            ("[worker]\nws_relay_unreachable_deadline_secs = 0\n", "ws_relay_unreachable_deadline_secs"),
+            ("[worker]\nws_relay_unreachable_deadline_secs = 0\n",
+             "ws_relay_unreachable_deadline_secs"),
             ('[security]\nca_cert_path = ""\n', "security.ca_cert_path"),
             ("[security]\nagent_client_key_path = 3\n", "security.agent_client_key_path"),
             ('[logging]\nformat = "xml"\n', "logging.format"),
@@ -166,6 +183,57 @@ class BadConfigTests(SynchronousTestCase):
         )
 
 
+class UnknownKeyTests(SynchronousTestCase):
+    """A key the relay does not know in a section it checks stops start-up with a suggestion."""
+
+    url = '[database]\nurl = "postgresql:///pm"\n'
+
+    def assert_unknown(self, text: str, expected: str,
+                       environ: dict[str, str] | None = None) -> None:
+        error = self.assertRaises(ConfigError, parse, text, environ)
+        self.assertEqual(str(error), f"config.toml: {expected}")
+
+    def test_misspelt_relay_key(self) -> None:
+        """A misspelt ws_relay_* key in [worker] is refused, naming the key it resembles."""
+        self.assert_unknown(
+            self.url + "[worker]\nws_relay_pol_interval_secs = 10\n",
+            "unknown key worker.ws_relay_pol_interval_secs "
+            "(did you mean worker.ws_relay_poll_interval_secs?)")
+
+    def test_unknown_keys_in_every_checked_section(self) -> None:
+        """[security], [database] and [logging] are checked key by key too."""
+        self.assert_unknown(self.url + '[security]\nagent_client_cert = "/x"\n',
+                            "unknown key security.agent_client_cert "
+                            "(did you mean security.agent_client_cert_path?)")
+        self.assert_unknown('[database]\nurl = "postgresql:///pm"\nmax_conections = 3\n',
+                            "unknown key database.max_conections "
+                            "(did you mean database.max_connections?)")
+        self.assert_unknown(self.url + '[logging]\ncolour = "red"\n',
+                            "unknown key logging.colour")
+
+    def test_sections(self) -> None:
+        """A section named like a known one is an error; others are a warning; the manager's
+        [server], [rate_limit] and [repo] are not looked into."""
+        self.assert_unknown(self.url + "[wroker]\nws_relay_poll_interval_secs = 1\n",
+                            "unknown section wroker (did you mean worker?)")
+        config = parse(self.url + "[sso]\nissuer = 'x'\n[server]\nanything = 1\n"
+                       "[rate_limit]\nx = 1\n[repo]\ndir = '/r'\n")
+        self.assertEqual(config.warnings, ("section sso is not one lpa knows; ignored",))
+
+    def test_misspelt_environment_override(self) -> None:
+        """A PATCH_MANAGER__ variable naming an unknown key of a checked section is refused;
+        the manager's own variables and other sections' are left alone."""
+        self.assert_unknown(
+            self.url, "PATCH_MANAGER__WORKER__WS_RELAY_MAX_HANDSHAKE: unknown key "
+            "worker.ws_relay_max_handshake (did you mean "
+            "PATCH_MANAGER__WORKER__WS_RELAY_MAX_HANDSHAKES?)",
+            {"PATCH_MANAGER__WORKER__WS_RELAY_MAX_HANDSHAKE": "3"})
+        config = parse(self.url, {"PATCH_MANAGER__WORKER__JOB_TIMEOUT_SECS": "5",
+                                  "PATCH_MANAGER__SERVER__PORT": "443",
+                                  "PATCH_MANAGER__SOMETHING": "x"})
+        self.assertEqual(config.warnings, ())
+
+
 class LoadTests(SynchronousTestCase):
     def test_load_file(self) -> None:
         """load_relay_config reads a file by path."""
@@ -175,11 +243,17 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(load_relay_config(path, {}).poll_interval, 10.0)
 
     def test_missing_file(self) -> None:
-        """An unreadable file is a one-line error naming it."""
+        """A missing file is a one-line error naming it, worded as the agent's."""
         path = self.mktemp()
         error = self.assertRaises(ConfigError, load_relay_config, path, {})
-        self.assertIn(path, str(error))
-        self.assertIn("cannot read", str(error))
+        self.assertEqual(str(error), f"config file {path}: not found")
+
+    def test_unreadable_file(self) -> None:
+        """A directory in place of the file is 'cannot read', naming it."""
+        path = self.mktemp()
+        os.mkdir(path)
+        error = self.assertRaises(ConfigError, load_relay_config, path, {})
+        self.assertIn(f"config file {path}: cannot read", str(error))
 
     def test_not_utf8(self) -> None:
         """A file that is not UTF-8 is refused with its name."""

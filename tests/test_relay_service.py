@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpa import configkit
 from lpa.relay import tap
 from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress
@@ -132,12 +133,10 @@ class ServiceTests(SynchronousTestCase):
 class TapTests(SynchronousTestCase):
     def test_default_config_path(self) -> None:
         """--config defaults to /etc/lpa/relay.toml."""
-        options = tap.Options()
-        options.parseOptions([])
-        self.assertEqual(options["config"], "/etc/lpa/relay.toml")
+        self.assertEqual(tap.Options()["config"], "/etc/lpa/relay.toml")
 
-    def test_bad_config_one_line_nonzero_exit(self) -> None:
-        """A bad value prints one line on stderr and exits non-zero, without a traceback."""
+    def test_bad_config_one_line_exit_78(self) -> None:
+        """A bad value prints one line on stderr and exits 78 (EX_CONFIG), without a traceback."""
         directory = tempfile.mkdtemp()
         path = os.path.join(directory, "relay.toml")
         with open(path, "w") as handle:
@@ -145,11 +144,9 @@ class TapTests(SynchronousTestCase):
                 '[database]\nurl = "postgres://x@localhost/db"\n'
                 '[worker]\nws_relay_scan_interval_secs = "soon"\n'
             )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
         stderr = io.StringIO()
-        self.patch(tap.sys, "stderr", stderr)
-        exit_ = self.assertRaises(SystemExit, tap.makeService, options)
-        self.assertEqual(exit_.code, 2)
+        self.patch(configkit.sys, "stderr", stderr)
+        exit_ = self.assertRaises(SystemExit, tap.Options().parseOptions, ["--config", path])
+        self.assertEqual(exit_.code, 78)
         self.assertEqual(stderr.getvalue().count("\n"), 1)
         self.assertIn("ws_relay_scan_interval_secs", stderr.getvalue())

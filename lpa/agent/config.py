@@ -1,7 +1,9 @@
 """The agent's configuration: the original's ``config.yaml`` keys, plus lpa's own.
 
 Text in, frozen attrs out: :func:`parse_agent_config` checks every key against one table
-(:data:`_SPEC`) and builds an :class:`AgentConfig`; :func:`load_agent_config` reads the file.
+(:data:`_SPEC`) with the config kit both daemons share (:mod:`lpa.configkit`) and builds an
+:class:`AgentConfig`; :func:`load_agent_config` reads the file; :func:`check_agent_files` checks
+the certificates, key and CRL it names (``lpa config check`` and ``twistd lpa-agent`` run it).
 
 * Every key has a default; an empty file, or no file at all, gives the embedded defaults.
 * A key neither program knows (a typo) is an error that suggests the close match; a wrong type or
@@ -18,13 +20,13 @@ warned about (log routing belongs to twistd: ``--logfile``, ``--syslog``, ``--lo
 
 from __future__ import annotations
 
-import difflib
-import math
-from typing import Any, Callable, Mapping
+import os
+from typing import Any, Mapping
 
 import attr
 import yaml
 
+from lpa import configkit as kit
 from lpa.errors import ConfigError
 
 #: lpa's own default location; the original's is ORIGINAL_CONFIG_PATH
@@ -36,10 +38,9 @@ BACKENDS = ("auto", "apt", "dnf", "yum", "zypper", "apk", "pacman")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 
-_frozen = attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class ServerConfig:
     bind: str = "0.0.0.0"
     port: int = 12443
@@ -47,7 +48,7 @@ class ServerConfig:
     timeout_seconds: int = 30
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class TlsConfig:
     enabled: bool = True
     ca_cert: str = f"{CERT_DIR}/ca.pem"
@@ -58,14 +59,14 @@ class TlsConfig:
     min_tls_version: str = "1.3"
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class CommandTimeouts:
     refresh_secs: int = 300
     package_secs: int = 1800
     quick_secs: int = 60
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class JobsConfig:
     max_concurrent: int = 5
     timeout_minutes: int = 30
@@ -76,13 +77,13 @@ class JobsConfig:
     command_timeouts: CommandTimeouts = CommandTimeouts()
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class WhitelistConfig:
     #: None: no IP whitelist (every address may connect; mTLS still applies)
     path: str | None = None
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class RateLimitConfig:
     enabled: bool = True
     destructive_per_minute: int = 20
@@ -91,23 +92,23 @@ class RateLimitConfig:
     read_burst: int = 30
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class CacheConfig:
     stale_threshold_secs: int = 3600
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class PackageManagerConfig:
     backend: str = "auto"
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class WebSocketConfig:
     enabled: bool = True
     ping_interval_secs: float = 5
@@ -118,18 +119,18 @@ class WebSocketConfig:
     send_buffer_events: int = 2000
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class AuthConfig:
     #: client certificate CNs/SANs allowed; empty = any client certificate of the CA
     allowed_clients: tuple[str, ...] = ()
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class ApiConfig:
     max_body_bytes: int = 1048576
 
 
-@_frozen
+@attr.frozen(kw_only=True)
 class AgentConfig:
     """The whole agent configuration; see the module docstring."""
 
@@ -152,85 +153,29 @@ class AgentConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Value checkers: (key, raw value) -> value, or ConfigError naming the key.
+# Key checks come from the shared kit; the short names keep the table below readable.
 
-Check = Callable[[str, Any], Any]
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _int(lo: int, hi: int) -> Check:
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {_got(value)}")
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {value}")
-        return value
-
-    return check
-
-
-def _number(lo: float, hi: float) -> Check:
-    def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ConfigError(f"{key}: must be a number, got {_got(value)}")
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {value}")
-        return value
-
-    return check
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false, got {_got(value)}")
-    return value
-
-
-def _text(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: must be a non-empty string, got {_got(value)}")
-    return value
-
-
-def _optional_text(key: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    return _text(key, value)
-
-
-def _choice(*choices: str) -> Check:
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or value.lower() not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {_got(value)}")
-        return value.lower()
-
-    return check
+_int = kit.integer
+_number = kit.number
+_bool = kit.boolean
+_text = kit.text
+_optional_text = kit.optional_text
+_choice = kit.choice
+_names = kit.names
 
 
 def _tls_version(key: str, value: Any) -> str:
     text = str(value) if isinstance(value, (str, float)) else None
     if text not in ("1.2", "1.3"):
-        raise ConfigError(f'{key}: must be "1.2" or "1.3", got {_got(value)}')
+        raise ConfigError(f'{key}: must be "1.2" or "1.3", got {kit.got(value)}')
     return text
-
-
-def _names(key: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise ConfigError(f"{key}: must be a list of names, got {_got(value)}")
-    return tuple(v.strip() for v in value)
 
 
 _MINUTE = 60
 _DAY = 86400
 
 #: every key lpa uses: dotted key -> checker.  The attrs default is the default.
-_SPEC: dict[str, Check] = {
+_SPEC: dict[str, kit.Check] = {
     "state_dir": _text,
     "server.bind": _text,
     "server.port": _int(0, 65535),
@@ -288,8 +233,6 @@ _UNUSED_SECTIONS: dict[str, str] = {
     "file_install": "lpa does not install files",
 }
 
-_SECTIONS = {key.rsplit(".", 1)[0] for key in list(_SPEC) + list(_UNUSED) if "." in key}
-
 
 # --------------------------------------------------------------------------------------------
 # YAML with duplicate keys refused (the original's serde would refuse them too).
@@ -326,42 +269,16 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML at{where}: {problem}") from None
 
 
-# --------------------------------------------------------------------------------------------
+def _as_written(key: str, value: Any) -> Any:
+    return value
 
 
-def _flatten(mapping: Mapping[Any, Any], prefix: str, out: dict[str, Any]) -> None:
-    for raw_key, value in mapping.items():
-        if not isinstance(raw_key, str):
-            raise ConfigError(f"{prefix or 'top level'}: key {raw_key!r} is not a string")
-        key = f"{prefix}{raw_key}"
-        if key in _SPEC or key in _UNUSED:
-            out[key] = value
-        elif key in _SECTIONS or key.split(".", 1)[0] in _UNUSED_SECTIONS and "." not in key:
-            if value is None:
-                continue  # an empty section: all defaults
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{key}: must be a section (a mapping), got {_got(value)}")
-            _flatten(value, key + ".", out)
-        else:
-            out[key] = value
-
-
-def _unknown_key(key: str) -> ConfigError:
-    known = list(_SPEC) + list(_UNUSED) + sorted(_SECTIONS) + list(_UNUSED_SECTIONS)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"unknown key {key}{hint}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    kwargs: dict[str, Any] = {}
-    for field in attr.fields(cls):
-        key = f"{prefix}{field.name}"
-        if attr.has(field.type) if isinstance(field.type, type) else False:
-            kwargs[field.name] = _build(field.type, values, key + ".")
-        elif key in values:
-            kwargs[field.name] = values[key]
-    return cls(**kwargs)
+#: ``tls.port`` is read only to warn when it differs from ``server.port``
+_SCHEMA = kit.Schema(
+    keys={**_SPEC, "tls.port": _as_written},
+    accepted={key: why for key, why in _UNUSED.items() if key != "tls.port"},
+    accepted_sections=_UNUSED_SECTIONS,
+)
 
 
 def _resolve_types() -> None:
@@ -386,39 +303,15 @@ def parse_agent_config(text: str, source: str = "<config>") -> AgentConfig:
         return AgentConfig(source=source)
     if not isinstance(document, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-
-    flat: dict[str, Any] = {}
     try:
-        _flatten(document, "", flat)
+        values, warnings = kit.walk(document, _SCHEMA)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
-    values: dict[str, Any] = {}
-    warnings: list[str] = []
-    warned_sections: set[str] = set()
-    for key, raw in flat.items():
-        section = key.split(".", 1)[0]
-        try:
-            if key in _SPEC:
-                values[key] = _SPEC[key](key, raw)
-            elif key in _UNUSED:
-                if key != "tls.port":
-                    warnings.append(f"{key} is accepted but not used: {_UNUSED[key]}")
-            elif section in _UNUSED_SECTIONS and "." in key:
-                if section not in warned_sections:
-                    warned_sections.add(section)
-                    warnings.append(
-                        f"{section}.* is accepted but not used: {_UNUSED_SECTIONS[section]}"
-                    )
-            else:
-                raise _unknown_key(key)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
     port = values.get("server.port", ServerConfig().port)
-    if "tls.port" in flat and flat["tls.port"] != port:
+    if "tls.port" in values and values["tls.port"] != port:
         warnings.append(
-            f"tls.port ({flat['tls.port']!r}) differs from server.port ({port}) and is unused: "
+            f"tls.port ({values['tls.port']!r}) differs from server.port ({port}) and is unused: "
             "lpa serves HTTPS on server.port"
         )
     if "tls" not in document:
@@ -431,7 +324,7 @@ def parse_agent_config(text: str, source: str = "<config>") -> AgentConfig:
             "tls.enabled is false: serving plain HTTP without client certificates (INSECURE)"
         )
 
-    config: AgentConfig = _build(AgentConfig, values, "")
+    config: AgentConfig = kit.build(AgentConfig, values)
     return attr.evolve(config, source=source, warnings=tuple(warnings))
 
 
@@ -443,39 +336,36 @@ def load_agent_config(path: str | None) -> AgentConfig:
     """
     if path is None:
         return AgentConfig()
+    return parse_agent_config(kit.read_config_text(path), source=path)
+
+
+def check_agent_files(config: AgentConfig) -> list[str]:
+    """Check the files ``config`` names, as the agent reads them at start; return warnings.
+
+    Certificates and keys must exist, be readable and parse, and the key must match the
+    certificate.  A missing CRL or whitelist file is a warning (the agent starts: no revocation
+    checking until the CRL appears; every address refused until the whitelist appears).
+
+    :raises ConfigError: ``"{source}: tls.server_cert: /path: no such file"`` …
+    """
+    warnings: list[str] = []
+    tls = config.tls
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path}: cannot read: {e.strerror or e}") from None
-    return parse_agent_config(text, source=path)
-
-
-# --------------------------------------------------------------------------------------------
-# ``lpa config check FILE``
-
-
-def _cmd_check(args: Any) -> int:
-    config = load_agent_config(args.file)
-    for warning in config.warnings:
-        print(f"warning: {warning}")
-    print(f"{config.source}: OK")
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``lpa config check``."""
-    parser = subparsers.add_parser(
-        "config", help="check an agent configuration file",
-        description="Work with the agent's config.yaml.")
-    actions = parser.add_subparsers(dest="config_action", metavar="ACTION", required=True)
-    check = actions.add_parser(
-        "check", help="validate a config file and print its warnings",
-        description="Parse an agent config.yaml as lpa-agent would at start-up: print each "
-        "warning (keys accepted but unused) and exit 0, or print the one-line error and exit 2.")
-    check.add_argument("file", metavar="FILE", help=f"the file (lpa default {DEFAULT_CONFIG_PATH})")
-    check.set_defaults(func=_cmd_check)
+        if tls.enabled:
+            cas = kit.check_file("tls.ca_cert", tls.ca_cert, kit.Pem.CERTIFICATES)
+            warnings += kit.validity_warnings("tls.ca_cert", tls.ca_cert, cas)
+            warnings += kit.check_key_pair(
+                "tls.server_cert", tls.server_cert, "tls.server_key", tls.server_key)
+            if tls.crl_path is not None:
+                if os.path.exists(tls.crl_path):
+                    kit.check_file("tls.crl_path", tls.crl_path, kit.Pem.CRL)
+                else:
+                    warnings.append(f"tls.crl_path: {tls.crl_path}: no such file; client "
+                                    "certificates are not checked for revocation until it exists")
+        whitelist = config.whitelist.path
+        if whitelist is not None and not os.path.isfile(whitelist):
+            warnings.append(f"whitelist.path: {whitelist}: no such file; every client address "
+                            "is refused until it exists")
+    except ConfigError as e:
+        raise ConfigError(f"{config.source}: {e}") from None
+    return warnings

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.python import usage
 
+from lpa.configkit import exit_config_error, own_pidfile
 from lpa.errors import ConfigError
 from lpa.logs import LogConfiguredService, observer_for_twistd
 
@@ -25,19 +25,19 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        from lpa.agent.config import load_agent_config
+        from lpa.agent.config import check_agent_files, load_agent_config
 
+        own_pidfile(self, "lpa-agent")
         try:
             self["agent_config"] = load_agent_config(self["config"])
+            check_agent_files(self["agent_config"])
         except ConfigError as error:
             _exit_with(error)
 
 
-def _exit_with(error: ConfigError) -> None:
-    """One line on stderr and a non-zero exit: never a traceback for a bad configuration."""
-    sys.stderr.write(f"lpa-agent: configuration error: {error}\n")
-    sys.stderr.flush()
-    raise SystemExit(78)  # EX_CONFIG
+def _exit_with(error: ConfigError) -> NoReturn:
+    """One line on stderr and exit 78 (EX_CONFIG): never a traceback for a bad configuration."""
+    exit_config_error("lpa-agent", error)
 
 
 def makeService(options: Options) -> Any:

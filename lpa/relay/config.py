@@ -1,15 +1,24 @@
 """The relay's configuration: the manager's own ``config.toml``, read unchanged.
 
 The relay takes the keys it needs from the manager's file (``[database]``, ``[worker]``,
-``[security]``, ``[logging]``) and ignores every other section and key, so one file serves both.
-Unlike the original (which silently fell back to built-in defaults, including the database URL,
-on any parse error, including its default database URL), a bad value here is a :class:`~lpa.errors.ConfigError` with one
-line naming the key.
+``[security]``, ``[logging]``) with the config kit both daemons share (:mod:`lpa.configkit`):
+
+* every key in those sections is either one the relay reads (:data:`_KEYS`), or one of the
+  manager's own keys, listed one by one in :data:`_MANAGER_KEYS` and accepted with a warning; any
+  other key there (a misspelt ``ws_relay_*`` …) stops start-up with "did you mean";
+* sections the relay has no part in (``[server]``, ``[rate_limit]``, ``[repo]``) are not looked
+  into; an unknown section is a warning, or an error when its name is close to a known one;
+* a bad value is a :class:`~lpa.errors.ConfigError` with one line naming the key (the original
+  silently fell back to built-in defaults, including its default database URL).
 
 ``[database] url`` is REQUIRED (in the file or as ``PATCH_MANAGER__DATABASE__URL``): a relay that
 quietly writes to a default database is the original's worst failure.  Every other key has the
 manager's default.  ``PATCH_MANAGER__SECTION__KEY`` environment variables override file values,
-as the manager does; their text is parsed as the key's type.
+as the manager does; their text is parsed as the key's type, and one naming an unknown key of a
+section the relay checks is an error too.
+
+:func:`check_relay_files` checks the ``[security]`` files (``lpa config check`` and
+``twistd lpa-relay`` run it).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import attr
 
+from lpa import configkit as kit
 from lpa.errors import ConfigError
 
 #: where the manager keeps its file; ``$PATCH_MANAGER_CONFIG`` overrides
@@ -47,42 +57,23 @@ class RelayConfig:
     client_key_path: str = "/etc/patch-manager/certs/client.key"
     ca_cert_path: str = "/etc/patch-manager/ca/ca.crt"
     log_format: str = "json"
+    #: where it came from (a path), for error lines; not part of equality
+    source: str = attr.field(default="<config>", eq=False)
+    #: one line per group of accepted-but-unused keys; the tap logs them at start-up
+    warnings: tuple[str, ...] = attr.field(default=(), eq=False)
 
 
-def _positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key}: must be a positive number of seconds, got {value!r}")
-    return float(value)
+# Key checks from the shared kit, under the names the table below uses.
+_positive_number = kit.positive_seconds
+_positive_int = kit.positive_integer
+_path = kit.path
+_bool = kit.boolean
+_database_url = kit.url("postgres", "postgresql")
+_log_format = kit.choice(*LOG_FORMATS)
 
 
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _path(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: must be a non-empty path string, got {value!r}")
-    return value
-
-
-def _database_url(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: must be a non-empty PostgreSQL URL, got {value!r}")
-    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-    if scheme not in ("postgres", "postgresql"):
-        raise ConfigError(f"{key}: must be a postgres:// or postgresql:// URL, got {value!r}")
-    return value
-
-
-def _log_format(key: str, value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in LOG_FORMATS:
-        raise ConfigError(f"{key}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-    return value.lower()
-
-
-#: attribute -> (section, key, validator, kind of env text)
+#: attribute -> (section, key, check, kind of env text); add a key with one line here, one
+#: attribute above, and its documentation in README.rst and etc/relay.toml
 _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
     "database_url": ("database", "url", _database_url, str),
     "poll_interval": ("worker", "ws_relay_poll_interval_secs", _positive_number, float),
@@ -109,16 +100,73 @@ _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
     "log_format": ("logging", "format", _log_format, str),
 }
 
+_MANAGER = "the manager's own, not used by lpa-relay"
 
-def _from_env_text(key: str, text: str, kind: type) -> Any:
-    """Env values are text; read them as the key's type so the same validators apply."""
+#: the manager's keys in the sections the relay checks (its config.example.toml and pm-core's
+#: config.rs): accepted with one warning line
+_MANAGER_KEYS: dict[str, str] = {
+    **{f"worker.{key}": _MANAGER for key in (
+        "health_poll_interval_secs", "patch_poll_interval_secs",
+        "health_check_poll_interval_secs", "max_concurrent_agent_calls",
+        "heartbeat_interval_secs", "self_upgrade_reconnect_timeout_secs",
+        "self_upgrade_reconnect_poll_interval_secs", "job_timeout_secs")},
+    **{f"security.{key}": _MANAGER for key in (
+        "ip_whitelist", "trusted_proxies", "jwt_signing_key_path", "jwt_verify_key_path",
+        "jwt_access_ttl_secs", "ca_key_path", "web_tls_cert_path", "web_tls_key_path",
+        "sso_callback_url", "allowed_origins")},
+    **{f"database.{key}": _MANAGER for key in (
+        "max_connections", "min_connections", "acquire_timeout_secs")},
+    "logging.level": "lpa-relay logs at info; filter in the journal or your log shipper",
+}
+
+#: the manager's sections the relay has no part in: never looked into
+_MANAGER_SECTIONS = frozenset({"server", "rate_limit", "repo"})
+
+
+def _schema() -> kit.Schema:
+    return kit.Schema(
+        keys={f"{section}.{key}": check for section, key, check, _ in _KEYS.values()},
+        accepted=_MANAGER_KEYS,
+        foreign_sections=_MANAGER_SECTIONS,
+        other_sections="warn",
+    )
+
+
+def _env_name(dotted: str) -> str:
+    return ENV_PREFIX + "__".join(part.upper() for part in dotted.split("."))
+
+
+def _from_env_text(name: str, text: str, kind: type) -> Any:
+    """Env values are text; read them as the key's type so the same checks apply."""
     if kind is str:
         return text
+    if kind is bool:
+        if text.strip().lower() not in ("true", "false"):
+            raise ConfigError(f"{name}: environment value {text!r} is not true or false")
+        return text.strip().lower() == "true"
     try:
-        number = float(text) if kind is float else int(text)
+        return float(text) if kind is float else int(text)
     except ValueError:
-        raise ConfigError(f"{key}: environment value {text!r} is not a number") from None
-    return number
+        raise ConfigError(f"{name}: environment value {text!r} is not a number") from None
+
+
+def _env_values(environ: Mapping[str, str], schema: kit.Schema) -> dict[str, Any]:
+    """``PATCH_MANAGER__SECTION__KEY`` overrides of keys the relay reads, checked."""
+    kinds = {f"{section}.{key}": kind for section, key, _, kind in _KEYS.values()}
+    sections = schema.sections()
+    values: dict[str, Any] = {}
+    for name in sorted(environ):
+        parts = name[len(ENV_PREFIX):].lower().split("__") if name.startswith(ENV_PREFIX) else []
+        if len(parts) != 2 or parts[0] not in sections:
+            continue  # not ours: the manager's, or another section
+        dotted = ".".join(parts)
+        if dotted in schema.keys:
+            raw = _from_env_text(name, environ[name], kinds[dotted])
+            values[dotted] = schema.keys[dotted](name, raw)
+        elif dotted not in schema.accepted:
+            hint = kit.did_you_mean(name, [_env_name(key) for key in schema.keys])
+            raise ConfigError(f"{name}: unknown key {dotted}{hint}")
+    return values
 
 
 def parse_relay_config(
@@ -135,23 +183,25 @@ def parse_relay_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
-    values: dict[str, Any] = {}
-    for attribute, (section, key, validate, kind) in _KEYS.items():
-        dotted = f"{section}.{key}"
-        table = document.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table")
-        env_name = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
-        if env_name in environ:
-            raw = _from_env_text(env_name, environ[env_name], kind)
-            values[attribute] = validate(env_name, raw)
-        elif key in table:
-            values[attribute] = validate(f"{source}: {dotted}", table[key])
-    if "database_url" not in values:
+    schema = _schema()
+    try:
+        for section in schema.sections():
+            if section in document and not isinstance(document[section], dict):
+                raise ConfigError(f"[{section}] must be a table")
+        values, warnings = kit.walk(document, schema)
+        values.update(_env_values(environ, schema))
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    if "database.url" not in values:
         raise ConfigError(
             f"{source}: database.url: required (or set {ENV_PREFIX}DATABASE__URL)"
         )
-    config = RelayConfig(**values)
+    attributes = {
+        attribute: values[f"{section}.{key}"]
+        for attribute, (section, key, _, _) in _KEYS.items()
+        if f"{section}.{key}" in values
+    }
+    config = RelayConfig(**attributes, source=source, warnings=tuple(warnings))
     if config.reconnect_initial_delay > config.reconnect_max_delay:
         raise ConfigError(
             f"{source}: worker.ws_relay_reconnect_initial_delay_secs: must not exceed "
@@ -173,13 +223,20 @@ def load_relay_config(
     """Read and parse the file at ``path`` (default: :func:`default_config_path`)."""
     if path is None:
         path = default_config_path(environ)
+    return parse_relay_config(kit.read_config_text(path), path, environ)
+
+
+def check_relay_files(config: RelayConfig) -> list[str]:
+    """Check the ``[security]`` files as the relay reads them at start; return warnings.
+
+    :raises ConfigError: ``"{source}: security.agent_client_cert_path: /path: no such file"`` …
+    """
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_relay_config(text, path, environ)
+        cas = kit.check_file("security.ca_cert_path", config.ca_cert_path, kit.Pem.CERTIFICATES)
+        warnings = kit.validity_warnings("security.ca_cert_path", config.ca_cert_path, cas)
+        warnings += kit.check_key_pair(
+            "security.agent_client_cert_path", config.client_cert_path,
+            "security.agent_client_key_path", config.client_key_path)
+    except ConfigError as error:
+        raise ConfigError(f"{config.source}: {error}") from None
+    return warnings

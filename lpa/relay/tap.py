@@ -1,19 +1,25 @@
 """``twistd -n lpa-relay --config /etc/lpa/relay.toml``: the only place the global reactor appears.
 
-A bad configuration ends start-up with one line on stderr and a non-zero exit, no traceback
-(the original silently fell back to defaults, database URL included).
+A bad configuration, or a ``[security]`` file that is missing or does not parse, ends start-up
+with one line on stderr naming the key and exit status 78 (``EX_CONFIG``), no traceback (the
+original silently fell back to defaults, database URL included).  The pid file defaults to
+``lpa-relay.pid``, so the relay and an agent can start from one directory.
 """
 
 from __future__ import annotations
 
-import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
+from lpa.configkit import exit_config_error, own_pidfile
 from lpa.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/lpa/relay.toml"
+
+_log = Logger(namespace="lpa.relay.tap")
 
 
 class Options(usage.Options):
@@ -23,19 +29,47 @@ class Options(usage.Options):
         ["config", "c", DEFAULT_CONFIG, "the relay's TOML file (the manager's config.toml shape)"],
     ]
 
+    def postOptions(self) -> None:
+        from lpa.relay.config import check_relay_files, load_relay_config
+
+        own_pidfile(self, "lpa-relay")
+        try:
+            self["relay_config"] = load_relay_config(self["config"])
+            check_relay_files(self["relay_config"])
+        except ConfigError as error:
+            _exit_with(error)
+
+
+def _exit_with(error: ConfigError) -> NoReturn:
+    exit_config_error("lpa-relay", error)
+
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from lpa.logs import LogConfiguredService, observer_for_twistd
-    from lpa.relay.config import load_relay_config
     from lpa.relay.service import make_relay_service
 
+    config = options["relay_config"]
+    for warning in config.warnings:
+        _log.warn("config {source}: {problem}", source=config.source, problem=warning)
     try:
-        config = load_relay_config(options["config"])
         service = make_relay_service(config, reactor=reactor)
-        return LogConfiguredService(service, observer_for_twistd(options, config.log_format))
     except ConfigError as error:
-        sys.stderr.write(f"lpa-relay: {error}\n")
-        sys.stderr.flush()
-        raise SystemExit(2) from None
+        _exit_with(error)
+    _log_sighup(reactor)
+    return LogConfiguredService(service, observer_for_twistd(options, config.log_format))
+
+
+def _log_sighup(reactor: Any) -> None:
+    """``systemctl reload lpa-relay`` (SIGHUP) must not end the relay (Python's default)."""
+    import signal
+
+    def reload(signum: int, frame: Any) -> None:
+        reactor.callFromThread(
+            _log.info,
+            "SIGHUP: nothing to reload; the [security] certificates are read again for each new "
+            "agent connection; restart lpa-relay to apply other config changes",
+        )
+
+    signal.signal(signal.SIGHUP, reload)

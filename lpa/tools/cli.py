@@ -22,7 +22,7 @@ from lpa.errors import ConfigError, LpaError
 #: modules that each add one subcommand; others append theirs here
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "lpa.tools.pki",
-    "lpa.agent.config",
+    "lpa.tools.configcheck",
     "lpa.relay.migrate",
     "lpa.tools.client",
     "lpa.tools.dispatch",
