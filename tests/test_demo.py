@@ -18,6 +18,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from lpa.tools import demo
 from lpa.tools.demo import DemoError, Processes
 from lpa.tools.pgcluster import PostgresNotFound
+from tests.logcheck import assert_no_unhandled
 
 
 class ConfigTests(SynchronousTestCase):
@@ -221,6 +222,9 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(_processes_mentioning(state_dir), [])
         self.assertEqual(_processes_mentioning(state["postgres"]), [])
         self.assertFalse(os.path.exists(state["postgres"]))
+        assert_no_unhandled(*(os.path.join(state_dir, name + suffix)
+                              for name in ("lpa-agent", "lpa-relay")
+                              for suffix in (".log", ".log.stdout")))
 
 
 class KeptDemoTests(SynchronousTestCase):
@@ -228,8 +232,14 @@ class KeptDemoTests(SynchronousTestCase):
         """A second demo over kept daemons that still run refuses; a reused pid is not ours."""
         state_dir = self.mktemp()
         os.makedirs(state_dir)
+        # One process whose argv names the state dir, as a kept daemon's does.  Not `sh -c sleep`:
+        # killing the shell would leave its sleep holding the test run's stdout for a minute.
         sleeper = subprocess.Popen(
-            ["/bin/sh", "-c", "sleep 60", "--pidfile=" + os.path.abspath(state_dir) + "/x.pid"])
+            [sys.executable, "-c", "import time; time.sleep(60)",
+             "--pidfile=" + os.path.abspath(state_dir) + "/x.pid"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.addCleanup(lambda: self.assertEqual(_live_in_group(sleeper.pid), []))
         self.addCleanup(sleeper.wait)
         self.addCleanup(sleeper.kill)
         for _ in range(100):  # until the child has exec'd (its argv names the state dir)

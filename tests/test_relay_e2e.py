@@ -31,6 +31,7 @@ from tests.agentclient import mtls_client
 from tests.certs import make_test_pki
 from tests.fakeagents import LpaTestAgent, StubHandshakeAgent
 from tests.fakes import FakeBackend, FakeSystem
+from tests.logcheck import assert_no_unhandled, capture_events
 from tests.pgutil import Listener, Seeder
 
 
@@ -49,6 +50,7 @@ class RelayEndToEndTests(TestCase):
         self.tmp = tempfile.mkdtemp(prefix="lpa-relay-e2e-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+        self.events = capture_events(self)
 
     async def start_agent(self, name: str, extra: str = "") -> int:
         text = (
@@ -143,6 +145,7 @@ class RelayEndToEndTests(TestCase):
         self.assertEqual(transports, ["ws", "poll", "poll"])
         self.assertEqual({seeder.row(row)["status"] for row in rows}, {"succeeded"})
         self.assertGreater(len(seeder.row(rows[2])["output"]), 100_000)
+        assert_no_unhandled(self.events)
 
     async def test_relay_restart_resumes_from_database_seq(self) -> None:
         """A relay restarted mid-job resumes from relay_last_seq: nothing lost, nothing twice."""
@@ -197,6 +200,7 @@ class RelayEndToEndTests(TestCase):
         self.assertEqual(seqs, sorted(set(seqs)))
         self.assertEqual(seqs[-1], 5)
         self.assertEqual(len([p for p in payloads if p["event_type"] == "job"]), 1)
+        assert_no_unhandled(self.events)
 
     async def test_postgresql_restart_loses_nothing(self) -> None:
         """Events streamed while PostgreSQL is down are applied in order once it is back."""
