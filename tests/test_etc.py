@@ -87,15 +87,6 @@ class AgentExampleTests(SynchronousTestCase):
         walk(config.parse_agent_config(""), document, "")
 
 
-class SchemaCopyTests(SynchronousTestCase):
-    def test_same_sql(self) -> None:
-        """etc/schema.sql is what lpa db migrate applies (a link, so the two cannot drift)."""
-        self.assertEqual(
-            os.path.realpath(etc("schema.sql")),
-            os.path.realpath(os.path.join(ROOT, "lpa", "sql", "001_relay.sql")),
-        )
-
-
 #: systemd sandbox directives: each one a unit keeps needs a comment line giving its reason
 SANDBOX = frozenset({
     "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateNetwork",

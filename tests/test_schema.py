@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import re
+import shutil
+import subprocess
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.relay import migrate as migrate_command
-from lpa.relay.schema import RELAY_COLUMNS, MigrationError, migrate
+from lpa.relay import schema
+from lpa.relay.schema import RELAY_COLUMNS, MigrationError, migrate, migration_names
 from tests import pg
 from tests.pgutil import Seeder
 
@@ -68,14 +73,19 @@ class MigrateTests(SynchronousTestCase):
 
     def test_fresh_database_gets_manager_tables_and_relay_columns(self) -> None:
         """On an empty database: enums, the three tables, their indexes and the relay columns."""
-        migrate(self.dsn)
+        applied = migrate(self.dsn)
+        self.assertEqual([step.name for step in applied], list(migration_names()))
+        self.assertIn("created tables: hosts, patch_job_hosts, patch_jobs", applied[0].changes)
+        self.assertIn("created enum types: host_health_status, job_kind, job_status",
+                      applied[0].changes)
         self.assertTrue({"hosts", "patch_jobs", "patch_job_hosts"} <= {
             row[0] for row in self.seed.all(
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")})
         self.assertTrue(set(RELAY_COLUMNS) <= _columns(self.seed, "patch_job_hosts"))
         self.assertTrue({"agent_job_id", "output", "retry_next_at", "last_error"}
                         <= _columns(self.seed, "patch_job_hosts"))
-        self.assertTrue({"agent_port", "machine_id", "reboot_paused"} <= _columns(self.seed, "hosts"))
+        self.assertTrue(
+            {"agent_port", "machine_id", "reboot_paused"} <= _columns(self.seed, "hosts"))
         labels = [row[0] for row in self.seed.all(
             "SELECT unnest(enum_range(NULL::job_status))::text")]
         self.assertEqual(labels, ["queued", "pending", "running", "succeeded", "failed",
@@ -90,7 +100,8 @@ class MigrateTests(SynchronousTestCase):
         """A second run leaves columns, indexes, enums and constraints exactly as they were."""
         migrate(self.dsn)
         before = _snapshot(self.seed)
-        migrate(self.dsn)
+        self.assertEqual([step.changes for step in migrate(self.dsn)],
+                         [()] * len(migration_names()))
         self.assertEqual(_snapshot(self.seed), before)
 
     def test_existing_manager_database_keeps_its_data(self) -> None:
@@ -105,16 +116,23 @@ class MigrateTests(SynchronousTestCase):
             "INSERT INTO patch_job_hosts (job_id, host_id, status, agent_job_id, output) "
             "VALUES (%s, %s, 'running', 'a1', 'half done')", (job, host))
         manager_columns = _columns(self.seed, "patch_job_hosts")
-        migrate(self.dsn)
+        changes = migrate(self.dsn)[0].changes
+        self.assertIn("added enum values: job_kind.self_upgrade, job_status.waiting_health_check",
+                      changes)
+        self.assertIn("added columns: " + ", ".join(
+            f"patch_job_hosts.{column}" for column in sorted(RELAY_COLUMNS)), changes)
+        self.assertFalse(any(line.startswith("created tables") for line in changes), changes)
         migrate(self.dsn)
         self.assertEqual(
-            self.seed.one("SELECT status::text, agent_job_id, output, relay_last_seq, relay_transport "
-                          "FROM patch_job_hosts"),
+            self.seed.one("SELECT status::text, agent_job_id, output, relay_last_seq, "
+                          "relay_transport FROM patch_job_hosts"),
             ("running", "a1", "half done", 0, None))
-        self.assertEqual(_columns(self.seed, "patch_job_hosts"), manager_columns | set(RELAY_COLUMNS))
+        self.assertEqual(_columns(self.seed, "patch_job_hosts"),
+                         manager_columns | set(RELAY_COLUMNS))
         # the manager's own tables were not re-created or extended
         self.assertEqual(_columns(self.seed, "hosts"),
-                         {"id", "fqdn", "ip_address", "display_name", "agent_port", "health_status"})
+                         {"id", "fqdn", "ip_address", "display_name", "agent_port",
+                          "health_status"})
         self.assertEqual(self.seed.one("SELECT count(*) FROM users")[0], 1)
         labels = {row[0] for row in self.seed.all(
             "SELECT unnest(enum_range(NULL::job_status))::text")}
@@ -126,7 +144,8 @@ class MigrateTests(SynchronousTestCase):
         self.assertNotIn("idx_patch_job_hosts_status", indexes)  # no duplicate of manager's index
 
     def test_busy_table_fails_fast_and_changes_nothing(self) -> None:
-        """A table lock held by the manager makes migrate fail after lock_timeout, nothing applied."""
+        """A table lock held by the manager makes migrate fail after lock_timeout, nothing
+        applied."""
         self.seed.execute(_OLD_MANAGER_SCHEMA)
         before = _snapshot(self.seed)
         holder = Seeder(self.dsn)
@@ -154,12 +173,24 @@ class CommandTests(SynchronousTestCase):
         return parser.parse_args(argv)
 
     def test_db_migrate_with_dsn(self) -> None:
-        """`lpa db migrate --dsn DSN` applies the schema and exits 0."""
+        """`lpa db migrate --dsn DSN` says what each file created or added, then that a second
+        run had nothing to do."""
         dsn = pg.database(self)
         args = self.parse(["db", "migrate", "--dsn", dsn])
         out = io.StringIO()
         self.assertEqual(args.func(args, out), 0)
-        self.assertEqual(out.getvalue(), "lpa: schema up to date (001_relay.sql)\n")
+        lines = out.getvalue().splitlines()
+        database = dsn.rsplit("/", 1)[1].split("?")[0]
+        self.assertEqual(lines[0], "001_relay.sql:")
+        self.assertIn("    created tables: hosts, patch_job_hosts, patch_jobs", lines)
+        self.assertTrue(lines[-1].startswith(f"lpa: schema of database {database} migrated ("),
+                        lines)
+        self.assertNotIn("up to date (", out.getvalue())
+        out = io.StringIO()
+        self.assertEqual(args.func(args, out), 0)
+        self.assertEqual(out.getvalue(), "".join(
+            f"{name}: already in place, nothing to do\n" for name in migration_names())
+            + f"lpa: schema of database {database} was already up to date; nothing changed\n")
         seed = Seeder(dsn)
         self.addCleanup(seed.close)
         self.assertTrue(set(RELAY_COLUMNS) <= _columns(seed, "patch_job_hosts"))
@@ -175,3 +206,75 @@ class CommandTests(SynchronousTestCase):
         seed = Seeder(dsn)
         self.addCleanup(seed.close)
         self.assertIn("relay_last_seq", _columns(seed, "patch_job_hosts"))
+
+
+class SeveralFilesTests(SynchronousTestCase):
+    """Every lpa/sql/NNN_*.sql file applies, in order, in one transaction, each reported."""
+
+    def test_files_in_order_each_reported(self) -> None:
+        """Later files see earlier ones; each reports only its own changes; a failing file
+        rolls back all of them."""
+        files = {"001_a.sql": "CREATE TABLE a (x int)",
+                 "002_b.sql": "ALTER TABLE a ADD COLUMN y int; CREATE INDEX a_y ON a (y)",
+                 "003_c.sql": "SELECT 1"}
+        self.patch(schema, "migration_sql", files.__getitem__)
+        self.patch(schema, "MIGRATIONS", tuple(files))
+        dsn = pg.database(self)
+        applied = migrate(dsn)
+        self.assertEqual([(step.name, step.changes) for step in applied], [
+            ("001_a.sql", ("created tables: a",)),
+            ("002_b.sql", ("added columns: a.y", "added indexes: a.a_y")),
+            ("003_c.sql", ()),
+        ])
+        files["003_c.sql"] = "CREATE TABLE c (z int); SELECT no_such_column FROM a"
+        files["001_a.sql"] = "CREATE TABLE IF NOT EXISTS a (x int)"
+        files["002_b.sql"] = "ALTER TABLE a ADD COLUMN IF NOT EXISTS y2 int"
+        error = self.assertRaises(MigrationError, migrate, dsn)
+        self.assertIn("nothing changed", str(error))
+        seed = Seeder(dsn)
+        self.addCleanup(seed.close)
+        self.assertEqual(_columns(seed, "a"), {"x", "y"})
+        self.assertEqual(_columns(seed, "c"), set())
+
+    def test_packaged_names(self) -> None:
+        """migration_names lists the packaged NNN_name.sql files, sorted, 001_relay.sql first."""
+        names = migration_names()
+        self.assertEqual(names[0], "001_relay.sql")
+        self.assertEqual(list(names), sorted(names))
+        self.assertTrue(all(re.fullmatch(r"\d{3}_\w+\.sql", name) for name in names))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PsqlTests(SynchronousTestCase):
+    """etc/schema.sql is the same schema for psql, run with the command its comment gives."""
+
+    def test_includes_every_migration_in_order(self) -> None:
+        """etc/schema.sql includes each lpa/sql/NNN_*.sql once, in order."""
+        with open(os.path.join(ROOT, "etc", "schema.sql"), encoding="utf-8") as handle:
+            included = re.findall(r"^\\ir \.\./lpa/sql/(\S+)$", handle.read(), re.M)
+        self.assertEqual(included, list(migration_names()))
+
+    def test_psql_line_as_written(self) -> None:
+        """The psql line in etc/schema.sql, run from the checkout, builds what lpa db migrate
+        builds, and a second run changes nothing."""
+        psql = shutil.which("psql")
+        if psql is None:
+            self.skipTest("psql is not installed here")
+        with open(os.path.join(ROOT, "etc", "schema.sql"), encoding="utf-8") as handle:
+            commands = [line.removeprefix("--").strip() for line in handle
+                        if line.removeprefix("--").strip().startswith("psql ")]
+        self.assertEqual(len(commands), 1, commands)
+        by_psql, by_lpa = pg.database(self), pg.database(self)
+        migrate(by_lpa)
+        for _ in range(2):
+            done = subprocess.run(["bash", "-c", commands[0]], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=120,
+                                  env=dict(os.environ, DATABASE_URL=by_psql))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertNotIn("ERROR", done.stderr)
+        seeds = [Seeder(by_psql), Seeder(by_lpa)]
+        for seed in seeds:
+            self.addCleanup(seed.close)
+        self.assertEqual(_snapshot(seeds[0]), _snapshot(seeds[1]))

@@ -1,7 +1,8 @@
 -- lpa relay schema: the manager's tables the relay reads and writes, plus the relay's own columns.
 --
 -- Run by `lpa db migrate --dsn DSN` in ONE transaction with a lock_timeout (see lpa/relay/schema.py),
--- or by hand: psql -v ON_ERROR_STOP=1 -1 -f 001_relay.sql "$DSN"
+-- with the files after it; or by hand, from the top of a checkout, through etc/schema.sql:
+--   psql -v ON_ERROR_STOP=1 --single-transaction -f etc/schema.sql "$DATABASE_URL"
 --
 -- Safe against a live Linux-Patch-Manager database and idempotent (run twice = no change):
 --   * every manager object is created only when ABSENT; an existing manager table is never altered
