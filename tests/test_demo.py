@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,16 @@ class ConfigTests(SynchronousTestCase):
         self.assertNotIn("PATCH_MANAGER_CONFIG", env)
         self.assertEqual(env["PYTHONPATH"].split(os.pathsep)[1:], ["/extra"])
         self.assertTrue(os.path.isdir(os.path.join(env["PYTHONPATH"].split(os.pathsep)[0], "lpa")))
+
+    def test_free_port(self) -> None:
+        """The wanted port when free (README's commands use 12443), another one when taken."""
+        port = demo.free_port()
+        self.assertEqual(demo.free_port(wanted=port), port)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            self.assertNotEqual(demo.free_port(wanted=busy), busy)
 
     def test_twistd_argv(self) -> None:
         """Each daemon gets its own pid file and log file (two twistd in one cwd would clash)."""
@@ -199,7 +210,8 @@ class EndToEndTests(SynchronousTestCase):
             raise SkipTest(f"the daemons are not all in the tree yet: {', '.join(missing)} missing")
         state_dir = os.path.abspath(self.mktemp())
         argv = [sys.executable, "-c", "import sys; from lpa.tools.cli import main; sys.exit(main())",
-                "demo", "--state-dir", state_dir, "--timeout", "240"]
+                "demo", "--state-dir", state_dir, "--timeout", "240",
+                "--agent-port", "0"]  # not 12443: leave it to test_etc and test_docs
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

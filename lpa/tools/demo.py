@@ -35,6 +35,8 @@ from lpa.errors import LpaError
 
 DEFAULT_STATE_DIR = ".demo"
 DEFAULT_TIMEOUT = 300.0
+#: the agent's usual port, so README's commands reach a kept demo as written
+DEFAULT_AGENT_PORT = 12443
 STATE_FILE = "demo.json"
 AGENT_HOST = "localhost"
 
@@ -95,10 +97,16 @@ format = "text"
 """
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+def free_port(host: str = "127.0.0.1", wanted: int = 0) -> int:
+    """``wanted`` if it is free on ``host`` (0: any), else a port the system picks."""
+    for port in (wanted, 0) if wanted else (0,):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise DemoError(f"no free port on {host}")  # pragma: no cover - bind to port 0 failed
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -280,8 +288,10 @@ def check_alive(processes: Processes, state_dir: str) -> None:
 class Demo:
     """One run of the demo; :meth:`run` returns the exit status."""
 
-    def __init__(self, state_dir: str, *, keep: bool, timeout: float, out: TextIO) -> None:
+    def __init__(self, state_dir: str, *, keep: bool, timeout: float, out: TextIO,
+                 agent_port: int = DEFAULT_AGENT_PORT) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        self.agent_port = agent_port
         self.keep = keep
         self.timeout = timeout
         self.out = out
@@ -346,7 +356,9 @@ class Demo:
         init_pki(pki_dir, [AGENT_HOST, "127.0.0.1"], force=True)
         self.say(f"dev PKI written to {pki_dir}")
 
-        port = free_port()
+        port = free_port(wanted=self.agent_port)
+        if self.agent_port and port != self.agent_port:
+            self.say(f"port {self.agent_port} is in use here; the agent listens on {port}")
         agent_config = os.path.join(self.state_dir, "agent.yaml")
         relay_config = os.path.join(self.state_dir, "relay.toml")
         with open(agent_config, "w", encoding="utf-8") as handle:
@@ -527,7 +539,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.stop:
         return stop_kept(args.state_dir, out)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    demo = Demo(args.state_dir, keep=args.keep, timeout=args.timeout, out=out)
+    demo = Demo(args.state_dir, keep=args.keep, timeout=args.timeout, out=out,
+                agent_port=args.agent_port)
     try:
         return demo.run()
     except DemoError as error:
@@ -556,6 +569,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--stop", action="store_true", help="stop a demo left running by --keep")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help=f"where configs, PKI, logs and state go (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--agent-port", type=int, default=DEFAULT_AGENT_PORT,
+                        help=f"the agent's port on 127.0.0.1 (default {DEFAULT_AGENT_PORT}, or "
+                        "a free one when it is taken; 0: any free port)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds to wait for the job (default {DEFAULT_TIMEOUT:g})")
     parser.set_defaults(func=run)
