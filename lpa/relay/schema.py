@@ -31,10 +31,16 @@ _MIGRATION_NAME = re.compile(r"\d{3}_[A-Za-z0-9_]+\.sql\Z")
 
 
 def migration_names() -> tuple[str, ...]:
-    """The packaged ``lpa/sql/NNN_*.sql`` files, in the order they are applied."""
+    """The packaged ``lpa/sql/NNN_*.sql`` files, in the order they are applied.
+
+    :raises RuntimeError: a ``.sql`` file not named ``NNN_name.sql`` (it would never be applied).
+    """
     directory = resources.files("lpa").joinpath("sql")
-    return tuple(sorted(entry.name for entry in directory.iterdir()
-                        if _MIGRATION_NAME.match(entry.name)))
+    names = [entry.name for entry in directory.iterdir() if entry.name.endswith(".sql")]
+    for name in names:
+        if not _MIGRATION_NAME.match(name):
+            raise RuntimeError(f"lpa/sql/{name}: migration files are named NNN_name.sql")
+    return tuple(sorted(names))
 
 
 #: applied in this order; each file is idempotent on its own
