@@ -335,8 +335,10 @@ class DaemonsStartTests(SynchronousTestCase):
                 ("/etc/patch-manager/ca/ca.crt", pki.ca_cert)):
             self.assertIn(old, text)
             text = text.replace(old, new)
+        text = text.replace("[worker]\n", "[worker]\nhealth_poll_interval_secs = 300\n")
         process, log = self.start("lpa-relay", text, own_pidfile=True)
         self.wait_for(process, log, "lpa-relay started")
+        self.assertIn("worker.health_poll_interval_secs is accepted but not used", read(log))
         self.assertTrue(os.path.exists(os.path.join(os.path.dirname(log), "lpa-relay.pid")))
         process.send_signal(signal.SIGHUP)  # systemctl reload lpa-relay
         self.wait_for(process, log, "SIGHUP: nothing to reload")

@@ -100,7 +100,7 @@ _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
     "log_format": ("logging", "format", _log_format, str),
 }
 
-_MANAGER = "the manager's own, not used by lpa-relay"
+_MANAGER = "the manager's own keys, left to it"
 
 #: the manager's keys in the sections the relay checks (its config.example.toml and pm-core's
 #: config.rs): accepted with one warning line
