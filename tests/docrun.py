@@ -27,7 +27,9 @@ def _run(argv: list[str], *, cwd: str, env: dict[str, str], timeout: float) -> d
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as expired:
         code = -1
-        output = f"{expired.output or ''}{expired.stderr or ''}\n(timed out after {timeout:g} s)"
+        parts = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                 for part in (expired.output, expired.stderr)]
+        output = "".join(parts) + f"\n(timed out after {timeout:g} s)"
     return {"code": code, "output": output, "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 _UNHANDLED = ("Unhandled Error", "Unhandled error in Deferred", "Unhandled error")
 _TRACEBACK = "Traceback (most recent call last)"
@@ -114,6 +114,7 @@ def assert_no_unhandled(*sources: Any, allow: Sequence[str] = ()) -> None:
 def capture_events(test: Any) -> list[dict[str, Any]]:
     """Collect every event published while ``test`` runs (removed at its cleanup)."""
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
