@@ -553,6 +553,22 @@ class PatchTests(ApiTestCase):
             self.assertError(reply, 400, "INVALID_JSON")
         self.assertEqual(self.jobs.submitted, [])
 
+    def test_deeply_nested_json(self) -> None:
+        """JSON nested past the depth limit is 400 INVALID_JSON, never a 500 or a traceback."""
+        self.build(max_body_bytes=1 << 20)
+        deep_object = b'{"packages": ' + b'{"a": ' * 40 + b"1" + b"}" * 41
+        for raw in (b"[" * 100_000, b'{"a": ' * 5000, deep_object):
+            reply = self.call(
+                "POST",
+                "/api/v1/patches/apply",
+                raw=raw,
+                headers={"Content-Type": "application/json"},
+            )
+            self.assertError(reply, 400, "INVALID_JSON")
+        self.assertIn("deeper than 32 levels", reply.error["message"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.jobs.submitted, [])
+
 
 class JobTests(ApiTestCase):
     def submit(self, name: str = "vim") -> str:

@@ -22,6 +22,8 @@ from lpa.errors import InvalidJsonError, PayloadTooLargeError, ValidationError
 MAX_PACKAGES = 2000
 #: upper bound for delays in seconds (one week)
 MAX_DELAY_SECONDS = 7 * 24 * 3600
+#: deepest nesting of arrays and objects a body may have (ours nest three levels at most)
+MAX_JSON_DEPTH = 32
 
 
 def body_size(request: IRequest) -> int:
@@ -76,9 +78,40 @@ def json_object(request: IRequest, *, empty_ok: bool = False) -> dict[str, Any]:
         body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as error:
         raise InvalidJsonError("Request body is not valid JSON", {"reason": str(error)}) from None
+    except RecursionError:
+        # the C decoder recurses once per level and gives up near the interpreter's limit
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise InvalidJsonError("Request body must be a JSON object")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> InvalidJsonError:
+    return InvalidJsonError(
+        f"Request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+        {"max_depth": MAX_JSON_DEPTH},
+    )
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in a decoded body, without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def refuse_unknown(body: dict[str, Any], allowed: Iterable[str], where: str = "body") -> None:
