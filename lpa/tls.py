@@ -14,7 +14,12 @@ Server handshake policy (README D, with the original's gaps closed):
   did, with a warning at load, rather than locking every client out;
 * ALPN offers ``http/1.1`` only (h2 breaks WebSockets and loses the peer certificate).
 
-A refused handshake is silent on the wire; the verify callback logs why.
+A refused handshake is silent on the wire.  The verify callback records why it refused a
+certificate; :func:`handshake_failure_reason` turns that (or OpenSSL's own error, e.g. no
+certificate at all) into a reason an operator knows, for the agent's throttled log line.
+
+Every file error is one line naming the configuration key when the caller passes one
+(``labels``), then the path: ``tls.server_cert: /etc/lpa/server.pem: file not found``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from typing import Any, Callable, Sequence
+import re
+import weakref
+from typing import Any, Callable, Mapping, Sequence
 
 import attr
 from cryptography import x509
@@ -38,6 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lpa.errors import ConfigError
+from lpa.tlsaudit import record_refusal, verify_error_kind, verify_error_string
 
 _log = Logger()
 
@@ -63,9 +71,9 @@ def _read(path: str, what: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
+        raise ConfigError(f"{_label(what)} {path}: file not found") from None
     except OSError as e:
-        raise ConfigError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+        raise ConfigError(f"{_label(what)} {path}: cannot read: {e.strerror or e}") from None
 
 
 def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
@@ -76,7 +84,7 @@ def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except ValueError:
-        raise ConfigError(f"{what} {path}: not a PEM or DER certificate") from None
+        raise ConfigError(f"{_label(what)} {path}: not a PEM or DER certificate") from None
 
 
 def load_certificates(path: str, what: str = "CA certificate") -> list[x509.Certificate]:
@@ -88,7 +96,7 @@ def load_certificates(path: str, what: str = "CA certificate") -> list[x509.Cert
         else:
             certs = [x509.load_der_x509_certificate(data)]
     except ValueError:
-        raise ConfigError(f"{what} {path}: not a PEM or DER certificate") from None
+        raise ConfigError(f"{_label(what)} {path}: not a PEM or DER certificate") from None
     return certs
 
 
@@ -100,20 +108,22 @@ def load_private_key(path: str, what: str = "private key") -> PrivateKeyTypes:
             return serialization.load_pem_private_key(data, password=None)
         return serialization.load_der_private_key(data, password=None)
     except TypeError:
-        raise ConfigError(f"{what} {path}: encrypted keys are not supported") from None
+        raise ConfigError(f"{_label(what)} {path}: encrypted keys are not supported") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{what} {path}: not a PEM or DER private key") from None
+        raise ConfigError(f"{_label(what)} {path}: not a PEM or DER private key") from None
 
 
-def load_crl(path: str) -> x509.CertificateRevocationList:
+def load_crl(path: str, what: str = "CRL") -> x509.CertificateRevocationList:
     """A PEM or DER CRL; :class:`ConfigError` if it does not parse."""
-    data = _read(path, "CRL")
+    data = _read(path, what)
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
     except ValueError:
-        raise ConfigError(f"CRL {path}: not a PEM or DER certificate revocation list") from None
+        raise ConfigError(
+            f"{_label(what)} {path}: not a PEM or DER certificate revocation list"
+        ) from None
 
 
 def _public_bytes(key: Any) -> bytes:
@@ -122,13 +132,46 @@ def _public_bytes(key: Any) -> bytes:
     )
 
 
-def load_key_pair(cert_path: str, key_path: str) -> tuple[x509.Certificate, PrivateKeyTypes]:
+def load_key_pair(
+    cert_path: str,
+    key_path: str,
+    *,
+    cert_label: str = "certificate",
+    key_label: str = "private key",
+) -> tuple[x509.Certificate, PrivateKeyTypes]:
     """A certificate and its private key, checked to belong together."""
-    cert = load_certificate(cert_path)
-    key = load_private_key(key_path)
+    cert = load_certificate(cert_path, cert_label)
+    key = load_private_key(key_path, key_label)
     if _public_bytes(key.public_key()) != _public_bytes(cert.public_key()):
-        raise ConfigError(f"private key {key_path}: does not match certificate {cert_path}")
+        raise ConfigError(
+            f"{_label(key_label)} {key_path}: does not match {cert_label} {cert_path}"
+        )
     return cert, key
+
+
+_CONFIG_KEY = re.compile(r"[a-z_]+(\.[a-z0-9_]+)+")
+
+
+def _label(what: str) -> str:
+    """A configuration key leads its line with a colon (``tls.ca_cert: PATH: …``); a description
+    such as ``CA certificate`` reads on without one."""
+    return f"{what}:" if _CONFIG_KEY.fullmatch(what) else what
+
+
+#: what :func:`server_tls_options` calls its files when the caller names no keys
+DEFAULT_LABELS: Mapping[str, str] = {
+    "ca_cert": "CA certificate",
+    "server_cert": "certificate",
+    "server_key": "private key",
+    "crl_path": "CRL",
+}
+#: the agent's configuration keys for the same files
+AGENT_KEYS: Mapping[str, str] = {
+    "ca_cert": "tls.ca_cert",
+    "server_cert": "tls.server_cert",
+    "server_key": "tls.server_key",
+    "crl_path": "tls.crl_path",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +211,11 @@ def _cert_label(cert: crypto.X509) -> str:
 
 
 def _make_verify_callback(fail_closed_reason: str | None) -> Callable[..., bool]:
-    """A verify callback that logs refusals, tolerates a stale CRL, and can refuse everyone."""
+    """A verify callback that records refusals, tolerates a stale CRL, and can refuse everyone.
+
+    It does not log: the agent's Site logs each refused handshake once, with the peer address,
+    throttled (:mod:`lpa.tlsaudit`).
+    """
 
     def verify(
         connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
@@ -176,34 +223,45 @@ def _make_verify_callback(fail_closed_reason: str | None) -> Callable[..., bool]
         if fail_closed_reason is not None:
             if depth > 0 and ok:
                 return True  # refuse at the leaf, so the log names the client
-            _log.error(
-                "TLS client {peer} refused: {reason}",
-                peer=_cert_label(cert),
-                reason=fail_closed_reason,
+            record_refusal(
+                connection,
+                "every client refused: the CRL is unusable",
+                f"{_cert_label(cert)}; {fail_closed_reason}",
             )
             return False
         if not ok and errno in (_X509_V_ERR_CRL_HAS_EXPIRED, _X509_V_ERR_CRL_NOT_YET_VALID):
             return True  # still checked against the stale CRL's entries; warned at load
         if not ok:
-            _log.warn(
-                "TLS client {peer} refused at depth {depth}: X509 error {errno} {reason}",
-                peer=_cert_label(cert),
-                depth=depth,
-                errno=errno,
-                reason=_verify_error_string(errno),
+            where = f" at chain depth {depth}" if depth else ""
+            record_refusal(
+                connection,
+                verify_error_kind(errno),
+                f"{_cert_label(cert)}{where}: {verify_error_string(errno)}",
             )
         return bool(ok)
 
     return verify
 
 
-def _verify_error_string(errno: int) -> str:
-    try:
-        from OpenSSL._util import ffi, lib  # type: ignore[attr-defined]
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CrlSummary:
+    """What a (re)load of the CRL found, for the log line that says so."""
 
-        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
-    except Exception:  # pragma: no cover - cosmetic
-        return ""
+    path: str | None
+    revoked: int | None = None
+    next_update: datetime.datetime | None = None
+    #: why every client is refused (unusable CRL), or None
+    refuse_all: str | None = None
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "no CRL configured (revoked certificates are not refused)"
+        if self.refuse_all is not None:
+            return f"CRL unusable, refusing every client: {self.refuse_all}"
+        if self.revoked is None:
+            return f"CRL {self.path} missing (revoked certificates are not refused)"
+        when = self.next_update.isoformat() if self.next_update is not None else "none"
+        return f"CRL {self.path}: {self.revoked} revoked serials, next update {when}"
 
 
 class ServerTLSOptions(ssl.CertificateOptions):
@@ -215,26 +273,31 @@ class ServerTLSOptions(ssl.CertificateOptions):
         ca_certs: Sequence[x509.Certificate],
         crl_path: str | None,
         now: Callable[[], datetime.datetime],
+        crl_label: str = "CRL",
         **kwargs: Any,
     ) -> None:
         self._ca_certs = list(ca_certs)
         self._crl_path = crl_path
+        self._crl_label = crl_label
         self._now = now
-        crl, refuse_all = _check_crl(crl_path, self._ca_certs, now())
+        crl, refuse_all = _check_crl(crl_path, self._ca_certs, now(), crl_label)
         super().__init__(trustRoot=_CATrustRoot(self._ca_certs, crl), **kwargs)
         self._verify_callback = _make_verify_callback(refuse_all)
         self.fail_closed_reason: str | None = refuse_all
+        self.crl_summary = _summary(crl_path, crl, refuse_all)
 
     def reload_crl(self) -> bool:
         """Re-read the CRL (after ``lpa pki revoke`` or a fetch) for connections from now on.
 
         Returns False when the new CRL fails closed (every client is then refused, and that
-        was logged).  The daemon calls this on SIGHUP or from a timer.
+        was logged); :attr:`crl_summary` says what was read.  The daemon calls this on SIGHUP
+        or from a timer.
         """
-        crl, refuse_all = _check_crl(self._crl_path, self._ca_certs, self._now())
+        crl, refuse_all = _check_crl(self._crl_path, self._ca_certs, self._now(), self._crl_label)
         self.trustRoot = _CATrustRoot(self._ca_certs, crl)
         self._verify_callback = _make_verify_callback(refuse_all)
         self.fail_closed_reason = refuse_all
+        self.crl_summary = _summary(self._crl_path, crl, refuse_all)
         self._context = None  # the next handshake builds a context with the new store
         return refuse_all is None
 
@@ -256,8 +319,19 @@ def _tls_version(min_tls_version: str) -> ssl.TLSVersion:
         ) from None
 
 
+def _summary(
+    path: str | None, crl: x509.CertificateRevocationList | None, refuse_all: str | None
+) -> CrlSummary:
+    if crl is None:
+        return CrlSummary(path, refuse_all=refuse_all)
+    return CrlSummary(path, len(list(crl)), crl.next_update_utc, refuse_all)
+
+
 def _check_crl(
-    crl_path: str | None, ca_certs: Sequence[x509.Certificate], now: datetime.datetime
+    crl_path: str | None,
+    ca_certs: Sequence[x509.Certificate],
+    now: datetime.datetime,
+    label: str = "CRL",
 ) -> tuple[x509.CertificateRevocationList | None, str | None]:
     """(crl to install, reason to refuse everyone)."""
     if crl_path is None:
@@ -265,12 +339,13 @@ def _check_crl(
         return None, None
     if not os.path.exists(crl_path):
         _log.warn(
-            "TLS: CRL {crl_path} is missing; revoked client certificates are NOT refused",
+            "TLS: {label} {crl_path} is missing; revoked client certificates are NOT refused",
+            label=label,
             crl_path=crl_path,
         )
         return None, None
     try:
-        crl = load_crl(crl_path)
+        crl = load_crl(crl_path, label)
     except ConfigError as e:
         _log.error("TLS: {error}; refusing every client (fail closed)", error=str(e))
         return None, str(e)
@@ -279,7 +354,7 @@ def _check_crl(
         and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
         for ca in ca_certs
     ):
-        reason = f"CRL {crl_path}: not signed by the configured CA"
+        reason = f"{_label(label)} {crl_path}: not signed by the configured CA"
         _log.error("TLS: {error}; refusing every client (fail closed)", error=reason)
         return None, reason
     next_update = crl.next_update_utc
@@ -300,22 +375,29 @@ def server_tls_options(
     crl_path: str | None,
     min_tls_version: str = "1.3",
     now: Callable[[], datetime.datetime] | None = None,
+    labels: Mapping[str, str] = DEFAULT_LABELS,
 ) -> ServerTLSOptions:
     """Options for the agent's mTLS listener (see the module docstring for the policy).
 
     Call :meth:`ServerTLSOptions.reload_crl` on the result to pick up a changed CRL.
 
+    :param labels: what errors call each file (``ca_cert``, ``server_cert``, ``server_key``,
+        ``crl_path``): :data:`AGENT_KEYS` names the agent's configuration keys.
     :raises ConfigError: a file is missing, unreadable or malformed, the key does not match the
         certificate, or ``min_tls_version`` is not ``"1.2"``/``"1.3"``.
     """
+    names = {**DEFAULT_LABELS, **labels}
     minimum = _tls_version(min_tls_version)
-    ca_certs = load_certificates(ca_cert_path)
-    cert, key = load_key_pair(cert_path, key_path)
+    ca_certs = load_certificates(ca_cert_path, names["ca_cert"])
+    cert, key = load_key_pair(
+        cert_path, key_path, cert_label=names["server_cert"], key_label=names["server_key"]
+    )
     clock = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
     current = clock()
     if cert.not_valid_after_utc < current:
         _log.warn(
-            "TLS: server certificate {cert_path} expired at {when}",
+            "TLS: {label} {cert_path} expired at {when}: clients will refuse the agent",
+            label=names["server_cert"],
             cert_path=cert_path,
             when=cert.not_valid_after_utc.isoformat(),
         )
@@ -323,6 +405,7 @@ def server_tls_options(
         ca_certs=ca_certs,
         crl_path=crl_path,
         now=clock,
+        crl_label=names["crl_path"],
         privateKey=key,
         certificate=cert,
         raiseMinimumTo=minimum,
@@ -337,14 +420,21 @@ def client_tls_options(
     cert_path: str,
     key_path: str,
     acceptable_protocols: Sequence[bytes] = (HTTP11,),
+    labels: Mapping[str, str] | None = None,
 ) -> IOpenSSLClientConnectionCreator:
     """Options for connecting to an agent: verify it against the CA and ``hostname`` (DNS or
     IP, via service-identity), and present our client certificate.
 
+    :param labels: what errors call the ``ca_cert``, ``cert`` and ``key`` files (configuration
+        keys, e.g. ``security.ca_cert_path``); descriptions by default.
     :raises ConfigError: a file is missing, unreadable or malformed, or the key does not match.
     """
-    ca_certs = load_certificates(ca_cert_path)
-    cert, key = load_key_pair(cert_path, key_path)
+    names = {"ca_cert": "CA certificate", "cert": "certificate", "key": "private key"}
+    names.update(labels or {})
+    ca_certs = load_certificates(ca_cert_path, names["ca_cert"])
+    cert, key = load_key_pair(
+        cert_path, key_path, cert_label=names["cert"], key_label=names["key"]
+    )
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=_CATrustRoot(ca_certs),

@@ -1,13 +1,16 @@
-"""AgentApi.site(): raw HTTP/1.1 through the real Site, body limits enforced while reading."""
+"""AgentApi.site(): raw HTTP/1.1 through the real Site: body limits enforced while reading,
+twisted.web's own refusals in the envelope, server.timeout_seconds, refusal log lines."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -111,3 +114,219 @@ def _dechunk(data: bytes) -> bytes:
             break
         out, data = out + data[:size], data[size + 2 :]
     return out
+
+
+def _split(raw: bytes) -> tuple[int, dict[bytes, bytes], dict]:
+    """Status, headers and envelope of the one response in ``raw``."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    if headers.get(b"Transfer-Encoding") == b"chunked":
+        body = _dechunk(body)
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+class ChannelTests(ApiTestCase):
+    """EnvelopeChannel over a StringTransport: refusals, deadlines, closing, logging."""
+
+    timeout_seconds = 5.0
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site = self.api.site(timeout_seconds=self.timeout_seconds)
+        self.events: list[dict] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def lose(self, protocol: Any) -> None:
+        """The transport went away; nothing of the connection may stay scheduled."""
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def refused(self, raw: bytes) -> tuple[int, dict[bytes, bytes], dict, StringTransport]:
+        protocol, transport = self.connect()
+        protocol.dataReceived(raw)
+        code, headers, body = _split(transport.value())
+        self.assertEqual(headers[b"Connection"], b"close")
+        self.assertEqual(headers[b"Content-Type"], b"application/json")
+        self.assertEqual(
+            int(headers[b"Content-Length"]), len(json.dumps(body, separators=(",", ":")))
+        )
+        self.assertIs(body["success"], False)
+        self.lose(protocol)
+        return code, headers, body, transport
+
+    def test_request_line_too_long(self) -> None:
+        """A request line over 16 KiB is 414 URI_TOO_LONG in the envelope, not a silent hold."""
+        for raw in (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", b"GET /" + b"a" * 17_000):
+            code, _, body, _ = self.refused(raw)
+            self.assertEqual((code, body["error"]["code"]), (414, "URI_TOO_LONG"))
+
+    def test_headers_too_large(self) -> None:
+        """Headers over 16 KiB in total, one huge header or over 500 headers are 431."""
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(501))
+        big = b"X-Big: " + b"v" * 20_000 + b"\r\n"
+        two = b"X-A: " + b"v" * 9000 + b"\r\nX-B: " + b"v" * 9000 + b"\r\n"
+        for headers in (many, big, two):
+            code, _, body, _ = self.refused(b"GET /health HTTP/1.1\r\n" + headers + b"\r\n")
+            self.assertEqual((code, body["error"]["code"]), (431, "HEADERS_TOO_LARGE"))
+
+    def test_twisted_web_400s_named(self) -> None:
+        """What twisted.web answered with a bare 400 is an envelope naming the bad part."""
+        cases = [
+            (b"GET / HTTP/1.1 x\r\n\r\n", 400, "request_line"),
+            (b"GET /health HTTP/1.1\r\nNo colon\r\n\r\n", 400, "header"),
+            (b"POST /x HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400, "content_length"),
+            (
+                b"POST /x HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+                "transfer_encoding",
+            ),
+            (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "chunked"),
+            (b"\r\n\r\n", 400, "syntax"),
+        ]
+        for raw, status, reason in cases:
+            code, _, body, _ = self.refused(raw)
+            self.assertEqual((code, body["error"]["details"]), (status, {"reason": reason}), raw)
+        code, _, body, _ = self.refused(b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n")
+        self.assertEqual((code, body["error"]["code"]), (501, "NOT_IMPLEMENTED"))
+        code, _, body, _ = self.refused(b"GET /health HTTP/2.0\r\n\r\n")
+        self.assertEqual((code, body["error"]["code"]), (505, "HTTP_VERSION_NOT_SUPPORTED"))
+
+    def test_refusal_closes_after_linger(self) -> None:
+        """After a refusal the rest of the request is dropped and the connection closed shortly."""
+        from lpa.agent.http.channel import LINGER_SECONDS
+
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1 x\r\n\r\n")
+        answer = transport.value()
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\n\r\n" * 3)
+        self.assertEqual(transport.value(), answer)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(transport.disconnecting)
+        self.lose(protocol)
+
+    def test_declared_body_too_large_answered_at_once(self) -> None:
+        """A Content-Length over the limit is 413 before the body is sent, not after."""
+        code, _, body, _ = self.refused(
+            b"POST /api/v1/patches/apply HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"
+        )
+        self.assertEqual((code, body["error"]["code"]), (413, "PAYLOAD_TOO_LARGE"))
+        self.assertEqual(self.jobs.submitted, [])
+
+    def test_trickled_request_times_out(self) -> None:
+        """A client sending one byte a second is cut off with 408 at server.timeout_seconds."""
+        protocol, transport = self.connect()
+        request = b"GET /api/v1/health HTTP/1.1\r\nHost: agent\r\n\r\n"
+        for byte in request[:10]:
+            protocol.dataReceived(bytes([byte]))
+            self.clock.advance(0.49)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(self.timeout_seconds - 10 * 0.49)
+        code, _, body = _split(transport.value())
+        self.assertEqual((code, body["error"]["code"]), (408, "REQUEST_TIMEOUT"))
+        self.assertTrue(body["error"]["retryable"])
+        self.lose(protocol)
+
+    def test_idle_connection_closed_quietly(self) -> None:
+        """A connection that sends nothing is closed at the timeout without an answer."""
+        protocol, transport = self.connect()
+        self.clock.advance(self.timeout_seconds - 0.01)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.01)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.lose(protocol)
+
+    def test_deadline_rearmed_between_requests(self) -> None:
+        """Each request of a keep-alive connection gets the whole timeout; idle after is closed."""
+        protocol, transport = self.connect()
+        request = b"GET /api/v1/health HTTP/1.1\r\nHost: agent\r\n\r\n"
+        for _ in range(3):
+            self.clock.advance(self.timeout_seconds - 1)
+            protocol.dataReceived(request)
+            self.assertIn(b"200 OK", transport.value())
+            transport.clear()
+        self.clock.advance(self.timeout_seconds)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.lose(protocol)
+
+    def test_no_deadline_while_the_agent_works(self) -> None:
+        """A slow package-manager query is not cut by the client's timeout."""
+        pending: Deferred = Deferred()
+        self.backend.list_packages = (  # type: ignore[method-assign]
+            lambda name=None, status=None: pending
+        )
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /api/v1/packages HTTP/1.1\r\nHost: agent\r\n\r\n")
+        self.clock.advance(10 * self.timeout_seconds)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        pending.callback([])
+        self.assertIn(b"200 OK", transport.value())
+        self.clock.advance(self.timeout_seconds)
+        self.assertTrue(transport.disconnecting)
+        self.lose(protocol)
+
+    def test_failure_outside_handlers_is_500_envelope(self) -> None:
+        """A failure that escapes every handler is a logged 500 envelope, not an HTML page."""
+        from lpa.agent.http.gate import Gate
+
+        class _Broken:
+            def render(self, request: Any) -> bytes:
+                raise RuntimeError("bug")
+
+        broken = Gate(_Broken(), lambda request: None, None)  # type: ignore[arg-type]
+        self.api.resource = lambda: broken  # type: ignore[method-assign]
+        self.site = self.api.site(timeout_seconds=self.timeout_seconds)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
+        code, headers, body = _split(transport.value())
+        self.assertEqual((code, body["error"]["code"]), (500, "INTERNAL_ERROR"))
+        self.assertEqual(headers[b"Content-Type"], b"application/json")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.lose(protocol)
+
+    def test_refusals_logged_throttled(self) -> None:
+        """Each refusal is one info line with the peer; past 10 a minute they are counted."""
+        for _ in range(13):
+            self.refused(b"GET / HTTP/1.1 x\r\n\r\n")
+        lines = [e for e in self.events if e.get("log_format", "").startswith("request from")]
+        self.assertEqual(len(lines), 10)
+        self.assertEqual(
+            formatEvent(lines[0]),
+            "request from 127.0.0.1:50000 refused: 400 BAD_REQUEST (The request line must be "
+            "METHOD SP TARGET SP HTTP/1.1 (or HTTP/1.0))",
+        )
+        self.clock.advance(60)
+        self.refused(b"GET / HTTP/1.1 x\r\n\r\n")
+        last = [e for e in self.events if e.get("log_format", "").startswith("request from")][-1]
+        self.assertTrue(formatEvent(last).endswith("(and 3 more like this, not logged)"))
+        self.assertEqual(last["suppressed"], 3)
+
+    def test_tls_refusals_logged_throttled(self) -> None:
+        """A refused handshake is one warn line with peer and reason, throttled per reason."""
+        from OpenSSL import SSL
+
+        _, transport = self.connect()
+        no_cert = Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")]))
+        for _ in range(12):
+            self.site.handshake_failed(transport, no_cert)
+        self.site.handshake_failed(transport, Failure(ConnectionDone()))  # a probe: nothing
+        lines = [e for e in self.events if e.get("log_format", "").startswith("TLS handshake")]
+        self.assertEqual(len(lines), 10)
+        self.assertEqual(
+            formatEvent(lines[0]),
+            "TLS handshake from 127.0.0.1:50000 refused: no client certificate",
+        )
+        self.assertEqual(lines[0]["log_level"].name, "warn")

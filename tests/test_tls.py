@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from lpa.agent.http.api import Http11Site
+from lpa.agent.http.envelope import Enveloper
+from lpa.agent.http.site import AgentSite
 from lpa import tls
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
@@ -37,11 +38,17 @@ class _Whoami(Resource):
         return f"{cn}|".encode() + proto
 
 
-class _TrackingSite(Http11Site):  # the agent's ALPN policy: http/1.1 only
+class _TrackingSite(AgentSite):  # the agent's Site: ALPN http/1.1 only, refusals logged
     """A Site that can wait until every connection it accepted is closed."""
 
     def __init__(self, resource: Resource) -> None:
-        super().__init__(resource)
+        super().__init__(
+            resource,
+            enveloper=Enveloper(reactor),
+            max_body_bytes=1 << 20,
+            timeout_seconds=30,
+            clock=reactor,
+        )
         self.open_connections: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -85,9 +92,11 @@ class HandshakeMatrixTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def refusals(self) -> list[str]:
-        """The server's logged reasons for refusing client certificates."""
+        """The server's logged lines about refused handshakes."""
         return [
-            formatEvent(e) for e in self.events if "refused" in e.get("log_format", "")
+            formatEvent(e)
+            for e in self.events
+            if e.get("log_format", "").startswith("TLS handshake from")
         ]
 
     def listen(self, options: Any) -> int:
@@ -130,25 +139,32 @@ class HandshakeMatrixTests(TestCase):
 
         ca = Certificate.loadPEM(open(self.pki.ca_cert, "rb").read())
         await self.assertRefused(port, optionsForClientTLS("localhost", trustRoot=ca))
+        [line] = self.refusals()
+        self.assertRegex(
+            line, r"^TLS handshake from 127\.0\.0\.1:\d+ refused: no client certificate$"
+        )
 
     async def test_other_ca_refused(self) -> None:
         """A client certificate from another CA is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("other_ca"))
-        self.assertIn("unable to get local issuer certificate", " ".join(self.refusals()))
+        [line] = self.refusals()
+        self.assertIn("refused: unknown CA (CN=", line)
+        self.assertIn("unable to get local issuer certificate", line)
 
     async def test_expired_refused(self) -> None:
         """An expired client certificate is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("expired"))
-        self.assertIn("certificate has expired", " ".join(self.refusals()))
+        [line] = self.refusals()
+        self.assertIn("refused: certificate expired (CN=", line)
 
     async def test_revoked_refused(self) -> None:
         """A client certificate listed in the CRL is refused; the good one still passes."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("revoked"))
-        self.assertIn("CN=revoked-client", " ".join(self.refusals()))
-        self.assertIn("certificate revoked", " ".join(self.refusals()))
+        [line] = self.refusals()
+        self.assertIn("refused: certificate revoked (CN=revoked-client serial=", line)
         await self.assertServed(port, self.pki.client_options("good"), b"lpa-relay|http/1.1")
 
     async def test_missing_crl_allows_revoked(self) -> None:

@@ -12,7 +12,9 @@ Flow of one request::
                 └─ any exception ─▶ Enveloper.write_error (the one error mapping)
 
 Unknown paths are 404 ``NOT_FOUND`` and known paths with an unknown method 405 with ``Allow``,
-both in the envelope (the original answered those in plain text or with empty bodies).
+both in the envelope (the original answered those in plain text or with empty bodies).  What
+twisted.web refuses before any of this (framing, limits, time) is an envelope too: see
+:mod:`lpa.agent.http.channel`, served by :class:`~lpa.agent.http.site.AgentSite`.
 
 Mutating endpoints never ignore what they were asked: an unknown body field or query argument is
 a 400, and ``dry_run`` (body, or ``?dry_run=true``) is honoured by install, update, remove and
@@ -34,7 +36,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
@@ -56,6 +57,8 @@ from lpa.agent.eventlog import EventsExpiredError
 from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
 from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
 from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.http.site import AgentSite, Http11Site
+from lpa.throttle import LogThrottle
 from lpa.errors import (
     ApiError,
     CommandError,
@@ -78,7 +81,14 @@ from lpa.events import (
     rfc3339_from_epoch,
 )
 
-__all__ = ["AgentApi", "BoundedRequest", "bounded_request_factory", "make_peer_check"]
+__all__ = [
+    "AgentApi",
+    "AgentSite",
+    "BoundedRequest",
+    "Http11Site",
+    "bounded_request_factory",
+    "make_peer_check",
+]
 
 _log = Logger()
 
@@ -190,13 +200,19 @@ class AgentApi:
         )
         return Gate(self.app.resource(), admit, self._enveloper.write_error)
 
-    def site(self) -> Site:
-        """A Site serving :meth:`resource` whose requests never buffer more than the body limit."""
-        site = Http11Site(
-            self.resource(), requestFactory=bounded_request_factory(self._max_body_bytes)
+    def site(
+        self, *, timeout_seconds: float | None = 30.0, throttle: LogThrottle | None = None
+    ) -> AgentSite:
+        """The Site serving :meth:`resource`: bodies bounded, every refusal an envelope, and
+        ``timeout_seconds`` (``server.timeout_seconds``) to send each whole request."""
+        return AgentSite(
+            self.resource(),
+            enveloper=self._enveloper,
+            max_body_bytes=self._max_body_bytes,
+            timeout_seconds=timeout_seconds,
+            clock=self._clock,
+            throttle=throttle,
         )
-        site.displayTracebacks = False
-        return site
 
     # -- the one error mapping ---------------------------------------------------------------
 
@@ -563,15 +579,3 @@ class AgentApi:
         except Exception:
             _log.failure("package manager query crashed")
             raise PackageManagerError("Package manager query failed") from None
-
-
-class Http11Site(Site):
-    """A Site that never offers HTTP/2 in ALPN, whatever is installed.
-
-    Twisted puts the Site's own protocol list (h2 first when ``h2`` and ``priority`` import)
-    ahead of the TLS options' list, and WebSockets break over h2 (autobahn's HTTP/2 branch fails the upgrade): the agent's one
-    port must speak HTTP/1.1 only.
-    """
-
-    def acceptableProtocols(self) -> list[bytes]:
-        return [b"http/1.1"]

@@ -2,20 +2,25 @@
 
 Every answer, errors included, is ``{success, request_id, timestamp, data, error}``; the
 original agent answered 429, 405 and parse errors in plain text, which its own clients could
-not parse.  :func:`error_answer` maps an :class:`~lpa.errors.ApiError` to status, envelope and
-``Retry-After``; anything else is a logged 500 ``INTERNAL_ERROR`` that leaks nothing.
+not parse.  :meth:`Enveloper.write_error` maps an :class:`~lpa.errors.ApiError` to status,
+envelope and ``Retry-After``; anything else is a logged 500 ``INTERNAL_ERROR`` that leaks nothing.
+
+Refusals made below the routes, where there is no request object to answer through (a request
+line or header twisted.web cannot parse, a request that took too long), are whole HTTP/1.1
+responses from :meth:`Enveloper.refusal`, with the same envelope and ``Connection: close``.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attr
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.iweb import IRequest
 
 from lpa.errors import ApiError
@@ -41,6 +46,74 @@ class InternalError(ApiError):
     code, http_status = "INTERNAL_ERROR", 500
 
 
+# -- refusals of the HTTP layer (framing, limits, time), before any route runs -----------------
+
+
+class BadRequestError(ApiError):
+    """The request cannot be parsed as HTTP/1.1; ``details.reason`` says which part."""
+
+    code, http_status = "BAD_REQUEST", 400
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, {"reason": reason})
+
+
+class RequestTimeoutError(ApiError):
+    """The request head and body did not arrive within ``server.timeout_seconds``."""
+
+    code, http_status, retryable = "REQUEST_TIMEOUT", 408, True
+
+
+class UriTooLongError(ApiError):
+    code, http_status = "URI_TOO_LONG", 414
+
+
+class HeadersTooLargeError(ApiError):
+    code, http_status = "HEADERS_TOO_LARGE", 431
+
+
+class NotImplementedHttpError(ApiError):
+    code, http_status = "NOT_IMPLEMENTED", 501
+
+
+class HttpVersionError(ApiError):
+    code, http_status = "HTTP_VERSION_NOT_SUPPORTED", 505
+
+
+#: reason phrases twisted.web does not know (431 is RFC 6585)
+_REASONS = {
+    426: b"Upgrade Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status) or RESPONSES.get(status) or b"Error"
+
+
+def refusal_response(
+    status: int,
+    envelope: Mapping[str, Any],
+    now: float,
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """A whole HTTP/1.1 response carrying ``envelope``, after which the server closes."""
+    body = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, reason_phrase(status)),
+        b"Date: " + datetimeToString(now),
+        b"Content-Type: " + JSON_CONTENT_TYPE,
+        b"Cache-Control: no-store",
+        b"Connection: close",
+        b"Content-Length: %d" % len(body),
+    ]
+    for name, value in headers:
+        if name.lower() not in ("content-type", "content-length", "connection"):
+            lines.append(name.encode("ascii") + b": " + value.encode("latin-1"))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
 class Enveloper:
     """Stamps envelopes with a fresh request id and the injected clock's time."""
 
@@ -50,10 +123,12 @@ class Enveloper:
         self._clock = clock
         self._uuid_factory = uuid_factory
 
-    def envelope(self, data: Any = None, error: ApiError | None = None) -> dict[str, Any]:
+    def envelope(
+        self, data: Any = None, error: ApiError | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         return {
             "success": error is None,
-            "request_id": str(self._uuid_factory()),
+            "request_id": request_id or str(self._uuid_factory()),
             "timestamp": rfc3339_from_epoch(self._clock.seconds()),
             "data": None if error is not None else data,
             "error": error.to_error_dict() if error is not None else None,
@@ -78,6 +153,18 @@ class Enveloper:
         if error.retry_after is not None:
             headers["Retry-After"] = str(error.retry_after)
         return self._finish(request, error.http_status, headers, self.envelope(error=error))
+
+    def refusal(self, error: ApiError) -> bytes:
+        """``error`` as a whole HTTP/1.1 response with ``Connection: close`` (no request object)."""
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(error.retry_after)
+        return refusal_response(
+            error.http_status,
+            self.envelope(error=error),
+            self._clock.seconds(),
+            headers.items(),
+        )
 
     @staticmethod
     def _finish(

@@ -4,15 +4,20 @@ The order is the original's middleware order, outermost first::
 
     peer_check (IP whitelist, then client allowlist) ─▶ 403 FORBIDDEN
     duplicate Content-Type / Host / Authorization   ─▶ 400 DUPLICATE_HEADERS
+    Host not a host[:port], path not UTF-8          ─▶ 400 BAD_REQUEST
     RateLimiter.check (one limiter per process)     ─▶ 429 RATE_LIMITED + Retry-After
     body larger than the limit                      ─▶ 413 PAYLOAD_TOO_LARGE
 
 Refusals are ``ApiError`` s written by the API's one error mapping, so they are envelopes too.
-:class:`BoundedRequest` keeps twisted.web from buffering an oversized body in the first place.
+The Host and path checks keep what Klein cannot route (it logs a traceback for a path that is
+not UTF-8 once percent-decoded) from reaching it.  :class:`BoundedRequest` keeps twisted.web
+from buffering an oversized body in the first place, and answers a failure that escapes every
+handler as a 500 envelope rather than twisted.web's HTML page.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 from twisted.logger import Logger
@@ -23,7 +28,8 @@ from twisted.web.server import Request
 
 from lpa.agent.http import inputs
 from lpa.agent.http.ratelimit import RateLimiter
-from lpa.errors import ApiError, DuplicateHeadersError, ForbiddenError
+from lpa.agent.http.envelope import Answer, BadRequestError
+from lpa.errors import ApiError, DuplicateHeadersError, ForbiddenError, MethodNotAllowedError
 
 _log = Logger()
 
@@ -31,6 +37,23 @@ PeerCheck = Callable[[IRequest], "ApiError | None"]
 
 #: headers a request may carry once only (the original's "security headers" middleware)
 SINGLE_HEADERS = (b"content-type", b"host", b"authorization")
+
+#: a Host header: a registered name or IPv4 address, or an IPv6 literal, then maybe a port
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
+
+
+def check_target(request: IRequest) -> None:
+    """400 for a Host that is not ``host[:port]`` or a path that is not UTF-8 once decoded."""
+    for host in request.requestHeaders.getRawHeaders(b"host") or []:
+        if not _HOST.match(host):
+            raise BadRequestError("The Host header must be host[:port]", "host")
+    postpath = getattr(request, "postpath", None) or []
+    try:
+        b"/".join(postpath).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestError(
+            "The request path must be UTF-8 once percent-decoded", "path_encoding"
+        ) from None
 
 
 class Admission:
@@ -58,6 +81,7 @@ class Admission:
                 raise DuplicateHeadersError(
                     "Duplicate critical headers not allowed", {"header": name.decode("ascii")}
                 )
+        check_target(request)
         if self._rate_limiter is not None:
             address = request.getClientAddress()
             client = str(getattr(address, "host", address))
@@ -103,6 +127,9 @@ class BoundedRequest(Request):
     max_body_bytes = 1 << 20
     body_too_large = False
     _body_received = 0
+    #: bodies are JSON: never parse form submissions into ``args`` (twisted.web answers a
+    #: malformed multipart body with a bare 400 of its own)
+    _parsePOSTFormSubmission = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body_bytes:
@@ -116,6 +143,36 @@ class BoundedRequest(Request):
             self.body_too_large = True
         if not self.body_too_large:
             super().handleContentChunk(data)
+
+    def _handleStar(self) -> None:
+        """``OPTIONS *`` (a probe) is an empty 200, other methods on ``*`` a 405, as twisted.web
+        answers them, but in the envelope."""
+        enveloper = getattr(self.site, "enveloper", None)
+        if enveloper is None:
+            super()._handleStar()
+            return
+        if self.method == b"OPTIONS":
+            body = enveloper.write(self, Answer(None))
+        else:
+            error = MethodNotAllowedError(
+                "Only OPTIONS applies to *", {"allowed_methods": ["OPTIONS"]}
+            )
+            error.headers = {"Allow": "OPTIONS"}  # type: ignore[attr-defined]
+            body = enveloper.write_error(self, error)
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A failure no handler answered: a logged 500 envelope, not twisted.web's HTML page."""
+        write_error = getattr(getattr(self.site, "enveloper", None), "write_error", None)
+        if write_error is None or self.finished or self.startedWriting:
+            return super().processingFailed(reason)  # type: ignore[no-any-return]
+        body = write_error(self, reason)
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
 
 
 def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
