@@ -178,12 +178,27 @@ class ServiceStatusError(ApiError):
 
 
 class CommandError(LpaError):
-    """A package-manager command did not succeed; ``result`` holds how it ended."""
+    """A package-manager command did not succeed; ``result`` holds how it ended.
+
+    Its message and output are for the log and for job details, never for an API error: an
+    :class:`ApiError` raised because of one names only the kind of failure and is raised
+    ``from`` it, and the API logs :meth:`log_fields` with the request id.
+    """
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.result = result
+
+    def log_fields(self, stderr_lines: int = 5) -> dict[str, Any]:
+        """The command line, how it ended and the end of its stderr, for a log event."""
+        result = self.result
+        stderr = (getattr(result, "stderr", "") or "").strip().splitlines()
+        return {
+            "argv": list(getattr(result, "argv", ()) or ()),
+            "exit_code": getattr(result, "exit_code", None),
+            "stderr": stderr[-stderr_lines:],
+        }
 
 
 class CommandFailedError(CommandError):

@@ -140,9 +140,10 @@ class PatchCache:
             elif isinstance(outcome, ApiError):
                 waiter.errback(outcome)
             else:
-                waiter.errback(
-                    PackageManagerError("Failed to list pending patches", {"reason": str(outcome)})
-                )
+                # the reason may quote the host's command output: it is the cause, for the log
+                failed = PackageManagerError("Failed to list pending patches")
+                failed.__cause__ = outcome
+                waiter.errback(failed)
 
     def _age(self) -> float:
         assert self._updated_at is not None

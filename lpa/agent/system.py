@@ -32,6 +32,7 @@ from lpa.agent.interfaces import ISystem
 from lpa.agent.model import CommandResult
 from lpa.errors import (
     CommandError,
+    CommandFailedError,
     InvalidServiceNameError,
     ServiceNotFoundError,
     ServiceStatusError,
@@ -183,12 +184,13 @@ class HostSystem:
         try:
             result = await self._run(argv)
         except CommandError as error:
-            raise ServiceStatusError(f"systemctl could not run: {error}") from error
+            raise ServiceStatusError("Failed to read the service status") from error
         if result.timed_out or result.exit_code != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            raise ServiceStatusError(
-                f"systemctl show failed for {name}", {"stderr": detail[-3:], "exit_code": result.exit_code}
+            # argv and stderr go to the log (as the cause), never to the client
+            cause = CommandFailedError(
+                f"{' '.join(argv)} exited with status {result.exit_code}", result
             )
+            raise ServiceStatusError("Failed to read the service status") from cause
         fields = parse_systemctl_show(result.stdout)
         if fields.get("LoadState") in (None, "not-found"):
             raise ServiceNotFoundError(f"Service not found: {name}", {"name": name})

@@ -30,6 +30,7 @@ from lpa.errors import (
     CommandError,
     CommandFailedError,
     CommandNotFoundError,
+    CommandTimedOutError,
     PackageManagerError,
     ValidationError,
 )
@@ -166,19 +167,25 @@ async def run_read(
     env: Mapping[str, str] | None = None,
     ok_codes: Sequence[int] = (0,),
 ) -> CommandResult:
-    """Run a read-only query; anything but an allowed exit is a retryable ``PackageManagerError``."""
+    """Run a read-only query; anything but an allowed exit is a retryable ``PackageManagerError``.
+
+    The error a client may see says what kind of failure it was and nothing of the host: the
+    command line and its output ride along as the ``CommandError`` it is raised from (its
+    ``__cause__``), which the API logs with the request id and a job keeps in its details.
+    """
     try:
         result: CommandResult = await runner.run(list(argv), timeout=timeout, env=env)
     except CommandNotFoundError as error:
-        raise PackageManagerError(f"{argv[0]} could not be started: {error.message}") from error
+        raise PackageManagerError("The package manager could not be started") from error
+    command = " ".join(argv)
     if result.timed_out:
-        raise PackageManagerError(f"{argv[0]} timed out after {timeout:g}s", {"argv": list(argv)})
-    if result.exit_code not in ok_codes:
-        detail = (result.stderr or result.stdout).strip().splitlines()
         raise PackageManagerError(
-            f"{' '.join(argv[:3])} failed with exit code {result.exit_code}",
-            {"argv": list(argv), "stderr": detail[-5:]},
-        )
+            "The package manager query timed out", {"timeout_seconds": timeout}
+        ) from CommandTimedOutError(f"{command} timed out after {timeout:g}s", result)
+    if result.exit_code not in ok_codes:
+        raise PackageManagerError(
+            "The package manager query failed", {"exit_code": result.exit_code}
+        ) from CommandFailedError(f"{command} exited with status {result.exit_code}", result)
     return result
 
 

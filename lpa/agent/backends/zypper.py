@@ -54,11 +54,13 @@ _SUMMARY_ACTIONS = {
 def _xml_root(text: str) -> ElementTree.Element:
     start = text.find("<")
     if start < 0:
-        raise PackageManagerError("zypper printed no XML")
+        raise PackageManagerError("The package manager's output could not be parsed") from (
+            ValueError("zypper printed no XML")
+        )
     try:
         return ElementTree.fromstring(text[start:])
     except ElementTree.ParseError as error:
-        raise PackageManagerError(f"zypper XML output could not be parsed: {error}") from error
+        raise PackageManagerError("The package manager's output could not be parsed") from error
 
 
 def parse_list_updates(text: str) -> list[dict[str, str]]:

@@ -278,8 +278,8 @@ class AgentApi:
         except (ApiError, CancelledError):
             raise
         except Exception as error:
-            _log.warn("system info failed: {error}", error=str(error))
-            raise SystemInfoError("Failed to read system information") from None
+            # logged with the request id by the error mapping, never echoed
+            raise SystemInfoError("Failed to read system information") from error
         return Answer(info)
 
     @_route("/api/v1/system/services/<string:name>", "GET")
@@ -290,8 +290,7 @@ class AgentApi:
         except (ApiError, CancelledError):
             raise
         except Exception as error:
-            _log.warn("service {name} status failed: {error}", name=name, error=str(error))
-            raise ServiceStatusError("Failed to read the service status") from None
+            raise ServiceStatusError("Failed to read the service status") from error
         return Answer(status)
 
     @_route("/api/v1/system/reboot", "POST")
@@ -574,8 +573,7 @@ class AgentApi:
         except (ApiError, CancelledError):
             raise
         except CommandError as error:
-            _log.warn("package manager query failed: {error}", error=error.message)
-            raise PackageManagerError("Package manager query failed") from None
+            raise PackageManagerError("Package manager query failed") from error
         except Exception:
             _log.failure("package manager query crashed")
             raise PackageManagerError("Package manager query failed") from None

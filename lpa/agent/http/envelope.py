@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.iweb import IRequest
 
-from lpa.errors import ApiError
+from lpa.errors import ApiError, CommandError
 from lpa.events import rfc3339_from_epoch
 
 _log = Logger()
@@ -139,20 +139,30 @@ class Enveloper:
         return self._finish(request, answer.status, answer.headers, self.envelope(answer.data))
 
     def write_error(self, request: IRequest, failure: Failure | BaseException) -> bytes:
-        """Set status and headers for an error; return the body.  The only error mapping."""
+        """Set status and headers for an error; return the body.  The only error mapping.
+
+        What the client gets names the failure, never the host's command line or output; a
+        server-side failure's cause (a host command's argv, exit status and stderr, or an
+        exception) is logged here with the request id the client sees, so the two correlate.
+        """
         error = failure.value if isinstance(failure, Failure) else failure
+        request_id = str(self._uuid_factory())
         if not isinstance(error, ApiError):
             _log.failure(
-                "unexpected error answering {method} {path}",
+                "request {request_id}: unexpected error answering {method} {path}",
                 failure if isinstance(failure, Failure) else Failure(error),
+                request_id=request_id,
                 method=_text(request.method),
                 path=_text(request.path),
             )
             error = InternalError("Internal server error")
+        elif error.http_status >= 500 and error.__cause__ is not None:
+            _log_cause(request, request_id, error)
         headers: dict[str, str] = dict(getattr(error, "headers", None) or {})
         if error.retry_after is not None:
             headers["Retry-After"] = str(error.retry_after)
-        return self._finish(request, error.http_status, headers, self.envelope(error=error))
+        envelope = self.envelope(error=error, request_id=request_id)
+        return self._finish(request, error.http_status, headers, envelope)
 
     def refusal(self, error: ApiError) -> bytes:
         """``error`` as a whole HTTP/1.1 response with ``Connection: close`` (no request object)."""
@@ -176,6 +186,31 @@ class Enveloper:
         for name, value in headers.items():
             request.setHeader(name.encode("ascii"), value.encode("latin-1"))
         return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def _log_cause(request: IRequest, request_id: str, error: ApiError) -> None:
+    """One warn line: which request failed and why, with the host command's output if any."""
+    cause = error.__cause__
+    fields: dict[str, Any] = {}
+    while cause is not None and not isinstance(cause, CommandError):
+        cause = cause.__cause__
+    if isinstance(cause, CommandError):
+        fields = cause.log_fields()
+        stderr = " | ".join(fields["stderr"]) or "(no stderr)"
+        reason = f"{cause.message}; stderr: {stderr}"
+    else:
+        cause = error.__cause__
+        reason = f"{type(cause).__name__}: {cause}"
+    _log.warn(
+        "request {request_id}: {method} {path} answered {status} {code}: {reason}",
+        request_id=request_id,
+        method=_text(request.method),
+        path=_text(request.path),
+        status=error.http_status,
+        code=error.code,
+        reason=reason,
+        **fields,
+    )
 
 
 def _text(value: bytes | str | None) -> str:
