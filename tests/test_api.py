@@ -842,14 +842,15 @@ class RateLimitThroughApiTests(ApiTestCase):
         self.assertEqual(self.call("PUT", "/api/v1/packages/vim").code, 202)
 
     def test_read_tier_and_exemptions(self) -> None:
-        """After 30 reads the next is 429; health and system info stay exempt."""
+        """After 30 reads the next is 429, system info included; health stays exempt."""
         for _ in range(30):
             self.assertEqual(self.call("GET", "/api/v1/jobs").code, 200)
         reply = self.call("GET", "/api/v1/jobs")
         self.assertError(reply, 429, "RATE_LIMITED")
         self.assertEqual(reply.header("Retry-After"), "1")
-        for path in ("/health", "/api/v1/health", "/api/v1/system/info"):
+        for path in ("/health", "/api/v1/health"):
             self.assertEqual(self.call("GET", path).code, 200)
+        self.assertError(self.call("GET", "/api/v1/system/info"), 429, "RATE_LIMITED")
 
     def test_limited_before_routing(self) -> None:
         """Unknown paths also spend tokens, so probing cannot bypass the limiter."""

@@ -59,11 +59,16 @@ class RateLimiterTests(SynchronousTestCase):
         self.spend(3, client="10.0.0.2")
 
     def test_exempt_paths(self) -> None:
-        """Health and system info are never limited nor counted."""
-        for path in ("/health", "/api/v1/health", "/api/v1/system/info"):
+        """Health is never limited nor counted."""
+        for path in ("/health", "/api/v1/health"):
             self.spend(50, path=path)
         self.assertEqual(self.limiter.bucket_count(), 0)
         self.spend(3)
+
+    def test_system_info_limited(self) -> None:
+        """System info runs host commands: it is in the read tier, not exempt."""
+        self.spend(3, path="/api/v1/system/info")
+        self.assertRaises(RateLimitedError, self.spend, 1, path="/api/v1/system/info")
 
     def test_disabled(self) -> None:
         """A disabled limiter lets everything through."""

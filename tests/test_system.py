@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import platform
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from lpa.agent.interfaces import ISystem
 from lpa.agent.system import HostSystem, parse_os_release, parse_systemctl_show, reboot_argv_for
 from lpa.errors import InvalidServiceNameError, ServiceNotFoundError, ServiceStatusError
+from tests.fakes import FakeProcessRunner
 from tests.fakes_backends import ScriptedRunner
 
 OS_RELEASE = '''PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
@@ -109,6 +110,36 @@ class HostSystemFileTests(SynchronousTestCase):
         self.assertIs(info["pending_reboot"], False)
         self.assertIs(info["package_db_clean"], True)
         self.assertIn(("dpkg", "--audit"), self.runner.argvs)
+
+    def test_command_facts_kept_for_a_while(self) -> None:
+        """dpkg --audit runs once per facts_ttl however often system info is asked."""
+        clock = task.Clock()
+        system = self.system(clock=clock, facts_ttl=30)
+        for _ in range(5):
+            self.successResultOf(system.system_info())
+            clock.advance(5)
+        self.assertEqual(self.runner.argvs.count(("dpkg", "--audit")), 1)
+        clock.advance(5)
+        self.successResultOf(system.system_info())
+        self.assertEqual(self.runner.argvs.count(("dpkg", "--audit")), 2)
+
+    def test_command_facts_shared_by_concurrent_callers(self) -> None:
+        """Concurrent system info calls share one dpkg --audit; pending_reboot is never cached."""
+        runner = FakeProcessRunner()
+        system = HostSystem(
+            runner,  # type: ignore[arg-type]
+            reboot_marker=self.path("reboot-required"),
+            modules_dir=self.path("modules"),
+            which=lambda name: "/usr/bin/dpkg" if name == "dpkg" else None,
+            clock=task.Clock(),
+        )
+        first, second = system.system_info(), system.system_info()
+        self.assertEqual([c.argv for c in runner.calls], [("dpkg", "--audit")])
+        runner.last.finish(0)
+        self.assertIs(self.successResultOf(first)["package_db_clean"], True)
+        self.assertIs(self.successResultOf(second)["package_db_clean"], True)
+        self.path("reboot-required", "")
+        self.assertEqual(self.successResultOf(system.pending_reboot()), (True, []))
 
     def test_package_db_dirty_or_unknown(self) -> None:
         """Audit output means not clean; without dpkg the answer is None."""

@@ -117,7 +117,7 @@ def make_agent_service(
 
     state_dir = _state_dir(config)
     runner = runner or ProcessRunner(reactor)
-    system = system or HostSystem(runner)
+    system = system or HostSystem(runner, clock=reactor)
     if backend is None:
         timeouts = config.jobs.command_timeouts
         backend = make_backend(

@@ -8,6 +8,11 @@ Pending reboot, first answer wins::
 
     /var/run/reboot-required (+ .pkgs)  ─▶  dnf|yum needs-restarting -r (exit 1)  ─▶
     a kernel in /lib/modules newer than the running one
+
+``/api/v1/system/info`` would otherwise fork ``dpkg --audit`` (and ``needs-restarting``) on every
+call: :meth:`HostSystem.system_info` keeps those command-backed facts for ``facts_ttl`` seconds
+(30 by default) and runs them once for concurrent callers.  ``pending_reboot()``, which the job
+engine asks after a job, is never cached.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import math
 import os
 import shutil
 import socket
+import time
 from typing import Any, Callable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lpa import validation
@@ -39,6 +47,9 @@ from lpa.errors import (
 )
 
 _log = Logger()
+
+#: seconds the command-backed facts of system_info (dpkg --audit, pending reboot) are kept
+FACTS_TTL_SECONDS = 30.0
 
 SERVICE_PROPERTIES = ("Id", "Description", "LoadState", "ActiveState", "SubState", "UnitFileState", "MainPID")
 
@@ -96,6 +107,8 @@ class HostSystem:
         uname: Callable[[], Any] = os.uname,
         hostname: Callable[[], str] = socket.gethostname,
         quick_timeout: float = 60.0,
+        clock: IReactorTime | None = None,
+        facts_ttl: float = FACTS_TTL_SECONDS,
     ) -> None:
         self._runner = runner
         self._boot_id_path = boot_id_path
@@ -107,6 +120,10 @@ class HostSystem:
         self._uname = uname
         self._hostname = hostname
         self._quick_timeout = quick_timeout
+        self._now: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
+        self._facts_ttl = facts_ttl
+        self._facts: tuple[float, Any] | None = None
+        self._facts_waiters: list[Deferred[Any]] | None = None
 
     # -- files -----------------------------------------------------------------------------
     def boot_id(self) -> str:
@@ -143,7 +160,7 @@ class HostSystem:
     async def _system_info(self) -> dict[str, Any]:
         release = self.os_release()
         uname = self._uname()
-        needed, packages = await self._pending_reboot()
+        (needed, packages), db_clean = await self._command_facts()
         return {
             "hostname": self._hostname(),
             "os": release.get("NAME", uname.sysname),
@@ -155,10 +172,35 @@ class HostSystem:
             "last_update_apply": None,
             "pending_reboot": needed,
             "reboot_packages": packages,
-            "package_db_clean": await self._package_db_clean(),
+            "package_db_clean": db_clean,
             "uptime_seconds": self.uptime_seconds(),
             "boot_id": self.boot_id(),
         }
+
+    def _command_facts(self) -> Deferred[Any]:
+        """(pending reboot, package_db_clean): kept for ``facts_ttl`` s, one run at a time."""
+        if self._facts is not None and self._now() - self._facts[0] < self._facts_ttl:
+            return succeed(self._facts[1])
+        waiter: Deferred[Any] = Deferred()
+        if self._facts_waiters is not None:
+            self._facts_waiters.append(waiter)
+            return waiter
+        self._facts_waiters = [waiter]
+        Deferred.fromCoroutine(self._read_command_facts()).addBoth(self._facts_read)
+        return waiter
+
+    async def _read_command_facts(self) -> Any:
+        return await self._pending_reboot(), await self._package_db_clean()
+
+    def _facts_read(self, result: Any) -> None:
+        waiters, self._facts_waiters = self._facts_waiters or [], None
+        if not isinstance(result, Failure):
+            self._facts = (self._now(), result)
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     async def _package_db_clean(self) -> bool | None:
         """``dpkg --audit`` (read-only) prints nothing on a clean database; None without dpkg."""

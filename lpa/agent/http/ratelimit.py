@@ -5,7 +5,9 @@ configured rate (bug 27).  Here the daemon makes ONE :class:`RateLimiter` and ha
 
 * destructive tier (POST, PUT, DELETE): ``destructive_per_minute`` with ``destructive_burst``;
 * read tier (everything else): ``read_per_minute`` with ``read_burst``;
-* exempt: ``/health``, ``/api/v1/health`` and ``/api/v1/system/info``.
+* exempt: ``/health`` and ``/api/v1/health`` (they read state only).  ``/api/v1/system/info``
+  is in the read tier: it runs host commands (``dpkg --audit``), so it must not be a way to fork
+  processes at will (the system also keeps those results for 30 s).
 
 A bucket refills continuously; a bucket that has been idle long enough to be full again holds no
 information, so a periodic sweep drops it and memory stays bounded by the clients seen recently.
@@ -19,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from lpa.errors import RateLimitedError
 
-EXEMPT_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/system/info"})
+EXEMPT_PATHS = frozenset({"/health", "/api/v1/health"})
 DESTRUCTIVE_METHODS = frozenset({"POST", "PUT", "DELETE"})
 DESTRUCTIVE, READ = "destructive", "read"
 
