@@ -128,6 +128,18 @@ class _Exchange(Protocol):
         self.done.callback(answer)
 
 
+async def eventually(predicate: Any, within: float = 10.0) -> None:
+    """Wait (in 10 ms turns) until ``predicate()`` is true: for what the server does after the
+    client has seen the end of a connection, such as logging why it refused it."""
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(within / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"not true within {within:g} s: {predicate}")
+
+
 async def exchange(
     endpoint: Any, payload: bytes, *, head_only: bool = False, guard: float = 20.0
 ) -> Answer:

@@ -29,12 +29,28 @@ from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 
 
-def _config_text(pki: Any, state_dir: str, extra: str = "") -> str:
+def _config_text(
+    pki: Any,
+    state_dir: str,
+    extra: str = "",
+    *,
+    port: int = 0,
+    timeout_seconds: int | None = None,
+    **files: str,
+) -> str:
+    """An agent config on 127.0.0.1 over the test PKI; ``files`` replace tls.* paths."""
+    tls = {
+        "ca_cert": pki.ca_cert,
+        "server_cert": pki.server_cert,
+        "server_key": pki.server_key,
+        "crl_path": pki.crl,
+        **files,
+    }
+    timeout = f"  timeout_seconds: {timeout_seconds}\n" if timeout_seconds else ""
     return (
-        "server:\n  bind: 127.0.0.1\n  port: 0\n"
-        f"tls:\n  ca_cert: {pki.ca_cert}\n  server_cert: {pki.server_cert}\n"
-        f"  server_key: {pki.server_key}\n  crl_path: {pki.crl}\n"
-        f"state_dir: {state_dir}\n" + extra
+        f"server:\n  bind: 127.0.0.1\n  port: {port}\n{timeout}"
+        "tls:\n" + "".join(f"  {key}: {value}\n" for key, value in tls.items())
+        + f"state_dir: {state_dir}\n" + extra
     )
 
 
@@ -49,6 +65,8 @@ def _installed_packages() -> str:
 
 class _DaemonCase(TestCase):
     timeout = 120
+    #: server.timeout_seconds of the daemons this case starts (None: the default)
+    timeout_seconds: int | None = None
 
     def setUp(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="lpa-agent-svc-")
@@ -57,7 +75,8 @@ class _DaemonCase(TestCase):
         self.state_dir = os.path.join(self.tmp, "state")
 
     async def _start(self, **inject: Any) -> Any:
-        config = parse_agent_config(_config_text(self.pki, self.state_dir), "test")
+        text = _config_text(self.pki, self.state_dir, timeout_seconds=self.timeout_seconds)
+        config = parse_agent_config(text, "test")
         service = make_agent_service(config, reactor=reactor, **inject)
         service.startService()
         port = await service.listener._waitingForPort

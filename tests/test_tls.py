@@ -23,6 +23,7 @@ from lpa.agent.http.site import AgentSite
 from lpa import tls
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
+from tests.rawhttp import eventually
 
 
 class _Whoami(Resource):
@@ -139,6 +140,7 @@ class HandshakeMatrixTests(TestCase):
 
         ca = Certificate.loadPEM(open(self.pki.ca_cert, "rb").read())
         await self.assertRefused(port, optionsForClientTLS("localhost", trustRoot=ca))
+        await eventually(self.refusals)
         [line] = self.refusals()
         self.assertRegex(
             line, r"^TLS handshake from 127\.0\.0\.1:\d+ refused: no client certificate$"
@@ -148,6 +150,7 @@ class HandshakeMatrixTests(TestCase):
         """A client certificate from another CA is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("other_ca"))
+        await eventually(self.refusals)
         [line] = self.refusals()
         self.assertIn("refused: unknown CA (CN=", line)
         self.assertIn("unable to get local issuer certificate", line)
@@ -156,6 +159,7 @@ class HandshakeMatrixTests(TestCase):
         """An expired client certificate is refused."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("expired"))
+        await eventually(self.refusals)
         [line] = self.refusals()
         self.assertIn("refused: certificate expired (CN=", line)
 
@@ -163,6 +167,7 @@ class HandshakeMatrixTests(TestCase):
         """A client certificate listed in the CRL is refused; the good one still passes."""
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("revoked"))
+        await eventually(self.refusals)
         [line] = self.refusals()
         self.assertIn("refused: certificate revoked (CN=revoked-client serial=", line)
         await self.assertServed(port, self.pki.client_options("good"), b"lpa-relay|http/1.1")
@@ -181,6 +186,7 @@ class HandshakeMatrixTests(TestCase):
             f.write(b"-----BEGIN X509 CRL-----\nnot a crl\n-----END X509 CRL-----\n")
         port = self.listen(self.pki.server_options())
         await self.assertRefused(port, self.pki.client_options("good"))
+        await eventually(self.refusals)
         self.assertIn("CN=lpa-relay", " ".join(self.refusals()))
         self.assertIn("not a PEM or DER certificate revocation list", " ".join(self.refusals()))
 

@@ -7,19 +7,27 @@
       └─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs,
                                  behind mutual TLS (tls.enabled) on server.bind:server.port
 
-Stop order is explicit (STYLE "Composing services"): stop accepting connections first, then let
-the job engine freeze admission and persist, so no job changes after the last save.
+Stop order is explicit: stop accepting connections first, then let the job engine freeze
+admission and persist, so no job changes after the last save.
+
+What an operator sees at start: one line once the port is bound (version, address, port, TLS,
+backend), or one line saying why the port could not be bound (:mod:`lpa.agent.listening`); a
+warning when ``state_dir`` had to be made private (0700: it holds job logs); a configuration
+error naming the key (``tls.server_cert: PATH: file not found``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import stat
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 import lpa
@@ -29,8 +37,10 @@ from lpa.agent.backends.base import Timeouts
 from lpa.agent.cache import PatchCache
 from lpa.agent.eventlog import EventLog
 from lpa.agent.jobs import JobManager
+from lpa.agent.listening import ListenError, address, listen_error
 from lpa.agent.process import ProcessRunner
 from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.reload import RELOAD_INTERVAL_SECONDS, Reloader
 from lpa.agent.store import JsonJobStore
 from lpa.agent.system import HostSystem
 from lpa.agent.whitelist import IPWhitelist
@@ -38,7 +48,9 @@ from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.agent.config import AgentConfig
 from lpa.errors import ConfigError
 from lpa.events import rfc3339
+from lpa.throttle import LogThrottle
 from lpa.tls import (
+    AGENT_KEYS,
     identity_allowed,
     load_certificates,
     load_crl,
@@ -48,26 +60,71 @@ from lpa.tls import (
 
 _log = Logger()
 
-#: listen backlog: a fleet manager may open many connections at once (the default backlog of 50 drops them silently)
+#: listen backlog: a fleet manager may open many connections at once (the default backlog of
+#: 50 drops them silently)
 LISTEN_BACKLOG = 512
 
 
 class AgentService(MultiService):
-    """The agent: a job engine and one listener, started and stopped in a fixed order."""
+    """The agent: a job engine and one listener, started and stopped in a fixed order.
 
-    reloader: "Reloader | None" = None
+    :param describe: what the start-up line says besides the address (backend, TLS, version).
+    :raises ListenError: from ``privilegedStartService``/``startService`` when the port cannot
+        be bound (twistd's tap turns it into one log line and an exit status).
+    """
 
-    def __init__(self, jobs: JobManager, listener: StreamServerEndpointService) -> None:
+    reloader: Reloader | None = None
+
+    def __init__(
+        self,
+        jobs: JobManager,
+        listener: StreamServerEndpointService,
+        *,
+        bind: str = "0.0.0.0",
+        port: int = 0,
+        describe: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.jobs = jobs
         self.listener = listener
+        self._bind = bind
+        self._port = port
+        self._describe = describe or {}
+        self._announced = False
         listener.setServiceParent(self)
+
+    @contextmanager
+    def _listening(self) -> Iterator[None]:
+        try:
+            yield
+        except CannotListenError as error:
+            raise listen_error(error, self._bind, self._port) from None
+        waiting = self.listener._waitingForPort
+        if waiting is not None and not self._announced:
+            self._announced = True
+            waiting.addCallback(self._announce)
+
+    def privilegedStartService(self) -> None:
+        with self._listening():
+            super().privilegedStartService()
 
     def startService(self) -> None:
         # The engine loads and recovers synchronously; the listener then starts accepting.
         d = self.jobs.start()
         d.addErrback(lambda f: _log.failure("job engine failed to start", f))
-        super().startService()
+        with self._listening():
+            super().startService()
+
+    def _announce(self, port: Any) -> Any:
+        host = port.getHost()
+        _log.info(
+            "lpa-agent {version} listening on {address} (TLS {tls}; backend {backend})",
+            address=address(self._bind, host.port),
+            bind=self._bind,
+            port=host.port,
+            **self._describe,
+        )
+        return port
 
     def stopService(self) -> Deferred[Any]:
         self.running = 0
@@ -86,13 +143,29 @@ class AgentService(MultiService):
 
 
 def _state_dir(config: AgentConfig) -> str:
+    """The state directory, created or made private (0700): it holds every job's logs."""
+    path = config.state_dir
     try:
-        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"state_dir: cannot create {config.state_dir}: {error.strerror}") from None
-    if not os.access(config.state_dir, os.W_OK):
-        raise ConfigError(f"state_dir: {config.state_dir} is not writable")
-    return config.state_dir
+        raise ConfigError(f"state_dir: cannot create {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"state_dir: {path} is not writable")
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as error:
+            raise ConfigError(
+                f"state_dir: {path} has mode {mode:04o} and cannot be made private (0700): "
+                f"{error.strerror}; it holds job logs: fix its owner or mode"
+            ) from None
+        _log.warn(
+            "state_dir {path} had mode {old}; set it to 0700 because it holds job logs",
+            path=path,
+            old=f"{mode:04o}",
+        )
+    return path
 
 
 def make_agent_service(
@@ -199,8 +272,11 @@ def make_agent_service(
             state_path=os.path.join(state_dir, "cache.json"),
         ),
     )
-    # BoundedRequest: a body past api.max_body_bytes is refused, never buffered.
-    site = api.site()
+    # A body past api.max_body_bytes is refused, never buffered; a client has
+    # server.timeout_seconds to send each request (and to finish the TLS handshake).
+    site = api.site(
+        timeout_seconds=config.server.timeout_seconds, throttle=LogThrottle(reactor)
+    )
 
     server = config.server
     if config.tls.enabled:
@@ -211,6 +287,7 @@ def make_agent_service(
             key_path=tls.server_key,
             crl_path=tls.crl_path,
             min_tls_version=tls.min_tls_version,
+            labels=AGENT_KEYS,
         )
         endpoint: Any
         if ":" in server.bind:
@@ -223,11 +300,27 @@ def make_agent_service(
         # lpa.agent.config already warned that this is INSECURE.
         context = None
         endpoint_class = TCP6ServerEndpoint if ":" in server.bind else TCP4ServerEndpoint
-        endpoint = endpoint_class(reactor, server.port, backlog=LISTEN_BACKLOG, interface=server.bind)
+        endpoint = endpoint_class(
+            reactor, server.port, backlog=LISTEN_BACKLOG, interface=server.bind
+        )
     listener = StreamServerEndpointService(endpoint, site)
     listener._raiseSynchronously = True
-    agent = AgentService(jobs, listener)
-    reloader = Reloader(context, whitelist)
+    if config.tls.enabled:
+        tls_words = f"on, client certificates required, minimum {config.tls.min_tls_version}"
+    else:
+        tls_words = "OFF: plain HTTP, no client authentication"
+    agent = AgentService(
+        jobs,
+        listener,
+        bind=server.bind,
+        port=server.port,
+        describe={
+            "version": lpa.__version__,
+            "tls": tls_words,
+            "backend": str(getattr(backend, "name", type(backend).__name__)),
+        },
+    )
+    reloader = Reloader(context, whitelist, config.whitelist.path)
     agent.reloader = reloader
     TimerService(RELOAD_INTERVAL_SECONDS, reloader.reload).setServiceParent(agent)
     return agent
@@ -240,7 +333,11 @@ def crl_health(crl_path: str | None, ca_path: str, now: float) -> dict[str, Any]
     not parse or is not signed by the CA: every client is refused), ``expired`` (past its next
     update: the serials it lists are still refused) or ``valid``.
     """
-    fields: dict[str, Any] = {"crl_status": "missing", "crl_age_seconds": None, "crl_next_update": None}
+    fields: dict[str, Any] = {
+        "crl_status": "missing",
+        "crl_age_seconds": None,
+        "crl_next_update": None,
+    }
     if not crl_path or not os.path.exists(crl_path):
         return fields
     try:
@@ -266,31 +363,6 @@ def _signed_by(crl: Any, ca: Any) -> bool:
         return bool(crl.is_signature_valid(ca.public_key()))
     except Exception:
         return False
-
-
-#: how often the CRL and the IP whitelist are re-read without a SIGHUP
-RELOAD_INTERVAL_SECONDS = 3600.0
-
-
-class Reloader:
-    """Re-reads the CRL and the IP whitelist (hourly, and on SIGHUP from ``tap.py``).
-
-    A revocation or a whitelist edit takes effect without a restart; either file turning
-    unreadable fails closed (the TLS options and the whitelist both deny everyone then).
-    """
-
-    def __init__(self, tls_options: Any, whitelist: IPWhitelist | None) -> None:
-        self._tls_options = tls_options
-        self._whitelist = whitelist
-
-    def reload(self) -> None:
-        if self._tls_options is not None and not self._tls_options.reload_crl():
-            _log.error(
-                "CRL reload failed: refusing every client until it is fixed ({reason})",
-                reason=self._tls_options.fail_closed_reason,
-            )
-        if self._whitelist is not None and not self._whitelist.reload():
-            _log.error("IP whitelist reload failed: denying every address until it is fixed")
 
 
 def _ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any:

@@ -1,14 +1,22 @@
-"""``twistd lpa-agent``: options and makeService, the only place the global reactor appears."""
+"""``twistd lpa-agent``: options and makeService, the only place the global reactor appears.
+
+Exit statuses before the agent runs: 78 (``EX_CONFIG``) for a configuration error, printed as
+one line on stderr; 75, 77, 78 or 71 when the port cannot be bound, logged as one critical line
+(see :mod:`lpa.agent.listening`).
+"""
 
 from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from lpa.configkit import exit_config_error, own_pidfile
 from lpa.errors import ConfigError
 from lpa.logs import LogConfiguredService, observer_for_twistd
+
+_log = Logger()
 
 DEFAULT_CONFIG = "/etc/lpa/agent.yaml"
 
@@ -51,9 +59,20 @@ def makeService(options: Options) -> Any:
         _exit_with(error)
     _reload_on_sighup(reactor, service)
     logging = options["agent_config"].logging
-    return LogConfiguredService(
-        service, observer_for_twistd(options, logging.format, logging.level)
-    )
+    return _AgentRoot(service, observer_for_twistd(options, logging.format, logging.level))
+
+
+class _AgentRoot(LogConfiguredService):
+    """twistd's root service: a port that cannot be bound is one line and an exit status."""
+
+    def privilegedStartService(self) -> None:
+        from lpa.agent.listening import ListenError
+
+        try:
+            super().privilegedStartService()
+        except ListenError as error:
+            _log.critical("{reason}", reason=str(error), exit_status=error.exit_status)
+            raise SystemExit(error.exit_status) from None
 
 
 def _reload_on_sighup(reactor: Any, service: Any) -> None:
@@ -63,4 +82,6 @@ def _reload_on_sighup(reactor: Any, service: Any) -> None:
     reloader = getattr(service, "reloader", None)
     if reloader is None:
         return
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reloader.reload))
+    signal.signal(
+        signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reloader.reload, "SIGHUP")
+    )
