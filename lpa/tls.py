@@ -19,7 +19,8 @@ certificate; :func:`handshake_failure_reason` turns that (or OpenSSL's own error
 certificate at all) into a reason an operator knows, for the agent's throttled log line.
 
 Every file error is one line naming the configuration key when the caller passes one
-(``labels``), then the path: ``tls.server_cert: /etc/lpa/server.pem: file not found``.
+(``labels``), then the path, worded as :mod:`lpa.configfiles` words the same checks at start:
+``tls.server_cert: /etc/lpa/server.pem: no such file``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _read(path: str, what: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ConfigError(f"{_label(what)} {path}: file not found") from None
+        raise ConfigError(f"{_label(what)} {path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{_label(what)} {path}: cannot read: {e.strerror or e}") from None
 
@@ -144,7 +145,8 @@ def load_key_pair(
     key = load_private_key(key_path, key_label)
     if _public_bytes(key.public_key()) != _public_bytes(cert.public_key()):
         raise ConfigError(
-            f"{_label(key_label)} {key_path}: does not match {cert_label} {cert_path}"
+            f"{_label(key_label)} {key_path}: does not match the certificate of {cert_label} "
+            f"({cert_path})"
         )
     return cert, key
 

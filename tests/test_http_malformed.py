@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from lpa.agent.http.api import AgentApi
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
+from lpa.protocol import SUBPROTOCOL
 from lpa.tls import server_tls_options
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
@@ -36,6 +37,7 @@ from tests.rawhttp import Answer, exchange
 HEAD_END = b"\r\n\r\n"
 WS_HEADERS = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
 WS_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+WS_PROTOCOL = b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n"
 APPLY = b"POST /api/v1/patches/apply HTTP/1.1\r\nHost: agent\r\n"
 
 
@@ -233,6 +235,7 @@ def handwritten() -> Iterator[Case]:
         ("bad key", WS_HEADERS + b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n"),
         ("no connection", b"Upgrade: websocket\r\n" + WS_KEY + b"Sec-WebSocket-Version: 13\r\n"),
         ("two keys", WS_HEADERS + WS_KEY + WS_KEY + b"Sec-WebSocket-Version: 13\r\n"),
+        ("no subprotocol", WS_HEADERS + WS_KEY + b"Sec-WebSocket-Version: 13\r\n"),
     ]:
         request = _get(b"/api/v1/ws/jobs", b"Host: agent\r\n" + headers)
         yield Case(f"websocket: {name}", request, (400, 426))
@@ -395,7 +398,11 @@ class MalformedOverTcpTests(_MalformedCase):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         handshake = _get(
             b"/api/v1/ws/jobs",
-            b"Host: agent\r\n" + WS_HEADERS + WS_KEY + b"Sec-WebSocket-Version: 13\r\n",
+            b"Host: agent\r\n"
+            + WS_HEADERS
+            + WS_KEY
+            + WS_PROTOCOL
+            + b"Sec-WebSocket-Version: 13\r\n",
         )
         opened: defer.Deferred[bytes] = defer.Deferred()
 

@@ -342,10 +342,10 @@ class OptionErrorTests(SynchronousTestCase):
             self.assertIn(fragment, text)
 
     def test_missing_ca(self) -> None:
-        """A missing CA file is named with 'file not found'."""
+        """A missing CA file is named with 'no such file'."""
         path = os.path.join(self.pki.directory, "nope.pem")
         e = self.assertRaises(ConfigError, self.build, ca_cert_path=path)
-        self.assertOneLine(e, path, "not found")
+        self.assertOneLine(e, path, "no such file")
 
     def test_bad_pem_cert(self) -> None:
         """A server certificate that is not PEM is named."""
@@ -395,7 +395,7 @@ class OptionErrorTests(SynchronousTestCase):
             cert_path=self.pki.good.cert,
             key_path=path,
         )
-        self.assertOneLine(e, path, "not found")
+        self.assertOneLine(e, path, "no such file")
 
 
 class _FakeTLSTransport:

@@ -13,7 +13,7 @@ admission and persist, so no job changes after the last save.
 What an operator sees at start: one line once the port is bound (version, address, port, TLS,
 backend), or one line saying why the port could not be bound (:mod:`lpa.agent.listening`); a
 warning when ``state_dir`` had to be made private (0700: it holds job logs); a configuration
-error naming the key (``tls.server_cert: PATH: file not found``).
+error naming the key (``tls.server_cert: PATH: no such file``).
 """
 
 from __future__ import annotations

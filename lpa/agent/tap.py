@@ -1,7 +1,7 @@
 """``twistd lpa-agent``: options and makeService, the only place the global reactor appears.
 
 Exit statuses before the agent runs: 78 (``EX_CONFIG``) for a configuration error, printed as
-one line on stderr; 75, 77, 78 or 71 when the port cannot be bound, logged as one critical line
+one line on stderr; 75, 77, 78 or 71 when the port cannot be bound, logged as one error line
 (see :mod:`lpa.agent.listening`).
 """
 
@@ -71,7 +71,8 @@ class _AgentRoot(LogConfiguredService):
         try:
             super().privilegedStartService()
         except ListenError as error:
-            _log.critical("{reason}", reason=str(error), exit_status=error.exit_status)
+            # an operator's fault, not a bug: an error line (critical is kept for crashes)
+            _log.error("{reason}", reason=str(error), exit_status=error.exit_status)
             raise SystemExit(error.exit_status) from None
 
 
