@@ -19,7 +19,7 @@ MAX_KINDS = 256
 
 
 class _Window:
-    __slots__ = ("started", "logged", "suppressed")
+    __slots__ = ("logged", "started", "suppressed")
 
     def __init__(self, started: float) -> None:
         self.started = started

@@ -29,7 +29,6 @@ import datetime
 import ipaddress
 import os
 import re
-import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import attr

@@ -19,16 +19,15 @@ from typing import Any, Iterator
 
 import attr
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from lpa.agent.http.api import AgentApi
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.protocol import SUBPROTOCOL
-from lpa.tls import server_tls_options
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 from tests.fakes_api import FakeJobManager

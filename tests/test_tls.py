@@ -11,16 +11,15 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
+from lpa import tls
 from lpa.agent.http.envelope import Enveloper
 from lpa.agent.http.site import AgentSite
-from lpa import tls
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
 from tests.rawhttp import eventually

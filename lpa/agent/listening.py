@@ -41,23 +41,23 @@ def listen_error(error: CannotListenError, bind: str, port: int) -> ListenError:
     reason = getattr(cause, "strerror", None) or str(cause)
     where = address(bind, port)
     if number == errno.EADDRINUSE:
-        advice, status = (
+        advice = (
             f"another process holds the port (ss -ltnp 'sport = :{port}' shows which): stop it, "
-            "or set server.port",
-            EX_TEMPFAIL,
+            "or set server.port"
         )
+        status = EX_TEMPFAIL
     elif number == errno.EACCES:
-        advice, status = (
+        advice = (
             "ports below 1024 need root or CAP_NET_BIND_SERVICE: grant it, or set server.port "
-            "to 1024 or above",
-            EX_NOPERM,
+            "to 1024 or above"
         )
+        status = EX_NOPERM
     elif number == errno.EADDRNOTAVAIL:
-        advice, status = (
+        advice = (
             f"{bind} is not an address of this host: set server.bind to one of its addresses "
-            "(or 0.0.0.0 / ::)",
-            EX_CONFIG,
+            "(or 0.0.0.0 / ::)"
         )
+        status = EX_CONFIG
     else:
         advice, status = "check server.bind and server.port", EX_OSERR
     return ListenError(f"cannot listen on {where}: {reason.lower()}; {advice}", status)

@@ -31,21 +31,21 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 import lpa
-from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.backends import make_backend
 from lpa.agent.backends.base import Timeouts
 from lpa.agent.cache import PatchCache
+from lpa.agent.config import AgentConfig
 from lpa.agent.eventlog import EventLog
-from lpa.agent.jobs import JobManager
-from lpa.agent.listening import ListenError, address, listen_error
-from lpa.agent.process import ProcessRunner
+from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.jobs import JobManager
+from lpa.agent.listening import address, listen_error
+from lpa.agent.process import ProcessRunner
 from lpa.agent.reload import RELOAD_INTERVAL_SECONDS, Reloader
 from lpa.agent.store import JsonJobStore
 from lpa.agent.system import HostSystem
 from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
-from lpa.agent.config import AgentConfig
 from lpa.errors import ConfigError
 from lpa.events import rfc3339
 from lpa.throttle import LogThrottle

@@ -41,7 +41,10 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
 
 from lpa import validation
+from lpa.agent.cache import PatchCache
+from lpa.agent.eventlog import EventsExpiredError
 from lpa.agent.http import inputs as read
+from lpa.agent.http.envelope import Answer, Enveloper
 from lpa.agent.http.gate import (
     Admission,
     BoundedRequest,
@@ -50,15 +53,11 @@ from lpa.agent.http.gate import (
     bounded_request_factory,
     make_peer_check,
 )
-from lpa.agent.cache import PatchCache
-from lpa.agent.http.envelope import Answer, Enveloper
 from lpa.agent.http.ownpackage import refuse_own_package
-from lpa.agent.eventlog import EventsExpiredError
-from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
-from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
 from lpa.agent.http.ratelimit import RateLimiter
 from lpa.agent.http.site import AgentSite, Http11Site
-from lpa.throttle import LogThrottle
+from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
+from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
 from lpa.errors import (
     ApiError,
     CommandError,
@@ -80,6 +79,7 @@ from lpa.events import (
     normalise_status,
     rfc3339_from_epoch,
 )
+from lpa.throttle import LogThrottle
 
 __all__ = [
     "AgentApi",

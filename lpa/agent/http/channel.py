@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer
@@ -143,7 +144,7 @@ class EnvelopeChannel(HTTPChannel):
         self._received_since_ready += len(data)
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel(self._deadline)
         self._cancel(self._linger)
         self._deadline = self._linger = None

@@ -27,8 +27,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from lpa.agent.http import inputs
-from lpa.agent.http.ratelimit import RateLimiter
 from lpa.agent.http.envelope import Answer, BadRequestError
+from lpa.agent.http.ratelimit import RateLimiter
 from lpa.errors import ApiError, DuplicateHeadersError, ForbiddenError, MethodNotAllowedError
 
 _log = Logger()
