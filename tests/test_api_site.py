@@ -216,12 +216,20 @@ class ChannelTests(ApiTestCase):
         self.lose(protocol)
 
     def test_declared_body_too_large_answered_at_once(self) -> None:
-        """A Content-Length over the limit is 413 before the body is sent, not after."""
+        """A Content-Length over the limit is 413 before the body is sent (and instead of a
+        100 Continue), not after."""
         code, _, body, _ = self.refused(
             b"POST /api/v1/patches/apply HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"
         )
         self.assertEqual((code, body["error"]["code"]), (413, "PAYLOAD_TOO_LARGE"))
         self.assertEqual(self.jobs.submitted, [])
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST /api/v1/patches/apply HTTP/1.1\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+        self.lose(protocol)
 
     def test_trickled_request_times_out(self) -> None:
         """A client sending one byte a second is cut off with 408 at server.timeout_seconds."""

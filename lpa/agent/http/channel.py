@@ -82,6 +82,10 @@ def _request_line_problem(line: bytes) -> ApiError | None:
     return None
 
 
+def _payload_too_large(limit: int) -> ApiError:
+    return PayloadTooLargeError(f"Request body larger than {limit} bytes", {"max_bytes": limit})
+
+
 def _header_problem(line: bytes, count: int, max_headers: int) -> ApiError:
     """What is wrong with a header line if twisted.web refuses it."""
     name, _, value = line.partition(b":")
@@ -200,8 +204,12 @@ class EnvelopeChannel(HTTPChannel):
         )
 
     def allHeadersReceived(self) -> None:
+        limit = getattr(self.requests[-1], "max_body_bytes", None)
+        if limit is not None and self.length is not None and self.length > limit:
+            # before twisted.web would answer "Expect: 100-continue" with a 100
+            self._refuse(_payload_too_large(limit))
+            return
         super().allHeadersReceived()
-        self._refuse_oversized_body()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -212,17 +220,12 @@ class EnvelopeChannel(HTTPChannel):
         self._refuse_oversized_body()
 
     def _refuse_oversized_body(self) -> None:
-        """413 as soon as the body is known to be too large, not after reading all of it."""
-        if self._refused or self._transferDecoder is None and self.length == 0:
+        """413 as soon as a chunked body grows too large, not after reading all of it."""
+        if self._refused or self._transferDecoder is None:
             return
         request = self.requests[-1] if self.requests else None
         if request is not None and getattr(request, "body_too_large", False):
-            limit = request.max_body_bytes
-            self._refuse(
-                PayloadTooLargeError(
-                    f"Request body larger than {limit} bytes", {"max_bytes": limit}
-                )
-            )
+            self._refuse(_payload_too_large(request.max_body_bytes))
 
     def allContentReceived(self) -> None:
         if self._refused:
