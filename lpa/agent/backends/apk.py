@@ -13,16 +13,15 @@ from typing import Any, Sequence
 
 import attr
 
-from lpa import validation
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
+    available,
     change,
     name_severity,
     package_requires_reboot,
 )
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
-from lpa.errors import PackageNotFoundError
 
 _APK_LIST = re.compile(
     r"^(?P<name>\S+)-(?P<version>[^-\s]+-r\d+) (?P<arch>\S+) \{(?P<origin>[^}]*)\} \((?P<license>[^)]*)\)(?: \[(?P<flags>[^\]]*)\])?$"
@@ -104,33 +103,20 @@ class ApkBackend(VerbCommandsMixin, BackendBase):
         result = await self._read(["apk", "list", *args], timeout=self._timeouts.refresh)
         return parse_apk_list(result.stdout)
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
-        if name_filter:
-            validation.package_name(name_filter)
-        wanted = (status or "").lower()
-        if wanted == "available":
-            entries = [e for e in await self._list() if not e.installed]
-            packages = [Package(name=e.name, version=e.version, status="Available", latest_version=e.version) for e in entries]
-        else:
-            upgrades = {e.name: e.version for e in await self._list("--upgradable")}
-            packages = [_installed(e, upgrades.get(e.name)) for e in await self._list("--installed")]
-            if wanted == "upgradable":
-                packages = [p for p in packages if p.upgradable]
-        if name_filter:
-            packages = [p for p in packages if name_filter.lower() in p.name.lower()]
-        return packages
+    async def _available_packages(self) -> list[Package]:
+        return [available(e.name, e.version) for e in await self._list() if not e.installed]
 
-    async def _get_package(self, name: str) -> Package:
-        validation.package_name(name)
+    async def _installed_packages(self) -> list[Package]:
+        upgrades = {e.name: e.version for e in await self._list("--upgradable")}
+        return [_installed(e, upgrades.get(e.name)) for e in await self._list("--installed")]
+
+    async def _find_package(self, name: str) -> Package | None:
         installed = [e for e in await self._list("--installed", "--", name) if e.name == name]
         if installed:
             upgrades = {e.name: e.version for e in await self._list("--upgradable", "--", name)}
             return _installed(installed[0], upgrades.get(name))
-        available = [e for e in await self._list("--", name) if e.name == name]
-        if not available:
-            raise PackageNotFoundError(f"package {name} not found", {"name": name})
-        version = available[0].version
-        return Package(name=name, version=version, status="Available", latest_version=version)
+        offered = [e for e in await self._list("--", name) if e.name == name]
+        return available(name, offered[0].version) if offered else None
 
     async def _list_patches(self, security_only: bool) -> list[Patch]:
         if security_only:

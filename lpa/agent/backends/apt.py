@@ -30,15 +30,16 @@ from twisted.logger import Logger
 from lpa.agent.backends.base import (
     BackendBase,
     Timeouts,
+    available,
     change,
     error_text,
+    first_stanza,
     is_dependency_error,
     is_fetch_error,
     package_requires_reboot,
 )
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
-from lpa.errors import CommandFailedError, PackageNotFoundError
-from lpa import validation
+from lpa.errors import CommandFailedError
 
 _log = Logger()
 
@@ -122,19 +123,8 @@ def parse_apt_simulation(text: str) -> list[dict[str, Any]]:
 
 def parse_dpkg_status(text: str) -> dict[str, str]:
     """``dpkg -s`` control fields of the first stanza (continuation lines folded into the field)."""
-    fields: dict[str, str] = {}
-    key = None
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        if line[0] in " \t" and key is not None:
-            fields[key] += "\n" + line.strip()
-            continue
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
+    return first_stanza(text, separator=":", joiner="\n")
+
 
 
 def dependency_names(value: str) -> tuple[str, ...]:
@@ -279,31 +269,22 @@ class AptBackend(BackendBase):
     def read_env(self) -> dict[str, str]:
         return dict(APT_ENV)
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
-        if name_filter:
-            validation.package_name(name_filter)
-        wanted = (status or "").lower()
-        if wanted == "available":
-            result = await self._read(["apt", "list"], timeout=self._timeouts.refresh)
-            entries = [e for e in parse_apt_list(result.stdout) if not e.installed]
-        else:
-            result = await self._read(["apt", "list", "--installed"], timeout=self._timeouts.refresh)
-            entries = parse_apt_list(result.stdout)
-            if wanted == "upgradable":
-                entries = [e for e in entries if e.upgradable_to]
-        if name_filter:
-            entries = [e for e in entries if name_filter.lower() in e.name.lower()]
-        return [_package_from_entry(e) for e in entries]
+    async def _available_packages(self) -> list[Package]:
+        result = await self._read(["apt", "list"], timeout=self._timeouts.refresh)
+        return [_package_from_entry(e) for e in parse_apt_list(result.stdout) if not e.installed]
 
-    async def _get_package(self, name: str) -> Package:
-        validation.package_name(name)
+    async def _installed_packages(self) -> list[Package]:
+        result = await self._read(["apt", "list", "--installed"], timeout=self._timeouts.refresh)
+        return [_package_from_entry(e) for e in parse_apt_list(result.stdout)]
+
+    async def _find_package(self, name: str) -> Package | None:
         policy_result = await self._read(["apt-cache", "policy", "--", name])
         policy = parse_apt_policy(policy_result.stdout).get(name)
         status_result = await self._read(["dpkg", "-s", "--", name], ok_codes=(0, 1))
         fields = parse_dpkg_status(status_result.stdout) if status_result.exit_code == 0 else {}
         installed = fields.get("Status", "").endswith(" installed")
         if not installed and (policy is None or policy.candidate is None):
-            raise PackageNotFoundError(f"package {name} not found", {"name": name})
+            return None
         candidate = policy.candidate if policy else None
         if installed:
             version = fields.get("Version", "")
@@ -321,12 +302,7 @@ class AptBackend(BackendBase):
                 ),
                 size_installed=int(size) * 1024 if size.isdigit() else None,
             )
-        return Package(
-            name=name,
-            version=candidate or "",
-            status="Available",
-            latest_version=candidate,
-        )
+        return available(name, candidate or "")
 
     async def _list_patches(self, security_only: bool) -> list[Patch]:
         result = await self._read(["apt", "list", "--upgradable"], timeout=self._timeouts.refresh)

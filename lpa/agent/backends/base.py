@@ -25,13 +25,14 @@ from zope.interface import implementer
 
 from lpa import validation
 from lpa.agent.interfaces import IPackageBackend
-from lpa.agent.model import CommandResult, JobOutcome, JobRequest, PackageSpec
+from lpa.agent.model import CommandResult, JobOutcome, JobRequest, Package, PackageSpec
 from lpa.errors import (
     CommandError,
     CommandFailedError,
     CommandNotFoundError,
     CommandTimedOutError,
     PackageManagerError,
+    PackageNotFoundError,
     ValidationError,
 )
 from lpa.events import OP_INSTALL, OP_PATCH_APPLY, OP_REMOVE, OP_UPDATE
@@ -250,10 +251,40 @@ class BackendBase:
     def list_patches(self, security_only: bool = False) -> Deferred:
         return _deferred(self._list_patches, security_only)
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list:
+    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
+        """``status`` ``available`` lists what could be installed, anything else what is
+        installed (``upgradable``: only what has an update); ``name_filter`` is a substring."""
+        if name_filter:
+            validation.package_name(name_filter)
+        wanted = (status or "").lower()
+        if wanted == "available":
+            packages = await self._available_packages()
+        else:
+            packages = await self._installed_packages()
+            if wanted == "upgradable":
+                packages = [p for p in packages if p.upgradable]
+        if name_filter:
+            needle = name_filter.lower()
+            packages = [p for p in packages if needle in p.name.lower()]
+        return packages
+
+    async def _get_package(self, name: str) -> Package:
+        validation.package_name(name)
+        package = await self._find_package(name)
+        if package is None:
+            raise PackageNotFoundError(f"package {name} not found", {"name": name})
+        return package
+
+    async def _installed_packages(self) -> list[Package]:
+        """Every installed package, with its update when there is one."""
         raise NotImplementedError
 
-    async def _get_package(self, name: str) -> Any:
+    async def _available_packages(self) -> list[Package]:
+        """Packages the repositories offer that are not installed (or their updates)."""
+        raise NotImplementedError
+
+    async def _find_package(self, name: str) -> Package | None:
+        """One package by its exact (validated) name, installed or available; None if unknown."""
         raise NotImplementedError
 
     async def _list_patches(self, security_only: bool) -> list:
@@ -384,6 +415,34 @@ class BackendBase:
         return JobOutcome(
             message=message, changes=changes, reboot_required=needed, reboot_packages=names
         )
+
+
+def available(name: str, version: str, **fields: Any) -> Package:
+    """A package the repositories offer and the host does not have (yet)."""
+    return Package(name=name, version=version, status="Available", latest_version=version, **fields)
+
+
+def first_stanza(text: str, *, separator: str, joiner: str) -> dict[str, str]:
+    """The ``Key<separator>value`` fields of the first blank-line-separated stanza.
+
+    Indented lines continue the previous field (joined with ``joiner``): dpkg's control format
+    (``Key: value``) and pacman's ``-Qi``/``-Si`` blocks (``Key : value``) are both this.
+    """
+    fields: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        if line[0] in " \t" and key is not None:
+            fields[key] += joiner + line.strip()
+            continue
+        name, found, value = line.partition(separator)
+        if found:
+            key = name.strip()
+            fields[key] = value.strip()
+    return fields
 
 
 def _deferred(function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Deferred:

@@ -17,17 +17,17 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from lpa import validation
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
+    available,
     change,
     name_severity,
     needs_restarting_verdict,
     package_requires_reboot,
 )
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
-from lpa.errors import CommandFailedError, CommandNotFoundError, PackageNotFoundError
+from lpa.errors import CommandFailedError, CommandNotFoundError
 
 RPM_QUERYFORMAT = "%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{SIZE}\\t%{INSTALLTIME}\\t%{SUMMARY}\\n"
 
@@ -213,38 +213,23 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=(0, 100))
         return parse_check_update(result.stdout)
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
-        if name_filter:
-            validation.package_name(name_filter)
-        wanted = (status or "").lower()
-        if wanted == "available":
-            updates = await self._updates()
-            packages = [
-                Package(name=n, version=v, status="Available", latest_version=v)
-                for n, (v, _repo) in sorted(updates.items())
-            ]
-        else:
-            packages = await self._installed()
-            updates = await self._updates()
-            packages = [_with_update(p, updates.get(p.name)) for p in packages]
-            if wanted == "upgradable":
-                packages = [p for p in packages if p.upgradable]
-        if name_filter:
-            packages = [p for p in packages if name_filter.lower() in p.name.lower()]
-        return packages
+    async def _available_packages(self) -> list[Package]:
+        updates = await self._updates()
+        return [available(n, v) for n, (v, _repo) in sorted(updates.items())]
 
-    async def _get_package(self, name: str) -> Package:
-        validation.package_name(name)
+    async def _installed_packages(self) -> list[Package]:
+        packages = await self._installed()
+        updates = await self._updates()
+        return [_with_update(p, updates.get(p.name)) for p in packages]
+
+    async def _find_package(self, name: str) -> Package | None:
         installed = await self._installed(name)
         if installed:
             updates = await self._updates([name])
             return _with_update(installed[0], updates.get(name))
         result = await self._read(self.available_argv(name), ok_codes=(0, 1))
-        available = parse_check_update(result.stdout)
-        if name in available:
-            version = available[name][0]
-            return Package(name=name, version=version, status="Available", latest_version=version)
-        raise PackageNotFoundError(f"package {name} not found", {"name": name})
+        offered = parse_check_update(result.stdout)
+        return available(name, offered[name][0]) if name in offered else None
 
     async def _advisories(self) -> dict[str, dict[str, Any]]:
         """Security data per package; an empty dict when the repos carry no updateinfo."""

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from lpa import validation
-from lpa.agent.backends.base import BackendBase, change, name_severity, package_requires_reboot
+from lpa.agent.backends.base import (
+    BackendBase,
+    available,
+    change,
+    first_stanza,
+    name_severity,
+    package_requires_reboot,
+)
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
-from lpa.errors import PackageNotFoundError
 
 PRINT = ["--print", "--print-format", "%n %v"]
 
@@ -42,21 +47,8 @@ def parse_pacman_qu(text: str) -> dict[str, tuple[str, str]]:
 
 def parse_pacman_info(text: str) -> dict[str, str]:
     """``pacman -Qi``/``-Si`` ``Key : value`` blocks (first package; continuations joined)."""
-    fields: dict[str, str] = {}
-    key = None
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        if line.startswith(" ") and key is not None:
-            fields[key] += " " + line.strip()
-            continue
-        name, sep, value = line.partition(" : ")
-        if sep:
-            key = name.strip()
-            fields[key] = value.strip()
-    return fields
+    return first_stanza(text, separator=" : ", joiner=" ")
+
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -83,29 +75,21 @@ class PacmanBackend(BackendBase):
         result = await self._read(["pacman", "-Qu"], ok_codes=(0, 1))
         return parse_pacman_qu(result.stdout)
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
-        if name_filter:
-            validation.package_name(name_filter)
-        wanted = (status or "").lower()
-        if wanted == "available":
-            result = await self._read(["pacman", "-Sl"], timeout=self._timeouts.refresh)
-            packages = []
-            for line in result.stdout.splitlines():
-                parts = line.split()
-                if len(parts) >= 3 and "[installed" not in line:
-                    packages.append(Package(name=parts[1], version=parts[2], status="Available", latest_version=parts[2]))
-        else:
-            installed = parse_pacman_q((await self._read(["pacman", "-Q"])).stdout)
-            updates = await self._updates()
-            packages = [_installed(n, v, updates.get(n)) for n, v in sorted(installed.items())]
-            if wanted == "upgradable":
-                packages = [p for p in packages if p.upgradable]
-        if name_filter:
-            packages = [p for p in packages if name_filter.lower() in p.name.lower()]
+    async def _available_packages(self) -> list[Package]:
+        result = await self._read(["pacman", "-Sl"], timeout=self._timeouts.refresh)
+        packages = []
+        for line in result.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and "[installed" not in line:
+                packages.append(available(parts[1], parts[2]))
         return packages
 
-    async def _get_package(self, name: str) -> Package:
-        validation.package_name(name)
+    async def _installed_packages(self) -> list[Package]:
+        installed = parse_pacman_q((await self._read(["pacman", "-Q"])).stdout)
+        updates = await self._updates()
+        return [_installed(n, v, updates.get(n)) for n, v in sorted(installed.items())]
+
+    async def _find_package(self, name: str) -> Package | None:
         local = await self._read(["pacman", "-Qi", "--", name], ok_codes=(0, 1))
         if local.exit_code == 0:
             fields = parse_pacman_info(local.stdout)
@@ -125,11 +109,14 @@ class PacmanBackend(BackendBase):
             )
         remote = await self._read(["pacman", "-Si", "--", name], ok_codes=(0, 1))
         if remote.exit_code != 0:
-            raise PackageNotFoundError(f"package {name} not found", {"name": name})
+            return None
         fields = parse_pacman_info(remote.stdout)
-        version = fields.get("Version", "")
-        return Package(name=name, version=version, status="Available", latest_version=version,
-                       description=fields.get("Description", ""), dependencies=_names(fields.get("Depends On", "")))
+        return available(
+            name,
+            fields.get("Version", ""),
+            description=fields.get("Description", ""),
+            dependencies=_names(fields.get("Depends On", "")),
+        )
 
     async def _list_patches(self, security_only: bool) -> list[Patch]:
         if security_only:

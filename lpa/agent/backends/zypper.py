@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import attr
 
-from lpa import validation
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
+    available,
     change,
     package_requires_reboot,
 )
@@ -30,7 +30,6 @@ from lpa.errors import (
     CommandFailedError,
     CommandNotFoundError,
     PackageManagerError,
-    PackageNotFoundError,
     ValidationError,
 )
 
@@ -119,26 +118,15 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=ZYPPER_OK)
         return [u for u in parse_list_updates(result.stdout) if u.get("kind", "package") == "package"]
 
-    async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
-        if name_filter:
-            validation.package_name(name_filter)
-        wanted = (status or "").lower()
+    async def _available_packages(self) -> list[Package]:
         updates = {u["name"]: u for u in await self._updates()}
-        if wanted == "available":
-            packages = [
-                Package(name=n, version=u.get("edition", ""), status="Available", latest_version=u.get("edition"))
-                for n, u in sorted(updates.items())
-            ]
-        else:
-            packages = [_with_update(p, updates.get(p.name)) for p in await self._installed()]
-            if wanted == "upgradable":
-                packages = [p for p in packages if p.upgradable]
-        if name_filter:
-            packages = [p for p in packages if name_filter.lower() in p.name.lower()]
-        return packages
+        return [available(n, u.get("edition", "")) for n, u in sorted(updates.items())]
 
-    async def _get_package(self, name: str) -> Package:
-        validation.package_name(name)
+    async def _installed_packages(self) -> list[Package]:
+        updates = {u["name"]: u for u in await self._updates()}
+        return [_with_update(p, updates.get(p.name)) for p in await self._installed()]
+
+    async def _find_package(self, name: str) -> Package | None:
         installed = [p for p in await self._installed() if p.name == name]
         updates = {u["name"]: u for u in await self._updates()}
         if installed:
@@ -147,10 +135,10 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         result = await self._read(argv, ok_codes=ZYPPER_OK + (104,))
         for element in _xml_root(result.stdout).iter("solvable"):
             if element.get("name") == name and element.get("kind", "package") == "package":
-                edition = element.get("edition", "")
-                return Package(name=name, version=edition, status="Available", latest_version=edition,
-                               description=element.get("summary", ""))
-        raise PackageNotFoundError(f"package {name} not found", {"name": name})
+                return available(
+                    name, element.get("edition", ""), description=element.get("summary", "")
+                )
+        return None
 
     async def _list_patches(self, security_only: bool) -> list[Patch]:
         patches: list[Patch] = []
