@@ -105,6 +105,10 @@ class JobEvent:
     error_code: str | None = None
     #: full output text, only on KIND_SNAPSHOT events read from a REST job snapshot
     output: str | None = None
+    #: the agent incarnation that numbered this event (``"<boot_id>:<start counter>"``); an
+    #: event keeps it for life, so the same ``seq`` with another incarnation means renumbering.
+    #: Absent on events of agents that predate it (readers must accept None)
+    incarnation: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -127,6 +131,8 @@ class JobEvent:
             wire["error_code"] = self.error_code
         if self.output is not None:
             wire["output"] = self.output
+        if self.incarnation is not None:
+            wire["incarnation"] = self.incarnation
         return wire
 
     @classmethod
@@ -160,7 +166,13 @@ class JobEvent:
         error = wire.get("error")
         error_code = wire.get("error_code")
         output = wire.get("output")
-        for name, value in (("error", error), ("error_code", error_code), ("output", output)):
+        incarnation = wire.get("incarnation")
+        for name, value in (
+            ("error", error),
+            ("error_code", error_code),
+            ("output", output),
+            ("incarnation", incarnation),
+        ):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or null")
         return cls(
@@ -175,4 +187,5 @@ class JobEvent:
             error=error,
             error_code=error_code,
             output=output,
+            incarnation=incarnation,
         )
