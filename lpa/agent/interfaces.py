@@ -123,6 +123,37 @@ class IJobStore(Interface):
         """Replace the history with ``[(Job, [JobEvent, ...]), ...]`` atomically."""
 
 
+class IEventJournal(Interface):
+    """The write-ahead log: records are handed back (as tokens) only once they are durable."""
+
+    size = Attribute("bytes appended since the last rotate()")
+
+    def set_listener(listener: Callable[[list], None]) -> None:
+        """``listener(tokens)`` is called on the reactor for each durable batch, in order."""
+
+    def recover(incarnation: str = "") -> list:
+        """Records left by the previous run (after its checkpoint), oldest first."""
+
+    def append(record: object, token: object) -> None:
+        """Queue a JSON-able record; its token reaches the listener once it is durable."""
+
+    def rotate() -> int:
+        """Start a new segment; return the last one holding what was appended before."""
+
+    def drop_through(through: int) -> Deferred:
+        """Segments up to ``through`` are checkpointed elsewhere: delete them."""
+
+    def drain() -> Deferred:
+        """Fire once everything appended so far is durable."""
+
+    def close(grace: float = 10.0) -> Deferred:
+        """Write what is pending and stop; fire with the number of records given up on
+        (still not durable after ``grace`` seconds)."""
+
+    def abandon() -> int:
+        """Drop records not yet durable (shutdown on a failing disk); return how many."""
+
+
 class IJobManager(Interface):
     """The job engine as the REST API and the WebSocket see it."""
 
