@@ -327,33 +327,46 @@ class FakeSystem:
 
 @implementer(IJobStore)
 class FakeJobStore:
-    """Keeps deep copies of what was saved, so later changes to live jobs do not leak in."""
+    """Keeps deep copies of what was saved, so later changes to live jobs do not leak in.
+
+    ``saves`` counts ``save`` calls; ``fail_next_save`` makes the next one raise (once).
+    """
 
     def __init__(self, entries: list | None = None) -> None:
-        self.entries: list = copy.deepcopy(entries or [])
+        self._entries: dict[str, tuple[Any, list]] = {}
+        for job, events in copy.deepcopy(entries or []):
+            self._entries[job.id] = (job, list(events))
         self.saves = 0
+        self.closed = False
         #: when set, the next ``save`` raises it (once)
         self.fail_next_save: BaseException | None = None
+
+    @property
+    def entries(self) -> list:
+        return list(self._entries.values())
 
     def load(self) -> list:
         return copy.deepcopy(self.entries)
 
-    def save(self, entries: list) -> None:
+    def save(self, changed: list, removed: Sequence[str] = ()) -> Deferred:
         if self.fail_next_save is not None:
             error, self.fail_next_save = self.fail_next_save, None
-            raise error
+            return fail(error)
         self.saves += 1
-        self.entries = copy.deepcopy([(job, list(events)) for job, events in entries])
+        for job, events in changed:
+            self._entries[job.id] = copy.deepcopy((job, list(events)))
+        for job_id in removed:
+            self._entries.pop(job_id, None)
+        return succeed(None)
+
+    def close(self) -> None:
+        self.closed = True
 
     def job(self, job_id: str) -> Any:
         """The saved copy of one job (None when not saved)."""
-        for job, _ in self.entries:
-            if job.id == job_id:
-                return job
-        return None
+        entry = self._entries.get(job_id)
+        return entry[0] if entry is not None else None
 
     def events(self, job_id: str) -> list:
-        for job, events in self.entries:
-            if job.id == job_id:
-                return list(events)
-        return []
+        entry = self._entries.get(job_id)
+        return list(entry[1]) if entry is not None else []

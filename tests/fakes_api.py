@@ -45,7 +45,8 @@ class FakeJobManager:
     ) -> None:
         self._clock = clock
         self._uuid_factory = uuid_factory
-        self.events = EventLog(clock, max_events_per_job)
+        self.incarnation = "boot-1:1"
+        self.events = EventLog(clock, max_events_per_job, incarnation=self.incarnation)
         self.jobs: dict[str, Job] = {}
         self.submitted: list[JobRequest] = []
         #: when set, ``submit`` raises it
@@ -67,6 +68,7 @@ class FakeJobManager:
             created_at=now,
             updated_at=now,
             request=request,
+            incarnation=self.incarnation,
         )
         self.jobs[job.id] = job
         self.emit(job.id, "Job created")

@@ -6,11 +6,14 @@ import itertools
 import uuid
 
 from twisted.internet import task
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.agent.backends.apt import AptBackend
 from lpa.agent.context import JobContext
+from lpa.agent.incarnation import MemoryIncarnations
 from lpa.agent.interfaces import (
     IJobContext,
     IJobManager,
@@ -22,7 +25,7 @@ from lpa.agent.interfaces import (
 from lpa.agent.jobs import ABORT_GRACE_SECONDS, MAX_LOG_LINES, JobManager
 from lpa.agent.model import JobOutcome, JobRequest, PackageSpec
 from lpa.agent.process import ProcessRunner
-from lpa.agent.store import JsonJobStore
+from lpa.agent.store import JobFileStore
 from lpa.agent.system import HostSystem
 from lpa.errors import (
     AdmissionFrozenError,
@@ -78,6 +81,7 @@ class EngineTestCase(SynchronousTestCase):
         self.runner = FakeProcessRunner()
         self.store = FakeJobStore()
         self.published: list = []
+        self.incarnations = MemoryIncarnations()
         self.manager = self.make_manager()
 
     def make_manager(self, **kwargs: object) -> JobManager:
@@ -88,6 +92,7 @@ class EngineTestCase(SynchronousTestCase):
             runner=self.runner,
             store=self.store,
             clock=self.clock,
+            incarnations=self.incarnations,
             uuid_factory=lambda: uuid.UUID(int=next(counter)),
         )
         options.update(kwargs)
@@ -115,7 +120,7 @@ class InterfaceTests(SynchronousTestCase):
         verifyObject(ISystem, FakeSystem())
         verifyClass(ISystem, HostSystem)
         verifyObject(IJobStore, FakeJobStore())
-        verifyObject(IJobStore, JsonJobStore(self.mktemp()))
+        verifyObject(IJobStore, JobFileStore(self.mktemp()))
         manager = JobManager(
             backend=FakeBackend(),
             system=FakeSystem(),
@@ -137,7 +142,7 @@ class LifecycleTests(EngineTestCase):
         [event] = self.events_of(job.id)
         self.assertEqual((event.seq, event.status, event.message), (1, PENDING, "Job created"))
         self.assertEqual(job.boot_id, "boot-1")
-        self.assertEqual(self.store.job(job.id).status, PENDING)
+        self.assertEqual((event.incarnation, job.incarnation), ("boot-1:1", "boot-1:1"))
 
     def test_job_completes_with_numbered_events_and_one_job_complete(self) -> None:
         """A successful job: seq rises by one, terminal status then exactly one job_complete."""
@@ -162,6 +167,7 @@ class LifecycleTests(EngineTestCase):
         self.assertEqual([e.event for e in events].count(EVENT_JOB_COMPLETE), 1)
         self.assertIn("Setting up vim", [e.message for e in events if e.kind == KIND_OUTPUT])
         self.assertIn("Setting up vim", job.logs)
+        self.successResultOf(self.manager.stop())
         saved = self.store.job(job.id)
         self.assertEqual(saved.status, COMPLETED)
         self.assertEqual(len(self.store.events(job.id)), len(events))
@@ -385,29 +391,7 @@ class CancelAndTimeoutTests(EngineTestCase):
 
 
 class HistoryTests(EngineTestCase):
-    def test_history_reloaded_with_events(self) -> None:
-        """A new engine over the same store has the jobs and their events; seq continues."""
-        job = self.manager.submit(install("a"))
-        self.clock.advance(0)
-        events = self.manager.events.kept(job.id)
-        again = self.make_manager()
-        self.assertEqual(again.get(job.id).status, COMPLETED)
-        self.assertEqual(again.events.kept(job.id), events)
-        self.assertEqual(again.events.last_seq(job.id), job.seq)
-
-    def test_output_persistence_is_batched(self) -> None:
-        """Output lines are saved at most once per interval, state changes at once."""
-        self.backend.script("install", commands=[["fake-pm", "install"]])
-        job = self.manager.submit(install("a"))
-        self.clock.advance(0)
-        saves = self.store.saves
-        self.runner.last.emit_stdout(*[f"line {i}" for i in range(50)])
-        self.assertEqual(self.store.saves, saves)
-        self.clock.advance(1)
-        self.assertEqual(self.store.saves, saves + 1)
-        self.assertEqual(len(self.store.events(job.id)), job.seq)
-        self.runner.last.finish(0)
-        self.assertClean()
+    """What the engine keeps in memory; durability and recovery are in test_jobs_history."""
 
     def test_logs_are_bounded(self) -> None:
         """job.logs keeps the newest lines and counts the dropped ones."""
@@ -420,13 +404,20 @@ class HistoryTests(EngineTestCase):
         self.assertRegex(job.logs[0], r"^\.\.\. \d+ earlier lines dropped$")
         self.assertEqual(job.logs[-1], "Job completed successfully")
 
-    def test_save_failure_is_logged_not_fatal(self) -> None:
-        """A failing store is logged and the engine goes on."""
+    def test_checkpoint_failure_is_logged_not_fatal(self) -> None:
+        """A store that cannot be written is an error line; the engine goes on and retries."""
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.store.fail_next_save = OSError("disk full")
         job = self.manager.submit(install("a"))
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.clock.advance(0)
+        self.successResultOf(self.manager._history.checkpoint())
         self.assertEqual(job.status, COMPLETED)
+        self.assertIsNone(self.store.job(job.id))
+        [error] = [e for e in observed if e["log_level"] == LogLevel.error]
+        self.assertIn("could not write the job history checkpoint", error["log_format"])
+        self.assertEqual(error["reason"], "disk full")
+        self.successResultOf(self.manager.stop())
+        self.assertEqual(self.store.job(job.id).status, COMPLETED)
 
     def test_retention_drops_oldest_terminal_jobs(self) -> None:
         """Past history_limit the oldest ended jobs and their events are forgotten."""
@@ -437,39 +428,24 @@ class HistoryTests(EngineTestCase):
             self.clock.advance(0)
         self.assertEqual(manager.list_jobs(), jobs[:1:-1])
         self.assertEqual(manager.events.kept(jobs[0].id), [])
+        self.successResultOf(manager.stop())
         self.assertEqual(len(self.store.load()), 3)
 
     def test_delete(self) -> None:
-        """Only ended jobs can be deleted; deletion forgets events and saves."""
+        """Only ended jobs can be deleted; deletion forgets events, and the store forgets it."""
         self.backend.script("install", gate=True)
         job = self.manager.submit(install("a"))
         error = self.assertRaises(DeleteNotAllowedError, self.manager.delete, job.id)
         self.assertEqual(error.details, {"status": PENDING})
         self.clock.advance(0)
         self.backend.gates[job.id].callback(None)
+        self.successResultOf(self.manager._history.checkpoint())
+        self.assertIsNotNone(self.store.job(job.id))
         self.manager.delete(job.id)
         self.assertRaises(JobNotFoundError, self.manager.get, job.id)
         self.assertEqual(self.manager.events.kept(job.id), [])
+        self.successResultOf(self.manager.stop())
         self.assertIsNone(self.store.job(job.id))
-
-
-class JsonHistoryTests(EngineTestCase):
-    def test_restart_over_json_file(self) -> None:
-        """With the real JSON store, history, events and recovery survive a restart."""
-        self.store = JsonJobStore(self.mktemp() + "/jobs_history.json")
-        first = self.make_manager()
-        self.backend.script("install", gate=True)
-        done = first.submit(install("a"))
-        self.clock.advance(0)
-        self.backend.gates[done.id].callback(None)
-        running = first.submit(install("b"))
-        self.clock.advance(0)
-        self.assertEqual(running.status, RUNNING)
-        again = self.make_manager()
-        self.assertEqual(again.events.kept(done.id), first.events.kept(done.id))
-        recovered = again.get(running.id)
-        self.assertEqual((recovered.status, recovered.error_code), (FAILED, "AGENT_RESTARTED"))
-        self.assertEqual(self.store.load()[1][0].status, FAILED)
 
     def test_unreadable_history_fails_start(self) -> None:
         """A store that cannot be read fails start() (a Deferred), it does not raise."""
@@ -484,44 +460,17 @@ class JsonHistoryTests(EngineTestCase):
         )
         self.failureResultOf(manager.start(), PermissionError)
 
-
-class RecoveryTests(EngineTestCase):
-    def orphan(self, request: JobRequest, status: str) -> str:
-        self.backend.script(request.operation, gate=True)
-        job = self.manager.submit(request)
-        if status != PENDING:
-            self.clock.advance(0)
-        job.status = status
-        self.manager._persist()
-        return job.id
-
-    def test_same_boot_is_agent_restarted(self) -> None:
-        """A running job from the previous process with the same boot id: AGENT_RESTARTED."""
-        job_id = self.orphan(install("a"), RUNNING)
-        self.published.clear()
+    def test_history_reloaded_from_the_store(self) -> None:
+        """A new engine over the same store has the jobs and their events; seq continues."""
+        job = self.manager.submit(install("a"))
+        self.clock.advance(0)
+        events = self.manager.events.kept(job.id)
+        self.successResultOf(self.manager.stop())
         again = self.make_manager()
-        job = again.get(job_id)
-        self.assertEqual((job.status, job.error_code), (FAILED, "AGENT_RESTARTED"))
-        events = self.events_of(job_id)
-        self.assertEqual([e.event for e in events], ["job_status", EVENT_JOB_COMPLETE])
-        self.assertEqual(events[0].seq, 3)
-        self.assertEqual(self.store.job(job_id).status, FAILED)
-
-    def test_other_boot_is_agent_rebooted(self) -> None:
-        """A pending job from before a reboot: AGENT_REBOOTED."""
-        job_id = self.orphan(install("a"), PENDING)
-        self.system.current_boot_id = "boot-2"
-        job = self.make_manager().get(job_id)
-        self.assertEqual((job.status, job.error_code), (FAILED, "AGENT_REBOOTED"))
-
-    def test_rebooting_becomes_completed(self) -> None:
-        """A job left rebooting is completed after the restart, with its events."""
-        job_id = self.orphan(patch_all(allow_reboot=True), REBOOTING)
-        self.system.current_boot_id = "boot-2"
-        self.published.clear()
-        job = self.make_manager().get(job_id)
-        self.assertEqual((job.status, job.progress), (COMPLETED, 100))
-        self.assertEqual(self.events_of(job_id)[-1].event, EVENT_JOB_COMPLETE)
+        self.assertEqual(again.get(job.id).status, COMPLETED)
+        self.assertEqual(again.events.kept(job.id), events)
+        self.assertEqual(again.events.last_seq(job.id), job.seq)
+        self.assertEqual(again.incarnation, "boot-1:2")
 
 
 class RebootTests(EngineTestCase):
@@ -611,8 +560,8 @@ class StopTests(EngineTestCase):
         self.assertEqual(self.store.job(running.id).status, COMPLETED)
         self.assertClean()
 
-    def test_stop_leaves_long_job_for_recovery(self) -> None:
-        """A job still running after the grace is saved running, then recovered honestly."""
+    def test_stop_leaves_long_job_running(self) -> None:
+        """A job still running after the grace is left running (not killed), saved running."""
         self.backend.script("install", commands=[["fake-pm", "hang"]])
         job = self.manager.submit(install("a"))
         self.clock.advance(0)
@@ -621,8 +570,8 @@ class StopTests(EngineTestCase):
         self.successResultOf(stopped)
         self.assertFalse(self.runner.last.cancelled)
         self.assertEqual(self.store.job(job.id).status, RUNNING)
+        self.assertTrue(self.store.closed)
         self.assertClean()
-        self.assertEqual(self.make_manager().get(job.id).error_code, "AGENT_RESTARTED")
 
 
 class ObserverTests(EngineTestCase):

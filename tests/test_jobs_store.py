@@ -1,4 +1,4 @@
-"""JsonJobStore: exact round trips, atomic 0600 writes, corrupt files set aside."""
+"""JobFileStore: one file per job, exact round trips, atomic 0600 writes, corrupt files aside."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import os
 import stat
 from pathlib import Path
 
+import attr
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.agent.model import Job, JobRequest, PackageSpec
-from lpa.agent.store import JsonJobStore
+from lpa.agent.store import LEGACY_FILENAME, JobFileStore, StoredEvents
 from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, JobEvent
+from tests.fakes_wal import StepRunner
 
 
 def sample() -> list:
@@ -46,12 +50,12 @@ def sample() -> list:
     )
     events = [
         JobEvent(job_id=job.id, seq=1, status="pending", progress=0, message="Job created",
-                 timestamp="2026-11-25T20:00:00+00:00"),
+                 timestamp="2026-11-25T20:00:00+00:00", incarnation="b-1:1"),
         JobEvent(job_id=job.id, seq=2, status="running", progress=0, message="line",
                  timestamp="2026-11-25T20:00:01+00:00", kind=KIND_OUTPUT),
         JobEvent(job_id=job.id, seq=3, status="failed", progress=40, message="Command failed",
                  timestamp="2026-11-25T20:00:05+00:00", event=EVENT_JOB_COMPLETE,
-                 error="boom", error_code="PKG_MANAGER_ERROR"),
+                 error="boom", error_code="PKG_MANAGER_ERROR", incarnation="b-1:1"),
     ]
     other = Job(
         id="0b7c1f3e-0000-4000-8000-000000000002",
@@ -65,66 +69,111 @@ def sample() -> list:
     return [(job, events), (other, [])]
 
 
-class JsonJobStoreTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.directory = Path(self.mktemp()) / "state"
-        self.path = self.directory / "jobs_history.json"
-        self.store = JsonJobStore(self.path, now=lambda: 1_800_000_000)
+def decoded(entries: list) -> list:
+    return [(job, events() if callable(events) else events) for job, events in entries]
 
-    def test_missing_file_is_empty_history(self) -> None:
-        """No file yet means no jobs, and nothing is created by loading."""
+
+class JobFileStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state = Path(self.mktemp())
+        self.directory = self.state / "jobs"
+        self.store = JobFileStore(self.directory, now=lambda: 1_800_000_000)
+
+    def test_missing_directory_is_an_empty_history(self) -> None:
+        """No directory yet means no jobs."""
         self.assertEqual(self.store.load(), [])
-        self.assertFalse(self.directory.exists())
 
     def test_round_trip_is_exact(self) -> None:
-        """Jobs (with request and package specs) and events come back equal."""
+        """Jobs (with request and package specs) and events come back equal, oldest first."""
         entries = sample()
-        self.store.save(entries)
-        self.assertEqual(self.store.load(), entries)
-        self.assertEqual(JsonJobStore(self.path).load(), entries)
+        self.successResultOf(self.store.save(list(reversed(entries))))
+        self.assertEqual(decoded(JobFileStore(self.directory).load()), entries)
 
-    def test_loaded_jobs_saved_again_after_change(self) -> None:
-        """Jobs read back and then changed are written with their change."""
-        self.store.save(sample())
-        store = JsonJobStore(self.path)
-        entries = store.load()
-        store.save(entries)
-        self.assertEqual(JsonJobStore(self.path).load(), sample())
-        entries[1][0].status = "cancelled"
-        entries[1][0].seq = 2
-        store.save(entries)
-        self.assertEqual(JsonJobStore(self.path).load()[1][0].status, "cancelled")
+    def test_events_are_decoded_only_when_asked_for(self) -> None:
+        """Loading decodes the job line; a job's events stay bytes until called for."""
+        self.successResultOf(self.store.save(sample()))
+        [(_, events), _] = JobFileStore(self.directory).load()
+        self.assertIsInstance(events, StoredEvents)
+        self.assertEqual(events(), sample()[0][1])
 
-    def test_file_mode_and_directory(self) -> None:
-        """The directory is created; the file is 0600; no temporary file is left."""
-        self.store.save(sample())
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
-        self.assertEqual(os.listdir(self.directory), ["jobs_history.json"])
+    def test_what_lives_in_memory_only_is_not_stored(self) -> None:
+        """A job's durable view and incarnation are never written."""
+        job, events = sample()[0]
+        job.incarnation = "b-1:9"
+        job.view = events[0]
+        self.successResultOf(self.store.save([(job, events)]))
+        text = (self.directory / f"{job.id}.json").read_text()
+        self.assertNotIn("view", json.loads(text.splitlines()[0])["job"])
+        [(loaded, _)] = self.store.load()
+        self.assertEqual((loaded.view, loaded.incarnation), (None, None))
 
-    def test_save_replaces(self) -> None:
-        """A later save replaces the whole history."""
-        self.store.save(sample())
-        self.store.save(sample()[1:])
-        self.assertEqual([job.id for job, _ in self.store.load()], [sample()[1][0].id])
+    def test_save_writes_changed_and_removes_forgotten_jobs(self) -> None:
+        """save() touches only the jobs it is given, and deletes the removed ones."""
+        entries = sample()
+        self.successResultOf(self.store.save(entries))
+        changed = attr.evolve(entries[1][0], status="cancelled", seq=2)
+        self.successResultOf(self.store.save([(changed, [])], removed=[entries[0][0].id]))
+        [(loaded, _)] = self.store.load()
+        self.assertEqual((loaded.id, loaded.status), (changed.id, "cancelled"))
 
-    def test_corrupt_file_is_set_aside(self) -> None:
-        """An unparsable file is moved aside, logged, and the history starts empty."""
-        self.directory.mkdir(parents=True)
-        for content in (b"{not json", b'{"jobs": [{"job": {"id": 1}}]}', b"[]"):
-            self.path.write_bytes(content)
-            self.assertEqual(self.store.load(), [])
-            aside = self.directory / "jobs_history.json.corrupt-1800000000"
+    def test_files_are_0600_and_nothing_else_is_left(self) -> None:
+        """Each job is one 0600 file; no temporary file remains."""
+        self.successResultOf(self.store.save(sample()))
+        names = sorted(os.listdir(self.directory))
+        self.assertEqual(names, sorted(f"{job.id}.json" for job, _ in sample()))
+        for name in names:
+            mode = stat.S_IMODE(os.stat(self.directory / name).st_mode)
+            self.assertEqual(mode, 0o600)
+
+    def test_corrupt_file_is_set_aside_and_the_others_kept(self) -> None:
+        """An unparsable job file is moved aside with an error; the other jobs load."""
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.successResultOf(self.store.save(sample()))
+        broken = self.directory / f"{sample()[0][0].id}.json"
+        for content in (b"{not json", b'{"v": 2, "job": {"id": 1}}\n[]\n', b'{"v":2,"job":{}}'):
+            broken.write_bytes(content)
+            [(job, _)] = self.store.load()
+            self.assertEqual(job.id, sample()[1][0].id)
+            aside = Path(f"{broken}.corrupt-1800000000")
             self.assertEqual(aside.read_bytes(), content)
-            self.assertFalse(self.path.exists())
             aside.unlink()
+        errors = [e for e in observed if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 3)
+        self.assertIn("is unreadable", errors[0]["log_format"])
 
-    def test_failed_write_keeps_previous_file(self) -> None:
-        """A write that fails midway leaves the previous history intact."""
-        # Keep the first job alive: the store's fragment cache is keyed by the job object's id,
-        # and a freed object's id may be reused by the next sample() (a flaky cache hit).
-        first = sample()
-        self.store.save(first)
-        before = self.path.read_bytes()
+    def test_cut_events_line_is_corrupt(self) -> None:
+        """A file whose events line was cut short is set aside, not half-read."""
+        self.successResultOf(self.store.save(sample()))
+        path = self.directory / f"{sample()[0][0].id}.json"
+        path.write_bytes(path.read_bytes()[:-20])
+        self.assertEqual(len(self.store.load()), 1)
+
+    def test_an_unfinished_write_is_cleaned_up(self) -> None:
+        """A temporary file left by a crash mid-write is removed; the job keeps its last file."""
+        self.successResultOf(self.store.save(sample()))
+        leftover = self.directory / f"{sample()[0][0].id}.json.tmp"
+        leftover.write_bytes(b"half")
+        self.assertEqual(decoded(self.store.load()), sample())
+        self.assertFalse(leftover.exists())
+
+    def test_writes_run_off_the_callers_thread_with_the_state_of_the_call(self) -> None:
+        """save() encodes at once and writes through the runner; later changes are not in it."""
+        runner = StepRunner()
+        store = JobFileStore(self.directory, run_blocking=runner)
+        entries = sample()
+        saved = store.save(entries)
+        entries[0][0].status = "completed"
+        self.assertNoResult(saved)
+        self.assertFalse(self.directory.exists())
+        runner.step()
+        self.successResultOf(saved)
+        self.assertEqual(decoded(store.load()), sample())
+
+    def test_failed_write_keeps_the_previous_file(self) -> None:
+        """A write that fails midway leaves the job's previous file intact."""
+        self.successResultOf(self.store.save(sample()))
+        path = self.directory / f"{sample()[0][0].id}.json"
+        before = path.read_bytes()
 
         class Unserialisable:
             pass
@@ -132,48 +181,55 @@ class JsonJobStoreTests(SynchronousTestCase):
         broken = sample()
         broken[0][0].changes = [{"x": Unserialisable()}]
         self.assertRaises(TypeError, self.store.save, broken)
-        self.assertEqual(self.path.read_bytes(), before)
-        self.assertEqual(os.listdir(self.directory), ["jobs_history.json"])
-
-    def test_document_shape(self) -> None:
-        """The file is a versioned document listing jobs with their events."""
-        self.store.save(sample())
-        document = json.loads(self.path.read_text())
-        self.assertEqual(document["version"], 1)
-        self.assertEqual(document["jobs"][0]["job"]["request"]["packages"][0],
-                         {"name": "openssl", "version": "3.0.15-1~deb12u1"})
-        self.assertEqual(document["jobs"][0]["events"][2]["event"], EVENT_JOB_COMPLETE)
+        self.assertEqual(path.read_bytes(), before)
 
 
-class BackgroundWriteTests(SynchronousTestCase):
+class LegacyHistoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.path = Path(self.mktemp()) / "jobs_history.json"
-        self.store = JsonJobStore(self.path, background=True)
-        self.addCleanup(self.store.close)
+        self.state = Path(self.mktemp())
+        self.state.mkdir()
+        self.legacy = self.state / LEGACY_FILENAME
+        self.store = JobFileStore(self.state / "jobs", legacy_path=self.legacy,
+                                  now=lambda: 1_800_000_000)
 
-    def test_flush_puts_newest_history_on_disk(self) -> None:
-        """save returns at once; flush waits until the newest history is written."""
+    def write_v1(self, entries: list) -> None:
+        document = {
+            "version": 1,
+            "jobs": [
+                {
+                    "job": {k: v for k, v in attr.asdict(job, recurse=True).items()
+                            if k not in ("view", "incarnation")},
+                    "events": [
+                        {k: v for k, v in attr.asdict(e).items() if k != "incarnation"}
+                        for e in events
+                    ],
+                }
+                for job, events in entries
+            ],
+        }
+        for item in document["jobs"]:
+            packages = item["job"]["request"]["packages"]
+            if packages is not None:
+                item["job"]["request"]["packages"] = [
+                    {"name": p[0], "version": p[1]} if isinstance(p, (list, tuple)) else p
+                    for p in packages
+                ]
+        self.legacy.write_text(json.dumps(document))
+
+    def test_format_1_history_is_migrated_once(self) -> None:
+        """The single-document history is rewritten as files and renamed; nothing is lost."""
         entries = sample()
-        self.store.save(entries[1:])
-        self.store.save(entries)
-        self.store.flush()
-        self.assertEqual(JsonJobStore(self.path).load(), entries)
+        for _, events in entries:
+            events[:] = [attr.evolve(e, incarnation=None) for e in events]
+        self.write_v1(entries)
+        self.assertEqual(decoded(self.store.load()), entries)
+        self.assertFalse(self.legacy.exists())
+        self.assertTrue((self.state / (LEGACY_FILENAME + ".v1-migrated")).exists())
+        self.assertEqual(decoded(self.store.load()), entries)
 
-    def test_write_error_is_raised_on_reactor_thread(self) -> None:
-        """A failed background write is raised by the next flush, once."""
-        self.path.parent.write_text("a file where the directory should be")
-        self.store.save(sample())
-        self.assertRaises(OSError, self.store.flush)
-        self.store.flush()
-
-    def test_unchanged_jobs_are_not_reencoded(self) -> None:
-        """Only jobs whose change key moved are serialised again."""
-        entries = sample()
-        self.store.save(entries)
-        entries[0][0].changes.append({"name": "sneaky"})  # no event, no key change
-        entries[1][0].seq += 1
-        self.store.save(entries)
-        self.store.flush()
-        loaded = JsonJobStore(self.path).load()
-        self.assertEqual(loaded[0][0].changes, sample()[0][0].changes)
-        self.assertEqual(loaded[1][0].seq, 1)
+    def test_corrupt_format_1_history_is_set_aside(self) -> None:
+        """An unparsable old history is moved aside and the agent starts empty."""
+        self.legacy.write_text("{not json")
+        self.assertEqual(self.store.load(), [])
+        aside = self.state / f"{LEGACY_FILENAME}.corrupt-1800000000"
+        self.assertEqual(aside.read_text(), "{not json")

@@ -35,6 +35,8 @@ from lpa.events import (
 class FakeJobManager:
     """Jobs in a dict; ``step``/``finish`` append events the way the engine does."""
 
+    incarnation = "boot-1:1"
+
     def __init__(self, events: EventLog) -> None:
         self.events = events
         self._jobs: dict[str, Job] = {}

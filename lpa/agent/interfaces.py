@@ -4,10 +4,10 @@ Flow of one mutation::
 
     api ──submit(JobRequest)──▶ IJobManager ──execute(job, ctx)──▶ IPackageBackend
                                     │                                  │ ctx.run(argv, timeout)
-                                    │ EventLog.append ─▶ broadcast     ▼
-                                    │                    (ws sessions) IProcessRunner ─▶ child
-                                    ▼                                  (own process group)
-                                 IJobStore (atomic JSON, survives restarts)
+                                    │ IEventJournal ─durable─▶ EventLog ▼
+                                    │  (write-ahead)   ─▶ broadcast   IProcessRunner ─▶ child
+                                    ▼                   (ws sessions)  (own process group)
+                                 IJobStore (one file per job: the journal's checkpoint)
 """
 
 from __future__ import annotations
@@ -114,13 +114,20 @@ class ISystem(Interface):
 
 
 class IJobStore(Interface):
-    """Durable job history: jobs with their kept events, written atomically."""
+    """Durable job history, one entry per job: the checkpoint of the write-ahead event log."""
 
     def load() -> list:
-        """Return ``[(Job, [JobEvent, ...]), ...]`` as last saved (empty when nothing saved)."""
+        """Return ``[(Job, events), ...]`` as last saved, oldest job first (empty when none).
 
-    def save(entries: list) -> None:
-        """Replace the history with ``[(Job, [JobEvent, ...]), ...]`` atomically."""
+        ``events`` is a list of ``JobEvent`` or a callable returning one (decoded on demand).
+        """
+
+    def save(changed: list, removed: Sequence[str] = ()) -> Deferred:
+        """Write ``[(Job, [JobEvent, ...]), ...]`` and forget ``removed`` job ids, atomically
+        per job; fire once all of it is durable."""
+
+    def close() -> None:
+        """Release what the store holds (its writer thread)."""
 
 
 class IEventJournal(Interface):
@@ -158,6 +165,9 @@ class IJobManager(Interface):
     """The job engine as the REST API and the WebSocket see it."""
 
     events = Attribute("the EventLog: numbered, kept, published job events")
+    incarnation = Attribute(
+        "this agent start's identity, '<boot_id>:<start counter>' (None before start())"
+    )
 
     def submit(request: object) -> object:
         """Admit a ``JobRequest``; return the new pending ``Job`` or raise ``AdmissionError``."""

@@ -1,8 +1,14 @@
 """Value objects of the agent: jobs, packages, patches, command results.
 
-:class:`Job` is the one mutable record here; only ``JobManager`` changes it.  Its REST shapes
+:class:`Job` is the one mutable record here; only the job engine changes it.  Its REST shapes
 (:meth:`Job.to_summary`, :meth:`Job.to_detail`) keep the original agent's fields
-and add ``seq``, the last event number, and the request options.
+and add ``seq``, the last event number, the request options and the agent's ``incarnation``.
+
+The engine changes a job at once but publishes its events only once they are durable (the
+write-ahead log).  The REST shapes therefore show ``status``, ``progress``, ``seq``,
+``updated_at``, ``completed_at`` and ``error``/``error_code`` as of the job's last *durable*
+event (:attr:`Job.view`), never a state a crash could still take back; ``message`` and ``logs``
+are the live ones.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from typing import Any
 
 import attr
 
-from lpa.events import TERMINAL_STATUSES
+from lpa.events import TERMINAL_STATUSES, JobEvent
+
+#: attribute metadata: kept in memory only, never written to the job store
+VOLATILE = {"persist": False}
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -66,10 +75,43 @@ class Job:
     changes: list[dict[str, Any]] = attr.ib(factory=list)
     reboot_required: bool = False
     reboot_packages: list[str] = attr.ib(factory=list)
+    #: the job's last durable event, set as it is published (None: every field is durable)
+    view: JobEvent | None = attr.ib(default=None, eq=False, repr=False, metadata=VOLATILE)
+    #: the incarnation of the agent serving the job (set by the engine, not stored)
+    incarnation: str | None = attr.ib(default=None, eq=False, repr=False, metadata=VOLATILE)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    def shown(self) -> tuple[str, int, int, str, str | None, str | None, str | None]:
+        """(status, progress, seq, updated_at, completed_at, error, error_code) as clients
+        may see them: as of the last durable event (see the module docstring)."""
+        view = self.view
+        if view is None:
+            return (
+                self.status,
+                self.progress,
+                self.seq,
+                self.updated_at,
+                self.completed_at,
+                self.error,
+                self.error_code,
+            )
+        terminal = view.status in TERMINAL_STATUSES
+        return (
+            view.status,
+            view.progress,
+            view.seq or 0,
+            view.timestamp,
+            (self.completed_at or view.timestamp) if terminal else None,
+            view.error if terminal else None,
+            view.error_code if terminal else None,
+        )
+
+    @property
+    def shown_status(self) -> str:
+        return self.view.status if self.view is not None else self.status
 
     @property
     def package_names(self) -> list[str]:
@@ -79,41 +121,44 @@ class Job:
 
     def to_summary(self) -> dict[str, Any]:
         """One row of ``GET /api/v1/jobs``."""
+        status, _, seq, _, completed_at, _, error_code = self.shown()
         summary: dict[str, Any] = {
             "job_id": self.id,
             "operation": self.operation,
-            "status": self.status,
+            "status": status,
             "created_at": self.created_at,
-            "completed_at": self.completed_at,
+            "completed_at": completed_at,
             "packages": self.package_names,
-            "seq": self.seq,
+            "seq": seq,
         }
-        if self.error_code is not None:
-            summary["error_code"] = self.error_code
+        if error_code is not None:
+            summary["error_code"] = error_code
         return summary
 
     def to_detail(self) -> dict[str, Any]:
         """``GET /api/v1/jobs/{id}``: the original's JobDetail plus seq, options and result."""
+        status, progress, seq, updated_at, completed_at, error, error_code = self.shown()
         return {
             "job_id": self.id,
             "operation": self.operation,
-            "status": self.status,
-            "progress": self.progress,
+            "status": status,
+            "progress": progress,
             "message": self.message,
             "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "completed_at": self.completed_at,
+            "updated_at": updated_at,
+            "completed_at": completed_at,
             "packages": self.package_names,
             "logs": list(self.logs),
-            "error": self.error,
-            "error_code": self.error_code,
+            "error": error,
+            "error_code": error_code,
             "exit_code": self.exit_code,
             "command_stdout": self.command_stdout,
             "command_stderr": self.command_stderr,
             "rollback_job_id": self.rollback_job_id,
             "exclusive_mode": self.exclusive_mode,
             "boot_id": self.boot_id,
-            "seq": self.seq,
+            "incarnation": self.incarnation,
+            "seq": seq,
             "dry_run": self.request.dry_run,
             "security_only": self.request.security_only,
             "allow_reboot": self.request.allow_reboot,

@@ -3,12 +3,13 @@
 ::
 
     AgentService (MultiService)
-      ├─ JobManager.start()      load history, finalise orphans, run the queue
+      ├─ JobManager.start()      read the job store and the event log, finalise orphans, run
+      │                          (state_dir/jobs/, state_dir/journal/, state_dir/incarnation)
       └─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs,
                                  behind mutual TLS (tls.enabled) on server.bind:server.port
 
 Stop order is explicit: stop accepting connections first, then let the job engine freeze
-admission and persist, so no job changes after the last save.
+admission, checkpoint and close its event log, so no job changes after the last write.
 
 What an operator sees at start: one line once the port is bound (version, address, port, TLS,
 backend), or one line saying why the port could not be bound (:mod:`lpa.agent.listening`); a
@@ -38,11 +39,13 @@ from lpa.agent.config import AgentConfig
 from lpa.agent.eventlog import EventLog
 from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.incarnation import FileIncarnations
 from lpa.agent.jobs import JobManager
 from lpa.agent.listening import address, listen_error
 from lpa.agent.process import ProcessRunner
 from lpa.agent.reload import RELOAD_INTERVAL_SECONDS, Reloader
-from lpa.agent.store import JsonJobStore
+from lpa.agent.store import LEGACY_FILENAME, JobFileStore
+from lpa.agent.wal import ThreadRunner, WriteAheadLog
 from lpa.agent.system import HostSystem
 from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
@@ -176,6 +179,7 @@ def make_agent_service(
     system: Any = None,
     runner: Any = None,
     store: Any = None,
+    journal: Any = None,
 ) -> AgentService:
     """Build the daemon; every collaborator may be injected, the reactor included.
 
@@ -203,8 +207,14 @@ def make_agent_service(
             ),
             lock_timeout=config.jobs.lock_timeout_secs,
         )
-    # Writes and fsyncs off the reactor; JobManager.stop() flushes before the process exits.
-    store = store or JsonJobStore(os.path.join(state_dir, "jobs_history.json"), background=True)
+    # The event log and the job store write and sync on threads of their own, off the reactor;
+    # JobManager.stop() checkpoints and closes both before the process exits.
+    store = store or JobFileStore(
+        os.path.join(state_dir, "jobs"),
+        legacy_path=os.path.join(state_dir, LEGACY_FILENAME),
+        run_blocking=ThreadRunner(reactor, "lpa-job-store"),
+    )
+    journal = journal or WriteAheadLog(os.path.join(state_dir, "journal"), clock=reactor)
     events = EventLog(reactor, config.jobs.max_events_per_job)
     jobs = JobManager(
         backend=backend,
@@ -213,6 +223,8 @@ def make_agent_service(
         store=store,
         clock=reactor,
         events=events,
+        journal=journal,
+        incarnations=FileIncarnations(os.path.join(state_dir, "incarnation")),
         max_concurrent=config.jobs.max_concurrent,
         max_queue_depth=config.jobs.max_queue_depth,
         job_timeout_seconds=config.jobs.timeout_minutes * 60,

@@ -1,41 +1,50 @@
-"""Durable job history: one JSON file holding every kept job with its kept events.
+"""Durable job history: one file per job, the checkpoint of the write-ahead event log.
 
-Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the directory)
-and the file is mode 0600, since job logs can name what a host runs.  A file that cannot be parsed
-is moved aside as ``<name>.corrupt-<unix time>`` and the history starts empty, with an error
-logged: losing history must never stop the agent from starting.
+::
 
-File layout::
+    state_dir/jobs/<job id>.json     line 1: {"v": 2, "job": {...Job...}}
+                                     line 2: [{...JobEvent wire...}, ...]   (the kept events)
 
-    {"version": 1, "jobs": [{"job": {...Job...}, "events": [{...JobEvent wire...}, ...]}, ...]}
+A job's file is written when a checkpoint finds the job changed since the last one (a finished
+job therefore about once), atomically (temporary file, fsync, rename; one fsync of the directory
+per checkpoint), mode 0600 since job logs can name what a host runs.  Loading reads every file
+but decodes only the job line: a job's events stay bytes until someone asks for them, so a full
+history (500 jobs of 1000 events) loads in a fraction of what one JSON document took.
+
+A file that cannot be parsed is moved aside as ``<name>.corrupt-<unix time>`` with an error
+logged; losing one job's history never stops the agent from starting.  The single-document
+history of earlier versions (``jobs_history.json``, format 1) is read once, rewritten as one file
+per job, and renamed ``jobs_history.json.v1-migrated``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
+import re
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attr
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from lpa.agent.interfaces import IJobStore
 from lpa.agent.model import Job, JobRequest, PackageSpec
+from lpa.agent.wal import BlockingRunner, synchronous_runner
 from lpa.events import JobEvent
 
-FORMAT_VERSION = 1
-DEFAULT_FILENAME = "jobs_history.json"
+FORMAT_VERSION = 2
+LEGACY_FILENAME = "jobs_history.json"
+_JOB_FILE = re.compile(r"^[0-9a-fA-F-]{1,64}\.json$")
 
 _log = Logger()
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
-    """A Job (with its request) as plain JSON data."""
-    data = attr.asdict(job, recurse=False)
+    """A Job (with its request) as plain JSON data; what only lives in memory is left out."""
+    data = attr.asdict(job, recurse=False, filter=lambda a, _: a.metadata.get("persist", True))
     request = job.request
     data["request"] = {
         **attr.asdict(request, recurse=False),
@@ -63,221 +72,179 @@ def job_from_dict(data: dict[str, Any]) -> Job:
     return Job(**data, request=request)
 
 
-def _fragment_key(job: Job, events: list) -> tuple[Any, ...]:
-    """Changes whenever the job or its kept events may have changed.
-
-    The engine keeps one Job object per job for its life (``id(job)``).  Events are
-    immutable and numbered, so (count, first seq, last seq) names a kept window;
-    the engine changes a job only together with a new event (``seq``), except log lines,
-    which are append-only with a drop counter in the first line: (length, first, last) moves.
-    """
-    logs = job.logs
-    return (
-        id(job),
-        job.seq,
-        job.status,
-        job.progress,
-        job.message,
-        job.updated_at,
-        job.completed_at,
-        job.error_code,
-        len(logs),
-        logs[0] if logs else None,
-        logs[-1] if logs else None,
-        len(events),
-        events[0].seq if events else None,
-        events[-1].seq if events else None,
-    )
-
-
 def event_from_dict(data: dict[str, Any]) -> JobEvent:
+    """An event as stored (its wire form, or the attrs form of format 1)."""
     return JobEvent(**data)
 
 
-@implementer(IJobStore)
-class JsonJobStore:
-    """Job history in one JSON file, replaced atomically on every save.
+def events_to_bytes(events: Sequence[JobEvent]) -> bytes:
+    return json.dumps([e.to_wire() for e in events], separators=(",", ":")).encode("utf-8")
 
-    :param path: the file, e.g. ``state_dir / "jobs_history.json"``; its directory is created
-        (mode 0700) when missing.
-    :param now: wall clock for naming a corrupt file aside (injectable for tests).
-    :param background: write on a helper thread.  ``save`` then encodes on the caller's thread
-        (only jobs that changed) and returns; the thread writes the newest document, skipping
-        superseded ones.  A large history is ~100 MB and takes seconds to write and fsync,
-        which must not stall the reactor.  ``flush()`` waits for the last save to be on disk
-        (``JobManager.stop`` calls it); a failed background write is raised by the next
-        ``save`` or ``flush``.
+
+class StoredEvents:
+    """A job's kept events as read from its file, decoded on the first call."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    def __call__(self) -> list[JobEvent]:
+        return [event_from_dict(e) for e in json.loads(self._raw)]
+
+
+@implementer(IJobStore)
+class JobFileStore:
+    """Job history as one file per job; see the module docstring.
+
+    :param directory: e.g. ``state_dir / "jobs"``; created (mode 0700) when missing.
+    :param legacy_path: a format-1 history to migrate once (``state_dir/jobs_history.json``).
+    :param run_blocking: runs the writes off the reactor (a ``ThreadRunner``); the default runs
+        them on the caller's thread.
+    :param now: wall clock for naming a corrupt file aside.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
-        now: Callable[[], float] = time.time,
+        directory: str | os.PathLike[str],
         *,
-        background: bool = False,
+        legacy_path: str | os.PathLike[str] | None = None,
+        run_blocking: BlockingRunner = synchronous_runner,
+        now: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        self.directory = os.fspath(directory)
+        self._legacy = os.fspath(legacy_path) if legacy_path is not None else None
+        self._run = run_blocking
         self._now = now
-        self._writer = _BackgroundWriter(self._write) if background else None
-        #: job id -> (change key, serialised entry): a history of 500 ended jobs with their
-        #: events is ~100 MB of JSON; only jobs that changed since the last save are re-encoded
-        self._fragments: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+
+    # -- reading ---------------------------------------------------------------------------
 
     def load(self) -> list:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        names = sorted(os.listdir(self.directory))
+        for name in names:
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.directory, name))  # a write the host never finished
+        entries = [e for e in map(self._read_job, filter(_JOB_FILE.match, names)) if e]
+        if not entries and self._legacy is not None and os.path.exists(self._legacy):
+            entries = self._migrate(self._legacy)
+        # oldest first: what the engine's FIFO listing and retention expect
+        entries.sort(key=lambda entry: (entry[0].created_at, entry[0].id))
+        return entries
+
+    def _read_job(self, name: str) -> tuple[Job, StoredEvents] | None:
+        path = os.path.join(self.directory, name)
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        try:
-            document = json.loads(raw)
-            if not isinstance(document, dict) or not isinstance(document.get("jobs"), list):
-                raise ValueError("not a job history document")
-            entries = []
-            fragments = {}
-            for item in document["jobs"]:
-                job = job_from_dict(item["job"])
-                events = [event_from_dict(e) for e in item.get("events", [])]
-                entries.append((job, events))
-                # seed the encoding cache now, not during the first job after start-up
-                fragments[job.id] = (
-                    _fragment_key(job, events),
-                    json.dumps(item, separators=(",", ":")).encode("utf-8"),
-                )
-            self._fragments = fragments
-            return entries
+            with open(path, "rb") as stream:
+                raw = stream.read()
+            head, _, tail = raw.partition(b"\n")
+            document = json.loads(head)
+            if not isinstance(document, dict) or document.get("v") != FORMAT_VERSION:
+                raise ValueError("not a job history file of format 2")
+            job = job_from_dict(document["job"])
+            events = tail.rstrip(b"\n")
+            if not events.startswith(b"[") or not events.endswith(b"]"):
+                raise ValueError("the events line is missing or cut")
+            return job, StoredEvents(events)
         except (ValueError, TypeError, KeyError, AttributeError) as error:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._now())}")
-            os.replace(self.path, aside)
+            aside = f"{path}.corrupt-{int(self._now())}"
+            os.replace(path, aside)
             _log.error(
-                "job history {path} is unreadable ({reason}); moved aside to {aside}, "
-                "starting with an empty history",
-                path=str(self.path),
+                "job history file {path} is unreadable ({reason}); moved aside to {aside}",
+                path=path,
                 reason=str(error),
-                aside=str(aside),
+                aside=aside,
             )
-            return []
+            return None
 
-    def save(self, entries: list) -> None:
-        fragments: dict[str, tuple[tuple[Any, ...], bytes]] = {}
-        parts = []
-        for job, events in entries:
-            key = _fragment_key(job, events)
-            cached = self._fragments.get(job.id)
-            if cached is None or cached[0] != key:
-                text = json.dumps(
-                    {"job": job_to_dict(job), "events": [attr.asdict(e) for e in events]},
-                    separators=(",", ":"),
-                ).encode("utf-8")
-                cached = (key, text)
-            fragments[job.id] = cached
-            parts.append(cached[1])
-        payload: list[bytes] = [b'{"version":%d,"jobs":[' % FORMAT_VERSION]
-        for index, part in enumerate(parts):
-            if index:
-                payload.append(b",")
-            payload.append(part)  # cached bytes, never copied on the caller's thread
-        payload.append(b"]}")
-        self._fragments = fragments
-        if self._writer is None:
-            self._write(payload)
-        else:
-            self._writer.submit(payload)
+    def _migrate(self, legacy: str) -> list:
+        entries = read_v1_history(legacy, self._now)
+        if entries:
+            self._write({job.id: self._encode(job, events) for job, events in entries}, ())
+            _log.info(
+                "job history {path} (format 1) rewritten as {count} files in {directory}",
+                path=legacy,
+                count=len(entries),
+                directory=self.directory,
+            )
+        if os.path.exists(legacy):
+            os.replace(legacy, legacy + ".v1-migrated")
+        return [(job, list(events)) for job, events in entries]
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until the last saved history is on disk (no-op for direct writes)."""
-        if self._writer is not None:
-            self._writer.flush(timeout)
+    # -- writing ---------------------------------------------------------------------------
+
+    def save(self, changed: list, removed: Sequence[str] = ()) -> "Deferred[None]":
+        """Encode now (on the caller's thread: the state as of this call), write off-thread."""
+        encoded = {job.id: self._encode(job, events) for job, events in changed}
+        gone = tuple(removed)
+        return self._run(lambda: self._write(encoded, gone))
 
     def close(self) -> None:
-        """Flush and stop the writer thread."""
-        if self._writer is not None:
-            self._writer.close()
+        stop = getattr(self._run, "stop", None)
+        if stop is not None:
+            stop()
 
-    def _write(self, payload: list[bytes]) -> None:
-        directory = self.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.writelines(payload)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(temporary, 0o600)
-            os.replace(temporary, self.path)
-        except BaseException:
+    @staticmethod
+    def _encode(job: Job, events: Sequence[JobEvent]) -> bytes:
+        head = json.dumps(
+            {"v": FORMAT_VERSION, "job": job_to_dict(job)}, separators=(",", ":")
+        ).encode("utf-8")
+        return head + b"\n" + events_to_bytes(events) + b"\n"
+
+    def _write(self, encoded: dict[str, bytes], removed: Sequence[str]) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for job_id, data in encoded.items():
+            path = os.path.join(self.directory, f"{job_id}.json")
+            temporary = path + ".tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
                 os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
+                raise
+            os.close(fd)
+            os.replace(temporary, path)
+        for job_id in removed:
+            if job_id not in encoded:
+                try:
+                    os.unlink(os.path.join(self.directory, f"{job_id}.json"))
+                except FileNotFoundError:
+                    pass
+        fd = os.open(self.directory, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)
 
 
-class _BackgroundWriter:
-    """One daemon thread writing the newest submitted payload; older pending ones are dropped."""
+def read_v1_history(path: str, now: Callable[[], float] = time.time) -> list:
+    """The jobs of a format-1 document ``{"version": 1, "jobs": [{"job", "events"}]}``.
 
-    def __init__(self, write: Callable[[list[bytes]], None]) -> None:
-        self._write = write
-        self._condition = threading.Condition()
-        self._pending: list[bytes] | None = None
-        self._busy = False
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def submit(self, payload: list[bytes]) -> None:
-        with self._condition:
-            self._raise_error()
-            if self._closed:
-                raise RuntimeError("job store is closed")
-            self._pending = payload
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="lpa-job-store", daemon=True
-                )
-                self._thread.start()
-            self._condition.notify_all()
-
-    def flush(self, timeout: float | None = None) -> None:
-        with self._condition:
-            self._condition.wait_for(
-                lambda: self._pending is None and not self._busy, timeout=timeout
-            )
-            self._raise_error()
-
-    def close(self) -> None:
-        self.flush()
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _loop(self) -> None:
-        while True:
-            with self._condition:
-                self._condition.wait_for(lambda: self._pending is not None or self._closed)
-                if self._pending is None:
-                    return
-                payload, self._pending = self._pending, None
-                self._busy = True
-            try:
-                self._write(payload)
-            except BaseException as error:  # reported on the reactor thread by save/flush
-                with self._condition:
-                    self._error = error
-            finally:
-                with self._condition:
-                    self._busy = False
-                    self._condition.notify_all()
+    An unparsable document is moved aside (``.corrupt-<unix time>``) and reads as empty.
+    """
+    try:
+        with open(path, "rb") as stream:
+            document = json.loads(stream.read())
+        if not isinstance(document, dict) or not isinstance(document.get("jobs"), list):
+            raise ValueError("not a job history document")
+        return [
+            (job_from_dict(item["job"]), [event_from_dict(e) for e in item.get("events", [])])
+            for item in document["jobs"]
+        ]
+    except FileNotFoundError:
+        return []
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        aside = f"{path}.corrupt-{int(now())}"
+        os.replace(path, aside)
+        _log.error(
+            "job history {path} is unreadable ({reason}); moved aside to {aside}, "
+            "starting with an empty history",
+            path=path,
+            reason=str(error),
+            aside=aside,
+        )
+        return []
