@@ -223,6 +223,13 @@ class EventsGoneError(ApiError):
     code, http_status = "EVENTS_EXPIRED", 410
 
 
+class EventsAheadError(ConflictError):
+    """Asked for events after a ``seq`` the job never reached: the agent lost or renumbered
+    events (a restart, a restored backup).  ``details``: ``last_seq``, ``incarnation``, ``job``."""
+
+    code = "EVENTS_AHEAD"
+
+
 class DuplicateHeadersError(ApiError):
     """A request repeated Content-Type, Host or Authorization (as the original refused)."""
 

@@ -661,10 +661,11 @@ class EventsTests(ApiTestCase):
         )
 
     def test_after(self) -> None:
-        """after=N gives only later events; after at or past the end gives none."""
+        """after=N gives only later events; after at the end gives none (past it: a 409)."""
         self.assertEqual([e["seq"] for e in self.events("?after=1")["events"]], [2, 3])
         self.assertEqual(self.events("?after=3")["events"], [])
-        self.assertEqual(self.events("?after=99")["events"], [])
+        reply = self.call("GET", f"/api/v1/jobs/{self.job_id}/events?after=99")
+        self.assertError(reply, 409, "EVENTS_AHEAD")
 
     def test_terminal(self) -> None:
         """A finished job's events end with job_complete and say terminal."""

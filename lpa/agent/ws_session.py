@@ -24,7 +24,8 @@ that wants every job says so with ``subscribe`` without ``job_id`` (or with ``"a
 Replay (``after_seq: N``) always sends the kept events after N, even ones this connection
 already got live in all-jobs mode: the client asked for them, and de-duplicates by ``seq``.
 N older than what is kept, or ahead of the job's last event, gets a ``resync`` carrying the job's
-snapshot (``job``: ``Job.to_detail()``) and ``seq``, the last event number; live events follow.
+snapshot (``job``: ``Job.to_detail()``), ``seq``, the last event number, and the agent's current
+``incarnation`` (so a client can tell a restart that renumbered events); live events follow.
 A finished job subscribed without ``after_seq`` gets its terminal ``job_status`` and its
 ``job_complete`` from the log at once (or a ``resync`` when they are no longer kept).
 
@@ -48,7 +49,7 @@ from zope.interface import Interface
 from lpa import validation
 from lpa.agent.eventlog import EventLog, EventsExpiredError, Subscription
 from lpa.errors import InvalidJobIdError, JobNotFoundError
-from lpa.events import EVENT_JOB_COMPLETE, KIND_SNAPSHOT, JobEvent
+from lpa.events import EVENT_JOB_COMPLETE, KIND_SNAPSHOT, TERMINAL_STATUSES, JobEvent
 
 #: close code and reason prefix for a consumer that does not read fast enough (RFC 6455 1008)
 CLOSE_SLOW_CONSUMER = 1008
@@ -317,22 +318,24 @@ class JobStreamSession:
 
     def _queue_resync(self, job: Any, why: str) -> None:
         last = self._events.last_seq(job.id)
+        detail = job.to_detail()  # as of the last durable event, like ``seq``
         frame = {
             "event": "resync",
             "job_id": job.id,
             "seq": last,
             "kind": KIND_SNAPSHOT,
-            "status": job.status,
-            "progress": job.progress,
+            "status": detail["status"],
+            "progress": detail["progress"],
             "message": f"{why}; this is the job's current state",
             "timestamp": self._now(),
-            "job": job.to_detail(),
+            "job": detail,
+            "incarnation": getattr(self._jobs, "incarnation", None),
         }
-        if job.error is not None or job.error_code is not None:
-            frame["error"] = job.error
-            frame["error_code"] = job.error_code
+        if detail["error"] is not None or detail["error_code"] is not None:
+            frame["error"] = detail["error"]
+            frame["error_code"] = detail["error_code"]
         self._last_sent[job.id] = last
-        if job.terminal:
+        if detail["status"] in TERMINAL_STATUSES:
             self._last_sent.pop(job.id, None)
         self._enqueue(frame)
 

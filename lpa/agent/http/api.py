@@ -61,6 +61,7 @@ from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
 from lpa.errors import (
     ApiError,
     CommandError,
+    EventsAheadError,
     EventsGoneError,
     MethodNotAllowedError,
     NotFoundError,
@@ -76,6 +77,7 @@ from lpa.events import (
     OP_REBOOT,
     OP_REMOVE,
     OP_UPDATE,
+    TERMINAL_STATUSES,
     normalise_status,
     rfc3339_from_epoch,
 )
@@ -522,6 +524,15 @@ class AgentApi:
         job_id = validation.job_id(job_id)
         after = read.query_int(request, "after", 0, 0, 2**63 - 1)
         job = _as_job(self._jobs.get(job_id))
+        last_seq = self._jobs.events.last_seq(job_id)
+        incarnation = self._jobs.incarnation
+        if after > last_seq:
+            raise EventsAheadError(
+                f"Job {job_id} has no event after seq {after}: its last is {last_seq} "
+                f"(agent incarnation {incarnation}); the agent lost or renumbered events, "
+                "take the job from details.job",
+                {"last_seq": last_seq, "incarnation": incarnation, "job": job.to_detail()},
+            )
         try:
             events = self._jobs.events.after(job_id, after)
         except EventsExpiredError as expired:
@@ -530,13 +541,15 @@ class AgentApi:
                 f"{expired.oldest_kept}); details hold the job to resync from",
                 job.to_detail(),
             ) from None
+        detail = job.to_detail()
         return Answer(
             {
                 "job_id": job_id,
                 "events": [event.to_wire() for event in events],
-                "last_seq": self._jobs.events.last_seq(job_id),
-                "status": job.status,
-                "terminal": job.terminal,
+                "last_seq": last_seq,
+                "status": detail["status"],
+                "terminal": detail["status"] in TERMINAL_STATUSES,
+                "incarnation": incarnation,
             }
         )
 
