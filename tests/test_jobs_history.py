@@ -236,7 +236,7 @@ class RecoveryTests(DurableEngineCase):
         [segment] = [s for s in batch.segments(JOURNAL)][-1:]
         path = f"{JOURNAL}/{segment}"
         data = batch.data[path]
-        cut = data.index(b'"event":"job_complete"')
+        cut = data.index(b'"job_complete"')
         batch.synced[path] = data.rindex(b"\n", 0, cut) + 1
         self.crash()
         after = self.wire_after(job.id)

@@ -7,9 +7,9 @@ the WebSocket sessions, shown by the REST API) only once its record is durable::
                                                                                     │
     job.view, EventLog.publish ─▶ subscribers ◀──────── durable, in order ◀────────┘
 
-Records (one JSON object per line of the log): ``{"j": job}`` (a job's full state, written when
-it is created and at every change of status), ``{"e": event}`` (an event's wire form) and
-``{"d": job_id}`` (deleted or past retention).
+Records (one JSON array per line of the log, see :mod:`lpa.agent.replay`): ``["j", job]`` (a
+job's full state, written when it is created and at every change of status), ``["e", …]`` (an
+event, its fields by position) and ``["d", job_id]`` (deleted or past retention).
 
 Checkpoint: once the log holds ``checkpoint_bytes`` since the last one (and at start and stop),
 the jobs that changed are written to the :class:`~lpa.agent.interfaces.IJobStore` (one file per
@@ -36,7 +36,7 @@ from lpa.agent.eventlog import EventLog
 from lpa.agent.incarnation import Incarnations
 from lpa.agent.interfaces import IEventJournal, IJobStore
 from lpa.agent.model import Job
-from lpa.agent.replay import MAX_LOG_LINES, Replay
+from lpa.agent.replay import MAX_LOG_LINES, Replay, event_record
 from lpa.agent.store import job_to_dict
 from lpa.events import (
     EVENT_JOB_COMPLETE,
@@ -151,7 +151,7 @@ class JobHistory:
     def save(self, job: Job) -> None:
         """Write the job's whole state (at a change of status)."""
         self._dirty.add(job.id)
-        self._journal.append({"j": job_to_dict(job)}, None)
+        self._journal.append(["j", job_to_dict(job)], None)
 
     def remove(self, job_id: str) -> None:
         """Forget an ended job (deleted, or past retention) for good."""
@@ -161,7 +161,7 @@ class JobHistory:
         self._unsynced.pop(job_id, None)
         self._dirty.discard(job_id)
         self._removed.add(job_id)
-        self._journal.append({"d": job_id}, None)
+        self._journal.append(["d", job_id], None)
 
     def prune(self) -> None:
         excess = len(self.jobs) - self._history_limit
@@ -201,7 +201,7 @@ class JobHistory:
             unsynced = self._unsynced[job.id] = deque()
         unsynced.append(job_event)
         self._dirty.add(job.id)
-        self._journal.append({"e": job_event.to_wire()}, job_event)
+        self._journal.append(event_record(job_event), job_event)
         return job_event
 
     def close_job(

@@ -142,7 +142,8 @@ class IEventJournal(Interface):
         """Records left by the previous run (after its checkpoint), oldest first."""
 
     def append(record: object, token: object) -> None:
-        """Queue a JSON-able record; its token reaches the listener once it is durable."""
+        """Queue a JSON-able record (or ``bytes`` of its JSON text); its token reaches the
+        listener once it is durable."""
 
     def rotate() -> int:
         """Start a new segment; return the last one holding what was appended before."""

@@ -1,15 +1,23 @@
 """Recovery: the write-ahead log's records folded onto the jobs read from the job store.
 
-Records are replayed in order.  A job record (``{"j": …}``) replaces the job unless it is older
-than what is known (its ``seq``: a segment whose removal after a checkpoint was interrupted); an
-event (``{"e": …}``) at or below the job's last seq is a duplicate and skipped, one that jumps
-ahead drops the older kept events (a reader from before the jump then gets a snapshot, never a
-silent gap); a delete (``{"d": id}``) forgets the job.  Events move their job's status,
+Records are JSON arrays, tagged by their first member::
+
+    ["j", {...Job...}]                                      a job's whole state
+    ["e", job_id, seq, kind, status, progress, message,     one event, by position (cheaper to
+          timestamp, event, error, error_code, incarnation]  encode than a wire object)
+    ["d", job_id]                                           the job was deleted or pruned
+
+Records are replayed in order.  A job record replaces the job unless it is older than what is
+known (its ``seq``: a segment whose removal after a checkpoint was interrupted); an event at or
+below the job's last seq is a duplicate and skipped, one that jumps ahead drops the older kept
+events (a reader from before the jump then gets a snapshot, never a silent gap); a delete
+forgets the job.  Events move their job's status,
 progress, seq, ``updated_at``, error and, for output lines, its logs.
 """
 
 from __future__ import annotations
 
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Iterable
 
 from twisted.logger import Logger
@@ -25,6 +33,53 @@ from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, JobEvent
 MAX_LOG_LINES = 500
 
 _log = Logger()
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
+
+
+def event_record(event: JobEvent) -> bytes:
+    """An event as a log record's JSON text (see the module docstring).
+
+    Written by hand from the C string quoter: this runs for every output line, and it costs
+    about a third of ``json.dumps`` of the same array.
+    """
+    return (
+        '["e",%s,%d,%s,%s,%d,%s,%s,%s,%s,%s,%s]'
+        % (
+            _quote(event.job_id),
+            event.seq or 0,
+            _quote(event.kind),
+            _quote(event.status),
+            event.progress,
+            _quote(event.message),
+            _quote(event.timestamp),
+            _quote(event.event),
+            _text(event.error),
+            _text(event.error_code),
+            _text(event.incarnation),
+        )
+    ).encode("ascii")
+
+
+def event_from_record(record: list[Any]) -> JobEvent:
+    """Inverse of :func:`event_record`; raises ValueError/TypeError on a malformed record."""
+    if len(record) != 12 or not isinstance(record[2], int):
+        raise ValueError(f"not an event record of 12 members: {str(record)[:80]}")
+    return JobEvent(
+        job_id=record[1],
+        seq=record[2],
+        kind=record[3],
+        status=record[4],
+        progress=record[5],
+        message=record[6],
+        timestamp=record[7],
+        event=record[8],
+        error=record[9],
+        error_code=record[10],
+        incarnation=record[11],
+    )
 
 
 class Replay:
@@ -45,12 +100,13 @@ class Replay:
     def run(self, records: Iterable[Any]) -> "Replay":
         for record in records:
             try:
-                if "e" in record:
-                    self._event(JobEvent(**record["e"]))
-                elif "j" in record:
-                    self._job(job_from_dict(record["j"]))
-                elif "d" in record:
-                    self._delete(str(record["d"]))
+                tag = record[0]
+                if tag == "e":
+                    self._event(event_from_record(record))
+                elif tag == "j":
+                    self._job(job_from_dict(record[1]))
+                elif tag == "d":
+                    self._delete(str(record[1]))
             except (TypeError, ValueError, KeyError, AttributeError) as error:
                 _log.error("skipped an unreadable event log record ({reason})", reason=str(error))
         if self._orphans:

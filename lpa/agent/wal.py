@@ -202,7 +202,7 @@ class WriteAheadLog:
         module docstring says; this never raises for bad content (it does for I/O errors).
         """
         records, self._segment = read_log(self._files, self.directory, self._now)
-        self._header = encode_record({"h": {"v": 1, "incarnation": incarnation}})
+        self._header = encode_record(["h", {"v": 1, "incarnation": incarnation}])
         return records
 
     def append(self, record: Any, token: Any) -> None:

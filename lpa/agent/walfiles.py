@@ -37,9 +37,14 @@ def segment_name(number: int) -> str:
     return f"wal-{number:012d}.log"
 
 
+#: ASCII-only JSON: any text (even a lone surrogate) round-trips, and encoding is one C call
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_record(record: Any) -> bytes:
-    """One log line: checksum, space, compact JSON, newline (JSON never holds a raw newline)."""
-    payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """One log line for a JSON-able record, or for ``bytes`` already holding its JSON text:
+    checksum, space, the JSON, newline (JSON never holds a raw newline)."""
+    payload = record if isinstance(record, bytes) else _ENCODER.encode(record).encode("ascii")
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
@@ -249,7 +254,7 @@ def read_log(files: IWalFiles, directory: str, now: Callable[[], float]) -> tupl
         found, damage = decode_segment(number, data, last=index == len(numbers) - 1)
         if damage:
             _set_aside(files, path, data, damage, now)
-        records.extend(r for r in found if not (isinstance(r, dict) and "h" in r))
+        records.extend(r for r in found if not (isinstance(r, list) and r[:1] == ["h"]))
     return records, max(numbers + [through]) + 1
 
 
