@@ -30,6 +30,9 @@ Phases:
    ``ChildProtocol`` of ``bench/ws_fanout.py``; the clients offer ``lpa.protocol.SUBPROTOCOL``)
    subscribed to one job through the real ``JobStreamFactory``; 50 events/s for ``--seconds``;
    each event's message carries ``time.monotonic()`` at append → p50/p99 append→receipt delay.
+3. start-up: a history of ``--history-jobs`` finished jobs of 1000 events each; seconds for the
+   whole engine start over one file per job, against the former ``JsonJobStore.load`` of the
+   same history as one document.
 """
 
 from __future__ import annotations
@@ -282,6 +285,57 @@ async def fanout(reactor: Any, mode: str, options: argparse.Namespace) -> dict[s
     }
 
 
+async def startup(reactor: Any, options: argparse.Namespace) -> dict[str, float]:
+    """Seconds to load a full history: the former single document against one file per job
+    (the whole engine start, events left undecoded until asked for)."""
+    from lpa.agent.jobs import JobManager
+    from lpa.agent.model import Job, JobRequest
+    from lpa.agent.store import JobFileStore
+    from lpa.agent.wal import WriteAheadLog
+    from lpa.events import JobEvent
+    from tests.fakes import FakeBackend, FakeProcessRunner, FakeSystem
+
+    module = old_store_module()
+    directory = tempfile.mkdtemp(prefix="lpa-bench-history-", dir=options.dir)
+    try:
+        entries = []
+        for j in range(options.history_jobs):
+            job_id = str(uuid.UUID(int=j + 1))
+            stamp = f"2026-11-25T20:{j // 60 % 60:02d}:{j % 60:02d}.000001+00:00"
+            job = Job(id=job_id, operation="patch_apply", status="completed", created_at=stamp,
+                      updated_at=stamp, completed_at=stamp,
+                      request=JobRequest(operation="patch_apply"),
+                      logs=[f"{LINE} {n}" for n in range(500)], seq=1000)
+            events = [JobEvent(job_id=job_id, seq=n, status="running", progress=50,
+                               message=f"{LINE} {n}", timestamp=stamp, kind="output",
+                               incarnation="bench:1") for n in range(1, 1001)]
+            entries.append((job, events))
+        JobFileStore(os.path.join(directory, "jobs")).save(entries)
+        figures: dict[str, float] = {}
+        if module is not None:
+            legacy = os.path.join(directory, "jobs_history.json")
+            for job, _ in entries:
+                job.incarnation = None
+            module.JsonJobStore(legacy).save(entries)
+            started = time.perf_counter()
+            module.JsonJobStore(legacy).load()
+            figures["old"] = time.perf_counter() - started
+        del entries
+        manager = JobManager(
+            backend=FakeBackend(), system=FakeSystem(), runner=FakeProcessRunner(),
+            store=JobFileStore(os.path.join(directory, "jobs")), clock=reactor,
+            journal=WriteAheadLog(os.path.join(directory, "journal"), clock=reactor),
+            history_limit=options.history_jobs,
+        )
+        started = time.perf_counter()
+        manager.start()
+        figures["new"] = time.perf_counter() - started
+        await manager.stop()
+        return figures
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # -- the client process ---------------------------------------------------------------------
 
 
@@ -352,6 +406,7 @@ async def agent_main(reactor: Any, options: argparse.Namespace) -> None:
         }
     for mode in MODES:
         results[mode]["fanout"] = await fanout(reactor, mode, options)
+    results["startup"] = await startup(reactor, options)
     print("RESULT " + json.dumps(results))
 
 
@@ -366,7 +421,7 @@ def main(options: argparse.Namespace) -> None:
           f"Twisted {twisted.__version__}")
     print(f"log directory under {directory} ({filesystem_of(os.path.realpath(directory))})")
     argv = [sys.executable, os.path.abspath(__file__), "--agent", "--events", str(options.events),
-            "--repeat", str(options.repeat),
+            "--repeat", str(options.repeat), "--history-jobs", str(options.history_jobs),
             "--clients", str(options.clients), "--rate", str(options.rate),
             "--seconds", str(options.seconds)] + (["--dir", options.dir] if options.dir else [])
     completed = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
@@ -387,6 +442,10 @@ def main(options: argparse.Namespace) -> None:
           f"costs {max(0.0, 1 - wal / timer) * 100:.0f} %); wal/wal-nosync: {wal / nosync:.2f}")
     print("max lag: worst lateness of a 5 ms LoopingCall on the agent's reactor during the "
           "throughput phase")
+    start = results["startup"]
+    old = f"{start['old']:.2f} s" if "old" in start else "n/a (no git)"
+    print(f"\nstart-up with {options.history_jobs} finished jobs of 1000 events: engine start "
+          f"{start['new']:.2f} s (one file per job); the former JsonJobStore.load {old}")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -400,6 +459,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="fan-out phase in s (default 8, quick 3)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="throughput runs per engine, median shown (default 5, quick 3)")
+    parser.add_argument("--history-jobs", type=int, default=None,
+                        help="jobs in the start-up history (default 500, quick 100)")
     parser.add_argument("--dir", default=None, help="where the logs go (default: temp dir)")
     parser.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -408,6 +469,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     options = parser.parse_args(argv)
     options.events = options.events or (5000 if options.quick else 20000)
     options.repeat = options.repeat or (3 if options.quick else 5)
+    options.history_jobs = options.history_jobs or (100 if options.quick else 500)
     options.clients = options.clients or (10 if options.quick else 50)
     options.seconds = options.seconds or (3.0 if options.quick else 8.0)
     return options
