@@ -108,7 +108,10 @@ class WireTests(ApiTestCase):
     def test_live_frames_carry_the_incarnation_and_parse_back(self) -> None:
         """job_status and job_complete frames carry incarnation; JobEvent reads it back."""
         session, channel = self.session()
-        self.finished_job()
+        job = self.jobs.submit(JobRequest(operation="patch_apply", dry_run=True))
+        session.receive_text(json.dumps({"action": "subscribe", "job_id": job.id}))
+        self.clock.advance(0)
+        self.assertEqual(job.status, COMPLETED)
         frames = [f for f in channel.take() if f["event"] in ("job_status", "job_complete")]
         self.assertTrue(frames)
         for frame in frames:
