@@ -340,3 +340,50 @@ class CheckpointTests(DurableEngineCase):
         self.manager = self.start(history_limit=3)
         self.assertEqual([j.id for j in self.manager.list_jobs()], [j.id for j in jobs[:1:-1]])
         self.assertEqual(len(os.listdir(os.path.join(self.state, "jobs"))), 3)
+
+
+class DiskFaultTests(DurableEngineCase):
+    def errors(self) -> list[str]:
+        return [e["log_format"] for e in self.log_events if e["log_level"].name == "error"]
+
+    def test_a_full_disk_holds_events_then_publishes_them_in_order(self) -> None:
+        """While the log cannot be written nothing is shown (one error line); the job runs on,
+        and once the disk takes writes again every held event is published, in order."""
+        job = self.running_job(lines=2)
+        shown = self.manager.events.last_seq(job.id)
+        self.files.disk_full()
+        self.runner.last.emit_stdout("Unpacking a", "Unpacking b")
+        self.runner.last.finish(0)
+        self.settle()
+        self.assertEqual(job.status, COMPLETED)
+        self.assertEqual(self.manager.events.last_seq(job.id), shown)
+        self.assertEqual(job.to_detail()["status"], RUNNING)
+        self.assertEqual(len(self.errors()), 1)
+        self.files.fail_with = None
+        self.clock.advance(0.5)
+        self.settle()
+        self.assertEqual(self.seqs(job.id), list(range(1, job.seq + 1)))
+        self.assertGreater(job.seq, shown + 3)
+        self.assertEqual(job.to_detail()["status"], COMPLETED)
+        self.crash()
+        self.assertEqual(self.manager.get(job.id).status, COMPLETED)
+
+    def test_stop_on_a_dead_log_keeps_held_events_in_the_checkpoint(self) -> None:
+        """At stop, events the log could not write are in the last checkpoint: not lost."""
+        job = self.running_job(lines=1)
+        self.files.disk_full()
+        self.runner.last.emit_stdout("held line")
+        self.runner.last.finish(0)
+        stopped = self.manager.stop()
+        self.settle()
+        self.clock.advance(10)
+        self.settle()
+        self.successResultOf(stopped)
+        warnings = [e for e in self.log_events if "nothing is lost" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.files.fail_with = None
+        self.crash()
+        after = self.wire_after(job.id)
+        self.assertIn("held line", [e["message"] for e in after])
+        self.assertEqual(after[-1]["event"], EVENT_JOB_COMPLETE)
+        self.assertEqual(self.manager.get(job.id).status, COMPLETED)

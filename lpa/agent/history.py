@@ -88,7 +88,7 @@ class JobHistory:
         #: jobs changed, and jobs removed, since the last checkpoint began
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
-        self._checkpoint: Deferred[None] | None = None
+        self._checkpoint: Deferred[bool] | None = None
         self._followers: list[Deferred[None]] = []
         journal.set_listener(self._durable)
 
@@ -278,11 +278,12 @@ class JobHistory:
         if self._journal.size >= self._checkpoint_bytes and self._checkpoint is None:
             self.checkpoint()
 
-    def checkpoint(self) -> "Deferred[None]":
+    def checkpoint(self) -> "Deferred[bool]":
         """Write changed jobs to the store, then retire the log before that point.
 
-        Fires when done and never fails: a failure is logged and the jobs stay due.  Asked for
-        while one runs, another one runs after it (what changed meanwhile is covered too).
+        Fires with whether it worked, and never fails: a failure is logged and the jobs stay
+        due.  Asked for while one runs, another one runs after it (covering what changed
+        meanwhile).
         """
         if self._checkpoint is not None:
             follower: Deferred[None] = Deferred()
@@ -292,9 +293,9 @@ class JobHistory:
         dirty, removed = self._dirty, self._removed
         self._dirty, self._removed = set(), set()
         changed = [(self.jobs[i], self._checkpoint_events(i)) for i in dirty if i in self.jobs]
-        result: Deferred[None] = Deferred()
+        result: Deferred[bool] = Deferred()
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> bool:
             self._dirty |= {i for i in dirty if i in self.jobs}
             self._removed |= removed
             _log.error(
@@ -302,17 +303,28 @@ class JobHistory:
                 "growing until it can be written: check space and permissions under state_dir",
                 reason=failure.getErrorMessage(),
             )
+            return False
 
-        def done(_: object) -> None:
+        def done(saved: bool) -> None:
             self._checkpoint = None
             followers, self._followers = self._followers, []
-            result.callback(None)
+            result.callback(saved)
             for follower in followers:
                 follower.callback(None)
 
+        def retire(_: object) -> Deferred[bool]:
+            retired = self._journal.drop_through(through)
+            retired.addErrback(
+                lambda failure: _log.warn(
+                    "old event log segments could not be removed ({reason}); the next start "
+                    "reads them again, which changes nothing",
+                    reason=failure.getErrorMessage(),
+                )
+            )
+            return retired.addCallback(lambda _: True)
+
         d = maybeDeferred(self._store.save, changed, sorted(removed))
-        d.addCallback(lambda _: self._journal.drop_through(through))
-        d.addErrback(failed)
+        d.addCallbacks(retire, failed)
         self._checkpoint = d
         d.addBoth(done)
         return result
@@ -329,12 +341,18 @@ class JobHistory:
         return Deferred.fromCoroutine(self._close(grace))
 
     async def _close(self, grace: float) -> None:
-        await self.checkpoint()
-        lost = await self._journal.close(grace)
-        if lost:
+        saved = await self.checkpoint()  # it holds the events not yet synced, too
+        held = await self._journal.close(grace)
+        if held and saved:
+            _log.warn(
+                "the job event log could not be written before shutdown; the {held} records it "
+                "held are in the job history checkpoint, nothing is lost",
+                held=held,
+            )
+        elif held:
             _log.error(
-                "the job event log could not be written before shutdown; {lost} events that "
-                "were never published are lost",
-                lost=lost,
+                "neither the job event log nor the job history could be written before "
+                "shutdown; {held} records, never published, are lost",
+                held=held,
             )
         self._store.close()
