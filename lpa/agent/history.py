@@ -112,9 +112,10 @@ class JobHistory:
         replayed = Replay(self.jobs, stored).run(records)
         for job in self.jobs.values():
             job.incarnation = incarnation
-            self.events.restore(job.id, stored[job.id], job.seq)
-        self._dirty = set(replayed.touched) & set(self.jobs)
-        self._removed = set(replayed.removed)
+            if job.id in stored:
+                self.events.restore(job.id, stored[job.id], job.seq)
+        self._dirty |= set(replayed.touched) & set(self.jobs)
+        self._removed |= set(replayed.removed)
         self.loaded = True
         _log.info(
             "job history loaded: {count} jobs, {records} records replayed from the event log; "
@@ -123,7 +124,7 @@ class JobHistory:
             records=len(records),
             incarnation=incarnation,
         )
-        return set(self._dirty)
+        return set(replayed.touched) & set(self.jobs)
 
     # -- jobs ------------------------------------------------------------------------------
 

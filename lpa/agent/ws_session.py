@@ -284,7 +284,7 @@ class JobStreamSession:
         self._enqueue(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
         if after_seq is not None:
             self._replay(job, after_seq)
-        elif job.terminal:
+        elif job.shown_status in TERMINAL_STATUSES:  # ended, as far as is durable
             self._send_terminal(job)
 
     def _replay(self, job: Any, after_seq: int) -> None:
