@@ -28,6 +28,7 @@ from twisted.trial.unittest import TestCase
 from tests import standin
 from tests.agentproc import AgentProcess, wait_until
 from tests.certs import make_test_pki
+from tests.logcheck import assert_no_unhandled
 
 DOWNLOAD_SECONDS = 2.0
 DPKG_SECONDS = 3.0
@@ -125,9 +126,7 @@ class KillNineTests(TestCase):
         self.assertEqual(sum(per_job), len(starts), (starts, windows, self.seed))
         self.assertLessEqual(max(per_job), 1, (per_job, self.seed))
         self.assertGreaterEqual(sum(per_job), 1, (per_job, self.seed))
-        log = agent.log_text()
-        self.assertNotIn("Unhandled Error", log)
-        self.assertNotIn("Traceback", log)
+        assert_no_unhandled(agent.log_path)
 
     def _random_moment(self) -> Callable[[Follower], bool]:
         total = int(DOWNLOAD_SECONDS / INTERVAL) + DPKG_LINES
