@@ -139,8 +139,10 @@ class ManagerRelayTests(_AgentCase):
         self.assertEqual(code, 202, body)
         job_id: str = body["data"]["job_id"]
         for _ in range(200):
+            # started, and its "Job started" event durable (what REST shows follows the disk)
             if job_id in self.backend.gates:
-                return job_id
+                if self.service.jobs.get(job_id).to_detail()["status"] == "running":
+                    return job_id
             await task.deferLater(reactor, 0.01, lambda: None)
         self.fail(f"job {job_id} never started")
 
