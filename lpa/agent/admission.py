@@ -87,8 +87,9 @@ class JobQueue:
     def active_count(self) -> int:
         return len(self.pending) + len(self.running)
 
-    def admit(self, request: JobRequest, *, reboot_reserved: bool) -> None:
-        """Raise the refusal ``request`` gets now, if any (in the original's order)."""
+    def admit(self, request: Any, *, reboot_reserved: bool) -> JobRequest:
+        """Return ``request`` if it may be admitted now, else raise its refusal (in the
+        original's order)."""
         validate(request)
         if self.frozen is not None:
             raise AdmissionFrozenError(self.frozen)
@@ -102,6 +103,7 @@ class JobQueue:
             )
         if request.operation == OP_REBOOT:
             self._check_reboot_guards(request, active)
+        return request  # type: ignore[no-any-return]
 
     def _check_reboot_guards(self, request: JobRequest, active: int) -> None:
         if not request.force:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Union
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from lpa.events import (
     EVENT_JOB_STATUS,
@@ -246,12 +247,13 @@ class EventLog:
                 continue
             d: Deferred[JobEvent] = Deferred()
             d.addCallback(subscription.subscriber)
-            d.addErrback(
-                lambda f, e=job_event: self._log.failure(
-                    "subscriber failed on event {seq} of job {job_id}",
-                    f,
-                    job_id=e.job_id,
-                    seq=e.seq,
-                )
-            )
+            d.addErrback(self._subscriber_failed, job_event)
             d.callback(job_event)
+
+    def _subscriber_failed(self, failure: Failure, job_event: JobEvent) -> None:
+        self._log.failure(
+            "subscriber failed on event {seq} of job {job_id}",
+            failure,
+            job_id=job_event.job_id,
+            seq=job_event.seq,
+        )

@@ -236,10 +236,10 @@ class JobHistory:
             job_id=job.id,
             status=job.status,
         )
-        args = {"error": job.error, "error_code": job.error_code}
+        error, code = job.error, job.error_code
         if last is None or not last.terminal:
-            self.emit(job, job.message, **args)
-        self.emit(job, job.message, event=EVENT_JOB_COMPLETE, **args)
+            self.emit(job, job.message, error=error, error_code=code)
+        self.emit(job, job.message, event=EVENT_JOB_COMPLETE, error=error, error_code=code)
 
     # -- JobSink (what a JobContext reports) -----------------------------------------------
 
@@ -306,7 +306,7 @@ class JobHistory:
             )
             return False
 
-        def done(saved: bool) -> None:
+        def done(saved: Any) -> None:
             self._checkpoint = None
             followers, self._followers = self._followers, []
             result.callback(saved)

@@ -56,7 +56,7 @@ from lpa.agent.interfaces import (
     IProcessRunner,
     ISystem,
 )
-from lpa.agent.model import Job, JobRequest
+from lpa.agent.model import Job
 from lpa.agent.reboot import RebootReservation
 from lpa.agent.run import ABORT_GRACE_SECONDS, JobRun
 from lpa.agent.wal import VolatileJournal
@@ -184,7 +184,8 @@ class JobManager:
         for job in self._queue.freeze("The agent is shutting down"):
             self._cancel_pending(job, "Cancelled: agent shutting down")
         if self._runs:
-            self._idle = idle = Deferred()
+            idle: Deferred[bool] = Deferred()
+            self._idle = idle
             grace = self._clock.callLater(self._stop_grace, lambda: idle.callback(False))
             if not await idle:
                 for run in self._runs.values():
@@ -226,8 +227,8 @@ class JobManager:
 
     # -- IJobManager -------------------------------------------------------------------------
 
-    def submit(self, request: JobRequest) -> Job:
-        self._queue.admit(request, reboot_reserved=self._reboot.reserved)
+    def submit(self, request: object) -> Job:
+        request = self._queue.admit(request, reboot_reserved=self._reboot.reserved)
         now = rfc3339_from_epoch(self._clock.seconds())
         job = Job(
             id=str(self._uuid_factory()),

@@ -295,7 +295,9 @@ class WriteAheadLog:
         self._in_flight = True
         segment, header = self._segment, self._header
         d = self._run(lambda: self._writer.write(segment, header, data))
-        d.addCallbacks(self._written, self._failed, (tokens,), None, (lines, tokens))
+        d.addCallbacks(
+            self._written, self._failed, callbackArgs=(tokens,), errbackArgs=(lines, tokens)
+        )
 
     def _written(self, _: object, tokens: list[Any]) -> None:
         self._in_flight = False
