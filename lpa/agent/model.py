@@ -130,6 +130,7 @@ class Job:
             "completed_at": completed_at,
             "packages": self.package_names,
             "seq": seq,
+            "dry_run": self.request.dry_run,
         }
         if error_code is not None:
             summary["error_code"] = error_code
