@@ -24,9 +24,9 @@ setup(
         "PyYAML>=6.0,<7",
         "attrs>=23.1",
         "zope.interface>=6",
-        "websockets>=13,<18",  # the sync client behind `lpa agent watch`
     ],
     extras_require={
+        # websockets: an independent client the interoperability tests speak to the agent with
         "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2", "h2>=4.1,<5"],
     },
     entry_points={"console_scripts": ["lpa = lpa.tools.cli:main"]},

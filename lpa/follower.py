@@ -71,6 +71,8 @@ class JobFollower:
 
     :ivar last_seq: the highest event number delivered (the resume point)
     :ivar latest: the last event delivered (None before the first)
+    :ivar outcome: the last delivered event other than ``job_complete``: at the end, the
+        terminal ``job_status`` (or snapshot) that states how the job ended
     :ivar source: :data:`STREAM`, :data:`EVENTS` or :data:`DETAIL`
     :ivar done: the job ended and its last event was delivered
     :ivar gone: why the agent does not know the job any more, or None
@@ -80,6 +82,7 @@ class JobFollower:
         self.job_id = job_id
         self.last_seq = after_seq
         self.latest: JobEvent | None = None
+        self.outcome: JobEvent | None = None
         self.source = EVENTS
         self.done = False
         self.gone: str | None = None
@@ -234,6 +237,8 @@ class JobFollower:
         self.latest = event
         if event.event == EVENT_JOB_COMPLETE:
             self.done = True
+        else:
+            self.outcome = event
         return event
 
     def _snapshot(self, snapshot: JobEvent, *, authoritative: bool) -> tuple[JobEvent, ...]:
@@ -252,7 +257,7 @@ class JobFollower:
             if snapshot.terminal and self.latest is not None and self.latest.terminal:
                 self.done = True
             return ()
-        self.latest = snapshot
+        self.latest = self.outcome = snapshot
         if snapshot.seq is not None:
             self.last_seq = snapshot.seq
         if snapshot.terminal:

@@ -1,4 +1,5 @@
-"""The lpa console script: help everywhere, version, and errors without tracebacks."""
+"""The lpa console script: help everywhere, version, errors without tracebacks, a closed pipe
+and Ctrl-C ending quietly (in-process and in a child process against a real agent)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ import argparse
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
-from typing import Sequence
+import tempfile
+from typing import Any, Sequence
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa import __version__
-from lpa.tools import cli
+from lpa.agent.model import Patch
 from lpa.errors import ConfigError, LpaError
+from lpa.tools import agentcli, cli
+from tests.agentclient import start_agent
+from tests.certs import make_test_pki
+from tests.fakes import FakeBackend
 
 
 def _run(argv: Sequence[str]) -> tuple[int, str, str]:
@@ -153,3 +163,127 @@ class CliTests(SynchronousTestCase):
         self.assertEqual(
             result.stderr, "lpa: error: config file /nonexistent/agent.yaml: not found\n"
         )
+
+
+class ExitTests(SynchronousTestCase):
+    """How cli.main ends on a closed pipe and on Ctrl-C."""
+
+    def run_raising(self, exc: BaseException) -> tuple[int, str, str]:
+        original = cli.build_parser
+
+        def build_parser() -> argparse.ArgumentParser:
+            parser = original(())
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+            def func(args: argparse.Namespace) -> int:
+                raise exc
+
+            sub.add_parser("boom").set_defaults(func=func)
+            return parser
+
+        self.patch(cli, "build_parser", build_parser)
+        return _run(["boom"])
+
+    def test_broken_pipe(self) -> None:
+        """A closed pipe ends quietly with 141, as a tool killed by SIGPIPE."""
+        self.assertEqual(self.run_raising(BrokenPipeError()), (141, "", ""))
+
+    def test_interrupted(self) -> None:
+        """Ctrl-C prints one line and exits 130."""
+        self.assertEqual(self.run_raising(KeyboardInterrupt()), (130, "", "lpa: interrupted\n"))
+
+
+def agentcli_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lpa")
+    agentcli.add_parser(top.add_subparsers(dest="command", required=True))
+    return top
+
+
+def _child_env(pki: Any) -> dict[str, str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPA_")}
+    env.update(PYTHONPATH=root, LPA_CERT=pki.good.cert, LPA_KEY=pki.good.key,
+               LPA_CA=pki.ca_cert)
+    return env
+
+
+class _Collect(ProcessProtocol):
+    """Collects a child's output; ``on_first_out`` runs once when stdout first has data."""
+
+    def __init__(self, on_first_out: Any = None) -> None:
+        self.out, self.err = b"", b""
+        self.ended: Deferred = Deferred()
+        self._first = on_first_out
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if self._first is not None:
+            first, self._first = self._first, None
+            first(self.transport)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value)
+
+
+class ProcessTests(TestCase):
+    """The `lpa` command in its own process against a real agent: pipes, Ctrl-C, errors."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="lpa-cli-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+
+    async def spawn(self, argv: list[str], on_first_out: Any = None) -> tuple[Any, str, str]:
+        collect = _Collect(on_first_out)
+        reactor.spawnProcess(collect, argv[0], argv, env=_child_env(self.pki), path=self.tmp)
+        ended = await collect.ended
+        return ended, collect.out.decode(errors="replace"), collect.err.decode(errors="replace")
+
+    async def test_closed_pipe(self) -> None:
+        """`lpa agent … patches | head -n 1` ends without a traceback, like other tools."""
+        patches = [Patch(name=f"package-{n:05d}", current_version="1.0-" + "x" * 40,
+                         available_version="2.0-" + "y" * 40) for n in range(3000)]
+        _, port = await start_agent(self, self.pki, self.tmp, backend=FakeBackend(patches=patches))
+        script = ('"$0" -m lpa agent "localhost:$1" patches 2>"$2" | head -n 1; '
+                  'echo "status ${PIPESTATUS[0]}"')
+        err_file = os.path.join(self.tmp, "stderr")
+        _, out, _ = await self.spawn(["/bin/bash", "-c", script, sys.executable, str(port),
+                                      err_file])
+        self.assertEqual(out.splitlines()[0].split()[:3], ["PACKAGE", "CURRENT", "AVAILABLE"])
+        self.assertEqual(out.splitlines()[-1], "status 141")
+        with open(err_file) as handle:
+            self.assertEqual(handle.read(), "")
+
+    async def test_ctrl_c(self) -> None:
+        """Ctrl-C during watch: one line, exit 130, no traceback; the agent job goes on."""
+        backend = FakeBackend()
+        backend.script("patch_apply", progress=[(30, "Unpacking")], commands=[["sleep", "60"]])
+        _, port = await start_agent(self, self.pki, self.tmp, backend=backend)
+        ended, out, err = await self.spawn(
+            [sys.executable, "-m", "lpa", "agent", f"localhost:{port}", "apply", "--watch"],
+            on_first_out=lambda transport: transport.signalProcess("INT"))
+        self.assertEqual((ended.exitCode, err), (130, "lpa: interrupted\n"), out)
+        self.assertTrue(out.startswith("job "), out)
+        # the job went on running on the agent: end it (and its `sleep`) before cleaning up
+        job_id = out.split()[1]
+        cancel = agentcli_parser().parse_args(
+            ["agent", f"localhost:{port}", "cancel", job_id, "--watch", "--interval", "0.1"])
+        code = await agentcli.execute(cancel, reactor=reactor, out=io.StringIO(),
+                                      err=io.StringIO(), environ=_child_env(self.pki))
+        self.assertEqual(code, 0)
+
+    async def test_unreachable(self) -> None:
+        """An agent that is not there: one error line naming it, exit 1."""
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        port = closed.getHost().port
+        await closed.stopListening()
+        ended, out, err = await self.spawn(
+            [sys.executable, "-m", "lpa", "agent", f"localhost:{port}", "health"])
+        self.assertEqual((ended.exitCode, out), (1, ""))
+        self.assertEqual(err, f"lpa: error: cannot reach the agent at localhost:{port}: "
+                              "connection refused\n")

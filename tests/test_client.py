@@ -1,59 +1,77 @@
-"""Tests for ``lpa agent``: URL and credential handling, the envelope, watch over WS and polling."""
+"""Tests for lpa.tools.client and lpa.tools.stream: URLs, credentials, the REST client on treq
+(StubTreq over a scripted agent) and, over real mutual TLS, a real agent and its WebSocket."""
 
 from __future__ import annotations
 
-import argparse
-import http.server
-import io
 import json
-import threading
-from typing import Any, Iterator
+import os
+import shutil
+import tempfile
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from treq.testing import StubTreq
+from twisted.internet import defer, reactor
+from twisted.internet import error as neterror
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
-from lpa.tools import client
-from lpa.tools.client import (
-    AgentClient,
-    AgentUrl,
-    ClientError,
-    Credentials,
-    HandshakeFailed,
-    JobProgress,
-    JobWatcher,
-    ProgressPrinter,
-)
+from lpa import protocol
+from lpa.errors import ConfigError
+from lpa.tools import stream
+from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, make_http_client
+from lpa.tools.stream import HandshakeFailed, StreamClosed
+from tests.agentclient import start_agent
+from tests.certs import make_test_pki
 
 JOB = "0b0c1f9e-5a43-4a4e-9d51-6f3c1d8e2a10"
 
 
 def envelope(data: Any = None, error: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"success": error is None, "request_id": "r", "timestamp": "t",
-                       "data": data, "error": error}).encode()
+    return json.dumps(protocol.envelope(data, error, request_id="r", timestamp="t")).encode()
 
 
-def event(seq: int, status: str, progress: int = 0, message: str = "", *,
-          name: str = "job_status", job_id: str = JOB) -> dict[str, Any]:
-    return {"event": name, "job_id": job_id, "seq": seq, "kind": "status", "status": status,
-            "progress": progress, "message": message, "timestamp": "t"}
+class ScriptedAgent(Resource):
+    """Answers from a table of (method, path with query) -> list of (status, body).
 
+    The last answer of a list repeats; every request is recorded with its JSON body.
+    """
 
-class FakeAgent:
-    """A transport answering from a table of (method, path) -> list of (status, body)."""
+    isLeaf = True
 
     def __init__(self, answers: dict[tuple[str, str], list[tuple[int, bytes]]]) -> None:
+        super().__init__()
         self.answers = answers
         self.requests: list[tuple[str, str, Any]] = []
 
-    def __call__(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-        self.requests.append((method, path, None if body is None else json.loads(body)))
-        queue = self.answers[(method, path)]
-        return queue.pop(0) if len(queue) > 1 else queue[0]
+    def render(self, request: Any) -> bytes:
+        method, uri = request.method.decode(), request.uri.decode()
+        body = request.content.read()
+        self.requests.append((method, uri, json.loads(body) if body else None))
+        queue = self.answers.get((method, uri))
+        if not queue:
+            request.setResponseCode(404)
+            return envelope(error={"code": "NOT_FOUND", "message": f"no script for {uri}"})
+        status, answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        request.setResponseCode(status)
+        return answer
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="lpa")
-    client.add_parser(top.add_subparsers(dest="command", required=True))
-    return top
+def scripted(answers: dict[tuple[str, str], list[tuple[int, bytes]]],
+             clock: Clock | None = None) -> tuple[AgentClient, ScriptedAgent]:
+    """An AgentClient over StubTreq answering from ``answers``."""
+    agent = ScriptedAgent(answers)
+    client = AgentClient(StubTreq(agent), AgentUrl("agent.test", 12443), clock=clock or Clock())
+    return client, agent
+
+
+def result(case: SynchronousTestCase, coroutine: Any) -> Any:
+    return case.successResultOf(Deferred.fromCoroutine(coroutine))
+
+
+def failure(case: SynchronousTestCase, coroutine: Any, kind: type = ClientError) -> Any:
+    return case.failureResultOf(Deferred.fromCoroutine(coroutine), kind).value
 
 
 class UrlTests(SynchronousTestCase):
@@ -63,10 +81,12 @@ class UrlTests(SynchronousTestCase):
         self.assertEqual(AgentUrl.parse("web1:8443"), AgentUrl("web1", 8443, True))
         self.assertEqual(AgentUrl.parse("http://127.0.0.1:80"), AgentUrl("127.0.0.1", 80, False))
         self.assertEqual(AgentUrl.parse("https://[::1]:9").ws_url(), "wss://[::1]:9/api/v1/ws/jobs")
+        self.assertEqual(AgentUrl.parse("http://h:1").ws_url(), "ws://h:1/api/v1/ws/jobs")
+        self.assertEqual(AgentUrl.parse("h").http_url("/x"), "https://h:12443/x")
 
     def test_bad(self) -> None:
         """A path, a bad scheme or a bad port is a one-line error."""
-        for text in ("https://h/api", "ftp://h", "h:notaport"):
+        for text in ("https://h/api", "ftp://h", "h:notaport", "https://"):
             self.assertRaises(ClientError, AgentUrl.parse, text)
 
 
@@ -79,360 +99,247 @@ class CredentialsTests(SynchronousTestCase):
 
     def test_missing_file(self) -> None:
         """A certificate path that does not exist is named in the error."""
-        credentials = Credentials("/nonexistent.pem", "/x", None)
-        error = self.assertRaises(ClientError, credentials.ssl_context)
+        key = self.mktemp()
+        open(key, "w").close()
+        error = self.assertRaises(ClientError, Credentials("/nonexistent.pem", key).check)
         self.assertIn("/nonexistent.pem", str(error))
 
     def test_no_certificate(self) -> None:
         """Without any client certificate the error says how to give one."""
-        error = self.assertRaises(ClientError, Credentials().ssl_context)
+        error = self.assertRaises(ClientError, Credentials().tls_options, "h")
         self.assertIn("LPA_CERT", str(error))
 
     def test_cert_without_key(self) -> None:
         """A certificate without a key is refused before any connection."""
         path = self.mktemp()
         open(path, "w").close()
-        self.assertRaises(ClientError, Credentials(path, None, None).ssl_context)
+        self.assertRaises(ClientError, Credentials(path, None, None).check)
+
+    def test_unreadable_pem(self) -> None:
+        """A file that is not PEM is a ConfigError naming it (exit 2 at the command line)."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("not a certificate\n")
+        error = self.assertRaises(ConfigError, Credentials(path, path, path).tls_options, "h")
+        self.assertIn(path, str(error))
+
+    def test_without_ca(self) -> None:
+        """Without a CA the system's roots verify the agent; the client certificate is sent."""
+        pki = make_test_pki(self.mktemp())
+        self.assertIsNotNone(Credentials(pki.good.cert, pki.good.key).tls_options("h"))
 
 
-class EnvelopeTests(SynchronousTestCase):
+class AgentClientTests(SynchronousTestCase):
     def test_data(self) -> None:
         """A success envelope yields its data."""
-        agent = FakeAgent({("GET", "/api/v1/health"): [(200, envelope({"status": "healthy"}))]})
-        self.assertEqual(AgentClient(agent).health(), {"status": "healthy"})
+        client, agent = scripted({("GET", "/api/v1/health"): [(200, envelope({"ok": 1}))]})
+        self.assertEqual(result(self, client.health()), {"ok": 1})
+        self.assertEqual(agent.requests, [("GET", "/api/v1/health", None)])
 
     def test_error_envelope(self) -> None:
-        """An error envelope becomes a ClientError with code, status and details."""
-        agent = FakeAgent({("POST", f"/api/v1/jobs/{JOB}/cancel"): [
+        """An error envelope becomes a ClientError with code, status, details and retryable."""
+        client, _ = scripted({("POST", f"/api/v1/jobs/{JOB}/cancel"): [
             (409, envelope(error={"code": "CANCEL_NOT_ALLOWED", "message": "job is completed",
                                   "details": {"status": "completed"}, "retryable": False}))]})
-        error = self.assertRaises(ClientError, AgentClient(agent).cancel, JOB)
-        self.assertEqual((error.status, error.code), (409, "CANCEL_NOT_ALLOWED"))
+        error = failure(self, client.cancel(JOB))
+        self.assertEqual((error.status, error.code, error.details),
+                         (409, "CANCEL_NOT_ALLOWED", {"status": "completed"}))
         self.assertEqual(str(error), "CANCEL_NOT_ALLOWED: job is completed (HTTP 409)")
 
     def test_not_an_envelope(self) -> None:
         """A non-JSON answer (the original's 405 has an empty body) is reported with its status."""
-        agent = FakeAgent({("GET", "/api/v1/jobs"): [(405, b"")]})
-        error = self.assertRaises(ClientError, AgentClient(agent).jobs)
+        client, _ = scripted({("GET", "/api/v1/jobs"): [(405, b"")]})
+        error = failure(self, client.jobs())
         self.assertEqual(error.status, 405)
-        self.assertIn("HTTP 405", str(error))
+        self.assertEqual(str(error), "HTTP 405 with no body from GET /api/v1/jobs")
 
-    def test_apply_body(self) -> None:
-        """apply sends dry_run/security_only and packages only when given."""
-        agent = FakeAgent({("POST", "/api/v1/patches/apply"): [(202, envelope({"job_id": JOB}))]})
-        AgentClient(agent).apply(dry_run=True)
-        AgentClient(agent).apply(security_only=True, packages=["curl"])
-        self.assertEqual([r[2] for r in agent.requests], [
+    def test_requests(self) -> None:
+        """Each endpoint's method, path, query and body."""
+        ok = [(200, envelope({}))]
+        client, agent = scripted({
+            ("POST", "/api/v1/patches/apply"): [(202, envelope({"job_id": JOB}))],
+            ("GET", "/api/v1/jobs?status=running&limit=5"): ok,
+            ("GET", "/api/v1/packages?name=curl&upgradable=true"): ok,
+            ("GET", "/api/v1/patches?security=true"): ok, ("GET", "/api/v1/system/info"): ok,
+            ("GET", "/api/v1/jobs/a%2Fb"): ok, ("GET", f"/api/v1/jobs/{JOB}/events?after=3"): ok,
+        })
+        result(self, client.apply(dry_run=True))
+        result(self, client.apply(security_only=True, packages=["curl"]))
+        for call in (client.jobs(status="running", limit=5),
+                     client.packages(name="curl", upgradable=True),
+                     client.patches(security=True), client.info(), client.job("a/b"),
+                     client.events(JOB, 3)):
+            self.assertEqual(result(self, call), {})
+        self.assertEqual([r[2] for r in agent.requests[:2]], [
             {"dry_run": True, "security_only": False},
             {"dry_run": False, "security_only": True, "packages": ["curl"]}])
 
+    def test_unreachable(self) -> None:
+        """No answer at all is one line naming the agent and the cause."""
+        for problem, text in ((neterror.ConnectionRefusedError(), "connection refused"),
+                              (neterror.DNSLookupError("x"), "the name does not resolve")):
+            client = AgentClient(_Failing(problem), AgentUrl("web1", 9), clock=Clock())
+            error = failure(self, client.health())
+            self.assertEqual(str(error), f"cannot reach the agent at web1:9: {text}")
 
-class ProgressTests(SynchronousTestCase):
-    def test_duplicates_and_other_jobs(self) -> None:
-        """Events with an old seq or another job id are ignored."""
-        state = JobProgress(JOB)
-        self.assertTrue(state.apply_event(event(1, "pending")))
-        self.assertFalse(state.apply_event(event(1, "running")))
-        self.assertFalse(state.apply_event(event(2, "failed", job_id="other")))
-        self.assertEqual((state.seq, state.status), (1, "pending"))
+    def test_tls_failure(self) -> None:
+        """A TLS failure (inside treq's wrapper) says so and where to look."""
+        from OpenSSL import SSL
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import ResponseNeverReceived
 
-    def test_plain_lines(self) -> None:
-        """Without a terminal each event is one line and the end names the final status."""
-        out = io.StringIO()
-        printer, state = ProgressPrinter(out, tty=False), JobProgress(JOB)
-        state.apply_event(event(1, "running", 40, "Unpacking curl"))
-        printer.show(state, event(1, "running"))
-        printer.finish(state)
-        self.assertEqual(out.getvalue().splitlines(),
-                         ["seq=1 running 40% [status] Unpacking curl", f"job {JOB} running"])
-
-    def test_bar(self) -> None:
-        """On a terminal the line is a redrawn bar."""
-        out = io.StringIO()
-        state = JobProgress(JOB, progress=50, status="running")
-        ProgressPrinter(out, tty=True, width=10).show(state)
-        self.assertTrue(out.getvalue().startswith("\r[#####-----]  50% running"))
-
-
-class WatcherTests(SynchronousTestCase):
-    def watcher(self, agent: FakeAgent, ws: Any, out: io.StringIO, logs: list[str]) -> JobWatcher:
-        return JobWatcher(AgentClient(agent), ProgressPrinter(out, tty=False), ws_events=ws,
-                          sleep=lambda s: None, log=logs.append)
-
-    def test_websocket(self) -> None:
-        """Over the WebSocket the watcher subscribes from seq 0 and stops at job_complete."""
-        asked: list[tuple[str, int]] = []
-
-        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
-            asked.append((job_id, after))
-            yield {"event": "connected", "job_id": "", "status": "connected"}
-            yield event(1, "pending")
-            yield event(2, "running", 50)
-            yield event(2, "running", 50)
-            yield event(3, "completed", 100)
-            yield event(4, "completed", 100, name="job_complete")
-            raise AssertionError("read past job_complete")
-
-        out, logs = io.StringIO(), []
-        state = self.watcher(FakeAgent({}), ws, out, logs).watch(JOB)
-        self.assertEqual((state.status, state.seq, state.complete), ("completed", 4, True))
-        self.assertEqual(asked, [(JOB, 0)])
-        self.assertEqual(len(out.getvalue().splitlines()), 5)
-
-    def test_fallback_to_events(self) -> None:
-        """A failed handshake falls back to polling the events endpoint from the last seq."""
-        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
-            raise HandshakeFailed("InvalidStatus: 404")
-            yield {}
-
-        base = f"/api/v1/jobs/{JOB}/events?after="
-        agent = FakeAgent({
-            ("GET", base + "0"): [
-                (200, envelope({"events": [event(1, "running")], "terminal": False}))],
-            ("GET", base + "1"): [(200, envelope({"events": [
-                event(2, "completed", 100), event(3, "completed", 100, name="job_complete")],
-                "terminal": True}))],
-        })
-        out, logs = io.StringIO(), []
-        watcher = self.watcher(agent, ws, out, logs)
-        state = watcher.watch(JOB)
-        self.assertEqual((state.status, state.seq, watcher.transport), ("completed", 3, "poll"))
-        self.assertIn("polling instead", logs[0])
-
-    def test_stream_closed_resumes_by_polling(self) -> None:
-        """A WebSocket closed mid-job is followed up by polling from the last seq seen."""
-        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
-            yield event(1, "running")
-            yield event(2, "running", 10)
-            raise client.StreamClosed("the agent closed the WebSocket: 1008 too slow")
-
-        agent = FakeAgent({("GET", f"/api/v1/jobs/{JOB}/events?after=2"): [(200, envelope({
-            "events": [event(3, "completed", 100), event(4, "completed", 100, name="job_complete")],
-            "terminal": True}))]})
-        out, logs = io.StringIO(), []
-        state = self.watcher(agent, ws, out, logs).watch(JOB)
-        self.assertEqual((state.status, state.seq), ("completed", 4))
-        self.assertIn("polling from seq 2", logs[0])
-
-    def test_expired_then_old_agent(self) -> None:
-        """410 EVENTS_EXPIRED resyncs from the job detail; an agent without events is polled."""
-        expired = envelope(error={"code": "EVENTS_EXPIRED", "message": "gone", "retryable": False,
-                                  "details": {"job_id": JOB, "status": "running", "seq": 900,
-                                              "progress": 10, "message": "m"}})
-        agent = FakeAgent({
-            ("GET", f"/api/v1/jobs/{JOB}/events?after=0"): [(410, expired)],
-            ("GET", f"/api/v1/jobs/{JOB}/events?after=900"): [(405, b"")],
-            ("GET", f"/api/v1/jobs/{JOB}"): [
-                (200, envelope({"job_id": JOB, "status": "running", "progress": 10})),
-                (200, envelope({"job_id": JOB, "status": "timedout", "progress": 10,
-                                "error": "took too long"}))],
-        })
-        out, logs = io.StringIO(), []
-        state = self.watcher(agent, None, out, logs).watch(JOB)
-        self.assertEqual((state.status, state.error), ("timed_out", "took too long"))
-        self.assertIn(f"job {JOB} timed_out: took too long", out.getvalue())
-
-    def test_unknown_job(self) -> None:
-        """JOB_NOT_FOUND while polling is an error, not a switch to snapshots."""
-        agent = FakeAgent({("GET", f"/api/v1/jobs/{JOB}/events?after=0"): [(404, envelope(
-            error={"code": "JOB_NOT_FOUND", "message": "no such job", "retryable": False}))]})
-        watcher = self.watcher(agent, None, io.StringIO(), [])
-        error = self.assertRaises(ClientError, watcher.watch, JOB)
-        self.assertEqual(error.code, "JOB_NOT_FOUND")
+        wrapped = ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "",
+                                                              "certificate verify failed")]))])
+        client = AgentClient(_Failing(wrapped), AgentUrl("web1", 9), clock=Clock())
+        error = str(failure(self, client.health()))
+        self.assertTrue(error.startswith("TLS handshake with web1:9 failed: "), error)
+        self.assertIn("certificate verify failed", error)
+        self.assertIn("--ca", error)
 
     def test_timeout(self) -> None:
-        """Polling gives up after the timeout with a clear error."""
-        now = [0.0]
-        agent = FakeAgent({("GET", f"/api/v1/jobs/{JOB}/events?after=0"): [
-            (200, envelope({"events": [], "terminal": False}))]})
+        """An agent that never answers is given up after the timeout, on the injected clock."""
+        clock = Clock()
+        client = AgentClient(_Failing(None), AgentUrl("web1", 9), clock=clock, timeout=5)
+        running = Deferred.fromCoroutine(client.health())
+        clock.advance(4.9)
+        self.assertNoResult(running)
+        clock.advance(0.1)
+        self.assertIn("no answer in time", str(self.failureResultOf(running, ClientError).value))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
-        def sleep(seconds: float) -> None:
-            now[0] += seconds
-
-        watcher = JobWatcher(AgentClient(agent), ProgressPrinter(io.StringIO(), tty=False),
-                             ws_events=None, sleep=sleep, monotonic=lambda: now[0], timeout=10)
-        self.assertRaises(ClientError, watcher.watch, JOB)
-        self.assertEqual(now[0], 10.0)
-
-
-class CommandLineTests(SynchronousTestCase):
-    def run_cli(self, argv: list[str], agent: FakeAgent, **kw: Any) -> tuple[int, str]:
-        args = parser().parse_args(argv)
-        out = io.StringIO()
-        code = client.run(args, out=out, err=io.StringIO(), transport=agent, environ={}, **kw)
-        return code, out.getvalue()
-
-    def test_help(self) -> None:
-        """Every action has --help text."""
-        for action in ("health", "patches", "apply", "jobs", "job", "cancel", "watch"):
-            out = io.StringIO()
-            import contextlib
-            with contextlib.redirect_stdout(out):
-                self.assertRaises(SystemExit, parser().parse_args, ["agent", "h", action, "--help"])
-            self.assertIn("usage: lpa agent", out.getvalue())
-
-    def test_apply_watch(self) -> None:
-        """apply --dry-run --watch prints the job id, follows it and exits 0 on completed."""
-        agent = FakeAgent({("POST", "/api/v1/patches/apply"): [(202, envelope({"job_id": JOB}))]})
-
-        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
-            yield event(1, "completed", 100)
-            yield event(2, "completed", 100, name="job_complete")
-
-        code, out = self.run_cli(["agent", "http://h:1", "apply", "--dry-run", "--packages",
-                                  "curl", "--watch"], agent, ws_events=ws)
-        self.assertEqual(code, 0)
-        self.assertEqual(out.splitlines()[0], JOB)
-        self.assertEqual(agent.requests[0][2],
-                         {"dry_run": True, "security_only": False, "packages": ["curl"]})
-
-    def test_watch_failed_exit(self) -> None:
-        """watch exits 1 when the job did not complete."""
-        def ws(job_id: str, after: int) -> Iterator[dict[str, Any]]:
-            yield event(1, "failed")
-            yield event(2, "failed", name="job_complete")
-
-        code, _ = self.run_cli(["agent", "http://h:1", "watch", JOB], FakeAgent({}), ws_events=ws)
-        self.assertEqual(code, 1)
-
-    def test_patches_and_cancel(self) -> None:
-        """patches --security asks for security updates and prints a table; cancel prints status."""
-        agent = FakeAgent({
-            ("GET", "/api/v1/patches?security=true"): [(200, envelope({
-                "patches": [{"name": "openssl", "current_version": "3.0.1",
-                             "available_version": "3.0.2", "severity": "critical"}],
-                "security_updates": 1, "requires_reboot": True}))],
-            ("POST", f"/api/v1/jobs/{JOB}/cancel"): [(200, envelope({"status": "cancelled"}))],
-        })
-        code, out = self.run_cli(["agent", "http://h:1", "patches", "--security"], agent)
-        self.assertEqual(code, 0)
-        self.assertTrue(out.startswith("openssl "))
-        self.assertEqual(out.splitlines()[-1], "1 patches (1 security); reboot required: yes")
-        code, out = self.run_cli(["agent", "http://h:1", "cancel", JOB], agent)
-        self.assertEqual(out, f"job {JOB} cancelled\n")
-
-    def test_jobs_table(self) -> None:
-        """jobs prints one line per job and a count."""
-        agent = FakeAgent({("GET", "/api/v1/jobs?status=running&limit=5"): [(200, envelope(
-            {"jobs": [{"job_id": JOB, "status": "running", "operation": "patch_apply"}]}))]})
-        code, out = self.run_cli(["agent", "http://h:1", "jobs", "--status", "running",
-                                  "--limit", "5"], agent)
-        self.assertEqual((code, out.splitlines()[-1]), (0, "1 jobs"))
+    def test_too_large(self) -> None:
+        """An answer over the size bound is refused."""
+        self.patch(__import__("lpa.tools.client", fromlist=["x"]), "MAX_BODY_BYTES", 10)
+        client, _ = scripted({("GET", "/api/v1/health"): [(200, envelope({"x": "y" * 20}))]})
+        self.assertIn("too large", str(failure(self, client.health())))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """A tiny agent: health, and 404 for everything else (including a WebSocket upgrade)."""
+class _Failing:
+    """A treq stand-in whose requests fail with ``problem`` (or never answer when None)."""
 
-    def do_GET(self) -> None:  # noqa: N802 (framework hook)
-        if self.path == "/api/v1/health":
-            body, status = envelope({"status": "healthy"}), 200
-        else:
-            body, status = envelope(error={"code": "NOT_FOUND", "message": "nope"}), 404
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def __init__(self, problem: BaseException | None) -> None:
+        self.problem = problem
 
-    def log_message(self, *args: Any) -> None:
-        pass
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred:
+        return Deferred() if self.problem is None else defer.fail(self.problem)
 
 
-class LoopbackTests(SynchronousTestCase):
-    def serve(self) -> AgentUrl:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return AgentUrl("127.0.0.1", server.server_address[1], secure=False)
+class LoopbackTests(TestCase):
+    """The real client against a real agent over mutual TLS on loopback."""
 
-    def test_http_transport(self) -> None:
-        """The real transport talks HTTP to a loopback server and parses the envelope."""
-        url = self.serve()
-        agent = AgentClient(client.http_transport(url, None, 5))
-        self.assertEqual(agent.health(), {"status": "healthy"})
-        self.assertEqual(self.assertRaises(ClientError, agent.jobs).code, "NOT_FOUND")
+    timeout = 60
 
-    def test_refused(self) -> None:
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="lpa-client-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
+
+    def client(self, port: int, ca: str | None = None, host: str = "localhost") -> AgentClient:
+        credentials = Credentials(self.pki.good.cert, self.pki.good.key, ca or self.pki.ca_cert)
+        http, pool = make_http_client(reactor, credentials, 10)
+        self.addCleanup(pool.closeCachedConnections)
+        return AgentClient(http, AgentUrl(host, port), clock=reactor, timeout=10)
+
+    async def test_health_over_mtls(self) -> None:
+        """The client verifies the agent, presents its certificate and reads the envelope."""
+        _, port = await start_agent(self, self.pki, self.tmp)
+        health = await self.client(port).health()
+        self.assertEqual(health["status"], "healthy")
+
+    async def test_other_ca(self) -> None:
+        """An agent signed by another CA is refused with a one-line TLS error."""
+        _, port = await start_agent(self, self.pki, self.tmp)
+        with self.assertRaises(ClientError) as caught:
+            await self.client(port, ca=self.pki.other_ca_cert).health()
+        self.assertIn(f"TLS handshake with localhost:{port} failed", str(caught.exception))
+
+    async def test_refused(self) -> None:
         """A closed port is one line naming the address."""
-        url = self.serve()
-        transport = client.http_transport(AgentUrl("127.0.0.1", 1, False), None, 5)
-        error = self.assertRaises(ClientError, AgentClient(transport).health)
-        self.assertIn("127.0.0.1:1", str(error))
-        del url
+        _, port = await start_agent(self, self.pki, self.tmp)
+        port_obj = reactor.listenTCP(0, __import__("twisted.internet.protocol",
+                                                   fromlist=["Factory"]).Factory())
+        closed = port_obj.getHost().port
+        await port_obj.stopListening()
+        with self.assertRaises(ClientError) as caught:
+            await self.client(closed).health()
+        self.assertEqual(str(caught.exception),
+                         f"cannot reach the agent at localhost:{closed}: connection refused")
+        del port
 
-    def test_handshake_failure(self) -> None:
-        """A server answering the upgrade with 404 raises HandshakeFailed (the poll trigger)."""
-        url = self.serve()
-        self.assertRaises(HandshakeFailed, list, client.websocket_events(url, None, JOB, 0,
-                                                                          open_timeout=5))
+    async def test_stream_subscribes(self) -> None:
+        """The WebSocket opens over mTLS offering lpa.jobs.v1 and carries the job's frames."""
+        _, port = await start_agent(self, self.pki, self.tmp)
+        job = (await self.client(port).apply(dry_run=True))["job_id"]
+        opened = await stream.open_stream(
+            f"wss://localhost:{port}/api/v1/ws/jobs", reactor=reactor, clock=reactor,
+            tls_options=self.pki.client_options("good"), timeout=10)
+        try:
+            self.assertEqual(opened.subprotocol, protocol.SUBPROTOCOL)
+            self.assertTrue(opened.send(protocol.subscribe_frame(job, 0)))
+            frames = []
+            while not (frames and frames[-1].get("event") == "job_complete"):
+                frames.append(json.loads(await opened.next_text()))
+            self.assertEqual([f["event"] for f in frames[:2]], ["connected", "subscribed"])
+        finally:
+            await opened.close()
+        self.assertFalse(opened.send({"action": "subscribe"}))
+        with self.assertRaises(StreamClosed):
+            await opened.next_text()
 
-    def test_websocket_loopback(self) -> None:
-        """A real websockets server receives the subscribe and its events are yielded."""
-        from websockets.sync.server import serve
+    async def test_stream_other_ca(self) -> None:
+        """A WebSocket to an agent the CA does not vouch for fails its handshake, with why."""
+        _, port = await start_agent(self, self.pki, self.tmp)
+        options = self.pki.client_options("good", ca_cert=self.pki.other_ca_cert)
+        with self.assertRaises(HandshakeFailed) as caught:
+            await stream.open_stream(f"wss://localhost:{port}/api/v1/ws/jobs", reactor=reactor,
+                                     clock=reactor, tls_options=options, timeout=10)
+        self.assertIn("certificate verify failed", str(caught.exception))
 
-        received: list[Any] = []
+    async def test_stream_disabled(self) -> None:
+        """An agent with the WebSocket disabled answers 404: the handshake fails."""
+        _, port = await start_agent(self, self.pki, self.tmp,
+                                    extra="websocket:\n  enabled: false\n")
+        with self.assertRaises(HandshakeFailed) as caught:
+            await stream.open_stream(f"wss://localhost:{port}/api/v1/ws/jobs", reactor=reactor,
+                                     clock=reactor, tls_options=self.pki.client_options("good"),
+                                     timeout=10)
+        self.assertIn("404", str(caught.exception))
 
-        def handler(connection: Any) -> None:
-            received.append(connection.subprotocol)
-            received.append(json.loads(connection.recv()))
-            connection.send(json.dumps(event(1, "completed", 100)))
-            connection.send(json.dumps(event(2, "completed", 100, name="job_complete")))
-            for _ in connection:  # until the client closes normally
-                pass
+    async def test_stream_timeout(self) -> None:
+        """A peer that never answers fails the handshake after the timeout (injected clock)."""
+        from twisted.internet.protocol import Factory, Protocol
 
-        offered = ["lpa.jobs.v1"]
-        server = serve(handler, "127.0.0.1", 0, subprotocols=offered)  # type: ignore[arg-type]
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.shutdown)
-        url = AgentUrl("127.0.0.1", server.socket.getsockname()[1], secure=False)
-        watcher = JobWatcher(AgentClient(lambda *a: (500, b"")), ProgressPrinter(io.StringIO()),
-                             ws_events=lambda j, a: client.websocket_events(url, None, j, a))
-        state = watcher.watch(JOB)
-        self.assertEqual((state.status, state.seq), ("completed", 2))
-        self.assertEqual(
-            received, ["lpa.jobs.v1", {"action": "subscribe", "job_id": JOB, "after_seq": 0}]
-        )
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        clock = Clock()
+        opening = stream.open_stream(
+            f"wss://localhost:{silent.getHost().port}/api/v1/ws/jobs", reactor=reactor,
+            clock=clock, tls_options=self.pki.client_options("good"), timeout=3)
+        clock.advance(3)
+        with self.assertRaises(HandshakeFailed) as caught:
+            await opening
+        self.assertIn("no WebSocket handshake within 3s", str(caught.exception))
 
+    async def test_stream_without_subprotocol(self) -> None:
+        """A WebSocket server that does not select lpa.jobs.v1 is not a job stream: refused."""
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
-class TlsLoopbackTests(SynchronousTestCase):
-    """The real transport over mutual TLS, against a stdlib server requiring client certs."""
+        class Plain(WebSocketServerProtocol):
+            def onConnect(self, request: Any) -> None:
+                return None  # accepts, selecting no subprotocol
 
-    def serve(self) -> tuple[Any, int]:
-        import ssl
+        factory = WebSocketServerFactory()
+        factory.protocol = Plain
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        with self.assertRaises(HandshakeFailed) as caught:
+            await stream.open_stream(f"ws://127.0.0.1:{port.getHost().port}/api/v1/ws/jobs",
+                                     reactor=reactor, clock=reactor, tls_options=None,
+                                     timeout=10)
+        self.assertIn("did not select the subprotocol lpa.jobs.v1 (selected: none)",
+                      str(caught.exception))
 
-        from tests.certs import make_test_pki
-
-        pki = make_test_pki(self.mktemp())
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(pki.server_cert, pki.server_key)
-        context.load_verify_locations(pki.ca_cert)
-        context.verify_mode = ssl.CERT_REQUIRED
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return pki, server.server_address[1]
-
-    def test_mutual_tls(self) -> None:
-        """With the relay's certificate from LPA_* variables the client gets the envelope."""
-        pki, port = self.serve()
-        env = {"LPA_CERT": pki.good.cert, "LPA_KEY": pki.good.key, "LPA_CA": pki.ca_cert}
-        args = parser().parse_args(["agent", f"localhost:{port}", "health"])
-        out = io.StringIO()
-        self.assertEqual(client.run(args, out=out, environ=env), 0)
-        self.assertEqual(json.loads(out.getvalue()), {"status": "healthy"})
-
-    def test_other_ca(self) -> None:
-        """A server from another CA is refused with a one-line TLS error."""
-        pki, port = self.serve()
-        creds = Credentials(pki.good.cert, pki.good.key, pki.other_ca_cert)
-        transport = client.http_transport(AgentUrl("localhost", port), creds.ssl_context(), 5)
-        error = self.assertRaises(ClientError, AgentClient(transport).health)
-        self.assertIn("TLS handshake", str(error))
+    def test_never_without_tls(self) -> None:
+        """A wss:// stream is never dialled without TLS options (it would not verify)."""
+        self.assertRaises(ValueError, stream.open_stream, "wss://h:1/api/v1/ws/jobs",
+                          reactor=reactor, clock=reactor, tls_options=None, timeout=1)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from lpa.tools import demo
@@ -262,9 +264,9 @@ class KeptDemoTests(SynchronousTestCase):
             json.dump({"pids": {"lpa-agent": sleeper.pid, "lpa-relay": os.getpid()}}, handle)
         self.assertEqual(demo.kept_demo_running(state_dir), ["lpa-agent"])
         out = io.StringIO()
-        run = demo.Demo(state_dir, keep=False, timeout=1, out=out).run
-        error = self.assertRaises(DemoError, run)
-        self.assertIn("demo --stop", str(error))
+        running = Deferred.fromCoroutine(
+            demo.Demo(state_dir, keep=False, timeout=1, out=out).run(reactor))
+        self.assertIn("demo --stop", str(self.failureResultOf(running, DemoError).value))
 
     def test_stop_skips_reused_pid(self) -> None:
         """--stop never signals a pid from the state file that is not our daemon any more."""
@@ -284,13 +286,57 @@ class KeptDemoTests(SynchronousTestCase):
 class AgentFailureTests(SynchronousTestCase):
     def test_detail(self) -> None:
         """A failed job is explained with the agent's error code, error and stderr tail."""
-        from lpa.tools.client import AgentClient
-        from tests.test_client import FakeAgent, envelope
+        from tests.test_client import envelope, scripted
 
-        agent = FakeAgent({("GET", "/api/v1/jobs/j1"): [(200, envelope({
+        client, _ = scripted({("GET", "/api/v1/jobs/j1"): [(200, envelope({
             "error_code": "DEPENDENCY_CONFLICT", "error": "Command failed (exit 100)",
             "command_stderr": "W: one\nE: Broken packages\n"}))]})
-        self.assertEqual(demo.agent_failure(AgentClient(agent), "j1"),
+        explain = demo.agent_failure
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(explain(client, "j1"))),
                          ": DEPENDENCY_CONFLICT; Command failed (exit 100); "
                          "stderr: W: one | E: Broken packages")
-        self.assertEqual(demo.agent_failure(AgentClient(agent), None), "")
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(explain(client, None))), "")
+        self.assertIn("unavailable", self.successResultOf(Deferred.fromCoroutine(
+            explain(client, "j2"))))
+
+
+class WaitForAgentTests(SynchronousTestCase):
+    class _Process:
+        def __init__(self, returncode: int | None) -> None:
+            self.returncode = returncode
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+    def test_polls_until_healthy(self) -> None:
+        """Health is asked every 0.3 s on the clock until the agent answers."""
+        from twisted.internet.task import Clock
+
+        from tests.test_client import envelope, scripted
+
+        clock = Clock()
+        client, agent = scripted({("GET", "/api/v1/health"): [
+            (503, envelope(error={"code": "STARTING", "message": "not yet"})),
+            (200, envelope({"status": "healthy", "version": "1"}))]}, clock)
+        waiting = Deferred.fromCoroutine(demo.wait_for_agent(
+            client, self._Process(None), "/nonexistent.log", clock=clock))
+        self.assertNoResult(waiting)
+        clock.advance(0.3)
+        self.assertEqual(self.successResultOf(waiting)["version"], "1")
+        self.assertEqual(len(agent.requests), 2)
+
+    def test_agent_died(self) -> None:
+        """An agent that exited is reported with its status and log tail at once."""
+        from twisted.internet.task import Clock
+
+        from tests.test_client import scripted
+
+        log = self.mktemp()
+        with open(log, "w") as handle:
+            handle.write("CRITICAL: port in use\n")
+        client, _ = scripted({})
+        waiting = Deferred.fromCoroutine(demo.wait_for_agent(
+            client, self._Process(3), log, clock=Clock()))
+        error = str(self.failureResultOf(waiting, DemoError).value)
+        self.assertIn("exited with status 3", error)
+        self.assertIn("port in use", error)

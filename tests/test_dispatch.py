@@ -1,4 +1,5 @@
-"""Tests for ``lpa dispatch`` against a real throwaway PostgreSQL and a fake agent."""
+"""Tests for ``lpa dispatch`` against a real throwaway PostgreSQL and scripted agents (StubTreq);
+``--watch`` reads the LISTEN connection through the reactor."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import json
 import uuid
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from lpa.tools import dispatch
 from lpa.tools.client import AgentClient
 from lpa.tools.dispatch import DispatchError, HostTarget, parse_host
-from tests.test_client import FakeAgent, envelope
+from tests.test_client import envelope, scripted
 
 try:
     from tests import pg as _pg
@@ -51,14 +55,18 @@ def notify(connection: Any, payload: dict[str, Any]) -> None:
 
 
 def ok_agent() -> AgentClient:
-    return AgentClient(FakeAgent({("POST", "/api/v1/patches/apply"): [
-        (202, envelope({"job_id": AGENT_JOB, "status": "pending"}))]}))
+    return scripted({("POST", "/api/v1/patches/apply"): [
+        (202, envelope({"job_id": AGENT_JOB, "status": "pending"}))]})[0]
 
 
 def refusing_agent() -> AgentClient:
-    return AgentClient(FakeAgent({("POST", "/api/v1/patches/apply"): [
+    return scripted({("POST", "/api/v1/patches/apply"): [
         (429, envelope(error={"code": "QUEUE_FULL", "message": "queue is full",
-                              "retryable": True}))]}))
+                              "retryable": True}))]})[0]
+
+
+def done(case: SynchronousTestCase, coroutine: Any) -> Any:
+    return case.successResultOf(Deferred.fromCoroutine(coroutine))
 
 
 class ParseHostTests(SynchronousTestCase):
@@ -119,8 +127,8 @@ class DatabaseTests(SynchronousTestCase):
         """A started host is running with its agent_job_id; a refusal fails only that row."""
         job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
         clients = {"a.example": ok_agent(), "b.example": refusing_agent()}
-        results = dispatch.start_on_agents(self.db, job, lambda t: clients[t.fqdn],
-                                           packages=None, dry_run=True)
+        results = done(self, dispatch.start_on_agents(self.db, job, lambda t: clients[t.fqdn],
+                                                      packages=None, dry_run=True))
         self.assertEqual([r.agent_job_id for r in results], [AGENT_JOB, None])
         self.assertIn("QUEUE_FULL", results[1].error)
         rows = query(self.db, "SELECT h.fqdn, r.status::text, r.agent_job_id, r.error_message"
@@ -136,19 +144,76 @@ class DatabaseTests(SynchronousTestCase):
         listener = connect(self, self.dsn)
         dispatch.listen(listener)
         job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
-        dispatch.start_on_agents(self.db, job, lambda t: refusing_agent(), packages=None,
-                                 dry_run=True)
+        done(self, dispatch.start_on_agents(self.db, job, lambda t: refusing_agent(),
+                                            packages=None, dry_run=True))
         self.assertEqual(query(self.db, "SELECT status::text FROM patch_jobs"), [("failed",)])
         listener.poll()
         payloads = [json.loads(n.payload) for n in listener.notifies]
         self.assertEqual([p["event_type"] for p in payloads], ["host", "host", "job"])
         self.assertEqual((payloads[2]["failed_count"], payloads[2]["host_count"]), (2, 2))
 
-    def test_watch(self) -> None:
-        """watch prints host changes (output at most every second), returns the job payload."""
+    def test_dispatch_command(self) -> None:
+        """dispatch(): create, start, print one line per host, saying DRY-RUN for a dry run."""
+        out = io.StringIO()
+        job, results, final = done(self, dispatch.dispatch(
+            self.dsn, self.targets[:1], lambda t: ok_agent(), reactor=None, packages=None,
+            dry_run=True, out=out))
+        self.assertIsNone(final)
+        self.assertEqual(out.getvalue().splitlines(), [
+            f"job {job.job_id}: 1 host(s), DRY-RUN: agents report what would change and change "
+            "nothing", f"a.example:12443: started agent job {AGENT_JOB} (DRY-RUN)"])
+        out = io.StringIO()
+        done(self, dispatch.dispatch(self.dsn, self.targets[:1], lambda t: ok_agent(),
+                                     reactor=None, packages=None, dry_run=False, out=out))
+        self.assertNotIn("DRY-RUN", out.getvalue())
+
+    def test_unmigrated_database(self) -> None:
+        """A database without the schema names the migration to run."""
+        if _pg is None:
+            raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
+        dsn = _pg.database(self)
+        running = Deferred.fromCoroutine(dispatch.dispatch(
+            dsn, self.targets[:1], lambda t: ok_agent(), reactor=None, packages=None,
+            dry_run=True, out=io.StringIO()))
+        self.assertIn("lpa db migrate", str(self.failureResultOf(running, DispatchError).value))
+
+    def test_bad_dsn(self) -> None:
+        """An unreachable database is one line, not a traceback."""
+        error = self.assertRaises(DispatchError, dispatch.connect,
+                                  "postgresql://nobody@/nodb?host=/nonexistent")
+        self.assertIn("cannot connect", str(error))
+
+
+class WatchTests(TestCase):
+    """--watch: notifications read when the reactor sees the LISTEN socket readable."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dsn = fresh_database(self)
+        self.db = connect(self, self.dsn)
+        self.targets = [HostTarget("a.example", "10.0.0.1", 12443)]
+        self.clock = Clock()
+
+    def listener(self) -> Any:
         listener = connect(self, self.dsn)
         dispatch.listen(listener)
+        return listener
+
+    async def test_watch(self) -> None:
+        """watch prints host changes (output at most every second), returns the job payload."""
+        listener = self.listener()
         job_id = str(uuid.uuid4())
+        out = io.StringIO()
+        clock = [0.0]
+        at_seq = {3: 0.0, 4: 0.5, 5: 1.5}  # when each host payload arrives
+
+        def arrived(payload: dict[str, Any]) -> None:
+            clock[0] = at_seq.get(payload.get("seq"), clock[0])
+
+        watching = Deferred.fromCoroutine(dispatch.watch_job(
+            listener, job_id, out, reactor=reactor, names={"h1": "web1"}, timeout=30,
+            monotonic=lambda: clock[0], on_payload=arrived))
         notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h",
                          "status": "failed"})
         notify(self.db, {"event_type": "host", "job_id": job_id, "host_id": "h1",
@@ -160,47 +225,52 @@ class DatabaseTests(SynchronousTestCase):
                          "output": "Inst a\nInst b\n"})
         notify(self.db, {"event_type": "job", "job_id": job_id, "status": "succeeded",
                          "succeeded_count": 1, "failed_count": 0, "host_count": 1})
-        out = io.StringIO()
-        clock = [0.0]
-        at_seq = {3: 0.0, 4: 0.5, 5: 1.5}  # when each host payload arrives
-
-        def arrived(payload: dict[str, Any]) -> None:
-            clock[0] = at_seq.get(payload.get("seq"), clock[0])
-
-        final = dispatch.watch_job(listener, job_id, out, names={"h1": "web1"}, timeout=5,
-                                   monotonic=lambda: clock[0], on_payload=arrived)
+        final = await watching
         self.assertEqual(final["status"], "succeeded")
         self.assertEqual(out.getvalue().splitlines(), [
             "web1: running 40% seq=3 via ws",
             "web1: running 40% seq=5 via ws | Inst b",
             f"job {job_id} succeeded: 1 succeeded, 0 failed of 1 hosts"])
 
+    async def test_already_arrived(self) -> None:
+        """Notifications that arrived before the watch began are read too."""
+        listener = self.listener()
+        job_id = str(uuid.uuid4())
+        notify(self.db, {"event_type": "job", "job_id": job_id, "status": "failed",
+                         "succeeded_count": 0, "failed_count": 1, "host_count": 1})
+        listener.poll()  # psycopg2 has them queued; the socket is no longer readable
+        final = await dispatch.watch_job(listener, job_id, io.StringIO(), reactor=reactor)
+        self.assertEqual(final["status"], "failed")
+
     def test_watch_recovers_lost_notification(self) -> None:
         """A terminal parent without a notification still ends the watch (read from the table)."""
-        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
+        job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
         query(self.db, "UPDATE patch_job_hosts SET status = 'succeeded' RETURNING 1")
         query(self.db, "UPDATE patch_jobs SET status = 'succeeded' RETURNING 1")
-        listener = connect(self, self.dsn)
-        dispatch.listen(listener)
-        final = dispatch.watch_job(listener, job.job_id, io.StringIO(), timeout=5,
-                                   recheck_interval=0.01)
+        out = io.StringIO()
+        watching = Deferred.fromCoroutine(dispatch.watch_job(
+            self.listener(), job.job_id, out, reactor=reactor, clock=self.clock, timeout=30))
+        self.assertNoResult(watching)
+        self.clock.advance(5)
+        final = self.successResultOf(watching)
         self.assertEqual((final["status"], final["recovered"], final["succeeded_count"]),
                          ("succeeded", True, 1))
+        self.assertIn("(read from the database)", out.getvalue())
 
     def test_watch_timeout(self) -> None:
         """No job-level notification within the timeout is a DispatchError naming the status."""
-        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
-        listener = connect(self, self.dsn)
-        dispatch.listen(listener)
-        error = self.assertRaises(DispatchError, dispatch.watch_job, listener, job.job_id,
-                                  io.StringIO(), timeout=0.05, recheck_interval=0.01)
-        self.assertIn("status running", str(error))
+        job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
+        watching = Deferred.fromCoroutine(dispatch.watch_job(
+            self.listener(), job.job_id, io.StringIO(), reactor=reactor, clock=self.clock,
+            timeout=12, recheck_interval=5))
+        self.clock.pump([5, 5, 2])
+        error = self.failureResultOf(watching, DispatchError).value
+        self.assertIn("after 12 s (status running", str(error))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_watch_idle_check(self) -> None:
         """on_idle runs while nothing arrives, and what it raises ends the watch."""
-        job = dispatch.create_job(self.db, self.targets[:1], packages=None, dry_run=True)
-        listener = connect(self, self.dsn)
-        dispatch.listen(listener)
+        job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
         calls: list[int] = []
 
         def on_idle() -> None:
@@ -208,31 +278,22 @@ class DatabaseTests(SynchronousTestCase):
             if len(calls) == 2:
                 raise DispatchError("lpa-relay exited")
 
-        error = self.assertRaises(DispatchError, dispatch.watch_job, listener, job.job_id,
-                                  io.StringIO(), timeout=5, recheck_interval=0.01, on_idle=on_idle)
+        watching = Deferred.fromCoroutine(dispatch.watch_job(
+            self.listener(), job.job_id, io.StringIO(), reactor=reactor, clock=self.clock,
+            timeout=60, recheck_interval=1, on_idle=on_idle))
+        self.clock.pump([1, 1])
+        error = self.failureResultOf(watching, DispatchError).value
         self.assertEqual((str(error), len(calls)), ("lpa-relay exited", 2))
 
-    def test_dispatch_command(self) -> None:
-        """dispatch(): create, start, print one line per host."""
-        out = io.StringIO()
-        job, results, final = dispatch.dispatch(
-            self.dsn, self.targets[:1], lambda t: ok_agent(), packages=None, dry_run=True, out=out)
-        self.assertIsNone(final)
-        self.assertEqual(out.getvalue().splitlines()[1],
-                         f"a.example:12443: started agent job {AGENT_JOB}")
-
-    def test_unmigrated_database(self) -> None:
-        """A database without the schema names the migration to run."""
-        if _pg is None:
-            raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
-        dsn = _pg.database(self)
-        error = self.assertRaises(DispatchError, dispatch.dispatch, dsn, self.targets[:1],
-                                  lambda t: ok_agent(), packages=None, dry_run=True,
-                                  out=io.StringIO())
-        self.assertIn("lpa db migrate", str(error))
-
-    def test_bad_dsn(self) -> None:
-        """An unreachable database is one line, not a traceback."""
-        error = self.assertRaises(DispatchError, dispatch.connect,
-                                  "postgresql://nobody@/nodb?host=/nonexistent")
-        self.assertIn("cannot connect", str(error))
+    async def test_database_lost(self) -> None:
+        """The LISTEN connection killed by the server ends the watch with one clear line."""
+        listener = self.listener()
+        job_id = str(uuid.uuid4())
+        watching = Deferred.fromCoroutine(dispatch.watch_job(
+            listener, job_id, io.StringIO(), reactor=reactor, timeout=30))
+        query(self.db, "SELECT pg_terminate_backend(%s)", listener.get_backend_pid())
+        with self.assertRaises(DispatchError) as caught:
+            await watching
+        self.assertTrue(str(caught.exception).startswith(
+            f"the database connection was lost while watching job {job_id}: "),
+            str(caught.exception))

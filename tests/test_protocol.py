@@ -275,6 +275,7 @@ class FollowerStreamTests(SynchronousTestCase):
         self.assertEqual(seqs(follower.receive(event(4, "completed", name="job_complete"))), [4])
         self.assertTrue(follower.done and follower.over)
         self.assertEqual(follower.latest.event, EVENT_JOB_COMPLETE)
+        self.assertEqual((follower.outcome.seq, follower.outcome.status), (3, "completed"))
         self.assertEqual(follower.receive(event(5)), Step())
 
     def test_duplicates_dropped(self) -> None:

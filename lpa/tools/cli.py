@@ -6,15 +6,19 @@ subcommand by appending its module name to the tuple.
 
 An :class:`~lpa.errors.LpaError` raised by a subcommand prints ``lpa: error: <one line>`` and
 exits 2 for a :class:`~lpa.errors.ConfigError` (bad configuration or input files), 1 otherwise;
-never a traceback.  Unexpected exceptions keep their traceback: they are bugs.
+never a traceback.  Ctrl-C (``KeyboardInterrupt``, also raised by :mod:`lpa.tools.runner` for a
+subcommand on the reactor) prints ``lpa: interrupted`` and exits 130.  A closed pipe
+(``lpa agent … patches | head``) ends quietly with 141, as a tool killed by SIGPIPE would.
+Unexpected exceptions keep their traceback: they are bugs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from lpa import __version__
 from lpa.errors import ConfigError, LpaError
@@ -24,7 +28,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "lpa.tools.pki",
     "lpa.tools.configcheck",
     "lpa.relay.migrate",
-    "lpa.tools.client",
+    "lpa.tools.agentcli",
     "lpa.tools.dispatch",
     "lpa.tools.demo",
 )
@@ -32,6 +36,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 def build_parser(modules: Sequence[str] = _SUBCOMMAND_MODULES) -> argparse.ArgumentParser:
@@ -61,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except ConfigError as e:
         _error(e)
         return EXIT_CONFIG
@@ -69,13 +76,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(e)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("lpa: interrupted", file=sys.stderr)
+        _say("lpa: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """The reader went away: send what is still buffered to /dev/null so the interpreter's
+    final flush does not print a BrokenPipeError (the recipe of Python's ``signal`` docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+        pass
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        pass
 
 
 def _error(error: Exception) -> None:
     text = " ".join(str(error).split()) or type(error).__name__
-    print(f"lpa: error: {text}", file=sys.stderr)
+    _say(f"lpa: error: {text}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,10 @@ cluster lives in a private temporary directory (the ``postgres`` user must be ab
 when we are root).  Exit 0 when the job-level notification arrived and the job succeeded;
 otherwise one line saying what went wrong and a non-zero exit.  Everything started is stopped on
 the way out, also on Ctrl-C and SIGTERM, unless ``--keep``; ``lpa demo --stop`` stops a kept demo.
+
+The demo runs on the reactor (:mod:`lpa.tools.runner`), as the agent client and ``lpa dispatch``
+do; its one-shot set-up steps (PostgreSQL, PKI, starting the daemons) are plain blocking calls
+made before anything else runs, and Ctrl-C or SIGTERM cancels it, which stops what it started.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
-from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
 from lpa.errors import LpaError
+from lpa.tools import runner
+from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, make_http_client
 
 DEFAULT_STATE_DIR = ".demo"
 DEFAULT_TIMEOUT = 300.0
@@ -43,10 +53,6 @@ AGENT_HOST = "localhost"
 
 class DemoError(LpaError):
     """A step of the demo failed; ``str()`` is the one line printed before the non-zero exit."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM arrived (SIGINT is KeyboardInterrupt): unwind and clean up."""
 
 
 # --- generated configuration -----------------------------------------------------------------
@@ -245,30 +251,30 @@ def ensure_postgres(
                         "and try again") from None
 
 
-def wait_for_agent(client: AgentClient, process: subprocess.Popen, log_path: str, *,
-                   timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> dict:
+async def wait_for_agent(client: AgentClient, process: subprocess.Popen, log_path: str, *,
+                         clock: IReactorTime, timeout: float = 60.0) -> dict:
     """Poll /api/v1/health until it answers; fail fast with the log tail if the agent died."""
-    deadline = time.monotonic() + timeout
+    deadline = clock.seconds() + timeout
     last = "no answer"
-    while time.monotonic() < deadline:
+    while clock.seconds() < deadline:
         if process.poll() is not None:
             raise DemoError(f"lpa-agent exited with status {process.returncode}; its log:\n"
                             f"{log_tail(log_path)}")
         try:
-            return client.health() or {}
+            return await client.health() or {}
         except ClientError as error:
             last = str(error)
-        sleep(0.3)
+        await deferLater(clock, 0.3, lambda: None)
     raise DemoError(f"lpa-agent did not answer /api/v1/health within {timeout:g} s ({last}); "
                     f"its log:\n{log_tail(log_path)}")
 
 
-def agent_failure(client: AgentClient, agent_job_id: str | None) -> str:
+async def agent_failure(client: AgentClient, agent_job_id: str | None) -> str:
     """The agent's own account of a failed job (error and stderr tail), for the failure line."""
     if not agent_job_id:
         return ""
     try:
-        detail = client.job(agent_job_id) or {}
+        detail = await client.job(agent_job_id) or {}
     except ClientError as error:
         return f" (the agent's job detail is unavailable: {error})"
     parts = [str(detail[key]).strip() for key in ("error_code", "error") if detail.get(key)]
@@ -303,11 +309,11 @@ class Demo:
         self.out.write(f"demo: {line}\n")
         self.out.flush()
 
-    def run(self) -> int:
+    async def run(self, reactor: Any) -> int:
         """Run the demo; stop everything unless it succeeded under ``--keep``."""
         succeeded = False
         try:
-            code = self._run()
+            code = await self._run(reactor)
             succeeded = code == 0
             return code
         finally:
@@ -325,7 +331,7 @@ class Demo:
                 self.say(f"could not stop PostgreSQL cleanly: {str(error).splitlines()[0]}")
             self.cluster = None
 
-    def _run(self) -> int:
+    async def _run(self, reactor: Any) -> int:
         from lpa.tools import dispatch
         from lpa.tools.pgcluster import PostgresCluster
         from lpa.tools.pki import init_pki
@@ -373,10 +379,19 @@ class Demo:
         credentials = Credentials(os.path.join(pki_dir, "client.crt"),
                                   os.path.join(pki_dir, "client.key"),
                                   os.path.join(pki_dir, "ca.pem"))
-        context = credentials.ssl_context()
-        url = AgentUrl(AGENT_HOST, port)
-        client = AgentClient(http_transport(url, context, 30.0))
-        health = wait_for_agent(client, agent, agent_log)
+        http, pool = make_http_client(reactor, credentials, 30.0)
+        try:
+            return await self._follow(reactor, dispatch, dsn, port, pki_dir, agent, agent_log,
+                                      AgentClient(http, AgentUrl(AGENT_HOST, port),
+                                                  clock=reactor))
+        finally:
+            await pool.closeCachedConnections()
+
+    async def _follow(self, reactor: Any, dispatch: Any, dsn: str, port: int, pki_dir: str,
+                      agent: subprocess.Popen, agent_log: str, client: AgentClient) -> int:
+        env = daemon_env()
+        relay_config = os.path.join(self.state_dir, "relay.toml")
+        health = await wait_for_agent(client, agent, agent_log, clock=reactor)
         self.say(f"lpa-agent {health.get('version', '')} is up on https://{AGENT_HOST}:{port} "
                  f"(pid {agent.pid})")
         relay = self.processes.start(
@@ -392,16 +407,17 @@ class Demo:
             target = dispatch.HostTarget(AGENT_HOST, "127.0.0.1", port)
             job = dispatch.create_job(writer, [target], packages=None, dry_run=True,
                                       notes="lpa demo (dry run)")
-            results = dispatch.start_on_agents(writer, job, lambda t: client, packages=None,
-                                               dry_run=True)
+            results = await dispatch.start_on_agents(writer, job, lambda t: client,
+                                                     packages=None, dry_run=True)
             if not results[0].agent_job_id:
                 raise DemoError(results[0].error or "the agent refused the job")
             self.say(f"dispatched DRY-RUN patch job {job.job_id} → agent job "
                      f"{results[0].agent_job_id}; following job_update:")
             check_alive(self.processes, self.state_dir)
             transports: set[str] = set()
-            final = dispatch.watch_job(
-                listener, job.job_id, self.out, names={job.hosts[0].host_id: AGENT_HOST},
+            final = await dispatch.watch_job(
+                listener, job.job_id, self.out, reactor=reactor,
+                names={job.hosts[0].host_id: AGENT_HOST},
                 timeout=self.timeout,
                 on_payload=lambda p: transports.add(p["transport"]) if p.get("transport") else None,
                 on_idle=lambda: check_alive(self.processes, self.state_dir))
@@ -419,7 +435,7 @@ class Demo:
                             "arrived")
         if final.get("status") != "succeeded":
             raise DemoError(f"the job ended {final.get('status')}, not succeeded"
-                            f"{agent_failure(client, results[0].agent_job_id)} (see "
+                            f"{await agent_failure(client, results[0].agent_job_id)} (see "
                             f"{self.state_dir}/lpa-agent.log)")
         if self.keep:
             self._print_keep(dsn, port, pki_dir)
@@ -530,30 +546,23 @@ def stop_kept(state_dir: str, out: TextIO) -> int:
     return 0
 
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted()
-
-
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
     if args.stop:
         return stop_kept(args.state_dir, out)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     demo = Demo(args.state_dir, keep=args.keep, timeout=args.timeout, out=out,
                 agent_port=args.agent_port)
     try:
-        return demo.run()
+        return runner.run(demo.run)
     except DemoError as error:
         out.flush()
         sys.stderr.write(f"lpa demo: FAILED: {error}\n")
         return 1
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, CancelledError):
         demo.keep = False
         demo.cleanup()
         sys.stderr.write("lpa demo: interrupted; everything it started was stopped\n")
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def add_parser(subparsers: Any) -> None:

@@ -12,6 +12,12 @@ The relay (``lpa-relay``) picks the ``running`` rows up on its next scan and car
 event into them.  A host whose agent refuses the job is marked ``failed`` here, with the same
 parent roll-up rule and the same notification the relay uses, taken under the same row lock on the
 parent so that exactly one job-level notification fires however the hosts end.
+
+It runs on the reactor: the agents are called concurrently through the treq client of
+:mod:`lpa.tools.client`, and ``--watch`` reads the LISTEN connection when the reactor says its
+socket is readable (psycopg2's own asynchronous-notification recipe, with the reactor in place of
+``select``).  The SQL statements stay synchronous psycopg2 calls: each is one short transaction
+on a connection nothing else uses, issued once per host.
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import select
+import os
 import socket
 import sys
-import time
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
 
 import attr
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.interfaces import IReactorTime, IReadDescriptor
+from zope.interface import implementer
 
-from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, http_transport
 from lpa.errors import LpaError
 from lpa.relay import notify
 from lpa.relay.rows import rollup_status
+from lpa.tools import runner
+from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, make_http_client
 
 DEFAULT_AGENT_PORT = 12443
 
@@ -66,7 +77,7 @@ def parse_host(text: str, resolve: Callable[[str], str] = _resolve) -> HostTarge
     name, port_text = text, ""
     if text.startswith("["):
         name, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else rest
+        port_text = rest.removeprefix(":")
     elif text.count(":") == 1:
         name, port_text = text.split(":")
     if not name:
@@ -142,16 +153,21 @@ def create_job(
     return CreatedJob(job_id, tuple(rows))
 
 
-def start_on_agents(
+async def start_on_agents(
     connection: Any, job: CreatedJob, client_for: Callable[[HostTarget], AgentClient], *,
     packages: Sequence[str] | None, dry_run: bool, security_only: bool = False,
 ) -> list[StartResult]:
-    """Start the job on every agent; mark each row running with its agent job id, or failed."""
+    """Start the job on every agent at once; mark each row running with its agent job id, or
+    failed (rows are written in host order as the answers are read)."""
+    starts = [
+        Deferred.fromCoroutine(client_for(row.target).apply(
+            dry_run=dry_run, security_only=security_only, packages=packages))
+        for row in job.hosts
+    ]
     results = []
-    for row in job.hosts:
+    for row, started in zip(job.hosts, starts):
         try:
-            data = client_for(row.target).apply(
-                dry_run=dry_run, security_only=security_only, packages=packages)
+            data = await started
             agent_job_id = (data or {}).get("job_id")
             if not isinstance(agent_job_id, str) or not agent_job_id:
                 raise ClientError("the agent's 202 answer carries no job_id")
@@ -238,10 +254,52 @@ def job_line(payload: Mapping[str, Any]) -> str:
             f" of {payload.get('host_count')} hosts")
 
 
-def watch_job(
-    connection: Any, job_id: str, out: TextIO, *, names: Mapping[str, str] | None = None,
+@implementer(IReadDescriptor)
+class NotificationReader:
+    """Hands every notification of a LISTENing psycopg2 connection to ``deliver`` when the
+    reactor sees the connection's socket readable (an exception when the connection broke)."""
+
+    def __init__(self, connection: Any, deliver: Callable[[Any], None]) -> None:
+        self._connection = connection
+        self._deliver = deliver
+        #: our own descriptor of the socket: psycopg2 closes its one when the connection
+        #: breaks, and the reactor must still be able to forget ours
+        self._fd = os.dup(connection.fileno())
+        self._broken = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Close our descriptor (after the reactor stopped watching it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def doRead(self) -> None:
+        if self._broken:
+            return
+        try:
+            notes = _drain(self._connection)
+        except Exception as error:  # psycopg2.OperationalError: the server went away
+            self._broken = True
+            self._deliver(error)
+            return
+        for note in notes:
+            self._deliver(note)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "job_update"
+
+
+async def watch_job(
+    connection: Any, job_id: str, out: TextIO, *, reactor: Any,
+    clock: IReactorTime | None = None, names: Mapping[str, str] | None = None,
     timeout: float = 300.0, recheck_interval: float = 5.0,
-    monotonic: Callable[[], float] = time.monotonic,
+    monotonic: Callable[[], float] | None = None,
     on_payload: Callable[[dict[str, Any]], None] | None = None,
     on_idle: Callable[[], None] | None = None,
     output_interval: float = 1.0,
@@ -252,18 +310,43 @@ def watch_job(
     job's output lines each notify) at most every ``output_interval`` seconds, with the latest
     output line.
 
-    ``connection`` must already LISTEN (:func:`listen`).  Every ``recheck_interval`` without a
-    notification the parent row is read, so a notification lost (e.g. the listener reconnected)
-    ends the watch too, with a payload marked ``"recovered": true``; ``on_idle`` is called
-    then as well (the demo checks that its daemons still run; it may raise).
-    Raises :class:`DispatchError` after ``timeout`` seconds.
+    ``connection`` must already LISTEN (:func:`listen`); ``reactor`` watches its socket.  Every
+    ``recheck_interval`` without a notification the parent row is read, so a notification lost
+    (e.g. the listener reconnected) ends the watch too, with a payload marked
+    ``"recovered": true``; ``on_idle`` is called then as well (the demo checks that its daemons
+    still run; it may raise).  Raises :class:`DispatchError` after ``timeout`` seconds.
     """
+    clock = reactor if clock is None else clock
+    now = clock.seconds if monotonic is None else monotonic
     names = names or {}
-    deadline = monotonic() + timeout
+    deadline = clock.seconds() + timeout
     shown: dict[str, tuple[Any, ...]] = {}  # host_id -> what its last printed line said
     shown_at: dict[str, float] = {}  # host_id -> when it was printed
-    while True:
-        for note in _drain(connection):
+    queue: DeferredQueue = DeferredQueue()
+    reader = NotificationReader(connection, queue.put)
+    reader.doRead()  # what arrived before we started watching the socket
+    reactor.addReader(reader)
+    try:
+        while True:
+            remaining = deadline - clock.seconds()
+            if remaining <= 0:
+                raise DispatchError(
+                    f"job {job_id} had no job-level notification after {timeout:g} s "
+                    f"(status {job_status(connection, job_id)}; is lpa-relay running?)")
+            try:
+                note = await queue.get().addTimeout(min(remaining, recheck_interval), clock)
+            except defer.TimeoutError:
+                if on_idle is not None:
+                    on_idle()
+                status = job_status(connection, job_id)
+                if status in ("succeeded", "failed", "cancelled"):
+                    payload = _recovered_payload(connection, job_id, status)
+                    out.write(job_line(payload) + " (read from the database)\n")
+                    return payload
+                continue
+            if isinstance(note, Exception):
+                raise DispatchError(f"the database connection was lost while watching job "
+                                    f"{job_id}: {str(note).strip()}")
             try:
                 payload = json.loads(note.payload)
             except ValueError:
@@ -278,26 +361,15 @@ def watch_job(
                 return payload
             host = str(payload.get("host_id"))
             key = (payload.get("status"), payload.get("progress"), payload.get("error_message"))
-            now = monotonic()
-            if shown.get(host) == key and now - shown_at.get(host, now) < output_interval:
+            when = now()
+            if shown.get(host) == key and when - shown_at.get(host, when) < output_interval:
                 continue  # only output changed, and we showed this host a moment ago
-            shown[host], shown_at[host] = key, now
+            shown[host], shown_at[host] = key, when
             out.write(host_line(payload, names) + "\n")
             out.flush()
-        remaining = deadline - monotonic()
-        if remaining <= 0:
-            raise DispatchError(
-                f"job {job_id} had no job-level notification after {timeout:g} s "
-                f"(status {job_status(connection, job_id)}; is lpa-relay running?)")
-        ready, _, _ = select.select([connection], [], [], min(remaining, recheck_interval))
-        if not ready:
-            if on_idle is not None:
-                on_idle()
-            status = job_status(connection, job_id)
-            if status in ("succeeded", "failed", "cancelled"):
-                payload = _recovered_payload(connection, job_id, status)
-                out.write(job_line(payload) + " (read from the database)\n")
-                return payload
+    finally:
+        reactor.removeReader(reader)
+        reader.close()
 
 
 def _drain(connection: Any) -> list[Any]:
@@ -321,14 +393,16 @@ def _recovered_payload(connection: Any, job_id: str, status: str) -> dict[str, A
 
 
 def default_client_factory(
-    credentials: Credentials, timeout: float = 30.0,
-) -> Callable[[HostTarget], AgentClient]:
-    context = credentials.ssl_context()
+    reactor: Any, credentials: Credentials, timeout: float = 30.0,
+) -> tuple[Callable[[HostTarget], AgentClient], Any]:
+    """``client_for(target)`` over one mTLS treq client, and its pool (close it when done)."""
+    http, pool = make_http_client(reactor, credentials, timeout)
 
     def client_for(target: HostTarget) -> AgentClient:
-        return AgentClient(http_transport(AgentUrl(target.fqdn, target.port), context, timeout))
+        return AgentClient(http, AgentUrl(target.fqdn, target.port), clock=reactor,
+                           timeout=timeout)
 
-    return client_for
+    return client_for, pool
 
 
 def connect(dsn: str) -> Any:
@@ -340,9 +414,9 @@ def connect(dsn: str) -> Any:
         raise DispatchError(f"cannot connect to the database: {str(error).strip()}") from None
 
 
-def dispatch(
+async def dispatch(
     dsn: str, targets: Sequence[HostTarget], client_for: Callable[[HostTarget], AgentClient], *,
-    packages: Sequence[str] | None, dry_run: bool, security_only: bool = False,
+    reactor: Any, packages: Sequence[str] | None, dry_run: bool, security_only: bool = False,
     watch: bool = False, timeout: float = 300.0, out: TextIO | None = None,
     connect: Callable[[str], Any] = connect,
 ) -> tuple[CreatedJob, list[StartResult], dict[str, Any] | None]:
@@ -351,6 +425,7 @@ def dispatch(
     import psycopg2.errors
 
     out = sys.stdout if out is None else out
+    dry = " (DRY-RUN)" if dry_run else ""
     writer = connect(dsn)
     listener = connect(dsn) if watch else None
     try:
@@ -358,9 +433,12 @@ def dispatch(
             listen(listener)
         try:
             job = create_job(writer, targets, packages=packages, dry_run=dry_run)
-            out.write(f"job {job.job_id}: {len(job.hosts)} host(s)\n")
-            results = start_on_agents(writer, job, client_for, packages=packages,
-                                      dry_run=dry_run, security_only=security_only)
+            out.write(f"job {job.job_id}: {len(job.hosts)} host(s)"
+                      + (", DRY-RUN: agents report what would change and change nothing"
+                         if dry_run else "") + "\n")
+            out.flush()
+            results = await start_on_agents(writer, job, client_for, packages=packages,
+                                            dry_run=dry_run, security_only=security_only)
         except psycopg2.errors.UndefinedTable as error:
             raise DispatchError(f"{str(error).strip().splitlines()[0]}: run "
                                 "`lpa db migrate --dsn DSN` first") from None
@@ -369,14 +447,16 @@ def dispatch(
         for result in results:
             target = result.row.target
             if result.agent_job_id:
-                out.write(f"{target.fqdn}:{target.port}: started agent job {result.agent_job_id}\n")
+                out.write(f"{target.fqdn}:{target.port}: started agent job "
+                          f"{result.agent_job_id}{dry}\n")
             else:
                 out.write(f"{target.fqdn}:{target.port}: {result.error}\n")
         out.flush()
         final = None
         if listener is not None:
             names = {row.host_id: row.target.fqdn for row in job.hosts}
-            final = watch_job(listener, job.job_id, out, names=names, timeout=timeout)
+            final = await watch_job(listener, job.job_id, out, reactor=reactor, names=names,
+                                    timeout=timeout)
         return job, results, final
     finally:
         writer.close()
@@ -414,10 +494,25 @@ def add_parser(subparsers: Any) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     targets = [parse_host(text) for text in args.hosts]
-    client_for = default_client_factory(Credentials.resolve(args.cert, args.key, args.ca))
-    _, results, final = dispatch(
-        args.dsn, targets, client_for, packages=args.packages, dry_run=args.dry_run,
-        security_only=args.security_only, watch=args.watch, timeout=args.timeout)
+    credentials = Credentials.resolve(args.cert, args.key, args.ca)
+    credentials.check()
+    return runner.run(lambda reactor: run_dispatch(args, targets, credentials, reactor=reactor))
+
+
+async def run_dispatch(
+    args: argparse.Namespace, targets: Sequence[HostTarget], credentials: Credentials, *,
+    reactor: Any, out: TextIO | None = None,
+) -> int:
+    """``lpa dispatch`` on the reactor; exit 0 when every host started (and, with --watch,
+    the job succeeded)."""
+    client_for, pool = default_client_factory(reactor, credentials)
+    try:
+        _, results, final = await dispatch(
+            args.dsn, targets, client_for, reactor=reactor, packages=args.packages,
+            dry_run=args.dry_run, security_only=args.security_only, watch=args.watch,
+            timeout=args.timeout, out=out)
+    finally:
+        await pool.closeCachedConnections()
     if final is not None:
         return 0 if final.get("status") == "succeeded" else 1
     return 0 if all(result.agent_job_id for result in results) else 1
