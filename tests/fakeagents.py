@@ -15,7 +15,9 @@
   ``[h2, http/1.1]`` (a client offering h2 gets h2: the negative test proves it).
 
 Each agent records the ALPN protocol of every connection it accepted (``negotiated``) and can be
-killed (listener closed, every connection aborted) and started again on the same port.
+killed (listener closed, every connection aborted) and started again on the same port.  The lpa
+frames and envelopes they write are built by :mod:`lpa.protocol`, the definition the relay and the
+CLI read them with.
 """
 
 from __future__ import annotations
@@ -33,20 +35,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from lpa import events as ev
+from lpa import protocol
 from lpa.agent.eventlog import EventLog, EventsExpiredError
-from lpa.protocol import SUBPROTOCOL
 from lpa.tls import load_certificates, load_key_pair, negotiated_protocol
 
 
 def envelope(data: Any = None, error: Any = None) -> bytes:
     return json.dumps(
-        {
-            "success": error is None,
-            "request_id": str(uuid.uuid4()),
-            "timestamp": ev.rfc3339(),
-            "data": data,
-            "error": error,
-        }
+        protocol.envelope(data, error, request_id=str(uuid.uuid4()), timestamp=ev.rfc3339())
     ).encode()
 
 
@@ -166,16 +162,16 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
         agent = self.factory.agent
         value = negotiated_protocol(self.transport)
         agent.negotiated.append(value.decode() if value else None)
-        if SUBPROTOCOL not in request.protocols:
-            raise ConnectionDeny(400, f"offer the subprotocol {SUBPROTOCOL}")
-        return SUBPROTOCOL
+        if protocol.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"offer the subprotocol {protocol.SUBPROTOCOL}")
+        return protocol.SUBPROTOCOL
 
     def onOpen(self) -> None:
         self.subscribed: set[str] = set()
         self.sent: dict[str, int] = {}
         self.factory.agent.sockets.append(self)
         self._subscription = self.factory.agent.events.subscribe(self._live)
-        self._send(self._ack("connected", "", "WebSocket connected"))
+        self._send(protocol.ack_frame("connected", "", "WebSocket connected", ev.rfc3339()))
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         subscription = getattr(self, "_subscription", None)
@@ -185,14 +181,7 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
             self.factory.agent.sockets.remove(self)
 
     def _ack(self, event: str, job_id: str, message: str) -> dict[str, Any]:
-        return {
-            "event": event,
-            "job_id": job_id,
-            "status": event,
-            "progress": 0,
-            "message": message,
-            "timestamp": ev.rfc3339(),
-        }
+        return protocol.ack_frame(event, job_id, message, ev.rfc3339())
 
     def _send(self, frame: dict[str, Any]) -> None:
         if self.state != WebSocketServerProtocol.STATE_OPEN:
@@ -216,9 +205,8 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
             self._send(self._ack("unsubscribed", job_id, f"Unsubscribed from job: {job_id}"))
             return
         if job_id not in agent.jobs:
-            frame = self._ack("error", job_id, f"job {job_id} not found")
-            frame.update(status="job_not_found", error="not found", error_code="JOB_NOT_FOUND")
-            self._send(frame)
+            self._send(protocol.error_frame(
+                protocol.JOB_NOT_FOUND, f"job {job_id} not found", ev.rfc3339(), job_id))
             return
         self.subscribed.add(job_id)
         self._send(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
@@ -228,19 +216,7 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
         except EventsExpiredError:
             last = agent.events.last_seq(job_id)
             detail = dict(agent.jobs[job_id], seq=last)
-            self._send(
-                {
-                    "event": "resync",
-                    "job_id": job_id,
-                    "seq": last,
-                    "kind": ev.KIND_SNAPSHOT,
-                    "status": detail["status"],
-                    "progress": detail["progress"],
-                    "message": "resync",
-                    "timestamp": ev.rfc3339(),
-                    "job": detail,
-                }
-            )
+            self._send(protocol.resync_frame(detail, last, "resync", ev.rfc3339()))
             self.sent[job_id] = last
             return
         for job_event in replay:
@@ -266,7 +242,7 @@ class _LpaRoot(Resource):
         agent = self.agent
         path = request.path.decode()
         agent.requests.append(request.uri.decode())
-        if path == "/api/v1/ws/jobs":
+        if path == protocol.WS_PATH:
             if not agent.websocket:
                 request.setResponseCode(404)
                 return envelope(error={"code": "NOT_FOUND", "message": "WebSocket disabled"})
@@ -277,7 +253,7 @@ class _LpaRoot(Resource):
             detail = agent.jobs.get(job_id)
             if detail is None:
                 request.setResponseCode(404)
-                return envelope(error={"code": "JOB_NOT_FOUND", "message": "no such job"})
+                return envelope(error={"code": protocol.JOB_NOT_FOUND, "message": "no such job"})
             if len(parts) == 5:
                 return envelope(dict(detail, seq=agent.events.last_seq(job_id)))
             if parts[5] == "events":
@@ -288,7 +264,7 @@ class _LpaRoot(Resource):
                     request.setResponseCode(410)
                     return envelope(
                         error={
-                            "code": "EVENTS_EXPIRED",
+                            "code": protocol.EVENTS_EXPIRED,
                             "message": "gone",
                             "details": dict(detail, seq=agent.events.last_seq(job_id)),
                         }
@@ -365,7 +341,7 @@ class _StubRoot(Resource):
         agent = self.agent
         path = request.path.decode()
         agent.requests.append(request.uri.decode())
-        if path == "/api/v1/ws/jobs":
+        if path == protocol.WS_PATH:
             if (request.getHeader("upgrade") or "").lower() == "websocket":
                 request.setResponseCode(101)
                 request.setHeader("Upgrade", "websocket")
