@@ -5,7 +5,8 @@ The WebSocket at :data:`WS_PATH` is served under the subprotocol :data:`SUBPROTO
 pm-worker, which never subscribes) is refused at the handshake and falls back to REST polling.
 
 This module is pure (no I/O, no clock): frame builders and parsers, the REST envelope and the
-events page.  :mod:`lpa.follower` holds the state machine that follows one job with them.
+events page; it is a little over 400 lines on purpose, so the whole wire format reads top to
+bottom in one file.  :mod:`lpa.follower` holds the state machine that follows one job with them.
 
 Client → server frames are built by :func:`subscribe_frame` and :func:`unsubscribe_frame`.
 Server → client frames are parsed by :func:`parse_frame` into typed values::

@@ -297,3 +297,38 @@ class WatchTests(TestCase):
         self.assertTrue(str(caught.exception).startswith(
             f"the database connection was lost while watching job {job_id}: "),
             str(caught.exception))
+
+
+class RealAgentTests(TestCase):
+    """lpa dispatch against a real agent over mutual TLS and a real database."""
+
+    timeout = 60
+
+    async def test_dispatch_dry_run(self) -> None:
+        """The job starts on the agent over mTLS; the row runs with its agent job id."""
+        import os
+        import shutil
+        import tempfile
+
+        from lpa.tools.client import Credentials
+        from tests.agentclient import start_agent
+        from tests.certs import make_test_pki
+
+        dsn = fresh_database(self)
+        tmp = tempfile.mkdtemp(prefix="lpa-dispatch-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki = make_test_pki(os.path.join(tmp, "pki"))
+        _, port = await start_agent(self, pki, tmp)
+        args = argparse.Namespace(dsn=dsn, packages=None, dry_run=True, security_only=False,
+                                  watch=False, timeout=30.0)
+        out = io.StringIO()
+        code = await dispatch.run_dispatch(
+            args, [HostTarget("localhost", "127.0.0.1", port)],
+            Credentials(pki.good.cert, pki.good.key, pki.ca_cert), reactor=reactor, out=out)
+        self.assertEqual(code, 0, out.getvalue())
+        db = connect(self, dsn)
+        [(status, agent_job_id)] = query(db, "SELECT status::text, agent_job_id"
+                                             " FROM patch_job_hosts")
+        self.assertEqual(status, "running")
+        self.assertEqual(out.getvalue().splitlines()[1],
+                         f"localhost:{port}: started agent job {agent_job_id} (DRY-RUN)")
