@@ -314,3 +314,20 @@ class RealAgentTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn("WebSocket handshake failed", err)
         self.assertEqual(out.count(f"job {job_id} completed (DRY-RUN)"), 1)
+
+    async def test_watch_original_agent(self) -> None:
+        """The original agent (stub handshake, no events path): watch polls the job detail."""
+        from tests.fakeagents import StubHandshakeAgent
+
+        stub = StubHandshakeAgent(reactor)
+        port = stub.listen(self.pki.server_options(crl_path=None))
+        self.addCleanup(stub.kill)
+        job_id = stub.add_job(status="running")
+        stub.set_state(job_id, "timedout", error="Job exceeded its timeout")
+        code, out, err = await self.run_cli(port, "watch", job_id)
+        self.assertEqual(code, 1)
+        self.assertIn("WebSocket handshake failed", err)
+        self.assertEqual(out.splitlines()[-1],
+                         f"job {job_id} timed_out: Job exceeded its timeout")
+        self.assertIn(f"/api/v1/jobs/{job_id}/events?after=0", stub.requests)
+        self.assertIn(f"/api/v1/jobs/{job_id}", stub.requests)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import json
+import select
 import uuid
 from typing import Any
 
@@ -147,8 +148,14 @@ class DatabaseTests(SynchronousTestCase):
         done(self, dispatch.start_on_agents(self.db, job, lambda t: refusing_agent(),
                                             packages=None, dry_run=True))
         self.assertEqual(query(self.db, "SELECT status::text FROM patch_jobs"), [("failed",)])
-        listener.poll()
-        payloads = [json.loads(n.payload) for n in listener.notifies]
+        notify(self.db, {"event_type": "sentinel"})  # one session's notifies arrive in order
+        payloads: list[dict[str, Any]] = []
+        while not payloads or payloads[-1]["event_type"] != "sentinel":
+            self.assertTrue(select.select([listener], [], [], 10)[0], payloads)
+            listener.poll()
+            payloads += [json.loads(n.payload) for n in listener.notifies]
+            del listener.notifies[:]
+        payloads.pop()
         self.assertEqual([p["event_type"] for p in payloads], ["host", "host", "job"])
         self.assertEqual((payloads[2]["failed_count"], payloads[2]["host_count"]), (2, 2))
 
