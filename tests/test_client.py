@@ -253,6 +253,19 @@ class LoopbackTests(TestCase):
             await self.client(port, ca=self.pki.other_ca_cert).health()
         self.assertIn(f"TLS handshake with localhost:{port} failed", str(caught.exception))
 
+    async def test_wrong_name(self) -> None:
+        """An agent whose certificate does not carry the name dialled is refused, saying TLS."""
+        from tests.agentclient import mtls_client
+
+        _, port = await start_agent(self, self.pki, self.tmp)
+        http, pool = mtls_client(self.pki.client_options("good", hostname="web9.example"))
+        self.addCleanup(pool.closeCachedConnections)
+        client = AgentClient(http, AgentUrl("localhost", port), clock=reactor, timeout=10)
+        with self.assertRaises(ClientError) as caught:
+            await client.health()
+        self.assertIn(f"TLS handshake with localhost:{port} failed: TLS: ", str(caught.exception))
+        self.assertIn("web9.example", str(caught.exception))
+
     async def test_refused(self) -> None:
         """A closed port is one line naming the address."""
         _, port = await start_agent(self, self.pki, self.tmp)

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attr
+from OpenSSL import SSL
+from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
 from twisted.internet import error as neterror
@@ -172,8 +174,8 @@ def _reason(failure_value: BaseException) -> str:
     if reasons:
         return _reason(reasons[0].value)
     text = str(failure_value).strip()
-    if failure_value.__class__.__name__ == "Error" and "SSL" in repr(type(failure_value)):
-        return f"TLS: {text}"
+    if isinstance(failure_value, (SSL.Error, VerificationError)):
+        return f"TLS: {text or failure_value.__class__.__name__}"
     return text or failure_value.__class__.__name__
 
 
