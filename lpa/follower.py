@@ -19,8 +19,8 @@ can carry many followers: the driver routes frames by ``job_id``::
     poll_path() ─▶ GET …/events?after=last_seq          receive_answer(answer):
       200 page                         ─▶ deliver in order; terminal and read to the end: done
       410 EVENTS_EXPIRED               ─▶ the detail in error.details is the snapshot
-      409 (asked beyond the last seq)  ─▶ the detail (in details, else one GET /jobs/{id})
-                                          is the snapshot; last_seq follows it
+      409 EVENTS_AHEAD (N past the     ─▶ the detail (details.job, else one GET /jobs/{id})
+          job's last seq)                 is the snapshot; last_seq follows it
       404 JOB_NOT_FOUND                ─▶ gone
       404/405 otherwise (no such path: an original agent) ─▶ poll GET /jobs/{id} from now on
     poll_path() ─▶ GET /jobs/{id}  (original agent)  ─▶ a snapshot when something changed;
@@ -201,9 +201,12 @@ class JobFollower:
         details = answer.error.details if answer.error is not None else None
         if answer.status == 410 and answer.code == protocol.EVENTS_EXPIRED:
             return self._detail_snapshot(details, answer)
-        if answer.status == 409:
-            if isinstance(details, Mapping) and "status" in details:
-                return self._detail_snapshot(details, answer)
+        if answer.status == 409:  # EVENTS_AHEAD: details {last_seq, incarnation, job}
+            detail = details.get("job") if isinstance(details, Mapping) else None
+            if not isinstance(detail, Mapping) and isinstance(details, Mapping):
+                detail = details if "status" in details else None
+            if isinstance(detail, Mapping):
+                return self._detail_snapshot(detail, answer)
             self._detail_once = True
             return Step(again=True)
         if answer.status in (404, 405):

@@ -17,11 +17,11 @@ Server → client frames are parsed by :func:`parse_frame` into typed values::
     error                                  → StreamError (``error_code``, ``message``)
     anything newer                         → UnknownFrame (readers ignore it)
 
-A ``resync`` keeps the job's snapshot in ``job`` (what the agent sends: ``Job.to_detail()``) and
-the job's last event number in ``seq``; its own ``status``, ``progress``, ``message``, ``error``
-and ``error_code`` repeat the snapshot's.  A reader that finds no ``job`` object takes the frame's
-own members as the snapshot.  Members a reader does not know (an agent's ``incarnation`` …) are
-ignored everywhere, so agents can add them without breaking older clients.
+A ``resync`` keeps the job's snapshot in ``job`` (what the agent sends: ``Job.to_detail()``), the
+job's last event number in ``seq`` and the agent's current ``incarnation``; its own ``status``,
+``progress``, ``message``, ``error`` and ``error_code`` repeat the snapshot's.  A reader that finds
+no ``job`` object takes the frame's own members as the snapshot.  Members a reader does not know
+are ignored everywhere, so agents can add them without breaking older clients.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 CLOSE_SLOW_CONSUMER = 1008
 
 # REST error codes a follower acts on
-EVENTS_EXPIRED = "EVENTS_EXPIRED"
+EVENTS_EXPIRED = "EVENTS_EXPIRED"  # 410: N is older than what is kept; details: the job
+EVENTS_AHEAD = "EVENTS_AHEAD"  # 409: N is past the job's last seq; details: last_seq, job
 
 
 class ProtocolError(ValueError):
@@ -137,7 +138,8 @@ def error_frame(code: str, message: str, timestamp: str, job_id: str = "") -> di
 
 
 def resync_frame(
-    detail: Mapping[str, Any], seq: int, message: str, timestamp: str
+    detail: Mapping[str, Any], seq: int, message: str, timestamp: str,
+    incarnation: str | None = None,
 ) -> dict[str, Any]:
     """A ``resync``: the job detail in ``job``, the job's last event number in ``seq``."""
     frame: dict[str, Any] = {
@@ -154,6 +156,8 @@ def resync_frame(
     if detail.get("error") is not None or detail.get("error_code") is not None:
         frame["error"] = detail.get("error")
         frame["error_code"] = detail.get("error_code")
+    if incarnation is not None:
+        frame["incarnation"] = incarnation
     return frame
 
 
@@ -180,6 +184,8 @@ class Resync:
     snapshot: JobEvent
     #: the job detail (``job``), or the frame itself when it carries none
     detail: Mapping[str, Any]
+    #: the agent's current incarnation, when it says (``"<boot_id>:<start counter>"``)
+    incarnation: str | None = None
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -288,7 +294,9 @@ def parse_frame(data: str | bytes | Mapping[str, Any]) -> Frame:
         if seq is None:
             seq = _positive_int(detail.get("seq"))
         snapshot = snapshot_event(job_id, detail, seq)
-        return Resync(job_id, seq, snapshot, detail)
+        incarnation = data.get("incarnation")
+        return Resync(job_id, seq, snapshot, detail,
+                      incarnation if isinstance(incarnation, str) else None)
     return UnknownFrame(event, job_id)
 
 
@@ -406,6 +414,8 @@ class EventsPage:
     terminal: bool = False
     #: one line per event that could not be read (skipped)
     rejected: tuple[str, ...] = ()
+    #: the agent's current incarnation, when it says
+    incarnation: str | None = None
 
 
 def parse_events_page(data: Any, job_id: str) -> EventsPage:
@@ -438,4 +448,5 @@ def parse_events_page(data: Any, job_id: str) -> EventsPage:
         status=status,
         terminal=data.get("terminal") is True,
         rejected=tuple(rejected),
+        incarnation=_str(data.get("incarnation")) or None,
     )

@@ -246,6 +246,25 @@ class LoopbackTests(TestCase):
         health = await self.client(port).health()
         self.assertEqual(health["status"], "healthy")
 
+    async def test_follower_past_the_last_seq(self) -> None:
+        """The agent's 409 EVENTS_AHEAD for a follower ahead of the job: the job detail rules."""
+        from twisted.internet.task import deferLater
+
+        from lpa.follower import JobFollower
+
+        _, port = await start_agent(self, self.pki, self.tmp)
+        client = self.client(port)
+        job = (await client.apply(dry_run=True))["job_id"]
+        while not (await client.job(job))["status"] == "completed":
+            await deferLater(reactor, 0.05, lambda: None)
+        follower = JobFollower(job, after_seq=500)
+        answer = await client.answer("GET", follower.poll_path())
+        self.assertEqual((answer.status, answer.code), (409, protocol.EVENTS_AHEAD))
+        step = follower.receive_answer(answer)
+        self.assertEqual([e.status for e in step.events], ["completed"])
+        self.assertTrue(follower.done)
+        self.assertLess(follower.last_seq, 500)
+
     async def test_other_ca(self) -> None:
         """An agent signed by another CA is refused with a one-line TLS error."""
         _, port = await start_agent(self, self.pki, self.tmp)

@@ -102,11 +102,14 @@ class ParseFrameTests(SynchronousTestCase):
         self.assertEqual(parse_frame(wire(1)), event(1))
 
     def test_unknown_members_ignored(self) -> None:
-        """Members a reader does not know (an agent's incarnation) change nothing."""
-        self.assertEqual(parse_frame(wire(2, incarnation="b7e1", extra={"x": 1})), event(2))
-        resync = protocol.resync_frame(detail(), 5, "resync", T)
-        resync["incarnation"] = "b7e1"
-        self.assertEqual(parse_frame(resync).seq, 5)
+        """Members a reader does not know change nothing; the incarnation is read where sent."""
+        self.assertEqual(parse_frame(wire(2, extra={"x": 1}, future="y")), event(2))
+        self.assertEqual(parse_frame(wire(2, incarnation="b7e1:3")).incarnation, "b7e1:3")
+        resync = protocol.resync_frame(detail(), 5, "resync", T, incarnation="b7e1:4")
+        resync["future"] = {"x": 1}
+        parsed = parse_frame(resync)
+        self.assertEqual((parsed.seq, parsed.incarnation), (5, "b7e1:4"))
+        self.assertIsNone(parse_frame(protocol.resync_frame(detail(), 5, "r", T)).incarnation)
 
     def test_acks(self) -> None:
         """connected/subscribed/unsubscribed are Acks; the original stub's connected too."""
@@ -237,6 +240,9 @@ class EventsPageTests(SynchronousTestCase):
         self.assertEqual([e.seq for e in parsed.events], [2, 3])
         self.assertEqual((parsed.last_seq, parsed.status, parsed.terminal),
                          (3, "timed_out", True))
+        self.assertIsNone(parsed.incarnation)
+        self.assertEqual(parse_events_page({"events": [], "incarnation": "b:1"}, JOB).incarnation,
+                         "b:1")
         self.assertEqual(len(parsed.rejected), 1)
 
     def test_empty_and_odd(self) -> None:
@@ -420,12 +426,17 @@ class FollowerPollTests(SynchronousTestCase):
         self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 900))
 
     def test_conflict_with_detail(self) -> None:
-        """409 for an after beyond the job's last seq with the detail: its seq rules."""
+        """409 EVENTS_AHEAD (after beyond the job's last seq) with the job: its seq rules."""
         follower = JobFollower(JOB, after_seq=50)
-        conflict = answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead",
-                                      "details": detail(seq=7)})
+        conflict = answer(409, error={"code": protocol.EVENTS_AHEAD, "message": "ahead",
+                                      "details": {"last_seq": 7, "incarnation": "b:2",
+                                                  "job": detail(seq=7)}})
         self.assertEqual(seqs(follower.receive_answer(conflict)), [7])
         self.assertEqual(follower.last_seq, 7)
+        bare = JobFollower(JOB, after_seq=50)  # an agent that puts the detail itself there
+        bare.receive_answer(answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead",
+                                               "details": detail(seq=6)}))
+        self.assertEqual(bare.last_seq, 6)
 
     def test_conflict_without_detail(self) -> None:
         """409 without a detail: one GET /jobs/{id}, then the events from its seq."""
