@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa": ["sql/*.sql"]},
+    package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa": ["sql/*.sql", "relay/static/*"]},
     include_package_data=True,
     install_requires=[
         "Twisted[tls]>=24.10,<27",
@@ -24,6 +24,7 @@ setup(
         "PyYAML>=6.0,<7",
         "attrs>=23.1",
         "zope.interface>=6",
+        "prometheus_client>=0.20,<1",
     ],
     extras_require={
         # websockets: an independent client the interoperability tests speak to the agent with
