@@ -91,6 +91,12 @@ class ParseTests(SynchronousTestCase):
                 "client_key_path": "/etc/patch-manager/certs/client.key",
                 "ca_cert_path": "/etc/patch-manager/ca/ca.crt",
                 "log_format": "json",
+                "ops_enabled": True,
+                "ops_bind": "127.0.0.1",
+                "ops_port": 12480,
+                "ops_tls_cert_path": None,
+                "ops_tls_key_path": None,
+                "ops_client_ca_path": None,
             },
         )
 

@@ -57,6 +57,15 @@ class RelayConfig:
     client_key_path: str = "/etc/patch-manager/certs/client.key"
     ca_cert_path: str = "/etc/patch-manager/ca/ca.crt"
     log_format: str = "json"
+    #: the ops port (status page, /metrics, /healthz, /readyz): loopback unless told otherwise
+    ops_enabled: bool = True
+    ops_bind: str = "127.0.0.1"
+    ops_port: int = 12480
+    #: with a certificate and key, the ops port serves TLS and requires client certificates
+    ops_tls_cert_path: str | None = None
+    ops_tls_key_path: str | None = None
+    #: the CA of those client certificates (default: [security] ca_cert_path)
+    ops_client_ca_path: str | None = None
     #: where it came from (a path), for error lines; not part of equality
     source: str = attr.field(default="<config>", eq=False)
     #: one line per group of accepted-but-unused keys; the tap logs them at start-up
@@ -98,6 +107,12 @@ _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
     "client_key_path": ("security", "agent_client_key_path", _path, str),
     "ca_cert_path": ("security", "ca_cert_path", _path, str),
     "log_format": ("logging", "format", _log_format, str),
+    "ops_enabled": ("ops", "enabled", _bool, bool),
+    "ops_bind": ("ops", "bind", kit.text, str),
+    "ops_port": ("ops", "port", kit.integer(0, 65535), int),
+    "ops_tls_cert_path": ("ops", "tls_cert_path", kit.optional_text, str),
+    "ops_tls_key_path": ("ops", "tls_key_path", kit.optional_text, str),
+    "ops_client_ca_path": ("ops", "client_ca_path", kit.optional_text, str),
 }
 
 _MANAGER = "the manager's own keys, left to it"
@@ -207,6 +222,11 @@ def parse_relay_config(
             f"{source}: worker.ws_relay_reconnect_initial_delay_secs: must not exceed "
             f"ws_relay_reconnect_max_delay_secs ({config.reconnect_max_delay:g})"
         )
+    if (config.ops_tls_cert_path is None) != (config.ops_tls_key_path is None):
+        raise ConfigError(
+            f"{source}: ops.tls_cert_path and ops.tls_key_path: set both (TLS with client "
+            "certificates on the ops port) or neither (plain HTTP)"
+        )
     return config
 
 
@@ -237,6 +257,13 @@ def check_relay_files(config: RelayConfig) -> list[str]:
         warnings += kit.check_key_pair(
             "security.agent_client_cert_path", config.client_cert_path,
             "security.agent_client_key_path", config.client_key_path)
+        if config.ops_enabled and config.ops_tls_cert_path and config.ops_tls_key_path:
+            if config.ops_client_ca_path:
+                kit.check_file("ops.client_ca_path", config.ops_client_ca_path,
+                               kit.Pem.CERTIFICATES)
+            warnings += kit.check_key_pair(
+                "ops.tls_cert_path", config.ops_tls_cert_path,
+                "ops.tls_key_path", config.ops_tls_key_path)
     except ConfigError as error:
         raise ConfigError(f"{config.source}: {error}") from None
     return warnings

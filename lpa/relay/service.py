@@ -2,10 +2,12 @@
 
 ::
 
-    RelayService.startService: store.start() (calls wait for the pool) → scanner.start()
-    RelayService.stopService:  stop scanning → stop links (WebSocket close frames, pollers
-                               stopped, queued events handed to the store) → store.stop()
-                               (applies or keeps what it was given) → close the HTTP pool
+    RelayService.startService: [ops port] → store.start() (calls wait for the pool)
+                               → scanner.start()
+    RelayService.stopService:  [ops port closed: probes fail first] → stop scanning → stop
+                               links (WebSocket close frames, pollers stopped, queued events
+                               handed to the store) → store.stop() (applies or keeps what it
+                               was given) → close the HTTP pool
 
 ``MultiService`` would stop children concurrently; the order above is what makes SIGTERM lose
 nothing, so it is written out here.
@@ -25,6 +27,8 @@ from lpa.relay.backoff import Backoff, HandshakeGate
 from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import AgentLink
+from lpa.relay.metered import MeteredStore, metered_dial
+from lpa.relay.metrics import RelayMetrics
 from lpa.relay.poller import AgentJobsHttp, AgentPoller, make_agent_http_client
 from lpa.relay.scanner import Scanner
 from lpa.relay.ws_client import WebSocketDialer
@@ -51,9 +55,14 @@ class RelayService(MultiService):
         self.scanner = scanner
         self._own_store = own_store
         self._on_stopped = on_stopped
+        #: the relay's metrics (lpa.relay.metrics) and its ops port (lpa.relay.opsservice)
+        self.metrics: RelayMetrics | None = None
+        self.ops: Service | None = None
 
     def startService(self) -> None:
         super().startService()
+        if self.ops is not None:
+            self.ops.startService()
         if not self._own_store:
             self._start_scanning()
             return
@@ -70,8 +79,11 @@ class RelayService(MultiService):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
+        ops_stopped = maybeDeferred(self.ops.stopService) if self.ops is not None else None
         self.scanner.stop_scanning()
         stopping = self.scanner.stop_links()
+        if ops_stopped is not None:
+            stopping.addBoth(lambda result: ops_stopped.addBoth(lambda _: result))
 
         def stop_store(_: object) -> Any:
             if self._own_store:
@@ -102,6 +114,10 @@ def make_relay_service(
     dial: Callable[[AgentAddress, Any], Any] | None = None,
     jitter: Callable[[], float] = random.random,
     backstop_interval: float | None = None,
+    metrics: RelayMetrics | None = None,
+    ops: bool = False,
+    ops_connection_factory: Callable[[], Any] | None = None,
+    ops_sample_interval: float = 15.0,
 ) -> RelayService:
     """The relay daemon for ``config``; every collaborator can be injected (tests, embedding).
 
@@ -110,6 +126,9 @@ def make_relay_service(
         every new connection, so rotated certificates are picked up.
     :param backstop_interval: how often a streaming link also sweeps its jobs over REST;
         default ``max(60, 6 * poll_interval)``.
+    :param metrics: where the relay counts (a new registry of its own by default).
+    :param ops: serve the ops port of ``config`` (status page, metrics, probes); the tap
+        passes ``[ops] enabled``.
     :raises ConfigError: the certificate files cannot be loaded.
     """
     if backstop_interval is None:
@@ -174,10 +193,15 @@ def make_relay_service(
             deadline=config.unreachable_deadline,
         )
 
+    if metrics is None:
+        metrics = RelayMetrics()
+    metered = MeteredStore(store, metrics, clock=clock)
+    dial = metered_dial(dial, metrics)
+
     def make_link(address: AgentAddress) -> AgentLink:
         return AgentLink(
             address,
-            store=store,
+            store=metered,
             clock=clock,
             dial=dial,
             make_poller=make_poller,
@@ -186,9 +210,31 @@ def make_relay_service(
         )
 
     scanner = Scanner(store, make_link, clock=clock, interval=config.scan_interval)
-    return RelayService(
+    service = RelayService(
         store,
         scanner,
         own_store=own_store,
         on_stopped=pool.closeCachedConnections if pool is not None else None,
     )
+    service.metrics = metrics
+    if ops:
+        from lpa.relay.opsservice import make_ops_service
+
+        service.ops = make_ops_service(
+            config,
+            reactor=reactor,
+            clock=clock,
+            metrics=metrics,
+            links=lambda: scanner.links.values(),
+            database_up=lambda: _ask(store, "database_up"),
+            pool_stats=lambda: _ask(store, "pool_stats"),
+            connection_factory=ops_connection_factory,
+            sample_interval=ops_sample_interval,
+        )
+    return service
+
+
+def _ask(store: Any, name: str) -> Any:
+    """What the store says through an optional reporting method (None if it has none)."""
+    method = getattr(store, name, None)
+    return method() if callable(method) else None
