@@ -131,6 +131,13 @@ class ApiConfig:
 
 
 @attr.frozen(kw_only=True)
+class MetricsConfig:
+    #: a plain-HTTP port serving only /metrics, for a scraper on this host; 0 = none
+    local_port: int = 0
+    local_bind: str = "127.0.0.1"
+
+
+@attr.frozen(kw_only=True)
 class AgentConfig:
     """The whole agent configuration; see the module docstring."""
 
@@ -146,6 +153,7 @@ class AgentConfig:
     websocket: WebSocketConfig = WebSocketConfig()
     auth: AuthConfig = AuthConfig()
     api: ApiConfig = ApiConfig()
+    metrics: MetricsConfig = MetricsConfig()
     #: where it came from: a path or "embedded defaults"
     source: str = "embedded defaults"
     #: one line per accepted-but-unused key; the caller logs them at start-up
@@ -214,6 +222,8 @@ _SPEC: dict[str, kit.Check] = {
     "websocket.send_buffer_events": _int(1, 10000000),
     "auth.allowed_clients": _names,
     "api.max_body_bytes": _int(1024, 1024 * 1024 * 1024),
+    "metrics.local_port": _int(0, 65535),
+    "metrics.local_bind": _text,
 }
 
 #: the original's keys lpa accepts and does not use: key -> why
@@ -285,7 +295,7 @@ def _resolve_types() -> None:
     for cls in (
         AgentConfig, ServerConfig, TlsConfig, CommandTimeouts, JobsConfig, WhitelistConfig,
         RateLimitConfig, CacheConfig, LoggingConfig, PackageManagerConfig, WebSocketConfig,
-        AuthConfig, ApiConfig,
+        AuthConfig, ApiConfig, MetricsConfig,
     ):
         attr.resolve_types(cls, globals())
 

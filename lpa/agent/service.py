@@ -5,8 +5,10 @@
     AgentService (MultiService)
       ├─ JobManager.start()      read the job store and the event log, finalise orphans, run
       │                          (state_dir/jobs/, state_dir/journal/, state_dir/incarnation)
-      └─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs,
-                                 behind mutual TLS (tls.enabled) on server.bind:server.port
+      ├─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs and
+      │                          /metrics, behind mutual TLS (tls.enabled) on
+      │                          server.bind:server.port
+      └─ [metrics port]          plain HTTP, /metrics only, metrics.local_bind:local_port
 
 Stop order is explicit: stop accepting connections first, then let the job engine freeze
 admission, checkpoint and close its event log, so no job changes after the last write.
@@ -38,6 +40,14 @@ from lpa.agent.cache import PatchCache
 from lpa.agent.config import AgentConfig
 from lpa.agent.eventlog import EventLog
 from lpa.agent.http.api import AgentApi, make_peer_check
+from lpa.agent.metrics import (
+    AgentMetrics,
+    MeteredRateLimiter,
+    MeteredResource,
+    metered_sessions,
+    readiness_fields,
+    route_matcher,
+)
 from lpa.agent.http.ratelimit import RateLimiter
 from lpa.agent.incarnation import FileIncarnations
 from lpa.agent.jobs import JobManager
@@ -51,6 +61,7 @@ from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.errors import ConfigError
 from lpa.events import rfc3339
+from lpa.metricsweb import MetricsPage
 from lpa.throttle import LogThrottle
 from lpa.tls import (
     AGENT_KEYS,
@@ -75,6 +86,11 @@ class AgentService(MultiService):
     :raises ListenError: from ``privilegedStartService``/``startService`` when the port cannot
         be bound (twistd's tap turns it into one log line and an exit status).
     """
+
+    #: the agent's metrics (lpa.agent.metrics)
+    metrics: AgentMetrics | None = None
+    #: the plain-HTTP /metrics port (metrics.local_port), when configured
+    metrics_listener: StreamServerEndpointService | None = None
 
     reloader: Reloader | None = None
 
@@ -232,6 +248,24 @@ def make_agent_service(
         max_events_per_job=config.jobs.max_events_per_job,
     )
 
+    metrics = AgentMetrics(reactor)
+    metrics.follow(events, jobs)
+
+    def crl() -> dict[str, Any]:
+        if not config.tls.enabled:
+            return {}
+        return crl_health(config.tls.crl_path, config.tls.ca_cert, reactor.seconds())
+
+    started: list[AgentService] = []
+
+    def not_ready() -> list[str]:
+        reasons = []
+        if not started or not started[0].running:
+            reasons.append("the agent is starting or stopping")
+        if crl().get("crl_status") == "invalid":
+            reasons.append("the CRL is unusable: every client certificate is refused")
+        return reasons
+
     ws_resource = None
     if config.websocket.enabled:
         ws = config.websocket
@@ -245,6 +279,7 @@ def make_agent_service(
             max_connections=ws.max_connections,
             send_buffer_events=ws.send_buffer_events,
         )
+        metered_sessions(factory, metrics)
         ws_resource = make_ws_resource(factory)
 
     whitelist = IPWhitelist.from_file(config.whitelist.path) if config.whitelist.path else None
@@ -261,22 +296,22 @@ def make_agent_service(
         system=system,
         clock=reactor,
         version=lpa.__version__,
-        rate_limiter=RateLimiter(
-            reactor,
-            destructive_per_minute=rl.destructive_per_minute,
-            destructive_burst=rl.destructive_burst,
-            read_per_minute=rl.read_per_minute,
-            read_burst=rl.read_burst,
-            enabled=rl.enabled,
+        rate_limiter=MeteredRateLimiter(  # type: ignore[arg-type]
+            RateLimiter(
+                reactor,
+                destructive_per_minute=rl.destructive_per_minute,
+                destructive_burst=rl.destructive_burst,
+                read_per_minute=rl.read_per_minute,
+                read_burst=rl.read_burst,
+                enabled=rl.enabled,
+            ),
+            metrics,
         ),
         peer_check=peer_check,
         ws_resource=ws_resource,
         max_body_bytes=config.api.max_body_bytes,
-        health_extra=(
-            (lambda: crl_health(config.tls.crl_path, config.tls.ca_cert, reactor.seconds()))
-            if config.tls.enabled
-            else None
-        ),
+        health_extra=lambda: {**crl(), **readiness_fields(not_ready())},
+        metrics_resource=MetricsPage(metrics.registry),
         cache=PatchCache(
             reactor,
             backend,
@@ -289,6 +324,7 @@ def make_agent_service(
     site = api.site(
         timeout_seconds=config.server.timeout_seconds, throttle=LogThrottle(reactor)
     )
+    site.resource = MeteredResource(site.resource, metrics, route_matcher(AgentApi.app.url_map))
 
     server = config.server
     if config.tls.enabled:
@@ -332,10 +368,41 @@ def make_agent_service(
             "backend": str(getattr(backend, "name", type(backend).__name__)),
         },
     )
+    started.append(agent)
+    agent.metrics = metrics
+    metrics.watch(
+        job_timeout_seconds=config.jobs.timeout_minutes * 60,
+        ready=not_ready,
+        crl=crl if config.tls.enabled else None,
+        info={"version": lpa.__version__, "backend": str(getattr(backend, "name", "unknown"))},
+    )
+    if config.metrics.local_port:
+        agent.metrics_listener = _metrics_listener(reactor, config, metrics)
+        agent.metrics_listener.setServiceParent(agent)
     reloader = Reloader(context, whitelist, config.whitelist.path)
     agent.reloader = reloader
     TimerService(RELOAD_INTERVAL_SECONDS, reloader.reload).setServiceParent(agent)
     return agent
+
+
+def _metrics_listener(
+    reactor: Any, config: AgentConfig, metrics: AgentMetrics
+) -> StreamServerEndpointService:
+    """``metrics.local_port``: /metrics only, plain HTTP, for a scraper on this host."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(metrics.registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    bind = config.metrics.local_bind
+    endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
+    service = StreamServerEndpointService(
+        endpoint_class(reactor, config.metrics.local_port, interface=bind), site
+    )
+    service._raiseSynchronously = True
+    return service
 
 
 def crl_health(crl_path: str | None, ca_path: str, now: float) -> dict[str, Any]:

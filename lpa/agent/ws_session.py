@@ -155,6 +155,11 @@ class JobStreamSession:
         self._flush()
 
     @property
+    def subscription_count(self) -> int:
+        """Jobs subscribed one by one (the all-jobs mode counts as one)."""
+        return len(self._jobs_subscribed) + (1 if self._all_jobs else 0)
+
+    @property
     def queued(self) -> int:
         """Frames waiting for the transport."""
         return len(self._outbox)

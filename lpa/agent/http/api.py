@@ -175,6 +175,7 @@ class AgentApi:
         max_body_bytes: int = 1 << 20,
         cache: PatchCache | None = None,
         health_extra: Callable[[], dict[str, Any]] | None = None,
+        metrics_resource: IResource | None = None,
         uuid_factory: Callable[[], uuid.UUID] = uuid.uuid4,
     ) -> None:
         self._jobs = jobs
@@ -190,6 +191,7 @@ class AgentApi:
         # a finished job may have changed packages: the next GET /patches asks the backend
         self._cache_subscription = self._cache.follow(jobs.events)
         self._health_extra = health_extra
+        self._metrics_resource = metrics_resource
         self._enveloper = Enveloper(clock, uuid_factory)
         self._started_at = clock.seconds()
 
@@ -565,6 +567,15 @@ class AgentApi:
             error.headers = {"Upgrade": "websocket", "Connection": "Upgrade"}  # type: ignore[attr-defined]
             raise error
         return self._ws_resource
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    @_route("/metrics", "GET")
+    async def metrics(self, request: IRequest) -> Any:
+        """Prometheus exposition (lpa.agent.metrics), behind the same gate as every route."""
+        if self._metrics_resource is None:
+            raise NotFoundError("Not found", {"path": _path(request)})
+        return self._metrics_resource
 
     # -- helpers ---------------------------------------------------------------------------------
 
