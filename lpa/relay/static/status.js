@@ -78,6 +78,7 @@
     const host = job.hosts.get(payload.host_id);
     if (!host) { loadSnapshot(); return; }
     if (fromBuffer && payload.seq != null && payload.seq <= host.seq) return;  // in the snapshot
+    if (host.status !== payload.status) host.message = "";  // the old status's message
     host.status = payload.status;
     if (payload.progress != null) host.progress = payload.progress;
     if (payload.transport) host.transport = payload.transport;
