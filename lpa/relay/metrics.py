@@ -201,12 +201,10 @@ class RelayMetrics:
 
     def watch_pool(self, stats: Callable[[], dict[str, int] | None]) -> None:
         """``stats()`` gives ``{size, up, in_use, waiting, pending_events}`` of the store's
-        connection pool, or None when the store cannot say."""
+        connection pool, or None when the store cannot say (the gauges have no sample then)."""
 
         def read() -> Iterable[Metric]:
-            found = stats()
-            if found is None:
-                return
+            found = stats() or {}  # {}: the store cannot say; the families stay, empty
             yield gauge("lpa_relay_store_connections", "Store connections configured",
                         found.get("size"))
             yield gauge("lpa_relay_store_connections_up", "Store connections that are up",
