@@ -54,7 +54,7 @@ def makeService(options: Options) -> IService:
     for warning in config.warnings:
         _log.warn("config {source}: {problem}", source=config.source, problem=warning)
     try:
-        service = make_relay_service(config, reactor=reactor)
+        service = make_relay_service(config, reactor=reactor, ops=config.ops_enabled)
     except ConfigError as error:
         _exit_with(error)
     _log_sighup(reactor)
