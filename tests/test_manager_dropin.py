@@ -197,7 +197,8 @@ class ManagerRelayTests(_AgentCase):
         self.assertEqual((envelope["success"], envelope["data"]), (False, None))
         self.assertEqual(envelope["error"]["code"], "SUBPROTOCOL_REQUIRED")
         self.assertEqual(envelope["error"]["details"]["subprotocol"], SUBPROTOCOL)
-        self.assertEqual(self.service.jobs.events.subscriber_count(), 1)  # the patch cache only
+        # the patch cache and the metrics: no session of the manager's relay
+        self.assertEqual(self.service.jobs.events.subscriber_count(), 2)
 
         code, polled = await self.request("GET", f"/api/v1/jobs/{job_id}")
         self.assertEqual((code, polled["data"]["status"]), (200, "running"))
