@@ -11,6 +11,7 @@ import json
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
+from tests.agentclient import mtls_client
 from tests.logcheck import assert_no_unhandled, capture_events
 from tests.pipeline import Pipeline
 
@@ -102,6 +103,22 @@ class ScrapeDuringJobTests(TestCase):
         self.assertGreater(relay_after["lpa_relay_transactions_total{}"],
                            relay_during["lpa_relay_transactions_total{}"])
         assert_no_unhandled(events)
+
+    async def test_refused_handshakes_by_reason(self) -> None:
+        """A client of another CA is refused at the handshake and counted under its reason."""
+        pipeline = await Pipeline.start(self)
+        client, pool = mtls_client(pipeline.pki.client_options("revoked"))
+        self.addCleanup(pool.closeCachedConnections)
+        with self.assertRaises(Exception):
+            await client.get(f"{pipeline.agent_url}/api/v1/health")
+        registry = pipeline.agent.metrics.registry
+        await pipeline.until(lambda: registry.get_sample_value(
+            "lpa_agent_tls_handshake_failures_total", {"reason": "certificate revoked"}) == 1,
+            "the refusal counted")
+        samples = await self.scrape_agent(pipeline, local=True)
+        self.assertEqual(
+            samples["lpa_agent_tls_handshake_failures_total{reason=certificate revoked}"], 1)
+        self.flushLoggedErrors()
 
     async def test_probes_and_health(self) -> None:
         """/healthz and /readyz answer on the ops port; the agent's health says ready."""

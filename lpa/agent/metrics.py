@@ -7,6 +7,7 @@ already builds::
                                                     job_complete: jobs by operation and final
                                                     status, job duration
     Site ─▶ MeteredResource ─▶ the API's gate        requests by route template, method, status
+    AgentSite.on_handshake_refused                  refused TLS handshakes by reason
     Gate ─▶ MeteredRateLimiter ─▶ RateLimiter        requests refused by the rate limit
     JobStreamFactory.make_session ─▶ metered_sessions  sessions, subscriptions, 1008 closes
     scrape ─▶ collect                               running jobs, oldest one, CRL age, ready
@@ -113,6 +114,10 @@ class AgentMetrics:
         self.jobs.labels(operation, job_event.status).inc()
         if started is not None:
             self.duration.labels(operation).observe(max(0.0, self._clock.seconds() - started))
+
+    def handshake_refused(self, kind: str) -> None:
+        """The agent's site refused a TLS handshake (``kind``: lpa.tlsaudit's few reasons)."""
+        self.handshake_failures.labels(kind).inc()
 
     # -- WebSocket sessions ----------------------------------------------------------------
 

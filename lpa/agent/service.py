@@ -325,6 +325,7 @@ def make_agent_service(
         timeout_seconds=config.server.timeout_seconds, throttle=LogThrottle(reactor)
     )
     site.resource = MeteredResource(site.resource, metrics, route_matcher(AgentApi.app.url_map))
+    site.on_handshake_refused = metrics.handshake_refused
 
     server = config.server
     if config.tls.enabled:

@@ -11,7 +11,7 @@ requests, and writes the few log lines a peer can cause below the routes, each t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -83,6 +83,8 @@ class AgentSite(Http11Site):
         self.enveloper = enveloper
         self.timeout_seconds = timeout_seconds
         self.throttle = throttle if throttle is not None else LogThrottle(clock)
+        #: told the kind of every refused handshake, before the log throttle (the metrics)
+        self.on_handshake_refused: Callable[[str], object] = lambda kind: None
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -117,6 +119,7 @@ class AgentSite(Http11Site):
         )
 
     def _handshake_refused(self, transport: Any, kind: str, reason: str) -> None:
+        self.on_handshake_refused(kind)
         suppressed = self.throttle.admit(f"tls:{kind}")
         if suppressed is None:
             return
