@@ -209,3 +209,32 @@ class GaugeTests(SynchronousTestCase):
         body = MetricsPage(RelayMetrics().registry).render_GET(request)
         self.assertTrue(body.rstrip().endswith(b"# EOF"))
         self.assertIn(b"openmetrics", request.responseHeaders.getRawHeaders(b"content-type")[0])
+
+
+class _ReportingStore(FakeRelayStore):
+    """A store that reports its own commits (as a group-committing store does)."""
+
+    def observe_transactions(self, callback: Any) -> None:
+        self.report = callback
+
+
+class ServiceWiringTests(SynchronousTestCase):
+    def build(self, store: Any) -> Any:
+        from lpa.relay.config import RelayConfig
+        from lpa.relay.service import make_relay_service
+
+        return make_relay_service(
+            RelayConfig(database_url="postgresql://relay@127.0.0.1/pm"), reactor=Clock(),
+            store=store, tls_options_for=lambda host: None, http_client=object(),
+            dial=lambda address, listener: None)
+
+    def test_a_reporting_store_counts_its_own_transactions(self) -> None:
+        """A store with observe_transactions reports commits; calls are not counted twice."""
+        store = _ReportingStore()
+        service = self.build(store)
+        store.report(3, [("host", 300), ("host", 280), ("job", 200)])
+        samples = scrape(service.metrics)
+        self.assertEqual(samples["lpa_relay_transactions_total{}"], 1)
+        self.assertEqual(samples["lpa_relay_rows_per_transaction_sum{}"], 3)
+        self.assertEqual(samples["lpa_relay_notifications_total{event_type=host}"], 2)
+        self.assertEqual(samples["lpa_relay_notification_payload_bytes_sum{}"], 780)

@@ -37,8 +37,9 @@ def _applied_events(events: Sequence[Any], result: ApplyResult) -> list[Any]:
 class MeteredStore:
     """An :class:`IRelayStore` that counts what the store it wraps did.
 
-    :param count_transactions: count each answered call as a transaction of one row; pass
-        False when the store reports its transactions itself (``on_transaction``).
+    :param count_transactions: count each answered call as a transaction of one row, with the
+        notifications it made; pass False when the store reports its transactions itself
+        (``observe_transactions``: rows and payload sizes of each commit).
     """
 
     def __init__(
@@ -82,14 +83,15 @@ class MeteredStore:
         return self.store.fail_host_job(host_job, reason, transport).addCallback(count)
 
     def _count(self, result: ApplyResult) -> None:
+        if not self._count_transactions:
+            return
         notified = getattr(result, "notified", 0)
         if notified:
             self._metrics.notifications.labels("host").inc()
             if notified > 1:
                 self._metrics.notifications.labels("job").inc(notified - 1)
-        if self._count_transactions:
-            self._metrics.transactions.inc()
-            self._metrics.rows_per_transaction.observe(1)
+        self._metrics.transactions.inc()
+        self._metrics.rows_per_transaction.observe(1)
 
 
 @implementer(IWebSocketListener)

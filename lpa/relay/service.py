@@ -195,7 +195,12 @@ def make_relay_service(
 
     if metrics is None:
         metrics = RelayMetrics()
-    metered = MeteredStore(store, metrics, clock=clock)
+    # a store that reports its own transactions (rows, payload sizes) says so through
+    # observe_transactions(callback); otherwise each answered call counts as one
+    observe = getattr(store, "observe_transactions", None)
+    if callable(observe):
+        observe(metrics.committed)
+    metered = MeteredStore(store, metrics, clock=clock, count_transactions=not callable(observe))
     dial = metered_dial(dial, metrics)
 
     def make_link(address: AgentAddress) -> AgentLink:
@@ -231,6 +236,13 @@ def make_relay_service(
             connection_factory=ops_connection_factory,
             sample_interval=ops_sample_interval,
         )
+        membership = getattr(service, "membership", None)
+        if membership is not None:  # relays share the fleet: ready only while our lease holds
+            service.ops.readiness.add(
+                "membership",
+                lambda: "our membership lapsed (no heartbeat within the lease): following "
+                "nothing" if getattr(membership, "fenced", False) else None,
+            )
     return service
 
 
