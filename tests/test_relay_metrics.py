@@ -68,6 +68,12 @@ class ClassifyTests(SynchronousTestCase):
                          "unreachable")
         self.assertEqual(row_fail_kind("the agent does not know job a1 (JOB_NOT_FOUND)"),
                          "job_not_found")
+        self.assertEqual(row_fail_kind(
+            "the relay got no usable answer from agent a:1 for 900s (deadline 900s): refused"),
+            "unreachable")
+        self.assertEqual(row_fail_kind(
+            "agent a:1 has not known job x for 900s (JOB_NOT_FOUND; deadline 900s)"),
+            "job_not_found")
         self.assertEqual(row_fail_kind("bad"), "other")
 
     def test_event_age(self) -> None:

@@ -53,9 +53,11 @@ _HANDSHAKE_KINDS = (
 
 #: a row-ending reason -> label (the poller's unreachable deadline, the agent's JOB_NOT_FOUND)
 _ROW_FAIL_KINDS = (
-    ("unreachable", "unreachable"),
     ("job_not_found", "job_not_found"),
     ("does not know job", "job_not_found"),
+    ("has not known job", "job_not_found"),
+    ("unreachable", "unreachable"),
+    ("no usable answer", "unreachable"),
 )
 
 
