@@ -187,7 +187,10 @@
   function connect() {
     const stream = new EventSource("events");
     stream.onopen = () => { streamOpen = true; loadSnapshot(); };
-    stream.onerror = () => { streamOpen = false; setState("down", "relay unreachable; retrying…"); };
+    stream.onerror = () => {
+      streamOpen = false;
+      setState("down", "relay unreachable; retrying…");
+    };
     stream.addEventListener("job_update", (message) => {
       let payload;
       try { payload = JSON.parse(message.data); } catch (error) { return; }
