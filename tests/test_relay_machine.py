@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
@@ -14,7 +15,7 @@ from lpa.events import EVENT_JOB_COMPLETE, JobEvent
 from lpa.relay.backoff import Backoff
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import CONNECTING, POLLING, STOPPED, STREAMING, AgentLink
-from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget
+from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget, PollOutcome, snapshot_event
 from lpa.relay.store import PostgresRelayStore
 from lpa.relay.ws_client import IAgentWebSocket, IWebSocketListener, RelayWebSocketFactory
 from tests.fakes_relay import FakeRelayStore
@@ -77,6 +78,7 @@ class FakePoller:
         self.now: bool | None = None
         self.running = False
         self.starts = 0
+        self.soon = 0
 
     def start(self, now: bool = True) -> None:
         self.running = True
@@ -86,8 +88,13 @@ class FakePoller:
     def stop(self) -> None:
         self.running = False
 
+    def poll_soon(self) -> None:
+        self.soon += 1
 
-class LinkTests(SynchronousTestCase):
+
+class LinkFixture(SynchronousTestCase):
+    """A link to ADDRESS following rows ra (job A, from seq 3) and rb (job B); no tests here."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = FakeRelayStore()
@@ -118,6 +125,7 @@ class LinkTests(SynchronousTestCase):
             make_poller=make_poller,
             make_backoff=lambda: Backoff(1, 8, jitter=lambda: 1.0),
             max_queued_events=5,
+            missing_deadline=100,
         )
         self.link.start([self.row_a, self.row_b])
         self.ws = self.dials[0]
@@ -128,6 +136,9 @@ class LinkTests(SynchronousTestCase):
             for c in self.store.calls
             if c.method == "apply_events"
         ]
+
+
+class LinkTests(LinkFixture):
 
     def test_fakes_match_interface(self) -> None:
         """Fakes and real classes provide the same interfaces (store, socket, poller, link)."""
@@ -261,7 +272,7 @@ class LinkTests(SynchronousTestCase):
         self.ws.failed(handshake=True)
         self.assertEqual((self.link.state, self.pollers[0].running), (POLLING, True))
         self.assertEqual(self.link.poll_jobs(), [(self.row_a, 3), (self.row_b, 0)])
-        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 4))])
+        self.link.poll_answer(self.row_a, PollOutcome(events=(JobEvent.from_wire(wire(A, 4)),)))
         self.assertEqual(self.applied(), [("ra", [4], "poll")])
         self.ws.failed(handshake=True)  # background retry fails again: same poller
         self.assertEqual(len(self.pollers), 1)
@@ -278,7 +289,7 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual((backstop.backstop, backstop.now), (True, False))
         self.link.ws_message(wire(A, 4))
         self.assertEqual(self.link.poll_jobs()[0], (self.row_a, 4))
-        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 5))])
+        self.link.poll_answer(self.row_a, PollOutcome(events=(JobEvent.from_wire(wire(A, 5)),)))
         self.link.ws_message(wire(A, 5))  # the stream's copy arrives late: not applied twice
         self.assertEqual(self.applied(), [("ra", [4], "ws"), ("ra", [5], "poll")])
         self.ws.opened()  # a reconnect keeps the one sweep
@@ -306,7 +317,7 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual([h.row_id for h in self.link.host_jobs], ["ra"])
 
     def test_ws_job_not_found(self) -> None:
-        """The agent's JOB_NOT_FOUND error for a subscription ends that job failed."""
+        """The agent's JOB_NOT_FOUND for a subscription ends that job failed after the deadline."""
         self.ws.opened()
         self.link.ws_message(
             {
@@ -317,7 +328,10 @@ class LinkTests(SynchronousTestCase):
                 "message": "nope",
             }
         )
+        self.assertEqual(self.store.rows["rb"].status, "running")
+        self.clock.advance(100)
         self.assertEqual(self.store.rows["rb"].status, "failed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_bad_frames_ignored(self) -> None:
         """Malformed events are logged and ignored; the link keeps working."""
@@ -347,7 +361,7 @@ class LinkTests(SynchronousTestCase):
         """stop() closes the socket, stops the poller, and hands queued events to the store."""
         self.ws.failed()
         self.store.error = RuntimeError("down")
-        self.link.poll_events(self.row_a, [JobEvent.from_wire(wire(A, 4))])
+        self.link.poll_answer(self.row_a, PollOutcome(events=(JobEvent.from_wire(wire(A, 4)),)))
         self.store.error = None
         self.successResultOf(self.link.stop())
         self.assertEqual(
@@ -366,3 +380,220 @@ class LinkTests(SynchronousTestCase):
         self.successResultOf(self.link.stop())
         self.store.release()
         self.assertEqual(self.store.rows["ra"].last_seq, 4)
+
+
+def resync(job_id: str, seq: int, status: str, incarnation: str | None = None, **job: Any) -> dict:
+    """A ``resync`` frame as an lpa agent sends it (the job detail in ``job``)."""
+    frame = {
+        "event": "resync",
+        "job_id": job_id,
+        "seq": seq,
+        "kind": "snapshot",
+        "status": status,
+        "job": {"job_id": job_id, "status": status, "progress": 0, "seq": seq, **job},
+    }
+    if incarnation is not None:
+        frame["incarnation"] = incarnation
+    return frame
+
+
+def warnings(logged: list[dict]) -> list[str]:
+    """The text of every warn-level event captured."""
+    return [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
+
+
+class RenumberTests(LinkFixture):
+    """An agent that lost or renumbered events: its final state still ends the row."""
+
+    def stream_a_to(self, seq: int, incarnation: str = "inc-1") -> None:
+        self.ws.opened()
+        for n in range(4, seq + 1):
+            self.link.ws_message(dict(wire(A, n), incarnation=incarnation))
+        self.assertEqual(self.store.rows["ra"].last_seq, seq)
+
+    def test_terminal_resync_below_applied_wins(self) -> None:
+        """A terminal resync numbered below the applied seq ends the row, with one warning."""
+        self.stream_a_to(53)
+        self.ws.failed(handshake=False)
+        self.ws.opened()
+        with capturedLogs() as logged:
+            self.link.ws_message(
+                resync(A, 4, "failed", "inc-2", error="Agent process restart",
+                       error_code="AGENT_RESTARTED")
+            )
+        row = self.store.rows["ra"]
+        self.assertEqual(
+            (row.status, row.last_seq, row.error_message),
+            ("failed", 53, "Agent process restart"),
+        )
+        self.assertEqual(self.store.job_status["j1"], "failed")
+        self.assertIn({"action": "unsubscribe", "job_id": A}, self.ws.sent)
+        [warning] = [w for w in warnings(logged) if "final state" in w]
+        self.assertEqual(
+            warning,
+            f"agent agent1.example:12443 lost or renumbered events of job {A}: the relay had "
+            "seq 53, the agent's last is 4 (49 lower, incarnation inc-1 → inc-2); taking its "
+            "final state failed",
+        )
+
+    def test_terminal_resync_at_the_received_seq_wins(self) -> None:
+        """A terminal resync at the seq of a non-terminal event received is applied too."""
+        self.stream_a_to(10)
+        with capturedLogs() as logged:
+            self.link.ws_message(resync(A, 10, "failed"))
+        self.assertEqual(self.store.rows["ra"].status, "failed")
+        self.assertEqual(len([w for w in warnings(logged) if "0 lower" in w]), 1)
+
+    def test_resync_after_a_received_end_is_no_news(self) -> None:
+        """A resync behind a terminal event already received changes nothing and warns nothing."""
+        self.ws.opened()
+        self.store.hold()
+        self.link.ws_message(wire(A, 4, "completed"))
+        with capturedLogs() as logged:
+            self.link.ws_message(resync(A, 4, "completed"))
+            self.link.ws_message(resync(A, 2, "failed"))
+        self.store.release()
+        self.assertEqual(self.applied(), [("ra", [4], "ws")])
+        self.assertEqual((self.store.rows["ra"].status, warnings(logged)), ("succeeded", []))
+
+    def test_running_resync_below_continues_from_the_agent_seq(self) -> None:
+        """A running resync below: warn, follow the agent's numbering, never move the row back."""
+        self.stream_a_to(53)
+        with capturedLogs() as logged:
+            self.link.ws_message(resync(A, 4, "running", "inc-2"))
+        self.assertEqual(len([w for w in warnings(logged) if "continuing from its seq 4" in w]), 1)
+        self.assertEqual(self.link.poll_jobs()[0], (self.row_a, 4))
+        self.link.ws_message(wire(A, 5))  # the agent's next event: at or below the row's 53
+        self.assertEqual((self.store.rows["ra"].last_seq, self.store.rows["ra"].status),
+                         (53, "running"))
+        self.link.ws_message(wire(A, 6, "completed"))  # its end, numbered below the row: wins
+        self.link.ws_message(wire(A, 7, "completed", event=EVENT_JOB_COMPLETE))
+        row = self.store.rows["ra"]
+        self.assertEqual((row.status, row.last_seq), ("succeeded", 53))
+        host_seqs = [n["seq"] for n in self.store.notifications if n["event_type"] == "host"]
+        host_seqs = [seq for seq in host_seqs if seq is not None]  # the fake: None when no new seq
+        self.assertEqual(host_seqs, sorted(host_seqs))
+
+    def test_polled_ahead_snapshot_wins(self) -> None:
+        """A terminal snapshot from the REST backstop (409 EVENTS_AHEAD) below the seq wins."""
+        self.stream_a_to(20)
+        snapshot = snapshot_event(A, {"status": "failed", "error": "lost"}, 3)
+        with capturedLogs() as logged:
+            self.link.poll_answer(self.row_a, PollOutcome(events=(snapshot,), incarnation="inc-2"))
+        row = self.store.rows["ra"]
+        self.assertEqual((row.status, row.last_seq, row.error_message), ("failed", 20, "lost"))
+        self.assertEqual(self.applied()[-1], ("ra", [3], "poll"))
+        self.assertEqual(len([w for w in warnings(logged) if "17 lower" in w]), 1)
+
+    def test_duplicate_events_still_skipped(self) -> None:
+        """A plain event at or below the received seq stays a duplicate, terminal or not."""
+        self.stream_a_to(6)
+        self.link.ws_message(wire(A, 5, "failed"))
+        self.assertEqual(self.store.rows["ra"].status, "running")
+
+    def test_incarnation_change_logged_once(self) -> None:
+        """Each new incarnation is logged once; a late answer of an older one is no news."""
+        self.ws.opened()
+        with capturedLogs() as logged:
+            for seq, incarnation in ((4, "a"), (5, "a"), (6, "b"), (7, "b")):
+                self.link.ws_message(dict(wire(A, seq), incarnation=incarnation))
+            self.link.poll_answer(self.row_b, PollOutcome(incarnation="a"))
+            self.link.poll_answer(self.row_b, PollOutcome(incarnation="c"))
+            self.link.ws_message(wire(A, 8))  # an old agent's frame: no incarnation at all
+        changes = [formatEvent(e) for e in logged if "incarnation" in e.get("log_format", "")]
+        self.assertEqual(
+            changes,
+            [
+                "agent agent1.example:12443 runs incarnation a",
+                "agent agent1.example:12443 restarted (incarnation a → b); its jobs are "
+                "checked for lost or renumbered events",
+                "agent agent1.example:12443 restarted (incarnation b → c); its jobs are "
+                "checked for lost or renumbered events",
+            ],
+        )
+        self.assertEqual(self.link.incarnations.current, "c")
+
+    def test_reopened_socket_sweeps_at_once(self) -> None:
+        """The first open waits for the sweep's interval; a reopened socket sweeps at once."""
+        self.ws.opened()
+        self.assertEqual(self.pollers[0].soon, 0)
+        self.ws.failed(handshake=False)
+        self.ws.failed(handshake=True)  # agent down: the fallback poller runs
+        self.ws.opened()
+        self.assertEqual([(p.backstop, p.soon) for p in self.pollers], [(True, 0), (False, 0),
+                                                                        (True, 1)])
+
+
+class MissingJobTests(LinkFixture):
+    """A reachable agent that does not know a job: failed after the deadline, never at once."""
+
+    not_found = {
+        "event": "error",
+        "job_id": B,
+        "status": "job_not_found",
+        "error_code": "JOB_NOT_FOUND",
+        "message": "Job not found",
+    }
+
+    def test_ws_not_found_fails_after_the_deadline_with_a_sentence(self) -> None:
+        """JOB_NOT_FOUND: one warning at once; at the deadline the row fails with a sentence."""
+        self.ws.opened()
+        with capturedLogs() as logged:
+            self.link.ws_message(self.not_found)
+        self.assertEqual(len([w for w in warnings(logged) if "does not know job" in w]), 1)
+        self.clock.advance(99)
+        self.assertEqual(self.store.rows["rb"].status, "running")
+        self.clock.advance(1)
+        row = self.store.rows["rb"]
+        self.assertEqual(
+            (row.status, row.error_message),
+            (
+                "failed",
+                f"agent agent1.example:12443 has not known job {B} for 100s (JOB_NOT_FOUND; "
+                "deadline 100s): its job history was lost or it was reinstalled",
+            ),
+        )
+        self.assertEqual([h.row_id for h in self.link.host_jobs], ["ra"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_known_again_cancels_the_deadline(self) -> None:
+        """Any answer for the job after JOB_NOT_FOUND (here an event) cancels the deadline."""
+        self.ws.opened()
+        self.link.ws_message(self.not_found)
+        self.clock.advance(50)
+        self.link.ws_message(wire(B, 1))
+        self.clock.advance(100)
+        self.assertEqual(self.store.rows["rb"].status, "running")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_polled_not_found_counts_from_the_first_answer(self) -> None:
+        """Repeated polled JOB_NOT_FOUND answers keep the first time; an empty page clears it."""
+        self.ws.failed()
+        gone = PollOutcome(gone="agent agent1.example:12443 does not know job")
+        self.link.poll_answer(self.row_b, gone)
+        self.clock.advance(60)
+        with capturedLogs() as logged:
+            self.link.poll_answer(self.row_b, gone)
+        self.assertEqual(warnings(logged), [])
+        self.link.poll_answer(self.row_a, PollOutcome())  # another job's answer changes nothing
+        self.clock.advance(40)
+        self.assertEqual(self.store.rows["rb"].status, "failed")
+        self.assertEqual(self.store.calls[-1].transport, "poll")
+
+    def test_failed_write_retried_at_the_next_answer(self) -> None:
+        """If the store cannot end the row at the deadline, the next JOB_NOT_FOUND ends it."""
+        self.ws.opened()
+        self.link.ws_message(self.not_found)
+        self.store.error = RuntimeError("database down")
+        self.clock.advance(100)
+        self.assertEqual(self.store.rows["rb"].status, "running")
+        self.store.error = None
+        self.link.poll_answer(self.row_b, PollOutcome(gone="not known"))
+        self.assertEqual(self.store.rows["rb"].status, "failed")
+
+    def test_stop_cancels_deadlines(self) -> None:
+        """stop() leaves no deadline timer behind."""
+        self.ws.opened()
+        self.link.ws_message(self.not_found)
+        self.successResultOf(self.link.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 
 from lpa.events import KIND_SNAPSHOT, JobEvent
 from lpa.relay.interfaces import AgentAddress, HostJob
-from lpa.relay.poller import AgentJobsHttp, AgentPoller, PollError, snapshot_event
+from lpa.relay.poller import AgentJobsHttp, AgentPoller, PollError, PollOutcome, snapshot_event
 
 ADDRESS = AgentAddress("agent1.example", 12443)
 JOB = "11111111-1111-4111-8111-111111111111"
@@ -56,12 +56,18 @@ class RecordingTarget:
         self.jobs = [(host_job, host_job.last_seq) for host_job in host_jobs]
         self.events: list[tuple[str, list[JobEvent]]] = []
         self.given_up: list[tuple[str, str]] = []
+        self.gone: list[tuple[str, str]] = []
+        self.answers: list[tuple[str, PollOutcome]] = []
 
     def poll_jobs(self) -> list[tuple[HostJob, int]]:
         return list(self.jobs)
 
-    def poll_events(self, host_job: HostJob, events: Any) -> None:
-        self.events.append((host_job.row_id, list(events)))
+    def poll_answer(self, host_job: HostJob, outcome: PollOutcome) -> None:
+        self.answers.append((host_job.row_id, outcome))
+        if outcome.gone is not None:
+            self.gone.append((host_job.row_id, outcome.gone))
+        elif outcome.events:
+            self.events.append((host_job.row_id, list(outcome.events)))
 
     def poll_give_up(self, host_job: HostJob, reason: str) -> None:
         self.given_up.append((host_job.row_id, reason))
@@ -79,7 +85,9 @@ def host_job(row_id: str = "r1", agent_job_id: str = JOB, last_seq: int = 0) -> 
     )
 
 
-class PollerTests(SynchronousTestCase):
+class PollerFixture(SynchronousTestCase):
+    """A poller of job JOB (row r1, from seq 2) on a fake agent resource; no tests here."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.resource = FakeAgentResource()
@@ -95,6 +103,9 @@ class PollerTests(SynchronousTestCase):
         done = self.poller._tick()
         self.stub.flush()
         self.successResultOf(done)
+
+
+class PollerTests(PollerFixture):
 
     def test_events_endpoint(self) -> None:
         """An lpa agent is asked for events after the cursor; data.events go on in seq order."""
@@ -150,22 +161,24 @@ class PollerTests(SynchronousTestCase):
         [(_, [event])] = self.target.events
         self.assertEqual((event.kind, event.seq, event.status), (KIND_SNAPSHOT, 40, "completed"))
 
-    def test_job_not_found_gives_up(self) -> None:
-        """JOB_NOT_FOUND from the agent ends the host job instead of polling forever."""
+    def test_job_not_found_is_reported_gone(self) -> None:
+        """JOB_NOT_FOUND is an answer (the link decides when to give up), not a poll failure."""
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
             404,
             envelope(error={"code": "JOB_NOT_FOUND", "message": "no"}),
         )
         self.poll()
-        [(row_id, reason)] = self.target.given_up
-        self.assertEqual(row_id, "r1")
-        self.assertIn("JOB_NOT_FOUND", reason)
+        self.assertEqual(
+            (self.target.gone, self.target.given_up, self.poller.interval),
+            ([("r1", f"agent agent1.example:12443 does not know job {JOB}")], [], 10),
+        )
 
-    def test_detail_404_gives_up(self) -> None:
-        """On an old agent, a 404 for the job detail ends the host job."""
+    def test_detail_404_is_reported_gone(self) -> None:
+        """On an old agent, a 404 for the job detail says the agent does not know the job."""
         self.resource.routes[f"/api/v1/jobs/{JOB}"] = (404, b"")
         self.poll()
-        self.assertEqual(len(self.target.given_up), 1)
+        self.assertEqual(len(self.target.gone), 1)
+        self.assertEqual(self.target.given_up, [])
 
     def test_errors_back_off_then_deadline(self) -> None:
         """Failed polls double the interval up to the cap; past the deadline the job ends failed."""
@@ -281,3 +294,134 @@ class RateLimitTests(SynchronousTestCase):
         stub.flush()
         self.assertEqual((poller.interval, target.given_up), (45, []))
         self.assertEqual(len(requests), 1)  # the rest of the pass waits too
+
+
+class AnomalyTests(PollerFixture):
+    """Agents that number below the relay's cursor, and what the poller makes of it."""
+
+    def detail(self, seq: int, status: str = "failed") -> dict[str, Any]:
+        return {"job_id": JOB, "status": status, "progress": 7, "message": "m", "logs": ["x"],
+                "seq": seq, "error": "Agent process restart", "error_code": "AGENT_RESTARTED"}
+
+    def test_409_events_ahead_is_the_snapshot(self) -> None:
+        """409 EVENTS_AHEAD: details.job is the snapshot at details.last_seq, with the incarnation."""
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            409,
+            envelope(error={"code": "EVENTS_AHEAD", "message": "ahead",
+                            "details": {"last_seq": 1, "incarnation": "i2",
+                                        "job": self.detail(1)}}),
+        )
+        self.poll()
+        [(_, outcome)] = self.target.answers
+        [event] = outcome.events
+        self.assertEqual(
+            (event.kind, event.seq, event.status, event.error_code, outcome.incarnation),
+            (KIND_SNAPSHOT, 1, "failed", "AGENT_RESTARTED", "i2"),
+        )
+        self.assertEqual(self.resource.requests, [f"/api/v1/jobs/{JOB}/events?after=2"])
+
+    def test_old_agent_numbering_below_the_cursor_gives_its_detail(self) -> None:
+        """An agent answering 200 with last_seq below the cursor: its job detail, at that seq."""
+        self.target.jobs = [(host_job(last_seq=53), 53)]
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=53"] = (
+            200, envelope({"events": [], "last_seq": 4, "status": "failed", "terminal": True}),
+        )
+        self.resource.routes[f"/api/v1/jobs/{JOB}"] = (200, envelope(self.detail(4)))
+        self.poll()
+        [(_, [event])] = self.target.events
+        self.assertEqual((event.kind, event.seq, event.status), (KIND_SNAPSHOT, 4, "failed"))
+
+    def test_ended_at_the_cursor_gives_its_detail(self) -> None:
+        """A terminal job with nothing after the cursor: its detail (the relay may lack the end)."""
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            200,
+            envelope({"events": [], "last_seq": 2, "status": "failed", "terminal": True,
+                      "incarnation": "i1"}),
+        )
+        self.resource.routes[f"/api/v1/jobs/{JOB}"] = (200, envelope(self.detail(2)))
+        self.poll()
+        [(_, outcome)] = self.target.answers
+        self.assertEqual([(e.seq, e.status) for e in outcome.events], [(2, "failed")])
+        self.assertEqual(outcome.incarnation, "i1")
+
+    def test_running_job_with_nothing_new_is_an_empty_answer(self) -> None:
+        """Nothing new for a running job: an empty answer (the agent knows the job), no detail."""
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            200, envelope({"events": [], "last_seq": 2, "status": "running", "terminal": False}),
+        )
+        self.poll()
+        self.assertEqual([(r, o.events, o.gone) for r, o in self.target.answers],
+                         [("r1", (), None)])
+        self.assertEqual(len(self.resource.requests), 1)
+
+    def test_unreadable_ahead_details_are_a_poll_error(self) -> None:
+        """A 409 whose details hold no readable job is a failed poll, not a crash."""
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            409,
+            envelope(error={"code": "EVENTS_AHEAD", "message": "a", "details": {"job": {}}}),
+        )
+        self.poll()
+        self.assertEqual((self.target.answers, self.poller.interval), ([], 20))
+
+    def test_poll_soon_runs_a_pass_now_once(self) -> None:
+        """poll_soon() polls at once and keeps the interval; it never overlaps a running pass."""
+        never: Deferred = Deferred()
+        self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
+            200, envelope({"events": [wire(3)]}),
+        )
+        self.poller.start(now=False)
+        self.poller.poll_soon()
+        self.stub.flush()
+        self.assertEqual(len(self.resource.requests), 1)
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [10])
+        self.poller._tick_deferred = never  # a pass in flight
+        self.poller.poll_soon()
+        self.assertEqual(len(self.resource.requests), 1)
+        self.poller._tick_deferred = None
+
+
+class SentenceTests(SynchronousTestCase):
+    """Poll errors and give-up reasons are sentences naming the agent, never a Failure repr."""
+
+    def test_wrapped_connection_loss(self) -> None:
+        """treq's ResponseNeverReceived([Failure(ConnectionLost)]) reads as a plain sentence."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import ResponseNeverReceived
+
+        class Lost:
+            def get(self, url: str) -> Any:
+                raise ResponseNeverReceived([Failure(ConnectionLost("Connection lost."))])
+
+        clock = Clock()
+        http = AgentJobsHttp(Lost(), ADDRESS, clock=clock, timeout=5)
+        error = self.failureResultOf(Deferred.fromCoroutine(http.fetch(JOB, 7)), PollError).value
+        self.assertEqual(
+            str(error),
+            f"agent agent1.example:12443 did not answer GET /api/v1/jobs/{JOB}/events?after=7: "
+            "the connection was lost before an answer",
+        )
+        self.assertEqual(error.cause, "the connection was lost before an answer")
+
+    def test_deadline_reason(self) -> None:
+        """The give-up reason names the agent, how long, the deadline and the cause."""
+
+        class Refused:
+            def get(self, url: str) -> Any:
+                raise ConnectionRefusedError(111, "Connection refused")
+
+        clock = Clock()
+        target = RecordingTarget(host_job())
+        poller = AgentPoller(
+            AgentJobsHttp(Refused(), ADDRESS, clock=clock, timeout=5),
+            target, clock=clock, interval=10, max_interval=10, deadline=20,
+        )
+        self.addCleanup(poller.stop)
+        poller.start()
+        clock.advance(10)
+        clock.advance(10)
+        self.assertEqual(
+            target.given_up,
+            [("r1", "the relay got no usable answer from agent agent1.example:12443 for 20s "
+                    "(deadline 20s): connection refused")],
+        )

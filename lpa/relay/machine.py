@@ -6,9 +6,9 @@
                    │                          ▲  subscribe per job (after_seq),
                    │ handshake failed         │  slow backstop sweep over REST
                    ▼                          │
-                polling ──handshake ok────────┘  (the factory redials with backoff)
-                  every poll_interval; errors back off; unreachable past the deadline or
-                  JOB_NOT_FOUND → the row ends failed
+                polling ──handshake ok────────┘  (the factory redials with backoff; a reopened
+                  every poll_interval; errors back off;  socket also sweeps over REST at once)
+                  no usable answer past the deadline → the row ends failed
 
     any state ── stop() ──▶ stopped   (close frame sent, pollers stopped, queued events handed
                                        to the store)
@@ -18,6 +18,11 @@ Events reach a host job only by ``job_id`` (the original relay applied every job
 call.  A failing store pauses that job (its events are kept, up to a bound; beyond it they are
 dropped and fetched again from the last applied seq — never lost silently) and retries with
 backoff.  A terminal result ends the job: unsubscribe and forget it (the original relay never left its loop).
+
+Events at or below the seq already received are duplicates, except a snapshot (``resync``,
+409/410, job detail) from an agent that lost or renumbered events: its final state is applied,
+a lower non-final seq is continued from (:mod:`lpa.relay.numbering`).  A job the agent says it
+does not know ends failed after the unreachable deadline (:mod:`lpa.relay.missing`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lpa.events import EVENT_JOB_COMPLETE, EVENT_JOB_STATUS, JobEvent
+from lpa.events import EVENT_JOB_COMPLETE, EVENT_JOB_STATUS, KIND_SNAPSHOT, JobEvent
 from lpa.relay.backoff import Backoff
 from lpa.relay.interfaces import (
     TRANSPORT_POLL,
@@ -41,6 +46,9 @@ from lpa.relay.interfaces import (
     HostJob,
     IRelayStore,
 )
+from lpa.relay.jobs_http import PollOutcome, incarnation_of
+from lpa.relay.missing import MissingJobs
+from lpa.relay.numbering import APPLY, RENUMBER, IncarnationWatch, judge_snapshot
 from lpa.relay.poller import IPollTarget, snapshot_event
 from lpa.relay.ws_client import IWebSocketListener
 
@@ -68,6 +76,13 @@ class _Followed:
     #: events were dropped while the store was down: resubscribe from applied_seq on resume
     resubscribe: bool = False
     failing: bool = False  # a fail_host_job call is in flight
+    #: the highest seq ever received: after an agent renumbered (received_seq moved down) the
+    #: row's seq may be up to this high
+    seq_floor: int = 0
+    #: a terminal event was received (queued or applied)
+    received_terminal: bool = False
+    #: the agent's incarnation with the last event received (None: unknown or an old agent)
+    incarnation: str | None = None
 
     @property
     def agent_job_id(self) -> str:
@@ -87,6 +102,8 @@ class AgentLink:
         (as Fleet's sweep backstop: a healthy-looking stream can still miss events; the sweep asks the
         events endpoint after the last seq received, which is normally empty).
     :param max_queued_events: per host job, events kept while the store is failing.
+    :param missing_deadline: a job the agent says it does not know ends failed this long after
+        the first such answer (the relay's unreachable deadline).
     """
 
     def __init__(
@@ -99,6 +116,7 @@ class AgentLink:
         make_poller: Callable[[AgentAddress, Any], Any],
         make_backoff: Callable[[], Backoff] = lambda: Backoff(1.0, 30.0),
         max_queued_events: int = 10000,
+        missing_deadline: float = 900.0,
     ) -> None:
         self.address = address
         self.label = f"{address.host}:{address.port}"
@@ -115,6 +133,11 @@ class AgentLink:
         self._poller_is_backstop = False
         #: why the last handshake or connection failed (for operators and tests)
         self.last_failure: str | None = None
+        self._opened_before = False
+        self.incarnations = IncarnationWatch(self.label)
+        self._missing = MissingJobs(
+            self.label, clock=clock, deadline=missing_deadline, on_deadline=self._missing_deadline
+        )
 
     # -- what the scanner calls ------------------------------------------------------------
 
@@ -158,6 +181,7 @@ class AgentLink:
         ws, self._ws = self._ws, None
         if ws is not None:
             waits.append(ws.stop())
+        self._missing.stop()
         for followed in list(self._followed.values()):
             if followed.retry is not None and followed.retry.active():
                 followed.retry.cancel()
@@ -169,7 +193,10 @@ class AgentLink:
 
     def _follow(self, host_job: HostJob) -> None:
         followed = _Followed(
-            host_job=host_job, applied_seq=host_job.last_seq, received_seq=host_job.last_seq
+            host_job=host_job,
+            applied_seq=host_job.last_seq,
+            received_seq=host_job.last_seq,
+            seq_floor=host_job.last_seq,
         )
         self._followed[host_job.row_id] = followed
         _log.info(
@@ -186,6 +213,7 @@ class AgentLink:
         if self._followed.get(followed.host_job.row_id) is not followed:
             return
         del self._followed[followed.host_job.row_id]
+        self._missing.forget(followed.host_job.row_id)
         if followed.retry is not None and followed.retry.active():
             followed.retry.cancel()
         followed.retry = None
@@ -232,11 +260,16 @@ class AgentLink:
     def ws_opened(self) -> None:
         if self.state == STOPPED:
             return
+        reopened, self._opened_before = self._opened_before, True
         self._run_poller(backstop=True)
         self._set_state(STREAMING)
         for followed in list(self._followed.values()):
             followed.resubscribe = False
             self._subscribe(followed)
+        if reopened:
+            # the agent may have restarted: an agent that lost or renumbered events can answer
+            # a subscribe with nothing at all; its events endpoint tells (see lpa.relay.jobs_http)
+            self._poller.poll_soon()
 
     def ws_failed(self, reason: str, handshake: bool) -> None:
         if self.state == STOPPED:
@@ -250,6 +283,8 @@ class AgentLink:
 
     def ws_message(self, message: dict) -> None:
         event = message.get("event")
+        incarnation = incarnation_of(message)
+        self.incarnations.saw(incarnation)
         if event in (EVENT_JOB_STATUS, EVENT_JOB_COMPLETE):
             try:
                 job_event = JobEvent.from_wire(message)
@@ -258,9 +293,9 @@ class AgentLink:
                     "agent {agent} sent a bad event: {error}", agent=self.label, error=str(error)
                 )
                 return
-            self._route(job_event, TRANSPORT_WS)
+            self._route(job_event, TRANSPORT_WS, incarnation)
         elif event == "resync":
-            self._resync(message)
+            self._resync(message, incarnation)
         elif event == "error":
             self._agent_error(message)
         else:  # connected, subscribed, unsubscribed, anything newer
@@ -271,7 +306,7 @@ class AgentLink:
                 job_id=message.get("job_id"),
             )
 
-    def _route(self, job_event: JobEvent, transport: str) -> None:
+    def _route(self, job_event: JobEvent, transport: str, incarnation: str | None) -> None:
         targets = self._by_agent_job(job_event.job_id)
         if not targets:
             _log.debug(
@@ -281,9 +316,10 @@ class AgentLink:
             )
             return
         for followed in targets:
-            self._receive(followed, [job_event], transport)
+            self._missing.saw_known(followed.host_job.row_id)
+            self._receive(followed, [job_event], transport, incarnation)
 
-    def _resync(self, message: dict) -> None:
+    def _resync(self, message: dict, incarnation: str | None) -> None:
         job_id = message.get("job_id")
         detail = message.get("job")
         targets = self._by_agent_job(job_id) if isinstance(job_id, str) else []
@@ -308,7 +344,8 @@ class AgentLink:
             seq=snapshot.seq,
         )
         for followed in targets:
-            self._receive(followed, [snapshot], TRANSPORT_WS)
+            self._missing.saw_known(followed.host_job.row_id)
+            self._receive(followed, [snapshot], TRANSPORT_WS, incarnation)
 
     def _agent_error(self, message: dict) -> None:
         code = message.get("error_code") or str(message.get("status", "")).upper()
@@ -321,9 +358,12 @@ class AgentLink:
         )
         if code == "JOB_NOT_FOUND" and isinstance(job_id, str):
             for followed in self._by_agent_job(job_id):
-                self._give_up(
-                    followed, f"the agent does not know job {job_id} (JOB_NOT_FOUND)", TRANSPORT_WS
-                )
+                self._missing.saw_missing(followed.host_job.row_id, job_id, TRANSPORT_WS)
+
+    def _missing_deadline(self, row_id: str, reason: str, transport: str) -> None:
+        followed = self._followed.get(row_id)
+        if followed is not None:
+            self._give_up(followed, reason, transport)
 
     # -- poll target -----------------------------------------------------------------------
 
@@ -334,12 +374,17 @@ class AgentLink:
             if f.retry is None and not f.failing
         ]
 
-    def poll_events(self, host_job: HostJob, events: Sequence[JobEvent]) -> None:
+    def poll_answer(self, host_job: HostJob, outcome: PollOutcome) -> None:
         followed = self._followed.get(host_job.row_id)
-        if followed is not None and followed.agent_job_id == host_job.agent_job_id:
-            self._receive(
-                followed, [e for e in events if e.job_id == followed.agent_job_id], TRANSPORT_POLL
-            )
+        if followed is None or followed.agent_job_id != host_job.agent_job_id:
+            return
+        self.incarnations.saw(outcome.incarnation)
+        if outcome.gone is not None:
+            self._missing.saw_missing(host_job.row_id, host_job.agent_job_id, TRANSPORT_POLL)
+            return
+        self._missing.saw_known(host_job.row_id)
+        events = [e for e in outcome.events if e.job_id == followed.agent_job_id]
+        self._receive(followed, events, TRANSPORT_POLL, outcome.incarnation)
 
     def poll_give_up(self, host_job: HostJob, reason: str) -> None:
         followed = self._followed.get(host_job.row_id)
@@ -348,15 +393,34 @@ class AgentLink:
 
     # -- applying --------------------------------------------------------------------------
 
-    def _receive(self, followed: _Followed, events: Iterable[JobEvent], transport: str) -> None:
+    def _receive(
+        self,
+        followed: _Followed,
+        events: Iterable[JobEvent],
+        transport: str,
+        incarnation: str | None = None,
+    ) -> None:
         if followed.resubscribe and transport == TRANSPORT_WS:
             return  # dropped for the store: the stream resumes from applied_seq on resubscribe
         for job_event in events:
             if job_event.seq is not None:
                 if job_event.seq <= followed.received_seq:
-                    continue  # already queued or applied (replay overlap, poll after WS …)
-                followed.received_seq = job_event.seq
+                    # already queued or applied (replay overlap, poll after WS …), unless it is
+                    # the snapshot of an agent that lost or renumbered events
+                    if not self._behind(followed, job_event, incarnation):
+                        continue
+                else:
+                    followed.received_seq = job_event.seq
+                if job_event.terminal and job_event.seq <= followed.seq_floor:
+                    # numbered below what the row may hold (the agent renumbered): hand it over
+                    # as the agent's final snapshot, which the store applies whatever its seq
+                    job_event = attr.evolve(job_event, kind=KIND_SNAPSHOT)
+                followed.seq_floor = max(followed.seq_floor, followed.received_seq)
+            if job_event.terminal:
+                followed.received_terminal = True
             followed.queue.append((job_event, transport))
+        if incarnation is not None:
+            followed.incarnation = incarnation
         if len(followed.queue) > self._max_queued:
             _log.warn(
                 "job {agent_job_id}: {count} events wait for the store; dropping them to fetch "
@@ -369,6 +433,30 @@ class AgentLink:
             followed.received_seq = followed.applied_seq
             followed.resubscribe = True
         self._pump(followed)
+
+    def _behind(self, followed: _Followed, job_event: JobEvent, incarnation: str | None) -> bool:
+        """A snapshot at or below the seq received: True to apply it (see lpa.relay.numbering)."""
+        if job_event.kind != KIND_SNAPSHOT:
+            return False
+        judgement = judge_snapshot(
+            self.label,
+            job_event,
+            had_seq=followed.received_seq,
+            had_terminal=followed.received_terminal,
+            incarnation_before=followed.incarnation,
+            incarnation_now=incarnation,
+        )
+        if judgement.warning is not None:
+            _log.warn(
+                "{anomaly}",
+                anomaly=judgement.warning,
+                agent=self.label,
+                agent_job_id=followed.agent_job_id,
+                row_id=followed.host_job.row_id,
+            )
+        if judgement.action == RENUMBER and job_event.seq is not None:
+            followed.received_seq = job_event.seq
+        return judgement.action == APPLY
 
     def _pump(self, followed: _Followed, force: bool = False) -> None:
         if followed.in_flight is not None or not followed.queue:

@@ -212,6 +212,7 @@ def make_relay_service(
             make_poller=make_poller,
             make_backoff=make_backoff,
             max_queued_events=config.max_pending_events,
+            missing_deadline=config.unreachable_deadline,
         )
 
     scanner = Scanner(store, make_link, clock=clock, interval=config.scan_interval)

@@ -1,0 +1,123 @@
+"""Jobs a reachable agent says it does not know: each ends failed after a deadline, not at once.
+
+An agent answers ``JOB_NOT_FOUND`` (REST 404 or a WebSocket ``error``) for a job whose history
+it lost (state directory wiped, host reinstalled, a backup restored).  An lpa agent answers only
+after it loaded its history, so one such answer is already strong evidence; the deadline (the
+same ``ws_relay_unreachable_deadline_secs`` as for an unreachable agent) guards against a
+transient mistake — another agent briefly on the address, a proxy answering for it — and keeps
+one rule for "the relay gave up on this host".  Any answer that shows the agent knows the job
+again (an event, a snapshot, an empty events page) clears it::
+
+    saw_missing(row) ──first──▶ warn, timer(deadline) ──fires──▶ on_deadline(row, reason)
+         │  again: nothing new (past the deadline: on_deadline at once, e.g. after a failed write)
+    saw_known(row) ──▶ timer cancelled, "knows job again"
+    forget(row) / stop() ──▶ timer cancelled quietly
+
+The first-seen time lives in memory: a relay restart starts the deadline again (a row can stay
+``running`` at most one deadline after the last relay start).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attr
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+_log = Logger()
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _Missing:
+    agent_job_id: str
+    since: float
+    transport: str
+    timer: IDelayedCall | None = None
+
+
+class MissingJobs:
+    """The missing jobs of one agent link (see the module docstring).
+
+    :param on_deadline: ``on_deadline(row_id, reason, transport)``; ``reason`` is the sentence
+        for the row's ``error_message``.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        clock: IReactorTime,
+        deadline: float,
+        on_deadline: Callable[[str, str, str], None],
+    ) -> None:
+        self._label = label
+        self._clock = clock
+        self.deadline = deadline
+        self._on_deadline = on_deadline
+        self._rows: dict[str, _Missing] = {}
+
+    def __contains__(self, row_id: str) -> bool:
+        return row_id in self._rows
+
+    def saw_missing(self, row_id: str, agent_job_id: str, transport: str) -> None:
+        """The agent said it does not know ``agent_job_id`` (the job of row ``row_id``)."""
+        now = self._clock.seconds()
+        missing = self._rows.get(row_id)
+        if missing is not None and missing.agent_job_id == agent_job_id:
+            missing.transport = transport
+            if now - missing.since >= self.deadline:
+                self._expire(row_id)
+            return
+        self.forget(row_id)
+        missing = _Missing(agent_job_id=agent_job_id, since=now, transport=transport)
+        self._rows[row_id] = missing
+        missing.timer = self._clock.callLater(self.deadline, self._expire, row_id)
+        _log.warn(
+            "agent {agent} does not know job {agent_job_id} (row {row_id}): its job history was "
+            "lost or it was reinstalled; the row ends failed in {deadline:g}s unless the agent "
+            "knows the job again",
+            agent=self._label,
+            agent_job_id=agent_job_id,
+            row_id=row_id,
+            deadline=self.deadline,
+        )
+
+    def saw_known(self, row_id: str) -> None:
+        """The agent answered for the job of ``row_id``: it knows it (again)."""
+        missing = self._rows.get(row_id)
+        if missing is None:
+            return
+        self.forget(row_id)
+        _log.info(
+            "agent {agent} knows job {agent_job_id} (row {row_id}) again",
+            agent=self._label,
+            agent_job_id=missing.agent_job_id,
+            row_id=row_id,
+        )
+
+    def forget(self, row_id: str) -> None:
+        """Stop tracking ``row_id`` quietly (the row ended or is no longer followed)."""
+        missing = self._rows.pop(row_id, None)
+        if missing is not None and missing.timer is not None and missing.timer.active():
+            missing.timer.cancel()
+
+    def stop(self) -> None:
+        for row_id in list(self._rows):
+            self.forget(row_id)
+
+    def _expire(self, row_id: str) -> None:
+        missing = self._rows.get(row_id)
+        if missing is None:
+            return
+        if missing.timer is not None and missing.timer.active():
+            missing.timer.cancel()
+        missing.timer = None  # stays tracked: a failed write is retried at the next answer
+        elapsed = self._clock.seconds() - missing.since
+        self._on_deadline(
+            row_id,
+            f"agent {self._label} has not known job {missing.agent_job_id} for {elapsed:.0f}s "
+            f"(JOB_NOT_FOUND; deadline {self.deadline:g}s): its job history was lost or it was "
+            "reinstalled",
+            missing.transport,
+        )
