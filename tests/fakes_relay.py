@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob, IRelayStore
+from lpa.relay.missing_record import IMissingRecord
 from lpa.relay.rows import DB_RUNNING, ROW_MISSING, Reduction, RowState, fail_state, reduce_events, rollup_status
 
 
@@ -203,3 +204,30 @@ class FakeRelayStore:
             }
         )
         return 1
+
+
+@implementer(IMissingRecord)
+class FakeMissingRecord:
+    """An in-memory :class:`~lpa.relay.missing_record.IMissingRecord`.
+
+    ``recorded[row_id]`` is what ``mark`` answers (seconds since the first JOB_NOT_FOUND a
+    database would hold; 0.0 when absent); set :attr:`error` to make every call errback.
+    """
+
+    def __init__(self) -> None:
+        self.recorded: dict[str, float] = {}
+        self.calls: list[tuple[str, str]] = []  # ("mark" | "clear", row_id)
+        self.error: Exception | None = None
+
+    def mark(self, row_id: str, agent_job_id: str) -> Deferred:
+        self.calls.append(("mark", row_id))
+        if self.error is not None:
+            return defer.fail(self.error)
+        return defer.succeed(self.recorded.setdefault(row_id, 0.0))
+
+    def clear(self, row_id: str) -> Deferred:
+        self.calls.append(("clear", row_id))
+        if self.error is not None:
+            return defer.fail(self.error)
+        self.recorded.pop(row_id, None)
+        return defer.succeed(None)

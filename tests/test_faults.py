@@ -277,12 +277,11 @@ class AgentFaultTests(FaultTestCase):
         await self.check(job_id, hosts)
 
     async def test_agent_that_lost_its_history(self) -> None:
-        """An agent that no longer knows the job (state wiped): failed after the deadline."""
-        deadline = 6.0
+        """Agents that no longer know the job: failed after the deadline, across a relay kill."""
+        deadline = 10.0
         agents = await self.start_agents(3, download_seconds=1.0, dpkg_seconds=4.0)
-        await self.start_relay(ws_relay_unreachable_deadline_secs=deadline)
+        relay = await self.start_relay(ws_relay_unreachable_deadline_secs=deadline)
         job_id, hosts = await self.dispatch(agents)
-        back: dict[str, float] = {}
 
         async def forget(host: Host) -> None:
             await sleep_until(
@@ -291,23 +290,30 @@ class AgentFaultTests(FaultTestCase):
             host.agent.kill()
             shutil.rmtree(host.agent.state_dir)
             await host.agent.restart(timeout=60)
-            back[host.host_id] = time.time()
 
         await run_all(*(forget(h) for h in hosts))
-        assert self.relay is not None
-        relay = self.relay
-        await wait_until(
-            lambda: all(f"does not know job {h.agent_job}" in relay.log_text() for h in hosts),
-            "the relay to hear JOB_NOT_FOUND",
-            30,
-        )
+
+        def first_missing() -> list[Any]:
+            return [self.seeder.one("SELECT relay_missing_since FROM patch_job_hosts "
+                                    "WHERE id = %s", (h.row_id,))[0] for h in hosts]
+
+        await wait_until(lambda: None not in first_missing(), "JOB_NOT_FOUND to be recorded", 30)
+        since = {h.row_id: t.timestamp() for h, t in zip(hosts, first_missing())}
+        self.assertEqual({self.seeder.row(h.row_id)["status"] for h in hosts}, {"running"})
+        # a relay restart within the deadline must not start the count again
+        await sleep_until(max(since.values()) + 3.0)
+        relay.kill()
+        await relay.start(timeout=60)
+        restarted = time.time()
         await self.settle(job_id, hosts)
         for host in hosts:
             row = self.seeder.row(host.row_id)
+            self.assertEqual(row["status"], "failed")
             self.assertIn("JOB_NOT_FOUND", row["error_message"])
             self.assertIn(f"agent localhost:{host.agent.port}", row["error_message"])
-            waited = row["completed_at"].timestamp() - back[host.host_id]
-            self.assertGreater(waited, deadline - 1.0, f"{host.host_id} ended after {waited:.1f}s")
+            ended = row["completed_at"].timestamp()
+            self.assertGreater(ended - since[host.row_id], deadline - 0.5, "ended before")
+            self.assertLess(ended, restarted + deadline - 1.0, "counted from the restart")
         details = await self.check(job_id, hosts)
         self.assertEqual({d.get("code") for d in details.values()}, {404})
 

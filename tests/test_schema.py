@@ -13,7 +13,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.relay import migrate as migrate_command
 from lpa.relay import schema
-from lpa.relay.schema import RELAY_COLUMNS, MigrationError, migrate, migration_names
+from lpa.relay.schema import (
+    RELAY_COLUMNS,
+    RELAY_DEADLINE_COLUMNS,
+    MigrationError,
+    migrate,
+    migration_names,
+)
 from tests import pg
 from tests.pgutil import Seeder
 
@@ -128,7 +134,7 @@ class MigrateTests(SynchronousTestCase):
                           "relay_transport FROM patch_job_hosts"),
             ("running", "a1", "half done", 0, None))
         self.assertEqual(_columns(self.seed, "patch_job_hosts"),
-                         manager_columns | set(RELAY_COLUMNS))
+                         manager_columns | set(RELAY_COLUMNS) | set(RELAY_DEADLINE_COLUMNS))
         # the manager's own tables were not re-created or extended
         self.assertEqual(_columns(self.seed, "hosts"),
                          {"id", "fqdn", "ip_address", "display_name", "agent_port",

@@ -104,6 +104,8 @@ class AgentLink:
     :param max_queued_events: per host job, events kept while the store is failing.
     :param missing_deadline: a job the agent says it does not know ends failed this long after
         the first such answer (the relay's unreachable deadline).
+    :param missing_record: an :class:`~lpa.relay.missing_record.IMissingRecord` keeping that
+        first answer's time in the row, so the deadline survives a relay restart (optional).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class AgentLink:
         make_backoff: Callable[[], Backoff] = lambda: Backoff(1.0, 30.0),
         max_queued_events: int = 10000,
         missing_deadline: float = 900.0,
+        missing_record: Any = None,
     ) -> None:
         self.address = address
         self.label = f"{address.host}:{address.port}"
@@ -136,7 +139,11 @@ class AgentLink:
         self._opened_before = False
         self.incarnations = IncarnationWatch(self.label)
         self._missing = MissingJobs(
-            self.label, clock=clock, deadline=missing_deadline, on_deadline=self._missing_deadline
+            self.label,
+            clock=clock,
+            deadline=missing_deadline,
+            on_deadline=self._missing_deadline,
+            record=missing_record,
         )
 
     # -- what the scanner calls ------------------------------------------------------------

@@ -13,8 +13,11 @@ again (an event, a snapshot, an empty events page) clears it::
     saw_known(row) ──▶ timer cancelled, "knows job again"
     forget(row) / stop() ──▶ timer cancelled quietly
 
-The first-seen time lives in memory: a relay restart starts the deadline again (a row can stay
-``running`` at most one deadline after the last relay start).
+The first-seen time lives in memory and, through an optional
+:class:`~lpa.relay.missing_record.IMissingRecord`, in the row (``relay_missing_since``): when the
+row already holds an earlier time (this relay restarted, or took the agent over from another
+relay) the deadline counts from that one.  If the record cannot be written (database down) the
+deadline counts from this relay's own first answer, as it would without a record.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from typing import Callable
 import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lpa.relay.missing_record import IMissingRecord, first_line
 
 _log = Logger()
 
@@ -41,6 +47,7 @@ class MissingJobs:
 
     :param on_deadline: ``on_deadline(row_id, reason, transport)``; ``reason`` is the sentence
         for the row's ``error_message``.
+    :param record: where the first-seen time is also kept (see the module docstring).
     """
 
     def __init__(
@@ -50,11 +57,13 @@ class MissingJobs:
         clock: IReactorTime,
         deadline: float,
         on_deadline: Callable[[str, str, str], None],
+        record: IMissingRecord | None = None,
     ) -> None:
         self._label = label
         self._clock = clock
         self.deadline = deadline
         self._on_deadline = on_deadline
+        self._record = record
         self._rows: dict[str, _Missing] = {}
 
     def __contains__(self, row_id: str) -> bool:
@@ -82,6 +91,46 @@ class MissingJobs:
             row_id=row_id,
             deadline=self.deadline,
         )
+        if self._record is not None:
+            self._record.mark(row_id, agent_job_id).addCallbacks(
+                self._marked,
+                self._record_failed,
+                callbackArgs=(row_id, missing),
+                errbackArgs=(agent_job_id,),
+            )
+
+    def _marked(self, elapsed: float, row_id: str, missing: _Missing) -> None:
+        """The row held an earlier first-seen time: count the deadline from it."""
+        if self._rows.get(row_id) is not missing:
+            return  # known again, ended or stopped meanwhile
+        now = self._clock.seconds()
+        if elapsed <= now - missing.since + 1.0:
+            return  # recorded just now (or the clocks agree): nothing to correct
+        missing.since = now - elapsed
+        _log.info(
+            "agent {agent} has not known job {agent_job_id} (row {row_id}) for {elapsed:.0f}s "
+            "already (recorded before this relay followed it)",
+            agent=self._label,
+            agent_job_id=missing.agent_job_id,
+            row_id=row_id,
+            elapsed=elapsed,
+        )
+        if missing.timer is not None and missing.timer.active():
+            missing.timer.cancel()
+        missing.timer = None
+        if elapsed >= self.deadline:
+            self._expire(row_id)
+        else:
+            missing.timer = self._clock.callLater(self.deadline - elapsed, self._expire, row_id)
+
+    def _record_failed(self, failure: Failure, agent_job_id: str) -> None:
+        _log.warn(
+            "could not record in the database when agent {agent} stopped knowing job "
+            "{agent_job_id}: {error}; its deadline counts from this relay's first answer",
+            agent=self._label,
+            agent_job_id=agent_job_id,
+            error=first_line(failure.value),
+        )
 
     def saw_known(self, row_id: str) -> None:
         """The agent answered for the job of ``row_id``: it knows it (again)."""
@@ -89,6 +138,8 @@ class MissingJobs:
         if missing is None:
             return
         self.forget(row_id)
+        if self._record is not None:
+            self._record.clear(row_id).addErrback(self._record_failed, missing.agent_job_id)
         _log.info(
             "agent {agent} knows job {agent_job_id} (row {row_id}) again",
             agent=self._label,

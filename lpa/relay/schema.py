@@ -56,6 +56,9 @@ RELAY_COLUMNS: tuple[str, ...] = (
     "relay_message",
 )
 
+#: the columns ``004_relay_deadline.sql`` adds to ``patch_job_hosts`` (the JOB_NOT_FOUND deadline)
+RELAY_DEADLINE_COLUMNS: tuple[str, ...] = ("relay_missing_since", "relay_missing_agent_job_id")
+
 
 class MigrationError(LpaError):
     """The schema could not be applied; nothing was changed (the transaction rolled back)."""

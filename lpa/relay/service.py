@@ -140,7 +140,9 @@ def make_relay_service(
     if clock is None:
         clock = reactor
     own_store = store is None
+    missing_record = None
     if store is None:
+        from lpa.relay.missing_record import PostgresMissingRecord
         from lpa.relay.store import PostgresRelayStore
 
         store = PostgresRelayStore(
@@ -149,6 +151,7 @@ def make_relay_service(
             reactor=reactor,
             max_pending_events=config.max_pending_events,
         )
+        missing_record = PostgresMissingRecord(config.database_url, reactor=reactor)
     if tls_options_for is None:
         from lpa.tls import client_tls_options
 
@@ -213,6 +216,7 @@ def make_relay_service(
             make_backoff=make_backoff,
             max_queued_events=config.max_pending_events,
             missing_deadline=config.unreachable_deadline,
+            missing_record=missing_record,
         )
 
     scanner = Scanner(store, make_link, clock=clock, interval=config.scan_interval)
