@@ -48,7 +48,13 @@ from lpa.relay.interfaces import (
 )
 from lpa.relay.jobs_http import PollOutcome, incarnation_of
 from lpa.relay.missing import MissingJobs
-from lpa.relay.numbering import APPLY, RENUMBER, IncarnationWatch, judge_snapshot
+from lpa.relay.numbering import (
+    APPLY,
+    BEHIND_FORMAT,
+    RENUMBER,
+    IncarnationWatch,
+    judge_snapshot,
+)
 from lpa.relay.poller import IPollTarget, snapshot_event
 from lpa.relay.ws_client import IWebSocketListener
 
@@ -453,14 +459,8 @@ class AgentLink:
             incarnation_before=followed.incarnation,
             incarnation_now=incarnation,
         )
-        if judgement.warning is not None:
-            _log.warn(
-                "{anomaly}",
-                anomaly=judgement.warning,
-                agent=self.label,
-                agent_job_id=followed.agent_job_id,
-                row_id=followed.host_job.row_id,
-            )
+        if judgement.warn is not None:
+            _log.warn(BEHIND_FORMAT, row_id=followed.host_job.row_id, **judgement.warn)
         if judgement.action == RENUMBER and job_event.seq is not None:
             followed.received_seq = job_event.seq
         return judgement.action == APPLY

@@ -36,12 +36,19 @@ SKIP = "skip"  # nothing new
 _REMEMBERED = 8
 
 
+#: the warning for a snapshot behind the link's seq; one format, structured fields
+BEHIND_FORMAT = (
+    "agent {agent} lost or renumbered events of job {agent_job_id}: the relay had seq {had_seq}, "
+    "the agent's last is {agent_seq} ({behind} lower{incarnations}); {outcome}"
+)
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Judgement:
-    """What to do with a snapshot at or below the link's seq, and the warning to log (if any)."""
+    """What to do with a snapshot at or below the link's seq; ``warn`` holds the log fields."""
 
     action: str
-    warning: str | None = None
+    warn: dict[str, object] | None = None
 
 
 def _incarnations(before: str | None, now: str | None) -> str:
@@ -61,28 +68,31 @@ def judge_snapshot(
     incarnation_before: str | None,
     incarnation_now: str | None,
 ) -> Judgement:
-    """The rule in the module docstring for ``snapshot`` (its seq at or below ``had_seq``)."""
+    """The rule in the module docstring for ``snapshot`` (its seq at or below ``had_seq``).
+
+    ``Judgement.warn`` (when set) are the fields of :data:`BEHIND_FORMAT`.
+    """
     seq = snapshot.seq if snapshot.seq is not None else had_seq
     if had_terminal:
         return Judgement(SKIP)  # the job's end is already on its way to the store
     behind = had_seq - seq
     if not snapshot.terminal and behind == 0:
         return Judgement(SKIP)
-    where = (
-        f"the relay had seq {had_seq}, the agent's last is {seq} ({behind} lower"
-        f"{_incarnations(incarnation_before, incarnation_now)})"
-    )
+    fields: dict[str, object] = {
+        "agent": agent,
+        "agent_job_id": snapshot.job_id,
+        "had_seq": had_seq,
+        "agent_seq": seq,
+        "behind": behind,
+        "incarnations": _incarnations(incarnation_before, incarnation_now),
+        "incarnation_before": incarnation_before,
+        "incarnation_now": incarnation_now,
+    }
     if snapshot.terminal:
-        return Judgement(
-            APPLY,
-            f"agent {agent} lost or renumbered events of job {snapshot.job_id}: {where}; "
-            f"taking its final state {snapshot.status}",
-        )
-    return Judgement(
-        RENUMBER,
-        f"agent {agent} lost or renumbered events of job {snapshot.job_id}: {where}; "
-        f"continuing from its seq {seq} (the row keeps seq {had_seq})",
-    )
+        fields["outcome"] = f"taking its final state {snapshot.status}"
+        return Judgement(APPLY, fields)
+    fields["outcome"] = f"continuing from its seq {seq} (the row keeps seq {had_seq})"
+    return Judgement(RENUMBER, fields)
 
 
 class IncarnationWatch:
