@@ -10,7 +10,6 @@
   process also runs proxies, so it must never block), which can reconnect after a PostgreSQL
   restart.
 * :func:`mutating_start` — when the stand-in package run of an agent started.
-* :func:`log_problems` — "Unhandled Error" and traceback lines in a daemon's log.
 """
 
 from __future__ import annotations
@@ -218,11 +217,3 @@ def mutating_start(agent: Any) -> float | None:
             return float(entry["time"])
     return None
 
-
-def log_problems(text: str) -> list[str]:
-    """Lines of a daemon log that show an unhandled error or a traceback."""
-    return [
-        line
-        for line in text.splitlines()
-        if "Unhandled Error" in line or "Traceback (most recent call last)" in line
-    ]

@@ -40,7 +40,8 @@ from lpa.relay.rows import DB_STATUS, DB_TERMINAL, rollup_status
 from tests import pg
 from tests.agentproc import AgentProcess, RelayProcess, relay_toml, wait_until
 from tests.certs import make_test_pki
-from tests.faultkit import AsyncListener, BlackholeProxy, log_problems, mutating_start
+from tests.faultkit import AsyncListener, BlackholeProxy, mutating_start
+from tests.logcheck import assert_no_unhandled
 from tests.pgutil import Seeder
 
 SEED = int(os.environ.get("LPA_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
@@ -68,6 +69,11 @@ async def sleep(seconds: float) -> None:
 async def sleep_until(when: float) -> None:
     """Sleep until ``time.time()`` reaches ``when`` (stand-in records use the wall clock)."""
     await sleep(when - time.time())
+
+
+def daemon_logs(daemon: Any) -> tuple[str, str]:
+    """A daemon's twistd log file and the file its stdout and stderr go to."""
+    return daemon.log_path, os.path.join(daemon.directory, "stdout.log")
 
 
 def run_all(*coroutines: Awaitable[Any]) -> Deferred:
@@ -223,7 +229,7 @@ class FaultTestCase(TestCase):
         self.assertEqual(jobs[0]["host_count"], len(hosts))
         for daemon in [*self.agents, self.relay if check_relay_log else None]:
             if daemon is not None:
-                self.assertEqual(log_problems(daemon.log_text()), [], daemon.log_path)
+                assert_no_unhandled(*daemon_logs(daemon))
         return details
 
 
@@ -389,7 +395,7 @@ class RelayFaultTests(FaultTestCase):
         await self.settle(job_id, hosts)
         assert self.relay is not None
         await self.relay.stop()
-        self.assertEqual(log_problems(self.relay.log_text()), [])
+        assert_no_unhandled(*daemon_logs(self.relay))
 
     test_postgresql_restart_leaves_no_unhandled_error.todo = (  # type: ignore[attr-defined]
         "txpostgres reports every lost connection as an Unhandled Error (issue 10, the store's "
