@@ -26,6 +26,11 @@ from twisted.internet.task import LoopingCall
 from tests import standin
 
 
+def _io(side: Protocol) -> Any:
+    """A connected side's TCP transport (write, loseConnection, abortConnection)."""
+    return side.transport
+
+
 class _Pair:
     """One proxied connection: the accepted side and the side connected to the agent."""
 
@@ -43,19 +48,19 @@ class _Pair:
         if self.back is None:
             self.buffered.append(data)
         else:
-            self.back.transport.write(data)
+            _io(self.back).write(data)
 
     def from_back(self, data: bytes) -> None:
         if not self.poisoned and self.front is not None:
-            self.front.transport.write(data)
+            _io(self.front).write(data)
 
     def back_connected(self, back: "_Back") -> None:
         self.back = back
         if self.closed or self.poisoned:
-            back.transport.abortConnection()
+            _io(back).abortConnection()
             return
         for data in self.buffered:
-            back.transport.write(data)
+            _io(back).write(data)
         self.buffered = []
 
     def lost(self, side: Protocol) -> None:
@@ -67,14 +72,14 @@ class _Pair:
         self.proxy.pairs.discard(self)
         other = self.back if side is self.front else self.front
         if other is not None and not other.gone:
-            other.transport.loseConnection()
+            _io(other).loseConnection()
 
     def reset(self) -> None:
         self.closed = True
         self.proxy.pairs.discard(self)
         for side in (self.front, self.back):
             if side is not None and not side.gone:
-                side.transport.abortConnection()
+                _io(side).abortConnection()
 
 
 class _Front(Protocol):

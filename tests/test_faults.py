@@ -78,7 +78,9 @@ def daemon_logs(daemon: Any) -> tuple[str, str]:
 
 def run_all(*coroutines: Awaitable[Any]) -> Deferred:
     """Run coroutines concurrently; fire when all did (the first failure fails it)."""
-    deferreds = [Deferred.fromCoroutine(c) for c in coroutines]  # type: ignore[arg-type]
+    deferreds: list[Deferred[Any]] = [
+        Deferred.fromCoroutine(c) for c in coroutines  # type: ignore[arg-type]
+    ]
     return gatherResults(deferreds, consumeErrors=True)
 
 
