@@ -13,7 +13,9 @@ from a LISTEN session:
 4. the ``seq`` in one host's notifications never goes backwards;
 5. a row whose seq is above the agent's last one (the agent lost or renumbered events) was
    ended by the relay with a "lost or renumbered" warning in its log;
-6. no "Unhandled Error" or traceback in any daemon's log.
+6. no "Unhandled Error" or traceback in any daemon's log (``tests.logcheck``); for the relay
+   under a PostgreSQL restart this is its own ``todo`` test until the store stops txpostgres
+   from reporting each lost connection as an Unhandled Error.
 
 Moments are random: the seed is printed and ``LPA_FAULT_SEED=N`` repeats a run.
 """
