@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Sequence
 
 import attr
 from twisted.internet import reactor
@@ -51,6 +51,8 @@ print(f"tests.test_faults: random seed {SEED} (LPA_FAULT_SEED={SEED} repeats thi
 
 #: the stand-in prints one line every INTERVAL seconds
 INTERVAL = 0.1
+#: journal records a "disk that lost its last writes" loses (2 s of output lines)
+LOST_RECORDS = 20
 
 
 @attr.s(auto_attribs=True)
@@ -71,6 +73,22 @@ async def sleep(seconds: float) -> None:
 async def sleep_until(when: float) -> None:
     """Sleep until ``time.time()`` reaches ``when`` (stand-in records use the wall clock)."""
     await sleep(when - time.time())
+
+
+def drop_journal_tail(state_dir: str, records: int) -> int:
+    """Cut the last ``records`` lines off the agent's newest journal segment (a disk that lost
+    its last writes, cut at a record boundary); return how many were cut."""
+    journal = os.path.join(state_dir, "journal")
+    segments = sorted(n for n in os.listdir(journal) if n.startswith("wal-") and n.endswith(".log"))
+    if not segments:
+        return 0
+    path = os.path.join(journal, segments[-1])
+    with open(path, "rb") as stream:
+        lines = stream.read().splitlines(keepends=True)
+    keep = max(1, len(lines) - records)  # keep the segment's first record (the job's creation)
+    with open(path, "wb") as stream:
+        stream.write(b"".join(lines[:keep]))
+    return len(lines) - keep
 
 
 def daemon_logs(daemon: Any) -> tuple[str, str]:
@@ -285,6 +303,31 @@ class AgentFaultTests(FaultTestCase):
         await run_all(*(restart(h) for h in hosts))
         await self.settle(job_id, hosts)
         await self.check(job_id, hosts)
+
+    async def test_agent_whose_disk_lost_its_last_writes(self) -> None:
+        """kill -9, then the journal's last records are gone: the agent numbers below the relay."""
+        run = 6.0
+        agents = await self.start_agents(3, download_seconds=1.0, dpkg_seconds=run - 1.0)
+        await self.start_relay()
+        job_id, hosts = await self.dispatch(agents)
+
+        async def lose_writes(host: Host) -> None:
+            await sleep_until(
+                await self.package_run_started(host) + self.random.uniform(2.0, run - 1.0)
+            )
+            host.agent.kill()
+            cut = drop_journal_tail(host.agent.state_dir, LOST_RECORDS)
+            print(f"  {host.host_id[:8]}: {cut} journal records lost")
+            await host.agent.restart(timeout=60)
+
+        await run_all(*(lose_writes(h) for h in hosts))
+        await self.settle(job_id, hosts)
+        details = await self.check(job_id, hosts)
+        behind = [h for h in hosts
+                  if self.seeder.row(h.row_id)["relay_last_seq"] > details[h.host_id]["seq"]]
+        self.assertTrue(behind, f"no agent numbered below the relay {self.note()}")
+        assert self.relay is not None
+        self.assertIn("lost or renumbered events", self.relay.log_text())
 
     async def test_agent_that_lost_its_history(self) -> None:
         """Agents that no longer know the job: failed after the deadline, across a relay kill."""
