@@ -242,6 +242,27 @@ class SeveralFilesTests(SynchronousTestCase):
         self.assertEqual(_columns(seed, "a"), {"x", "y"})
         self.assertEqual(_columns(seed, "c"), set())
 
+    def test_relay_membership_tables(self) -> None:
+        """003 adds the relays' membership and lease tables (UNLOGGED), once."""
+        self.assertIn("003_relay_membership.sql", migration_names())
+        dsn = pg.database(self)
+        migrate(dsn)
+        seed = Seeder(dsn)
+        self.addCleanup(seed.close)
+        self.assertLessEqual(
+            {"relay_id", "incarnation", "heartbeat_at", "expires_at"},
+            _columns(seed, "relay_members"),
+        )
+        self.assertEqual(
+            _columns(seed, "relay_agent_leases"),
+            {"agent_host", "agent_port", "relay_id", "claimed_at"},
+        )
+        persistence = dict(seed.all(
+            "SELECT relname::text, relpersistence::text FROM pg_class "
+            "WHERE relname IN ('relay_members', 'relay_agent_leases')"))
+        self.assertEqual(persistence, {"relay_members": "u", "relay_agent_leases": "u"})
+        self.assertEqual([step.changes for step in migrate(dsn)], [()] * len(migration_names()))
+
     def test_packaged_names(self) -> None:
         """migration_names lists the packaged NNN_name.sql files, sorted, 001_relay.sql first."""
         names = migration_names()
