@@ -158,10 +158,13 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
 
     factory: Any
 
-    def onConnect(self, request: Any) -> str:
+    def onConnect(self, request: Any) -> str | None:
         agent = self.factory.agent
         value = negotiated_protocol(self.transport)
         agent.negotiated.append(value.decode() if value else None)
+        agent.offered.append(list(request.protocols))
+        if not agent.subprotocol:
+            return None  # an agent that predates lpa.jobs.v1: accepts, selects nothing
         if protocol.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"offer the subprotocol {protocol.SUBPROTOCOL}")
         return protocol.SUBPROTOCOL
@@ -278,10 +281,18 @@ class LpaTestAgent(_BaseAgent):
     """A minimal lpa-protocol agent fed from an EventLog (see the module docstring)."""
 
     def __init__(
-        self, reactor: Any, *, websocket: bool = True, max_events_per_job: int = 1000
+        self,
+        reactor: Any,
+        *,
+        websocket: bool = True,
+        max_events_per_job: int = 1000,
+        subprotocol: bool = True,
     ) -> None:
         super().__init__(reactor)
         self.websocket = websocket
+        #: select lpa.jobs.v1 (False: an agent that predates it, selects no subprotocol)
+        self.subprotocol = subprotocol
+        self.offered: list[list[str]] = []
         self.events = EventLog(reactor, max_events_per_job=max_events_per_job)
         self.sockets: list[_MiniAgentProtocol] = []
         self.ws_messages: list[dict[str, Any]] = []

@@ -17,7 +17,7 @@ from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import CONNECTING, POLLING, STOPPED, STREAMING, AgentLink
 from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget, PollOutcome, snapshot_event
 from lpa.relay.store import PostgresRelayStore
-from lpa.relay.ws_client import IAgentWebSocket, IWebSocketListener, RelayWebSocketFactory
+from lpa.relay.ws_client import AgentWebSocket, IAgentWebSocket, IWebSocketListener
 from tests.fakes_relay import FakeRelayStore
 
 ADDRESS = AgentAddress("agent1.example", 12443)
@@ -145,7 +145,7 @@ class LinkTests(LinkFixture):
         verifyObject(IRelayStore, self.store)
         verifyClass(IRelayStore, PostgresRelayStore)
         verifyObject(IAgentWebSocket, self.ws)
-        verifyClass(IAgentWebSocket, RelayWebSocketFactory)
+        verifyClass(IAgentWebSocket, AgentWebSocket)
         verifyObject(IAgentPoller, FakePoller(ADDRESS, self.link))
         verifyClass(IAgentPoller, AgentPoller)
         verifyObject(IWebSocketListener, self.link)

@@ -1,58 +1,42 @@
-"""The reconnecting WebSocket factory: backoff and jitter, the handshake cap, timeouts, stop."""
+"""The per-agent WebSocket: ReconnectingClientFactory redials, the handshake cap, timeouts,
+subprotocol and ALPN checks, failure reasons, stop; real Autobahn protocols over iosim."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionRefusedError, UserError
-from twisted.internet.task import Clock
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, DNSMismatch
+from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from txaio.testutil import replace_loop
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from lpa.relay.backoff import Backoff, HandshakeGate
+from lpa.protocol import SUBPROTOCOL
+from lpa.relay.backoff import HandshakeGate
 from lpa.relay.interfaces import AgentAddress
-from lpa.relay.ws_client import RelayWebSocketFactory, WebSocketDialer
+from lpa.relay.machine import AgentLink
+from lpa.relay.ws_client import (
+    AgentDialler,
+    AgentWebSocket,
+    IAgentWebSocket,
+    IWebSocketListener,
+    RelayWebSocketProtocol,
+    WebSocketDialer,
+)
+from lpa.relay.ws_reasons import describe_transport_failure
+from tests.memnet import MemoryNetwork
+
+ONE = AgentAddress("agent1.example", 12443)
+TWO = AgentAddress("agent2.example", 12443)
 
 
-class FakeConnector:
-    def __init__(self, factory: Any, log: list) -> None:
-        self.factory = factory
-        self.log = log
-        self.state = "disconnected"
-        self.connects = 0
-
-    def connect(self) -> None:
-        self.connects += 1
-        self.state = "connecting"
-        self.log.append(self.factory.address.host)
-        self.factory.startedConnecting(self)
-
-    def stopConnecting(self) -> None:
-        if self.state == "connecting":
-            self.state = "disconnected"
-            self.factory.clientConnectionFailed(self, Failure(UserError()))
-
-    def fail(self) -> None:
-        self.state = "disconnected"
-        self.factory.clientConnectionFailed(self, Failure(ConnectionRefusedError("refused")))
-
-
-class FakeReactor:
-    def __init__(self) -> None:
-        self.dialled: list[str] = []
-        self.connectors: dict[str, FakeConnector] = {}
-        self.tls: list[Any] = []
-
-    def connectSSL(
-        self, host: str, port: int, factory: Any, options: Any, timeout: float
-    ) -> FakeConnector:
-        connector = FakeConnector(factory, self.dialled)
-        self.connectors[host] = connector
-        self.tls.append(options)
-        connector.connect()
-        return connector
-
-
+@implementer(IWebSocketListener)
 class Listener:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -67,151 +51,273 @@ class Listener:
         self.calls.append(("failed", reason, handshake))
 
 
-class FactoryTests(SynchronousTestCase):
+class EchoAgent(WebSocketServerProtocol):
+    """Selects lpa.jobs.v1 when the factory says so and echoes each frame back."""
+
+    def onConnect(self, request: Any) -> str | None:
+        self.factory.offered.append(list(request.protocols))
+        return SUBPROTOCOL if self.factory.select else None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.received.append(payload)
+        self.sendMessage(payload, isBinary)
+
+
+def agent_factory(select: bool = True) -> WebSocketServerFactory:
+    factory = WebSocketServerFactory()
+    factory.protocol = EchoAgent
+    factory.select = select
+    factory.offered = []
+    factory.received = []
+    return factory
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(404)
+        return b'{"success": false}'
+
+
+class WebSocketTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.reactor = FakeReactor()
+        self.network = MemoryNetwork()
+        loop = replace_loop(self.network)
+        loop.__enter__()
+        self.addCleanup(loop.__exit__, None, None, None)
         self.gate = HandshakeGate(1)
         self.listener = Listener()
+        self.sockets: list[AgentWebSocket] = []
+        self.addCleanup(self.no_delayed_calls_left)
 
-    def factory(self, host: str = "agent1", tls: Any = "TLS") -> RelayWebSocketFactory:
-        factory = RelayWebSocketFactory(
-            AgentAddress(host, 12443),
-            self.listener,
-            reactor=self.reactor,
-            clock=self.clock,
-            tls_options=tls,
+    def no_delayed_calls_left(self) -> None:
+        stopping = [websocket.stop(close_timeout=1) for websocket in self.sockets]
+        self.network.run(2)
+        for stopped in stopping:
+            self.successResultOf(stopped)
+        self.assertEqual(self.network.getDelayedCalls(), [])
+
+    def websocket(
+        self, address: AgentAddress = ONE, negotiated: str | None = "http/1.1", **kw: Any
+    ) -> AgentWebSocket:
+        settings: dict[str, Any] = dict(
+            reactor=self.network,
+            clock=self.network,
+            tls_options="TLS",
             gate=self.gate,
-            backoff=Backoff(1, 4, jitter=lambda: 1.0),
             handshake_timeout=10,
+            initial_delay=1,
+            max_delay=4,
+            jitter=0,
+            negotiated_protocol=lambda transport: negotiated,
         )
-        self.addCleanup(factory.stop)
-        return factory
+        settings.update(kw)
+        websocket = AgentWebSocket(address, self.listener, **settings)
+        self.sockets.append(websocket)
+        return websocket
 
-    def test_never_without_tls(self) -> None:
-        """A factory without TLS options cannot be built."""
-        self.assertRaises(ValueError, self.factory, tls=None)
+    def failures(self) -> list[tuple[str, bool]]:
+        return [(c[1], c[2]) for c in self.listener.calls if c[0] == "failed"]
 
-    def test_backoff_sequence_on_failures(self) -> None:
-        """Each failed handshake is reported and redialled after the next jittered backoff delay."""
-        factory = self.factory()
-        factory.start()
-        connector = self.reactor.connectors["agent1"]
-        delays = []
+    def test_interfaces(self) -> None:
+        """The real classes provide what the link relies on; so do the test doubles here."""
+        verifyObject(IAgentWebSocket, self.websocket())
+        verifyObject(IWebSocketListener, self.listener)
+        link = AgentLink(ONE, store=None, clock=self.network, dial=None, make_poller=None)  # type: ignore[arg-type]
+        verifyObject(IWebSocketListener, link)
+
+    def test_dialler_is_a_reconnecting_client_factory_on_our_clock(self) -> None:
+        """The redial policy is ReconnectingClientFactory's, set through its documented knobs."""
+        dialler = self.websocket().dialler
+        self.assertIsInstance(dialler, AgentDialler)
+        self.assertEqual(
+            (dialler.clock, dialler.initialDelay, dialler.maxDelay, dialler.factor, dialler.jitter),
+            (self.network, 1, 4, 2.0, 0),
+        )
+
+    def test_opens_with_the_subprotocol_and_carries_frames(self) -> None:
+        """lpa.jobs.v1 offered and selected: open, a JSON frame each way."""
+        agent = agent_factory()
+        self.network.listen(ONE.host, ONE.port, agent)
+        websocket = self.websocket()
+        websocket.start()
+        self.network.flush()
+        self.assertEqual(self.listener.calls, [("opened",)])
+        self.assertEqual(agent.offered, [[SUBPROTOCOL]])
+        self.assertTrue(websocket.send_json({"action": "subscribe", "job_id": "j"}))
+        self.network.flush()
+        self.assertEqual(self.listener.calls[-1], ("message", {"action": "subscribe", "job_id": "j"}))
+        self.assertEqual(self.gate.in_flight, 0)
+        self.assertEqual(websocket.url, "wss://agent1.example:12443/api/v1/ws/jobs")
+
+    def test_agent_without_the_subprotocol_is_a_handshake_failure(self) -> None:
+        """An agent that does not select lpa.jobs.v1 fails the handshake, saying so first."""
+        self.network.listen(ONE.host, ONE.port, agent_factory(select=False))
+        self.websocket().start()
+        self.network.flush()
+        [(reason, handshake)] = self.failures()
+        self.assertTrue(handshake)
+        self.assertTrue(reason.startswith(f"the agent did not accept WebSocket subprotocol {SUBPROTOCOL}"))
+        self.assertNotIn("peer dropped", reason)
+
+    def test_alpn_h2_is_reported_as_such(self) -> None:
+        """A connection that negotiated h2 fails the handshake with that reason, not a lost one."""
+        self.network.listen(ONE.host, ONE.port, agent_factory())
+        self.websocket(negotiated="h2").start()
+        self.network.flush()
+        [(reason, handshake)] = self.failures()
+        self.assertTrue(handshake)
+        self.assertTrue(reason.startswith("the agent chose HTTP/2 (ALPN h2)"), reason)
+        self.assertNotIn("ConnectionLost", reason)
+
+    def test_http_error_status_is_a_handshake_failure(self) -> None:
+        """A 404 on the WebSocket path (WebSocket disabled on the agent) names the status."""
+        self.network.listen(ONE.host, ONE.port, Site(NotFound(), reactor=self.network, timeout=None))
+        self.websocket().start()
+        self.network.flush()
+        [(reason, handshake)] = self.failures()
+        self.assertTrue(handshake)
+        self.assertIn("404", reason)
+
+    def test_refused_redials_with_the_factory_backoff(self) -> None:
+        """Refused dials are reported and redialled after 1, 2, 4, 4 s (factor 2, cap 4)."""
+        self.websocket().start()
+        self.network.flush()
+        dial_times = [self.network.seconds()]
         for _ in range(4):
-            connector.fail()
-            [call] = [
-                c
-                for c in self.clock.getDelayedCalls()
-                if c.getTime() > self.clock.seconds() and c.func.__name__ == "redial"
-            ]
-            delays.append(call.getTime() - self.clock.seconds())
-            self.clock.advance(delays[-1])
-        self.assertEqual(delays, [1, 2, 4, 4])
-        self.assertEqual(connector.connects, 5)
-        self.assertEqual(self.listener.calls[0][0::2], ("failed", True))
-        self.assertIn("refused", self.listener.calls[0][1])
+            before = len(self.network.dials)
+            while len(self.network.dials) == before:
+                self.network.advance(0.5)
+                self.network.flush()
+            dial_times.append(self.network.seconds())
+        gaps = [b - a for a, b in zip(dial_times, dial_times[1:])]
+        self.assertEqual(gaps, [1, 2, 4, 4])
+        self.assertEqual(
+            self.failures()[0], ("connection refused: nothing listens on the agent's port", True)
+        )
 
     def test_handshake_cap(self) -> None:
         """With a cap of one, a second agent dials only once the first handshake is over."""
-        first, second = self.factory("agent1"), self.factory("agent2")
-        first.start()
-        second.start()
-        self.assertEqual(self.reactor.dialled, ["agent1"])
+        self.network.silent.add((ONE.host, ONE.port))
+        self.network.listen(TWO.host, TWO.port, agent_factory())
+        self.websocket(ONE).start()
+        self.websocket(TWO).start()
+        self.network.flush()
+        self.assertEqual(self.network.dials, [(ONE.host, ONE.port)])
         self.assertEqual((self.gate.in_flight, self.gate.waiting), (1, 1))
-        self.reactor.connectors["agent1"].fail()
-        self.assertEqual(self.reactor.dialled, ["agent1", "agent2"])
-        self.clock.advance(1)  # agent1's retry waits for the gate
-        self.assertEqual(self.reactor.dialled, ["agent1", "agent2"])
-        self.reactor.connectors["agent2"].fail()
-        self.assertEqual(self.reactor.dialled, ["agent1", "agent2", "agent1"])
+        self.network.advance(10)  # the first handshake times out
+        self.network.flush()
+        self.assertEqual(self.network.dials, [(ONE.host, ONE.port), (TWO.host, TWO.port)])
+        self.assertIn(("opened",), self.listener.calls)
 
     def test_handshake_timeout(self) -> None:
-        """A dial that hangs is abandoned after handshake_timeout and reported as a timeout."""
-        factory = self.factory()
-        factory.start()
-        self.clock.advance(10)
-        [(kind, reason, handshake)] = self.listener.calls
-        self.assertEqual((kind, handshake), ("failed", True))
-        self.assertIn("timed out after 10s", reason)
+        """A dial nobody answers is abandoned after handshake_timeout and reported as a timeout."""
+        self.network.silent.add((ONE.host, ONE.port))
+        self.websocket().start()
+        self.network.advance(10)
+        [(reason, handshake)] = self.failures()
+        self.assertEqual((reason, handshake), ("connection timed out after 10s", True))
         self.assertEqual(self.gate.in_flight, 0)
 
-    def test_stop(self) -> None:
-        """stop() ends redialling, gives up a gate wait, and leaves no timer behind."""
-        blocker = self.factory("agent0")
+    def test_drop_after_open_redials(self) -> None:
+        """An open socket that drops is reported as dropped; the dialler redials after 1 s."""
+        self.network.listen(ONE.host, ONE.port, agent_factory())
+        self.websocket().start()
+        self.network.flush()
+        factory = self.network.servers[(ONE.host, ONE.port)]
+        self.network.kill(ONE.host, ONE.port)
+        [(reason, handshake)] = self.failures()
+        self.assertFalse(handshake)
+        self.network.listen(ONE.host, ONE.port, factory)
+        self.network.run(1.5)
+        self.assertEqual(self.listener.calls.count(("opened",)), 2)
+
+    def test_stop_while_waiting_for_the_gate(self) -> None:
+        """stop() gives up a gate wait; the agent is never dialled; no timer is left."""
+        self.network.silent.add((ONE.host, ONE.port))
+        blocker = self.websocket(ONE)
         blocker.start()
-        factory = self.factory()
-        factory.start()
-        self.successResultOf(factory.stop())
+        waiting = self.websocket(TWO)
+        waiting.start()
+        self.successResultOf(waiting.stop())
         self.assertEqual(self.gate.waiting, 0)
-        self.reactor.connectors["agent0"].fail()
         self.successResultOf(blocker.stop())
-        self.assertEqual(self.reactor.dialled, ["agent0"])
-        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
-        self.assertEqual(factory.send_json({"action": "subscribe"}), False)
+        self.assertEqual(self.network.dials, [(ONE.host, ONE.port)])
+        self.assertEqual(self.gate.in_flight, 0)
+        self.assertFalse(waiting.send_json({"action": "subscribe"}))
+        self.assertEqual(self.failures(), [])
+
+    def test_stop_when_open_sends_a_close_frame(self) -> None:
+        """stop() on an open socket closes it with 1000 and fires once it is gone; no redial."""
+        agent = agent_factory()
+        self.network.listen(ONE.host, ONE.port, agent)
+        websocket = self.websocket()
+        websocket.start()
+        self.network.flush()
+        stopping = websocket.stop()
+        self.network.flush()
+        self.successResultOf(stopping)
+        self.network.run(10)
+        self.assertEqual(len(self.network.dials), 1)
+        self.assertEqual(self.failures(), [])
 
     def test_dialer_builds_tls_per_host(self) -> None:
         """The dialer asks for TLS options for the agent's host name and starts dialling."""
-        hosts = []
+        hosts: list[str] = []
         dialer = WebSocketDialer(
-            reactor=self.reactor,
-            clock=self.clock,
+            reactor=self.network,
+            clock=self.network,
             tls_options_for=lambda host: hosts.append(host) or f"tls-for-{host}",
             gate=self.gate,
-            make_backoff=lambda: Backoff(1, 2),
             handshake_timeout=5,
+            initial_delay=1,
+            max_delay=2,
         )
-        factory = dialer(AgentAddress("agent9.example", 443), self.listener)
-        self.addCleanup(factory.stop)
+        websocket = dialer(AgentAddress("agent9.example", 443), self.listener)
+        self.sockets.append(websocket)
+        self.assertEqual((hosts, self.network.tls), (["agent9.example"], ["tls-for-agent9.example"]))
+
+    def test_never_without_tls(self) -> None:
+        """A WebSocket without TLS options cannot be built."""
+        self.assertRaises(ValueError, self.websocket, tls_options=None)
+
+
+class ReasonTests(SynchronousTestCase):
+    def test_host_name_mismatch_leads(self) -> None:
+        """A service_identity mismatch reads as the certificate not valid for the dialled name."""
+        failure = Failure(VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("wrong.example"))]))
+        reason = describe_transport_failure(failure)
+        assert reason is not None
+        self.assertTrue(reason.startswith("TLS: the agent's certificate is not valid for 'wrong.example'"))
+
+    def test_openssl_alert_gets_a_hint(self) -> None:
+        """An OpenSSL alert list becomes its text plus what it means for the operator."""
+        from OpenSSL import SSL
+
+        failure = Failure(SSL.Error([("SSL routines", "", "tlsv13 alert certificate required")]))
         self.assertEqual(
-            (hosts, self.reactor.tls), (["agent9.example"], ["tls-for-agent9.example"])
+            describe_transport_failure(failure),
+            "TLS handshake failed: tlsv13 alert certificate required "
+            "(the agent wants the relay's client certificate)",
         )
-        self.assertEqual(factory.url, "wss://agent9.example:443/api/v1/ws/jobs")
-        self.assertEqual(factory.protocols, ["lpa.jobs.v1"])  # the job stream's subprotocol
 
+    def test_generic_endings_say_nothing(self) -> None:
+        """A clean close, a bare lost or aborted connection, or our own stop add no reason."""
+        for value in (error.ConnectionDone(), error.ConnectionLost(), error.ConnectionAborted(),
+                      error.UserError()):
+            self.assertIsNone(describe_transport_failure(Failure(value)))
 
-class AlpnTests(SynchronousTestCase):
-    def protocol(
-        self, negotiated: str | None, subprotocol: str | None = "lpa.jobs.v1"
-    ) -> tuple[Any, list]:
-        from lpa.relay.ws_client import RelayWebSocketProtocol
-
-        events: list = []
-
-        class Factory:
-            label = "agent1:12443"
-            listener = Listener()
-
-            def negotiated_protocol(self, transport: Any) -> str | None:
-                return negotiated
-
-            def handshake_succeeded(self, proto: Any) -> None:
-                events.append("succeeded")
-
+    def test_our_reason_first_autobahn_text_last(self) -> None:
+        """The protocol's reason: ours, then the transport's cause; Autobahn's only when alone."""
         proto = RelayWebSocketProtocol()
-        proto.factory = Factory()
-        proto.transport = object()
-        proto.websocket_protocol_in_use = subprotocol
-        proto.dropConnection = lambda abort=False: events.append(("drop", abort))  # type: ignore[method-assign]
-        return proto, events
-
-    def test_h2_is_a_handshake_failure(self) -> None:
-        """A connection that negotiated anything but http/1.1 is dropped and never reported open."""
-        for negotiated in ("h2", None):
-            proto, events = self.protocol(negotiated)
-            proto.onOpen()
-            self.assertEqual((events, proto.opened), ([("drop", True)], False))
-            self.assertIn(repr(negotiated), proto.describe_failure())
-
-    def test_subprotocol_not_selected_is_a_handshake_failure(self) -> None:
-        """An agent that did not select lpa.jobs.v1 is dropped and never reported open."""
-        proto, events = self.protocol("http/1.1", subprotocol=None)
-        proto.onOpen()
-        self.assertEqual((events, proto.opened), ([("drop", True)], False))
-        self.assertIn("lpa.jobs.v1", proto.describe_failure())
-
-    def test_http11_opens(self) -> None:
-        """http/1.1 negotiated: the factory hears the handshake succeeded."""
-        proto, events = self.protocol("http/1.1")
-        proto.onOpen()
-        self.assertEqual((events, proto.opened), (["succeeded"], True))
+        proto.wasNotCleanReason = "peer dropped the TCP connection without previous WebSocket closing handshake"
+        proto.lost_reason = Failure(error.ConnectionLost())
+        self.assertEqual(proto.describe_failure(), proto.wasNotCleanReason)
+        proto.lost_reason = Failure(error.ConnectionRefusedError())
+        self.assertEqual(proto.describe_failure(), "connection refused: nothing listens on the agent's port")
+        proto.fail_reason = "opening handshake timed out after 5s"
+        self.assertEqual(
+            proto.describe_failure(),
+            "opening handshake timed out after 5s; connection refused: nothing listens on the agent's port",
+        )

@@ -1,9 +1,12 @@
-"""Reconnect backoff with jitter, and the relay-wide cap on WebSocket handshakes in flight.
+"""The relay-wide cap on WebSocket handshakes in flight, and the link's store-retry delays.
 
-After a relay restart every agent link dials at once; Salt's and Fleet's "thundering herd" reports ask
-for jitter and a concurrency cap.  :class:`Backoff` gives the delays (exponential, capped, with
-"equal jitter": half the delay is fixed, half random, so links spread out yet never retry at 0);
-:class:`HandshakeGate` is the shared semaphore every link passes before it dials.
+After a relay restart every agent link dials at once; Salt's and Fleet's "thundering herd"
+reports ask for jitter and a concurrency cap.  The WebSocket redial delays are
+ReconnectingClientFactory's own (:class:`~lpa.relay.ws_client.AgentDialler`);
+:class:`HandshakeGate` is the shared semaphore every dial passes first.  :class:`Backoff` paces a
+link's retries of a failing store call: Twisted's ``backoffPolicy`` (the exponential sequence
+of ``ClientService``) with "equal jitter", half the delay fixed and half random, so retries
+spread out yet never come at 0.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredSemaphore
 
 
 class Backoff:
-    """Delays ``initial, initial*factor, …`` capped at ``maximum``, each scaled by jitter.
+    """Store-retry delays ``initial, initial*factor, …`` capped at ``maximum``, jittered.
 
     :param jitter: returns a float in ``[0, 1)``; the delay used is ``d * (0.5 + 0.5 * jitter())``.
         Inject ``lambda: 1.0`` for the bare sequence in tests.
@@ -37,19 +41,17 @@ class Backoff:
         self.maximum = maximum
         self.factor = factor
         self._jitter = jitter
-        self._base = initial
+        self._policy = backoffPolicy(initial, maximum, factor, jitter=lambda: 0.0)
         self.attempts = 0
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call moves the sequence on."""
-        base = self._base
-        self._base = min(self.maximum, self._base * self.factor)
+        base = self._policy(self.attempts)
         self.attempts += 1
         return base * (0.5 + 0.5 * self._jitter())
 
     def reset(self) -> None:
         """After a success: the next failure waits ``initial`` again."""
-        self._base = self.initial
         self.attempts = 0
 
 

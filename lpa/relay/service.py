@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -113,6 +114,7 @@ def make_relay_service(
     http_client: Any = None,
     dial: Callable[[AgentAddress, Any], Any] | None = None,
     jitter: Callable[[], float] = random.random,
+    dial_jitter: float = ReconnectingClientFactory.jitter,
     backstop_interval: float | None = None,
     metrics: RelayMetrics | None = None,
     ops: bool = False,
@@ -120,6 +122,9 @@ def make_relay_service(
     ops_sample_interval: float = 15.0,
 ) -> RelayService:
     """The relay daemon for ``config``; every collaborator can be injected (tests, embedding).
+
+    :param jitter: spreads the links' store retries.
+    :param dial_jitter: ReconnectingClientFactory's relative jitter of WebSocket redials.
 
     :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default reads the
         ``[security]`` files with :func:`lpa.tls.client_tls_options` (ALPN http/1.1 only) for
@@ -180,8 +185,10 @@ def make_relay_service(
             clock=clock,
             tls_options_for=tls_options_for,
             gate=HandshakeGate(config.max_handshakes_in_flight),
-            make_backoff=make_backoff,
             handshake_timeout=config.handshake_timeout,
+            initial_delay=config.reconnect_initial_delay,
+            max_delay=config.reconnect_max_delay,
+            jitter=dial_jitter,
         )
 
     def make_poller(address: AgentAddress, target: Any, backstop: bool = False) -> AgentPoller:

@@ -1,24 +1,30 @@
-"""The relay's WebSocket client to one agent: thin Autobahn protocol, reconnecting factory.
+"""The relay's WebSocket to one agent: a thin Autobahn protocol, redialled by a
+``ReconnectingClientFactory``.
 
-The factory is a ``ReconnectingClientFactory`` whose clock is injected; its ``retry`` takes the
-delay from a jittered :class:`~lpa.relay.backoff.Backoff` and passes the relay-wide
-:class:`~lpa.relay.backoff.HandshakeGate` before it dials, so a relay restart cannot stampede the
-fleet.  Everything the link needs to know arrives through three listener calls::
+Three objects, composed rather than inherited from each other::
 
-    dial ──gate──▶ TCP+TLS (client_tls_options: mTLS, ALPN http/1.1) ──▶ HTTP upgrade
-      │                                                         │
-      │  failed: refused, TLS, status ≠ 101, bad accept key,    │ 101 + accept ok,
-      │          ALPN ≠ http/1.1, subprotocol ≠ lpa.jobs.v1,    │ ALPN http/1.1,
-      │          handshake_timeout                              │ lpa.jobs.v1
-      ▼                                                         ▼
-    listener.ws_failed(reason, handshake=True)            listener.ws_opened()
-      (the link polls; we retry with backoff)             listener.ws_message(dict) …
-                                                          drop → ws_failed(reason, handshake=False)
+    AgentWebSocket ── the link's handle (send_json, stop) and the logic: gate, timeout, reports
+      ├─ AgentDialler      a ReconnectingClientFactory, used through its documented knobs only
+      │                    (clock, initialDelay, maxDelay, factor, jitter, resetDelay,
+      │                    stopTrying); what it redials is a _GatedConnector
+      └─ WebSocketClientFactory   Autobahn's own, unchanged: url, protocols=[lpa.jobs.v1],
+                                  limits; it builds RelayWebSocketProtocol
+
+    dial ──gate──▶ TCP+TLS (mTLS, ALPN http/1.1) ──handshakeCompleted: ALPN checked──▶ upgrade
+      │                                                          │
+      │ failed: refused, TLS (e.g. host name mismatch), ALPN,    │ 101, accept key,
+      │ status ≠ 101, no lpa.jobs.v1, handshake_timeout          │ subprotocol lpa.jobs.v1
+      ▼                                                          ▼
+    listener.ws_failed(reason, handshake=True)             listener.ws_opened()
+      (the link polls; the dialler redials with backoff)   listener.ws_message(dict) …
+                                                           drop → ws_failed(reason, False)
 
 ``connectWS`` without TLS options does not verify the server, so we never dial without them.
-The real cause of a TLS failure (e.g. a hostname mismatch) only reaches ``connectionLost``, so
-the reason we report is assembled there.  A failed
-handshake is "lost before onOpen", never an awaited ``is_open``.
+The real cause of a TLS failure (e.g. a host name mismatch) only reaches ``connectionLost``,
+and Autobahn's own close reason ("peer dropped the TCP connection") says nothing; so the reason
+we report leads with what we saw ourselves and the transport's cause.  A failed handshake is
+"lost before onOpen", never an awaited ``is_open``.  The relay-wide
+:class:`~lpa.relay.backoff.HandshakeGate` caps handshakes in flight after a restart.
 """
 
 from __future__ import annotations
@@ -28,16 +34,17 @@ from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from lpa.protocol import SUBPROTOCOL
-from lpa.relay.backoff import Backoff, HandshakeGate
+from lpa.relay.backoff import HandshakeGate
 from lpa.relay.interfaces import AgentAddress
+from lpa.relay.ws_reasons import describe_transport_failure
 from lpa.tls import negotiated_protocol
 
 _log = Logger()
@@ -51,7 +58,7 @@ class IWebSocketListener(Interface):
     """What the per-agent link hears from its WebSocket."""
 
     def ws_opened() -> None:
-        """The handshake succeeded (TLS, 101, accept key, ALPN http/1.1): send subscriptions."""
+        """The handshake succeeded (TLS, ALPN http/1.1, 101, accept key, lpa.jobs.v1)."""
 
     def ws_message(message: dict) -> None:
         """One JSON object frame from the agent."""
@@ -75,58 +82,77 @@ def _default_negotiated_protocol(transport: Any) -> str | None:
     return value.decode("ascii", "replace") if value is not None else None
 
 
-def _describe(failure: Failure | None) -> str:
-    if failure is None:
-        return ""
-    value = failure.value
-    text = str(value) or repr(value)
-    return f"{value.__class__.__name__}: {text}"
+def _alpn_refusal(negotiated: str | None) -> str:
+    if negotiated == "h2":
+        return (
+            "the agent chose HTTP/2 (ALPN h2) for the TLS connection; WebSocket needs "
+            "http/1.1: offer only http/1.1 in ALPN"
+        )
+    if negotiated is None:
+        return "the agent negotiated no application protocol (ALPN); WebSocket needs http/1.1"
+    return f"the agent chose application protocol {negotiated!r} (ALPN), not http/1.1"
 
 
+@implementer(IHandshakeListener)
 class RelayWebSocketProtocol(WebSocketClientProtocol):
-    """One connection attempt; reports to its factory, holds no relay logic."""
+    """One connection attempt; reports to its :class:`AgentWebSocket`, holds no relay logic."""
 
-    factory: "RelayWebSocketFactory"
+    link: "AgentWebSocket"
 
     def __init__(self) -> None:
         super().__init__()
         self.opened = False
-        #: why we ourselves failed the connection (ALPN, timeout), if we did
+        self.alpn_checked = False
+        #: why we ourselves failed the connection (ALPN, subprotocol, timeout), if we did
         self.fail_reason: str | None = None
         self.lost_reason: Failure | None = None
 
-    def onOpen(self) -> None:
-        negotiated = self.factory.negotiated_protocol(self.transport)
+    def fail(self, reason: str) -> None:
+        """End this attempt for ``reason`` (what the operator reads first)."""
+        if self.fail_reason is None:
+            self.fail_reason = reason
+        self.dropConnection(abort=True)
+
+    def _check_alpn(self) -> bool:
+        self.alpn_checked = True
+        negotiated = self.link.negotiated_protocol(self.transport)
         if negotiated != ALPN_HTTP11:
-            self.fail_reason = (
-                f"negotiated application protocol {negotiated!r}, not {ALPN_HTTP11!r}"
-            )
-            self.dropConnection(abort=True)
+            self.fail(_alpn_refusal(negotiated))
+            return False
+        return True
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: check ALPN before a byte of HTTP is read (an h2 answer would stall us)."""
+        self._check_alpn()
+
+    def onOpen(self) -> None:
+        if self.fail_reason is not None:
             return
-        if getattr(self, "websocket_protocol_in_use", None) != SUBPROTOCOL:
-            self.fail_reason = f"the agent did not select the subprotocol {SUBPROTOCOL}"
-            self.dropConnection(abort=True)
+        if not self.alpn_checked and not self._check_alpn():
+            return
+        if self.websocket_protocol_in_use != SUBPROTOCOL:
+            self.fail(
+                f"the agent did not accept WebSocket subprotocol {SUBPROTOCOL} "
+                "(not an lpa agent, or an older one); polling it over REST"
+            )
             return
         self.opened = True
-        self.factory.handshake_succeeded(self)
+        self.link.handshake_succeeded(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        label = self.link.label
         if isBinary:
-            _log.warn("agent {agent} sent a binary frame; ignored", agent=self.factory.label)
+            _log.warn("agent {agent} sent a binary frame; ignored", agent=label)
             return
         try:
             message = json.loads(payload.decode("utf-8"))
         except ValueError:
-            _log.warn(
-                "agent {agent} sent a frame that is not JSON; ignored", agent=self.factory.label
-            )
+            _log.warn("agent {agent} sent a frame that is not JSON; ignored", agent=label)
             return
         if not isinstance(message, dict):
-            _log.warn(
-                "agent {agent} sent a JSON frame that is not an object", agent=self.factory.label
-            )
+            _log.warn("agent {agent} sent a JSON frame that is not an object", agent=label)
             return
-        self.factory.listener.ws_message(message)
+        self.link.listener.ws_message(message)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         # this is the only place the real cause of a TLS failure shows up
@@ -134,23 +160,82 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
         super().connectionLost(reason)
 
     def describe_failure(self) -> str:
-        parts = [self.fail_reason, getattr(self, "wasNotCleanReason", None)]
-        lost = self.lost_reason
-        if lost is not None and not lost.check(ConnectionDone):
-            parts.append(_describe(lost))
-        seen: list[str] = []
-        for part in parts:
-            if part and part not in seen:
-                seen.append(str(part))
-        return "; ".join(seen) or "connection closed"
+        """Our own reason first, then the transport's cause, Autobahn's text only as a last resort."""
+        cause = describe_transport_failure(self.lost_reason)
+        parts = [self.fail_reason, cause]
+        if not any(parts):
+            parts.append(getattr(self, "wasNotCleanReason", None))
+        return "; ".join(str(part) for part in parts if part) or "connection closed"
+
+
+class _GatedConnector:
+    """What the dialler redials: the handshake gate first, then the real connector."""
+
+    def __init__(self, websocket: "AgentWebSocket") -> None:
+        self._websocket = websocket
+
+    def connect(self) -> None:
+        self._websocket.dial()
+
+    def stopConnecting(self) -> None:
+        if not self._websocket.abandon_dial():
+            raise NotConnectingError()
+
+    def getDestination(self) -> Any:
+        return self._websocket.address
+
+
+class AgentDialler(ReconnectingClientFactory):
+    """The per-agent redial policy: Twisted's ReconnectingClientFactory, knobs only.
+
+    ``buildProtocol``, ``startedConnecting`` and ``clientConnection*`` are ClientFactory's own
+    hooks; they tell the :class:`AgentWebSocket` and then let ReconnectingClientFactory
+    schedule the redial, of the gated connector.
+    """
+
+    noisy = False  # no "Starting factory" line per dial; AgentWebSocket logs what matters
+
+    def __init__(
+        self,
+        websocket: "AgentWebSocket",
+        *,
+        clock: Any,
+        initial_delay: float,
+        max_delay: float,
+        factor: float = 2.0,
+        jitter: float = ReconnectingClientFactory.jitter,
+    ) -> None:
+        self.websocket = websocket
+        self.clock = clock
+        self.initialDelay = initial_delay
+        self.maxDelay = max_delay
+        self.factor = factor
+        self.jitter = jitter
+        self.resetDelay()
+
+    def buildProtocol(self, addr: Any) -> RelayWebSocketProtocol:
+        return self.websocket.build_protocol(addr)
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.websocket.started_connecting()
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.websocket.connection_failed(reason)
+        ReconnectingClientFactory.clientConnectionFailed(self, self.websocket.gated, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self.websocket.connection_lost(reason)
+        ReconnectingClientFactory.clientConnectionLost(self, self.websocket.gated, reason)
 
 
 @implementer(IAgentWebSocket)
-class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
-    """Dials one agent's ``wss://host:port/api/v1/ws/jobs`` and keeps redialling until stopped."""
+class AgentWebSocket:
+    """Dials one agent's ``wss://host:port/api/v1/ws/jobs`` and keeps redialling until stopped.
 
-    protocol = RelayWebSocketProtocol
-    noisy = False  # no "Starting factory" line per dial; we log what matters ourselves
+    :param jitter: ReconnectingClientFactory's relative jitter of each redial delay (0: none).
+    :param negotiated_protocol: ``transport -> ALPN name or None``; tests over plain memory
+        transports inject ``lambda transport: "http/1.1"``.
+    """
 
     def __init__(
         self,
@@ -161,95 +246,112 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         clock: Any,
         tls_options: Any,
         gate: HandshakeGate,
-        backoff: Backoff,
         handshake_timeout: float,
+        initial_delay: float,
+        max_delay: float,
+        jitter: float = ReconnectingClientFactory.jitter,
         negotiated_protocol: Callable[[Any], str | None] = _default_negotiated_protocol,
         auto_ping_interval: float = 15.0,
         auto_ping_timeout: float = 10.0,
     ) -> None:
         if tls_options is None:
             raise ValueError("the relay never dials an agent without TLS options")
-        url = f"wss://{address.host}:{address.port}{WS_PATH}"
-        WebSocketClientFactory.__init__(self, url, reactor=reactor, protocols=[SUBPROTOCOL])
+        self.address = address
+        self.label = f"{address.host}:{address.port}"
+        self.listener = listener
+        self.negotiated_protocol = negotiated_protocol
+        self.handshake_timeout = handshake_timeout
+        self._reactor = reactor
+        self._clock = clock
+        self._tls_options = tls_options
+        self._gate = gate
+        self.ws_factory = WebSocketClientFactory(
+            f"wss://{address.host}:{address.port}{WS_PATH}",
+            reactor=reactor,
+            protocols=[SUBPROTOCOL],
+        )
+        self.ws_factory.protocol = RelayWebSocketProtocol
         # our clock-driven timeout covers TCP + TLS + upgrade; autobahn's uses the global loop
-        self.setProtocolOptions(
+        self.ws_factory.setProtocolOptions(
             openHandshakeTimeout=0,
             autoPingInterval=auto_ping_interval,
             autoPingTimeout=auto_ping_timeout,
         )
-        self.address = address
-        self.label = f"{address.host}:{address.port}"
-        self.listener = listener
-        self.clock = clock
-        self.tls_options = tls_options
-        self.negotiated_protocol = negotiated_protocol
-        self.handshake_timeout = handshake_timeout
-        self._gate = gate
-        self._backoff = backoff
+        self.dialler = AgentDialler(
+            self, clock=clock, initial_delay=initial_delay, max_delay=max_delay, jitter=jitter
+        )
+        self.gated = _GatedConnector(self)
+        self._connector: Any = None
         self._release: Callable[[], None] | None = None
         self._waiting: Deferred | None = None
         self._timer: IDelayedCall | None = None
         self._timed_out = False
         self._current: RelayWebSocketProtocol | None = None
         self._closed: Deferred | None = None
-        self.connector: Any = None
+        self._stopped = False
+        self._attempt = 0
+
+    @property
+    def url(self) -> str:
+        return str(self.ws_factory.url)
 
     # -- dialling --------------------------------------------------------------------------
 
     def start(self) -> None:
         """Pass the gate, then dial for the first time."""
-        self._dial()
+        self.dial()
 
-    def _dial(self) -> None:
+    def dial(self) -> None:
+        """One attempt: wait for a handshake slot, then connect."""
+        if self._stopped:
+            return
+        self._attempt += 1
+        if self._attempt > 1:
+            _log.info(
+                "redialling agent {agent} (attempt {attempt})",
+                agent=self.label,
+                attempt=self._attempt,
+            )
         waiting = self._gate.acquire()
         self._waiting = waiting
+        waiting.addCallbacks(self._granted, lambda failure: failure.trap(CancelledError))
 
-        def granted(release: Callable[[], None]) -> None:
-            self._waiting = None
-            if not self.continueTrying:
-                release()
-                return
-            self._release = release
-            if self.connector is None:
-                self.connector = self.reactor.connectSSL(
-                    self.address.host,
-                    self.address.port,
-                    self,
-                    self.tls_options,
-                    timeout=self.handshake_timeout,
-                )
-            else:
-                self.connector.connect()
-
-        def ignore_cancel(failure: Failure) -> None:
-            failure.trap(CancelledError)
-
-        waiting.addCallbacks(granted, ignore_cancel)
-
-    def retry(self, connector: Any = None) -> None:
-        """ReconnectingClientFactory's hook: wait a jittered delay, then dial through the gate."""
-        if not self.continueTrying:
+    def _granted(self, release: Callable[[], None]) -> None:
+        self._waiting = None
+        if self._stopped:
+            release()
             return
-        delay = self._backoff.next_delay()
-        _log.info(
-            "reconnecting to agent {agent} in {delay:.2f}s (attempt {attempt})",
-            agent=self.label,
-            delay=delay,
-            attempt=self._backoff.attempts,
-        )
+        self._release = release
+        if self._connector is None:
+            self._connector = self._reactor.connectSSL(
+                self.address.host,
+                self.address.port,
+                self.dialler,
+                self._tls_options,
+                timeout=self.handshake_timeout,
+            )
+        else:
+            self._connector.connect()
 
-        def redial() -> None:
-            self._callID = None
-            self._dial()
+    def abandon_dial(self) -> bool:
+        """Give up a gate wait or a TCP connect in progress; False when there was none."""
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()
+            return True
+        connector = self._connector
+        if connector is not None and getattr(connector, "state", None) == "connecting":
+            connector.stopConnecting()
+            return True
+        return False
 
-        self._callID = self.clock.callLater(delay, redial)
-
-    def startedConnecting(self, connector: Any) -> None:
+    def started_connecting(self) -> None:
         self._timed_out = False
-        self._timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+        self._timer = self._clock.callLater(self.handshake_timeout, self._handshake_timed_out)
 
-    def buildProtocol(self, addr: Any) -> RelayWebSocketProtocol:
-        proto = WebSocketClientFactory.buildProtocol(self, addr)
+    def build_protocol(self, addr: Any) -> RelayWebSocketProtocol:
+        proto: RelayWebSocketProtocol = self.ws_factory.buildProtocol(addr)
+        proto.link = self
         self._current = proto
         return proto
 
@@ -258,10 +360,9 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         self._timed_out = True
         proto = self._current
         if proto is not None and proto.transport is not None:
-            proto.fail_reason = f"opening handshake timed out after {self.handshake_timeout:g}s"
-            proto.transport.abortConnection()
-        elif self.connector is not None:
-            self.connector.stopConnecting()
+            proto.fail(f"opening handshake timed out after {self.handshake_timeout:g}s")
+        else:
+            self.abandon_dial()
 
     def _handshake_over(self) -> None:
         if self._timer is not None:
@@ -272,39 +373,42 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
         if release is not None:
             release()
 
-    # -- outcomes --------------------------------------------------------------------------
+    # -- outcomes (from the protocol and the dialler) --------------------------------------
 
     def handshake_succeeded(self, proto: RelayWebSocketProtocol) -> None:
         self._handshake_over()
-        self._backoff.reset()
-        self.resetDelay()
+        self._attempt = 0
+        self.dialler.resetDelay()
+        if self._stopped:
+            self.dialler.stopTrying()
+            return
         _log.info("WebSocket to agent {agent} open", agent=self.label)
         self.listener.ws_opened()
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def connection_failed(self, reason: Failure) -> None:
         self._handshake_over()
         self._current = None
-        cause = (
-            f"connection timed out after {self.handshake_timeout:g}s"
-            if self._timed_out
-            else _describe(reason)
-        )
+        if self._timed_out:
+            cause = f"connection timed out after {self.handshake_timeout:g}s"
+        else:
+            cause = describe_transport_failure(reason) or "connection failed"
         self._report(cause, handshake=True)
-        self.retry(connector)
 
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+    def connection_lost(self, reason: Failure) -> None:
         self._handshake_over()
         proto, self._current = self._current, None
         opened = proto is not None and proto.opened
-        cause = proto.describe_failure() if proto is not None else _describe(reason)
+        if proto is not None:
+            cause = proto.describe_failure()
+        else:
+            cause = describe_transport_failure(reason) or "connection closed"
         self._report(cause, handshake=not opened)
         closed, self._closed = self._closed, None
         if closed is not None:
             closed.callback(None)
-        self.retry(connector)
 
     def _report(self, cause: str, handshake: bool) -> None:
-        if not self.continueTrying:
+        if self._stopped:
             return
         if handshake:
             _log.warn(
@@ -334,10 +438,9 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
     def stop(self, close_timeout: float = 5.0) -> Deferred:
         """Stop redialling and close the connection cleanly; fires once it is gone."""
-        self.stopTrying()
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.cancel()
+        self._stopped = True
+        self.dialler.stopTrying()
+        self.abandon_dial()
         proto = self._current
         if proto is None or proto.transport is None:
             self._handshake_over()
@@ -348,7 +451,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
             proto.sendClose(1000, "relay stopping")
         else:
             proto.transport.abortConnection()
-        abort = self.clock.callLater(close_timeout, proto.transport.abortConnection)
+        abort = self._clock.callLater(close_timeout, proto.transport.abortConnection)
 
         def done(result: object) -> object:
             if abort.active():
@@ -359,7 +462,7 @@ class RelayWebSocketFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
 
 class WebSocketDialer:
-    """Makes and starts one :class:`RelayWebSocketFactory` per agent link (production wiring)."""
+    """Makes and starts one :class:`AgentWebSocket` per agent link (production wiring)."""
 
     def __init__(
         self,
@@ -368,31 +471,35 @@ class WebSocketDialer:
         clock: Any,
         tls_options_for: Callable[[str], Any],
         gate: HandshakeGate,
-        make_backoff: Callable[[], Backoff],
         handshake_timeout: float,
+        initial_delay: float,
+        max_delay: float,
+        jitter: float = ReconnectingClientFactory.jitter,
         negotiated_protocol: Callable[[Any], str | None] = _default_negotiated_protocol,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
         self._tls_options_for = tls_options_for
         self._gate = gate
-        self._make_backoff = make_backoff
         self._handshake_timeout = handshake_timeout
+        self._initial_delay = initial_delay
+        self._max_delay = max_delay
+        self._jitter = jitter
         self._negotiated_protocol = negotiated_protocol
 
-    def __call__(
-        self, address: AgentAddress, listener: IWebSocketListener
-    ) -> RelayWebSocketFactory:
-        factory = RelayWebSocketFactory(
+    def __call__(self, address: AgentAddress, listener: IWebSocketListener) -> AgentWebSocket:
+        websocket = AgentWebSocket(
             address,
             listener,
             reactor=self._reactor,
             clock=self._clock,
             tls_options=self._tls_options_for(address.host),
             gate=self._gate,
-            backoff=self._make_backoff(),
             handshake_timeout=self._handshake_timeout,
+            initial_delay=self._initial_delay,
+            max_delay=self._max_delay,
+            jitter=self._jitter,
             negotiated_protocol=self._negotiated_protocol,
         )
-        factory.start()
-        return factory
+        websocket.start()
+        return websocket
