@@ -121,3 +121,64 @@ class ScannerTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.scanner.links, {ONE: self.made[1]})
         self.assertEqual(self.made[1].started, ["r1"])
+
+
+class OwnershipTests(SynchronousTestCase):
+    """With membership, the scanner follows only the agents this relay owns."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = FakeRelayStore()
+        self.made: list[FakeLink] = []
+
+        def make_link(address: AgentAddress) -> FakeLink:
+            link = FakeLink(address)
+            self.made.append(link)
+            return link
+
+        self.scanner = Scanner(self.store, make_link, clock=self.clock, interval=10)
+        self.addCleanup(self.scanner.stop_scanning)
+        for row_id, agent in (("r1", ONE), ("r2", TWO)):
+            self.store.add_host_job(
+                row_id=row_id, job_id="j1", host_id=row_id, agent_job_id=f"a-{row_id}", agent=agent
+            )
+
+    def scans(self) -> int:
+        return len([c for c in self.store.calls if c.method == "running_host_jobs"])
+
+    def test_only_owned_agents_are_followed(self) -> None:
+        """Running rows of agents another relay owns are left alone."""
+        self.scanner.set_owned(frozenset({ONE}))
+        self.scanner.start()
+        self.assertEqual([link.address for link in self.made], [ONE])
+
+    def test_lost_agent_is_dropped_at_once_without_the_database(self) -> None:
+        """An agent no longer ours is disconnected now, even while the database is down."""
+        self.scanner.set_owned(frozenset({ONE, TWO}))
+        self.scanner.start()
+        self.store.error = RuntimeError("db down")
+        self.scanner.set_owned(frozenset({TWO}))
+        self.assertEqual((self.made[0].stopped, self.made[1].stopped), (True, False))
+        self.assertEqual(set(self.scanner.links), {TWO})
+        self.assertEqual(self.scans(), 1)
+
+    def test_gained_agent_is_scanned_now(self) -> None:
+        """A newly owned agent is followed at once, from a fresh read of its rows."""
+        self.scanner.set_owned(frozenset())
+        self.scanner.start()
+        self.assertEqual(self.made, [])
+        self.scanner.set_owned(frozenset({TWO}))
+        self.assertEqual(self.scans(), 2)
+        self.assertEqual([link.address for link in self.made], [TWO])
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 10)  # the loop's own pace
+
+    def test_scan_asked_for_during_a_scan_runs_after_it(self) -> None:
+        """A scan asked for while one is in flight runs once more right after it."""
+        self.store.hold()
+        self.scanner.set_owned(frozenset({ONE}))
+        self.scanner.start()
+        self.scanner.set_owned(frozenset({ONE, TWO}))
+        self.assertEqual(self.scans(), 1)
+        self.store.release()
+        self.assertEqual(self.scans(), 2)
+        self.assertEqual({link.address for link in self.made}, {ONE, TWO})

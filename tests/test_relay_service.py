@@ -17,6 +17,7 @@ from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.machine import CONNECTING
 from lpa.relay.service import RelayService, make_relay_service
+from tests.fakes_membership import FakeMembershipDatabase
 from tests.fakes_relay import FakeRelayStore
 
 ADDRESS = AgentAddress("agent1.example", 12443)
@@ -128,6 +129,69 @@ class ServiceTests(SynchronousTestCase):
             dial=self.dial,
         )
         self.assertIn("/nonexistent/ca.crt", str(error))
+
+
+class MembershipWiringTests(SynchronousTestCase):
+    """With a membership database, the relay follows what its leases say and leaves on stop."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log: list[str] = []
+        self.store = OrderedStore(self.log)
+        self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1", agent=ADDRESS
+        )
+        self.sockets: list[FakeWs] = []
+        self.db = FakeMembershipDatabase()
+        self.service = make_relay_service(
+            RelayConfig(
+                database_url="postgres://x@localhost/db", scan_interval=5, relay_id="relay-a"
+            ),
+            reactor=self.clock,
+            clock=self.clock,
+            store=self.store,
+            tls_options_for=lambda host: "tls",
+            http_client=object(),
+            dial=self.dial,
+            membership_database=self.db,
+        )
+
+    def dial(self, address: AgentAddress, listener: Any) -> FakeWs:
+        self.log.append(f"dial {address.host}:{address.port}")
+        ws = FakeWs(self.log)
+        self.sockets.append(ws)
+        return ws
+
+    def test_follows_only_after_the_lease(self) -> None:
+        """Nothing is dialled before the first heartbeat; the leased agent is dialled after it."""
+        self.db.hold()
+        self.service.startService()
+        self.clock.advance(0)
+        self.assertEqual(self.sockets, [])
+        self.db.owned = frozenset({ADDRESS})
+        self.db.release()
+        self.clock.advance(2)
+        self.assertEqual(self.log, ["dial agent1.example:12443"])
+        self.assertEqual(self.service.membership.relay_id, "relay-a")
+
+    def test_stop_leaves_while_links_close_then_stops_the_store(self) -> None:
+        """stopService: leave (hand over at once) without waiting for close frames; store last."""
+        self.db.owned = frozenset({ADDRESS})
+        owned = RelayService(
+            self.store,
+            self.service.scanner,
+            own_store=True,
+            membership=self.service.membership,
+        )
+        owned.startService()
+        self.clock.advance(0)
+        stopping = owned.stopService()
+        self.assertEqual(self.db.calls[-2:], ["leave", "close"])
+        self.assertNoResult(stopping)
+        self.sockets[0].closing.callback(None)
+        self.successResultOf(stopping)
+        self.assertEqual(self.log[-1], "store stop")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class TapTests(SynchronousTestCase):

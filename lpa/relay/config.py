@@ -53,6 +53,10 @@ class RelayConfig:
     reconnect_max_delay: float = 60.0
     unreachable_deadline: float = 900.0
     max_pending_events: int = 10000
+    #: this relay's name among the relays sharing the database; "" = host name + pid
+    relay_id: str = ""
+    heartbeat_interval: float = 2.0
+    lease_ttl: float = 8.0
     client_cert_path: str = "/etc/patch-manager/certs/client.crt"
     client_key_path: str = "/etc/patch-manager/certs/client.key"
     ca_cert_path: str = "/etc/patch-manager/ca/ca.crt"
@@ -81,6 +85,12 @@ _database_url = kit.url("postgres", "postgresql")
 _log_format = kit.choice(*LOG_FORMATS)
 
 
+def _relay_id(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.isprintable() or len(value) > 200:
+        raise ConfigError(f"{key}: must be printable text of at most 200 characters, got {value!r}")
+    return value.strip()
+
+
 #: attribute -> (section, key, check, kind of env text); add a key with one line here, one
 #: attribute above, and its documentation in README.rst and etc/relay.toml
 _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
@@ -103,6 +113,14 @@ _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
         float,
     ),
     "max_pending_events": ("worker", "ws_relay_max_pending_events", _positive_int, int),
+    "relay_id": ("worker", "ws_relay_id", _relay_id, str),
+    "heartbeat_interval": (
+        "worker",
+        "ws_relay_heartbeat_interval_secs",
+        _positive_number,
+        float,
+    ),
+    "lease_ttl": ("worker", "ws_relay_lease_ttl_secs", _positive_number, float),
     "client_cert_path": ("security", "agent_client_cert_path", _path, str),
     "client_key_path": ("security", "agent_client_key_path", _path, str),
     "ca_cert_path": ("security", "ca_cert_path", _path, str),
@@ -226,6 +244,11 @@ def parse_relay_config(
         raise ConfigError(
             f"{source}: ops.tls_cert_path and ops.tls_key_path: set both (TLS with client "
             "certificates on the ops port) or neither (plain HTTP)"
+        )
+    if config.lease_ttl < 3 * config.heartbeat_interval:
+        raise ConfigError(
+            f"{source}: worker.ws_relay_lease_ttl_secs: must be at least three heartbeat "
+            f"intervals (3 x ws_relay_heartbeat_interval_secs = {3 * config.heartbeat_interval:g})"
         )
     return config
 

@@ -2,10 +2,16 @@
 
 Every ``scan_interval`` (a ``LoopingCall`` on the injected clock)::
 
-    store.running_host_jobs() ─▶ group by AgentAddress
+    store.running_host_jobs() ─▶ group by AgentAddress ─▶ keep the agents this relay owns
         ─▶ new agent      → make_link(address).start(rows)
         ─▶ known agent    → link.update(rows)
         ─▶ agent w/o rows → link.stop() (disconnect)
+
+Which agents this relay owns comes from :mod:`lpa.relay.membership` through :meth:`set_owned`:
+an agent no longer ours is disconnected at once (from memory: the database may be down, and
+another relay may be taking it over); a newly owned one triggers a scan now, so that it is
+followed from the ``relay_last_seq`` in the database rather than from an older scan.  Without
+:meth:`set_owned` the scanner follows every agent.
 
 A failing scan (database down) is logged and the loop goes on; the links keep what they have.
 """
@@ -40,8 +46,12 @@ class Scanner:
         self._clock = clock
         self.interval = interval
         self.links: dict[AgentAddress, Any] = {}
+        #: the agents this relay may follow; None: every agent (a relay on its own)
+        self.owned: frozenset[AgentAddress] | None = None
         self._loop: LoopingCall | None = None
         self._stopping: list[Deferred] = []
+        self._scanning = False
+        self._scan_again = False
 
     def start(self) -> None:
         if self._loop is not None:
@@ -64,8 +74,39 @@ class Scanner:
         self.links = {}
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
+    def set_owned(self, owned: frozenset[AgentAddress]) -> None:
+        """Follow only ``owned`` from now on: drop the others now, scan for new ones now."""
+        self.owned = owned
+        for address, link in list(self.links.items()):
+            if address not in owned:
+                del self.links[address]
+                _log.info(
+                    "agent {agent} is not this relay's to follow now: disconnecting",
+                    agent=f"{address.host}:{address.port}",
+                )
+                self._track_stop(link.stop())
+        if self._loop is not None and any(address not in self.links for address in owned):
+            Deferred.fromCoroutine(self.scan_once())
+
     async def scan_once(self) -> None:
-        """One scan; failures are logged, never raised (the loop must go on)."""
+        """One scan; failures are logged, never raised (the loop must go on).
+
+        A scan asked for while one runs runs once more right after it.
+        """
+        if self._scanning:
+            self._scan_again = True
+            return
+        self._scanning = True
+        try:
+            await self._scan()
+            while self._scan_again and self._loop is not None:
+                self._scan_again = False
+                await self._scan()
+        finally:
+            self._scanning = False
+            self._scan_again = False
+
+    async def _scan(self) -> None:
         try:
             rows = await self._store.running_host_jobs()
         except Exception as error:
@@ -84,7 +125,8 @@ class Scanner:
     def _reconcile(self, rows: list[HostJob]) -> None:
         by_agent: dict[AgentAddress, list[HostJob]] = {}
         for host_job in rows:
-            by_agent.setdefault(host_job.agent, []).append(host_job)
+            if self.owned is None or host_job.agent in self.owned:
+                by_agent.setdefault(host_job.agent, []).append(host_job)
         for address, link in list(self.links.items()):
             if address not in by_agent:
                 del self.links[address]

@@ -1,13 +1,16 @@
-"""Builds the relay daemon: store, scanner, one link per agent, with an explicit stop order.
+"""Builds the relay daemon: store, membership, scanner, one link per agent; explicit stop order.
 
 ::
 
-    RelayService.startService: [ops port] → store.start() (calls wait for the pool)
-                               → scanner.start()
-    RelayService.stopService:  [ops port closed: probes fail first] → stop scanning → stop
-                               links (WebSocket close frames, pollers stopped, queued events
-                               handed to the store) → store.stop() (applies or keeps what it
-                               was given) → close the HTTP pool
+    RelayService.startService: [ops port] · membership.start() (heartbeats; it tells the
+                               scanner which agents are ours) · store.start() (calls wait for
+                               the pool) → scanner.start()
+    RelayService.stopService:  [ops port closed: probes fail first] · stop heartbeats, stop
+                               scanning → stop links (WebSocket close frames, pollers stopped,
+                               queued events handed to the store) and, at the same time, leave
+                               the membership (the other relays take our agents at once) →
+                               store.stop() (applies or keeps what it was given) → close the
+                               HTTP pool
 
 ``MultiService`` would stop children concurrently; the order above is what makes SIGTERM lose
 nothing, so it is written out here.
@@ -19,7 +22,7 @@ import random
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +31,7 @@ from lpa.relay.backoff import Backoff, HandshakeGate
 from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import AgentLink
+from lpa.relay.membership import RelayMembership, default_relay_id
 from lpa.relay.metered import MeteredStore, metered_dial
 from lpa.relay.metrics import RelayMetrics
 from lpa.relay.poller import AgentJobsHttp, AgentPoller, make_agent_http_client
@@ -41,7 +45,7 @@ POLL_REQUEST_TIMEOUT = 30.0
 
 
 class RelayService(MultiService):
-    """The relay: owns the scanner (and the store unless it was injected)."""
+    """The relay: owns the scanner, its membership (if any) and the store unless injected."""
 
     def __init__(
         self,
@@ -49,11 +53,13 @@ class RelayService(MultiService):
         scanner: Scanner,
         *,
         own_store: bool,
+        membership: RelayMembership | None = None,
         on_stopped: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.store = store
         self.scanner = scanner
+        self.membership = membership
         self._own_store = own_store
         self._on_stopped = on_stopped
         #: the relay's metrics (lpa.relay.metrics) and its ops port (lpa.relay.opsservice)
@@ -64,6 +70,11 @@ class RelayService(MultiService):
         super().startService()
         if self.ops is not None:
             self.ops.startService()
+        if self.membership is not None:
+            self.scanner.set_owned(frozenset())  # nothing is ours before the first heartbeat
+            self.membership.start().addErrback(
+                lambda failure: _log.failure("relay membership did not start", failure)
+            )
         if not self._own_store:
             self._start_scanning()
             return
@@ -76,13 +87,29 @@ class RelayService(MultiService):
         if not self.running:
             return
         self.scanner.start()
-        _log.info("lpa-relay started: scanning every {interval:g}s", interval=self.scanner.interval)
+        if self.membership is None:
+            _log.info(
+                "lpa-relay started: scanning every {interval:g}s", interval=self.scanner.interval
+            )
+        else:
+            _log.info(
+                "lpa-relay started as relay {relay_id}: scanning every {interval:g}s, "
+                "heartbeat every {heartbeat:g}s",
+                relay_id=self.membership.relay_id,
+                interval=self.scanner.interval,
+                heartbeat=self.membership.interval,
+            )
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
         ops_stopped = maybeDeferred(self.ops.stopService) if self.ops is not None else None
+        if self.membership is not None:
+            self.membership.stop()
         self.scanner.stop_scanning()
-        stopping = self.scanner.stop_links()
+        waits = [self.scanner.stop_links()]
+        if self.membership is not None:
+            waits.append(self.membership.leave())
+        stopping = DeferredList(waits, consumeErrors=True)
         if ops_stopped is not None:
             stopping.addBoth(lambda result: ops_stopped.addBoth(lambda _: result))
 
@@ -120,10 +147,14 @@ def make_relay_service(
     ops: bool = False,
     ops_connection_factory: Callable[[], Any] | None = None,
     ops_sample_interval: float = 15.0,
+    membership_database: Any = None,
 ) -> RelayService:
     """The relay daemon for ``config``; every collaborator can be injected (tests, embedding).
 
-    :param jitter: spreads the links' store retries.
+    :param membership_database: the :class:`~lpa.relay.membership.IMembershipDatabase` of the
+        relays sharing the fleet; default: the config's database when the store is ours, none
+        (this relay follows every agent) when a store is injected without one.
+    :param jitter: spreads the links' store retries and the membership's wake-ups.
     :param dial_jitter: ReconnectingClientFactory's relative jitter of WebSocket redials.
 
     :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default reads the
@@ -227,10 +258,33 @@ def make_relay_service(
         )
 
     scanner = Scanner(store, make_link, clock=clock, interval=config.scan_interval)
+    relay_id = config.relay_id or default_relay_id()
+    if membership_database is None and own_store:
+        from lpa.relay.membership_db import PostgresMembershipDatabase
+
+        membership_database = PostgresMembershipDatabase(
+            config.database_url,
+            relay_id=relay_id,
+            lease_ttl=config.lease_ttl,
+            clock=clock,
+            reactor=reactor,
+        )
+    membership = None
+    if membership_database is not None:
+        membership = RelayMembership(
+            membership_database,
+            clock=clock,
+            relay_id=relay_id,
+            heartbeat_interval=config.heartbeat_interval,
+            lease_ttl=config.lease_ttl,
+            on_change=scanner.set_owned,
+            jitter=jitter,
+        )
     service = RelayService(
         store,
         scanner,
         own_store=own_store,
+        membership=membership,
         on_stopped=pool.closeCachedConnections if pool is not None else None,
     )
     service.metrics = metrics

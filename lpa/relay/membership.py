@@ -1,0 +1,331 @@
+"""Relays share the fleet: heartbeats, agent leases and self-fencing, on the injected clock.
+
+Every ``heartbeat_interval`` (and at once when another relay joins, leaves or sheds agents)::
+
+    heartbeat ──ok──▶ fence moved to (send time + lease_ttl - heartbeat_interval)
+        │                 │
+        │ failed          ▼
+        │             rebalance (one transaction, see membership_db): expired relays dropped,
+        │             target = ceil(agents with running jobs / live relays), shed the excess,
+        │             claim up to the target ──▶ on_change(owned agents) when it changed
+        ▼
+    keep the agents we have until the fence; past it on_change(∅): our leases may be
+    expiring, and another relay must not find us still following what it takes over
+
+The fence is measured on our own clock from the moment the last successful heartbeat was SENT:
+the database stamped it no earlier, so our row lives at least ``lease_ttl`` past that moment,
+and we stop ``heartbeat_interval`` before that (docs/architecture.rst, "Relays share the fleet").
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from typing import Any, Callable
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from lpa.relay.interfaces import AgentAddress
+
+_log = Logger()
+
+#: wake-ups (another relay joined, left or shed agents) tick after a random delay below this,
+#: so the relays that hear one notification do not all take the claim lock at the same moment
+WAKE_SPREAD = 0.25
+#: the claim lock was busy: try again after a random delay below this
+BUSY_RETRY = 0.3
+
+
+def default_relay_id() -> str:
+    """``host name-pid``: unique per process; a restarted relay is a new member."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Rebalance:
+    """What one rebalance transaction saw and did."""
+
+    owned: frozenset[AgentAddress]
+    agents: int = 0  # agents with running jobs
+    members: int = 1  # live relays, this one included
+    target: int = 0  # ceil(agents / members): what this relay may follow
+    claimed: int = 0
+    shed: int = 0
+    expired: tuple[str, ...] = ()  # relays whose membership expired, removed by this transaction
+    #: another relay held the claim lock: owned is what we hold, nothing was claimed or shed
+    busy: bool = False
+
+
+class RelayIdInUse(Exception):
+    """Another live relay process registered under our relay id."""
+
+
+class IMembershipDatabase(Interface):
+    """The membership tables behind :class:`RelayMembership` (PostgreSQL in production)."""
+
+    def connect() -> Deferred:
+        """Open the connection; fires once the first attempt ended (never errbacks)."""
+
+    def heartbeat() -> Deferred:
+        """Renew our row (insert it when absent or expired); fire True when we just joined.
+
+        Errbacks :class:`RelayIdInUse` when another live process holds our relay id.
+        """
+
+    def rebalance() -> Deferred:
+        """Drop expired relays, shed or claim agents towards our share; fire a Rebalance."""
+
+    def leave() -> Deferred:
+        """Delete our row (our leases go with it) and tell the other relays."""
+
+    def set_wakeup(callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when another relay joins, leaves or sheds agents."""
+
+    def close() -> None:
+        """Close the connection and stop reconnecting."""
+
+
+def _reason(failure: Failure) -> str:
+    text = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
+    return f"{failure.type.__name__}: {text}"
+
+
+class RelayMembership:
+    """This relay's membership: ticks, fencing, and what it may follow (see module docstring).
+
+    :param on_change: called with the agents this relay follows from now on, each time that set
+        changes (an empty set when fenced).
+    :param jitter: a float in ``[0, 1)``; spreads wake-ups and busy retries.
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        *,
+        clock: IReactorTime,
+        relay_id: str,
+        heartbeat_interval: float,
+        lease_ttl: float,
+        on_change: Callable[[frozenset[AgentAddress]], None],
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0 < heartbeat_interval or lease_ttl < 3 * heartbeat_interval:
+            raise ValueError("lease_ttl must be at least three heartbeat intervals")
+        self._db = database
+        self._clock = clock
+        self.relay_id = relay_id
+        self.interval = heartbeat_interval
+        self.lease_ttl = lease_ttl
+        #: how long after a heartbeat was sent we may follow agents without a newer one
+        self.fence_after = lease_ttl - heartbeat_interval
+        self._on_change = on_change
+        self._jitter = jitter
+        self.owned: frozenset[AgentAddress] = frozenset()
+        self.fenced = True  # nothing followed before the first heartbeat
+        self._running = False
+        self._ticking: Deferred | None = None
+        self._again = False
+        self._next: IDelayedCall | None = None
+        self._fence: IDelayedCall | None = None
+        self._failing: str | None = None  # the outage being reported, if any
+        self._in_use = False
+        self._joined_once = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Deferred:
+        """Connect, then tick now and every ``heartbeat_interval``; fires once connected."""
+        self._running = True
+        self._db.set_wakeup(self.wake)
+        connecting = self._db.connect()
+        connecting.addCallback(lambda _: self._schedule(0) if self._running else None)
+        return connecting
+
+    def stop(self) -> None:
+        """Stop ticking (links stay as they are; :meth:`leave` hands them over)."""
+        self._running = False
+        for call in (self._next, self._fence):
+            if call is not None and call.active():
+                call.cancel()
+        self._next = self._fence = None
+
+    def leave(self) -> Deferred:
+        """Hand our agents to the other relays at once; then close. Never errbacks."""
+        self.stop()
+        waiting = self._ticking if self._ticking is not None else succeed(None)
+
+        def leave(_: object) -> Deferred:
+            return self._db.leave()
+
+        def left(_: object) -> None:
+            _log.info("relay {relay_id} left: its agents go to the other relays",
+                      relay_id=self.relay_id)
+
+        def failed(failure: Failure) -> None:
+            _log.warn(
+                "relay {relay_id} could not leave ({reason}); its agents go to the other relays "
+                "when its membership expires in at most {ttl:g}s",
+                relay_id=self.relay_id,
+                reason=_reason(failure),
+                ttl=self.lease_ttl,
+            )
+
+        leaving = waiting.addCallback(leave).addCallbacks(left, failed)
+        return leaving.addBoth(lambda _: self._db.close())
+
+    # -- ticking ----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Another relay joined, left or shed agents: rebalance soon instead of at the next tick."""
+        if not self._running:
+            return
+        if self._ticking is not None:
+            self._again = True
+            return
+        self._schedule(WAKE_SPREAD * self._jitter(), sooner_only=True)
+
+    def _schedule(self, delay: float, sooner_only: bool = False) -> None:
+        if not self._running:
+            return
+        call = self._next
+        if call is not None and call.active():
+            if sooner_only and call.getTime() <= self._clock.seconds() + delay:
+                return
+            call.cancel()
+        self._next = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._next = None
+        self._ticking = Deferred.fromCoroutine(self._tick_once())
+        self._ticking.addErrback(
+            lambda failure: _log.failure("relay membership tick failed", failure)
+        )
+        self._ticking.addBoth(self._ticked)
+
+    def _ticked(self, result: object) -> None:
+        self._ticking = None
+        if isinstance(result, Rebalance) and result.busy:
+            self._schedule(BUSY_RETRY * self._jitter())
+        elif self._again:
+            self._again = False
+            self._schedule(WAKE_SPREAD * self._jitter())
+        else:
+            self._schedule(self.interval)
+
+    async def _tick_once(self) -> Rebalance | None:
+        sent = self._clock.seconds()
+        try:
+            joined = await self._db.heartbeat()
+        except Exception:
+            self._heartbeat_failed(Failure())
+            return None
+        if not self._running:
+            return None
+        self._renewed(sent, bool(joined))
+        try:
+            result: Rebalance = await self._db.rebalance()
+        except Exception:
+            failure = Failure()
+            _log.warn(
+                "relay {relay_id}: rebalance failed, keeping the agents it follows: {reason}",
+                relay_id=self.relay_id,
+                reason=_reason(failure),
+            )
+            return None
+        if not self._running or self.fenced:
+            return None
+        self._report(result)
+        self._set_owned(result.owned)
+        return result
+
+    def _renewed(self, sent: float, joined: bool) -> None:
+        if self._failing is not None or self._in_use:
+            _log.info("relay {relay_id}: the database is reachable again", relay_id=self.relay_id)
+        self._failing = None
+        self._in_use = False
+        if joined:
+            _log.info(
+                "relay {relay_id} {verb} the relays sharing the database "
+                "(heartbeat every {interval:g}s, lease {ttl:g}s)",
+                relay_id=self.relay_id,
+                verb="rejoined" if self._joined_once else "joined",
+                interval=self.interval,
+                ttl=self.lease_ttl,
+            )
+            self._joined_once = True
+        self.fenced = False
+        if self._fence is not None and self._fence.active():
+            self._fence.cancel()
+        self._fence = self._clock.callLater(
+            max(0.0, sent + self.fence_after - self._clock.seconds()), self._fenced
+        )
+
+    def _heartbeat_failed(self, failure: Failure) -> None:
+        if failure.check(RelayIdInUse):
+            if not self._in_use:
+                _log.error(
+                    "relay id {relay_id} is in use by another running relay: {reason}; give "
+                    "each relay its own [worker] ws_relay_id (or leave it unset)",
+                    relay_id=self.relay_id,
+                    reason=str(failure.value),
+                )
+            self._in_use = True
+            self._fenced()
+            return
+        reason = _reason(failure)
+        if self._failing is None:
+            _log.warn(
+                "relay {relay_id}: heartbeat failed ({reason}); it stops following its agents "
+                "if the database stays unreachable",
+                relay_id=self.relay_id,
+                reason=reason,
+            )
+        self._failing = reason
+
+    def _fenced(self) -> None:
+        self._fence = None
+        self.fenced = True
+        if self.owned:
+            _log.warn(
+                "relay {relay_id}: no heartbeat reached the database for {fence:g}s; stopped "
+                "following {count} agents so that the other relays can take them over",
+                relay_id=self.relay_id,
+                fence=self.fence_after,
+                count=len(self.owned),
+            )
+        self._set_owned(frozenset())
+
+    def _report(self, result: Rebalance) -> None:
+        for relay_id in result.expired:
+            _log.warn(
+                "relay {expired} stopped heartbeating; its agents go to the live relays",
+                expired=relay_id,
+            )
+        if result.claimed or result.shed:
+            _log.info(
+                "relay {relay_id}: claimed {claimed} and handed over {shed} agents; follows "
+                "{owned} of {agents} agents with running jobs ({members} live relays, "
+                "share {target})",
+                relay_id=self.relay_id,
+                claimed=result.claimed,
+                shed=result.shed,
+                owned=len(result.owned),
+                agents=result.agents,
+                members=result.members,
+                target=result.target,
+            )
+
+    def _set_owned(self, owned: frozenset[AgentAddress]) -> None:
+        if owned == self.owned:
+            return
+        self.owned = owned
+        try:
+            self._on_change(owned)
+        except Exception:
+            _log.failure("relay membership: applying the agents to follow failed")

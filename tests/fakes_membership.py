@@ -1,0 +1,76 @@
+"""An in-memory :class:`~lpa.relay.membership.IMembershipDatabase` driven by the test.
+
+Each call is recorded and answered from what the test set: ``owned`` (the agents the next
+rebalance returns), ``fail`` (an exception every heartbeat raises: the database is down),
+``hold`` (heartbeats stay pending until ``release()``: the database hangs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from lpa.relay.interfaces import AgentAddress
+from lpa.relay.membership import IMembershipDatabase, Rebalance
+
+
+@implementer(IMembershipDatabase)
+class FakeMembershipDatabase:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.owned: frozenset[AgentAddress] = frozenset()
+        self.busy = False
+        self.joined_next = True
+        self.fail: Exception | None = None
+        self.held: list[Deferred] | None = None
+        self.wakeup: Callable[[], None] | None = None
+        self.closed = False
+
+    def connect(self) -> Deferred:
+        self.calls.append("connect")
+        return defer.succeed(None)
+
+    def heartbeat(self) -> Deferred:
+        self.calls.append("heartbeat")
+        if self.held is not None:
+            waiting: Deferred = Deferred()
+            self.held.append(waiting)
+            return waiting
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        joined, self.joined_next = self.joined_next, False
+        return defer.succeed(joined)
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for waiting in held:
+            if self.fail is not None:
+                waiting.errback(self.fail)
+            else:
+                waiting.callback(False)
+
+    def rebalance(self) -> Deferred:
+        self.calls.append("rebalance")
+        return defer.succeed(
+            Rebalance(owned=self.owned, agents=len(self.owned), target=len(self.owned),
+                      busy=self.busy)
+        )
+
+    def leave(self) -> Deferred:
+        self.calls.append("leave")
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(None)
+
+    def set_wakeup(self, callback: Callable[[], None]) -> None:
+        self.wakeup = callback
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closed = True
