@@ -28,6 +28,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "lpa.tools.pki",
     "lpa.tools.configcheck",
     "lpa.relay.migrate",
+    "lpa.relay.status",
     "lpa.tools.agentcli",
     "lpa.tools.dispatch",
     "lpa.tools.demo",
