@@ -106,6 +106,8 @@ class MemoryNetwork(Clock):
         self.pumps: list[tuple[tuple[str, int], iosim.IOPump]] = []
         self.dials: list[tuple[str, int]] = []
         self.tls: list[Any] = []
+        #: called on every flush round (e.g. ``StubTreq.flush`` of in-memory HTTP clients)
+        self.flushers: list[Any] = []
 
     def listen(self, host: str, port: int, factory: Any) -> None:
         self.servers[(host, port)] = factory
@@ -145,6 +147,8 @@ class MemoryNetwork(Clock):
         """Run what is due now, complete connects and move bytes until nothing moves."""
         for _ in range(10000):
             self.advance(0)
+            for flusher in self.flushers:
+                flusher()
             moved = False
             for _address, pump in list(self.pumps):
                 if pump.pump(advanceClock=False):

@@ -1,4 +1,4 @@
-"""RelayMembership on a Clock: heartbeats, what this relay follows, self-fencing, wake-ups, leave."""
+"""RelayMembership on a Clock: heartbeats, what it follows, self-fencing, wake-ups, leave."""
 
 from __future__ import annotations
 

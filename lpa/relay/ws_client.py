@@ -160,12 +160,12 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
         super().connectionLost(reason)
 
     def describe_failure(self) -> str:
-        """Our own reason first, then the transport's cause, Autobahn's text only as a last resort."""
+        """Our own reason when we ended the attempt (what follows our abort is its echo); else
+        the transport's cause; Autobahn's close text only as a last resort."""
+        if self.fail_reason is not None:
+            return self.fail_reason
         cause = describe_transport_failure(self.lost_reason)
-        parts = [self.fail_reason, cause]
-        if not any(parts):
-            parts.append(getattr(self, "wasNotCleanReason", None))
-        return "; ".join(str(part) for part in parts if part) or "connection closed"
+        return cause or getattr(self, "wasNotCleanReason", None) or "connection closed"
 
 
 class _GatedConnector:
