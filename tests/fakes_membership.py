@@ -2,7 +2,8 @@
 
 Each call is recorded and answered from what the test set: ``owned`` (the agents the next
 rebalance returns), ``fail`` (an exception every heartbeat raises: the database is down),
-``hold`` (heartbeats stay pending until ``release()``: the database hangs).
+``hold`` (heartbeats stay pending until ``release()``: the database hangs),
+``rebalance_held`` (rebalances stay pending).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class FakeMembershipDatabase:
         self.joined_next = True
         self.fail: Exception | None = None
         self.held: list[Deferred] | None = None
+        #: when a list, rebalances stay pending (appended here)
+        self.rebalance_held: list[Deferred] | None = None
         self.wakeup: Callable[[], None] | None = None
         self.closed = False
 
@@ -57,6 +60,10 @@ class FakeMembershipDatabase:
 
     def rebalance(self) -> Deferred:
         self.calls.append("rebalance")
+        if self.rebalance_held is not None:
+            waiting: Deferred = Deferred()
+            self.rebalance_held.append(waiting)
+            return waiting
         return defer.succeed(
             Rebalance(owned=self.owned, agents=len(self.owned), target=len(self.owned),
                       busy=self.busy)

@@ -134,13 +134,34 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(self.membership.owned, frozenset())
         self.assertNotIn("rebalance", self.db.calls)
 
-    def test_wake_up_ticks_soon(self) -> None:
+    def test_wake_up_rebalances_soon(self) -> None:
         """Another relay joined or left: rebalance after a short spread, not a whole interval."""
         self.start()
         assert self.db.wakeup is not None
         self.db.wakeup()
         self.clock.advance(WAKE_SPREAD * 0.5)
-        self.assertEqual(self.heartbeats(), 2)
+        self.assertEqual((self.heartbeats(), self.db.calls.count("rebalance")), (1, 2))
+
+    def test_slow_rebalance_does_not_delay_heartbeats(self) -> None:
+        """Heartbeats keep their cadence while a rebalance hangs; the relay is not fenced."""
+        self.start()
+        self.db.rebalance_held = []
+        self.clock.advance(2)
+        for _ in range(5):
+            self.clock.advance(2)
+        self.assertEqual(self.heartbeats(), 7)
+        self.assertEqual(self.db.calls.count("rebalance"), 2)  # no pile-up either
+        self.assertFalse(self.membership.fenced)
+
+    def test_slow_heartbeat_is_reported(self) -> None:
+        """A heartbeat answered after more than one interval warns that something is overloaded."""
+        self.start()
+        self.db.hold()
+        self.clock.advance(2)
+        self.clock.advance(2.5)
+        with capturedLogs() as logged:
+            self.db.release()
+        self.assertIn("a heartbeat took 2.5s", " ".join(formatEvent(e) for e in logged))
 
     def test_busy_claim_lock_retries_soon(self) -> None:
         """Another relay was rebalancing: try again after a short spread."""

@@ -1,11 +1,13 @@
 """Relays share the fleet: heartbeats, agent leases and self-fencing, on the injected clock.
 
-Every ``heartbeat_interval`` (and at once when another relay joins, leaves or sheds agents)::
+Every ``heartbeat_interval``, on a fixed cadence (a slow rebalance never delays the next beat;
+a beat still in flight is not doubled)::
 
     heartbeat ──ok──▶ fence moved to (send time + lease_ttl - heartbeat_interval)
         │                 │
         │ failed          ▼
-        │             rebalance (one transaction, see membership_db): expired relays dropped,
+        │             rebalance (one transaction, see membership_db; also soon after another
+        │             relay joins, leaves or sheds agents): expired relays dropped,
         │             target = ceil(agents with running jobs / live relays), shed the excess,
         │             claim up to the target ──▶ on_change(owned agents) when it changed
         ▼
@@ -25,7 +27,7 @@ import socket
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -97,7 +99,7 @@ def _reason(failure: Failure) -> str:
 
 
 class RelayMembership:
-    """This relay's membership: ticks, fencing, and what it may follow (see module docstring).
+    """This relay's membership: heartbeats, rebalances, fencing (see the module docstring).
 
     :param on_change: called with the agents this relay follows from now on, each time that set
         changes (an empty set when fenced).
@@ -129,9 +131,11 @@ class RelayMembership:
         self.owned: frozenset[AgentAddress] = frozenset()
         self.fenced = True  # nothing followed before the first heartbeat
         self._running = False
-        self._ticking: Deferred | None = None
+        self._beating: Deferred | None = None
+        self._rebalancing: Deferred | None = None
         self._again = False
-        self._next: IDelayedCall | None = None
+        self._next_beat: IDelayedCall | None = None
+        self._next_rebalance: IDelayedCall | None = None
         self._fence: IDelayedCall | None = None
         self._failing: str | None = None  # the outage being reported, if any
         self._in_use = False
@@ -140,32 +144,34 @@ class RelayMembership:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> Deferred:
-        """Connect, then tick now and every ``heartbeat_interval``; fires once connected."""
+        """Connect, then beat now and every ``heartbeat_interval``; fires once connected."""
         self._running = True
         self._db.set_wakeup(self.wake)
         connecting = self._db.connect()
-        connecting.addCallback(lambda _: self._schedule(0) if self._running else None)
+        connecting.addCallback(lambda _: self._beat() if self._running else None)
         return connecting
 
     def stop(self) -> None:
-        """Stop ticking (links stay as they are; :meth:`leave` hands them over)."""
+        """Stop beating (links stay as they are; :meth:`leave` hands them over)."""
         self._running = False
-        for call in (self._next, self._fence):
+        for call in (self._next_beat, self._next_rebalance, self._fence):
             if call is not None and call.active():
                 call.cancel()
-        self._next = self._fence = None
+        self._next_beat = self._next_rebalance = self._fence = None
 
     def leave(self) -> Deferred:
         """Hand our agents to the other relays at once; then close. Never errbacks."""
         self.stop()
-        waiting = self._ticking if self._ticking is not None else succeed(None)
+        busy = [d for d in (self._beating, self._rebalancing) if d is not None]
+        waiting = DeferredList(busy, consumeErrors=True) if busy else succeed(None)
 
         def leave(_: object) -> Deferred:
             return self._db.leave()
 
         def left(_: object) -> None:
-            _log.info("relay {relay_id} left: its agents go to the other relays",
-                      relay_id=self.relay_id)
+            _log.info(
+                "relay {relay_id} left: its agents go to the other relays", relay_id=self.relay_id
+            )
 
         def failed(failure: Failure) -> None:
             _log.warn(
@@ -179,72 +185,41 @@ class RelayMembership:
         leaving = waiting.addCallback(leave).addCallbacks(left, failed)
         return leaving.addBoth(lambda _: self._db.close())
 
-    # -- ticking ----------------------------------------------------------------------------
+    # -- heartbeats -------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        """Another relay joined, left or shed agents: rebalance soon instead of at the next tick."""
+    def _beat(self) -> None:
+        self._next_beat = None
         if not self._running:
             return
-        if self._ticking is not None:
-            self._again = True
-            return
-        self._schedule(WAKE_SPREAD * self._jitter(), sooner_only=True)
-
-    def _schedule(self, delay: float, sooner_only: bool = False) -> None:
-        if not self._running:
-            return
-        call = self._next
-        if call is not None and call.active():
-            if sooner_only and call.getTime() <= self._clock.seconds() + delay:
-                return
-            call.cancel()
-        self._next = self._clock.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._next = None
-        self._ticking = Deferred.fromCoroutine(self._tick_once())
-        self._ticking.addErrback(
-            lambda failure: _log.failure("relay membership tick failed", failure)
-        )
-        self._ticking.addBoth(self._ticked)
-
-    def _ticked(self, result: object) -> None:
-        self._ticking = None
-        if isinstance(result, Rebalance) and result.busy:
-            self._schedule(BUSY_RETRY * self._jitter())
-        elif self._again:
-            self._again = False
-            self._schedule(WAKE_SPREAD * self._jitter())
-        else:
-            self._schedule(self.interval)
-
-    async def _tick_once(self) -> Rebalance | None:
+        self._next_beat = self._clock.callLater(self.interval, self._beat)
+        if self._beating is not None:
+            return  # the last one still hangs: the fence decides, no pile-up
         sent = self._clock.seconds()
-        try:
-            joined = await self._db.heartbeat()
-        except Exception:
-            self._heartbeat_failed(Failure())
-            return None
-        if not self._running:
-            return None
-        self._renewed(sent, bool(joined))
-        try:
-            result: Rebalance = await self._db.rebalance()
-        except Exception:
-            failure = Failure()
-            _log.warn(
-                "relay {relay_id}: rebalance failed, keeping the agents it follows: {reason}",
-                relay_id=self.relay_id,
-                reason=_reason(failure),
-            )
-            return None
-        if not self._running or self.fenced:
-            return None
-        self._report(result)
-        self._set_owned(result.owned)
-        return result
+        self._beating = self._db.heartbeat()
+        self._beating.addCallbacks(
+            self._beaten, self._heartbeat_failed, callbackArgs=(sent,), errbackArgs=(sent,)
+        )
+        self._beating.addErrback(lambda f: _log.failure("relay heartbeat handling failed", f))
 
-    def _renewed(self, sent: float, joined: bool) -> None:
+        def done(_: object) -> None:
+            self._beating = None
+
+        self._beating.addBoth(done)
+
+    def _beaten(self, joined: bool, sent: float) -> None:
+        if not self._running:
+            return
+        took = self._clock.seconds() - sent
+        if took > self.interval:
+            _log.warn(
+                "relay {relay_id}: a heartbeat took {took:.1f}s (more than the {interval:g}s "
+                "interval): the database or this relay is overloaded; past {fence:g}s the "
+                "relay stops following its agents",
+                relay_id=self.relay_id,
+                took=took,
+                interval=self.interval,
+                fence=self.fence_after,
+            )
         if self._failing is not None or self._in_use:
             _log.info("relay {relay_id}: the database is reachable again", relay_id=self.relay_id)
         self._failing = None
@@ -259,14 +234,16 @@ class RelayMembership:
                 ttl=self.lease_ttl,
             )
             self._joined_once = True
+        remaining = sent + self.fence_after - self._clock.seconds()
+        if remaining <= 0:
+            return  # too late to count: the fence already fired or is due
         self.fenced = False
         if self._fence is not None and self._fence.active():
             self._fence.cancel()
-        self._fence = self._clock.callLater(
-            max(0.0, sent + self.fence_after - self._clock.seconds()), self._fenced
-        )
+        self._fence = self._clock.callLater(remaining, self._fenced)
+        self._rebalance()
 
-    def _heartbeat_failed(self, failure: Failure) -> None:
+    def _heartbeat_failed(self, failure: Failure, sent: float) -> None:
         if failure.check(RelayIdInUse):
             if not self._in_use:
                 _log.error(
@@ -300,6 +277,55 @@ class RelayMembership:
                 count=len(self.owned),
             )
         self._set_owned(frozenset())
+
+    # -- rebalancing ------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Another relay joined, left or shed agents: rebalance soon, not at the next beat."""
+        if self._running and not self.fenced:
+            self._rebalance_later(WAKE_SPREAD * self._jitter())
+
+    def _rebalance_later(self, delay: float) -> None:
+        call = self._next_rebalance
+        if call is not None and call.active():
+            if call.getTime() <= self._clock.seconds() + delay:
+                return
+            call.cancel()
+        self._next_rebalance = self._clock.callLater(delay, self._rebalance)
+
+    def _rebalance(self) -> None:
+        self._next_rebalance = None
+        if not self._running or self.fenced:
+            return
+        if self._rebalancing is not None:
+            self._again = True
+            return
+        self._rebalancing = self._db.rebalance()
+        self._rebalancing.addCallbacks(self._rebalanced, self._rebalance_failed)
+        self._rebalancing.addErrback(lambda f: _log.failure("relay rebalance handling failed", f))
+
+        def done(_: object) -> None:
+            self._rebalancing = None
+            if self._again and self._running:
+                self._again = False
+                self._rebalance_later(WAKE_SPREAD * self._jitter())
+
+        self._rebalancing.addBoth(done)
+
+    def _rebalanced(self, result: Rebalance) -> None:
+        if not self._running or self.fenced:
+            return  # fenced while it ran: what it says may no longer be ours to follow
+        self._report(result)
+        self._set_owned(result.owned)
+        if result.busy:
+            self._rebalance_later(BUSY_RETRY * self._jitter())
+
+    def _rebalance_failed(self, failure: Failure) -> None:
+        _log.warn(
+            "relay {relay_id}: rebalance failed, keeping the agents it follows: {reason}",
+            relay_id=self.relay_id,
+            reason=_reason(failure),
+        )
 
     def _report(self, result: Rebalance) -> None:
         for relay_id in result.expired:

@@ -1,13 +1,13 @@
-"""The membership tables (``lpa/sql/003_relay_membership.sql``) on a connection of their own.
+"""The membership tables (``lpa/sql/003_relay_membership.sql``) on connections of their own.
 
-A heartbeat must never queue behind event writes, so membership has its own txpostgres
-connection (with the store's dead-connection detector: it reconnects after a server restart).
-Every time is the database's ``now()``; no host clock is compared with another.
-
-One tick is two round trips::
+A heartbeat must never queue behind event writes, nor behind a rebalance, so membership has two
+txpostgres connections of its own (each with the store's dead-connection detector: they
+reconnect after a server restart): one for heartbeats (and leaving), one for rebalances and the
+LISTEN that wakes them.  Every time is the database's ``now()``; no host clock is compared with
+another::
 
     heartbeat   INSERT … ON CONFLICT (relay_id) DO UPDATE SET expires_at = now() + ttl
-                  WHERE it is our incarnation, or the old row expired   (autocommit)
+                  WHERE it is our incarnation, or the old row expired    (one round trip)
     rebalance   BEGIN
                 pg_try_advisory_xact_lock(CLAIM_LOCK)          busy → owned only, retry soon
                 DELETE expired relays                          (their leases cascade)
@@ -34,7 +34,7 @@ import uuid
 from typing import Any, Callable
 
 import psycopg2.errors
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -170,19 +170,28 @@ class PostgresMembershipDatabase:
         self.relay_id = relay_id
         self.incarnation = str(uuid.uuid4())
         self._ttl = lease_ttl
-        self._connection = (connection_factory or default_connection_factory(reactor, clock))()
+        make = connection_factory or default_connection_factory(reactor, clock)
+        self._beats = make()  # heartbeats and leave: one short statement each
+        self._work = make()  # rebalances, and the LISTEN that wakes them
         self._wakeup: Callable[[], None] | None = None
         self._closed = False
-        self._connected = False
 
-    # -- connection -------------------------------------------------------------------------
+    # -- connections ------------------------------------------------------------------------
 
     def connect(self) -> Deferred:
-        self._connection.addNotifyObserver(self._notified)
-        self._connection.detector.addRecoveryHandler(self._session_setup)
+        self._work.addNotifyObserver(self._notified)
+        for connection in (self._beats, self._work):
+            connection.detector.addRecoveryHandler(
+                lambda connection=connection: self._session_setup(connection)
+            )
+        return gatherResults(
+            [self._connect(self._beats), self._connect(self._work)], consumeErrors=True
+        ).addCallback(lambda _: None)
+
+    def _connect(self, connection: Any) -> Deferred:
         # a hung server must not keep us believing we are alive: libpq gives up on unanswered
         # TCP within the fence (no effect on unix sockets)
-        connecting = self._connection.connect(
+        connecting = connection.connect(
             self._dsn,
             keepalives=1,
             keepalives_idle=max(1, int(self._ttl / 4)),
@@ -190,24 +199,24 @@ class PostgresMembershipDatabase:
             keepalives_count=3,
             tcp_user_timeout=max(1000, int(self._ttl * 500)),
         )
-        connecting.addCallback(lambda _: self._session_setup())
+        connecting.addCallback(lambda _: self._session_setup(connection))
 
         def failed(failure: Failure) -> None:
             first = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
             _log.warn("membership database connection failed: {reason}", reason=first)
-            self._connection.detector.checkForDeadConnection(failure)
+            connection.detector.checkForDeadConnection(failure)
 
         return connecting.addErrback(failed)
 
-    def _session_setup(self) -> Deferred | None:
-        """After every (re)connection: bound idle transactions, LISTEN for other relays."""
+    def _session_setup(self, connection: Any) -> Deferred | None:
+        """After every (re)connection: bound idle transactions; LISTEN for other relays."""
         if self._closed:
             return None
-        self._connected = True
         idle_ms = max(1000, int(self._ttl * 1000))
-        setup = self._connection.runOperation(
-            f"SET idle_in_transaction_session_timeout = {idle_ms}; LISTEN {CHANNEL}"
-        )
+        statements = f"SET idle_in_transaction_session_timeout = {idle_ms}"
+        if connection is self._work:
+            statements += f"; LISTEN {CHANNEL}"
+        setup = connection.runOperation(statements)
         return setup.addErrback(
             lambda failure: _log.warn(
                 "membership session set-up failed: {reason}", reason=failure.getErrorMessage()
@@ -223,13 +232,14 @@ class PostgresMembershipDatabase:
 
     def close(self) -> None:
         self._closed = True
-        stop_reconnecting = getattr(self._connection.detector, "stop", None)
-        if stop_reconnecting is not None:
-            stop_reconnecting()
-        try:
-            self._connection.close()
-        except Exception:  # never connected, or already gone
-            pass
+        for connection in (self._beats, self._work):
+            stop_reconnecting = getattr(connection.detector, "stop", None)
+            if stop_reconnecting is not None:
+                stop_reconnecting()
+            try:
+                connection.close()
+            except Exception:  # never connected, or already gone
+                pass
 
     # -- IMembershipDatabase ----------------------------------------------------------------
 
@@ -244,16 +254,16 @@ class PostgresMembershipDatabase:
                 "the database has no relay_members table: run `lpa db migrate` once"
             ) from None
         if not rows:
-            holder = await self._connection.runQuery(_HOLDER_SQL, (self.relay_id,))
+            holder = await self._beats.runQuery(_HOLDER_SQL, (self.relay_id,))
             where = f"{holder[0][0]} pid {holder[0][1]}" if holder else "another process"
             raise RelayIdInUse(f"registered by {where}")
         joined = bool(rows[0][0])
         if joined:
-            await self._connection.runQuery("SELECT pg_notify(%s, %s)", (CHANNEL, self.relay_id))
+            await self._beats.runQuery("SELECT pg_notify(%s, %s)", (CHANNEL, self.relay_id))
         return joined
 
     def _heartbeat_query(self) -> Deferred:
-        return self._connection.runQuery(
+        return self._beats.runQuery(
             _HEARTBEAT_SQL,
             {
                 "relay_id": self.relay_id,
@@ -265,12 +275,12 @@ class PostgresMembershipDatabase:
         )
 
     def rebalance(self) -> Deferred:
-        return self._connection.runInteraction(
+        return self._work.runInteraction(
             lambda cursor: Deferred.fromCoroutine(rebalance_in(cursor, self.relay_id))
         )
 
     def leave(self) -> Deferred:
-        return self._connection.runQuery(
+        return self._beats.runQuery(
             "WITH gone AS (DELETE FROM relay_members WHERE relay_id = %s AND incarnation = %s "
             "RETURNING relay_id) SELECT pg_notify(%s, relay_id) FROM gone",
             (self.relay_id, self.incarnation, CHANNEL),

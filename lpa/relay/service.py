@@ -35,6 +35,7 @@ from lpa.relay.membership import RelayMembership, default_relay_id
 from lpa.relay.metered import MeteredStore, metered_dial
 from lpa.relay.metrics import RelayMetrics
 from lpa.relay.poller import AgentJobsHttp, AgentPoller, make_agent_http_client
+from lpa.relay.pressure import StoreGauge
 from lpa.relay.scanner import Scanner
 from lpa.relay.ws_client import WebSocketDialer
 
@@ -242,12 +243,20 @@ def make_relay_service(
     if callable(observe):
         observe(metrics.committed)
     metered = MeteredStore(store, metrics, clock=clock, count_transactions=not callable(observe))
+    # backpressure: past half the store's backlog, stop reading agents until a quarter is left
+    link_store = StoreGauge(
+        metered,
+        high=max(2, config.max_pending_events // 2),
+        low=max(1, config.max_pending_events // 4),
+        pause=getattr(dial, "pause_reading", lambda: None),
+        resume=getattr(dial, "resume_reading", lambda: None),
+    )
     dial = metered_dial(dial, metrics)
 
     def make_link(address: AgentAddress) -> AgentLink:
         return AgentLink(
             address,
-            store=metered,
+            store=link_store,
             clock=clock,
             dial=dial,
             make_poller=make_poller,

@@ -30,6 +30,7 @@ we report leads with what we saw ourselves and the transport's cause.  A failed 
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -290,6 +291,7 @@ class AgentWebSocket:
         self._closed: Deferred | None = None
         self._stopped = False
         self._attempt = 0
+        self._paused = False
 
     @property
     def url(self) -> str:
@@ -384,6 +386,8 @@ class AgentWebSocket:
             return
         _log.info("WebSocket to agent {agent} open", agent=self.label)
         self.listener.ws_opened()
+        if self._paused and proto.transport is not None:
+            proto.transport.pauseProducing()
 
     def connection_failed(self, reason: Failure) -> None:
         self._handshake_over()
@@ -436,9 +440,25 @@ class AgentWebSocket:
         proto.sendMessage(json.dumps(message).encode("utf-8"), isBinary=False)
         return True
 
+    def pause_reading(self) -> None:
+        """Stop reading frames (backpressure: TCP pushes back, the agent keeps its events)."""
+        self._paused = True
+        proto = self._current
+        if proto is not None and proto.opened and proto.transport is not None:
+            proto.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Read frames again."""
+        self._paused = False
+        proto = self._current
+        if proto is not None and proto.opened and proto.transport is not None:
+            proto.transport.resumeProducing()
+
     def stop(self, close_timeout: float = 5.0) -> Deferred:
         """Stop redialling and close the connection cleanly; fires once it is gone."""
         self._stopped = True
+        if self._paused:
+            self.resume_reading()  # the close handshake needs reading
         self.dialler.stopTrying()
         self.abandon_dial()
         proto = self._current
@@ -486,6 +506,20 @@ class WebSocketDialer:
         self._max_delay = max_delay
         self._jitter = jitter
         self._negotiated_protocol = negotiated_protocol
+        self._sockets: weakref.WeakSet[AgentWebSocket] = weakref.WeakSet()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        """Stop reading every agent WebSocket (and any opened from now on)."""
+        self.paused = True
+        for websocket in list(self._sockets):
+            websocket.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read every agent WebSocket again."""
+        self.paused = False
+        for websocket in list(self._sockets):
+            websocket.resume_reading()
 
     def __call__(self, address: AgentAddress, listener: IWebSocketListener) -> AgentWebSocket:
         websocket = AgentWebSocket(
@@ -501,5 +535,8 @@ class WebSocketDialer:
             jitter=self._jitter,
             negotiated_protocol=self._negotiated_protocol,
         )
+        self._sockets.add(websocket)
+        if self.paused:
+            websocket.pause_reading()
         websocket.start()
         return websocket
