@@ -158,9 +158,10 @@ def make_relay_service(
     :param jitter: spreads the links' store retries and the membership's wake-ups.
     :param dial_jitter: ReconnectingClientFactory's relative jitter of WebSocket redials.
 
-    :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default reads the
-        ``[security]`` files with :func:`lpa.tls.client_tls_options` (ALPN http/1.1 only) for
-        every new connection, so rotated certificates are picked up.
+    :param tls_options_for: ``host -> IOpenSSLClientConnectionCreator``; default
+        :class:`~lpa.relay.agent_tls.AgentTls` over the ``[security]`` files: one TLS context
+        for every agent (ALPN http/1.1 only), rebuilt when a file changes, so rotated
+        certificates are picked up.
     :param backstop_interval: how often a streaming link also sweeps its jobs over REST;
         default ``max(60, 6 * poll_interval)``.
     :param metrics: where the relay counts (a new registry of its own by default).
@@ -190,16 +191,13 @@ def make_relay_service(
         )
         missing_record = PostgresMissingRecord(config.database_url, reactor=reactor)
     if tls_options_for is None:
-        from lpa.tls import client_tls_options
+        from lpa.relay.agent_tls import AgentTls
 
-        def tls_options_for(host: str) -> Any:
-            return client_tls_options(
-                host,
-                ca_cert_path=config.ca_cert_path,
-                cert_path=config.client_cert_path,
-                key_path=config.client_key_path,
-            )
-
+        tls_options_for = AgentTls(
+            ca_cert_path=config.ca_cert_path,
+            cert_path=config.client_cert_path,
+            key_path=config.client_key_path,
+        ).for_host
         tls_options_for("localhost")  # fail at start-up, with one line, if the files are bad
     pool = None
     if http_client is None:
