@@ -2,7 +2,7 @@
 
 Each call is recorded and answered from what the test set: ``owned`` (the agents the next
 rebalance returns), ``fail`` (an exception every heartbeat raises: the database is down),
-``hold`` (heartbeats stay pending until ``release()``: the database hangs),
+``hold`` (heartbeats and leave stay pending until ``release()``: the database hangs),
 ``rebalance_held`` (rebalances stay pending).
 """
 
@@ -71,6 +71,10 @@ class FakeMembershipDatabase:
 
     def leave(self) -> Deferred:
         self.calls.append("leave")
+        if self.held is not None:
+            waiting: Deferred = Deferred()
+            self.held.append(waiting)
+            return waiting
         if self.fail is not None:
             return defer.fail(self.fail)
         return defer.succeed(None)

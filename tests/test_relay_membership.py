@@ -15,6 +15,7 @@ from lpa.relay.config import parse_relay_config
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.membership import (
     BUSY_RETRY,
+    LEAVE_TIMEOUT,
     WAKE_SPREAD,
     IMembershipDatabase,
     RelayIdInUse,
@@ -185,6 +186,19 @@ class MembershipTests(SynchronousTestCase):
         self.db.fail = psycopg2.OperationalError("connection refused")
         with capturedLogs() as logged:
             self.successResultOf(self.membership.leave())
+        self.assertTrue(self.db.closed)
+        self.assertIn("could not leave", logged[-1]["log_format"])
+
+    def test_leave_with_a_hung_database_gives_up(self) -> None:
+        """A heartbeat that never answers cannot hang the stop: leave gives up and closes."""
+        self.start()
+        self.db.hold()
+        self.clock.advance(2)
+        with capturedLogs() as logged:
+            leaving = self.membership.leave()
+            self.assertNoResult(leaving)
+            self.clock.advance(LEAVE_TIMEOUT)
+        self.successResultOf(leaving)
         self.assertTrue(self.db.closed)
         self.assertIn("could not leave", logged[-1]["log_format"])
 

@@ -27,7 +27,7 @@ import socket
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +42,8 @@ _log = Logger()
 WAKE_SPREAD = 0.25
 #: the claim lock was busy: try again after a random delay below this
 BUSY_RETRY = 0.3
+#: leaving gives up after this long (a hung database must not hang SIGTERM)
+LEAVE_TIMEOUT = 5.0
 
 
 def default_relay_id() -> str:
@@ -160,13 +162,13 @@ class RelayMembership:
         self._next_beat = self._next_rebalance = self._fence = None
 
     def leave(self) -> Deferred:
-        """Hand our agents to the other relays at once; then close. Never errbacks."""
-        self.stop()
-        busy = [d for d in (self._beating, self._rebalancing) if d is not None]
-        waiting = DeferredList(busy, consumeErrors=True) if busy else succeed(None)
+        """Hand our agents to the other relays at once; then close. Never errbacks.
 
-        def leave(_: object) -> Deferred:
-            return self._db.leave()
+        Work in flight is not awaited: a rebalance that commits later cannot claim for a
+        relay whose row is gone (the lease's foreign key), and a hung database gives up after
+        ``LEAVE_TIMEOUT`` so that it cannot hang a stop.
+        """
+        self.stop()
 
         def left(_: object) -> None:
             _log.info(
@@ -182,7 +184,9 @@ class RelayMembership:
                 ttl=self.lease_ttl,
             )
 
-        leaving = waiting.addCallback(leave).addCallbacks(left, failed)
+        leaving = self._db.leave()
+        leaving.addTimeout(LEAVE_TIMEOUT, self._clock)
+        leaving.addCallbacks(left, failed)
         return leaving.addBoth(lambda _: self._db.close())
 
     # -- heartbeats -------------------------------------------------------------------------
