@@ -204,6 +204,10 @@ def make_relay_service(
         from twisted.web.client import HTTPConnectionPool
 
         pool = HTTPConnectionPool(reactor, persistent=True)
+        # a polling link reuses its connection every poll_interval; a streaming link's backstop
+        # sweep (every backstop_interval, at least twice this) gets a fresh one rather than
+        # keeping an idle TLS connection per followed agent in between
+        pool.cachedConnectionTimeout = max(30.0, 3 * config.poll_interval)
         http_client = make_agent_http_client(reactor, tls_options_for, pool=pool)
 
     def make_backoff() -> Backoff:
