@@ -1,7 +1,7 @@
 """An in-memory :class:`~lpa.relay.membership.IMembershipDatabase` driven by the test.
 
 Each call is recorded and answered from what the test set: ``owned`` (the agents the next
-rebalance returns), ``fail`` (an exception every heartbeat raises: the database is down),
+rebalance returns), ``members`` (live relays it reports, 2 by default), ``fail`` (an exception every heartbeat raises: the database is down),
 ``hold`` (heartbeats and leave stay pending until ``release()``: the database hangs),
 ``rebalance_held`` (rebalances stay pending).
 """
@@ -24,6 +24,8 @@ class FakeMembershipDatabase:
         self.calls: list[str] = []
         self.owned: frozenset[AgentAddress] = frozenset()
         self.busy = False
+        #: live relays the next rebalance reports (1: this relay is alone)
+        self.members = 2
         self.joined_next = True
         self.fail: Exception | None = None
         self.held: list[Deferred] | None = None
@@ -66,7 +68,7 @@ class FakeMembershipDatabase:
             return waiting
         return defer.succeed(
             Rebalance(owned=self.owned, agents=len(self.owned), target=len(self.owned),
-                      busy=self.busy)
+                      members=self.members, busy=self.busy)
         )
 
     def leave(self) -> Deferred:

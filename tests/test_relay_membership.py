@@ -96,6 +96,21 @@ class MembershipTests(SynchronousTestCase):
         self.assertIn("stopped following", warnings[1]["log_format"])
         self.assertLess(self.membership.fence_after, self.membership.lease_ttl)
 
+    def test_the_only_relay_keeps_its_agents(self) -> None:
+        """Alone at the last rebalance: no heartbeat for a while stops nothing (one warning);
+        nobody else could take the agents, and the one relay there is keeps working."""
+        self.db.members = 1
+        self.start()
+        self.db.fail = psycopg2.OperationalError("server closed the connection unexpectedly")
+        with capturedLogs() as logged:
+            self.clock.advance(20)
+        self.assertEqual(self.membership.owned, frozenset({ONE, TWO}))
+        kept = [e for e in logged if "is the only relay" in e["log_format"]]
+        self.assertEqual(len(kept), 1)
+        self.db.fail = RelayIdInUse("registered by host-b pid 4242")
+        self.clock.advance(2)  # an id in use drops them even so
+        self.assertEqual(self.membership.owned, frozenset())
+
     def test_fence_counts_from_the_send_not_the_answer(self) -> None:
         """A slow answer does not stretch the fence: it runs from the moment the beat was sent."""
         self.start()

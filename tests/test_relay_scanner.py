@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.relay.interfaces import AgentAddress, HostJob
-from lpa.relay.scanner import Scanner
+from lpa.relay.scanner import START_BATCH, Scanner
 from tests.fakes_relay import FakeRelayStore
 
 ONE = AgentAddress("agent1.example", 12443)
@@ -182,3 +182,36 @@ class OwnershipTests(SynchronousTestCase):
         self.store.release()
         self.assertEqual(self.scans(), 2)
         self.assertEqual({link.address for link in self.made}, {ONE, TWO})
+
+
+class BatchTests(SynchronousTestCase):
+    def test_many_new_links_start_a_batch_per_turn(self) -> None:
+        """Thousands of new agents: START_BATCH links per reactor turn, the loop stays free."""
+        clock = Clock()
+        store = FakeRelayStore()
+        made: list[FakeLink] = []
+        for n in range(START_BATCH * 2 + 50):
+            store.add_host_job(row_id=f"r{n}", job_id="j1", host_id=f"h{n}",
+                               agent_job_id=f"a{n}", agent=AgentAddress(f"agent{n}", 12443))
+        scanner = Scanner(store, lambda a: made.append(FakeLink(a)) or made[-1],
+                          clock=clock, interval=10)
+        scanner.start()
+        self.assertEqual(len(made), START_BATCH)
+        turns = [c for c in clock.getDelayedCalls() if c.getTime() == 0]
+        self.assertEqual(len(turns), 1)  # the rest waits for the next reactor turn
+        scanner.stop_scanning()
+        self.assertEqual(clock.getDelayedCalls(), [])  # the waiting starts are dropped
+        self.assertEqual(len(scanner.links), START_BATCH)
+
+    def test_the_rest_start_in_later_turns(self) -> None:
+        """Every waiting link starts once the turns come."""
+        clock = Clock()
+        store = FakeRelayStore()
+        for n in range(START_BATCH + 7):
+            store.add_host_job(row_id=f"r{n}", job_id="j1", host_id=f"h{n}",
+                               agent_job_id=f"a{n}", agent=AgentAddress(f"agent{n}", 12443))
+        scanner = Scanner(store, FakeLink, clock=clock, interval=10)
+        self.addCleanup(scanner.stop_scanning)
+        scanner.start()
+        clock.advance(0)
+        self.assertEqual(len(scanner.links), START_BATCH + 7)

@@ -12,7 +12,11 @@ a beat still in flight is not doubled)::
         │             claim up to the target ──▶ on_change(owned agents) when it changed
         ▼
     keep the agents we have until the fence; past it on_change(∅): our leases may be
-    expiring, and another relay must not find us still following what it takes over
+    expiring, and another relay must not find us still following what it takes over --
+    unless the last rebalance found no other relay: then nobody can take over (a relay that
+    starts meanwhile may follow the same agents until we are back, which is harmless), and
+    dropping every agent would only stop the one relay there is, as the relay did before
+    relays shared the fleet
 
 The fence is measured on our own clock from the moment the last successful heartbeat was SENT:
 the database stamped it no earlier, so our row lives at least ``lease_ttl`` past that moment,
@@ -142,6 +146,9 @@ class RelayMembership:
         self._failing: str | None = None  # the outage being reported, if any
         self._in_use = False
         self._joined_once = False
+        #: the last rebalance saw no other live relay
+        self.alone = False
+        self._kept_alone = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -228,6 +235,7 @@ class RelayMembership:
             _log.info("relay {relay_id}: the database is reachable again", relay_id=self.relay_id)
         self._failing = None
         self._in_use = False
+        self._kept_alone = False
         if joined:
             _log.info(
                 "relay {relay_id} {verb} the relays sharing the database "
@@ -257,7 +265,7 @@ class RelayMembership:
                     reason=str(failure.value),
                 )
             self._in_use = True
-            self._fenced()
+            self._fenced(force=True)
             return
         reason = _reason(failure)
         if self._failing is None:
@@ -269,9 +277,20 @@ class RelayMembership:
             )
         self._failing = reason
 
-    def _fenced(self) -> None:
+    def _fenced(self, force: bool = False) -> None:
         self._fence = None
         self.fenced = True
+        if self.alone and not force:
+            if self.owned and not self._kept_alone:
+                _log.warn(
+                    "relay {relay_id}: no heartbeat reached the database for {fence:g}s; it "
+                    "is the only relay, so it keeps following its {count} agents",
+                    relay_id=self.relay_id,
+                    fence=self.fence_after,
+                    count=len(self.owned),
+                )
+            self._kept_alone = True
+            return
         if self.owned:
             _log.warn(
                 "relay {relay_id}: no heartbeat reached the database for {fence:g}s; stopped "
@@ -320,6 +339,8 @@ class RelayMembership:
         if not self._running or self.fenced:
             return  # fenced while it ran: what it says may no longer be ours to follow
         self._report(result)
+        if not result.busy:
+            self.alone = result.members <= 1
         self._set_owned(result.owned)
         if result.busy:
             self._rebalance_later(BUSY_RETRY * self._jitter())

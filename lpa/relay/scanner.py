@@ -13,6 +13,9 @@ another relay may be taking it over); a newly owned one triggers a scan now, so 
 followed from the ``relay_last_seq`` in the database rather than from an older scan.  Without
 :meth:`set_owned` the scanner follows every agent.
 
+New links start at most :data:`START_BATCH` per reactor turn: a relay that takes over thousands
+of agents at once stays responsive (its heartbeats must go out on time) while it builds them.
+
 A failing scan (database down) is logged and the loop goes on; the links keep what they have.
 """
 
@@ -28,6 +31,9 @@ from twisted.logger import Logger
 from lpa.relay.interfaces import AgentAddress, HostJob, IRelayStore
 
 _log = Logger()
+
+#: new links started per reactor turn
+START_BATCH = 100
 
 
 class Scanner:
@@ -52,6 +58,9 @@ class Scanner:
         self._stopping: list[Deferred] = []
         self._scanning = False
         self._scan_again = False
+        #: agents whose link waits for its turn to start
+        self._to_start: dict[AgentAddress, list[HostJob]] = {}
+        self._starting: Any = None
 
     def start(self) -> None:
         if self._loop is not None:
@@ -63,7 +72,11 @@ class Scanner:
         )
 
     def stop_scanning(self) -> None:
-        """Stop the loop (links stay up)."""
+        """Stop the loop and the starts still waiting (links stay up)."""
+        starting, self._starting = self._starting, None
+        if starting is not None and starting.active():
+            starting.cancel()
+        self._to_start = {}
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -77,6 +90,8 @@ class Scanner:
     def set_owned(self, owned: frozenset[AgentAddress]) -> None:
         """Follow only ``owned`` from now on: drop the others now, scan for new ones now."""
         self.owned = owned
+        for address in [a for a in self._to_start if a not in owned]:
+            del self._to_start[address]
         for address, link in list(self.links.items()):
             if address not in owned:
                 del self.links[address]
@@ -135,12 +150,25 @@ class Scanner:
                     agent=f"{address.host}:{address.port}",
                 )
                 self._track_stop(link.stop())
+        for address in [a for a in self._to_start if a not in by_agent]:
+            del self._to_start[address]
         for address, host_jobs in by_agent.items():
             link = self.links.get(address)
             if link is None:
-                self._start_link(address, host_jobs)
+                self._to_start[address] = host_jobs
             else:
                 link.update(host_jobs)
+        if self._starting is None:
+            self._start_some()
+
+    def _start_some(self) -> None:
+        """Start up to START_BATCH waiting links; the rest in the next reactor turns."""
+        self._starting = None
+        for _ in range(min(START_BATCH, len(self._to_start))):
+            address = next(iter(self._to_start))
+            self._start_link(address, self._to_start.pop(address))
+        if self._to_start and self._loop is not None:
+            self._starting = self._clock.callLater(0, self._start_some)
 
     def _start_link(self, address: AgentAddress, host_jobs: list[HostJob]) -> None:
         """A new link; if it cannot start (e.g. certificate files gone), the next scan retries."""
