@@ -261,3 +261,19 @@ class ConfigTests(SynchronousTestCase):
             ConfigError, parse_relay_config, self.BASE + "ws_relay_id = 7\n", "relay.toml", {}
         )
         self.assertIn("ws_relay_id", str(error))
+
+
+class ReasonTests(SynchronousTestCase):
+    def test_failed_rollback_names_its_cause(self) -> None:
+        """A transaction cut by the server reads as the server's reason, in one line."""
+        from twisted.python.failure import Failure
+        from txpostgres.txpostgres import RollbackFailed
+
+        from lpa.relay.membership import _reason
+
+        cause = Failure(psycopg2.OperationalError(
+            "terminating connection due to idle-in-transaction timeout\nSSL SYSCALL error"))
+        self.assertEqual(
+            _reason(Failure(RollbackFailed(None, cause))),
+            "OperationalError: terminating connection due to idle-in-transaction timeout",
+        )

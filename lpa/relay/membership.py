@@ -100,6 +100,10 @@ class IMembershipDatabase(Interface):
 
 
 def _reason(failure: Failure) -> str:
+    """One line: the exception's class and first line (a failed rollback: what caused it)."""
+    original = getattr(failure.value, "originalFailure", None)  # txpostgres RollbackFailed
+    if isinstance(original, Failure):
+        failure = original
     text = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
     return f"{failure.type.__name__}: {text}"
 
