@@ -53,6 +53,12 @@ _log = Logger()
 WS_PATH = "/api/v1/ws/jobs"
 #: the only application protocol the relay speaks to agents (h2 breaks WebSocket upgrades)
 ALPN_HTTP11 = "http/1.1"
+#: a ping every 20 s, and 20 s for its pong: a dead agent is noticed within 40 s (its backstop
+#: sweep notices too), while a busy relay whose reactor turns run long (thousands of agents on
+#: a loaded box: the timer fires before the pong already waiting in the socket is read) does
+#: not drop healthy agents and stampede them with redials, as a 10 s deadline did
+AUTO_PING_INTERVAL = 20.0
+AUTO_PING_TIMEOUT = 20.0
 
 
 class IWebSocketListener(Interface):
@@ -252,8 +258,8 @@ class AgentWebSocket:
         max_delay: float,
         jitter: float = ReconnectingClientFactory.jitter,
         negotiated_protocol: Callable[[Any], str | None] = _default_negotiated_protocol,
-        auto_ping_interval: float = 15.0,
-        auto_ping_timeout: float = 10.0,
+        auto_ping_interval: float = AUTO_PING_INTERVAL,
+        auto_ping_timeout: float = AUTO_PING_TIMEOUT,
     ) -> None:
         if tls_options is None:
             raise ValueError("the relay never dials an agent without TLS options")
