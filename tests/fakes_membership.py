@@ -1,7 +1,8 @@
 """An in-memory :class:`~lpa.relay.membership.IMembershipDatabase` driven by the test.
 
 Each call is recorded and answered from what the test set: ``owned`` (the agents the next
-rebalance returns), ``members`` (live relays it reports, 2 by default), ``fail`` (an exception every heartbeat raises: the database is down),
+rebalance returns), ``members`` (live relays it reports, 2 by default), ``fail`` (an exception
+every heartbeat raises: the database is down),
 ``hold`` (heartbeats and leave stay pending until ``release()``: the database hangs),
 ``rebalance_held`` (rebalances stay pending).
 """

@@ -124,9 +124,8 @@ class WebSocketTests(SynchronousTestCase):
         """The real classes provide what the link relies on; so do the test doubles here."""
         verifyObject(IAgentWebSocket, self.websocket())
         verifyObject(IWebSocketListener, self.listener)
-        link = AgentLink(
-            ONE, store=None, clock=self.network, dial=None, make_poller=None  # type: ignore[arg-type]
-        )
+        nothing: Any = None
+        link = AgentLink(ONE, store=nothing, clock=self.network, dial=nothing, make_poller=nothing)
         verifyObject(IWebSocketListener, link)
 
     def test_dialler_is_a_reconnecting_client_factory_on_our_clock(self) -> None:

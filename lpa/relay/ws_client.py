@@ -33,10 +33,10 @@ import json
 import weakref
 from typing import Any, Callable
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectionDone, NotConnectingError
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.error import NotConnectingError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,14 +45,23 @@ from zope.interface import Interface, implementer
 from lpa.protocol import SUBPROTOCOL
 from lpa.relay.backoff import HandshakeGate
 from lpa.relay.interfaces import AgentAddress
+from lpa.relay.ws_protocol import ALPN_HTTP11, RelayWebSocketProtocol
 from lpa.relay.ws_reasons import describe_transport_failure
 from lpa.tls import negotiated_protocol
+
+__all__ = [
+    "ALPN_HTTP11",
+    "AgentDialler",
+    "AgentWebSocket",
+    "IAgentWebSocket",
+    "IWebSocketListener",
+    "RelayWebSocketProtocol",
+    "WebSocketDialer",
+]
 
 _log = Logger()
 
 WS_PATH = "/api/v1/ws/jobs"
-#: the only application protocol the relay speaks to agents (h2 breaks WebSocket upgrades)
-ALPN_HTTP11 = "http/1.1"
 #: a ping every 20 s, and 20 s for its pong: a dead agent is noticed within 40 s (its backstop
 #: sweep notices too), while a busy relay whose reactor turns run long (thousands of agents on
 #: a loaded box: the timer fires before the pong already waiting in the socket is read) does
@@ -87,92 +96,6 @@ class IAgentWebSocket(Interface):
 def _default_negotiated_protocol(transport: Any) -> str | None:
     value = negotiated_protocol(transport)
     return value.decode("ascii", "replace") if value is not None else None
-
-
-def _alpn_refusal(negotiated: str | None) -> str:
-    if negotiated == "h2":
-        return (
-            "the agent chose HTTP/2 (ALPN h2) for the TLS connection; WebSocket needs "
-            "http/1.1: offer only http/1.1 in ALPN"
-        )
-    if negotiated is None:
-        return "the agent negotiated no application protocol (ALPN); WebSocket needs http/1.1"
-    return f"the agent chose application protocol {negotiated!r} (ALPN), not http/1.1"
-
-
-@implementer(IHandshakeListener)
-class RelayWebSocketProtocol(WebSocketClientProtocol):
-    """One connection attempt; reports to its :class:`AgentWebSocket`, holds no relay logic."""
-
-    link: "AgentWebSocket"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.opened = False
-        self.alpn_checked = False
-        #: why we ourselves failed the connection (ALPN, subprotocol, timeout), if we did
-        self.fail_reason: str | None = None
-        self.lost_reason: Failure | None = None
-
-    def fail(self, reason: str) -> None:
-        """End this attempt for ``reason`` (what the operator reads first)."""
-        if self.fail_reason is None:
-            self.fail_reason = reason
-        self.dropConnection(abort=True)
-
-    def _check_alpn(self) -> bool:
-        self.alpn_checked = True
-        negotiated = self.link.negotiated_protocol(self.transport)
-        if negotiated != ALPN_HTTP11:
-            self.fail(_alpn_refusal(negotiated))
-            return False
-        return True
-
-    def handshakeCompleted(self) -> None:
-        """TLS is up: check ALPN before a byte of HTTP is read (an h2 answer would stall us)."""
-        self._check_alpn()
-
-    def onOpen(self) -> None:
-        if self.fail_reason is not None:
-            return
-        if not self.alpn_checked and not self._check_alpn():
-            return
-        if self.websocket_protocol_in_use != SUBPROTOCOL:
-            self.fail(
-                f"the agent did not accept WebSocket subprotocol {SUBPROTOCOL} "
-                "(not an lpa agent, or an older one); polling it over REST"
-            )
-            return
-        self.opened = True
-        self.link.handshake_succeeded(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        label = self.link.label
-        if isBinary:
-            _log.warn("agent {agent} sent a binary frame; ignored", agent=label)
-            return
-        try:
-            message = json.loads(payload.decode("utf-8"))
-        except ValueError:
-            _log.warn("agent {agent} sent a frame that is not JSON; ignored", agent=label)
-            return
-        if not isinstance(message, dict):
-            _log.warn("agent {agent} sent a JSON frame that is not an object", agent=label)
-            return
-        self.link.listener.ws_message(message)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        # this is the only place the real cause of a TLS failure shows up
-        self.lost_reason = reason
-        super().connectionLost(reason)
-
-    def describe_failure(self) -> str:
-        """Our own reason when we ended the attempt (what follows our abort is its echo); else
-        the transport's cause; Autobahn's close text only as a last resort."""
-        if self.fail_reason is not None:
-            return self.fail_reason
-        cause = describe_transport_failure(self.lost_reason)
-        return cause or getattr(self, "wasNotCleanReason", None) or "connection closed"
 
 
 class _GatedConnector:
