@@ -60,9 +60,10 @@ class AgentTls:
             cert, key = load_key_pair(cert_path, key_path)
             if self._options is not None:
                 _log.info("agent client certificate files changed: new TLS context")
+            # cryptography objects, as lpa.tls hands them over: no pyOpenSSL 26 deprecations
             self._options = ssl.CertificateOptions(
-                privateKey=key,
-                certificate=cert,
+                privateKey=key,  # type: ignore[arg-type]
+                certificate=cert,  # type: ignore[arg-type]
                 trustRoot=_CATrustRoot(ca_certs),
                 acceptableProtocols=[HTTP11],
             )

@@ -81,7 +81,7 @@ class HandshakeGate:
         acquired = self._semaphore.acquire()
 
         def granted(_: object) -> Callable[[], None]:
-            released = []
+            released: list[bool] = []
 
             def release() -> None:
                 if not released:

@@ -80,7 +80,7 @@ class RelayService(MultiService):
             self._start_scanning()
             return
         # the first scan waits for the pool's first connection attempts (start never errbacks)
-        starting = maybeDeferred(self.store.start)  # type: ignore[attr-defined]
+        starting = maybeDeferred(self.store.start)  # type: ignore[attr-defined,call-overload]
         starting.addErrback(lambda failure: _log.failure("relay store did not start", failure))
         starting.addCallback(lambda _: self._start_scanning())
 
@@ -207,7 +207,7 @@ def make_relay_service(
         # a polling link reuses its connection every poll_interval; a streaming link's backstop
         # sweep (every backstop_interval, at least twice this) gets a fresh one rather than
         # keeping an idle TLS connection per followed agent in between
-        pool.cachedConnectionTimeout = max(30.0, 3 * config.poll_interval)
+        pool.cachedConnectionTimeout = int(max(30.0, 3 * config.poll_interval))
         http_client = make_agent_http_client(reactor, tls_options_for, pool=pool)
 
     def make_backoff() -> Backoff:

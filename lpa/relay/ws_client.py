@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -138,7 +138,7 @@ class AgentDialler(ReconnectingClientFactory):
         self.websocket = websocket
         self.clock = clock
         self.initialDelay = initial_delay
-        self.maxDelay = max_delay
+        self.maxDelay = max_delay  # type: ignore[assignment]  # Twisted's default is an int
         self.factor = factor
         self.jitter = jitter
         self.resetDelay()
@@ -281,7 +281,7 @@ class AgentWebSocket:
         self._timer = self._clock.callLater(self.handshake_timeout, self._handshake_timed_out)
 
     def build_protocol(self, addr: Any) -> RelayWebSocketProtocol:
-        proto: RelayWebSocketProtocol = self.ws_factory.buildProtocol(addr)
+        proto = cast(RelayWebSocketProtocol, self.ws_factory.buildProtocol(addr))
         proto.link = self
         self._current = proto
         return proto
@@ -315,8 +315,9 @@ class AgentWebSocket:
             return
         _log.info("WebSocket to agent {agent} open", agent=self.label)
         self.listener.ws_opened()
-        if self._paused and proto.transport is not None:
-            proto.transport.pauseProducing()
+        transport: Any = proto.transport
+        if self._paused and transport is not None:
+            transport.pauseProducing()
 
     def connection_failed(self, reason: Failure) -> None:
         self._handshake_over()
@@ -372,16 +373,20 @@ class AgentWebSocket:
     def pause_reading(self) -> None:
         """Stop reading frames (backpressure: TCP pushes back, the agent keeps its events)."""
         self._paused = True
-        proto = self._current
-        if proto is not None and proto.opened and proto.transport is not None:
-            proto.transport.pauseProducing()
+        transport = self._open_transport()
+        if transport is not None:
+            transport.pauseProducing()
 
     def resume_reading(self) -> None:
         """Read frames again."""
         self._paused = False
+        transport = self._open_transport()
+        if transport is not None:
+            transport.resumeProducing()
+
+    def _open_transport(self) -> Any:
         proto = self._current
-        if proto is not None and proto.opened and proto.transport is not None:
-            proto.transport.resumeProducing()
+        return proto.transport if proto is not None and proto.opened else None
 
     def stop(self, close_timeout: float = 5.0) -> Deferred:
         """Stop redialling and close the connection cleanly; fires once it is gone."""
@@ -391,7 +396,8 @@ class AgentWebSocket:
         self.dialler.stopTrying()
         self.abandon_dial()
         proto = self._current
-        if proto is None or proto.transport is None:
+        transport: Any = proto.transport if proto is not None else None
+        if proto is None or transport is None:
             self._handshake_over()
             return succeed(None)
         closed: Deferred = Deferred()
@@ -399,8 +405,8 @@ class AgentWebSocket:
         if proto.opened:
             proto.sendClose(1000, "relay stopping")
         else:
-            proto.transport.abortConnection()
-        abort = self._clock.callLater(close_timeout, proto.transport.abortConnection)
+            transport.abortConnection()
+        abort = self._clock.callLater(close_timeout, transport.abortConnection)
 
         def done(result: object) -> object:
             if abort.active():

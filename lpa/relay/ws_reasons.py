@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import error
 from twisted.python.failure import Failure
 
@@ -73,17 +75,9 @@ def describe_transport_failure(failure: Failure | None) -> str | None:
     value = failure.value
     if failure.check(*_GENERIC):
         return None
-    try:
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover - a dependency of Twisted's TLS hostname checks
-        VerificationError = ()  # type: ignore[assignment,misc]  # noqa: N806
-    if VerificationError and isinstance(value, VerificationError):
+    if isinstance(value, VerificationError):
         return _verification_sentence(value)
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover
-        SSL = None  # type: ignore[assignment]
-    if SSL is not None and isinstance(value, SSL.Error):
+    if isinstance(value, SSL.Error):
         return _tls_sentence(value)
     if failure.check(error.ConnectionRefusedError):
         return "connection refused: nothing listens on the agent's port"
