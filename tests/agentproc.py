@@ -14,12 +14,20 @@ runner reaches the stand-ins: no request can reach this machine's apt.  The agen
 and state directory across restarts.  :class:`RelayProcess` runs ``twistd -n lpa-relay`` the same
 way without a namespace.
 
+The agent runs each package-manager command detached, in a session of its own that outlives
+it (``state_dir/runs/``): the stand-in keeps running through ``kill()`` and ``restart()``, as the
+real one would, and :meth:`AgentProcess.cleanup` ends those sessions too.  A stand-in can stop
+the agent from inside a job (as the maintainer script of an upgraded ``lpa-agent`` restarts it)
+with :meth:`AgentProcess.restart_command`; the test then starts it again with ``start()``, as
+systemd's restart would.
+
 Both are for trial's async ``TestCase``; they wait for readiness by polling (a process start is
 not driven by a clock we own), never to show that nothing happened.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
@@ -158,6 +166,23 @@ class _Daemon:
         self.process.wait()
 
 
+def kill_runs(state_dir: str) -> None:
+    """SIGKILL every package-manager command the agent left running, and its wrapper."""
+    root = os.path.join(state_dir, "runs")
+    for started in glob.glob(os.path.join(root, "*", "*", "started")):
+        try:
+            with open(started) as stream:
+                pids = json.load(stream)
+        except (OSError, ValueError):
+            continue
+        for kill, target in ((os.killpg, pids.get("pgid")), (os.kill, pids.get("pid"))):
+            if isinstance(target, int) and target > 1:
+                try:
+                    kill(target, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
 class AgentProcess(_Daemon):
     """An ``lpa-agent`` process with stand-in package-manager commands (see module docstring).
 
@@ -204,6 +229,34 @@ class AgentProcess(_Daemon):
             self.twistd_argv()
         )
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.directory, self.tapname + ".pid")
+
+    def restart_command(self) -> list[str]:
+        """An argv that stops this agent as ``systemctl restart`` does its first half: SIGTERM
+        to the pid in twistd's pidfile, then wait (up to 60 s) until that process is gone."""
+        script = "\n".join([
+            "import os, signal, sys, time",
+            f"pid = int(open({self.pidfile!r}).read())",
+            "os.kill(pid, signal.SIGTERM)",
+            "deadline = time.time() + 60",
+            "while time.time() < deadline:",
+            "    try:",
+            "        state = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0]",
+            "    except OSError:",
+            "        sys.exit(0)",
+            "    if state == 'Z':",
+            "        sys.exit(0)",
+            "    time.sleep(0.05)",
+            "sys.exit(1)",
+        ])
+        return [sys.executable, "-c", script]
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        kill_runs(self.state_dir)
 
     def set_scenario(self, **overrides: Any) -> None:
         """Change what the stand-ins do from their next invocation on."""

@@ -16,10 +16,12 @@ import copy
 from typing import Any, Callable, Mapping, Sequence
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, succeed, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from zope.interface import implementer
 
 from lpa.agent.interfaces import (
+    ICommandRun,
+    IJobCommands,
     IJobStore,
     IPackageBackend,
     IProcessRunner,
@@ -27,7 +29,6 @@ from lpa.agent.interfaces import (
 )
 from lpa.agent.model import CommandResult, JobOutcome, Package, Patch
 from lpa.errors import CommandNotFoundError, PackageNotFoundError, ServiceNotFoundError
-
 
 # -- process runner ----------------------------------------------------------------------------
 
@@ -176,6 +177,141 @@ class FakeProcessRunner:
         return [c for c in self.calls if not c.ended]
 
 
+# -- job commands (outliving the agent) ---------------------------------------------------------
+
+
+@implementer(ICommandRun)
+class FakeRun:
+    """One command of :class:`FakeJobCommands`: the test emits its lines and ends it.
+
+    Its lines are kept with their offsets, so following it again (a restarted agent) from
+    given offsets hands out what comes after them, as the real files would.
+    """
+
+    times_itself = False
+
+    def __init__(self, number: int, argv: Sequence[str], started: float) -> None:
+        self.number = number
+        self.argv = tuple(argv)
+        self.started = started
+        self.ended: Deferred[CommandResult] = Deferred()
+        self.lines: dict[int, list[tuple[str, int]]] = {1: [], 2: [], 3: []}
+        self.signals: list[int] = []
+        self.marks: list[str] = []
+        self.stopped = False
+        self.state = "running"
+        self.result: CommandResult | None = None
+        self._on_line: Callable[[int, str, int], None] | None = None
+
+    def follow(self, starts: Mapping[int, int], on_line: Callable[[int, str, int], None]) -> None:
+        self._on_line = on_line
+        self.stopped = False
+        for fd, lines in self.lines.items():
+            for line, end in lines:
+                if end > starts.get(fd, 0):
+                    on_line(fd, line, end)
+        if self.result is not None:
+            self.ended.callback(self.result)
+
+    def emit(self, fd: int, *lines: str) -> None:
+        for line in lines:
+            kept = self.lines[fd]
+            end = (kept[-1][1] if kept else 0) + len(line.encode()) + 1
+            kept.append((line, end))
+            if self._on_line is not None and not self.stopped:
+                self._on_line(fd, line, end)
+
+    def finish(self, exit_code: int | None = 0, signal: int | None = None) -> None:
+        """The command exits (the agent following it learns at once, if it follows it)."""
+        self.state = "finished"
+        text = {fd: "".join(f"{line}\n" for line, _ in self.lines[fd]) for fd in (1, 2)}
+        self.result = CommandResult(
+            argv=self.argv, exit_code=exit_code, stdout=text[1], stderr=text[2],
+            timed_out="timed_out" in self.marks, signal=signal,
+        )
+        if self._on_line is not None and not self.stopped and not self.ended.called:
+            self.ended.callback(self.result)
+
+    def vanish(self) -> None:
+        """The wrapper went without a status (host rebooted)."""
+        self.state = "vanished"
+
+    def signal(self, signum: int) -> bool:
+        if self.state != "running":
+            return False
+        self.signals.append(signum)
+        return True
+
+    def mark(self, reason: str) -> None:
+        self.marks.append(reason)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def renew(self) -> "FakeRun":
+        """The same run as a restarted agent finds it: a new follower, a new ``ended``."""
+        self.ended = Deferred()
+        self._on_line = None
+        self.stopped = False
+        return self
+
+
+@implementer(IJobCommands)
+class FakeJobCommands:
+    """Records launches; every run stays running until the test ends it (``runs[-1]``)."""
+
+    outlives_agent = True
+
+    def __init__(self, clock: Any = None) -> None:
+        self.clock = clock
+        self.by_job: dict[str, list[FakeRun]] = {}
+        self.runs: list[FakeRun] = []
+        self.discarded: list[str] = []
+        #: when set, launch errbacks with it
+        self.launch_error: BaseException | None = None
+
+    def launch(
+        self,
+        job_id: str,
+        number: int,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float,
+    ) -> Deferred[FakeRun]:
+        if self.launch_error is not None:
+            return fail(self.launch_error)
+        run = FakeRun(number, argv, self.clock.seconds() if self.clock is not None else 0.0)
+        run.timeout = timeout  # type: ignore[attr-defined]
+        self.by_job.setdefault(job_id, []).append(run)
+        self.runs.append(run)
+        return succeed(run)
+
+    def attach(self, job_id: str, number: int) -> FakeRun | None:
+        runs = self.by_job.get(job_id, [])
+        if number > len(runs) or runs[number - 1].state == "vanished":
+            return None
+        again = runs[number - 1].renew()
+        self.runs.append(again)
+        return again
+
+    def last_run(self, job_id: str) -> tuple[int, str] | None:
+        runs = self.by_job.get(job_id)
+        return (len(runs), runs[-1].state) if runs else None
+
+    def discard(self, job_id: str) -> None:
+        self.discarded.append(job_id)
+
+    def restart(self) -> None:
+        """The agent died: nobody follows the runs any more (they go on)."""
+        for run in self.runs:
+            run.stopped = True
+
+    @property
+    def last(self) -> FakeRun:
+        return self.runs[-1]
+
+
 # -- backend -----------------------------------------------------------------------------------
 
 
@@ -196,6 +332,10 @@ class Script:
     outcome: JobOutcome | None = None
     #: when True, ``execute`` waits on ``FakeBackend.gates[job.id]`` before returning
     gate: bool = False
+    #: the commands' TransactionWatch (lpa.agent.phase), if any
+    transaction: Any = None
+    #: status fd lines the commands handed to the backend (when not None, fd 3 is read)
+    status_lines: list[str] | None = None
 
 
 @implementer(IPackageBackend)
@@ -264,7 +404,14 @@ class FakeBackend:
         if script.lock_holder is not None:
             context.waiting_for_lock(script.lock_holder)
         for argv in script.commands:
-            await context.run(argv, timeout=script.command_timeout, ok_codes=script.ok_codes)
+            status = script.status_lines
+            await context.run(
+                argv,
+                timeout=script.command_timeout,
+                ok_codes=script.ok_codes,
+                transaction=script.transaction,
+                status_fd_line=status.append if status is not None else None,
+            )
         if script.gate:
             gate = self.gates.setdefault(job.id, Deferred())
             await gate

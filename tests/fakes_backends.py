@@ -131,6 +131,8 @@ class FakeJobContext:
         self.progress_reports: list[tuple[int, str]] = []
         self.lock_waits: list[str] = []
         self.output: list[str] = []
+        #: (argv, TransactionWatch or None) of every command run
+        self.transactions: list[tuple[tuple[str, ...], Any]] = []
 
     def run(
         self,
@@ -140,7 +142,9 @@ class FakeJobContext:
         env: Mapping[str, str] | None = None,
         ok_codes: Sequence[int] = (0,),
         status_fd_line: Callable[[str], None] | None = None,
+        transaction: Any = None,
     ) -> Deferred:
+        self.transactions.append((tuple(argv), transaction))
         extra_fds = {3: status_fd_line} if status_fd_line is not None else None
         deferred = self._runner.run(
             list(argv),

@@ -19,6 +19,15 @@ then exits ``exit_code``.  SIGTERM is recorded with the phase it arrived in.  ``
 prints ``Inst`` lines for the scenario's packages; ``apt list --upgradable`` lists them; the
 package named :data:`PROBE_PACKAGE` is always installed, so a test can prove through the agent's
 own API that the stand-ins are in effect before its first mutating request.
+
+Two scenario options act like a real host's package runs:
+
+* ``dpkg_command`` (an argv) is run, and waited for, once ``dpkg_command_at`` (a fraction, 0.5)
+  of the dpkg phase has passed, as a maintainer script would run ``systemctl restart`` of the
+  package it upgrades (:meth:`tests.agentproc.AgentProcess.restart_command` stops the agent);
+  its exit status is recorded (``event: "command"``);
+* ``interrupted: true`` makes ``dpkg --audit`` report a half-configured package until
+  ``dpkg --configure -a`` has run once (it prints ``Setting up …`` and records the repair).
 """
 
 from __future__ import annotations
@@ -49,11 +58,14 @@ DEFAULT_SCENARIO: dict[str, Any] = {
     "dpkg_seconds": 2.0,
     "interval": 0.05,
     "exit_code": 0,
+    "dpkg_command": None,
+    "dpkg_command_at": 0.5,
+    "interrupted": False,
 }
 
 _SCRIPT = r'''#!{python}
 # lpa test stand-in for a package-manager command; see tests/standin.py.  Never the real one.
-import json, os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 
 SCENARIO = {scenario!r}
 RECORD = {record!r}
@@ -133,6 +145,10 @@ if name == "apt-get":
     record(event="phase", phase="dpkg")
 
     def unpack(n, count):
+        command = sc.get("dpkg_command")
+        if command and n == int(count * float(sc.get("dpkg_command_at", 0.5))):
+            done = subprocess.run(command, stdin=subprocess.DEVNULL)
+            record(event="command", argv_run=command, code=done.returncode, phase="dpkg")
         pkg = names[n % len(names)]
         status(f"pmstatus:{{pkg}}:{{100.0 * (n + 1) / count:.4f}}:Installing {{pkg}}")
         verb = "Unpacking" if n % 2 == 0 else "Setting up"
@@ -159,7 +175,19 @@ if name == "apt-cache":
           f" *** 1.0-1 500\n        500 http://deb.example stable/main amd64 Packages")
     finish(0)
 if name == "dpkg":
+    repaired = os.path.join(STATE, "repaired")
     if "--audit" in args:
+        if sc.get("interrupted") and not os.path.exists(repaired):
+            print("The following packages are only half configured, probably due to problems")
+            print("configuring them the first time.  The configuration should be retried using")
+            print("dpkg --configure <package> or the configure menu option in dselect:")
+            print(" standin-pkg1         stand-in package")
+        finish(0)
+    if "--configure" in args:
+        phase[0] = "configure"
+        for p in pkgs:
+            print(f"Setting up {{p['name']}} ({{p['to']}}) ...", flush=True)
+        open(repaired, "w").close()
         finish(0)
     if "-s" in args:
         target = args[-1]

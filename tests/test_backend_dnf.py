@@ -151,7 +151,8 @@ class DnfExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         job = make_job("install", "lpatool", "bash", versions={"bash": "5.2.26-3.fc40"}, force=True, no_recommends=True)
         self.successResultOf(self.run_job(DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
-        argv = runner.calls[0].argv
+        self.assertEqual(runner.calls[0].argv, ("dnf", "check", "--duplicates"))
+        argv = runner.calls[1].argv
         self.assertEqual(argv[:3], ("dnf", "install", "-y"))
         self.assertIn("--setopt=install_weak_deps=False", argv)
         self.assertIn("--allowerasing", argv)
@@ -183,8 +184,9 @@ class DnfExecuteTests(SynchronousTestCase):
         runner.on("needs-restarting", exit_code=1, stdout="Reboot is required to fully utilize these updates.\n")
         job = make_job("patch_apply", "lpademo")
         outcome = self.successResultOf(self.run_job(DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
-        self.assertEqual(runner.calls[0].argv, ("dnf", "upgrade", "-y", "--", "lpademo"))
-        self.assertEqual(runner.calls[1].argv, ("dnf", "needs-restarting", "-r"))
+        self.assertEqual(runner.calls[0].argv, ("dnf", "check", "--duplicates"))
+        self.assertEqual(runner.calls[1].argv, ("dnf", "upgrade", "-y", "--", "lpademo"))
+        self.assertEqual(runner.calls[2].argv, ("dnf", "needs-restarting", "-r"))
         self.assertTrue(outcome.reboot_required)
 
     def test_yum_spellings(self) -> None:
@@ -193,8 +195,9 @@ class DnfExecuteTests(SynchronousTestCase):
         runner.on("needs-restarting", exit_code=0)
         job = make_job("patch_apply", security_only=True, force=True, no_recommends=True)
         outcome = self.successResultOf(self.run_job(YumBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
-        self.assertEqual(runner.calls[0].argv, ("yum", "update", "-y", "--security"))
-        self.assertEqual(runner.calls[1].argv, ("needs-restarting", "-r"))
+        self.assertEqual(runner.calls[0].argv, ("yum", "check", "duplicates"))
+        self.assertEqual(runner.calls[1].argv, ("yum", "update", "-y", "--security"))
+        self.assertEqual(runner.calls[2].argv, ("needs-restarting", "-r"))
         self.assertFalse(outcome.reboot_required)
         read = ScriptedRunner()
         self.successResultOf(YumBackend(read).list_patches())

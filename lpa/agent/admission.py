@@ -130,6 +130,12 @@ class JobQueue:
         self.pending.append(job)
         self.schedule_pump()
 
+    def occupy(self, job: Job) -> None:
+        """A job resumed after a restart runs already: it takes its slots at once."""
+        self.running.add(job.id)
+        if job.operation in MUTATIONS:
+            self.mutation_job = job.id
+
     def withdraw(self, job: Job) -> None:
         """Take a pending job out (it is being cancelled)."""
         self.pending.remove(job)

@@ -36,7 +36,7 @@ from lpa.agent.eventlog import EventLog
 from lpa.agent.incarnation import Incarnations
 from lpa.agent.interfaces import IEventJournal, IJobStore
 from lpa.agent.model import Job
-from lpa.agent.replay import MAX_LOG_LINES, Replay, event_record
+from lpa.agent.replay import MAX_LOG_LINES, Replay, event_record, note_offset
 from lpa.agent.store import job_to_dict
 from lpa.events import (
     EVENT_JOB_COMPLETE,
@@ -181,8 +181,13 @@ class JobHistory:
         event: str | None = None,
         error: str | None = None,
         error_code: str | None = None,
+        source: tuple[int, int, int] | None = None,
     ) -> JobEvent:
-        """Number and write one event of ``job`` as it stands; published once durable."""
+        """Number and write one event of ``job`` as it stands; published once durable.
+
+        ``source`` (command, fd, end offset): the output line the event was made from; the
+        record keeps it and the job's ``offsets`` move to it.
+        """
         if kind != KIND_OUTPUT:
             job.message = message
         job_event = self.events.make(
@@ -202,7 +207,9 @@ class JobHistory:
             unsynced = self._unsynced[job.id] = deque()
         unsynced.append(job_event)
         self._dirty.add(job.id)
-        self._journal.append(event_record(job_event), job_event)
+        if source is not None:
+            note_offset(job, source)
+        self._journal.append(event_record(job_event, source), job_event)
         return job_event
 
     def close_job(
@@ -243,18 +250,27 @@ class JobHistory:
 
     # -- JobSink (what a JobContext reports) -----------------------------------------------
 
-    def job_output(self, job: Job, line: str) -> None:
+    def job_output(self, job: Job, line: str, source: tuple[int, int, int] | None = None) -> None:
         append_log(job, line, MAX_LOG_LINES)
-        self.emit(job, line, kind=KIND_OUTPUT)
+        self.emit(job, line, kind=KIND_OUTPUT, source=source)
 
-    def job_progress(self, job: Job, percent: int, message: str) -> None:
+    def job_progress(
+        self, job: Job, percent: int, message: str, source: tuple[int, int, int] | None = None
+    ) -> None:
         job.progress = percent
-        self.emit(job, message, kind=KIND_PROGRESS)
+        self.emit(job, message, kind=KIND_PROGRESS, source=source)
 
-    def job_waiting_for_lock(self, job: Job, holder: str) -> None:
+    def job_waiting_for_lock(
+        self, job: Job, holder: str, source: tuple[int, int, int] | None = None
+    ) -> None:
         message = f"Waiting for the package database lock held by {holder}"
         append_log(job, message, MAX_LOG_LINES)
-        self.emit(job, message, kind=KIND_WAITING_FOR_LOCK)
+        self.emit(job, message, kind=KIND_WAITING_FOR_LOCK, source=source)
+
+    def job_note(self, job: Job, message: str) -> None:
+        """A ``status`` event saying what the engine does with the job (its status unchanged)."""
+        append_log(job, message, MAX_LOG_LINES)
+        self.emit(job, message)
 
     def append_log(self, job: Job, line: str) -> None:
         append_log(job, line, MAX_LOG_LINES)
@@ -336,6 +352,10 @@ class JobHistory:
         if unsynced:
             kept.extend(unsynced)
         return kept
+
+    def durable(self) -> "Deferred[None]":
+        """Fire once everything written so far is durable."""
+        return self._journal.drain()
 
     def close(self, grace: float) -> "Deferred[None]":
         """Final checkpoint, then close the log, waiting at most ``grace`` seconds for it."""

@@ -12,10 +12,13 @@ Flow of one mutation::
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from lpa.agent.phase import TransactionWatch
 
 # The names below are used only in annotations (strings under `from __future__ import annotations`).
 
@@ -42,6 +45,65 @@ class IProcessRunner(Interface):
         """
 
 
+class ICommandRun(Interface):
+    """One command of a job, started by :class:`IJobCommands`: its lines, its end, its signals."""
+
+    number = Attribute("the run's number within its job (1, 2, …)")
+    argv = Attribute("the command line, as a tuple")
+    started = Attribute("wall-clock seconds at which the command was launched")
+    times_itself = Attribute(
+        "True when the runner enforces the command timeout itself (a piped run); the job "
+        "context then starts no deadline of its own"
+    )
+    ended = Attribute(
+        "a Deferred firing with the CommandResult once the command has exited and every line "
+        "was handed out; it errbacks with CommandNotFoundError (it could not be started) or "
+        "CommandError (the run went without saying how it ended)"
+    )
+
+    def follow(starts: Mapping[int, int], on_line: Callable[[int, str, int], None]) -> None:
+        """Hand out ``on_line(fd, text, end)`` for fds 1, 2 and 3 from the offsets ``starts``
+        (missing fds from 0); ``end`` is the offset just past the line."""
+
+    def signal(signum: int) -> bool:
+        """Send ``signum`` to the command's process group; False once it has ended."""
+
+    def mark(reason: str) -> None:
+        """Record why the agent is about to signal the command (``timed_out``, ``cancelled``),
+        so that a restarted agent reports the run the same way."""
+
+    def stop() -> None:
+        """Stop following (the agent is stopping); the command itself goes on."""
+
+
+class IJobCommands(Interface):
+    """Starts the commands of jobs and finds them again after an agent restart."""
+
+    outlives_agent = Attribute("whether a command goes on when the agent stops or dies")
+
+    def launch(
+        job_id: str,
+        number: int,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float,
+    ) -> Deferred:
+        """Start the job's ``number``-th command; fire with its :class:`ICommandRun` once it
+        runs, or errback ``CommandNotFoundError`` / ``CommandError`` when it cannot start."""
+
+    def attach(job_id: str, number: int) -> ICommandRun | None:
+        """The job's ``number``-th run as an :class:`ICommandRun` (running or finished), or
+        None when there is none that started."""
+
+    def last_run(job_id: str) -> tuple[int, str] | None:
+        """``(number, state)`` of the job's last run (``running``, ``finished``, ``vanished``,
+        ``never-started``), or None when the job has none."""
+
+    def discard(job_id: str) -> None:
+        """The job has ended: forget its runs (those no longer running)."""
+
+
 class IJobContext(Interface):
     """What a backend may do while it executes a job: run commands and report progress."""
 
@@ -54,12 +116,15 @@ class IJobContext(Interface):
         env: Mapping[str, str] | None = None,
         ok_codes: Sequence[int] = (0,),
         status_fd_line: Callable[[str], None] | None = None,
+        transaction: TransactionWatch | None = None,
     ) -> Deferred:
         """Run a command for this job; every output line becomes an ``output`` event.
 
         Fires with the ``CommandResult``; errbacks with ``CommandFailedError`` (exit not in
         ``ok_codes``), ``CommandTimedOutError`` or ``JobCancelledError``.  ``status_fd_line``
         receives lines of a machine-readable status channel (fd 3) when given.
+        ``transaction`` (a :class:`lpa.agent.phase.TransactionWatch`) says when the command
+        starts changing the package database: from then on cancel and timeout let it finish.
         """
 
     def progress(percent: int, message: str) -> None:

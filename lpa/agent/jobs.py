@@ -20,15 +20,20 @@ it is durable in the write-ahead log; a job's terminal ``job_status`` is followe
 ``job.seq`` and ``updated_at`` but not ``job.message``, which keeps saying what the job is doing.
 
 Start: the history is read (store, then the log on top) and this start gets its incarnation.
-A job the previous process left pending or running is finalised ``failed`` with
-``AGENT_RESTARTED`` (same boot id) or ``AGENT_REBOOTED`` (another one), numbered after its last
-durable event: recovery reports "outcome unknown", never a guess.  A ``rebooting`` job (or a
-reboot job after a reboot) is completed.
+A job the previous process left running whose last command outlived it (still running, or
+finished with a recorded status: :class:`~lpa.interfaces.IJobCommands`) is *resumed*: its
+backend runs again, following its recorded commands from where its durable events end
+(:mod:`lpa.agent.run`, :mod:`lpa.agent.context`), so it ends as its package manager did.  Any
+other job left pending or running (no command started, or the last one gone without a status:
+the host rebooted) is finalised ``failed`` with ``AGENT_RESTARTED`` (same boot id) or
+``AGENT_REBOOTED`` (another one), numbered after its last durable event: "outcome unknown",
+never a guess.  A ``rebooting`` job (or a reboot job after a reboot) is completed.
 
 ``stop()`` (bug 29 of the original), written once: admission freezes (``ADMISSION_FROZEN``),
-pending jobs end ``cancelled``, a running job gets ``stop_grace_seconds`` to finish on its own.
-If it is still running then, it is left running (its child lives in its own process group and
-is not killed), saved ``running`` with a log line saying the agent stopped, and the next start
+pending jobs end ``cancelled``.  Running jobs whose commands outlive the agent are left at once
+(their package manager goes on; the next start resumes them); otherwise a running job gets
+``stop_grace_seconds`` to finish on its own, and if it is still running then it is left
+running, saved ``running`` with a log line saying the agent stopped, and the next start
 finalises it.  Then one last checkpoint, and the log is closed.
 """
 
@@ -50,6 +55,7 @@ from lpa.agent.history import CHECKPOINT_BYTES, MAX_LOG_LINES, JobHistory
 from lpa.agent.incarnation import Incarnations, MemoryIncarnations
 from lpa.agent.interfaces import (
     IEventJournal,
+    IJobCommands,
     IJobManager,
     IJobStore,
     IPackageBackend,
@@ -57,6 +63,7 @@ from lpa.agent.interfaces import (
     ISystem,
 )
 from lpa.agent.model import Job
+from lpa.agent.piped import PipedCommands
 from lpa.agent.reboot import RebootReservation
 from lpa.agent.run import ABORT_GRACE_SECONDS, JobRun
 from lpa.agent.wal import VolatileJournal
@@ -73,6 +80,7 @@ from lpa.events import (
     OP_REBOOT,
     PENDING,
     REBOOTING,
+    RUNNING,
     normalise_status,
     rfc3339_from_epoch,
 )
@@ -91,6 +99,10 @@ class JobManager:
         (nothing survives the process: for tests of other parts).
     :param incarnations: names each start; default: counted in memory.
     :param close_grace_seconds: at stop, how long a failing disk may hold up the last writes.
+    :param commands: starts the jobs' commands; default: children of this process over
+        ``runner`` (:class:`~lpa.agent.piped.PipedCommands`, nothing outlives the agent).
+    :param transaction_extension_seconds: how much longer a command may run past a timeout
+        once its package transaction has begun.
     """
 
     def __init__(
@@ -114,6 +126,9 @@ class JobManager:
         reboot_grace_seconds: float = 900.0,
         checkpoint_bytes: int = CHECKPOINT_BYTES,
         close_grace_seconds: float = 10.0,
+        commands: IJobCommands | None = None,
+        kill_grace_seconds: float = 5.0,
+        transaction_extension_seconds: float = 1800.0,
     ) -> None:
         if max_concurrent < 1 or max_queue_depth < 1 or history_limit < 1:
             raise ValueError("max_concurrent, max_queue_depth and history_limit must be >= 1")
@@ -121,7 +136,9 @@ class JobManager:
             raise ValueError("job_timeout_seconds must be positive")
         self._backend = backend
         self._system = system
-        self._runner = runner
+        self._commands: IJobCommands = commands if commands is not None else PipedCommands(runner)
+        self._kill_grace = kill_grace_seconds
+        self._extension = transaction_extension_seconds
         self._clock = clock
         self.events = events if events is not None else EventLog(clock, max_events_per_job)
         self._job_timeout = job_timeout_seconds
@@ -164,9 +181,11 @@ class JobManager:
             return fail()
         for job in list(self._history.jobs.values()):
             if not job.terminal:
-                self._recover(job, boot_id)
+                if not self._resume(job):
+                    self._recover(job, boot_id)
             elif job.id in replayed:
                 self._history.reclose(job)
+        self._discard_stale_runs()
         self._history.prune()
         if replayed:
             self._history.checkpoint()  # retire what the last run left in the log
@@ -183,7 +202,20 @@ class JobManager:
     async def _stop(self) -> None:
         for job in self._queue.freeze("The agent is shutting down"):
             self._cancel_pending(job, "Cancelled: agent shutting down")
-        if self._runs:
+        if self._runs and self._commands.outlives_agent:
+            for run in self._runs.values():
+                self._history.append_log(
+                    run.job,
+                    "Agent stopped while this job ran; its package manager goes on and the "
+                    "next start follows the job again",
+                )
+                self._history.save(run.job)
+                _log.info(
+                    "job {job_id} still running at shutdown; its command goes on and the next "
+                    "start resumes the job",
+                    job_id=run.job.id,
+                )
+        elif self._runs:
             idle: Deferred[bool] = Deferred()
             self._idle = idle
             grace = self._clock.callLater(self._stop_grace, lambda: idle.callback(False))
@@ -202,9 +234,43 @@ class JobManager:
                 grace.cancel()
             self._idle = None
         for run in self._runs.values():
-            run.detach()
+            run.stop()
         self._reboot.cancel_timer()
         await self._history.close(self._close_grace)
+
+    def _resume(self, job: Job) -> bool:
+        """Resume ``job`` if its last command outlived the previous process; say if it did."""
+        last = self._commands.last_run(job.id)
+        if job.status != RUNNING or job.operation == OP_REBOOT or last is None:
+            return False
+        number, state = last
+        if state not in ("running", "finished"):
+            _log.warn(
+                "job {job_id}: its command {number} is {state}; the job cannot be resumed",
+                job_id=job.id,
+                number=number,
+                state=state,
+            )
+            return False
+        _log.info(
+            "job {job_id} resumed: its command {number} is {state}",
+            job_id=job.id,
+            number=number,
+            state=state,
+        )
+        self._queue.occupy(job)
+        run = self._make_run(job, resume_through=number)
+        self._runs[job.id] = run
+        run.resume(state)
+        return True
+
+    def _discard_stale_runs(self) -> None:
+        """Forget the commands of jobs that ended or are gone (a crash before clean-up)."""
+        job_ids = getattr(self._commands, "job_ids", None)
+        for job_id in job_ids() if job_ids is not None else ():
+            job = self._history.get(job_id)
+            if job is None or job.terminal:
+                self._commands.discard(job_id)
 
     def _recover(self, job: Job, boot_id: str) -> None:
         rebooted = bool(job.boot_id and boot_id and job.boot_id != boot_id)
@@ -301,26 +367,35 @@ class JobManager:
     # -- the engine side of a run (run.Engine) -----------------------------------------------
 
     def _start(self, job: Job) -> None:
-        run = JobRun(
+        run = self._make_run(job)
+        self._runs[job.id] = run
+        run.start()
+
+    def _make_run(self, job: Job, resume_through: int = 0) -> JobRun:
+        return JobRun(
             job,
             engine=self,
             history=self._history,
             backend=self._backend,
             system=self._system,
-            runner=self._runner,
+            commands=self._commands,
             clock=self._clock,
             reboot=self._reboot,
             job_timeout_seconds=self._job_timeout,
+            kill_grace_seconds=self._kill_grace,
+            transaction_extension_seconds=self._extension,
+            resume_through=resume_through,
         )
-        self._runs[job.id] = run
-        run.start()
 
     def ended(self, run: JobRun) -> None:
-        """A run's work returned (its backend, or its reboot command): free its slots."""
+        """A run's work returned (its backend, or its reboot command, or the command its job
+        left running): free its slots."""
         if self._runs.get(run.job.id) is run:
             del self._runs[run.job.id]
             run.detach()
         self._queue.release(run.job.id)
+        if run.job.terminal and run.context.left_running is not None:
+            self._forget_runs(run.job.id)
         if not self._runs and self._idle is not None and not self._idle.called:
             self._idle.callback(True)
 
@@ -343,9 +418,12 @@ class JobManager:
         run = self._runs.get(job.id)
         if run is not None:
             run.detach()
-        self._queue.release(job.id)
+        if run is None or not run.holds_slot:
+            self._queue.release(job.id)
         self._reboot.release(job.id)
         self._history.close_job(job, status, message, error=error, error_code=error_code)
+        if run is None or not run.holds_slot:
+            self._forget_runs(job.id)
         _log.info(
             "job {job_id} ended {status}{code}",
             job_id=job.id,
@@ -353,6 +431,13 @@ class JobManager:
             code=f" ({error_code})" if error_code else "",
         )
         self._history.prune()
+
+    def _forget_runs(self, job_id: str) -> None:
+        """Once the job's end is durable its commands' files go (a crash before then leaves
+        them for the next start, which resumes the job from them)."""
+        if not self._commands.outlives_agent:
+            return
+        self._history.durable().addCallback(lambda _: self._commands.discard(job_id))
 
     def reserve_reboot(self, job: Job) -> None:
         """Freeze admission for a reboot and cancel every other pending job."""
@@ -385,11 +470,18 @@ class JobManager:
 
     # -- JobSink (a JobContext may report to the engine itself) ------------------------------
 
-    def job_output(self, job: Job, line: str) -> None:
-        self._history.job_output(job, line)
+    def job_output(self, job: Job, line: str, source: tuple[int, int, int] | None = None) -> None:
+        self._history.job_output(job, line, source)
 
-    def job_progress(self, job: Job, percent: int, message: str) -> None:
-        self._history.job_progress(job, percent, message)
+    def job_progress(
+        self, job: Job, percent: int, message: str, source: tuple[int, int, int] | None = None
+    ) -> None:
+        self._history.job_progress(job, percent, message, source)
 
-    def job_waiting_for_lock(self, job: Job, holder: str) -> None:
-        self._history.job_waiting_for_lock(job, holder)
+    def job_waiting_for_lock(
+        self, job: Job, holder: str, source: tuple[int, int, int] | None = None
+    ) -> None:
+        self._history.job_waiting_for_lock(job, holder, source)
+
+    def job_note(self, job: Job, message: str) -> None:
+        self._history.job_note(job, message)

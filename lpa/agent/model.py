@@ -75,6 +75,11 @@ class Job:
     changes: list[dict[str, Any]] = attr.ib(factory=list)
     reboot_required: bool = False
     reboot_packages: list[str] = attr.ib(factory=list)
+    #: wall-clock seconds the job started running (its timeout counts from there, restarts too)
+    started_epoch: float | None = None
+    #: per "<command number>:<fd>", the offset in the command's output file up to which lines
+    #: are events (a restarted agent follows the command again from there)
+    offsets: dict[str, int] = attr.ib(factory=dict)
     #: the job's last durable event, set as it is published (None: every field is durable)
     view: JobEvent | None = attr.ib(default=None, eq=False, repr=False, metadata=VOLATILE)
     #: the incarnation of the agent serving the job (set by the engine, not stored)

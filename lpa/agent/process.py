@@ -313,7 +313,7 @@ class ProcessRunner:
             raise ValueError("argv must not be empty")
         environment = base_environment()
         environment.update(env or {})
-        executable = self._resolve(argv[0], environment["PATH"])
+        executable = resolve_program(argv[0], environment["PATH"])
         if isinstance(executable, CommandNotFoundError):
             return _failed(executable)
         lines = {
@@ -357,18 +357,19 @@ class ProcessRunner:
         self._children.pop(key, None)
         return result
 
-    @staticmethod
-    def _resolve(program: str, path: str) -> str | CommandNotFoundError:
-        if os.sep in program:
-            if not os.path.exists(program):
-                return CommandNotFoundError(f"cannot run {program}: No such file or directory")
-            if not os.access(program, os.X_OK) or os.path.isdir(program):
-                return CommandNotFoundError(f"cannot run {program}: Permission denied")
-            return program
-        found = shutil.which(program, path=path)
-        if found is None:
-            return CommandNotFoundError(f"cannot run {program}: command not found")
-        return found
+
+def resolve_program(program: str, path: str) -> str | CommandNotFoundError:
+    """The executable ``program`` names on ``path``, or the error saying why there is none."""
+    if os.sep in program:
+        if not os.path.exists(program):
+            return CommandNotFoundError(f"cannot run {program}: No such file or directory")
+        if not os.access(program, os.X_OK) or os.path.isdir(program):
+            return CommandNotFoundError(f"cannot run {program}: Permission denied")
+        return program
+    found = shutil.which(program, path=path)
+    if found is None:
+        return CommandNotFoundError(f"cannot run {program}: command not found")
+    return found
 
 
 def _failed(error: Exception) -> Deferred[Any]:

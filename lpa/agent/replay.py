@@ -4,7 +4,9 @@ Records are JSON arrays, tagged by their first member::
 
     ["j", {...Job...}]                                      a job's whole state
     ["e", job_id, seq, kind, status, progress, message,     one event, by position (cheaper to
-          timestamp, event, error, error_code, incarnation]  encode than a wire object)
+          timestamp, event, error, error_code, incarnation   encode than a wire object)
+          (, [command, fd, end])]                           made from an output line: where the
+                                                            line ends in the command's file
     ["d", job_id]                                           the job was deleted or pruned
 
 Records are replayed in order.  A job record replaces the job unless it is older than what is
@@ -12,7 +14,8 @@ known (its ``seq``: a segment whose removal after a checkpoint was interrupted);
 below the job's last seq is a duplicate and skipped, one that jumps ahead drops the older kept
 events (a reader from before the jump then gets a snapshot, never a silent gap); a delete
 forgets the job.  Events move their job's status,
-progress, seq, ``updated_at``, error and, for output lines, its logs.
+progress, seq, ``updated_at``, error and, for output lines, its logs and the offsets up to which
+its commands' output is events (``job.offsets``).
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ def _text(value: str | None) -> str:
     return "null" if value is None else _quote(value)
 
 
-def event_record(event: JobEvent) -> bytes:
+def event_record(event: JobEvent, source: tuple[int, int, int] | None = None) -> bytes:
     """An event as a log record's JSON text (see the module docstring).
 
     Written by hand from the C string quoter: this runs for every output line, and it costs
     about a third of ``json.dumps`` of the same array.
     """
+    tail = "]" if source is None else ",[%d,%d,%d]]" % source
     return (
-        '["e",%s,%d,%s,%s,%d,%s,%s,%s,%s,%s,%s]'
+        '["e",%s,%d,%s,%s,%d,%s,%s,%s,%s,%s,%s'
         % (
             _quote(event.job_id),
             event.seq or 0,
@@ -60,13 +64,14 @@ def event_record(event: JobEvent) -> bytes:
             _text(event.error_code),
             _text(event.incarnation),
         )
+        + tail
     ).encode("ascii")
 
 
 def event_from_record(record: list[Any]) -> JobEvent:
     """Inverse of :func:`event_record`; raises ValueError/TypeError on a malformed record."""
-    if len(record) != 12 or not isinstance(record[2], int):
-        raise ValueError(f"not an event record of 12 members: {str(record)[:80]}")
+    if len(record) not in (12, 13) or not isinstance(record[2], int):
+        raise ValueError(f"not an event record of 12 or 13 members: {str(record)[:80]}")
     return JobEvent(
         job_id=record[1],
         seq=record[2],
@@ -102,7 +107,7 @@ class Replay:
             try:
                 tag = record[0]
                 if tag == "e":
-                    self._event(event_from_record(record))
+                    self._event(event_from_record(record), record_source(record))
                 elif tag == "j":
                     self._job(job_from_dict(record[1]))
                 elif tag == "d":
@@ -145,7 +150,7 @@ class Replay:
             self.removed.add(job_id)
         self.touched.discard(job_id)
 
-    def _event(self, event: JobEvent) -> None:
+    def _event(self, event: JobEvent, source: tuple[int, int, int] | None) -> None:
         job = self.jobs.get(event.job_id)
         if job is None:
             self._orphans += 1
@@ -163,6 +168,27 @@ class Replay:
         events.append(event)
         self.touched.add(job.id)
         _fold(job, event)
+        if source is not None:
+            note_offset(job, source)
+
+
+def record_source(record: list[Any]) -> tuple[int, int, int] | None:
+    """The ``[command, fd, end]`` an event record carries, if any."""
+    if len(record) < 13 or record[12] is None:
+        return None
+    number, fd, end = record[12]
+    if not all(isinstance(v, int) for v in (number, fd, end)):
+        raise ValueError(f"bad line position in an event record: {record[12]!r}")
+    return number, fd, end
+
+
+def note_offset(job: Job, source: tuple[int, int, int]) -> None:
+    """The job's command ``source[0]`` has its fd ``source[1]`` output evented up to
+    ``source[2]``."""
+    number, fd, end = source
+    key = f"{number}:{fd}"
+    if end > job.offsets.get(key, 0):
+        job.offsets[key] = end
 
 
 def _fold(job: Job, event: JobEvent) -> None:

@@ -3,15 +3,21 @@
 ::
 
     start ─▶ running ── backend.execute(job, context) ──▶ outcome ──▶ completed
-      │                     │ output, progress, lock waits ─▶ history events
+    resume ──┘              │ output, progress, lock waits ─▶ history events
       │                     └ error ─▶ classified ─▶ failed | cancelled | timed_out
-      ├ job timeout / cancel ─▶ abort: the running command is killed, later ones refused;
-      │                         a backend still busy ABORT_GRACE_SECONDS later is cancelled
+      ├ job timeout / cancel ─▶ abort: the running command is stopped (or, in its package
+      │                         transaction, let finish), later ones refused; a backend
+      │                         still busy ABORT_GRACE_SECONDS later is cancelled
       └ allow_reboot + reboot needed ─▶ reserve, reboot command ─▶ rebooting
 
-Cancel and the job timeout abort the job's :class:`JobContext`: its running command is cancelled
-(the runner kills the child's process group), later commands are refused, and the run ends (its
-slots are freed) only when the backend has returned.
+Cancel and the job timeout abort the job's :class:`JobContext` (see there for the package
+transaction), and the run ends (its slots are freed) only when the backend has returned.  A job
+timed out while a transaction outlasted its extension ends at once but keeps its slots until
+that command has exited.
+
+``resume(K)``: after an agent restart, the job's backend runs again and its first K commands
+are followed where they are instead of started (:mod:`lpa.agent.context`); the job timeout
+counts from the job's first start.
 """
 
 from __future__ import annotations
@@ -23,9 +29,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from lpa.agent import classify
-from lpa.agent.context import ABORT_CANCELLED, ABORT_TIMED_OUT, JobContext, command_text
+from lpa.agent.context import (
+    ABORT_CANCELLED,
+    ABORT_TIMED_OUT,
+    JobContext,
+    ResumeMismatchError,
+    command_text,
+)
 from lpa.agent.history import JobHistory
-from lpa.agent.interfaces import IPackageBackend, IProcessRunner, ISystem
+from lpa.agent.interfaces import IJobCommands, IPackageBackend, ISystem
 from lpa.agent.model import Job, JobOutcome
 from lpa.agent.reboot import RebootReservation
 from lpa.errors import CommandError, CommandTimedOutError, JobCancelledError
@@ -77,10 +89,13 @@ class JobRun:
         history: JobHistory,
         backend: IPackageBackend,
         system: ISystem,
-        runner: IProcessRunner,
+        commands: IJobCommands,
         clock: IReactorTime,
         reboot: RebootReservation,
         job_timeout_seconds: float,
+        kill_grace_seconds: float = 5.0,
+        transaction_extension_seconds: float = 1800.0,
+        resume_through: int = 0,
     ) -> None:
         self.job = job
         self._engine = engine
@@ -91,7 +106,14 @@ class JobRun:
         self._reboot = reboot
         self._job_timeout = job_timeout_seconds
         self.context = JobContext(
-            job, runner=runner, sink=history, job_timeout_seconds=job_timeout_seconds
+            job,
+            commands=commands,
+            sink=history,
+            clock=clock,
+            job_timeout_seconds=job_timeout_seconds,
+            kill_grace_seconds=kill_grace_seconds,
+            transaction_extension_seconds=transaction_extension_seconds,
+            resume_through=resume_through,
         )
         self.timeout_call: IDelayedCall | None = None
         self.abort_call: IDelayedCall | None = None
@@ -102,16 +124,41 @@ class JobRun:
     def start(self) -> None:
         job = self.job
         job.status = RUNNING
+        job.started_epoch = self._clock.seconds()
         self._history.append_log(job, "Job started")
         self._history.emit(job, "Job started")
         self._history.save(job)
-        self.timeout_call = self._clock.callLater(self._job_timeout, self._timed_out)
+        self._begin(self._job_timeout)
+
+    def resume(self, state: str) -> None:
+        """Go on with a job the previous agent process was running (see the module
+        docstring); ``state`` is how its last command stands (``running``, ``finished``)."""
+        job = self.job
+        what = "is still running" if state == "running" else "finished meanwhile"
+        self._history.job_note(
+            job,
+            f"Agent restarted; the job's package manager {what} and the job goes on from "
+            "where its events end",
+        )
+        started = job.started_epoch if job.started_epoch is not None else self._clock.seconds()
+        self._begin(max(0.0, self._job_timeout - (self._clock.seconds() - started)))
+
+    def _begin(self, timeout: float) -> None:
+        job = self.job
+        self.timeout_call = self._clock.callLater(timeout, self._timed_out)
         d = Deferred.fromCoroutine(self._execute())
         d.addErrback(lambda f: _log.failure("job {job_id} crashed", f, job_id=job.id))
 
+    @property
+    def holds_slot(self) -> bool:
+        """The job has ended but a command it left running still uses the package database."""
+        left = self.context.left_running
+        return left is not None and not left.ended.called
+
     def abort(self, reason: str) -> None:
-        """Kill the job's command now; if its backend still has not returned after
-        ABORT_GRACE_SECONDS (it waits on something else), cancel the backend's Deferred."""
+        """Stop the job's command now (or let its transaction finish); if its backend still
+        has not returned after ABORT_GRACE_SECONDS (it waits on something else), cancel the
+        backend's Deferred."""
         self.context.abort(reason)
         if self.abort_call is None and not self.over:
             self.abort_call = self._clock.callLater(ABORT_GRACE_SECONDS, self._force_abort)
@@ -123,6 +170,11 @@ class JobRun:
                 call.cancel()
         self.timeout_call = self.abort_call = None
 
+    def stop(self) -> None:
+        """The agent stops: timers off, the running command followed no more (it goes on)."""
+        self.detach()
+        self.context.stop()
+
     def _timed_out(self) -> None:
         self.timeout_call = None
         _log.warn("job {job_id} exceeded its timeout; terminating", job_id=self.job.id)
@@ -130,6 +182,10 @@ class JobRun:
 
     def _force_abort(self) -> None:
         self.abort_call = None
+        if self.context.in_transaction:
+            # a package transaction is being let finish: the backend waits on it rightly
+            self.abort_call = self._clock.callLater(ABORT_GRACE_SECONDS, self._force_abort)
+            return
         if self.backend_deferred is not None and not self.backend_deferred.called:
             _log.warn(
                 "backend of job {job_id} ignored the abort; cancelling it", job_id=self.job.id
@@ -151,7 +207,11 @@ class JobRun:
             self._failed(error)
         finally:
             self.over = True
-            self._engine.ended(self)
+            left = self.context.left_running
+            if left is not None and not left.ended.called:
+                left.ended.addBoth(lambda _: self._engine.ended(self))
+            else:
+                self._engine.ended(self)
 
     async def _succeeded(self, outcome: JobOutcome) -> None:
         job = self.job
@@ -215,6 +275,8 @@ class JobRun:
         chain = classify.error_chain(error)
         if isinstance(error, CommandTimedOutError):
             status, code = TIMED_OUT, classify.TIMEOUT
+        elif isinstance(error, ResumeMismatchError):
+            status, code = FAILED, classify.AGENT_RESTARTED
         else:
             status = FAILED
             code = classify.classify(error)

@@ -3,8 +3,9 @@
 ::
 
     AgentService (MultiService)
-      ├─ JobManager.start()      read the job store and the event log, finalise orphans, run
-      │                          (state_dir/jobs/, state_dir/journal/, state_dir/incarnation)
+      ├─ JobManager.start()      read the job store and the event log, resume or finalise the
+      │                          jobs left running, run (state_dir/jobs/, state_dir/journal/,
+      │                          state_dir/incarnation, state_dir/runs/: the jobs' commands)
       ├─ listener                one port: Klein REST API + WebSocket at /api/v1/ws/jobs and
       │                          /metrics, behind mutual TLS (tls.enabled) on
       │                          server.bind:server.port
@@ -38,6 +39,7 @@ from lpa.agent.backends import make_backend
 from lpa.agent.backends.base import Timeouts
 from lpa.agent.cache import PatchCache
 from lpa.agent.config import AgentConfig
+from lpa.agent.detached import DetachedCommands
 from lpa.agent.eventlog import EventLog
 from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.metrics import (
@@ -55,8 +57,8 @@ from lpa.agent.listening import address, listen_error
 from lpa.agent.process import ProcessRunner
 from lpa.agent.reload import RELOAD_INTERVAL_SECONDS, Reloader
 from lpa.agent.store import LEGACY_FILENAME, JobFileStore
-from lpa.agent.wal import ThreadRunner, WriteAheadLog
 from lpa.agent.system import HostSystem
+from lpa.agent.wal import ThreadRunner, WriteAheadLog
 from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.errors import ConfigError
@@ -196,6 +198,7 @@ def make_agent_service(
     runner: Any = None,
     store: Any = None,
     journal: Any = None,
+    commands: Any = None,
 ) -> AgentService:
     """Build the daemon; every collaborator may be injected, the reactor included.
 
@@ -231,6 +234,9 @@ def make_agent_service(
         run_blocking=ThreadRunner(reactor, "lpa-job-store"),
     )
     journal = journal or WriteAheadLog(os.path.join(state_dir, "journal"), clock=reactor)
+    # package-manager commands of jobs outlive the agent (a transient systemd unit each, or a
+    # detached wrapper) and write into state_dir/runs/, where a restarted agent finds them
+    commands = commands or DetachedCommands(reactor, os.path.join(state_dir, "runs"))
     events = EventLog(reactor, config.jobs.max_events_per_job)
     jobs = JobManager(
         backend=backend,
@@ -240,6 +246,7 @@ def make_agent_service(
         clock=reactor,
         events=events,
         journal=journal,
+        commands=commands,
         incarnations=FileIncarnations(os.path.join(state_dir, "incarnation")),
         max_concurrent=config.jobs.max_concurrent,
         max_queue_depth=config.jobs.max_queue_depth,

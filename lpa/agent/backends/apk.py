@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import attr
 
+from lpa.agent import phase
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
@@ -148,7 +149,10 @@ class ApkBackend(VerbCommandsMixin, BackendBase):
         return await self._run(ctx, request, self.command("upgrade", request, *names), "Patched")
 
     async def _run(self, ctx: Any, request: JobRequest, argv: list[str], verb: str) -> JobOutcome:
-        result = await ctx.run(argv, timeout=self._timeouts.package, env=self.read_env())
+        watch = None if request.dry_run else phase.APK
+        result = await ctx.run(
+            argv, timeout=self._timeouts.package, env=self.read_env(), transaction=watch
+        )
         return await self.outcome(ctx, request, parse_apk_steps(result.stdout), verb)
 
 

@@ -2,10 +2,22 @@
 
 A mutation runs as::
 
-    dpkg --audit (problems: dpkg --configure -a) ─▶ apt-get -s … (what will change, n packages)
+    dpkg --audit (interrupted work: repair, dpkg --configure -a) ─▶ apt-get -s … (n packages)
         ─▶ apt-get -y … -o APT::Status-Fd=3 (pmstatus → progress "package i of n")
         ─▶ [dependency error: apt-get -f install, retry once]
         ─▶ dpkg --audit (problems: dpkg --configure -a, audit again, else fail)
+
+**Repair.**  A package database left half done (an interrupted dpkg: the host lost power, or
+dpkg was killed) makes apt refuse to run until ``dpkg --configure -a``.  So before a mutation the
+job asks ``dpkg --audit`` (read-only; what ``package_db_clean`` of the system info reports) and,
+when it lists anything, says so in a progress event and runs dpkg's own repair
+``dpkg --force-confdef --force-confold --configure -a`` first, as the job's own command (its
+output becomes the job's events), keeping locally changed configuration files as the mutation
+itself does.
+
+**The package transaction** (:mod:`lpa.agent.phase`): ``apt-get -y`` is stopped at once by a
+cancel or a timeout while it downloads, and let finish from its first ``pmstatus`` status line
+(dpkg has the packages); ``dpkg --configure -a`` is a transaction from its start.
 
 A dry run runs only ``apt-get -s``, which reads the package database and changes nothing; it
 does not refresh the package lists either (``apt-get update`` writes ``/var/lib/apt/lists``).
@@ -27,6 +39,7 @@ from typing import Any, Callable, Sequence
 import attr
 from twisted.logger import Logger
 
+from lpa.agent import phase
 from lpa.agent.backends.base import (
     BackendBase,
     Timeouts,
@@ -49,6 +62,9 @@ APT_ENV = {
     "NEEDRESTART_MODE": "l",
     "LC_ALL": "C",
 }
+
+#: dpkg's own repair of interrupted work, keeping locally changed configuration files
+CONFIGURE_PENDING = ["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"]
 
 
 # -- parsers -------------------------------------------------------------------------------
@@ -410,15 +426,35 @@ class AptBackend(BackendBase):
         return await self.outcome(ctx, request, changes, verb)
 
     async def _run_mutation(self, ctx: Any, args: list[str], progress: AptProgress) -> None:
-        await ctx.run(self.apt_get(*args), timeout=self._timeouts.package, env=dict(APT_ENV), status_fd_line=progress)
+        await ctx.run(
+            self.apt_get(*args),
+            timeout=self._timeouts.package,
+            env=dict(APT_ENV),
+            status_fd_line=progress,
+            transaction=phase.APT,
+        )
+
+    async def _configure(self, ctx: Any) -> None:
+        await ctx.run(
+            CONFIGURE_PENDING,
+            timeout=self._timeouts.package,
+            env=dict(APT_ENV),
+            transaction=phase.ALWAYS,
+        )
 
     async def _configure_pending(self, ctx: Any) -> None:
-        """Finish interrupted dpkg work first; only when ``dpkg --audit`` reports some, because
-        ``dpkg --configure -a`` takes the lock without waiting for it."""
+        """Repair interrupted dpkg work first (see the module docstring); only when
+        ``dpkg --audit`` reports some, because ``dpkg --configure -a`` takes the lock without
+        waiting for it."""
         if await self._audit_clean(ctx):
             return
+        ctx.progress(
+            1,
+            "The package database was left interrupted; repairing it first with "
+            "dpkg --configure -a",
+        )
         try:
-            await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+            await self._configure(ctx)
         except CommandFailedError as error:
             if "locked by another process" in error_text(error):
                 raise CommandFailedError(
@@ -438,7 +474,7 @@ class AptBackend(BackendBase):
 
     async def _configure_after_failure(self, ctx: Any) -> None:
         try:
-            await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+            await self._configure(ctx)
         except CommandFailedError as error:
             _log.warn("dpkg --configure -a after a failed apt command also failed: {error}", error=error)
 
@@ -446,7 +482,7 @@ class AptBackend(BackendBase):
         """``dpkg --audit`` after the operation; problems get one ``dpkg --configure -a``."""
         if await self._audit_clean(ctx):
             return
-        await ctx.run(["dpkg", "--configure", "-a"], timeout=self._timeouts.package, env=dict(APT_ENV))
+        await self._configure(ctx)
         if not await self._audit_clean(ctx):
             raise CommandFailedError(
                 "dpkg --audit still reports problems after dpkg --configure -a: the package "

@@ -10,6 +10,20 @@ outright on a host whose cache was never built).
 A dry run is the real command with ``--assumeno`` instead of ``-y``: dnf resolves, prints the
 transaction table, answers "no" and exits 1, which is expected.  ``force`` means
 ``--allowerasing``; GPG checks are never disabled.
+
+**The package transaction** (:mod:`lpa.agent.phase`): from "Running transaction" on, rpm runs
+(it blocks most signals itself meanwhile); cancel and timeout let it finish.
+
+**Repair.**  rpm commits each package of a transaction on its own, so an interrupted transaction
+leaves a consistent database that may list two versions of a package ("duplicates"); nothing
+is left "half configured" as with dpkg.  Before a mutation the job runs ``dnf check
+--duplicates`` (read-only; yum: ``yum check duplicates``) and, when it names any, says so in a
+progress event and runs the manager's own clean-up, ``dnf remove --duplicates`` (it removes the
+older entry and reinstalls the newest package; yum: ``package-cleanup --cleandupes`` from
+yum-utils).  ``rpm --rebuilddb`` is not run: it rebuilds the database files' indexes from the
+package headers and mends a corrupt database, not an interrupted transaction, and must not run
+beside another rpm.  A manager without these commands (dnf 5 has no ``check``) skips the repair
+with a log line.
 """
 
 from __future__ import annotations
@@ -17,6 +31,9 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from twisted.logger import Logger
+
+from lpa.agent import phase
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
@@ -28,6 +45,8 @@ from lpa.agent.backends.base import (
 )
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import CommandFailedError, CommandNotFoundError
+
+_log = Logger()
 
 RPM_QUERYFORMAT = "%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{SIZE}\\t%{INSTALLTIME}\\t%{SUMMARY}\\n"
 
@@ -138,6 +157,9 @@ def parse_updateinfo(text: str) -> dict[str, dict[str, Any]]:
 
 _NEVRA = re.compile(r"^[^\s/]+-[^-\s/]+-[^-\s/]+\.[A-Za-z0-9_]+$")
 
+
+#: what ``dnf check --duplicates`` and ``yum check duplicates`` say of each duplicate
+_DUPLICATE = " is a duplicate with "
 
 #: how dnf/yum end a dry run that resolved fine (exit 1 after answering "no")
 _DRY_RUN_ENDINGS = ("Operation aborted", "Nothing to do", "Exiting on user command")
@@ -319,9 +341,55 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
         names = [] if specs is None else ["--", *self.targets(specs)]
         return await self._run(ctx, request, self.command(self.upgrade_verb, request, *names), "Patched")
 
+    def duplicates_check_argv(self) -> list[str]:
+        return [self.binary, "check", "--duplicates"]
+
+    def duplicates_repair_argv(self) -> list[str]:
+        return [self.binary, "remove", "--duplicates", "-y"]
+
+    async def repair(self, ctx: Any) -> None:
+        """Clean up what an interrupted rpm transaction left (see the module docstring)."""
+        try:
+            result = await ctx.run(
+                self.duplicates_check_argv(),
+                timeout=self._timeouts.refresh,
+                env=self.read_env(),
+                ok_codes=(0, 1),
+            )
+        except (CommandFailedError, CommandNotFoundError) as error:
+            _log.info("{backend}: no duplicate check ({error}); no repair", backend=self.name,
+                      error=error)
+            return
+        duplicates = [line for line in result.stdout.splitlines() if _DUPLICATE in line]
+        if not duplicates:
+            return
+        ctx.progress(
+            1,
+            f"The package database lists {len(duplicates)} duplicate package(s) left by an "
+            f"interrupted transaction; repairing it first with {' '.join(self.duplicates_repair_argv())}",
+        )
+        try:
+            await ctx.run(
+                self.duplicates_repair_argv(),
+                timeout=self._timeouts.package,
+                env=self.read_env(),
+                transaction=phase.DNF,
+            )
+        except CommandNotFoundError as error:
+            _log.warn("{backend}: cannot clean up duplicate packages ({error})",
+                      backend=self.name, error=error)
+
     async def _run(self, ctx: Any, request: JobRequest, argv: list[str], verb: str) -> JobOutcome:
         ok = (0, 1) if request.dry_run else (0,)
-        result = await ctx.run(argv, timeout=self._timeouts.package, env=self.read_env(), ok_codes=ok)
+        if not request.dry_run:
+            await self.repair(ctx)
+        result = await ctx.run(
+            argv,
+            timeout=self._timeouts.package,
+            env=self.read_env(),
+            ok_codes=ok,
+            transaction=None if request.dry_run else phase.DNF,
+        )
         changes = parse_transaction_table(result.stdout)
         output = result.stdout + result.stderr
         if result.exit_code == 1 and not changes and not any(w in output for w in _DRY_RUN_ENDINGS):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lpa.agent import phase
 from lpa.agent.backends.base import (
     BackendBase,
     available,
@@ -170,7 +171,11 @@ class PacmanBackend(BackendBase):
             else:
                 changes.append(change(name, old, version, "upgrade" if old else "install"))
         if not request.dry_run:
-            await ctx.run(["pacman", *operation, "--noconfirm", *targets], timeout=self._timeouts.package)
+            await ctx.run(
+                ["pacman", *operation, "--noconfirm", *targets],
+                timeout=self._timeouts.package,
+                transaction=phase.PACMAN,
+            )
         return await self.outcome(ctx, request, changes, verb)
 
 

@@ -8,6 +8,14 @@ patches with their severity and CVE issues.  Mutations also run with ``--xmlout`
 
 Security-only apply is ``zypper patch --category security`` (patches as a whole, so it cannot be
 combined with named packages).  ``force`` means ``--force-resolution``; GPG checks stay on.
+
+**The package transaction** (:mod:`lpa.agent.phase`): from the first package install or removal
+(``install-resolvable``/``remove-resolvable`` progress) on, cancel and timeout let zypper finish.
+
+**No repair step.**  libzypp commits through rpm, which commits each package on its own: an
+interrupted run leaves a consistent database whose remaining updates the next ``zypper update``
+(or ``patch``) installs, which is what the next job runs anyway.  ``zypper verify`` is not run:
+it would install or remove packages to satisfy dependencies, a change nobody asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any, Sequence
 
 import attr
 
+from lpa.agent import phase
 from lpa.agent.backends.base import (
     BackendBase,
     VerbCommandsMixin,
@@ -215,11 +224,18 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         return await self._run(ctx, request, argv, "Patched")
 
     async def _run(self, ctx: Any, request: JobRequest, argv: list[str], verb: str) -> JobOutcome:
-        result = await ctx.run(argv, timeout=self._timeouts.package, env=self.read_env(), ok_codes=ZYPPER_OK)
+        watch = None if request.dry_run else phase.ZYPPER
+        result = await ctx.run(
+            argv, timeout=self._timeouts.package, env=self.read_env(), ok_codes=ZYPPER_OK,
+            transaction=watch,
+        )
         changes = parse_install_summary(result.stdout)
         if result.exit_code == EXIT_RESTART_ZYPPER and not request.dry_run:
             # zypper updated its own stack first; the rest of the patches need a second run
-            again = await ctx.run(argv, timeout=self._timeouts.package, env=self.read_env(), ok_codes=ZYPPER_OK)
+            again = await ctx.run(
+                argv, timeout=self._timeouts.package, env=self.read_env(), ok_codes=ZYPPER_OK,
+                transaction=watch,
+            )
             changes += parse_install_summary(again.stdout)
             result = again
         outcome = await self.outcome(ctx, request, changes, verb)
