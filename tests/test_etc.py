@@ -181,8 +181,25 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(service["User"], "root")
         self.assertEqual(service["Restart"], "on-failure")
         self.assertIn("lpa-agent --config", service["ExecStart"])
-        # the KillMode stays until package runs that outlive the agent are handled
+        # package runs are transient units of their own (lpa.agent.detached), so mixed only
+        # ever kills the agent's read-only queries
         self.assertEqual(service["KillMode"], "mixed")
+
+    def test_agent_unit_says_how_job_units_relate_to_it(self) -> None:
+        """The unit's comment names the job units, their KillMode and why a restart of the
+        agent cannot reach them; the agent builds those units as the comment says."""
+        from lpa.agent.detached import UNIT_PROPERTIES, unit_name
+
+        text = read(etc("lpa-agent.service"))
+        comment = " ".join(line.lstrip("# ") for line in text.splitlines()
+                           if line.startswith("#"))
+        self.assertIn("lpa-job-<job id>-<n>.service", comment)
+        self.assertIn("outside this unit's cgroup", comment)
+        self.assertIn("systemd-run --collect, KillMode=process", comment)
+        self.assertEqual(UNIT_PROPERTIES, ("KillMode=process",))
+        self.assertTrue(unit_name("j", 1).startswith("lpa-job-"))
+        service = unit("lpa-agent.service")["Service"]
+        self.assertNotIn("Delegate", service)  # the job units are systemd's, not the agent's
 
     def test_deny_list_catches_the_old_unit(self) -> None:
         """The deny-list refuses what the agent's unit used to set."""
