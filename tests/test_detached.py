@@ -291,6 +291,31 @@ class DetachedTests(TestCase):
         commands.discard(JOB)
         self.assertFalse(os.path.exists(rundir.job_directory(self.root, JOB)))
 
+    async def test_an_unreadable_file_is_one_warning_not_the_end(self) -> None:
+        """A tick that cannot read the files logs once and the following goes on: the run
+        still ends once they can be read."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        program = self.script("pm", "echo done\n")
+        run = await self.commands().launch(JOB, 1, [program], timeout=10)
+        await self.wait_for_file(os.path.join(run.directory, rundir.STATUS))
+        out = os.path.join(run.directory, "out")
+        os.rename(out, out + ".kept")
+        os.mkdir(out)  # reading it fails (EISDIR)
+        lines: list[str] = []
+        run.follow({}, lambda fd, line, end: lines.append(line))
+        self.clock.advance(0.1)
+        self.clock.advance(0.1)
+        self.assertFalse(run.ended.called)
+        warnings = [e for e in logged if "cannot read the files" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        os.rmdir(out)
+        os.rename(out + ".kept", out)
+        self.clock.advance(0.1)
+        self.assertEqual((self.successResultOf(run.ended).exit_code, lines), (0, ["done"]))
+
     async def test_systemd_path_with_a_fake_systemd_run(self) -> None:
         """Where systemd runs, the wrapper is started by systemd-run as a transient service
         (a fake here: it records its argv and starts the command after -- detached)."""

@@ -294,3 +294,27 @@ class FakeRunTests(SynchronousTestCase):
         seen: list[Any] = []
         run.renew().follow({1: 2}, lambda fd, line, end: seen.append((fd, line, end)))
         self.assertEqual(seen, [(1, "b", 4)])
+
+
+class RecordTests(SynchronousTestCase):
+    def test_an_event_record_keeps_where_its_line_ends(self) -> None:
+        """The 13th member of an event record is the line's (command, fd, end); replay moves
+        the job's offsets there; a record without it (an older agent) still reads."""
+        import json
+
+        from lpa.agent.replay import Replay, event_from_record, event_record, record_source
+        from lpa.events import JobEvent
+
+        event = JobEvent(job_id="j", seq=3, kind=KIND_OUTPUT, status=RUNNING, progress=0,
+                         message="Get:1", timestamp="2026-11-25T20:00:00+00:00")
+        record = json.loads(event_record(event, (2, 1, 117)))
+        self.assertEqual((record_source(record), event_from_record(record)), ((2, 1, 117), event))
+        old = json.loads(event_record(event))
+        self.assertEqual((len(old), record_source(old)), (12, None))
+        job = Job(id="j", operation="install", status=RUNNING, created_at="t", updated_at="t",
+                  request=install("vim"), seq=2, offsets={"2:1": 40})
+        Replay({"j": job}, {"j": []}).run([record])
+        self.assertEqual((job.seq, job.offsets), (3, {"2:1": 117}))
+        bad = record[:12] + [[2, "1", 5]]
+        Replay({"j": job}, {"j": []}).run([bad])  # logged and skipped, never raised
+        self.assertEqual(job.offsets, {"2:1": 117})

@@ -35,8 +35,6 @@ becomes one ``waiting_for_lock`` event per command.
 
 from __future__ import annotations
 
-import re
-import shlex
 import signal
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -48,45 +46,38 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lpa.agent.interfaces import ICommandRun, IJobCommands, IJobContext, IProcessRunner
+from lpa.agent.joblines import (
+    MAX_LINE_CHARS,
+    append_log,
+    bounded_line,
+    command_text,
+    lock_holder,
+)
 from lpa.agent.model import CommandResult, Job
 from lpa.agent.phase import TransactionWatch
 from lpa.errors import CommandError, CommandFailedError, CommandTimedOutError, JobCancelledError
-
-#: longest output line kept in an event or a log line (longer lines are cut, marked "…")
-MAX_LINE_CHARS = 4096
 
 #: abort reasons
 ABORT_CANCELLED = "cancelled"
 ABORT_TIMED_OUT = "timed_out"
 
+__all__ = [
+    "ABORT_CANCELLED",
+    "ABORT_TIMED_OUT",
+    "MAX_LINE_CHARS",
+    "JobContext",
+    "JobSink",
+    "ResumeMismatchError",
+    "append_log",
+    "bounded_line",
+    "command_text",
+    "lock_holder",
+]
+
 #: where an event's line ends: (command number, fd, offset just past the line)
 Source = tuple[int, int, int]
 
 _log = Logger()
-
-#: package-manager lines saying the database lock is held; group 1 = pid, group 2 = program
-_LOCK_WAIT_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"[Ii]t is held by process (\d+)(?: \(([^)]+)\))?"),  # apt, dpkg
-    re.compile(r"locked by the application with pid (\d+)(?: \(([^)]+)\))?"),  # zypper
-    re.compile(r"Waiting for process with pid (\d+)()"),  # dnf
-    re.compile(r"Another app is currently holding the yum lock()()"),  # yum
-    re.compile(r"Waiting for (?:cache |repository )?lock()()", re.IGNORECASE),
-)
-
-
-def lock_holder(line: str) -> str | None:
-    """Who holds the package database lock, if ``line`` says a manager waits for it."""
-    for pattern in _LOCK_WAIT_PATTERNS:
-        match = pattern.search(line)
-        if match is not None:
-            pid, program = match.group(1), match.group(2)
-            if pid and program:
-                return f"{program} (pid {pid})"
-            if pid:
-                return f"pid {pid}"
-            return "another process"
-    return None
-
 
 class JobSink(Protocol):
     """The part of the engine a context reports to."""
@@ -100,34 +91,6 @@ class JobSink(Protocol):
     def job_waiting_for_lock(self, job: Job, holder: str, source: Source | None = None) -> None: ...
 
     def job_note(self, job: Job, message: str) -> None: ...
-
-
-_DROPPED = re.compile(r"\.\.\. (\d+) earlier lines dropped")
-
-
-def append_log(job: Job, line: str, limit: int) -> None:
-    """Append to ``job.logs`` keeping the newest ``limit`` lines; the first then counts drops."""
-    logs = job.logs
-    logs.append(line)
-    if len(logs) <= limit:
-        return
-    marker = _DROPPED.fullmatch(logs[0])
-    if marker is not None:
-        del logs[1]
-        logs[0] = f"... {int(marker.group(1)) + 1} earlier lines dropped"
-    else:
-        del logs[0:2]
-        logs.insert(0, "... 2 earlier lines dropped")
-
-
-def bounded_line(line: str) -> str:
-    if len(line) > MAX_LINE_CHARS:
-        return line[: MAX_LINE_CHARS - 1] + "…"
-    return line
-
-
-def command_text(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
 
 
 class ResumeMismatchError(CommandError):

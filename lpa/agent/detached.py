@@ -154,16 +154,21 @@ class DetachedCommands:
         if isinstance(program, CommandNotFoundError):
             raise program
         directory = rundir.run_directory(self.directory, job_id, number)
-        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
-        os.makedirs(directory, mode=0o700)
         started = self.clock.seconds()
         unit = unit_name(job_id, number) if self.systemd else None
-        with open(os.path.join(directory, WRAPPER_FILE), "w") as stream:
-            stream.write(rundir.WRAPPER)
-        rundir.write_json(
-            os.path.join(directory, rundir.META),
-            {"argv": argv, "program": program, "started": started, "unit": unit},
-        )
+        try:
+            os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+            os.makedirs(directory, mode=0o700)
+            rundir.write_file(os.path.join(directory, WRAPPER_FILE), rundir.WRAPPER.encode())
+            rundir.write_json(
+                os.path.join(directory, rundir.META),
+                {"argv": argv, "program": program, "started": started, "unit": unit},
+            )
+        except OSError as error:
+            raise CommandError(
+                f"cannot record the command {argv[0]} in {directory} "
+                f"({error.strerror or error}): check space and permissions under state_dir"
+            ) from None
         wrapper = [self._python, os.path.join(directory, WRAPPER_FILE), directory]
         command = [*wrapper, "0" if self.systemd else "1", program, *argv[1:]]
         if unit is not None:
@@ -253,7 +258,7 @@ class DetachedRun:
         self._on_line: Callable[[int, str, int], None] = lambda fd, line, end: None
         self._loop: LoopingCall | None = None
         self._since = owner.clock.seconds()
-        self._pgid: int | None = None
+        self._warned = False
 
     # -- ICommandRun -----------------------------------------------------------------------
 
@@ -303,6 +308,20 @@ class DetachedRun:
         self._loop = None
 
     def _poll(self) -> None:
+        try:
+            self._look()
+        except OSError as error:
+            if not self._warned:
+                self._warned = True
+                _log.warn(
+                    "cannot read the files of command {number} of job {job_id} ({reason}); "
+                    "trying again",
+                    number=self.number,
+                    job_id=self.job_id,
+                    reason=error.strerror or str(error),
+                )
+
+    def _look(self) -> None:
         if self.ended.called:
             return
         for fd, reader in self._readers.items():

@@ -67,7 +67,11 @@ class LineReader:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 return b""
-        return os.pread(self._fd, limit, self.position + len(self._buffer))
+        try:
+            return os.pread(self._fd, limit, self.position + len(self._buffer))
+        except OSError:
+            self.close()  # opened again at the next read
+            raise
 
     def _lines(self, *, final: bool) -> Iterator[tuple[str, int]]:
         buffer = self._buffer

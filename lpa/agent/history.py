@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lpa.agent.context import append_log
+from lpa.agent.joblines import append_log
 from lpa.agent.eventlog import EventLog
 from lpa.agent.incarnation import Incarnations
 from lpa.agent.interfaces import IEventJournal, IJobStore

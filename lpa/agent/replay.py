@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from twisted.logger import Logger
 
-from lpa.agent.context import append_log
+from lpa.agent.joblines import append_log
 from lpa.agent.model import Job
 from lpa.agent.store import job_from_dict
 from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, JobEvent

@@ -178,10 +178,18 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 def write_json(path: str, data: dict[str, Any], *, sync: bool = True) -> None:
     """Atomically (temporary file, rename), synced with its directory unless ``sync`` is off."""
+    write_file(path, json.dumps(data).encode(), sync=sync)
+
+
+def write_file(path: str, data: bytes, *, sync: bool = True) -> None:
+    """``data`` into ``path`` atomically (mode 0600), synced with its directory unless
+    ``sync`` is off."""
     temporary = path + ".tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(data).encode())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
     finally:
@@ -244,8 +252,8 @@ def remove_job_runs(root: str, job_id: str) -> bool:
     """Delete a job's run directories unless one of them still runs; return whether it did."""
     directory = job_directory(root, job_id)
     for number in recorded_runs(root, job_id):
-        if lock_held(run_directory(root, job_id, number)):
-            return False
+        if read_run(run_directory(root, job_id, number), number).state == "running":
+            return False  # (a wrapper that wrote its status has nothing more to write)
     shutil.rmtree(directory, ignore_errors=True)
     return True
 
