@@ -1,4 +1,5 @@
-"""A real agent process killed with SIGKILL mid-job: the package run goes on, the job ends as it did.
+"""A real agent process killed with SIGKILL mid-job: the package run goes on, the job ends as
+it did.
 
 One ``twistd lpa-agent`` (tests.agentproc: private mount namespace, stand-in apt-get) runs real
 (non-dry-run) patch jobs whose package run lasts a few seconds: a download phase, then a dpkg

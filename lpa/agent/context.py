@@ -2,10 +2,10 @@
 
 ::
 
-    backend ──ctx.run(argv, timeout, transaction=watch)──▶ JobContext ──launch/attach──▶
+    backend ──ctx.run(argv, timeout, transaction=watch)──▶ JobContext ─launch/attach─▶
         IJobCommands ──▶ ICommandRun: each line (fd, text, end offset)
                             │ fd 1/2 ─▶ sink.job_output(job, line, source=(n, fd, end))
-                            │ fd 3   ─▶ status_fd_line ─▶ ctx.progress(…, source=(n, 3, end))
+                            │ fd 3   ─▶ status_fd_line ─▶ ctx.progress(…, source=…)
                             │ watch.begins(line) ─▶ the package transaction has started
                             ▼
           CommandResult | CommandFailedError | CommandTimedOutError | JobCancelledError

@@ -9,7 +9,7 @@
                                                    elsewhere:
                                                       python wrapper.py <dir> 1 argv…
                                                           └ fork, setsid, fork ▶ wrapper
-                            wrapper ── lock, started, out/err/fd3, status ──▶ state_dir/runs/
+                            wrapper ── lock, started, out/err/fd3, status ─▶ state_dir/runs/
     DetachedRun ◀── every poll_interval on the clock: new lines, then status? lock held?
         ended ◀── the status (exit code or signal), after the last line was handed out
 

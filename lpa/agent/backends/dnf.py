@@ -363,10 +363,11 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
         duplicates = [line for line in result.stdout.splitlines() if _DUPLICATE in line]
         if not duplicates:
             return
+        repair = " ".join(self.duplicates_repair_argv())
         ctx.progress(
             1,
             f"The package database lists {len(duplicates)} duplicate package(s) left by an "
-            f"interrupted transaction; repairing it first with {' '.join(self.duplicates_repair_argv())}",
+            f"interrupted transaction; repairing it first with {repair}",
         )
         try:
             await ctx.run(
