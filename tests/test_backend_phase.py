@@ -24,8 +24,11 @@ DUPLICATE = "lpademo-1.1-1.noarch is a duplicate with lpademo-1.0-1.noarch\n"
 
 
 def execute(backend: object, runner: ScriptedRunner, job: object) -> FakeJobContext:
+    """Run the job to its end (whatever it is: the commands are what these tests check)."""
     ctx = FakeJobContext(runner, job)  # type: ignore[arg-type]
-    backend.execute(job, ctx)  # type: ignore[attr-defined]
+    done = backend.execute(job, ctx)  # type: ignore[attr-defined]
+    done.addErrback(lambda failure: ctx.output.append(f"ended: {failure.value}"))
+    assert done.called, "a scripted job ends at once"
     return ctx
 
 
