@@ -21,10 +21,10 @@ it is durable in the write-ahead log; a job's terminal ``job_status`` is followe
 
 Start: the history is read (store, then the log on top) and this start gets its incarnation.
 A job the previous process left running whose last command outlived it (still running, or
-finished with a recorded status: :class:`~lpa.interfaces.IJobCommands`) is *resumed*: its
-backend runs again, following its recorded commands from where its durable events end
-(:mod:`lpa.agent.run`, :mod:`lpa.agent.context`), so it ends as its package manager did.  Any
-other job left pending or running (no command started, or the last one gone without a status:
+finished with a recorded status: :class:`~lpa.agent.interfaces.IJobCommands`) is *resumed*:
+its backend runs again, following its recorded commands from where its durable events end
+(:mod:`lpa.agent.recovery`, :mod:`lpa.agent.run`, :mod:`lpa.agent.context`), so it ends as its
+package manager did.  Any other job left pending or running (no command started, or the last one gone without a status:
 the host rebooted) is finalised ``failed`` with ``AGENT_RESTARTED`` (same boot id) or
 ``AGENT_REBOOTED`` (another one), numbered after its last durable event: "outcome unknown",
 never a guess.  A ``rebooting`` job (or a reboot job after a reboot) is completed.
@@ -47,7 +47,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lpa.agent import classify
+from lpa.agent import classify, recovery
 from lpa.agent.admission import MUTATIONS, JobQueue
 from lpa.agent.context import ABORT_CANCELLED
 from lpa.agent.eventlog import EventLog
@@ -80,7 +80,6 @@ from lpa.events import (
     OP_REBOOT,
     PENDING,
     REBOOTING,
-    RUNNING,
     normalise_status,
     rfc3339_from_epoch,
 )
@@ -185,7 +184,7 @@ class JobManager:
                     self._recover(job, boot_id)
             elif job.id in replayed:
                 self._history.reclose(job)
-        self._discard_stale_runs()
+        recovery.discard_stale_runs(self._commands, self._history.jobs)
         self._history.prune()
         if replayed:
             self._history.checkpoint()  # retire what the last run left in the log
@@ -240,56 +239,22 @@ class JobManager:
 
     def _resume(self, job: Job) -> bool:
         """Resume ``job`` if its last command outlived the previous process; say if it did."""
-        last = self._commands.last_run(job.id)
-        if job.status != RUNNING or job.operation == OP_REBOOT or last is None:
+        state = recovery.resumable(job, self._commands)
+        if state is None:
             return False
-        number, state = last
-        if state not in ("running", "finished"):
-            _log.warn(
-                "job {job_id}: its command {number} is {state}; the job cannot be resumed",
-                job_id=job.id,
-                number=number,
-                state=state,
-            )
-            return False
-        _log.info(
-            "job {job_id} resumed: its command {number} is {state}",
-            job_id=job.id,
-            number=number,
-            state=state,
-        )
+        number, how = state
         self._queue.occupy(job)
         run = self._make_run(job, resume_through=number)
         self._runs[job.id] = run
-        run.resume(state)
+        run.resume(how)
         return True
 
-    def _discard_stale_runs(self) -> None:
-        """Forget the commands of jobs that ended or are gone (a crash before clean-up)."""
-        job_ids = getattr(self._commands, "job_ids", None)
-        for job_id in job_ids() if job_ids is not None else ():
-            job = self._history.get(job_id)
-            if job is None or job.terminal:
-                self._commands.discard(job_id)
-
     def _recover(self, job: Job, boot_id: str) -> None:
-        rebooted = bool(job.boot_id and boot_id and job.boot_id != boot_id)
-        if job.status == REBOOTING or (job.operation == OP_REBOOT and rebooted):
+        status, message, error, code = recovery.finalisation(job, boot_id)
+        if status == COMPLETED:
             self._history.append_log(job, "Agent restarted after the reboot; marking completed")
             job.progress = 100
-            self.finish(job, COMPLETED, "Host rebooted; job completed")
-            return
-        when = "before the job ran" if job.status == PENDING else "during job execution"
-        what = "rebooted" if rebooted else "restarted"
-        self.finish(
-            job,
-            FAILED,
-            f"Agent {what} {when}",
-            error=f"Agent {'host reboot' if rebooted else 'process restart'} {when}; "
-            + ("the job never ran" if job.status == PENDING
-               else "the package manager may have finished, the outcome is unknown"),
-            error_code=classify.AGENT_REBOOTED if rebooted else classify.AGENT_RESTARTED,
-        )
+        self.finish(job, status, message, error=error, error_code=code)
 
     # -- IJobManager -------------------------------------------------------------------------
 
