@@ -27,6 +27,10 @@ the unit whether it succeeded or not, and ``KillMode=process`` leaves alone what
 script started directly when the wrapper exits.  The unit is outside the agent's cgroup, so
 restarting or stopping ``lpa-agent`` never touches it.  Output goes to the run's files, not to
 the journal.
+
+The files are polled on the injected clock (``poll_interval``, 0.1 s: a handful of system calls
+per run and tick), not watched with inotify, so the following is the same code in production
+and under a ``task.Clock``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Launched detached (argument ``1``), the wrapper forks twice and starts a new ses
 no child of the agent's: the first process waits until the command has started (or failed to)
 and exits with that answer, which is all the agent waits for.  Under systemd the wrapper is the
 main process of a transient service unit instead, a child of PID 1 (see :mod:`lpa.agent.detached`).
+
+This layout is read by the *next* agent process, which may be a newer version (the agent's own
+package upgraded by the job): change it only in ways an older wrapper's files still satisfy.
 """
 
 from __future__ import annotations
