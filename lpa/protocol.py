@@ -254,6 +254,17 @@ def snapshot_event(job_id: str, detail: Mapping[str, Any], seq: Any = None) -> J
     )
 
 
+def load_frame(data: str | bytes) -> dict[str, Any]:
+    """The JSON object of one text frame; raises :class:`ProtocolError` for anything else."""
+    try:
+        decoded = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not JSON") from None
+    if not isinstance(decoded, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return decoded
+
+
 def parse_frame(data: str | bytes | Mapping[str, Any]) -> Frame:
     """One server frame (text, bytes or decoded JSON) as a typed value.
 
@@ -261,10 +272,7 @@ def parse_frame(data: str | bytes | Mapping[str, Any]) -> Frame:
     ``resync`` or ``error`` frame missing what it must carry.  Unknown members are ignored.
     """
     if isinstance(data, (str, bytes)):
-        try:
-            data = json.loads(data)
-        except (ValueError, RecursionError):
-            raise ProtocolError("frame is not JSON") from None
+        data = load_frame(data)
     if not isinstance(data, Mapping):
         raise ProtocolError("frame is not a JSON object")
     event = data.get("event")
