@@ -12,10 +12,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.events import EVENT_JOB_COMPLETE, JobEvent
+from lpa.follower import PollOutcome
+from lpa.protocol import snapshot_event
 from lpa.relay.backoff import Backoff
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.machine import CONNECTING, POLLING, STOPPED, STREAMING, AgentLink
-from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget, PollOutcome, snapshot_event
+from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget
 from lpa.relay.store import PostgresRelayStore
 from lpa.relay.ws_client import AgentWebSocket, IAgentWebSocket, IWebSocketListener
 from tests.fakes_relay import FakeRelayStore

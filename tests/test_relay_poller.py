@@ -12,8 +12,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from lpa.events import KIND_SNAPSHOT, JobEvent
+from lpa.follower import PollOutcome
+from lpa.protocol import snapshot_event
 from lpa.relay.interfaces import AgentAddress, HostJob
-from lpa.relay.poller import AgentJobsHttp, AgentPoller, PollError, PollOutcome, snapshot_event
+from lpa.relay.jobs_http import AgentJobsHttp, PollError
+from lpa.relay.poller import AgentPoller
 
 ADDRESS = AgentAddress("agent1.example", 12443)
 JOB = "11111111-1111-4111-8111-111111111111"

@@ -1,18 +1,19 @@
-"""The REST reads a poller makes of one agent, and what each answer means for the relay.
+"""The REST reads a poller makes of one agent: one pass over a job, with the follower's rules.
 
-::
+:meth:`AgentJobsHttp.fetch` makes a :class:`~lpa.follower.JobFollower` of its own, starting at
+the seq to poll after, and does what it says (:mod:`lpa.follower` holds what each answer
+means: 200 pages, a page numbered below the cursor, 409 EVENTS_AHEAD, 410 EVENTS_EXPIRED,
+JOB_NOT_FOUND, the original agent's 404/405 and ``GET /jobs/{id}``)::
 
-    GET /api/v1/jobs/{id}/events?after=N        lpa agents
-      200 data.events                → the events (data.incarnation when the agent sends one)
-      200 no events, but data.last_seq < N, or data.terminal
-                                     → the agent ended or numbers below our cursor (an agent
-                                       that lost or renumbered events): GET /jobs/{id} → snapshot
-      409 EVENTS_AHEAD               → N is above the job's last seq: error.details.job is the
-                                       snapshot, at error.details.last_seq
-      410 EVENTS_EXPIRED             → the job detail in error.details, applied as a snapshot
-      404 JOB_NOT_FOUND              → the agent does not know the job
-      405 / other 404                → the agent lacks the path (the original): remember, and
-    GET /api/v1/jobs/{id}                        → one KIND_SNAPSHOT event; 404 → not known
+    fetch(job, after=N) ─▶ GET follower.poll_path() ─▶ follower.receive_answer(answer)
+          again (another endpoint at once: at most 3 requests) ─┘
+      ─▶ PollOutcome(events, incarnation)   or PollOutcome(gone=…): the agent forgot the job
+      ─▶ PollError: no usable answer (unreachable, 429 with Retry-After, an answer the
+         follower cannot use)
+
+The link's own follower then takes the outcome (``JobFollower.receive_polled``).  An agent that
+answered the events path with 404/405 is remembered (:attr:`AgentJobsHttp.has_events_endpoint`):
+its next passes start with the job's detail.
 
 Every failure is a :class:`PollError` whose message is one sentence naming the agent
 (``host:port``), the request and the cause in plain words (never a ``Failure`` repr).
@@ -22,15 +23,16 @@ TLS policy returns :func:`lpa.tls.client_tls_options` (see :func:`make_agent_htt
 
 from __future__ import annotations
 
-import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
-import attr
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lpa.events import KIND_SNAPSHOT, JobEvent, normalise_status
+from lpa.events import JobEvent
+from lpa.follower import DETAIL, JobFollower, PollOutcome
+from lpa.protocol import Answer, parse_answer
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.reasons import describe_error
 
@@ -39,7 +41,8 @@ _log = Logger()
 #: bodies larger than this are refused (an agent keeps at most a bounded event window)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
-JOBS_PATH = "/api/v1/jobs"
+#: requests one pass may make for one job (events, then the job's detail)
+MAX_REQUESTS = 3
 
 
 class PollError(Exception):
@@ -64,69 +67,6 @@ class PollError(Exception):
         self.cause = cause or message
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class PollOutcome:
-    """What one poll of one job found.
-
-    ``events`` to apply (possibly none: the agent knows the job and has nothing new), or
-    ``gone``: the agent said it does not know the job (the reason, one sentence).
-    ``incarnation``: the agent's incarnation when its answer carried one.
-    """
-
-    events: tuple[JobEvent, ...] = ()
-    gone: str | None = None
-    incarnation: str | None = None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def incarnation_of(document: Any) -> str | None:
-    """The ``incarnation`` member of a frame or answer, when it is a non-empty string."""
-    if isinstance(document, Mapping):
-        value = document.get("incarnation")
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def snapshot_event(agent_job_id: str, detail: Mapping[str, Any], seq: Any = None) -> JobEvent:
-    """A job detail (``GET /jobs/{id}``, a 409/410's details, a ``resync``) as a snapshot event.
-
-    Status spellings of every agent are read (``timedout`` …); ``output`` is the joined ``logs``;
-    ``seq`` is taken from the detail when it has a positive one (lpa agents), else None.
-    Raises ValueError for a detail without a readable status.
-    """
-    if not isinstance(detail, Mapping):
-        raise ValueError("job detail is not a JSON object")
-    status = detail.get("status")
-    if not isinstance(status, str):
-        raise ValueError("job detail has no status")
-    if seq is None:
-        seq = detail.get("seq")
-    if _int(seq) is None or seq < 1:
-        seq = None
-    progress = _int(detail.get("progress", 0)) or 0
-    logs = detail.get("logs")
-    output = "\n".join(str(line) for line in logs) if isinstance(logs, list) else None
-    message = detail.get("message")
-    error = detail.get("error")
-    error_code = detail.get("error_code")
-    return JobEvent(
-        job_id=agent_job_id,
-        seq=seq,
-        status=normalise_status(status),
-        progress=max(0, min(100, progress)),
-        message=message if isinstance(message, str) else "",
-        timestamp=str(detail.get("updated_at") or detail.get("timestamp") or ""),
-        kind=KIND_SNAPSHOT,
-        error=error if isinstance(error, str) else None,
-        error_code=error_code if isinstance(error_code, str) else None,
-        output=output,
-    )
-
-
 def _retry_after(headers: Any) -> float:
     """Seconds from a ``Retry-After`` header (1 when absent or unreadable)."""
     try:
@@ -134,27 +74,6 @@ def _retry_after(headers: Any) -> float:
         return max(1.0, float(values[0]))
     except (AttributeError, IndexError, TypeError, ValueError):
         return 1.0
-
-
-def _error(body: Any) -> Mapping[str, Any]:
-    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
-        return body["error"]
-    return {}
-
-
-def _error_code(body: Any) -> str | None:
-    code = _error(body).get("code")
-    return code if isinstance(code, str) else None
-
-
-def _data(body: Any) -> Mapping[str, Any] | None:
-    if isinstance(body, Mapping) and isinstance(body.get("data"), Mapping):
-        return body["data"]
-    return None
-
-
-class _JobGone(Exception):
-    """The agent does not know the job (the message is the sentence saying so)."""
 
 
 class AgentJobsHttp:
@@ -176,7 +95,7 @@ class AgentJobsHttp:
             f"agent {self.label} answered {request} with {cause}", cause=cause, **kwargs
         )
 
-    async def _get(self, path: str) -> tuple[int, Any]:
+    async def _get(self, path: str) -> Answer:
         request_text = f"GET {path}"
 
         async def request() -> tuple[int, bytes, Any]:
@@ -209,96 +128,47 @@ class AgentJobsHttp:
             )
         if len(raw) > MAX_BODY_BYTES:
             raise self._refused(request_text, f"a body of {len(raw)} bytes, too large to read")
-        body: Any = None
-        if raw.strip():
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-        return code, body
-
-    def _snapshot(self, request: str, agent_job_id: str, detail: Any, seq: Any = None) -> JobEvent:
-        try:
-            return snapshot_event(agent_job_id, detail, seq)
-        except ValueError as error:
-            raise self._refused(request, f"an unreadable job detail ({error})") from None
+        return parse_answer(code, raw)
 
     async def fetch(self, agent_job_id: str, after_seq: int) -> PollOutcome:
         """New events of ``agent_job_id`` after ``after_seq`` (or a snapshot); raises PollError."""
-        try:
-            return await self._fetch(agent_job_id, after_seq)
-        except _JobGone as gone:
-            return PollOutcome(gone=str(gone))
-
-    async def _fetch(self, agent_job_id: str, after_seq: int) -> PollOutcome:
-        if self.has_events_endpoint is not False:
-            path = f"{JOBS_PATH}/{agent_job_id}/events?after={after_seq}"
-            request = f"GET {path}"
-            code, body = await self._get(path)
-            error_code = _error_code(body)
-            details = _error(body).get("details")
-            data = _data(body)
-            if code == 200 and data is not None:
-                self.has_events_endpoint = True
-                incarnation = incarnation_of(data)
-                events = self._events(agent_job_id, data.get("events"), request)
-                last_seq = _int(data.get("last_seq"))
-                below = last_seq is not None and last_seq < after_seq
-                if not events and (below or data.get("terminal") is True):
-                    # the job ended at or below our cursor, or the agent numbers below it (one
-                    # that lost or renumbered events and does not say 409): its detail is final
-                    snapshot = await self._detail(agent_job_id, last_seq if below else None)
-                    return PollOutcome(events=(snapshot,), incarnation=incarnation)
-                return PollOutcome(events=events, incarnation=incarnation)
-            if code == 409 and error_code == "EVENTS_AHEAD" and isinstance(details, Mapping):
-                self.has_events_endpoint = True
-                snapshot = self._snapshot(
-                    request, agent_job_id, details.get("job"), details.get("last_seq")
+        follower = JobFollower(
+            agent_job_id, after_seq, events_endpoint=self.has_events_endpoint is not False
+        )
+        events: list[JobEvent] = []
+        for _ in range(MAX_REQUESTS):
+            path, on_events = follower.poll_path(), follower.polls_events
+            answer = await self._get(path)
+            step = follower.receive_answer(answer)
+            for rejected in step.rejected:
+                _log.warn("agent {agent} sent a bad event: {error}", agent=self.label,
+                          error=rejected)
+            if on_events:
+                self._learn_endpoint(follower, answer)
+            if follower.gone is not None:
+                return PollOutcome(
+                    gone=f"agent {self.label} does not know job {agent_job_id}",
+                    incarnation=follower.seq.incarnation,
                 )
-                return PollOutcome(events=(snapshot,), incarnation=incarnation_of(details))
-            if code == 410 and error_code == "EVENTS_EXPIRED":
-                self.has_events_endpoint = True
-                snapshot = self._snapshot(request, agent_job_id, details)
-                return PollOutcome(events=(snapshot,), incarnation=incarnation_of(details))
-            if error_code == "JOB_NOT_FOUND":
-                raise _JobGone(f"agent {self.label} does not know job {agent_job_id}")
-            if code not in (404, 405):
-                raise self._refused(request, f"HTTP {code} {error_code or ''}".rstrip())
+            if step.problem is not None:
+                raise PollError(f"agent {self.label} answered {step.problem}", cause=step.problem)
+            events.extend(step.events)
+            if not step.again:
+                break
+        return PollOutcome(events=tuple(events), incarnation=follower.seq.incarnation)
+
+    def _learn_endpoint(self, follower: JobFollower, answer: Answer) -> None:
+        """Remember whether the agent serves the events endpoint (an original agent does not)."""
+        if follower.source == DETAIL:
+            if self.has_events_endpoint is not False:
+                _log.info(
+                    "agent {agent} has no events endpoint (HTTP {code}): polling job details",
+                    agent=self.label,
+                    code=answer.status,
+                )
             self.has_events_endpoint = False
-            _log.info(
-                "agent {agent} has no events endpoint (HTTP {code}): polling job details",
-                agent=self.label,
-                code=code,
-            )
-        return PollOutcome(events=(await self._detail(agent_job_id),))
-
-    async def _detail(self, agent_job_id: str, seq: int | None = None) -> JobEvent:
-        """``GET /jobs/{id}`` as a snapshot (at ``seq`` when given); raises _JobGone on 404."""
-        path = f"{JOBS_PATH}/{agent_job_id}"
-        request = f"GET {path}"
-        code, body = await self._get(path)
-        data = _data(body)
-        if code == 404:
-            raise _JobGone(f"agent {self.label} does not know job {agent_job_id}")
-        if code != 200 or data is None:
-            raise self._refused(request, f"HTTP {code} {_error_code(body) or ''}".rstrip())
-        return self._snapshot(request, agent_job_id, data, seq)
-
-    def _events(self, agent_job_id: str, wires: Any, request: str) -> tuple[JobEvent, ...]:
-        if not isinstance(wires, list):
-            raise self._refused(request, "an answer without a data.events list")
-        events = []
-        for wire in wires:
-            try:
-                event = JobEvent.from_wire(wire)
-            except ValueError as error:
-                _log.warn(
-                    "agent {agent} sent a bad event: {error}", agent=self.label, error=str(error)
-                )
-                continue
-            if event.job_id == agent_job_id:
-                events.append(event)
-        return tuple(sorted(events, key=lambda e: e.seq or 0))
+        elif answer.ok or answer.status in (409, 410):
+            self.has_events_endpoint = True
 
 
 def make_agent_http_client(

@@ -1,36 +1,23 @@
-"""Agents that restart, lose events or renumber them: what the relay notices and says.
+"""Agents that restart, lose events or renumber them: what the relay says about it.
 
-An lpa agent numbers each job's events 1, 2, 3 … and never reuses a number, and stamps every
-frame and answer with its ``incarnation`` (a value that changes at every agent start).  Agents
-that break the promise exist: one from before durable events, a restored backup, a disk that
-lost its last writes.  After such a restart the agent's last seq can be *below* what the relay
-already applied, and a relay that only took "seq above mine" would wait forever behind a
-finished job.
+The rule lives with the client's other numbering rules (:mod:`lpa.jobseq`, applied by each
+followed job's :class:`~lpa.follower.JobFollower`): a terminal snapshot numbered at or below what
+the relay received still ends the row, a lower non-terminal one is continued from.  This module
+holds the relay's words for it:
 
-:func:`judge_snapshot` is the rule for a snapshot (a ``resync``, a 409/410 answer, a job
-detail) whose seq is not above what the link received:
-
-* terminal → apply it (the agent's final word wins; the store keeps the row's seq, see
-  :mod:`lpa.relay.rows`) and warn how far behind the agent is;
-* not terminal and below → warn, continue from the agent's seq (the row's seq never moves back:
-  the store skips events at or below it);
-* equal and not terminal, or after a terminal event was already received → nothing new.
-
-:class:`IncarnationWatch` logs each change of an agent's incarnation once.
+* :data:`BEHIND_FORMAT` and :func:`behind_fields`: the warning for a
+  :class:`~lpa.jobseq.Renumbered` finding, which says by how much and which incarnations;
+* :class:`IncarnationWatch`: each change of an agent's incarnation (a value that changes at
+  every agent start), logged once per agent.
 """
 
 from __future__ import annotations
 
-import attr
 from twisted.logger import Logger
 
-from lpa.events import JobEvent
+from lpa.jobseq import Renumbered
 
 _log = Logger()
-
-APPLY = "apply"  # queue the snapshot for the store
-RENUMBER = "renumber"  # continue from the snapshot's seq; nothing to apply
-SKIP = "skip"  # nothing new
 
 #: how many incarnations of one agent are remembered (a late answer of an older one is no news)
 _REMEMBERED = 8
@@ -43,14 +30,6 @@ BEHIND_FORMAT = (
 )
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class Judgement:
-    """What to do with a snapshot at or below the link's seq; ``warn`` holds the log fields."""
-
-    action: str
-    warn: dict[str, object] | None = None
-
-
 def _incarnations(before: str | None, now: str | None) -> str:
     if before and now and before != now:
         return f", incarnation {before} → {now}"
@@ -59,40 +38,27 @@ def _incarnations(before: str | None, now: str | None) -> str:
     return ""
 
 
-def judge_snapshot(
-    agent: str,
-    snapshot: JobEvent,
-    *,
-    had_seq: int,
-    had_terminal: bool,
-    incarnation_before: str | None,
-    incarnation_now: str | None,
-) -> Judgement:
-    """The rule in the module docstring for ``snapshot`` (its seq at or below ``had_seq``).
-
-    ``Judgement.warn`` (when set) are the fields of :data:`BEHIND_FORMAT`.
-    """
-    seq = snapshot.seq if snapshot.seq is not None else had_seq
-    if had_terminal:
-        return Judgement(SKIP)  # the job's end is already on its way to the store
-    behind = had_seq - seq
-    if not snapshot.terminal and behind == 0:
-        return Judgement(SKIP)
-    fields: dict[str, object] = {
+def behind_fields(agent: str, renumbered: Renumbered) -> dict[str, object]:
+    """The fields of :data:`BEHIND_FORMAT` (all but ``row_id``) for ``renumbered``."""
+    before, now = renumbered.incarnation_before, renumbered.incarnation_now
+    if renumbered.final_status is not None:
+        outcome = f"taking its final state {renumbered.final_status}"
+    else:
+        outcome = (
+            f"continuing from its seq {renumbered.agent_seq} (the row keeps seq "
+            f"{renumbered.had_seq})"
+        )
+    return {
         "agent": agent,
-        "agent_job_id": snapshot.job_id,
-        "had_seq": had_seq,
-        "agent_seq": seq,
-        "behind": behind,
-        "incarnations": _incarnations(incarnation_before, incarnation_now),
-        "incarnation_before": incarnation_before,
-        "incarnation_now": incarnation_now,
+        "agent_job_id": renumbered.job_id,
+        "had_seq": renumbered.had_seq,
+        "agent_seq": renumbered.agent_seq,
+        "behind": renumbered.behind,
+        "incarnations": _incarnations(before, now),
+        "incarnation_before": before,
+        "incarnation_now": now,
+        "outcome": outcome,
     }
-    if snapshot.terminal:
-        fields["outcome"] = f"taking its final state {snapshot.status}"
-        return Judgement(APPLY, fields)
-    fields["outcome"] = f"continuing from its seq {seq} (the row keeps seq {had_seq})"
-    return Judgement(RENUMBER, fields)
 
 
 class IncarnationWatch:

@@ -4,7 +4,8 @@ slow backstop sweep while it streams.
 One :class:`AgentPoller` per agent link, driven by a ``LoopingCall`` on the injected clock::
 
     every interval:  for each followed job of the agent (IPollTarget.poll_jobs)
-        AgentJobsHttp.fetch(job, after=N)        (what each answer means: lpa.relay.jobs_http)
+        AgentJobsHttp.fetch(job, after=N)        (one pass with the follower's rules:
+                                                  lpa.relay.jobs_http)
           → target.poll_answer(host_job, outcome)   events, "not known", the incarnation
     a failed request:   the interval doubles up to ``max_interval``; a job whose agent stays
                         unreachable past ``deadline`` ends failed (the original polled forever)
@@ -14,7 +15,7 @@ One :class:`AgentPoller` per agent link, driven by a ``LoopingCall`` on the inje
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -23,15 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from lpa.follower import PollOutcome
 from lpa.relay.interfaces import HostJob
-from lpa.relay.jobs_http import (  # noqa: F401  (re-exported: the poller's public names)
-    MAX_BODY_BYTES,
-    AgentJobsHttp,
-    PollError,
-    PollOutcome,
-    make_agent_http_client,
-    snapshot_event,
-)
+from lpa.relay.jobs_http import AgentJobsHttp, PollError
 
 _log = Logger()
 

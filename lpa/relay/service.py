@@ -19,7 +19,8 @@ nothing, so it is written out here.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -30,11 +31,12 @@ from twisted.python.failure import Failure
 from lpa.relay.backoff import Backoff, HandshakeGate
 from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress, IRelayStore
+from lpa.relay.jobs_http import AgentJobsHttp, make_agent_http_client
 from lpa.relay.machine import AgentLink
 from lpa.relay.membership import RelayMembership, default_relay_id
 from lpa.relay.metered import MeteredStore, metered_dial
 from lpa.relay.metrics import RelayMetrics
-from lpa.relay.poller import AgentJobsHttp, AgentPoller, make_agent_http_client
+from lpa.relay.poller import AgentPoller
 from lpa.relay.pressure import StoreGauge
 from lpa.relay.scanner import Scanner
 from lpa.relay.ws_client import WebSocketDialer
