@@ -1,4 +1,7 @@
-"""describe_error: why a request to an agent failed, in plain words, never a Failure repr."""
+"""lpa.relay.reasons: why a request or a WebSocket to an agent failed, never a Failure repr.
+
+(The WebSocket sentences of each cause are also pinned in ``test_relay_ws_client``.)
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from lpa.relay.reasons import describe_error
+from lpa.relay.reasons import describe_error, describe_transport_failure
 
 
 class DescribeErrorTests(SynchronousTestCase):
@@ -43,3 +46,27 @@ class DescribeErrorTests(SynchronousTestCase):
         self.assertEqual(describe_error(ValueError("bad\nmore")), "ValueError: bad")
         odd = RuntimeError(f"[{Failure(KeyError('k'))!r}]")
         self.assertEqual(describe_error(odd), "RuntimeError")
+
+
+class TransportFailureTests(SynchronousTestCase):
+    def test_connect_timeout_is_named_our_stop_is_not(self) -> None:
+        """A connect timeout (a UserError in Twisted) is named; our own stop adds nothing."""
+        self.assertEqual(describe_transport_failure(Failure(neterror.TimeoutError())),
+                         "TCP connect timed out")
+        self.assertIsNone(describe_transport_failure(Failure(neterror.UserError())))
+        self.assertIsNone(describe_transport_failure(None))
+
+    def test_one_tls_reading_two_lines(self) -> None:
+        """The same OpenSSL reasons lead both lines; the WebSocket sentence adds the hint."""
+        tls = SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])
+        self.assertEqual(describe_error(tls), "TLS handshake failed (tlsv1 alert unknown ca)")
+        self.assertEqual(
+            describe_transport_failure(Failure(tls)),
+            "TLS handshake failed: tlsv1 alert unknown ca (the agent does not trust the CA of "
+            "the relay's client certificate)",
+        )
+
+    def test_other_causes_are_one_line(self) -> None:
+        """Anything else is its class and first line."""
+        self.assertEqual(describe_transport_failure(Failure(OSError("no\nmore"))),
+                         "OSError: no")

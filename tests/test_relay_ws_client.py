@@ -21,15 +21,10 @@ from lpa.protocol import SUBPROTOCOL
 from lpa.relay.backoff import HandshakeGate
 from lpa.relay.interfaces import AgentAddress
 from lpa.relay.machine import AgentLink
-from lpa.relay.ws_client import (
-    AgentDialler,
-    AgentWebSocket,
-    IAgentWebSocket,
-    IWebSocketListener,
-    RelayWebSocketProtocol,
-    WebSocketDialer,
-)
-from lpa.relay.ws_reasons import describe_transport_failure
+from lpa.relay.reasons import describe_transport_failure
+from lpa.relay.ws_client import AgentWebSocket, IAgentWebSocket, IWebSocketListener, WebSocketDialer
+from lpa.relay.ws_dialler import AgentDialler
+from lpa.relay.ws_protocol import RelayWebSocketProtocol
 from tests.memnet import MemoryNetwork
 
 ONE = AgentAddress("agent1.example", 12443)

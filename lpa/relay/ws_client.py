@@ -1,14 +1,12 @@
-"""The relay's WebSocket to one agent: a thin Autobahn protocol, redialled by a
-``ReconnectingClientFactory``.
+"""The relay's WebSocket to one agent: the link's handle, and the dialer that makes one per link.
 
-Three objects, composed rather than inherited from each other::
+Three objects per agent, composed rather than inherited from each other::
 
     AgentWebSocket ── the link's handle (send_json, stop) and the logic: gate, timeout, reports
-      ├─ AgentDialler      a ReconnectingClientFactory, used through its documented knobs only
-      │                    (clock, initialDelay, maxDelay, factor, jitter, resetDelay,
-      │                    stopTrying); what it redials is a _GatedConnector
+      ├─ AgentDialler      (lpa.relay.ws_dialler) a ReconnectingClientFactory, knobs only; what
+      │                    it redials is the gate, then the connector
       └─ WebSocketClientFactory   Autobahn's own, unchanged: url, protocols=[lpa.jobs.v1],
-                                  limits; it builds RelayWebSocketProtocol
+                                  limits; it builds RelayWebSocketProtocol (lpa.relay.ws_protocol)
 
     dial ──gate──▶ TCP+TLS (mTLS, ALPN http/1.1) ──handshakeCompleted: ALPN checked──▶ upgrade
       │                                                          │
@@ -22,46 +20,37 @@ Three objects, composed rather than inherited from each other::
 ``connectWS`` without TLS options does not verify the server, so we never dial without them.
 The real cause of a TLS failure (e.g. a host name mismatch) only reaches ``connectionLost``,
 and Autobahn's own close reason ("peer dropped the TCP connection") says nothing; so the reason
-we report leads with what we saw ourselves and the transport's cause.  A failed handshake is
-"lost before onOpen", never an awaited ``is_open``.  The relay-wide
-:class:`~lpa.relay.backoff.HandshakeGate` caps handshakes in flight after a restart.
+we report leads with what we saw ourselves and the transport's cause (:mod:`lpa.relay.reasons`).
+A failed handshake is "lost before onOpen", never an awaited ``is_open``.  The relay-wide
+:class:`~lpa.relay.backoff.HandshakeGate` caps handshakes in flight after a restart;
+:class:`WebSocketDialer` makes one :class:`AgentWebSocket` per link and pauses reading them all
+while the store is behind (:mod:`lpa.relay.pressure`).
 """
 
 from __future__ import annotations
 
-import json
 import weakref
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from lpa.protocol import SUBPROTOCOL
+from lpa import protocol
 from lpa.relay.backoff import HandshakeGate
 from lpa.relay.interfaces import AgentAddress
-from lpa.relay.ws_protocol import ALPN_HTTP11, RelayWebSocketProtocol
-from lpa.relay.ws_reasons import describe_transport_failure
+from lpa.relay.reasons import describe_transport_failure
+from lpa.relay.ws_dialler import AgentDialler, GatedConnector
+from lpa.relay.ws_protocol import RelayWebSocketProtocol
 from lpa.tls import negotiated_protocol
-
-__all__ = [
-    "ALPN_HTTP11",
-    "AgentDialler",
-    "AgentWebSocket",
-    "IAgentWebSocket",
-    "IWebSocketListener",
-    "RelayWebSocketProtocol",
-    "WebSocketDialer",
-]
 
 _log = Logger()
 
-WS_PATH = "/api/v1/ws/jobs"
 #: a ping every 20 s, and 20 s for its pong: a dead agent is noticed within 40 s (its backstop
 #: sweep notices too), while a busy relay whose reactor turns run long (thousands of agents on
 #: a loaded box: the timer fires before the pong already waiting in the socket is read) does
@@ -96,66 +85,6 @@ class IAgentWebSocket(Interface):
 def _default_negotiated_protocol(transport: Any) -> str | None:
     value = negotiated_protocol(transport)
     return value.decode("ascii", "replace") if value is not None else None
-
-
-class _GatedConnector:
-    """What the dialler redials: the handshake gate first, then the real connector."""
-
-    def __init__(self, websocket: "AgentWebSocket") -> None:
-        self._websocket = websocket
-
-    def connect(self) -> None:
-        self._websocket.dial()
-
-    def stopConnecting(self) -> None:
-        if not self._websocket.abandon_dial():
-            raise NotConnectingError()
-
-    def getDestination(self) -> Any:
-        return self._websocket.address
-
-
-class AgentDialler(ReconnectingClientFactory):
-    """The per-agent redial policy: Twisted's ReconnectingClientFactory, knobs only.
-
-    ``buildProtocol``, ``startedConnecting`` and ``clientConnection*`` are ClientFactory's own
-    hooks; they tell the :class:`AgentWebSocket` and then let ReconnectingClientFactory
-    schedule the redial, of the gated connector.
-    """
-
-    noisy = False  # no "Starting factory" line per dial; AgentWebSocket logs what matters
-
-    def __init__(
-        self,
-        websocket: "AgentWebSocket",
-        *,
-        clock: Any,
-        initial_delay: float,
-        max_delay: float,
-        factor: float = 2.0,
-        jitter: float = ReconnectingClientFactory.jitter,
-    ) -> None:
-        self.websocket = websocket
-        self.clock = clock
-        self.initialDelay = initial_delay
-        self.maxDelay = max_delay  # type: ignore[assignment]  # Twisted's default is an int
-        self.factor = factor
-        self.jitter = jitter
-        self.resetDelay()
-
-    def buildProtocol(self, addr: Any) -> RelayWebSocketProtocol:
-        return self.websocket.build_protocol(addr)
-
-    def startedConnecting(self, connector: Any) -> None:
-        self.websocket.started_connecting()
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.websocket.connection_failed(reason)
-        ReconnectingClientFactory.clientConnectionFailed(self, self.websocket.gated, reason)
-
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
-        self.websocket.connection_lost(reason)
-        ReconnectingClientFactory.clientConnectionLost(self, self.websocket.gated, reason)
 
 
 @implementer(IAgentWebSocket)
@@ -196,9 +125,9 @@ class AgentWebSocket:
         self._tls_options = tls_options
         self._gate = gate
         self.ws_factory = WebSocketClientFactory(
-            f"wss://{address.host}:{address.port}{WS_PATH}",
+            f"wss://{address.host}:{address.port}{protocol.WS_PATH}",
             reactor=reactor,
-            protocols=[SUBPROTOCOL],
+            protocols=[protocol.SUBPROTOCOL],
         )
         self.ws_factory.protocol = RelayWebSocketProtocol
         # our clock-driven timeout covers TCP + TLS + upgrade; autobahn's uses the global loop
@@ -210,7 +139,7 @@ class AgentWebSocket:
         self.dialler = AgentDialler(
             self, clock=clock, initial_delay=initial_delay, max_delay=max_delay, jitter=jitter
         )
-        self.gated = _GatedConnector(self)
+        self.gated = GatedConnector(self)
         self._connector: Any = None
         self._release: Callable[[], None] | None = None
         self._waiting: Deferred | None = None
@@ -358,16 +287,12 @@ class AgentWebSocket:
 
     # -- used by the link ------------------------------------------------------------------
 
-    @property
-    def is_open(self) -> bool:
-        return self._current is not None and self._current.opened
-
     def send_json(self, message: dict) -> bool:
         """Send one JSON text frame if the WebSocket is open; False when it is not."""
         proto = self._current
         if proto is None or not proto.opened:
             return False
-        proto.sendMessage(json.dumps(message).encode("utf-8"), isBinary=False)
+        proto.sendMessage(protocol.dumps(message).encode("utf-8"), isBinary=False)
         return True
 
     def pause_reading(self) -> None:

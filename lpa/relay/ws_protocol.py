@@ -4,13 +4,12 @@ It holds no relay logic: it checks what the handshake gave (ALPN ``http/1.1`` as
 completes, before any HTTP byte is read; the subprotocol ``lpa.jobs.v1`` when the upgrade
 completes), hands JSON object frames to the link's listener, and keeps what the operator needs
 to read when the attempt fails: our own reason, else the transport's real cause
-(:mod:`lpa.relay.ws_reasons`), Autobahn's close text only as a last resort.  Its
+(:mod:`lpa.relay.reasons`), Autobahn's close text only as a last resort.  Its
 ``link`` is the :class:`~lpa.relay.ws_client.AgentWebSocket` that built it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientProtocol
@@ -20,8 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lpa.protocol import SUBPROTOCOL
-from lpa.relay.ws_reasons import describe_transport_failure
+from lpa import protocol
+from lpa.protocol import SUBPROTOCOL, ProtocolError
+from lpa.relay.reasons import describe_transport_failure
 
 _log = Logger()
 
@@ -92,12 +92,10 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
             _log.warn("agent {agent} sent a binary frame; ignored", agent=label)
             return
         try:
-            message = json.loads(payload.decode("utf-8"))
-        except ValueError:
-            _log.warn("agent {agent} sent a frame that is not JSON; ignored", agent=label)
-            return
-        if not isinstance(message, dict):
-            _log.warn("agent {agent} sent a JSON frame that is not an object", agent=label)
+            message = protocol.load_frame(payload)
+        except ProtocolError as error:
+            _log.warn("agent {agent} sent a bad frame: {error}; ignored", agent=label,
+                      error=str(error))
             return
         self.link.listener.ws_message(message)
 
