@@ -111,6 +111,31 @@ class MembershipTests(SynchronousTestCase):
         self.clock.advance(2)  # an id in use drops them even so
         self.assertEqual(self.membership.owned, frozenset())
 
+    def test_readiness_says_what_is_followed(self) -> None:
+        """/readyz's membership check: before joining, current, lapsed alone (agents kept) or
+        not alone (nothing followed), id in use — each says what the relay follows."""
+        readiness = self.membership.readiness
+        self.assertEqual(readiness(), "not yet registered with the relays sharing the database: "
+                                      "following nothing")
+        self.db.members = 1
+        self.start()
+        self.assertIsNone(readiness())
+        self.db.fail = psycopg2.OperationalError("server closed the connection unexpectedly")
+        self.clock.advance(6)
+        self.assertEqual(readiness(), "our membership lapsed (no heartbeat within the lease); as "
+                                      "the only relay it keeps following its 2 agents")
+        self.db.fail, self.db.members = None, 2
+        self.clock.advance(2)
+        self.assertIsNone(readiness())
+        self.db.fail = psycopg2.OperationalError("server closed the connection unexpectedly")
+        self.clock.advance(6)
+        self.assertEqual(readiness(),
+                         "our membership lapsed (no heartbeat within the lease): following nothing")
+        self.db.fail = RelayIdInUse("registered by host-b pid 4242")
+        self.clock.advance(2)
+        self.assertEqual(readiness(), "relay id relay-a is in use by another running relay: "
+                                      "following nothing")
+
     def test_fence_counts_from_the_send_not_the_answer(self) -> None:
         """A slow answer does not stretch the fence: it runs from the moment the beat was sent."""
         self.start()

@@ -194,6 +194,33 @@ class MembershipWiringTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+    def test_readyz_of_a_lone_relay_whose_heartbeats_fail(self) -> None:
+        """/readyz's membership check says a lone relay keeps following its agents, not that it
+        follows nothing."""
+        import psycopg2
+
+        service = make_relay_service(
+            RelayConfig(database_url="postgres://x@localhost/db", relay_id="relay-a"),
+            reactor=self.clock, clock=self.clock, store=self.store,
+            tls_options_for=lambda host: "tls", http_client=object(), dial=self.dial,
+            membership_database=self.db, ops=True, ops_connection_factory=lambda: None,
+        )
+        assert service.membership is not None and service.ops is not None
+        self.db.owned, self.db.members = frozenset({ADDRESS}), 1
+        self.successResultOf(service.membership.start())
+        self.addCleanup(service.membership.stop)
+        self.clock.advance(0)
+        self.assertNotIn("membership", service.ops.readiness.failures())
+        self.db.fail = psycopg2.OperationalError("server closed the connection unexpectedly")
+        self.clock.advance(service.membership.lease_ttl)
+        self.assertEqual(service.membership.owned, frozenset({ADDRESS}))
+        self.assertEqual(
+            service.ops.readiness.failures()["membership"],
+            "our membership lapsed (no heartbeat within the lease); as the only relay it keeps "
+            "following its 1 agent",
+        )
+
+
 class TapTests(SynchronousTestCase):
     def test_default_config_path(self) -> None:
         """--config defaults to /etc/lpa/relay.toml."""

@@ -200,6 +200,22 @@ class RelayMembership:
         leaving.addCallbacks(left, failed)
         return leaving.addBoth(lambda _: self._db.close())
 
+    def readiness(self) -> str | None:
+        """Why our membership is not current and what we follow meanwhile (``/readyz``)."""
+        if not self.fenced:
+            return None
+        if self._in_use:
+            return f"relay id {self.relay_id} is in use by another running relay: following nothing"
+        if not self._joined_once:
+            return "not yet registered with the relays sharing the database: following nothing"
+        if self.owned:  # the only relay at the last rebalance keeps its agents (module doc)
+            count = len(self.owned)
+            return (
+                "our membership lapsed (no heartbeat within the lease); as the only relay it "
+                f"keeps following its {count} agent{'' if count == 1 else 's'}"
+            )
+        return "our membership lapsed (no heartbeat within the lease): following nothing"
+
     # -- heartbeats -------------------------------------------------------------------------
 
     def _beat(self) -> None:

@@ -315,13 +315,8 @@ def make_relay_service(
             connection_factory=ops_connection_factory,
             sample_interval=ops_sample_interval,
         )
-        membership = getattr(service, "membership", None)
-        if membership is not None:  # relays share the fleet: ready only while our lease holds
-            service.ops.readiness.add(
-                "membership",
-                lambda: "our membership lapsed (no heartbeat within the lease): following "
-                "nothing" if getattr(membership, "fenced", False) else None,
-            )
+        if service.membership is not None:  # relays share the fleet: ready while it is current
+            service.ops.readiness.add("membership", service.membership.readiness)
     return service
 
 
