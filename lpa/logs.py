@@ -1,9 +1,13 @@
-"""Log observers for twistd: human-readable by default, JSON lines for log shippers.
+"""Log observers for twistd: human-readable by default, JSON lines for log shippers; at info.
 
-``twistd -n lpa-agent …`` logs as text through twistd's own observer.  For one JSON object per
-line on stdout (journald, Vector, Fluent Bit …) run ``twistd -n --logger=lpa.logs.json_observer
-lpa-agent …``: each line carries ``time``, ``level``, ``namespace``, the formatted ``message``,
-the structured fields of the event (``job_id``, ``seq`` …) and, for failures, ``traceback``.
+Both daemons log through the observer their config asks for (``[logging] format`` and ``level``,
+default ``info``): :func:`observer_for_twistd` writes where twistd would (``--logfile``, else
+``twistd.log`` when daemonized or stdout under ``-n``; ``--syslog``), keeping only events at or
+above the level, so debug lines (one per frame, per poll) never fill a log file by default.
+``twistd -n --logger=lpa.logs.json_observer lpa-agent …`` replaces that observer with one JSON
+object per line on stdout, at info; each line carries ``time``, ``level``, ``namespace``, the
+formatted ``message``, the structured fields of the event (``job_id``, ``seq`` …) and, for
+failures, ``traceback``.
 """
 
 from __future__ import annotations
@@ -83,34 +87,35 @@ class JsonLinesObserver:
         self._out.flush()
 
 
-def json_observer() -> JsonLinesObserver:
-    """Factory for ``twistd --logger=lpa.logs.json_observer``."""
-    return JsonLinesObserver(sys.stdout)
+#: level names the configs accept (``trace`` and ``warning`` are spellings of debug and warn)
+LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+
+
+def at_level(observer: ILogObserver, level: str = "info") -> ILogObserver:
+    """``observer`` fed only the events at or above ``level`` (one of :data:`LEVELS`)."""
+    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate
+
+    name = {"trace": "debug", "warning": "warn", "": "info"}.get(level, level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(name))
+    return FilteringLogObserver(observer, [predicate])
+
+
+def json_observer() -> ILogObserver:
+    """Factory for ``twistd --logger=lpa.logs.json_observer``: JSON lines on stdout, at info."""
+    return at_level(JsonLinesObserver(sys.stdout))
 
 
 def configured_observer(
     log_format: str, level: str = "info", out: IO[str] | None = None
-) -> ILogObserver | None:
-    """The observer a config's ``logging`` section asks for, or None for twistd's default.
+) -> ILogObserver:
+    """The observer a config's ``logging`` section asks for, writing to ``out`` (stdout)."""
+    from twisted.logger import textFileLogObserver
 
-    ``text`` at ``info`` keeps twistd's own observer (so ``--logfile`` and ``--syslog`` work as
-    usual); ``json`` or another level writes to stdout (run ``twistd -n``, as systemd does).
-    """
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevelFilterPredicate,
-        textFileLogObserver,
-    )
-
-    if log_format == "text" and level in ("info", ""):
-        return None
     stream = out if out is not None else sys.stdout
     base: ILogObserver = (
         JsonLinesObserver(stream) if log_format == "json" else textFileLogObserver(stream)
     )
-    name = {"trace": "debug", "warning": "warn"}.get(level, level)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(name))
-    return FilteringLogObserver(base, [predicate])
+    return at_level(base, level)
 
 
 class LogConfiguredService(MultiService):
@@ -133,16 +138,41 @@ class LogConfiguredService(MultiService):
         super().setServiceParent(parent)
 
 
-def observer_for_twistd(options: Any, log_format: str, level: str = "info") -> ILogObserver | None:
-    """:func:`configured_observer` writing where twistd was told to log.
+def observer_for_twistd(options: Any, log_format: str, level: str = "info") -> ILogObserver:
+    """:func:`configured_observer` writing where twistd's own observer would.
 
-    ``--logfile PATH`` (other than ``-``) keeps its file, with rotation; otherwise stdout.
+    ``--syslog`` goes to syslog (as text); ``--logfile PATH`` (other than ``-``) to that file,
+    rotated as twistd does (and on SIGUSR1); without one, stdout under ``-n``, else
+    ``twistd.log``.
     """
     parent = getattr(options, "parent", None)
-    logfile = parent.get("logfile") if parent is not None else None
-    out: Any = None
-    if logfile and logfile != "-":
-        from twisted.python.logfile import LogFile
+    get = parent.get if parent is not None else {}.get
+    if get("syslog"):
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python.syslog import SyslogObserver
 
-        out = LogFile.fromFullPath(logfile)
+        syslog: Any = SyslogObserver(get("prefix") or "twisted").emit  # a legacy observer
+        return at_level(LegacyLogObserverWrapper(syslog), level)
+    logfile = get("logfile")
+    if logfile == "-" or (not logfile and (get("nodaemon") or parent is None)):
+        return configured_observer(log_format, level)
+    from twisted.python.logfile import LogFile
+
+    out = LogFile.fromFullPath(logfile or "twistd.log")
+    _rotate_on_sigusr1(out)
     return configured_observer(log_format, level, out)
+
+
+def _rotate_on_sigusr1(out: Any) -> None:
+    """``kill -USR1`` rotates the log file, as with twistd's own observer."""
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1):
+        return  # someone else's handler (SIG_DFL is 0)
+
+    def rotate(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGUSR1, rotate)

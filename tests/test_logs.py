@@ -1,14 +1,17 @@
-"""The JSON-lines log observer."""
+"""The JSON-lines log observer, and the level every configured observer logs at."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import sys
 
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.logs import JsonLinesObserver, json_observer
+from lpa.logs import JsonLinesObserver, json_observer, observer_for_twistd
 
 
 class JsonLinesObserverTests(SynchronousTestCase):
@@ -42,16 +45,27 @@ class JsonLinesObserverTests(SynchronousTestCase):
         self.assertIn("object object", record["thing"])
 
     def test_factory(self) -> None:
-        """The twistd --logger factory returns an observer."""
-        self.assertIsInstance(json_observer(), JsonLinesObserver)
+        """The twistd --logger factory writes JSON lines on stdout, at info: no debug lines."""
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        log = Logger(namespace="t", observer=LogPublisher(json_observer()))
+        log.debug("per frame")
+        log.info("started")
+        self.assertEqual([json.loads(line)["message"] for line in out.getvalue().splitlines()],
+                         ["started"])
 
 
 class ConfiguredObserverTests(SynchronousTestCase):
-    def test_text_info_keeps_twistd_default(self) -> None:
-        """text at info means: leave twistd's own observer (and --logfile) alone."""
+    def test_text_at_info_by_default(self) -> None:
+        """Text at the default level drops debug lines (they were 50 MB a settle of a big fleet)."""
         from lpa.logs import configured_observer
 
-        self.assertIsNone(configured_observer("text", "info"))
+        out = io.StringIO()
+        log = Logger(namespace="t", observer=LogPublisher(configured_observer("text", out=out)))
+        log.debug("agent a1: Ack of job j1")
+        log.info("following job {job}", job="j1")
+        self.assertNotIn("Ack", out.getvalue())
+        self.assertIn("following job j1", out.getvalue())
 
     def test_json_with_level_filter(self) -> None:
         """json at warn writes JSON lines and drops info events."""
@@ -92,3 +106,28 @@ class TwistdLogfileTests(SynchronousTestCase):
         Logger(namespace="t", observer=LogPublisher(observer)).info("to the file")
         with open(path) as handle:
             self.assertEqual(json.loads(handle.readline())["message"], "to the file")
+
+    def test_where_twistd_would_write(self) -> None:
+        """Without --logfile: stdout under -n; daemonized, twistd.log in the working directory."""
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+
+        class Foreground(dict):
+            parent = {"nodaemon": True}
+
+        Logger(namespace="t", observer=LogPublisher(observer_for_twistd(Foreground(), "text"))
+               ).info("to stdout")
+        self.assertIn("to stdout", out.getvalue())
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.patch(os, "getcwd", lambda: directory)
+        self.patch(signal, "getsignal", lambda signum: signal.SIG_IGN)
+
+        class Daemon(dict):
+            parent: dict = {}
+
+        self.assertFalse(os.path.exists(os.path.join(directory, "twistd.log")))
+        observer = observer_for_twistd(Daemon(), "text", "warn")
+        Logger(namespace="t", observer=LogPublisher(observer)).info("quiet")
+        with open(os.path.join(directory, "twistd.log")) as written:
+            self.assertEqual(written.read(), "")  # there, and at warn: the info line is not

@@ -68,7 +68,8 @@ class ParseTests(SynchronousTestCase):
                     "security.ip_whitelist", "security.jwt_signing_key_path",
                     "database.max_connections"):
             self.assertIn(key, manager[0])
-        self.assertTrue(any(w.startswith("logging.level is accepted") for w in config.warnings))
+        self.assertEqual(config.log_level, "info")  # read, not merely accepted
+        self.assertFalse(any("logging.level" in w for w in config.warnings))
         self.assertFalse(any("server" in w or "rate_limit" in w for w in config.warnings))
 
     def test_defaults(self) -> None:
@@ -94,6 +95,7 @@ class ParseTests(SynchronousTestCase):
                 "client_key_path": "/etc/patch-manager/certs/client.key",
                 "ca_cert_path": "/etc/patch-manager/ca/ca.crt",
                 "log_format": "json",
+                "log_level": "info",
                 "ops_enabled": True,
                 "ops_bind": "127.0.0.1",
                 "ops_port": 12480,
@@ -120,6 +122,18 @@ class ParseTests(SynchronousTestCase):
              config.log_format),
             (2.5, 3.0, 4.0, 5, 0.5, 30.0, 120.0, 50, "text"),
         )
+
+    def test_log_level(self) -> None:
+        """[logging] level is read: a level name, or the bare level of the manager's filter form
+        ("debug,sqlx=warn"); anything else is an error naming the key."""
+        def level(value: str) -> str:
+            return parse(f'[database]\nurl = "postgresql:///pm"\n[logging]\nlevel = "{value}"\n'
+                         ).log_level
+
+        self.assertEqual([level(v) for v in ("WARN", "debug,sqlx=warn", "pm_worker=debug")],
+                         ["warn", "debug", "info"])
+        error = self.assertRaises(ConfigError, level, "loud")
+        self.assertIn("logging.level", str(error))
 
     def test_env_overrides(self) -> None:
         """PATCH_MANAGER__SECTION__KEY overrides the file, parsed as the key's type."""

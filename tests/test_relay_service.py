@@ -241,3 +241,36 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(exit_.code, 78)
         self.assertEqual(stderr.getvalue().count("\n"), 1)
         self.assertIn("ws_relay_scan_interval_secs", stderr.getvalue())
+
+    def test_observer_logs_at_the_configured_level(self) -> None:
+        """The tap's log observer drops debug lines by default and honours [logging] level."""
+        import signal
+        import sys
+
+        from twisted.logger import Logger, LogPublisher
+
+        from tests.certs import make_test_pki
+
+        pki = make_test_pki(os.path.abspath(self.mktemp()))
+        self.patch(signal, "signal", lambda signum, handler: None)  # the tap's SIGHUP line
+        written = []
+        for level in ("", 'level = "warn"\n'):
+            path = os.path.abspath(self.mktemp())
+            with open(path, "w") as handle:
+                handle.write(
+                    '[database]\nurl = "postgres://x@localhost/db"\n'
+                    f'[security]\nagent_client_cert_path = "{pki.good.cert}"\n'
+                    f'agent_client_key_path = "{pki.good.key}"\nca_cert_path = "{pki.ca_cert}"\n'
+                    f'[logging]\nformat = "text"\n{level}[ops]\nenabled = false\n'
+                )
+            options = tap.Options()
+            options.parseOptions(["--config", path])
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            root = tap.makeService(options)
+            log = Logger(namespace="t", observer=LogPublisher(root.observer))
+            for method in (log.debug, log.info, log.warn):
+                method("a {name} line", name=method.__name__)
+            written.append([name for name in ("debug", "info", "warn")
+                            if f"a {name} line" in out.getvalue()])
+        self.assertEqual(written, [["info", "warn"], ["warn"]])

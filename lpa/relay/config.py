@@ -31,6 +31,7 @@ import attr
 
 from lpa import configkit as kit
 from lpa.errors import ConfigError
+from lpa.logs import LEVELS
 
 #: where the manager keeps its file; ``$PATCH_MANAGER_CONFIG`` overrides
 DEFAULT_CONFIG_PATH = "/etc/patch-manager/config.toml"
@@ -61,6 +62,8 @@ class RelayConfig:
     client_key_path: str = "/etc/patch-manager/certs/client.key"
     ca_cert_path: str = "/etc/patch-manager/ca/ca.crt"
     log_format: str = "json"
+    #: events below this level are not logged (one of lpa.logs.LEVELS)
+    log_level: str = "info"
     #: the ops port (status page, /metrics, /healthz, /readyz): loopback unless told otherwise
     ops_enabled: bool = True
     ops_bind: str = "127.0.0.1"
@@ -83,6 +86,17 @@ _path = kit.path
 _bool = kit.boolean
 _database_url = kit.url("postgres", "postgresql")
 _log_format = kit.choice(*LOG_FORMATS)
+
+
+def _log_level(key: str, value: Any) -> str:
+    """A level name; the manager's filter form (``"info,sqlx=warn"``) gives its bare level."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a level name ({', '.join(LEVELS)}), got {value!r}")
+    bare = [part.strip().lower() for part in value.split(",") if part.strip() and "=" not in part]
+    level = bare[-1] if bare else "info"
+    if level not in LEVELS:
+        raise ConfigError(f"{key}: must be a level name ({', '.join(LEVELS)}), got {value!r}")
+    return level
 
 
 def _relay_id(key: str, value: Any) -> str:
@@ -125,6 +139,7 @@ _KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], type]] = {
     "client_key_path": ("security", "agent_client_key_path", _path, str),
     "ca_cert_path": ("security", "ca_cert_path", _path, str),
     "log_format": ("logging", "format", _log_format, str),
+    "log_level": ("logging", "level", _log_level, str),
     "ops_enabled": ("ops", "enabled", _bool, bool),
     "ops_bind": ("ops", "bind", kit.text, str),
     "ops_port": ("ops", "port", kit.integer(0, 65535), int),
@@ -149,7 +164,6 @@ _MANAGER_KEYS: dict[str, str] = {
         "sso_callback_url", "allowed_origins")},
     **{f"database.{key}": _MANAGER for key in (
         "max_connections", "min_connections", "acquire_timeout_secs")},
-    "logging.level": "lpa-relay logs at info; filter in the journal or your log shipper",
 }
 
 #: the manager's sections the relay has no part in: never looked into

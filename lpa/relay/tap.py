@@ -58,7 +58,8 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         _exit_with(error)
     _log_sighup(reactor)
-    return LogConfiguredService(service, observer_for_twistd(options, config.log_format))
+    observer = observer_for_twistd(options, config.log_format, config.log_level)
+    return LogConfiguredService(service, observer)
 
 
 def _log_sighup(reactor: Any) -> None:
