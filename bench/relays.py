@@ -272,6 +272,7 @@ class Scenario:
                 f'[security]\nagent_client_cert_path = "{self.pki.good.cert}"\n'
                 f'agent_client_key_path = "{self.pki.good.key}"\n'
                 f'ca_cert_path = "{self.pki.ca_cert}"\n[logging]\nformat = "text"\n'
+                "[ops]\nenabled = false\n"
             )
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATCH_MANAGER")}
         env["PYTHONPATH"] = ROOT

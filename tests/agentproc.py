@@ -332,8 +332,12 @@ class RelayProcess(_Daemon):
         await wait_until(ready, f"the relay to log {ready_line!r}", timeout)
 
 
-def relay_toml(dsn: str, pki: TestPki, **worker: Any) -> str:
-    """A manager-shaped relay config for tests: short intervals unless overridden."""
+def relay_toml(dsn: str, pki: TestPki, *, ops_port: int | None = None, **worker: Any) -> str:
+    """A manager-shaped relay config for tests: short intervals unless overridden.
+
+    The ops port is off unless ``ops_port`` is given (0: any free port), so relays started side
+    by side do not all try its default port.
+    """
     keys = {
         "ws_relay_poll_interval_secs": 1,
         "ws_relay_scan_interval_secs": 1,
@@ -346,5 +350,6 @@ def relay_toml(dsn: str, pki: TestPki, **worker: Any) -> str:
         f"[database]\nurl = {json.dumps(dsn)}\n\n[worker]\n{lines}\n\n"
         f"[security]\nagent_client_cert_path = {json.dumps(pki.good.cert)}\n"
         f"agent_client_key_path = {json.dumps(pki.good.key)}\n"
-        f"ca_cert_path = {json.dumps(pki.ca_cert)}\n\n[logging]\nformat = \"text\"\n"
+        f"ca_cert_path = {json.dumps(pki.ca_cert)}\n\n[logging]\nformat = \"text\"\n\n"
+        + ("[ops]\nenabled = false\n" if ops_port is None else f"[ops]\nport = {ops_port}\n")
     )

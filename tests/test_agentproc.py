@@ -8,8 +8,9 @@ import signal
 import subprocess
 import tempfile
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from lpa.relay.config import parse_relay_config
 from tests import pg, standin
 from tests.agentproc import AgentProcess, RelayProcess, relay_toml, wait_until
 from tests.certs import make_test_pki
@@ -98,3 +99,15 @@ class AgentProcessTests(TestCase):
         await wait_until(lambda: seeder.row(row.row_id)["status"] != "running", "the row to end")
         self.assertEqual(seeder.row(row.row_id)["status"], "succeeded")
         self.assertEqual(seeder.job_status(job_id), "succeeded")
+        self.assertNotIn("ops port", relay.log_text())  # none asked for, none tried
+
+
+class RelayTomlTests(SynchronousTestCase):
+    def test_ops_port_off_unless_asked(self) -> None:
+        """Test relays have no ops port (side by side they would all try 12480), unless a test
+        asks for one (0: any free port)."""
+        pki = make_test_pki(os.path.abspath(self.mktemp()))
+        plain = parse_relay_config(relay_toml("postgresql:///pm", pki), "relay.toml", {})
+        asked = parse_relay_config(relay_toml("postgresql:///pm", pki, ops_port=0), "r", {})
+        self.assertEqual((plain.ops_enabled, asked.ops_enabled, asked.ops_port),
+                         (False, True, 0))

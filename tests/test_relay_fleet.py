@@ -108,7 +108,8 @@ class RelayFleetTests(TestCase):
                 f'[security]\nagent_client_cert_path = "{self.pki.good.cert}"\n'
                 f'agent_client_key_path = "{self.pki.good.key}"\n'
                 f'ca_cert_path = "{self.pki.ca_cert}"\n\n'
-                '[logging]\nformat = "text"\n'
+                '[logging]\nformat = "text"\n\n'
+                "[ops]\nenabled = false\n"  # relays side by side: no port to fight over
             )
         env = dict(os.environ)
         for name in list(env):
