@@ -69,7 +69,7 @@ class JsonLinesObserver:
         when = event.get("log_time")
         record: dict[str, Any] = {
             "time": (
-                datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+                datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
                 if isinstance(when, (int, float))
                 else None
             ),

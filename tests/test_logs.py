@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -112,10 +113,8 @@ class TwistdLogfileTests(SynchronousTestCase):
         out = io.StringIO()
         self.patch(sys, "stdout", out)
 
-        class Foreground(dict):
-            parent = {"nodaemon": True}
-
-        Logger(namespace="t", observer=LogPublisher(observer_for_twistd(Foreground(), "text"))
+        foreground = SimpleNamespace(parent={"nodaemon": True})  # twistd -n
+        Logger(namespace="t", observer=LogPublisher(observer_for_twistd(foreground, "text"))
                ).info("to stdout")
         self.assertIn("to stdout", out.getvalue())
         directory = os.path.abspath(self.mktemp())
@@ -123,11 +122,8 @@ class TwistdLogfileTests(SynchronousTestCase):
         self.patch(os, "getcwd", lambda: directory)
         self.patch(signal, "getsignal", lambda signum: signal.SIG_IGN)
 
-        class Daemon(dict):
-            parent: dict = {}
-
         self.assertFalse(os.path.exists(os.path.join(directory, "twistd.log")))
-        observer = observer_for_twistd(Daemon(), "text", "warn")
+        observer = observer_for_twistd(SimpleNamespace(parent={}), "text", "warn")
         Logger(namespace="t", observer=LogPublisher(observer)).info("quiet")
         with open(os.path.join(directory, "twistd.log")) as written:
             self.assertEqual(written.read(), "")  # there, and at warn: the info line is not

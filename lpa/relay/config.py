@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attr
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred
@@ -398,5 +399,5 @@ class RelayMembership:
         self.owned = owned
         try:
             self._on_change(owned)
-        except Exception:
+        except Exception:  # noqa: BLE001  (a bug: logged with its traceback, heartbeats go on)
             _log.failure("relay membership: applying the agents to follow failed")

@@ -8,7 +8,7 @@ original silently fell back to defaults, database URL included).  The pid file d
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -25,7 +25,7 @@ _log = Logger(namespace="lpa.relay.tap")
 class Options(usage.Options):
     """Command line of ``twistd lpa-relay``."""
 
-    optParameters = [
+    optParameters: ClassVar[list[list[str]]] = [
         ["config", "c", DEFAULT_CONFIG, "the relay's TOML file (the manager's config.toml shape)"],
     ]
 

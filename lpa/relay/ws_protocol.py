@@ -27,6 +27,8 @@ _log = Logger()
 
 #: the only application protocol the relay speaks to agents (h2 breaks WebSocket upgrades)
 ALPN_HTTP11 = "http/1.1"
+#: connectionLost's default reason, as in Twisted's own protocols
+_CLOSED = Failure(ConnectionDone())
 
 
 def _alpn_refusal(negotiated: str | None) -> str:
@@ -99,7 +101,7 @@ class RelayWebSocketProtocol(WebSocketClientProtocol):
             return
         self.link.listener.ws_message(message)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
         # this is the only place the real cause of a TLS failure shows up
         self.lost_reason = reason
         super().connectionLost(reason)
