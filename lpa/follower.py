@@ -33,14 +33,10 @@ Every event is delivered at most once and in ``seq`` order (:mod:`lpa.jobseq`: t
 rules, and what a snapshot numbered at or below ``last_seq`` means: :class:`Step` says so in
 ``renumbered``).
 
-*Missing*: by default the agent's JOB_NOT_FOUND ends the follow (``gone``).  A follower made
-with ``gone_is_final=False`` (the relay, which gives the agent a deadline) reports it in
-``Step.missing`` each time and keeps following; the next answer that shows the job again
-clears it (``Step.found``).
-
-*Rewind*: a driver that lost delivered events downstream (a store that dropped its queue)
-calls :meth:`JobFollower.rewind`; with ``later=True`` the stream is ignored until
-:meth:`JobFollower.resume` asks for it again (unsubscribe, subscribe from the rewound seq).
+By default JOB_NOT_FOUND ends the follow (``gone``); with ``gone_is_final=False`` (the relay,
+which gives the agent a deadline) each one is a ``Step.missing`` and the next answer that shows
+the job again a ``Step.found``.  A driver that lost delivered events downstream calls
+:meth:`JobFollower.rewind` (``later``: the stream waits for :meth:`JobFollower.resume`).
 """
 
 from __future__ import annotations

@@ -210,11 +210,9 @@ class RelayMembership:
         if not self._joined_once:
             return "not yet registered with the relays sharing the database: following nothing"
         if self.owned:  # the only relay at the last rebalance keeps its agents (module doc)
-            count = len(self.owned)
-            return (
-                "our membership lapsed (no heartbeat within the lease); as the only relay it "
-                f"keeps following its {count} agent{'' if count == 1 else 's'}"
-            )
+            count, plural = len(self.owned), "" if len(self.owned) == 1 else "s"
+            return ("our membership lapsed (no heartbeat within the lease); as the only relay it "
+                    f"keeps following its {count} agent{plural}")
         return "our membership lapsed (no heartbeat within the lease): following nothing"
 
     # -- heartbeats -------------------------------------------------------------------------
