@@ -111,6 +111,11 @@ class JobFollower:
     :ivar gone: why the agent does not know the job, or None
     """
 
+    __slots__ = (
+        "_detail_once", "_detail_seq", "_found", "_gone_is_final", "_held", "_renumbered",
+        "_subscribing", "gone", "job_id", "seq", "source"
+    )
+
     def __init__(
         self, job_id: str, after_seq: int = 0, *, events_endpoint: bool = True,
         gone_is_final: bool = True,

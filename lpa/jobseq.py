@@ -67,6 +67,8 @@ class JobSequence:
     :ivar incarnation: the agent's incarnation in the last input that carried one
     """
 
+    __slots__ = ("done", "ended", "floor", "incarnation", "job_id", "last_seq", "latest", "outcome")
+
     def __init__(self, job_id: str, after_seq: int = 0) -> None:
         self.job_id = job_id
         self.last_seq = after_seq

@@ -39,6 +39,12 @@ class ApplyQueue:
     :param applied_seq: the last seq the store confirmed (the row's, at first).
     """
 
+    __slots__ = (
+        "_backoff", "_clock", "_closed", "_flushing", "_in_flight", "_make_backoff", "_max_queued",
+        "_on_applied", "_on_dropped", "_on_ready", "_queue", "_retry", "_store", "applied_seq",
+        "host_job"
+    )
+
     def __init__(
         self,
         host_job: HostJob,

@@ -43,6 +43,8 @@ class FollowedJob:
     :param on_applied: ``on_applied(followed, result)`` after each store call that succeeded.
     """
 
+    __slots__ = ("_missing", "_send", "agent", "failing", "follower", "host_job", "queue")
+
     def __init__(
         self,
         host_job: HostJob,
