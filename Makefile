@@ -1,8 +1,9 @@
-# The README's commands.  `make test` is what CI runs (.ci/run); `make demo` runs the pipeline.
+# The README's commands.  CI (.ci/run) runs `make lint` then `make test`; `make demo` runs the
+# pipeline.
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: test demo venv clean
+.PHONY: test lint demo venv clean
 
 venv:
 	@bash .ci/venv "$(PYTHON)" "$(VENV)"
@@ -10,8 +11,15 @@ venv:
 test: venv
 	@bash .ci/test "$(VENV)"
 
+# ruff and mypy read the checkout, not the installed package: an existing .venv is enough
+lint: $(VENV)/bin/mypy
+	@bash .ci/lint "$(VENV)"
+
+$(VENV)/bin/mypy:
+	@bash .ci/venv "$(PYTHON)" "$(VENV)"
+
 demo: venv
 	@$(VENV)/bin/lpa demo $(if $(KEEP),--keep,)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp*
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
