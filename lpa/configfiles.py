@@ -92,7 +92,7 @@ def check_key_pair(cert_key: str, cert_file: str, key_key: str, key_file: str) -
 def validity_warnings(key: str, file: str, certificates: list[Any],
                       now: datetime.datetime | None = None) -> list[str]:
     """One warning per certificate outside its validity period."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     found = []
     for certificate in certificates:
         subject = certificate.subject.rfc4514_string() or "(no subject)"

@@ -24,7 +24,8 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from typing import Any, Callable, Iterable, Mapping, NoReturn
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NoReturn
 
 import attr
 

@@ -13,7 +13,8 @@ on the WebSocket and returned by ``GET /api/v1/jobs/{id}/events``; the relay par
 from __future__ import annotations
 
 import datetime
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attr
 
@@ -56,7 +57,9 @@ KIND_OUTPUT = "output"  # one line of package-manager output in ``message``
 KIND_PROGRESS = "progress"  # progress/message changed, status did not
 KIND_WAITING_FOR_LOCK = "waiting_for_lock"  # the package database lock is held by someone else
 KIND_SNAPSHOT = "snapshot"  # made by a poller from a job's REST snapshot (never by the engine)
-KINDS: tuple[str, ...] = (KIND_STATUS, KIND_OUTPUT, KIND_PROGRESS, KIND_WAITING_FOR_LOCK, KIND_SNAPSHOT)
+KINDS: tuple[str, ...] = (
+    KIND_STATUS, KIND_OUTPUT, KIND_PROGRESS, KIND_WAITING_FOR_LOCK, KIND_SNAPSHOT
+)
 
 
 def normalise_status(value: str) -> str:
@@ -80,13 +83,13 @@ def normalise_operation(value: str) -> str:
 def rfc3339(when: datetime.datetime | None = None) -> str:
     """A timestamp as the original agent wrote them: RFC 3339 with ``+00:00``."""
     if when is None:
-        when = datetime.datetime.now(datetime.timezone.utc)
-    return when.astimezone(datetime.timezone.utc).isoformat()
+        when = datetime.datetime.now(datetime.UTC)
+    return when.astimezone(datetime.UTC).isoformat()
 
 
 def rfc3339_from_epoch(seconds: float) -> str:
     """RFC 3339 for a POSIX timestamp (for code that runs on an injected clock)."""
-    return rfc3339(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
+    return rfc3339(datetime.datetime.fromtimestamp(seconds, datetime.UTC))
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
@@ -136,7 +139,7 @@ class JobEvent:
         return wire
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> "JobEvent":
+    def from_wire(cls, wire: Mapping[str, Any]) -> JobEvent:
         """Parse and validate a wire object; raises ValueError naming the bad member."""
         if not isinstance(wire, Mapping):
             raise ValueError("event is not a JSON object")

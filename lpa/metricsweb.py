@@ -14,7 +14,8 @@ microseconds there.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -43,7 +44,7 @@ class MetricsPage(Resource):
         super().__init__()
         self._registry = registry
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802 (twisted.web hook)
+    def render_GET(self, request: Any) -> bytes:
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         body: bytes = encoder(self._registry)
@@ -51,7 +52,7 @@ class MetricsPage(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return body
 
-    render_HEAD = render_GET  # noqa: N815
+    render_HEAD = render_GET
 
 
 class CallbackCollector(Collector):

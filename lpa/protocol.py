@@ -449,10 +449,11 @@ def parse_events_page(data: Any, job_id: str) -> EventsPage:
         status = normalise_status(status) if isinstance(status, str) else None
     except ValueError:
         status = None
+    counted = isinstance(last, int) and not isinstance(last, bool) and last >= 0
     return EventsPage(
         job_id=job_id,
         events=tuple(events),
-        last_seq=last if isinstance(last, int) and not isinstance(last, bool) and last >= 0 else None,
+        last_seq=last if counted else None,
         status=status,
         terminal=data.get("terminal") is True,
         rejected=tuple(rejected),

@@ -29,13 +29,14 @@ import datetime
 import ipaddress
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attr
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -52,7 +53,8 @@ _log = Logger()
 #: the only application protocol we speak (h2 breaks WebSocket upgrades)
 HTTP11 = b"http/1.1"
 
-_TLS_VERSIONS = {
+#: Twisted annotates its TLS version constants as TLSVersion, so this table does too
+_TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "1.2": ssl.TLSVersion.TLSv1_2,
     "1.3": ssl.TLSVersion.TLSv1_3,
 }
@@ -126,7 +128,7 @@ def load_crl(path: str, what: str = "CRL") -> x509.CertificateRevocationList:
         ) from None
 
 
-def _public_bytes(key: Any) -> bytes:
+def _public_bytes(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -205,7 +207,8 @@ def _cert_label(cert: crypto.X509) -> str:
     try:
         c = cert.to_cryptography()
         cns = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = cns[0].value if cns else "?"
+        value = cns[0].value if cns else "?"
+        cn = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         return f"CN={cn} serial={c.serial_number:x}"
     except Exception:  # pragma: no cover - only for a log line
         return "?"
@@ -393,7 +396,7 @@ def server_tls_options(
     cert, key = load_key_pair(
         cert_path, key_path, cert_label=names["server_cert"], key_label=names["server_key"]
     )
-    clock = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
+    clock = now or (lambda: datetime.datetime.now(datetime.UTC))
     current = clock()
     if cert.not_valid_after_utc < current:
         _log.warn(

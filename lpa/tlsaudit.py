@@ -85,9 +85,10 @@ def verify_error_kind(errno: int) -> str:
 def verify_error_string(errno: int) -> str:
     """OpenSSL's text for an X509_V_ERR_* code."""
     try:
-        from OpenSSL._util import ffi, lib  # type: ignore[attr-defined]
+        from OpenSSL._util import ffi, lib
 
-        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+        text: str = ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+        return text
     except Exception:  # pragma: no cover - cosmetic
         return f"X509 error {errno}"
 

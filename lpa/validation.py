@@ -27,7 +27,8 @@ def package_name(value: object) -> str:
         )
     if not _PACKAGE_NAME.match(value):
         raise ValidationError(
-            "invalid package name: letters, digits and + . _ - only, starting with a letter or digit",
+            "invalid package name: letters, digits and + . _ - only, "
+            "starting with a letter or digit",
             {"name": value},
         )
     return value

@@ -23,7 +23,7 @@ silent gap.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -39,7 +39,7 @@ from lpa.events import (
 
 Subscriber = Callable[[JobEvent], object]
 #: a job's stored events, or a callable that decodes them on first use
-StoredEvents = Union[Iterable[JobEvent], Callable[[], Iterable[JobEvent]]]
+StoredEvents = Iterable[JobEvent] | Callable[[], Iterable[JobEvent]]
 
 
 class EventsExpiredError(Exception):
@@ -61,7 +61,7 @@ class EventsExpiredError(Exception):
 class Subscription:
     """A handle returned by :meth:`EventLog.subscribe`; ``cancel()`` stops delivery."""
 
-    def __init__(self, log: "EventLog", subscriber: Subscriber) -> None:
+    def __init__(self, log: EventLog, subscriber: Subscriber) -> None:
         self._log = log
         self.subscriber = subscriber
         self.active = True

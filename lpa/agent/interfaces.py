@@ -12,13 +12,17 @@ Flow of one mutation::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from lpa.agent.eventlog import StoredEvents
+    from lpa.agent.model import CommandResult, Job, JobOutcome, Package, Patch
     from lpa.agent.phase import TransactionWatch
+    from lpa.events import JobEvent
 
 # The names below are used only in annotations (strings under `from __future__ import annotations`).
 
@@ -34,7 +38,7 @@ class IProcessRunner(Interface):
         on_stdout_line: Callable[[str], None] | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
         extra_fds: Mapping[int, Callable[[str], None]] | None = None,
-    ) -> Deferred:
+    ) -> Deferred[CommandResult]:
         """Start ``argv``; fire with a ``CommandResult`` whatever the exit status.
 
         Past ``timeout`` seconds the group gets SIGTERM, then SIGKILL after a grace period, and
@@ -88,7 +92,7 @@ class IJobCommands(Interface):
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> Deferred:
+    ) -> Deferred[ICommandRun]:
         """Start the job's ``number``-th command; fire with its :class:`ICommandRun` once it
         runs, or errback ``CommandNotFoundError`` / ``CommandError`` when it cannot start."""
 
@@ -117,7 +121,7 @@ class IJobContext(Interface):
         ok_codes: Sequence[int] = (0,),
         status_fd_line: Callable[[str], None] | None = None,
         transaction: TransactionWatch | None = None,
-    ) -> Deferred:
+    ) -> Deferred[CommandResult]:
         """Run a command for this job; every output line becomes an ``output`` event.
 
         Fires with the ``CommandResult``; errbacks with ``CommandFailedError`` (exit not in
@@ -139,16 +143,18 @@ class IPackageBackend(Interface):
 
     name = Attribute("the backend's name, e.g. 'apt'")
 
-    def list_packages(name_filter: str | None = None, status: str | None = None) -> Deferred:
+    def list_packages(
+        name_filter: str | None = None, status: str | None = None
+    ) -> Deferred[list[Package]]:
         """Fire with a list of ``Package``; read-only."""
 
-    def get_package(name: str) -> Deferred:
+    def get_package(name: str) -> Deferred[Package]:
         """Fire with one ``Package`` or errback with ``PackageNotFoundError``; read-only."""
 
-    def list_patches(security_only: bool = False) -> Deferred:
+    def list_patches(security_only: bool = False) -> Deferred[list[Patch]]:
         """Fire with a list of ``Patch`` (pending updates); read-only."""
 
-    def execute(job: object, context: IJobContext) -> Deferred:
+    def execute(job: Job, context: IJobContext) -> Deferred[JobOutcome]:
         """Carry out ``job.request`` (install/update/remove/patch_apply) through ``context``.
 
         Fires with a ``JobOutcome``.  A dry run changes nothing and lists what would change in
@@ -162,32 +168,34 @@ class ISystem(Interface):
     def boot_id() -> str:
         """``/proc/sys/kernel/random/boot_id`` (empty string when unavailable)."""
 
-    def system_info() -> Deferred:
+    def system_info() -> Deferred[dict[str, Any]]:
         """Fire with the ``/api/v1/system/info`` data dict."""
 
     def uptime_seconds() -> int:
         """Host uptime from ``/proc/uptime``."""
 
-    def service_status(name: str) -> Deferred:
+    def service_status(name: str) -> Deferred[dict[str, Any]]:
         """Fire with the service dict or errback ``ServiceNotFoundError``/``ServiceStatusError``."""
 
     def reboot_argv(delay_seconds: int) -> list[str]:
         """The command that reboots this host after ``delay_seconds``."""
 
-    def pending_reboot() -> Deferred:
+    def pending_reboot() -> Deferred[tuple[bool, list[str]]]:
         """Fire with ``(bool, [package names])``: does the host need a reboot, and why."""
 
 
 class IJobStore(Interface):
     """Durable job history, one entry per job: the checkpoint of the write-ahead event log."""
 
-    def load() -> list:
+    def load() -> list[tuple[Job, StoredEvents]]:
         """Return ``[(Job, events), ...]`` as last saved, oldest job first (empty when none).
 
         ``events`` is a list of ``JobEvent`` or a callable returning one (decoded on demand).
         """
 
-    def save(changed: list, removed: Sequence[str] = ()) -> Deferred:
+    def save(
+        changed: list[tuple[Job, Sequence[JobEvent]]], removed: Sequence[str] = ()
+    ) -> Deferred[None]:
         """Write ``[(Job, [JobEvent, ...]), ...]`` and forget ``removed`` job ids, atomically
         per job; fire once all of it is durable."""
 
@@ -200,10 +208,10 @@ class IEventJournal(Interface):
 
     size = Attribute("bytes appended since the last rotate()")
 
-    def set_listener(listener: Callable[[list], None]) -> None:
+    def set_listener(listener: Callable[[list[Any]], None]) -> None:
         """``listener(tokens)`` is called on the reactor for each durable batch, in order."""
 
-    def recover(incarnation: str = "") -> list:
+    def recover(incarnation: str = "") -> list[Any]:
         """Records left by the previous run (after its checkpoint), oldest first."""
 
     def append(record: object, token: object) -> None:
@@ -213,13 +221,13 @@ class IEventJournal(Interface):
     def rotate() -> int:
         """Start a new segment; return the last one holding what was appended before."""
 
-    def drop_through(through: int) -> Deferred:
+    def drop_through(through: int) -> Deferred[None]:
         """Segments up to ``through`` are checkpointed elsewhere: delete them."""
 
-    def drain() -> Deferred:
+    def drain() -> Deferred[None]:
         """Fire once everything appended so far is durable."""
 
-    def close(grace: float = 10.0) -> Deferred:
+    def close(grace: float = 10.0) -> Deferred[int]:
         """Write what is pending and stop; fire with the number of records given up on
         (still not durable after ``grace`` seconds)."""
 
@@ -241,11 +249,14 @@ class IJobManager(Interface):
     def get(job_id: str) -> object:
         """Return the ``Job`` or raise ``JobNotFoundError``."""
 
-    def list_jobs(status: str | None = None, limit: int = 50) -> list:
+    def list_jobs(status: str | None = None, limit: int = 50) -> list[Job]:
         """Jobs newest first, optionally filtered by status."""
 
     def cancel(job_id: str) -> object:
-        """End a pending or running job as ``cancelled``; raise ``CancelNotAllowedError`` if ended."""
+        """End a pending or running job as ``cancelled``.
+
+        Raise ``CancelNotAllowedError`` if it has ended.
+        """
 
     def delete(job_id: str) -> None:
         """Forget an ended job; raise ``DeleteNotAllowedError`` if it has not ended."""
@@ -255,3 +266,13 @@ class IJobManager(Interface):
 
     def active_count() -> int:
         """Number of pending plus running jobs."""
+
+
+class IStreamChannel(Interface):
+    """Where a session's frames go: the WebSocket protocol, or a list in tests."""
+
+    def send_text(text: str) -> None:
+        """Send one text frame."""
+
+    def close(code: int, reason: str) -> None:
+        """Start the closing handshake with ``code`` and ``reason``."""

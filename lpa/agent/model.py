@@ -208,7 +208,7 @@ class Package:
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class Patch:
-    """A pending update as ``/api/v1/patches`` shows it (the original's fields plus ``security``)."""
+    """A pending update as ``/api/v1/patches`` shows it (the original's fields + ``security``)."""
 
     name: str
     current_version: str

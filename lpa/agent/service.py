@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -42,6 +43,10 @@ from lpa.agent.config import AgentConfig
 from lpa.agent.detached import DetachedCommands
 from lpa.agent.eventlog import EventLog
 from lpa.agent.http.api import AgentApi, make_peer_check
+from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.incarnation import FileIncarnations
+from lpa.agent.jobs import JobManager
+from lpa.agent.listening import address, listen_error
 from lpa.agent.metrics import (
     AgentMetrics,
     MeteredRateLimiter,
@@ -50,10 +55,6 @@ from lpa.agent.metrics import (
     readiness_fields,
     route_matcher,
 )
-from lpa.agent.http.ratelimit import RateLimiter
-from lpa.agent.incarnation import FileIncarnations
-from lpa.agent.jobs import JobManager
-from lpa.agent.listening import address, listen_error
 from lpa.agent.process import ProcessRunner
 from lpa.agent.reload import RELOAD_INTERVAL_SECONDS, Reloader
 from lpa.agent.store import LEGACY_FILENAME, JobFileStore
@@ -293,7 +294,8 @@ def make_agent_service(
     peer_check = make_peer_check(
         whitelist,
         config.auth.allowed_clients,
-        lambda request: peer_identity(request.transport),
+        # IRequest does not name the transport twisted.web's Request has (None: no TLS peer)
+        lambda request: peer_identity(getattr(request, "transport", None)),
         identity_allowed,
     )
     rl = config.rate_limit
@@ -303,7 +305,7 @@ def make_agent_service(
         system=system,
         clock=reactor,
         version=lpa.__version__,
-        rate_limiter=MeteredRateLimiter(  # type: ignore[arg-type]
+        rate_limiter=MeteredRateLimiter(
             RateLimiter(
                 reactor,
                 destructive_per_minute=rl.destructive_per_minute,
@@ -463,6 +465,7 @@ def _ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any
     @implementer(IStreamServerEndpoint)
     class _TLS6:
         def listen(self, factory: Any) -> Deferred[Any]:
-            return tcp.listen(TLSMemoryBIOFactory(context, False, factory))
+            listening: Deferred[Any] = tcp.listen(TLSMemoryBIOFactory(context, False, factory))
+            return listening
 
     return _TLS6()

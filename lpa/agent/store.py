@@ -19,17 +19,20 @@ per job, and renamed ``jobs_history.json.v1-migrated``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lpa.agent import eventlog
 from lpa.agent.interfaces import IJobStore
 from lpa.agent.model import Job, JobRequest, PackageSpec
 from lpa.agent.wal import BlockingRunner, synchronous_runner
@@ -119,13 +122,15 @@ class JobFileStore:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def load(self) -> list:
+    def load(self) -> list[tuple[Job, eventlog.StoredEvents]]:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         names = sorted(os.listdir(self.directory))
         for name in names:
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(self.directory, name))  # a write the host never finished
-        entries = [e for e in map(self._read_job, filter(_JOB_FILE.match, names)) if e]
+        entries: list[tuple[Job, eventlog.StoredEvents]] = [
+            e for e in map(self._read_job, filter(_JOB_FILE.match, names)) if e
+        ]
         if not entries and self._legacy is not None and os.path.exists(self._legacy):
             entries = self._migrate(self._legacy)
         # oldest first: what the engine's FIFO listing and retention expect
@@ -157,7 +162,7 @@ class JobFileStore:
             )
             return None
 
-    def _migrate(self, legacy: str) -> list:
+    def _migrate(self, legacy: str) -> list[tuple[Job, eventlog.StoredEvents]]:
         entries = read_v1_history(legacy, self._now)
         if entries:
             self._write({job.id: self._encode(job, events) for job, events in entries}, ())
@@ -173,7 +178,9 @@ class JobFileStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def save(self, changed: list, removed: Sequence[str] = ()) -> "Deferred[None]":
+    def save(
+        self, changed: list[tuple[Job, Sequence[JobEvent]]], removed: Sequence[str] = ()
+    ) -> Deferred[None]:
         """Encode now (on the caller's thread: the state as of this call), write off-thread."""
         encoded = {job.id: self._encode(job, events) for job, events in changed}
         gone = tuple(removed)
@@ -210,10 +217,8 @@ class JobFileStore:
             os.replace(temporary, path)
         for job_id in removed:
             if job_id not in encoded:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, f"{job_id}.json"))
-                except FileNotFoundError:
-                    pass
         fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -221,7 +226,9 @@ class JobFileStore:
             os.close(fd)
 
 
-def read_v1_history(path: str, now: Callable[[], float] = time.time) -> list:
+def read_v1_history(
+    path: str, now: Callable[[], float] = time.time
+) -> list[tuple[Job, list[JobEvent]]]:
     """The jobs of a format-1 document ``{"version": 1, "jobs": [{"job", "events"}]}``.
 
     An unparsable document is moved aside (``.corrupt-<unix time>``) and reads as empty.

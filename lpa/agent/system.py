@@ -22,7 +22,8 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -51,14 +52,16 @@ _log = Logger()
 #: seconds the command-backed facts of system_info (dpkg --audit, pending reboot) are kept
 FACTS_TTL_SECONDS = 30.0
 
-SERVICE_PROPERTIES = ("Id", "Description", "LoadState", "ActiveState", "SubState", "UnitFileState", "MainPID")
+SERVICE_PROPERTIES = (
+    "Id", "Description", "LoadState", "ActiveState", "SubState", "UnitFileState", "MainPID"
+)
 
 
 def parse_os_release(text: str) -> dict[str, str]:
     """``KEY=value`` lines of os-release(5), quotes and backslash escapes removed."""
     fields = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
@@ -79,9 +82,12 @@ def parse_systemctl_show(text: str) -> dict[str, str]:
     return fields
 
 
-def reboot_argv_for(delay_seconds: int, *, which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """The original's choice: ``shutdown -r +N`` (N = ceil(delay/60), at least 1), else ``systemctl reboot``;
-    ``reboot`` where there is no systemctl (Alpine) or no shutdown for a delayed reboot."""
+def reboot_argv_for(
+    delay_seconds: int, *, which: Callable[[str], str | None] = shutil.which
+) -> list[str]:
+    """The original's choice: ``shutdown -r +N`` (N = ceil(delay/60), at least 1), else
+    ``systemctl reboot``; ``reboot`` where there is no systemctl (Alpine) or no shutdown for a
+    delayed reboot."""
     delay = max(0, int(delay_seconds))
     if delay > 0 and which("shutdown"):
         return ["shutdown", "-r", f"+{max(1, math.ceil(delay / 60))}"]
@@ -151,10 +157,12 @@ class HostSystem:
 
     # -- commands --------------------------------------------------------------------------
     async def _run(self, argv: list[str], env: Mapping[str, str] | None = None) -> CommandResult:
-        result: CommandResult = await self._runner.run(argv, timeout=self._quick_timeout, env=env or {"LC_ALL": "C"})
+        result: CommandResult = await self._runner.run(
+            argv, timeout=self._quick_timeout, env=env or {"LC_ALL": "C"}
+        )
         return result
 
-    def system_info(self) -> Deferred:
+    def system_info(self) -> Deferred[dict[str, Any]]:
         return Deferred.fromCoroutine(self._system_info())
 
     async def _system_info(self) -> dict[str, Any]:
@@ -215,14 +223,15 @@ class HostSystem:
             return None
         return result.exit_code == 0 and not result.stdout.strip()
 
-    def service_status(self, name: str) -> Deferred:
+    def service_status(self, name: str) -> Deferred[dict[str, Any]]:
         return Deferred.fromCoroutine(self._service_status(name))
 
     async def _service_status(self, name: str) -> dict[str, Any]:
         validation.service_name(name)
         if ".." in name:
             raise InvalidServiceNameError("invalid service name", {"name": name})
-        argv = ["systemctl", "show", "--no-pager", "--property=" + ",".join(SERVICE_PROPERTIES), "--", name]
+        properties = "--property=" + ",".join(SERVICE_PROPERTIES)
+        argv = ["systemctl", "show", "--no-pager", properties, "--", name]
         try:
             result = await self._run(argv)
         except CommandError as error:
@@ -251,7 +260,7 @@ class HostSystem:
     def reboot_argv(self, delay_seconds: int) -> list[str]:
         return reboot_argv_for(delay_seconds, which=self._which)
 
-    def pending_reboot(self) -> Deferred:
+    def pending_reboot(self) -> Deferred[tuple[bool, list[str]]]:
         return Deferred.fromCoroutine(self._pending_reboot())
 
     async def _pending_reboot(self) -> tuple[bool, list[str]]:

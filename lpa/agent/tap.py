@@ -7,7 +7,7 @@ one line on stderr; 75, 77, 78 or 71 when the port cannot be bound, logged as on
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -28,7 +28,7 @@ class Options(usage.Options):
         "(12443 by default). Without --config the embedded defaults are used; the YAML keys are "
         "those of linux-patch-api's config.yaml plus lpa's own (see etc/agent.yaml)."
     )
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["config", "c", None, f"YAML configuration file (e.g. {DEFAULT_CONFIG})"],
     ]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
 
 import yaml
 from twisted.logger import Logger
@@ -26,7 +26,7 @@ from lpa.errors import ConfigError
 
 _log = Logger()
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: hostname -> the addresses it resolves to (strings); raises OSError when it does not resolve
 Resolver = Callable[[str], Sequence[str]]
 

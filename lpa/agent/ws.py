@@ -41,8 +41,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any, Callable, Sequence
+from typing import Any, Protocol, cast
 
 import autobahn.websocket
 from autobahn.twisted.resource import WebSocketResource
@@ -51,12 +52,15 @@ from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lpa.agent.eventlog import EventLog
 from lpa.agent.http.envelope import Enveloper
-from lpa.agent.ws_session import IStreamChannel, JobStreamSession
+from lpa.agent.interfaces import IStreamChannel
+from lpa.agent.ws_session import JobStreamSession
 from lpa.errors import (
     ApiError,
     SubprotocolRequiredError,
@@ -76,12 +80,26 @@ DRAIN_TIMEOUT = 30.0
 _ECHO_OFFERED = 8
 
 
+class _Stream(Protocol):
+    """The transport under a WebSocket (TCP, or TLS over TCP) as this module uses it.
+
+    Twisted types ``Protocol.transport`` as ``ITransport``, which names neither the consumer
+    methods nor ``abortConnection`` that these transports provide.
+    """
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+
 @implementer(IPushProducer, IStreamChannel)
 class JobStreamProtocol(WebSocketServerProtocol):
     """One client connection; delegates everything but framing to a JobStreamSession."""
 
     _log = Logger()
-    factory: "JobStreamFactory"
+    factory: JobStreamFactory
     session: JobStreamSession | None = None
     #: the error a refused handshake is answered with (None: built from Autobahn's reason)
     _refusal: ApiError | None = None
@@ -127,7 +145,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
             if code == 503:
                 error = TooManyConnectionsError(
                     "The agent holds its maximum number of WebSocket connections; retry later",
-                    {"max_connections": self.maxConnections},
+                    {"max_connections": self.factory.maxConnections},
                 )
             else:
                 error = WebSocketHandshakeError(f"WebSocket handshake refused: {reason}", code)
@@ -155,8 +173,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
         After WebSocketResource takes the connection over, the HTTP channel is still the
         transport's producer; we are the one producing now, so we take its place.
         """
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        transport = cast(_Stream, self.transport)
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -179,7 +198,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.stop()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Autobahn's onClose hides the real cause (e.g. a TLS verification error); log it.
         self._log.debug("ws transport to {peer} lost: {why}", peer=self.peer, why=reason.value)
         super().connectionLost(reason)
@@ -206,7 +225,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
                 why=why,
                 seconds=seconds,
             )
-            transport.abortConnection()
+            cast(_Stream, transport).abortConnection()
 
         self._teardown_call = self.factory._batched_timer.call_later(seconds, teardown)
 
@@ -313,7 +332,8 @@ class JobStreamFactory(WebSocketServerFactory):
         already sent and the close frame before its TCP connection is aborted.
     """
 
-    protocol = JobStreamProtocol
+    # Twisted's Factory wants a protocol whose `factory` is a Factory[Self]; ours is narrower
+    protocol = JobStreamProtocol  # type: ignore[assignment]  # narrower `factory`, see above
     _log = Logger()
 
     def __init__(

@@ -3,7 +3,7 @@
 :class:`JobStreamSession` is a plain object driven by the thin Autobahn protocol in
 :mod:`lpa.agent.ws`: it receives decoded text (or the fact of a binary frame), the transport's
 pause/resume signals and the :class:`~lpa.agent.eventlog.EventLog` broadcast, and it answers
-through an :class:`IStreamChannel` (``send_text`` / ``close``)::
+through an :class:`~lpa.agent.interfaces.IStreamChannel` (``send_text``, ``close``)::
 
     client ──text──▶ receive_text ──▶ subscribe / unsubscribe ──▶ ack, replay, error
     EventLog.append ──publish──▶ _on_live_event ──filter, dedupe──▶ outbox ──▶ send_text
@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.logger import Logger
-from zope.interface import Interface
 
 from lpa import validation
 from lpa.agent.eventlog import EventLog, EventsExpiredError, Subscription
+from lpa.agent.interfaces import IStreamChannel
 from lpa.errors import InvalidJobIdError, JobNotFoundError
 from lpa.events import EVENT_JOB_COMPLETE, KIND_SNAPSHOT, TERMINAL_STATUSES, JobEvent
 
@@ -69,15 +70,6 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 
 _ECHO_LIMIT = 100  # characters of a client-supplied job id echoed back in an error event
 
-
-class IStreamChannel(Interface):
-    """Where a session's frames go: the WebSocket protocol, or a list in tests."""
-
-    def send_text(text: str) -> None:
-        """Send one text frame."""
-
-    def close(code: int, reason: str) -> None:
-        """Start the closing handshake with ``code`` and ``reason``."""
 
 
 class _Rejected(Exception):
@@ -262,10 +254,9 @@ class JobStreamSession:
 
     def _unsubscribe_job(self, job_id: str) -> None:
         self._jobs_subscribed.discard(job_id)
-        if self._all_jobs:
-            if job_id not in self._jobs_excluded:
-                self._check_room(job_id)
-                self._jobs_excluded.add(job_id)
+        if self._all_jobs and job_id not in self._jobs_excluded:
+            self._check_room(job_id)
+            self._jobs_excluded.add(job_id)
         self._last_sent.pop(job_id, None)
         self._enqueue(self._ack("unsubscribed", job_id, f"Unsubscribed from job: {job_id}"))
 
@@ -317,7 +308,9 @@ class JobStreamSession:
         if complete is None:
             self._queue_resync(job, "the job has ended; its closing events are no longer kept")
             return
-        closing = [e for e in kept if e.seq == complete.seq - 1 and e.terminal] + [complete]
+        last = complete.seq
+        closing = [e for e in kept if last is not None and e.seq == last - 1 and e.terminal]
+        closing.append(complete)
         for job_event in closing:
             self._queue_job_event(job_event, replaying=True)
 

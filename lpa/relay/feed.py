@@ -18,7 +18,9 @@ host by host, for the page's first paint and every resync.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -77,7 +79,7 @@ def _epoch(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def snapshot_from_rows(rows: list[tuple], now: float) -> dict[str, Any]:
+def snapshot_from_rows(rows: list[tuple[Any, ...]], now: float) -> dict[str, Any]:
     """The JSON document of ``GET /api/status`` from the snapshot query's rows."""
     jobs: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -115,7 +117,7 @@ class IJobUpdateFeed(Interface):
     def subscribe(subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber(kind, payload)`` from now on; return the function that stops it."""
 
-    def snapshot() -> Deferred:
+    def snapshot() -> Deferred[dict[str, Any]]:
         """Fire with the status document, or errback with :class:`FeedUnavailable`."""
 
 
@@ -159,12 +161,12 @@ class JobUpdateFeed:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[None]:
         """Connect and LISTEN; fires once the first attempt ended (never errbacks)."""
         self._connection = connection = self._factory()
         connection.addNotifyObserver(self._notified)
         connection.detector.addRecoveryHandler(self._recovered)
-        connecting = connection.connect(self._dsn)
+        connecting: Deferred[None] = connection.connect(self._dsn)
         connecting.addCallback(lambda _: self._listen(first=True))
         connecting.addErrback(self._connect_failed)
         self._sampler.start(self._sample_interval, now=False).addErrback(
@@ -178,15 +180,15 @@ class JobUpdateFeed:
                   reason=_first_line(failure))
         self._connection.detector.checkForDeadConnection(failure)
 
-    def _recovered(self) -> Deferred | None:
+    def _recovered(self) -> Deferred[None] | None:
         if self._stopped:
             return None
         _log.info("ops feed: database connection recovered; LISTEN job_update again")
         self._on_reconnect()
         return self._listen(first=False)
 
-    def _listen(self, first: bool) -> Deferred:
-        listening = self._connection.runOperation(f"LISTEN {notify.CHANNEL}")
+    def _listen(self, first: bool) -> Deferred[None]:
+        listening: Deferred[object] = self._connection.runOperation(f"LISTEN {notify.CHANNEL}")
 
         def done(_: object) -> None:
             self.listening = True
@@ -211,14 +213,11 @@ class JobUpdateFeed:
             return
         stop_reconnecting = getattr(connection.detector, "stop", None)
         if stop_reconnecting is not None:
-            try:
+            # an attempt in progress cannot be cancelled; closing ends it
+            with contextlib.suppress(Exception):
                 stop_reconnecting()
-            except Exception:  # an attempt in progress cannot be cancelled; closing ends it
-                pass
-        try:
+        with contextlib.suppress(Exception):  # never connected, or already gone
             connection.close()
-        except Exception:  # never connected, or already gone
-            pass
 
     # -- notifications ---------------------------------------------------------------------
 
@@ -273,14 +272,14 @@ class JobUpdateFeed:
         self.running_rows = int(running)
         self.oldest_running_seconds = None if oldest is None else max(0.0, float(oldest))
 
-    def snapshot(self) -> Deferred:
+    def snapshot(self) -> Deferred[dict[str, Any]]:
         """Fire with the status document (see :func:`snapshot_from_rows`)."""
         connection = self._live()
         if connection is None:
             return defer.fail(FeedUnavailable("the ops feed has no database connection"))
-        reading = connection.runQuery(_SNAPSHOT_SQL)
+        reading: Deferred[list[tuple[Any, ...]]] = connection.runQuery(_SNAPSHOT_SQL)
 
-        def shape(rows: list[tuple]) -> dict[str, Any]:
+        def shape(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
             now = float(rows[0][0]) if rows else self._clock.seconds()
             return snapshot_from_rows([tuple(row[1:]) for row in rows], now)
 

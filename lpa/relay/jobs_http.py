@@ -115,7 +115,7 @@ class AgentJobsHttp:
                 transport=True,
                 cause=cause,
             ) from None
-        except Exception as error:  # noqa: BLE001  (refused, TLS failure, reset …: any)
+        except Exception as error:  # refused, TLS failure, reset …: any failure is a poll error
             cause = describe_error(error)
             raise PollError(
                 f"agent {self.label} did not answer {request_text}: {cause}",

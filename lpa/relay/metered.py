@@ -13,12 +13,14 @@ one answered, after counting::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from lpa.events import JobEvent
 from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob, IRelayStore
 from lpa.relay.metrics import RelayMetrics
 from lpa.relay.ws_client import IWebSocketListener
@@ -59,10 +61,12 @@ class MeteredStore:
         # start(), stop(), database_up() … of the real store
         return getattr(self.store, name)
 
-    def running_host_jobs(self) -> Deferred:
+    def running_host_jobs(self) -> Deferred[list[HostJob]]:
         return self.store.running_host_jobs()
 
-    def apply_events(self, host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+    def apply_events(
+        self, host_job: HostJob, events: Sequence[JobEvent], transport: str
+    ) -> Deferred[ApplyResult]:
         events = tuple(events)
 
         def count(result: ApplyResult) -> ApplyResult:
@@ -73,7 +77,9 @@ class MeteredStore:
 
         return self.store.apply_events(host_job, events, transport).addCallback(count)
 
-    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred:
+    def fail_host_job(
+        self, host_job: HostJob, reason: str, transport: str
+    ) -> Deferred[ApplyResult]:
         def count(result: ApplyResult) -> ApplyResult:
             if result.applied or result.notified:
                 self._metrics.row_failed(reason)
@@ -108,7 +114,7 @@ class MeteredListener:
     def ws_opened(self) -> None:
         self.listener.ws_opened()
 
-    def ws_message(self, message: dict) -> None:
+    def ws_message(self, message: dict[str, Any]) -> None:
         self.listener.ws_message(message)
 
     def ws_failed(self, reason: str, handshake: bool) -> None:

@@ -18,7 +18,8 @@ Every name starts ``lpa_relay_``; ``etc/prometheus/`` has the alerts and the das
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
@@ -91,7 +92,7 @@ def event_age(timestamp: str, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, now - when.timestamp())
 
 
@@ -184,9 +185,9 @@ class RelayMetrics:
         """``links()`` gives the scanner's current links (each with ``state``)."""
 
         def read() -> Iterable[Metric]:
-            counts: dict[tuple[str, str], float] = {
+            counts: dict[tuple[str, ...], float] = {
                 ("ws", "streaming"): 0, ("poll", "polling"): 0, ("none", "connecting"): 0}
-            rows: dict[tuple[str], float] = {("ws",): 0, ("poll",): 0, ("none",): 0}
+            rows: dict[tuple[str, ...], float] = {("ws",): 0, ("poll",): 0, ("none",): 0}
             for link in list(links()):
                 state = str(getattr(link, "state", "unknown"))
                 transport = _TRANSPORT_OF_STATE.get(state, "none")

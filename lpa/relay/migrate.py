@@ -62,7 +62,7 @@ def _database_name(dsn: str) -> str:
 
     try:
         return parse_dsn(dsn).get("dbname") or "(default)"
-    except Exception:  # noqa: BLE001 - only for the message; connecting reports a bad DSN
+    except Exception:  # only for the message; connecting reports a bad DSN
         return "(default)"
 
 

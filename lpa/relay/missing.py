@@ -22,7 +22,7 @@ deadline counts from this relay's own first answer, as it would without a record
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime

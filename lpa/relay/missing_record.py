@@ -19,7 +19,8 @@ restart, and a failure is just a failed call (the caller then counts from its ow
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -48,10 +49,10 @@ UPDATE patch_job_hosts SET relay_missing_since = NULL, relay_missing_agent_job_i
 class IMissingRecord(Interface):
     """The durable side of the JOB_NOT_FOUND deadline."""
 
-    def mark(row_id: str, agent_job_id: str) -> Deferred:
+    def mark(row_id: str, agent_job_id: str) -> Deferred[float]:
         """Record (or keep) the first time; fire with the seconds since it (0.0 if just now)."""
 
-    def clear(row_id: str) -> Deferred:
+    def clear(row_id: str) -> Deferred[None]:
         """The agent knows the job again: forget the time; fire with None."""
 
 
@@ -73,7 +74,7 @@ class PostgresMissingRecord:
             connect = psycopg2.connect
         self._connect = connect
 
-    def _run(self, sql: str, params: tuple) -> Any:
+    def _run(self, sql: str, params: tuple[str, ...]) -> Any:
         connection = self._connect(self._dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS)
         try:
             connection.autocommit = True
@@ -83,20 +84,20 @@ class PostgresMissingRecord:
         finally:
             connection.close()
 
-    def _in_thread(self, sql: str, params: tuple) -> Deferred:
+    def _in_thread(self, sql: str, params: tuple[str, ...]) -> Deferred[Any]:
         return deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self._run, sql, params
         )
 
-    def mark(self, row_id: str, agent_job_id: str) -> Deferred:
+    def mark(self, row_id: str, agent_job_id: str) -> Deferred[float]:
         marking = self._in_thread(_MARK_SQL, (row_id, agent_job_id))
         return marking.addCallback(lambda row: float(row[0]) if row else 0.0)
 
-    def clear(self, row_id: str) -> Deferred:
+    def clear(self, row_id: str) -> Deferred[None]:
         return self._in_thread(_CLEAR_SQL, (row_id,)).addCallback(lambda _: None)
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException | None) -> str:
     """The first line of a database error (psycopg2 messages span several)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -76,7 +76,7 @@ class IncarnationWatch:
         if incarnation in self._seen:
             return  # a late answer from an incarnation we already moved past
         previous, self.current = self.current, incarnation
-        self._seen = (self._seen + [incarnation])[-_REMEMBERED:]
+        self._seen = ([*self._seen, incarnation])[-_REMEMBERED:]
         if previous is None:
             _log.info(
                 "agent {agent} runs incarnation {incarnation}",

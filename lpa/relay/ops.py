@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -66,7 +66,7 @@ def _json(request: Any, code: int, document: Any) -> bytes:
 class HealthPage(Resource):
     isLeaf = True
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+    def render_GET(self, request: Any) -> bytes:
         return _json(request, 200, {"status": "alive"})
 
 
@@ -102,7 +102,7 @@ class ReadyPage(Resource):
         super().__init__()
         self._readiness = readiness
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+    def render_GET(self, request: Any) -> bytes:
         failed = self._readiness.failures()
         if failed:
             return _json(request, 503, {"status": "not ready", "failed": failed})
@@ -118,8 +118,8 @@ class StatusPage(Resource):
         super().__init__()
         self._feed = feed
 
-    def render_GET(self, request: Any) -> Any:  # noqa: N802
-        def answer(document: dict) -> None:
+    def render_GET(self, request: Any) -> Any:
+        def answer(document: dict[str, Any]) -> None:
             if _open(request):
                 request.write(_json(request, 200, document))
                 request.finish()
@@ -140,7 +140,7 @@ class StatusPage(Resource):
 
 def _sse(event: str, data: str) -> bytes:
     lines = "".join(f"data: {line}\n" for line in (data.splitlines() or [""]))
-    return f"event: {event}\n{lines}\n".encode("utf-8")
+    return f"event: {event}\n{lines}\n".encode()
 
 
 class EventStream(Resource):
@@ -168,7 +168,7 @@ class EventStream(Resource):
     def client_count(self) -> int:
         return len(self._clients)
 
-    def render_GET(self, request: Any) -> Any:  # noqa: N802
+    def render_GET(self, request: Any) -> Any:
         if len(self._clients) >= self._max_clients:
             request.setHeader(b"retry-after", b"30")
             return _json(request, 503, {"error": "too many status page clients"})
@@ -219,7 +219,7 @@ class _StaticFile(Resource):
         self._path = os.path.join(STATIC_DIR, name)
         self._type = content_type.encode("ascii")
 
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+    def render_GET(self, request: Any) -> bytes:
         with open(self._path, "rb") as page:
             body = page.read()
         request.setHeader(b"content-type", self._type)
@@ -267,7 +267,3 @@ def ops_endpoint_description(bind: str, port: int) -> str:
     host = f"[{bind}]" if ":" in bind else bind
     return f"{host}:{port}"
 
-
-def stop_streams(root: OpsRoot) -> Deferred | None:
-    root.events.close_all()
-    return None

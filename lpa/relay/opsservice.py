@@ -12,7 +12,8 @@ relaying: the ops port reports on the relay, it is not what the relay is for.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
@@ -50,7 +51,7 @@ class OpsService(Service):
         self._scheme = scheme
         self.port: Any = None
         #: fires with the listening port (or None when it could not listen)
-        self.listening: Deferred = Deferred()
+        self.listening: Deferred[Any] = Deferred()
 
     @property
     def url(self) -> str | None:
@@ -86,7 +87,7 @@ class OpsService(Service):
         )
         self.listening.callback(None)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         self.root.events.close_all()
         port, self.port = self.port, None
@@ -109,8 +110,9 @@ def _tls_endpoint(reactor: Any, port: int, bind: str, options: Any) -> Any:
 
     @implementer(IStreamServerEndpoint)
     class _TLS:
-        def listen(self, factory: Any) -> Deferred:
-            return tcp.listen(TLSMemoryBIOFactory(options, False, factory))
+        def listen(self, factory: Any) -> Deferred[Any]:
+            listening: Deferred[Any] = tcp.listen(TLSMemoryBIOFactory(options, False, factory))
+            return listening
 
     return _TLS()
 

@@ -80,7 +80,7 @@ class AgentPoller:
         self.interval = interval
         self._failing_since: dict[str, float] = {}
         self._loop: LoopingCall | None = None
-        self._tick_deferred: Deferred | None = None
+        self._tick_deferred: Deferred[None] | None = None
         self._stopped = False
 
     @property
@@ -116,7 +116,7 @@ class AgentPoller:
             lambda f: _log.failure("poll loop of {agent} died", f, agent=self._http.label)
         )
 
-    def _tick(self) -> Deferred:
+    def _tick(self) -> Deferred[None]:
         tick = Deferred.fromCoroutine(self.poll_once())
         self._tick_deferred = tick
 

@@ -74,7 +74,10 @@ def _cause(value: BaseException) -> BaseException:
         if not reasons:
             break
         first = reasons[0]
-        value = first.value if isinstance(first, Failure) else first
+        inner = first.value if isinstance(first, Failure) else first
+        if not isinstance(inner, BaseException):
+            break
+        value = inner
         seen += 1
     return value
 
@@ -107,10 +110,11 @@ def _first_line(value: BaseException) -> str:
 
 def describe_error(value: BaseException | Failure) -> str:
     """A few lowercase words saying why a request failed (no trailing period)."""
-    if isinstance(value, Failure):
-        value = value.value
-    lost_before_answer = isinstance(value, _newclient.ResponseNeverReceived)
-    cause = _cause(value)
+    error = value.value if isinstance(value, Failure) else value
+    if error is None:  # a Failure always holds its exception; typed as optional
+        return "an unknown error"
+    lost_before_answer = isinstance(error, _newclient.ResponseNeverReceived)
+    cause = _cause(error)
     tls = _tls_reasons(cause)
     if tls is not None:
         return f"TLS handshake failed ({', '.join(tls)})"
@@ -126,7 +130,7 @@ def describe_error(value: BaseException | Failure) -> str:
 
 def describe_transport_failure(failure: Failure | None) -> str | None:
     """One sentence for the WebSocket transport's cause, or None when it says nothing useful."""
-    if failure is None:
+    if failure is None or failure.value is None:
         return None
     value = _cause(failure.value)
     if isinstance(value, _LOST):

@@ -272,7 +272,7 @@ _ACTIONS: dict[str, Callable[[Session, argparse.Namespace], Awaitable[int]]] = {
 # -- the command line ---------------------------------------------------------------------------
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lpa agent``."""
     parser = subparsers.add_parser(
         "agent", help="talk to one agent's REST API and follow its jobs",

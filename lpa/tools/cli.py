@@ -15,6 +15,7 @@ Unexpected exceptions keep their traceback: they are bugs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -96,10 +97,8 @@ def _discard_stdout() -> None:
 
 
 def _say(line: str) -> None:
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):
         print(line, file=sys.stderr)
-    except (BrokenPipeError, ValueError):
-        pass
 
 
 def _error(error: Exception) -> None:

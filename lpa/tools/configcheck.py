@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, TextIO
+from typing import TextIO
 
 AGENT = "agent"
 RELAY = "relay"
@@ -53,7 +53,7 @@ def _main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lpa config check``."""
     parser = subparsers.add_parser(
         "config", help="check an agent or relay configuration file",

@@ -24,6 +24,7 @@ made before anything else runs, and Ctrl-C or SIGTERM cancels it, which stops wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -157,12 +158,12 @@ def twistd_argv(tapname: str, config: str, state_dir: str) -> list[str]:
 class Processes:
     """The daemons we started; each in its own session so it and its helpers stop together."""
 
-    def __init__(self, popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
+    def __init__(self, popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
         self._popen = popen
-        self.started: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str], cwd: str,
-              log_path: str) -> subprocess.Popen:
+              log_path: str) -> subprocess.Popen[bytes]:
         with open(log_path + ".stdout", "ab") as output:
             process = self._popen(list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -206,10 +207,8 @@ def _exited(pid: int) -> bool:
 
 
 def _signal_group(pgid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -263,8 +262,8 @@ def ensure_postgres(
                         "and try again") from None
 
 
-async def wait_for_agent(client: AgentClient, process: subprocess.Popen, log_path: str, *,
-                         clock: IReactorTime, timeout: float = 60.0) -> dict:
+async def wait_for_agent(client: AgentClient, process: subprocess.Popen[bytes], log_path: str, *,
+                         clock: IReactorTime, timeout: float = 60.0) -> dict[str, Any]:
     """Poll /api/v1/health until it answers; fail fast with the log tail if the agent died."""
     deadline = clock.seconds() + timeout
     last = "no answer"
@@ -347,10 +346,10 @@ class Demo:
             self.cluster = None
 
     async def _run(self, reactor: Any) -> int:
+        from lpa.relay.schema import migrate
         from lpa.tools import dispatch
         from lpa.tools.pgcluster import PostgresCluster
         from lpa.tools.pki import init_pki
-        from lpa.relay.schema import migrate
 
         running = kept_demo_running(self.state_dir)
         if running:
@@ -406,7 +405,7 @@ class Demo:
             await pool.closeCachedConnections()
 
     async def _follow(self, reactor: Any, dispatch: Any, dsn: str, port: int, pki_dir: str,
-                      agent: subprocess.Popen, agent_log: str, client: AgentClient) -> int:
+                      agent: subprocess.Popen[bytes], agent_log: str, client: AgentClient) -> int:
         env = daemon_env()
         relay_config = os.path.join(self.state_dir, "relay.toml")
         health = await wait_for_agent(client, agent, agent_log, clock=reactor)
@@ -484,8 +483,8 @@ class Demo:
         """Where to watch: the status page, both daemons' metrics, the relay's probes."""
         ops = f"http://127.0.0.1:{self.ops_port}"
         return [f"status page: {ops}/  (live; the relay's probes: {ops}/healthz {ops}/readyz)",
-                f"metrics:     relay {ops}/metrics  agent http://127.0.0.1:{self.metrics_port}"
-                f"/metrics (and https://{AGENT_HOST}:{port}/metrics over mTLS)"]
+                (f"metrics:     relay {ops}/metrics  agent http://127.0.0.1:{self.metrics_port}"
+                f"/metrics (and https://{AGENT_HOST}:{port}/metrics over mTLS)")]
 
     def _print_keep(self, dsn: str, port: int, pki_dir: str) -> None:
         d = self.state_dir
@@ -594,7 +593,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 130
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lpa demo``."""
     parser = subparsers.add_parser(
         "demo", help="run the whole pipeline on this machine (what `make demo` runs)",

@@ -112,35 +112,35 @@ def create_job(
     """Upsert the hosts and insert the job and its host rows in ONE transaction."""
     if not targets:
         raise DispatchError("give at least one --host")
-    with connection:  # commits, or rolls back on any error
-        with connection.cursor() as cursor:
-            host_ids = []
-            for target in targets:
-                cursor.execute(
-                    "INSERT INTO hosts (fqdn, ip_address, display_name, agent_port)"
-                    " VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (fqdn, ip_address) DO UPDATE"
-                    " SET agent_port = EXCLUDED.agent_port, updated_at = now()"
-                    " RETURNING id::text",
-                    (target.fqdn, target.ip_address, target.fqdn, target.port))
-                host_ids.append(cursor.fetchone()[0])
-            if len(set(host_ids)) != len(host_ids):
-                raise DispatchError("the same host was given twice")
-            selection = json.dumps(list(packages) if packages is not None else [])
+    # the connection commits, or rolls back on any error
+    with connection, connection.cursor() as cursor:
+        host_ids = []
+        for target in targets:
             cursor.execute(
-                "INSERT INTO patch_jobs (kind, status, immediate, patch_selection, notes,"
-                " allow_reboot, started_at)"
-                " VALUES ('patch_apply', 'running', false, %s::jsonb, %s, false, now())"
+                "INSERT INTO hosts (fqdn, ip_address, display_name, agent_port)"
+                " VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (fqdn, ip_address) DO UPDATE"
+                " SET agent_port = EXCLUDED.agent_port, updated_at = now()"
                 " RETURNING id::text",
-                (selection, notes or ("lpa dispatch (dry run)" if dry_run else "lpa dispatch")))
-            job_id = cursor.fetchone()[0]
-            rows = []
-            for host_id, target in zip(host_ids, targets):
-                cursor.execute(
-                    "INSERT INTO patch_job_hosts (job_id, host_id, status)"
-                    " VALUES (%s, %s, 'pending')"
-                    " RETURNING id::text", (job_id, host_id))
-                rows.append(HostRow(cursor.fetchone()[0], host_id, target))
+                (target.fqdn, target.ip_address, target.fqdn, target.port))
+            host_ids.append(cursor.fetchone()[0])
+        if len(set(host_ids)) != len(host_ids):
+            raise DispatchError("the same host was given twice")
+        selection = json.dumps(list(packages) if packages is not None else [])
+        cursor.execute(
+            "INSERT INTO patch_jobs (kind, status, immediate, patch_selection, notes,"
+            " allow_reboot, started_at)"
+            " VALUES ('patch_apply', 'running', false, %s::jsonb, %s, false, now())"
+            " RETURNING id::text",
+            (selection, notes or ("lpa dispatch (dry run)" if dry_run else "lpa dispatch")))
+        job_id = cursor.fetchone()[0]
+        rows = []
+        for host_id, target in zip(host_ids, targets, strict=True):
+            cursor.execute(
+                "INSERT INTO patch_job_hosts (job_id, host_id, status)"
+                " VALUES (%s, %s, 'pending')"
+                " RETURNING id::text", (job_id, host_id))
+            rows.append(HostRow(cursor.fetchone()[0], host_id, target))
     return CreatedJob(job_id, tuple(rows))
 
 
@@ -156,7 +156,7 @@ async def start_on_agents(
         for row in job.hosts
     ]
     results = []
-    for row, started in zip(job.hosts, starts):
+    for row, started in zip(job.hosts, starts, strict=True):
         try:
             data = await started
             agent_job_id = (data or {}).get("job_id")
@@ -278,7 +278,7 @@ async def dispatch(
             listener.close()
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lpa dispatch``."""
     parser = subparsers.add_parser(
         "dispatch", help="create a patch job in the manager's database and start it on agents",

@@ -138,7 +138,7 @@ async def watch_job(
     deadline = clock.seconds() + timeout
     shown: dict[str, tuple[Any, ...]] = {}  # host_id -> what its last printed line said
     shown_at: dict[str, float] = {}  # host_id -> when it was printed
-    queue: DeferredQueue = DeferredQueue()
+    queue: DeferredQueue[Any] = DeferredQueue()
     reader = NotificationReader(connection, queue.put)
     reader.doRead()  # what arrived before we started watching the socket
     reactor.addReader(reader)

@@ -18,7 +18,7 @@ import datetime
 import ipaddress
 import os
 import tempfile
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attr
 from cryptography import x509
@@ -40,7 +40,7 @@ Clock = Callable[[], datetime.datetime]
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class PkiError(LpaError):
@@ -331,7 +331,9 @@ def revoke(directory: str, cert_path: str, *, now: datetime.datetime | None = No
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as e:
-        raise PkiError(f"{cert_path}: not issued by the CA in {directory} ({type(e).__name__})")
+        raise PkiError(
+            f"{cert_path}: not issued by the CA in {directory} ({type(e).__name__})"
+        ) from e
     start = now or _utcnow()
     revoked: dict[int, datetime.datetime] = {}
     number = 1
@@ -378,7 +380,7 @@ def _cmd_issue_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``lpa pki`` and its subcommands."""
     pki = subparsers.add_parser(
         "pki", help="make a test/quick-start CA, agent and relay certificates, CRL"
@@ -410,6 +412,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 __all__ = [
-    "ConfigError", "PkiError", "PkiPaths", "init_pki", "revoke", "issue_client",
-    "make_ca", "issue_certificate", "make_crl", "generate_key", "load_private_key",
+    "ConfigError",
+    "PkiError",
+    "PkiPaths",
+    "generate_key",
+    "init_pki",
+    "issue_certificate",
+    "issue_client",
+    "load_private_key",
+    "make_ca",
+    "make_crl",
+    "revoke",
 ]

@@ -15,6 +15,7 @@ The reactor runs once per process: tests call the coroutine directly with their 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,10 +55,8 @@ def run(main: Callable[[Any], Awaitable[int]], *, _reactor: Any = None) -> int:
         except BaseException as error:  # handed to the caller after the reactor stopped
             outcome["error"] = error
 
-    try:
+    with contextlib.suppress(SystemExit):
         react(wrapped, _reactor=_reactor)
-    except SystemExit:
-        pass
     if "error" in outcome:
         raise outcome["error"]
     return int(outcome.get("value") or 0)

@@ -28,6 +28,7 @@ from autobahn.twisted.websocket import (
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from lpa import protocol
@@ -78,7 +79,7 @@ class _StreamProtocol(WebSocketClientProtocol):
         if not isBinary:
             self.factory.stream._received(payload.decode("utf-8", "replace"))
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = reason  # the only place the real cause of a TLS failure shows up
         super().connectionLost(reason)
 
@@ -122,7 +123,7 @@ class JobStream:
         self._clock = clock
         self._timeout = timeout
         self._proto: _StreamProtocol | None = None
-        self._frames: DeferredQueue = DeferredQueue()
+        self._frames: DeferredQueue[str | None] = DeferredQueue()
         self._open: Deferred[JobStream] = Deferred()
         self._gone: Deferred[None] = Deferred()
         self._closed_reason: str | None = None

@@ -16,7 +16,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     cells = [[str(h).upper() for h in headers]]
     cells += [[_cell(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip()
+    return ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
             for row in cells]
 
 

@@ -81,14 +81,13 @@ async def follow_job(
         step = follower.receive_answer(answer)
         for event in step.events:
             show(event)
-        if follower.over:
-            break
-        if step.problem is not None:
-            if answer.status != 429 and answer.status < 500:
-                raise ClientError(step.problem, status=answer.status, code=answer.code)
-            note(f"{step.problem}; trying again in {interval:g}s")
-        if not step.again:
-            await deferLater(clock, interval, lambda: None)
+        if not follower.over:  # the answer did not end it: say why, then poll again
+            if step.problem is not None:
+                if answer.status != 429 and answer.status < 500:
+                    raise ClientError(step.problem, status=answer.status, code=answer.code)
+                note(f"{step.problem}; trying again in {interval:g}s")
+            if not step.again:
+                await deferLater(clock, interval, lambda: None)
     if follower.gone is not None:
         raise ClientError(follower.gone, code="JOB_NOT_FOUND")
     return follower

@@ -6,14 +6,14 @@ tapnames.
 
 from twisted.application.service import ServiceMaker
 
-lpaAgent = ServiceMaker(
+lpa_agent = ServiceMaker(
     "lpa agent",
     "lpa.agent.tap",
     "Linux patch agent: mTLS REST API and live job event WebSocket",
     "lpa-agent",
 )
 
-lpaRelay = ServiceMaker(
+lpa_relay = ServiceMaker(
     "lpa relay",
     "lpa.relay.tap",
     "Relay live patch-job status from agents into PostgreSQL",

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import Any, Awaitable, Callable, Sequence, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -54,7 +55,7 @@ from lpa.agent.http.gate import (
     make_peer_check,
 )
 from lpa.agent.http.ownpackage import refuse_own_package
-from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import Limiter
 from lpa.agent.http.site import AgentSite, Http11Site
 from lpa.agent.interfaces import IJobManager, IPackageBackend, ISystem
 from lpa.agent.model import Job, JobRequest, PackageSpec, Patch
@@ -153,7 +154,8 @@ def _as_job(job: object) -> Job:
 
 
 def _path(request: IRequest) -> str:
-    return request.path.decode("latin-1")
+    path: bytes = request.path
+    return path.decode("latin-1")
 
 
 class AgentApi:
@@ -169,7 +171,7 @@ class AgentApi:
         system: ISystem,
         clock: IReactorTime,
         version: str,
-        rate_limiter: RateLimiter | None,
+        rate_limiter: Limiter | None,
         peer_check: PeerCheck | None = None,
         ws_resource: IResource | None = None,
         max_body_bytes: int = 1 << 20,
@@ -222,16 +224,17 @@ class AgentApi:
 
     @app.handle_errors(Exception)
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
-        if failure.check(MethodNotAllowed):
-            valid = failure.value.valid_methods or []
+        error = failure.value
+        if isinstance(error, MethodNotAllowed):
+            valid = error.valid_methods or []
             return self._enveloper.write_error(request, _method_not_allowed(sorted(valid)))
-        if failure.check(WerkzeugNotFound, RequestRedirect):
+        if isinstance(error, WerkzeugNotFound | RequestRedirect):
             # no redirects (e.g. for doubled slashes): a path that is not ours is not found
             return self._enveloper.write_error(
                 request, NotFoundError("Not found", {"path": _path(request)})
             )
-        if failure.check(HTTPException):
-            return self._enveloper.write_error(request, _from_werkzeug(failure.value))
+        if isinstance(error, HTTPException):
+            return self._enveloper.write_error(request, _from_werkzeug(error))
         return self._enveloper.write_error(request, failure)
 
     # -- health and system ---------------------------------------------------------------------

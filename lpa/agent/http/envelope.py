@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 import attr
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString
@@ -29,6 +29,12 @@ from lpa.events import rfc3339_from_epoch
 _log = Logger()
 
 JSON_CONTENT_TYPE = b"application/json"
+
+
+class Seconds(Protocol):
+    """What stamps an envelope: ``seconds()`` of an ``IReactorTime`` or of a wall clock."""
+
+    def seconds(self) -> float: ...
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -118,7 +124,7 @@ class Enveloper:
     """Stamps envelopes with a fresh request id and the injected clock's time."""
 
     def __init__(
-        self, clock: IReactorTime, uuid_factory: Callable[[], uuid.UUID] = uuid.uuid4
+        self, clock: Seconds, uuid_factory: Callable[[], uuid.UUID] = uuid.uuid4
     ) -> None:
         self._clock = clock
         self._uuid_factory = uuid_factory

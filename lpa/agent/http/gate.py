@@ -18,7 +18,8 @@ handler as a 500 envelope rather than twisted.web's HTML page.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +29,7 @@ from twisted.web.server import Request
 
 from lpa.agent.http import inputs
 from lpa.agent.http.envelope import Answer, BadRequestError
-from lpa.agent.http.ratelimit import RateLimiter
+from lpa.agent.http.ratelimit import Limiter
 from lpa.errors import ApiError, DuplicateHeadersError, ForbiddenError, MethodNotAllowedError
 
 _log = Logger()
@@ -63,7 +64,7 @@ class Admission:
         self,
         *,
         peer_check: PeerCheck | None,
-        rate_limiter: RateLimiter | None,
+        rate_limiter: Limiter | None,
         max_body_bytes: int,
     ) -> None:
         self._peer_check = peer_check

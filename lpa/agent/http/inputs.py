@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.web.iweb import IRequest
 
@@ -223,8 +224,9 @@ def query(request: IRequest, name: str) -> str | None:
     values = (request.args or {}).get(name.encode("ascii"))
     if not values:
         return None
+    value: bytes = values[-1]
     try:
-        return values[-1].decode("utf-8")
+        return value.decode("utf-8")
     except UnicodeDecodeError:
         raise ValidationError(f"query argument {name} is not UTF-8", {"field": name}) from None
 

@@ -11,7 +11,7 @@ Removing a leftover ``linux-patch-api`` is an ordinary removal.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from lpa.errors import UnsupportedOnLpaError
 from lpa.events import OP_REMOVE

@@ -16,6 +16,7 @@ information, so a periodic sweep drops it and memory stays bounded by the client
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -24,6 +25,13 @@ from lpa.errors import RateLimitedError
 EXEMPT_PATHS = frozenset({"/health", "/api/v1/health"})
 DESTRUCTIVE_METHODS = frozenset({"POST", "PUT", "DELETE"})
 DESTRUCTIVE, READ = "destructive", "read"
+
+
+class Limiter(Protocol):
+    """What the gate asks before each request: a :class:`RateLimiter`, or one that counts."""
+
+    def check(self, client: str, method: str, path: str) -> None:
+        """Return, or raise :class:`~lpa.errors.RateLimitedError` past the client's rate."""
 
 
 class _Bucket:

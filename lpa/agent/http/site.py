@@ -11,7 +11,8 @@ requests, and writes the few log lines a peer can cause below the routes, each t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
