@@ -11,8 +11,8 @@ from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.agent.http.api import AgentApi
 from lpa.agent.cache import PatchCache
+from lpa.agent.http.api import AgentApi
 from lpa.agent.http.ratelimit import RateLimiter
 from tests.fakes import FakeBackend, FakeSystem
 from tests.fakes_api import FakeJobManager
@@ -61,19 +61,19 @@ class ApiTestCase(SynchronousTestCase):
         self.build()
 
     def build(self, **overrides: Any) -> None:
-        kwargs: dict[str, Any] = dict(
-            jobs=self.jobs,
-            backend=self.backend,
-            system=self.system,
-            clock=self.clock,
-            version="9.9.9",
-            rate_limiter=self.limiter,
-            peer_check=lambda request: self.peer_error,
-            ws_resource=self.ws_resource,
-            max_body_bytes=4096,
-            cache=self.cache,
-            health_extra=lambda: dict(self.extra),
-        )
+        kwargs: dict[str, Any] = {
+            "jobs": self.jobs,
+            "backend": self.backend,
+            "system": self.system,
+            "clock": self.clock,
+            "version": "9.9.9",
+            "rate_limiter": self.limiter,
+            "peer_check": lambda request: self.peer_error,
+            "ws_resource": self.ws_resource,
+            "max_body_bytes": 4096,
+            "cache": self.cache,
+            "health_extra": lambda: dict(self.extra),
+        }
         kwargs.update(overrides)
         self.api = AgentApi(**kwargs)
         self.treq = StubTreq(self.api.resource())

@@ -15,6 +15,7 @@ The process (its whole process group) is ended at the test's cleanup.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import treq
@@ -53,10 +55,10 @@ def find_chromium() -> str:
 class _DevTools(WebSocketClientProtocol):
     """One DevTools connection: commands by id, their answers as Deferreds, events listed."""
 
-    def onConnect(self, response: Any) -> None:  # noqa: N802
+    def onConnect(self, response: Any) -> None:
         self.factory.connected.callback(self)
 
-    def onOpen(self) -> None:  # noqa: N802
+    def onOpen(self) -> None:
         self.ids = itertools.count(1)
         self.waiting: dict[int, Deferred] = {}
         self.events: list[dict[str, Any]] = []
@@ -70,7 +72,7 @@ class _DevTools(WebSocketClientProtocol):
         self.sendMessage(json.dumps(message).encode("utf-8"))
         return answer
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
         message = json.loads(payload)
         waiting = self.waiting.pop(message.get("id", -1), None)
         if waiting is None:
@@ -80,7 +82,7 @@ class _DevTools(WebSocketClientProtocol):
         else:
             waiting.callback(message.get("result", {}))
 
-    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:  # noqa: N802
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         for waiting in self.waiting.values():
             waiting.errback(RuntimeError(f"DevTools connection closed: {reason}"))
         self.waiting = {}
@@ -130,7 +132,7 @@ class Chromium:
         self.port = 0
 
     @classmethod
-    async def launch(cls, test: TestCase) -> "Chromium":
+    async def launch(cls, test: TestCase) -> Chromium:
         executable = find_chromium()
         profile = tempfile.mkdtemp(prefix="lpa-chromium-")
         test.addCleanup(shutil.rmtree, profile, True)
@@ -147,7 +149,7 @@ class Chromium:
     async def _devtools_port(self, timeout: float = 30.0) -> int:
         marker = os.path.join(self.profile, "DevToolsActivePort")
         deadline = reactor.seconds() + timeout
-        while not os.path.exists(marker) or not open(marker).read().strip():
+        while not os.path.exists(marker) or not Path(marker).read_text().strip():
             if self.process.poll() is not None:
                 raise AssertionError(f"chromium exited with {self.process.returncode}")
             if reactor.seconds() > deadline:
@@ -187,7 +189,5 @@ class Chromium:
                 self.process.wait(timeout=10)
             except ProcessLookupError:
                 pass
-        try:  # helpers (zygote, renderers) left in the group
+        with contextlib.suppress(ProcessLookupError):  # helpers (zygote, renderers) left behind
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

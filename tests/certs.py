@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import attr
 from cryptography import x509
@@ -27,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from lpa.tools import pki as _pki
 from lpa import tls as _tls
+from lpa.tools import pki as _pki
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -62,7 +63,7 @@ class TestPki:
         return getattr(self, which)  # type: ignore[no-any-return]
 
     def server_options(
-        self, *, min_tls_version: str = "1.3", crl_path: str | None | object = attr.NOTHING
+        self, *, min_tls_version: str = "1.3", crl_path: str | object | None = attr.NOTHING
     ) -> ssl.CertificateOptions:
         """The agent's options over this PKI (CRL on by default)."""
         return _tls.server_tls_options(
@@ -105,10 +106,10 @@ def _write_client(
 
 def make_test_pki(directory: str, *, now: datetime.datetime | None = None) -> TestPki:
     """Write a complete test PKI into ``directory`` (created if needed)."""
-    start = now or datetime.datetime.now(datetime.timezone.utc)
+    start = now or datetime.datetime.now(datetime.UTC)
     paths = _pki.init_pki(directory, ("localhost", "127.0.0.1"), now=start, force=True)
     ca_cert = _tls.load_certificate(paths.ca_cert)
-    ca_key = serialization.load_pem_private_key(open(paths.ca_key, "rb").read(), None)
+    ca_key = serialization.load_pem_private_key(Path(paths.ca_key).read_bytes(), None)
     good_cert = _tls.load_certificate(paths.client_cert)
     good = ClientFiles(
         paths.client_cert, paths.client_key, good_cert.serial_number, _pki.RELAY_COMMON_NAME

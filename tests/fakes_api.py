@@ -9,7 +9,8 @@ make admission fail by setting ``refuse_with``.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -56,9 +57,9 @@ class FakeJobManager:
     def submit(self, request: Any) -> Job:
         if self.refuse_with is not None:
             raise self.refuse_with
-        if request.packages is not None and len(request.packages) == 0:
-            if request.operation != "patch_apply":
-                raise ValidationError("packages must not be empty")
+        packages = request.packages
+        if packages is not None and len(packages) == 0 and request.operation != "patch_apply":
+            raise ValidationError("packages must not be empty")
         self.submitted.append(request)
         now = rfc3339_from_epoch(self._clock.seconds())
         job = Job(

@@ -34,7 +34,7 @@ def _io(side: Protocol) -> Any:
 class _Pair:
     """One proxied connection: the accepted side and the side connected to the agent."""
 
-    def __init__(self, proxy: "BlackholeProxy", poisoned: bool) -> None:
+    def __init__(self, proxy: BlackholeProxy, poisoned: bool) -> None:
         self.proxy = proxy
         self.poisoned = poisoned  # lived through a blackhole: bytes are dropped until reset
         self.front: _Front | None = None
@@ -54,7 +54,7 @@ class _Pair:
         if not self.poisoned and self.front is not None:
             _io(self.front).write(data)
 
-    def back_connected(self, back: "_Back") -> None:
+    def back_connected(self, back: _Back) -> None:
         self.back = back
         if self.closed or self.poisoned:
             _io(back).abortConnection()
@@ -85,7 +85,7 @@ class _Pair:
 class _Front(Protocol):
     gone = False
 
-    def __init__(self, proxy: "BlackholeProxy") -> None:
+    def __init__(self, proxy: BlackholeProxy) -> None:
         self.proxy = proxy
         self.pair: _Pair | None = None
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence, cast
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
@@ -78,7 +79,7 @@ def problems_in_events(events: Iterable[Mapping[str, Any]]) -> list[str]:
     for event in events:
         try:
             text = formatEvent(dict(event))
-        except Exception as error:  # noqa: BLE001 - a broken format is itself worth reporting
+        except Exception as error:  # a broken format is itself worth reporting
             text = f"<unformattable event: {error!r}>"
         if event.get("log_failure") is not None:
             failure = event["log_failure"]

@@ -13,6 +13,7 @@ Usage in an async ``TestCase``::
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 
@@ -20,24 +21,27 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from lpa.tools.pgcluster import PostgresCluster, PostgresNotFound
 
-_cluster: PostgresCluster | None = None
 _counter = itertools.count(1)
+
+
+@functools.cache
+def _created() -> PostgresCluster:
+    """The run's one cluster, made and started once (a SkipTest is not cached: it recurs)."""
+    try:
+        created = PostgresCluster()
+    except PostgresNotFound as error:
+        raise SkipTest(f"PostgreSQL tests need initdb/pg_ctl: {error}") from None
+    atexit.register(created.destroy)
+    created.start()
+    return created
 
 
 def cluster() -> PostgresCluster:
     """The run's cluster, started on first call; raises SkipTest without PostgreSQL binaries."""
-    global _cluster
-    if _cluster is None:
-        try:
-            created = PostgresCluster()
-        except PostgresNotFound as error:
-            raise SkipTest(f"PostgreSQL tests need initdb/pg_ctl: {error}") from None
-        atexit.register(created.destroy)
-        created.start()
-        _cluster = created
-    if not _cluster.running:  # a test stopped it and failed before starting it again
-        _cluster.start()
-    return _cluster
+    server = _created()
+    if not server.running:  # a test stopped it and failed before starting it again
+        server.start()
+    return server
 
 
 def database(test: TestCase, *, migrated: bool = False) -> str:

@@ -18,7 +18,8 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attr
 import treq
@@ -88,7 +89,7 @@ class Pipeline:
         test.addCleanup(pool.closeCachedConnections)
 
     @classmethod
-    async def start(cls, test: TestCase, *, scan_interval: float = 0.2) -> "Pipeline":
+    async def start(cls, test: TestCase, *, scan_interval: float = 0.2) -> Pipeline:
         pipeline = cls(test)
         pipeline.dsn = pg.database(test, migrated=True)
         pipeline.seeder = Seeder(pipeline.dsn)

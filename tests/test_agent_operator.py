@@ -206,7 +206,7 @@ class RefusalAndTimeoutTests(_Logged):
         lines = self.lines("TLS handshake from")
         self.assertEqual(len(lines), 3, lines)
         for line, reason in zip(
-            lines, ("certificate expired", "certificate revoked", "unknown CA")
+            lines, ("certificate expired", "certificate revoked", "unknown CA"), strict=True
         ):
             self.assertRegex(line, rf"^TLS handshake from 127\.0\.0\.1:\d+ refused: {reason} \(")
 

@@ -59,7 +59,7 @@ class ScriptedCommandTests(SynchronousTestCase):
 
     def test_help(self) -> None:
         """Every action has --help text, and every read action offers --json."""
-        for action in READ_ACTIONS + ("apply", "cancel", "watch"):
+        for action in (*READ_ACTIONS, "apply", "cancel", "watch"):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 self.assertRaises(SystemExit, parser().parse_args, ["agent", "h", action, "--help"])

@@ -30,7 +30,7 @@ class AgentProcessTests(TestCase):
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
 
     async def test_mutating_job_reaches_only_the_standins(self) -> None:
-        """A real patch job runs the stand-in apt-get in its phases; the host's dpkg is untouched."""
+        """A real patch job runs the stand-in apt-get in its phases; the host's dpkg is intact."""
         before = _installed()
         agent = AgentProcess(os.path.join(self.tmp, "a"), self.pki, download_seconds=0.2,
                              dpkg_seconds=0.3)

@@ -14,7 +14,9 @@ from lpa.errors import (
 )
 
 
-def failed(stderr: str, message: str = "Command failed (exit 100): apt-get install -- x") -> CommandFailedError:
+def failed(
+    stderr: str, message: str = "Command failed (exit 100): apt-get install -- x"
+) -> CommandFailedError:
     return CommandFailedError(
         message, CommandResult(argv=("apt-get",), exit_code=100, stdout="", stderr=stderr)
     )
@@ -34,8 +36,8 @@ class ClassifyTests(SynchronousTestCase):
             "E: Unmet dependencies. Try 'apt --fix-broken install'": "DEPENDENCY_CONFLICT",
             "E: Error, pkgProblemResolver::Resolve generated breaks, held broken packages.":
                 "DEPENDENCY_CONFLICT",
-            "E: Could not open lock file /var/lib/dpkg/lock-frontend - open (13: Permission denied)":
-                "PERMISSION_DENIED",
+            "E: Could not open lock file /var/lib/dpkg/lock-frontend"
+            " - open (13: Permission denied)": "PERMISSION_DENIED",
             "Failed to start reboot.target": "REBOOT_ERROR",
             "something odd": "PKG_MANAGER_ERROR",
         }

@@ -11,7 +11,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -44,8 +45,8 @@ def _subcommand_paths(
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                paths.append(prefix + (name,))
-                paths.extend(_subcommand_paths(sub, prefix + (name,)))
+                paths.append((*prefix, name))
+                paths.extend(_subcommand_paths(sub, (*prefix, name)))
     return paths
 
 
@@ -63,7 +64,7 @@ class CliTests(SynchronousTestCase):
 
     def test_help_everywhere(self) -> None:
         """--help works on the top level and on every subcommand, exiting 0."""
-        paths = [()] + _subcommand_paths(cli.build_parser())
+        paths = [(), *_subcommand_paths(cli.build_parser())]
         self.assertGreater(len(paths), 5)
         for path in paths:
             code, out, _ = _run([*path, "--help"])
@@ -157,7 +158,7 @@ class CliTests(SynchronousTestCase):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         result = subprocess.run(
             [sys.executable, "-m", "lpa", "config", "check", "/nonexistent/agent.yaml"],
-            cwd=root, capture_output=True, text=True, timeout=60,
+            check=False, cwd=root, capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 2)
         self.assertEqual(

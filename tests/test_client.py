@@ -255,7 +255,7 @@ class LoopbackTests(TestCase):
         _, port = await start_agent(self, self.pki, self.tmp)
         client = self.client(port)
         job = (await client.apply(dry_run=True))["job_id"]
-        while not (await client.job(job))["status"] == "completed":
+        while (await client.job(job))["status"] != "completed":
             await deferLater(reactor, 0.05, lambda: None)
         follower = JobFollower(job, after_seq=500)
         answer = await client.answer("GET", follower.poll_path())

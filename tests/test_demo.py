@@ -211,8 +211,8 @@ class EndToEndTests(SynchronousTestCase):
         if missing:
             raise SkipTest(f"the daemons are not all in the tree yet: {', '.join(missing)} missing")
         state_dir = os.path.abspath(self.mktemp())
-        argv = [sys.executable, "-c", "import sys; from lpa.tools.cli import main; sys.exit(main())",
-                "demo", "--state-dir", state_dir, "--timeout", "240",
+        main = "import sys; from lpa.tools.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", main, "demo", "--state-dir", state_dir, "--timeout", "240",
                 "--agent-port", "0"]  # not 12443: leave it to test_etc and test_docs
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True,

@@ -162,13 +162,13 @@ class DatabaseTests(SynchronousTestCase):
     def test_dispatch_command(self) -> None:
         """dispatch(): create, start, print one line per host, saying DRY-RUN for a dry run."""
         out = io.StringIO()
-        job, results, final = done(self, dispatch.dispatch(
+        job, _results, final = done(self, dispatch.dispatch(
             self.dsn, self.targets[:1], lambda t: ok_agent(), reactor=None, packages=None,
             dry_run=True, out=out))
         self.assertIsNone(final)
         self.assertEqual(out.getvalue().splitlines(), [
-            f"job {job.job_id}: 1 host(s), DRY-RUN: agents report what would change and change "
-            "nothing", f"a.example:12443: started agent job {AGENT_JOB} (DRY-RUN)"])
+            (f"job {job.job_id}: 1 host(s), DRY-RUN: agents report what would change and change "
+            "nothing"), f"a.example:12443: started agent job {AGENT_JOB} (DRY-RUN)"])
         out = io.StringIO()
         done(self, dispatch.dispatch(self.dsn, self.targets[:1], lambda t: ok_agent(),
                                      reactor=None, packages=None, dry_run=False, out=out))

@@ -29,7 +29,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import attr
 from twisted.internet import reactor
@@ -115,12 +116,16 @@ class FaultTestCase(TestCase):
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
         self.dsn = pg.database(self, migrated=True)
         self.seeder = Seeder(self.dsn)
-        self.addCleanup(lambda: self.seeder.close())
+        self.addCleanup(self._close_seeder)
         self.listener = AsyncListener(self.dsn)
         self.addCleanup(self.listener.close)
         self.random = random.Random(f"{SEED}:{self.id()}")
         self.agents: list[AgentProcess] = []
         self.relay: RelayProcess | None = None
+
+    def _close_seeder(self) -> None:
+        """Close the seeder in use at the end (a PostgreSQL restart replaces the first one)."""
+        self.seeder.close()
 
     def note(self) -> str:
         return f"(seed {SEED}; LPA_FAULT_SEED={SEED} repeats it)"
@@ -281,8 +286,9 @@ class AgentFaultTests(FaultTestCase):
             await sleep(wait)
             await host.agent.restart(timeout=60)
 
-        print("agent kills:", [(what, offset, wait) for (what, offset), wait in zip(moments, down)])
-        await run_all(*(kill(h, m[1], w) for h, m, w in zip(hosts, moments, down)))
+        kills = [(what, offset, wait) for (what, offset), wait in zip(moments, down, strict=True)]
+        print("agent kills:", kills)
+        await run_all(*(kill(h, m[1], w) for h, m, w in zip(hosts, moments, down, strict=True)))
         await self.settle(job_id, hosts)
         details = await self.check(job_id, hosts)
         completed = [d for d in details.values() if d["status"] == "completed"]
@@ -358,7 +364,7 @@ class AgentFaultTests(FaultTestCase):
                                     "WHERE id = %s", (h.row_id,))[0] for h in hosts]
 
         await wait_until(lambda: None not in first_missing(), "JOB_NOT_FOUND to be recorded", 30)
-        since = {h.row_id: t.timestamp() for h, t in zip(hosts, first_missing())}
+        since = {h.row_id: t.timestamp() for h, t in zip(hosts, first_missing(), strict=True)}
         self.assertEqual({self.seeder.row(h.row_id)["status"] for h in hosts}, {"running"})
         # a relay restart within the deadline must not start the count again
         await sleep_until(max(since.values()) + 3.0)

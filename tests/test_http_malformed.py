@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attr
 from twisted.internet import defer, reactor
@@ -323,7 +324,7 @@ class _MalformedCase(TestCase):
                     for case in batch
                 ]
             )
-            for case, answer in zip(batch, answers):
+            for case, answer in zip(batch, answers, strict=True):
                 problem = self.problem(case, answer)
                 if problem:
                     problems.append(f"{case.name}: {problem}")

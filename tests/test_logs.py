@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from types import SimpleNamespace
+from typing import ClassVar
 
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -38,7 +39,7 @@ class JsonLinesObserverTests(SynchronousTestCase):
         """A failure carries its traceback; values JSON cannot hold are written as repr."""
         log, out = self._log()
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.failure("boom {thing}", thing=object())
         record = json.loads(out.getvalue())
@@ -100,8 +101,8 @@ class TwistdLogfileTests(SynchronousTestCase):
 
         path = self.mktemp()
 
-        class Options(dict):
-            parent = {"logfile": path}
+        class Options(dict[str, str]):
+            parent: ClassVar[dict[str, str]] = {"logfile": path}
 
         observer = observer_for_twistd(Options(), "json")
         Logger(namespace="t", observer=LogPublisher(observer)).info("to the file")

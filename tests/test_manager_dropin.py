@@ -28,13 +28,15 @@ import socket
 import ssl
 import tempfile
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from lpa.agent.config import parse_agent_config
 from lpa.agent.service import make_agent_service
@@ -140,9 +142,11 @@ class ManagerRelayTests(_AgentCase):
         job_id: str = body["data"]["job_id"]
         for _ in range(200):
             # started, and its "Job started" event durable (what REST shows follows the disk)
-            if job_id in self.backend.gates:
-                if self.service.jobs.get(job_id).to_detail()["status"] == "running":
-                    return job_id
+            if (
+                job_id in self.backend.gates
+                and self.service.jobs.get(job_id).to_detail()["status"] == "running"
+            ):
+                return job_id
             await task.deferLater(reactor, 0.01, lambda: None)
         self.fail(f"job {job_id} never started")
 
@@ -153,26 +157,28 @@ class ManagerRelayTests(_AgentCase):
         """What pm-worker's relay sends (tokio-tungstenite over rustls, ALPN http/1.1, no
         Sec-WebSocket-Protocol); returns all bytes read until the agent closed the socket."""
         context = client_context(self.pki)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(
-                    (
-                        "GET /api/v1/ws/jobs HTTP/1.1\r\n"
-                        f"Host: localhost:{self.port}\r\n"
-                        "Connection: Upgrade\r\nUpgrade: websocket\r\n"
-                        "Sec-WebSocket-Version: 13\r\n"
-                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-                    ).encode()
-                )
-                received = b""
-                while True:  # until EOF: the agent must close, not hold the socket
-                    try:
-                        chunk = tls.recv(65536)
-                    except ssl.SSLZeroReturnError:
-                        break
-                    if not chunk:
-                        break
-                    received += chunk
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(
+                (
+                    "GET /api/v1/ws/jobs HTTP/1.1\r\n"
+                    f"Host: localhost:{self.port}\r\n"
+                    "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                    "Sec-WebSocket-Version: 13\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                ).encode()
+            )
+            received = b""
+            while True:  # until EOF: the agent must close, not hold the socket
+                try:
+                    chunk = tls.recv(65536)
+                except ssl.SSLZeroReturnError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
         return received
 
     def connect(self) -> ClientConnection:
@@ -181,7 +187,7 @@ class ManagerRelayTests(_AgentCase):
             ssl=client_context(self.pki),
             proxy=None,
             open_timeout=10,
-            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
         )
 
     async def test_manager_relay_refused_and_polling_works(self) -> None:

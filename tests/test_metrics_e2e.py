@@ -10,6 +10,7 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseNeverReceived
 
 from tests.agentclient import mtls_client
 from tests.logcheck import assert_no_unhandled, capture_events
@@ -78,7 +79,7 @@ class ScrapeDuringJobTests(TestCase):
         self.assertEqual(relay_during["lpa_relay_notification_queue_usage{}"], 0)
         self.assertGreater(relay_during["lpa_relay_listen_notifications_total{}"], 0)
 
-        code, body = await pipeline.get(pipeline.ops_url + "api/status")
+        _code, body = await pipeline.get(pipeline.ops_url + "api/status")
         [running] = json.loads(body)["running"]
         [host] = running["hosts"]
         self.assertEqual((host["host"], host["status"], host["transport"], host["progress"]),
@@ -109,7 +110,7 @@ class ScrapeDuringJobTests(TestCase):
         pipeline = await Pipeline.start(self)
         client, pool = mtls_client(pipeline.pki.client_options("revoked"))
         self.addCleanup(pool.closeCachedConnections)
-        with self.assertRaises(Exception):
+        with self.assertRaises(ResponseNeverReceived):
             await client.get(f"{pipeline.agent_url}/api/v1/health")
         registry = pipeline.agent.metrics.registry
         await pipeline.until(lambda: registry.get_sample_value(

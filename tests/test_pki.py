@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import os
 import stat
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -13,8 +14,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa import tls
-from lpa.tools import pki
 from lpa.errors import ConfigError
+from lpa.tools import pki
 from tests.certs import make_test_pki
 from tests.test_tls import _Fetch, _TrackingSite, _Whoami
 
@@ -76,7 +77,7 @@ class InitTests(SynchronousTestCase):
 
     def test_days(self) -> None:
         """--days sets the leaf validity."""
-        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
         paths = pki.init_pki(self.dir, days=10, now=now)
         server = tls.load_certificate(paths.server_cert)
         self.assertEqual(server.not_valid_after_utc, now + datetime.timedelta(days=10))
@@ -85,12 +86,12 @@ class InitTests(SynchronousTestCase):
     def test_refuses_overwrite_without_force(self) -> None:
         """A second init refuses to overwrite, changing nothing; --force replaces the CA."""
         paths = pki.init_pki(self.dir)
-        before = open(paths.ca_cert, "rb").read()
+        before = Path(paths.ca_cert).read_bytes()
         e = self.assertRaises(pki.PkiError, pki.init_pki, self.dir)
         self.assertIn("already exists", str(e))
-        self.assertEqual(open(paths.ca_cert, "rb").read(), before)
+        self.assertEqual(Path(paths.ca_cert).read_bytes(), before)
         pki.init_pki(self.dir, force=True)
-        self.assertNotEqual(open(paths.ca_cert, "rb").read(), before)
+        self.assertNotEqual(Path(paths.ca_cert).read_bytes(), before)
 
     def test_no_hosts(self) -> None:
         """An empty host list is refused."""
@@ -121,10 +122,10 @@ class RevokeTests(SynchronousTestCase):
     def test_revoke_foreign_certificate_refused(self) -> None:
         """A certificate from another CA is refused and the CRL is unchanged."""
         other = pki.init_pki(self.mktemp())
-        before = open(self.paths.crl, "rb").read()
+        before = Path(self.paths.crl).read_bytes()
         e = self.assertRaises(pki.PkiError, pki.revoke, self.dir, other.client_cert)
         self.assertIn("not issued by the CA", str(e))
-        self.assertEqual(open(self.paths.crl, "rb").read(), before)
+        self.assertEqual(Path(self.paths.crl).read_bytes(), before)
 
     def test_revoke_missing_file(self) -> None:
         """A missing certificate is a one-line ConfigError naming it."""
@@ -148,13 +149,13 @@ class TestPkiTests(SynchronousTestCase):
     def test_shapes(self) -> None:
         """Expired is expired, revoked is in the CRL, other_ca is not ours."""
         t = make_test_pki(self.mktemp())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.assertLess(tls.load_certificate(t.expired.cert).not_valid_after_utc, now)
         crl = tls.load_crl(t.crl)
         self.assertEqual([r.serial_number for r in crl], [t.revoked.serial])
         ca = tls.load_certificate(t.ca_cert)
         other = tls.load_certificate(t.other_ca.cert)
-        self.assertRaises(Exception, other.verify_directly_issued_by, ca)
+        self.assertRaises(ValueError, other.verify_directly_issued_by, ca)
         self.assertEqual(t.good.common_name, "lpa-relay")
 
 

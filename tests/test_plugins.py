@@ -22,7 +22,8 @@ class TwistdPluginTests(SynchronousTestCase):
         # this proves the *installed* package carries the dropin.
         with tempfile.TemporaryDirectory() as cwd:
             done = subprocess.run(
-                [_twistd(), "--help"], cwd=cwd, capture_output=True, text=True, timeout=120
+                [_twistd(), "--help"], check=False, cwd=cwd, capture_output=True, text=True,
+                timeout=120,
             )
         self.assertEqual(done.returncode, 0, done.stderr)
         return done.stdout
@@ -34,7 +35,8 @@ class TwistdPluginTests(SynchronousTestCase):
         self.assertIn("lpa-relay", listing)
 
     def test_no_plugins_package_init(self) -> None:
-        """The checkout ships no twisted/__init__.py or twisted/plugins/__init__.py (pip would overwrite Twisted's and uninstalling would delete it)."""
+        """The checkout ships no twisted/__init__.py or twisted/plugins/__init__.py (pip would
+        overwrite Twisted's and uninstalling would delete it)."""
         top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.assertFalse(os.path.exists(os.path.join(top, "twisted", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(top, "twisted", "plugins", "__init__.py")))

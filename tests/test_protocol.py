@@ -12,8 +12,9 @@ from zope.interface import implementer
 
 from lpa import protocol
 from lpa.agent.eventlog import EventLog
+from lpa.agent.interfaces import IStreamChannel
 from lpa.agent.model import JobRequest
-from lpa.agent.ws_session import IStreamChannel, JobStreamSession
+from lpa.agent.ws_session import JobStreamSession
 from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, KIND_SNAPSHOT, JobEvent
 from lpa.follower import DETAIL, EVENTS, STREAM, JobFollower, Step
 from lpa.protocol import (

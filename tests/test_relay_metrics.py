@@ -20,7 +20,7 @@ from tests.fakes_relay import FakeRelayStore
 from tests.pgutil import event
 
 #: tests.pgutil.event's timestamp
-EVENT_TIME = datetime.datetime(2026, 11, 25, 20, 0, tzinfo=datetime.timezone.utc).timestamp()
+EVENT_TIME = datetime.datetime(2026, 11, 25, 20, 0, tzinfo=datetime.UTC).timestamp()
 
 
 def scrape(metrics: RelayMetrics) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -144,5 +145,5 @@ class PostgresMissingRecordTests(TestCase):
             reactor=reactor,
         )
         marking: Deferred = down.mark(self.row, "job-1")
-        with self.assertRaises(Exception):
+        with self.assertRaises(psycopg2.OperationalError):
             await marking

@@ -307,7 +307,7 @@ class AnomalyTests(PollerFixture):
                 "seq": seq, "error": "Agent process restart", "error_code": "AGENT_RESTARTED"}
 
     def test_409_events_ahead_is_the_snapshot(self) -> None:
-        """409 EVENTS_AHEAD: details.job is the snapshot at details.last_seq, with the incarnation."""
+        """409 EVENTS_AHEAD: details.job is the snapshot at details.last_seq, with incarnation."""
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
             409,
             envelope(error={"code": "EVENTS_AHEAD", "message": "ahead",
@@ -425,6 +425,6 @@ class SentenceTests(SynchronousTestCase):
         clock.advance(10)
         self.assertEqual(
             target.given_up,
-            [("r1", "the relay got no usable answer from agent agent1.example:12443 for 20s "
-                    "(deadline 20s): connection refused")],
+            [("r1", ("the relay got no usable answer from agent agent1.example:12443 for 20s "
+                    "(deadline 20s): connection refused"))],
         )

@@ -68,11 +68,15 @@ class HostSystemFileTests(SynchronousTestCase):
                 target.write(content)
         return path
 
-    def system(self, present: tuple[str, ...] = ("dpkg", "systemctl", "shutdown"), **kwargs: object) -> HostSystem:
+    def system(
+        self, present: tuple[str, ...] = ("dpkg", "systemctl", "shutdown"), **kwargs: object
+    ) -> HostSystem:
         defaults: dict[str, object] = {
             "boot_id_path": self.path("boot_id", "0f4e0c2a-1111-2222-3333-444455556666\n"),
             "uptime_path": self.path("uptime", "12345.67 24000.00\n"),
-            "os_release_paths": (self.path("missing-os-release"), self.path("os-release", OS_RELEASE)),
+            "os_release_paths": (
+                self.path("missing-os-release"), self.path("os-release", OS_RELEASE)
+            ),
             "reboot_marker": self.path("reboot-required"),
             "modules_dir": self.path("modules"),
             "which": lambda name: f"/usr/bin/{name}" if name in present else None,
@@ -91,13 +95,18 @@ class HostSystemFileTests(SynchronousTestCase):
         system = self.system()
         self.assertEqual(system.boot_id(), "0f4e0c2a-1111-2222-3333-444455556666")
         self.assertEqual(system.uptime_seconds(), 12345)
-        broken = self.system(boot_id_path=self.path("nope"), uptime_path=self.path("garbage", "x y"))
+        broken = self.system(
+            boot_id_path=self.path("nope"), uptime_path=self.path("garbage", "x y")
+        )
         self.assertEqual((broken.boot_id(), broken.uptime_seconds()), ("", 0))
 
     def test_os_release(self) -> None:
         """os-release values lose their quotes; comments are skipped."""
         fields = parse_os_release(OS_RELEASE + 'X="say \\"hi\\""\n')
-        self.assertEqual((fields["NAME"], fields["VERSION_ID"], fields["ID"]), ("Debian GNU/Linux", "12", "debian"))
+        self.assertEqual(
+            (fields["NAME"], fields["VERSION_ID"], fields["ID"]),
+            ("Debian GNU/Linux", "12", "debian"),
+        )
         self.assertEqual(fields["X"], 'say "hi"')
 
     def test_system_info(self) -> None:
@@ -143,7 +152,9 @@ class HostSystemFileTests(SynchronousTestCase):
 
     def test_package_db_dirty_or_unknown(self) -> None:
         """Audit output means not clean; without dpkg the answer is None."""
-        self.runner.on("dpkg", "--audit", stdout="The following packages are only half configured:\n")
+        self.runner.on(
+            "dpkg", "--audit", stdout="The following packages are only half configured:\n"
+        )
         self.assertIs(self.successResultOf(self.system().system_info())["package_db_clean"], False)
         info = self.successResultOf(self.system(present=("systemctl",)).system_info())
         self.assertIsNone(info["package_db_clean"])
@@ -176,7 +187,12 @@ class HostSystemFileTests(SynchronousTestCase):
 
     def test_service_systemctl_fails(self) -> None:
         """systemctl failing (no systemd) is SERVICE_STATUS_ERROR."""
-        self.runner.on("systemctl", exit_code=1, stderr="System has not been booted with systemd as init system (PID 1). Can't operate.")
+        self.runner.on(
+            "systemctl",
+            exit_code=1,
+            stderr="System has not been booted with systemd as init system (PID 1). "
+            "Can't operate.",
+        )
         self.failureResultOf(self.system().service_status("cron"), ServiceStatusError)
 
     def test_service_bad_names(self) -> None:
@@ -205,7 +221,9 @@ class HostSystemFileTests(SynchronousTestCase):
         """The Debian marker and its package list win."""
         self.path("reboot-required", "*** System restart required ***\n")
         self.path("reboot-required.pkgs", "linux-image-amd64\n")
-        self.assertEqual(self.successResultOf(self.system().pending_reboot()), (True, ["linux-image-amd64"]))
+        self.assertEqual(
+            self.successResultOf(self.system().pending_reboot()), (True, ["linux-image-amd64"])
+        )
 
     def test_pending_reboot_needs_restarting(self) -> None:
         """On RHEL, ``dnf needs-restarting -r`` exit 1 with its message means a reboot is needed."""
@@ -224,7 +242,9 @@ class HostSystemFileTests(SynchronousTestCase):
         """Elsewhere a newer installed kernel than the running one means reboot."""
         for release in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
             os.makedirs(os.path.join(self.path("modules"), release))
-        self.assertEqual(self.successResultOf(self.system(present=()).pending_reboot()), (True, ["kernel"]))
+        self.assertEqual(
+            self.successResultOf(self.system(present=()).pending_reboot()), (True, ["kernel"])
+        )
         self.assertEqual(self.runner.calls, [])
 
 

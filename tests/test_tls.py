@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl as stdlib_ssl
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, threads
@@ -137,7 +138,7 @@ class HandshakeMatrixTests(TestCase):
         port = self.listen(self.pki.server_options())
         from twisted.internet.ssl import Certificate
 
-        ca = Certificate.loadPEM(open(self.pki.ca_cert, "rb").read())
+        ca = Certificate.loadPEM(Path(self.pki.ca_cert).read_bytes())
         await self.assertRefused(port, optionsForClientTLS("localhost", trustRoot=ca))
         await eventually(self.refusals)
         [line] = self.refusals()
@@ -224,9 +225,9 @@ class HandshakeMatrixTests(TestCase):
 
         from lpa.tools import pki
 
-        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
         ca = tls.load_certificate(self.pki.ca_cert)
-        key = load_pem_private_key(open(self.pki.ca_key, "rb").read(), None)
+        key = load_pem_private_key(Path(self.pki.ca_key).read_bytes(), None)
         crl = pki.make_crl(ca, key, [(self.pki.revoked.serial, past)], now=past, days=1)
         pki.write_file(self.pki.crl, crl.public_bytes(Encoding.PEM))
         port = self.listen(self.pki.server_options())
@@ -286,7 +287,7 @@ def _client_with_versions(pki: TestPki, low: TLSVersion, high: TLSVersion) -> An
 
     ca = tls.load_certificates(pki.ca_cert)
     cert = tls.load_certificate(pki.good.cert)
-    key = load_pem_private_key(open(pki.good.key, "rb").read(), None)
+    key = load_pem_private_key(Path(pki.good.key).read_bytes(), None)
     return optionsForClientTLS(
         "localhost",
         trustRoot=tls._CATrustRoot(ca),
@@ -325,12 +326,12 @@ class OptionErrorTests(SynchronousTestCase):
         self.pki = make_test_pki(self.mktemp())
 
     def build(self, **overrides: Any) -> Any:
-        kwargs = dict(
-            ca_cert_path=self.pki.ca_cert,
-            cert_path=self.pki.server_cert,
-            key_path=self.pki.server_key,
-            crl_path=self.pki.crl,
-        )
+        kwargs = {
+            "ca_cert_path": self.pki.ca_cert,
+            "cert_path": self.pki.server_cert,
+            "key_path": self.pki.server_key,
+            "crl_path": self.pki.crl,
+        }
         kwargs.update(overrides)
         return tls.server_tls_options(**kwargs)  # type: ignore[arg-type]
 

@@ -263,6 +263,6 @@ class FinalLinesTests(SynchronousTestCase):
 
     def test_from_detail_only(self) -> None:
         """Without any event the detail says it all."""
-        self.assertEqual(final_lines(JOB, None, {"status": "cancelled", "message": "Job cancelled"}),
-                         [f"job {JOB} cancelled: Job cancelled"])
+        detail = {"status": "cancelled", "message": "Job cancelled"}
+        self.assertEqual(final_lines(JOB, None, detail), [f"job {JOB} cancelled: Job cancelled"])
         self.assertEqual(final_lines(JOB, None, None), [f"job {JOB} unknown"])

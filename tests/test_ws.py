@@ -28,8 +28,8 @@ from txaio.testutil import replace_loop
 from zope.interface.verify import verifyObject
 
 from lpa.agent.eventlog import EventLog
+from lpa.agent.interfaces import IStreamChannel
 from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
-from lpa.agent.ws_session import IStreamChannel
 from lpa.events import RUNNING
 from lpa.protocol import SUBPROTOCOL
 from tests.test_ws_session import FakeJobManager, new_job
@@ -227,7 +227,7 @@ class FactoryTests(SynchronousTestCase):
 class StreamTests(ProtocolTestBase):
     def test_handshake_and_greeting(self) -> None:
         """The RFC 6455 handshake completes and the client is greeted with ``connected``."""
-        client, server, pump = self.connect()
+        client, server, _pump = self.connect()
         self.assertTrue(client.opened)
         [greeting] = client.take()
         self.assertEqual(greeting["event"], "connected")
@@ -239,7 +239,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_subprotocol_selected_among_others(self) -> None:
         """A client offering several subprotocols, lpa.jobs.v1 among them, gets lpa.jobs.v1."""
-        client, server, pump = self.connect(protocols=["lpa.jobs.v0", SUBPROTOCOL])
+        client, _server, _pump = self.connect(protocols=["lpa.jobs.v0", SUBPROTOCOL])
         self.assertTrue(client.opened)
         self.assertEqual(client.websocket_protocol_in_use, SUBPROTOCOL)
 
@@ -268,7 +268,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_other_subprotocol_refused(self) -> None:
         """Offering only other subprotocols is refused the same way; the offer is echoed."""
-        raw, server, pump = self.raw_connect()
+        raw, _server, pump = self.raw_connect()
         raw.transport.write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: graphql-ws\r\n\r\n")
         pump.flush()
         status, _, body = http_answer(raw.received)
@@ -278,7 +278,7 @@ class StreamTests(ProtocolTestBase):
     def test_autobahn_client_without_subprotocol_fails_handshake(self) -> None:
         """A WebSocket client offering no subprotocol never opens: its handshake fails, which
         is what sends the manager's relay to polling."""
-        client, server, pump = self.connect(protocols=[])
+        client, _server, _pump = self.connect(protocols=[])
         self.assertFalse(client.opened)
         self.assertIsNotNone(client.closed)
         self.assertFalse(client.closed[0])
@@ -306,7 +306,7 @@ class StreamTests(ProtocolTestBase):
         seen: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        raw, server, pump = self.raw_connect()
+        raw, _server, pump = self.raw_connect()
         raw.transport.write(UPGRADE_REQUEST + b"\r\n")
         pump.flush()
         levels = [e["log_level"] for e in seen if e.get("log_level") >= LogLevel.info]
@@ -318,7 +318,7 @@ class StreamTests(ProtocolTestBase):
         """subscribe with after_seq replays then streams live events through job_complete."""
         job = new_job(self.jobs)
         self.jobs.step(job, RUNNING, 10, "started")
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         client.send_json({"action": "subscribe", "job_id": job, "after_seq": 0})
         pump.flush()
         self.jobs.step(job, RUNNING, 50, "half")
@@ -332,7 +332,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_garbage_then_still_working(self) -> None:
         """Garbage text gets an error event and the same connection keeps working."""
-        client, server, pump = self.connect(subscribe_all=True)
+        client, _server, pump = self.connect(subscribe_all=True)
         client.take()
         client.sendMessage(b"\x00garbage{", isBinary=False)
         pump.flush()
@@ -345,7 +345,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_binary_frame_gets_error_event(self) -> None:
         """A binary frame gets a BINARY_NOT_SUPPORTED error event; the connection stays open."""
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         client.take()
         client.sendMessage(b"\x01\x02", isBinary=True)
         pump.flush()
@@ -356,7 +356,7 @@ class StreamTests(ProtocolTestBase):
     def test_invalid_utf8_closes_1007(self) -> None:
         """A text message with invalid UTF-8 is closed with 1007; others keep being served."""
         bystander, _, bystander_pump = self.connect(subscribe_all=True)
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         client.sendMessage(b'{"action":"\xff\xfe"}', isBinary=False)
         pump.flush()
         self.assertEqual(client.closed[1], 1007)
@@ -369,7 +369,7 @@ class StreamTests(ProtocolTestBase):
     def test_oversized_message_closes_1009(self) -> None:
         """A message over max_message_bytes is closed with 1009."""
         factory = self.make_factory(max_message_bytes=1024)
-        client, server, pump = self.connect(factory=factory)
+        client, _server, pump = self.connect(factory=factory)
         client.send_json({"action": "subscribe", "pad": "x" * 900})
         pump.flush()
         self.assertEqual(client.take()[-1]["event"], "subscribed")  # under the limit: served
@@ -390,7 +390,7 @@ class StreamTests(ProtocolTestBase):
         server.transport.producer.resumeProducing()
         pump.flush()
         self.assertEqual(client.take(), [])
-        wasClean, code, reason = client.closed
+        _was_clean, code, reason = client.closed
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
         self.assertEqual(self.events.subscriber_count(), 0)
@@ -417,7 +417,7 @@ class StreamTests(ProtocolTestBase):
     def test_slow_consumer_that_never_reads_is_aborted(self) -> None:
         """A client closed with 1008 that never reads is aborted after drain_timeout."""
         factory = self.make_factory(send_buffer_events=2, drain_timeout=30)
-        client, server, pump = self.connect(factory=factory, subscribe_all=True)
+        _client, server, pump = self.connect(factory=factory, subscribe_all=True)
         server.transport.producer.pauseProducing()
         job = new_job(self.jobs)
         for i in range(3):
@@ -474,7 +474,7 @@ class StreamTests(ProtocolTestBase):
     def test_bad_handshake_answered_with_envelope(self) -> None:
         """Another bad handshake (an unsupported WebSocket version) is refused in the envelope
         too, with the headers Autobahn adds (the versions it speaks)."""
-        raw, server, pump = self.raw_connect()
+        raw, _server, pump = self.raw_connect()
         raw.transport.write(
             UPGRADE_REQUEST.replace(b"Version: 13", b"Version: 99") + b"\r\n"
         )
@@ -486,7 +486,7 @@ class StreamTests(ProtocolTestBase):
 
     def test_close_releases_everything(self) -> None:
         """A closed connection leaves no EventLog subscriber and no pending timer."""
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         self.assertEqual(self.events.subscriber_count(), 1)
         client.sendClose(1000)
         pump.flush()
@@ -507,7 +507,7 @@ class HookTests(ProtocolTestBase):
         """Autobahn calls onMessage synchronously and ignores what it returns (STYLE pin)."""
         factory = self.make_factory()
         factory.protocol = _ReturnsUnfiredDeferred
-        client, server, pump = self.connect(factory=factory)
+        client, _server, pump = self.connect(factory=factory)
         client.take()
         client.send_json({"action": "subscribe"})
         client.send_json({"action": "unsubscribe"})
@@ -524,7 +524,7 @@ class HeartbeatTests(ProtocolTestBase):
 
     def test_silent_client_dropped_after_timeout(self) -> None:
         """The server pings every 5 s and drops a client silent for 10 s."""
-        client, server, pump = self.connect(SilentClient)
+        client, _server, pump = self.connect(SilentClient)
         self.tick(pump, 9.75)
         self.assertIsNone(client.closed)
         self.tick(pump, 0.5)
@@ -536,13 +536,13 @@ class HeartbeatTests(ProtocolTestBase):
 
     def test_answering_client_stays(self) -> None:
         """A client that answers the pings stays connected indefinitely."""
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         self.tick(pump, 60)
         self.assertIsNone(client.closed)
 
     def test_client_ping_answered(self) -> None:
         """A client's ping gets a pong with the same payload."""
-        client, server, pump = self.connect()
+        client, _server, pump = self.connect()
         client.sendPing(b"are-you-there")
         pump.flush()
         self.assertEqual(client.pongs, [b"are-you-there"])

@@ -13,10 +13,12 @@ over plain ``ws://`` on loopback; TLS does not change framing, and the wss path 
 ``websockets`` interop tests in ``tests.test_ws_tls``.
 
 Reference run (manual, optional; not in CI): ``wstest`` from ``autobahntestsuite`` needs Python
-2.7.  With a Python 2.7 interpreter (e.g. pyenv's 2.7.18): ``pip install --target D virtualenv==16.7.12``; ``PYTHONPATH=D python2.7 -m virtualenv
-venv27``; ``venv27/bin/pip install -r autobahntestsuite.egg-info/requires.txt`` from the sdist;
+2.7.  With a Python 2.7 interpreter (e.g. pyenv's 2.7.18):
+``pip install --target D virtualenv==16.7.12``; ``PYTHONPATH=D python2.7 -m virtualenv venv27``;
+``venv27/bin/pip install -r autobahntestsuite.egg-info/requires.txt`` from the sdist;
 ``venv27/bin/pip install --no-deps autobahntestsuite-25.10.1.tar.gz``; start the echo site with
-``python -m tests.test_ws_conformance 9377`` (from the checkout) and run ``wstest -m fuzzingclient -s spec.json`` with ``{"outdir": "reports", "servers": [{"agent":
+``python -m tests.test_ws_conformance 9377`` (from the checkout) and run
+``wstest -m fuzzingclient -s spec.json`` with ``{"outdir": "reports", "servers": [{"agent":
 "lpa", "url": "ws://127.0.0.1:9377/api/v1/ws/jobs"}], "cases": ["1.*", "2.*", "3.*", "4.*", "5.*",
 "6.*", "7.*", "10.*"], "exclude-cases": [], "exclude-agent-cases": {}}``.
 
@@ -93,7 +95,7 @@ class KosokuConformanceTests(TestCase):
         self.assertGreaterEqual(len(report), 247, outcomes)
         self.assertTrue(any(case_id.startswith("10.") for case_id in report))
         print(f"\nkosoku cases 1-7, 10: {len(report)} cases, {dict(outcomes)}", file=sys.stderr)
-        # let the server side of the last connections finish closing 
+        # let the server side of the last connections finish closing
         await _settle()
 
 

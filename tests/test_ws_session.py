@@ -16,9 +16,9 @@ from zope.interface.verify import verifyObject
 
 from lpa.agent import ws_session
 from lpa.agent.eventlog import EventLog
-from lpa.agent.interfaces import IJobManager
+from lpa.agent.interfaces import IJobManager, IStreamChannel
 from lpa.agent.model import Job, JobRequest
-from lpa.agent.ws_session import IStreamChannel, JobStreamSession
+from lpa.agent.ws_session import JobStreamSession
 from lpa.errors import JobNotFoundError
 from lpa.events import (
     COMPLETED,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -22,8 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
-
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from websockets.typing import Subprotocol
 
 from lpa.agent.eventlog import EventLog
 from lpa.agent.jobs import JobManager
@@ -127,19 +128,20 @@ class WssInteropTests(TestCase):
                 gate.callback(None)
         await self.manager.stop()
         await self.port.stopListening()
-        # let the server side of closed connections finish 
+        # let the server side of closed connections finish
         for _ in range(3):
             await deferLater(reactor, 0.05, lambda: None)
 
     def connect(
         self, which: str | None = "good", subprotocols: list[str] | None = None
     ) -> ClientConnection:
+        offered = [SUBPROTOCOL] if subprotocols is None else subprotocols
         return connect(
             self.url,
             ssl=client_context(self.pki, which),
             proxy=None,
             open_timeout=10,
-            subprotocols=[SUBPROTOCOL] if subprotocols is None else subprotocols,  # type: ignore
+            subprotocols=[Subprotocol(name) for name in offered],
         )
 
     def submit_patch(self) -> str:
@@ -214,15 +216,17 @@ class WssInteropTests(TestCase):
             try:
                 with self.connect(which=None) as ws:
                     ws.recv(timeout=5)
-            except Exception as e:  # noqa: BLE001 - the failure is the point
+            except Exception as e:  # the failure is the point
                 return e
             return None
 
         subscribers = self.manager.events.subscriber_count()
         error = await deferToThread(attempt)
         self.assertIsNotNone(error)
-        self.assertIsInstance(error, (InvalidMessage, ssl.SSLError, ConnectionError, EOFError,
-                                      OSError) + _closed_errors())
+        self.assertIsInstance(
+            error,
+            (InvalidMessage, ssl.SSLError, ConnectionError, EOFError, OSError, *_closed_errors()),
+        )
         self.assertEqual(self.manager.events.subscriber_count(), subscribers)
         self.assertEqual(self.factory.countConnections, 0)
 
@@ -326,7 +330,7 @@ class AgentSiteTests(WssInteropTests):
 
     async def test_plain_get_is_426(self) -> None:
         """A GET without the upgrade on the agent's site answers 426, and the site still serves."""
-        status, body = await deferToThread(self.rest, "/api/v1/ws/jobs")
+        status, _body = await deferToThread(self.rest, "/api/v1/ws/jobs")
         self.assertEqual(status, 426)
 
 
@@ -410,9 +414,9 @@ class SlowConsumerOverTlsTests(TestCase):
     async def test_unread_connection_closed_1008_engine_unaffected(self) -> None:
         """A client that stops reading over mTLS is closed with 1008 once its queue is full;
         events keep being appended meanwhile (the engine is never held back)."""
-        client, factory, events, appended = await self.overflow()
+        client, _factory, _events, appended = await self.overflow()
         client.transport.resumeProducing()
-        wasClean, code, reason = await client.closed
+        _was_clean, code, reason = await client.closed
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
         self.assertLess(client.received, appended + 2)
@@ -422,7 +426,7 @@ class SlowConsumerOverTlsTests(TestCase):
         reads every buffered frame, then the 1008 close frame and its reason (Autobahn's own
         timers used to abort the connection with a reset, which discarded the close frame)."""
         # Autobahn's closing-handshake timer made short: it must not matter
-        client, factory, events, appended = await self.overflow(close_handshake_timeout=0.2)
+        client, _factory, _events, _appended = await self.overflow(close_handshake_timeout=0.2)
         await deferLater(reactor, 1.0, lambda: None)  # well past 0.2 s, still unread
         client.transport.resumeProducing()
         wasClean, code, reason = await client.closed
@@ -434,7 +438,7 @@ class SlowConsumerOverTlsTests(TestCase):
     async def test_client_that_never_reads_is_torn_down(self) -> None:
         """A client that never reads again loses its TCP connection after drain_timeout: the
         server holds no socket for it."""
-        client, factory, events, appended = await self.overflow(drain_timeout=0.5)
+        client, factory, _events, _appended = await self.overflow(drain_timeout=0.5)
         self.assertEqual(factory.countConnections, 1)
         for _ in range(500):
             if factory.countConnections == 0:
@@ -442,7 +446,7 @@ class SlowConsumerOverTlsTests(TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(factory.countConnections, 0)
         client.transport.resumeProducing()
-        wasClean, code, reason = await client.closed
+        wasClean, _code, _reason = await client.closed
         self.assertFalse(wasClean)
 
 
