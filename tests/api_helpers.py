@@ -15,7 +15,7 @@ from lpa.agent.cache import PatchCache
 from lpa.agent.http.api import AgentApi
 from lpa.agent.http.ratelimit import RateLimiter
 from tests.fakes import FakeBackend, FakeSystem
-from tests.fakes_api import FakeJobManager
+from tests.fakes_jobs import FakeJobManager
 
 BASE = "https://agent.test:12443"
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00\Z")

@@ -22,6 +22,7 @@ from lpa.agent.model import JobRequest
 from lpa.events import COMPLETED, FAILED, KIND_OUTPUT, KIND_WAITING_FOR_LOCK, RUNNING
 from lpa.metricsweb import MetricsPage
 from tests.api_helpers import BASE, ApiTestCase
+from tests.fakes_jobs import RecordingChannel
 
 
 def scrape(metrics: AgentMetrics) -> dict[str, float]:
@@ -32,17 +33,6 @@ def scrape(metrics: AgentMetrics) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}"] = sample.value
     return samples
-
-
-class _Channel:
-    def __init__(self) -> None:
-        self.closed: list[int] = []
-
-    def send_text(self, text: str) -> None:
-        pass
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append(code)
 
 
 class _Session:
@@ -107,16 +97,16 @@ class AgentMetricsTests(ApiTestCase):
         """Sessions, their subscriptions and 1008 closes are counted through the factory."""
         factory = _Factory()
         metered_sessions(factory, self.metrics)
-        channel = _Channel()
+        channel = RecordingChannel()
         session = factory.make_session(channel)
-        factory.make_session(_Channel()).closed = True
+        factory.make_session(RecordingChannel()).closed = True
         samples = scrape(self.metrics)
         self.assertEqual(samples["lpa_agent_ws_sessions{}"], 1)
         self.assertEqual(samples["lpa_agent_ws_subscriptions{}"], 2)
         self.assertEqual(samples["lpa_agent_ws_sessions_opened_total{}"], 2)
         session.channel.close(1008, "slow consumer")
         session.channel.close(1000, "bye")
-        self.assertEqual(channel.closed, [1008, 1000])
+        self.assertEqual([code for code, _ in channel.closes], [1008, 1000])
         self.assertEqual(scrape(self.metrics)["lpa_agent_ws_slow_consumer_closes_total{}"], 1)
 
 

@@ -283,7 +283,7 @@ class AlpnTests(TestCase):
     def test_site_offers_http11_only(self) -> None:
         """The agent's Site offers only http/1.1 in ALPN, even where h2 is importable."""
         from lpa.agent.http.api import AgentApi
-        from tests.fakes_api import FakeJobManager
+        from tests.fakes_jobs import FakeJobManager
 
         api = AgentApi(
             jobs=FakeJobManager(task.Clock()), backend=FakeBackend(), system=FakeSystem(),

@@ -5,9 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, fail
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
-from zope.interface.verify import verifyObject
 
-from lpa.agent.interfaces import IJobManager
 from lpa.agent.model import Package, PackageSpec, Patch
 from lpa.errors import (
     AdmissionFrozenError,
@@ -20,25 +18,9 @@ from lpa.errors import (
 )
 from lpa.events import COMPLETED, RUNNING, TIMED_OUT
 from tests.api_helpers import ApiTestCase
-from tests.fakes_api import FakeJobManager
+from tests.fakes_jobs import FakeJobManager
 
 JOB_ID_UNKNOWN = "0b7d5c1e-9a7f-4a53-9a43-7f1c1e0c2a11"
-
-
-class FakeJobManagerTests(ApiTestCase):
-    def test_fake_provides_interface(self) -> None:
-        """The API tests' FakeJobManager provides IJobManager."""
-        self.assertTrue(verifyObject(IJobManager, FakeJobManager(self.clock)))
-
-    def test_real_job_manager_provides_interface(self) -> None:
-        """The real JobManager declares IJobManager, so the fake cannot drift from it."""
-        try:
-            from lpa.agent.jobs import JobManager
-        except ImportError:
-            raise self.skipTest("lpa.agent.jobs not available") from None
-        from zope.interface.verify import verifyClass
-
-        self.assertTrue(verifyClass(IJobManager, JobManager))
 
 
 class HealthTests(ApiTestCase):

@@ -31,7 +31,7 @@ from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.protocol import SUBPROTOCOL
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
-from tests.fakes_api import FakeJobManager
+from tests.fakes_jobs import FakeJobManager
 from tests.rawhttp import Answer, exchange
 
 HEAD_END = b"\r\n\r\n"

@@ -18,7 +18,7 @@ from lpa.agent.ws_session import JobStreamSession
 from lpa.events import COMPLETED, JobEvent
 from tests.api_helpers import ApiTestCase
 from tests.fakes import FakeJobStore, FakeProcessRunner
-from tests.test_ws_session import RecordingChannel
+from tests.fakes_jobs import RecordingChannel
 
 
 class WireTests(ApiTestCase):

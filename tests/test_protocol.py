@@ -8,11 +8,9 @@ from typing import Any
 import attr
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from lpa import protocol
 from lpa.agent.eventlog import EventLog
-from lpa.agent.interfaces import IStreamChannel
 from lpa.agent.model import JobRequest
 from lpa.agent.ws_session import JobStreamSession
 from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, KIND_SNAPSHOT, JobEvent
@@ -28,7 +26,7 @@ from lpa.protocol import (
     parse_events_page,
     parse_frame,
 )
-from tests.test_ws_session import FakeJobManager
+from tests.fakes_jobs import FakeJobManager, RecordingChannel
 
 JOB = "0b0c1f9e-5a43-4a4e-9d51-6f3c1d8e2a10"
 OTHER = "5f0e8a4e-1d0c-4c55-9d3a-0f7e8f1f2b3c"
@@ -497,26 +495,15 @@ class FollowerPollTests(SynchronousTestCase):
         self.assertIn("unreadable", JobFollower(JOB).receive_answer(expired).problem)
 
 
-@implementer(IStreamChannel)
-class _Frames:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def send_text(self, text: str) -> None:
-        self.sent.append(text)
-
-    def close(self, code: int, reason: str) -> None:
-        raise AssertionError(f"closed {code} {reason}")
-
-
 class AgainstTheAgentTests(SynchronousTestCase):
     """The follower reading what the agent's own session writes (no sockets)."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.events = EventLog(self.clock, max_events_per_job=5)
-        self.jobs = FakeJobManager(self.events)
-        self.channel = _Frames()
+        self.jobs = FakeJobManager(self.clock, events=self.events)
+        self.channel = RecordingChannel()
+        self.addCleanup(lambda: self.assertIsNone(self.channel.closed_with))
         self.session = JobStreamSession(self.events, self.jobs, self.channel,
                                         now=lambda: T, connection_id="c1")
         self.session.start()
@@ -525,8 +512,8 @@ class AgainstTheAgentTests(SynchronousTestCase):
 
     def pump(self, follower: JobFollower) -> list[JobEvent]:
         delivered = []
-        while self.channel.sent:
-            step = follower.receive(parse_frame(self.channel.sent.pop(0)))
+        while self.channel.frames:
+            step = follower.receive(parse_frame(self.channel.frames.pop(0)))
             delivered.extend(step.events)
             for frame in step.send:
                 self.session.receive_text(protocol.dumps(frame))
@@ -550,7 +537,7 @@ class AgainstTheAgentTests(SynchronousTestCase):
         for n in range(10):
             self.jobs.step(self.job.id, "running", n, f"line {n}", kind=KIND_OUTPUT)
         self.jobs.finish(self.job.id, "failed")
-        del self.channel.sent[:]  # what this connection saw live before it subscribed
+        self.channel.take()  # what this connection saw live before it subscribed
         follower = JobFollower(self.job.id, after_seq=1)
         for frame in follower.stream_opened().send:
             self.session.receive_text(protocol.dumps(frame))

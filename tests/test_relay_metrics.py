@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from lpa.metricsweb import MetricsPage
@@ -35,7 +36,10 @@ def scrape(metrics: RelayMetrics) -> dict[str, float]:
     return samples
 
 
-class _Listener:
+@implementer(IWebSocketListener)
+class FakeListener:
+    """Records what the link's WebSocket tells it."""
+
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
@@ -146,7 +150,7 @@ class MeteredListenerTests(SynchronousTestCase):
     def test_handshake_failures_counted_then_passed_on(self) -> None:
         """Failed handshakes count by reason; drops of open sockets do not; all reach the link."""
         metrics = RelayMetrics()
-        inner = _Listener()
+        inner = FakeListener()
         dialled: list[Any] = []
         dial = metered_dial(lambda address, listener: dialled.append(listener), metrics)
         dial(AgentAddress("a.example", 12443), inner)

@@ -32,7 +32,7 @@ from lpa.agent.interfaces import IStreamChannel
 from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
 from lpa.events import RUNNING
 from lpa.protocol import SUBPROTOCOL
-from tests.test_ws_session import FakeJobManager, new_job
+from tests.fakes_jobs import FakeJobManager, new_job
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8443)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -112,7 +112,7 @@ class ProtocolTestBase(SynchronousTestCase):
         loop.__enter__()
         self.addCleanup(loop.__exit__, None, None, None)
         self.events = EventLog(self.clock, max_events_per_job=50)
-        self.jobs = FakeJobManager(self.events)
+        self.jobs = FakeJobManager(self.clock, events=self.events)
         self.factory = self.make_factory()
 
     def make_factory(self, **kw: Any) -> JobStreamFactory:
@@ -170,8 +170,9 @@ class ProtocolTestBase(SynchronousTestCase):
 
 class FactoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.events = EventLog(Clock())
-        self.jobs = FakeJobManager(self.events)
+        clock = Clock()
+        self.events = EventLog(clock)
+        self.jobs = FakeJobManager(clock, events=self.events)
 
     def test_options_set_explicitly(self) -> None:
         """Size limits, heartbeat, handshake timeouts, connection cap and no deflate are set."""

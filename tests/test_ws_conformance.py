@@ -44,7 +44,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
 from lpa.agent.eventlog import EventLog
-from tests.test_ws_session import FakeJobManager
+from tests.fakes_jobs import FakeJobManager
 from tests.wsecho import echo_site_root, make_echo_factory
 
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
@@ -61,7 +61,7 @@ def find_kosoku() -> str | None:
 def serve_echo(port: int = 0) -> Any:
     """Listen with the echo site on loopback; return the listening port."""
     events = EventLog(reactor)
-    factory = make_echo_factory(events, FakeJobManager(events), clock=reactor)
+    factory = make_echo_factory(events, FakeJobManager(reactor, events=events), clock=reactor)
     return reactor.listenTCP(port, Site(echo_site_root(factory)), interface="127.0.0.1")
 
 

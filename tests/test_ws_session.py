@@ -1,7 +1,4 @@
-"""Tests for lpa.agent.ws_session: the job stream's protocol logic, without sockets.
-
-Also home of :class:`FakeJobManager`, the small IJobManager the WebSocket tests drive.
-"""
+"""Tests for lpa.agent.ws_session: the job stream's protocol logic, without sockets."""
 
 from __future__ import annotations
 
@@ -11,111 +8,17 @@ from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from lpa.agent import ws_session
 from lpa.agent.eventlog import EventLog
-from lpa.agent.interfaces import IJobManager, IStreamChannel
-from lpa.agent.model import Job, JobRequest
 from lpa.agent.ws_session import JobStreamSession
-from lpa.errors import JobNotFoundError
 from lpa.events import (
     COMPLETED,
-    EVENT_JOB_COMPLETE,
     KIND_OUTPUT,
-    PENDING,
     RUNNING,
-    TERMINAL_STATUSES,
     rfc3339_from_epoch,
 )
-
-
-@implementer(IJobManager)
-class FakeJobManager:
-    """Jobs in a dict; ``step``/``finish`` append events the way the engine does."""
-
-    incarnation = "boot-1:1"
-
-    def __init__(self, events: EventLog) -> None:
-        self.events = events
-        self._jobs: dict[str, Job] = {}
-
-    def submit(self, request: Any) -> Job:
-        job_id = str(uuid.uuid4())
-        now = rfc3339_from_epoch(0)
-        job = Job(
-            id=job_id,
-            operation=request.operation,
-            status=PENDING,
-            created_at=now,
-            updated_at=now,
-            request=request,
-        )
-        self._jobs[job_id] = job
-        job.seq = self.events.append(job_id, status=PENDING, progress=0, message="Job created").seq
-        return job
-
-    def step(self, job_id: str, status: str, progress: int, message: str, **kw: Any) -> None:
-        job = self._jobs[job_id]
-        job.status, job.progress, job.message = status, progress, message
-        job.seq = self.events.append(
-            job_id, status=status, progress=progress, message=message, **kw
-        ).seq
-
-    def finish(self, job_id: str, status: str = COMPLETED) -> None:
-        """The terminal job_status, then the single job_complete."""
-        self.step(job_id, status, 100, f"Job {status}")
-        self.step(job_id, status, 100, f"Job {status}", event=EVENT_JOB_COMPLETE)
-
-    def get(self, job_id: str) -> Job:
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise JobNotFoundError(f"job {job_id} not found") from None
-
-    def list_jobs(self, status: str | None = None, limit: int = 50) -> list[Job]:
-        return [j for j in self._jobs.values() if status is None or j.status == status][:limit]
-
-    def cancel(self, job_id: str) -> Job:
-        self.finish(job_id, "cancelled")
-        return self._jobs[job_id]
-
-    def delete(self, job_id: str) -> None:
-        del self._jobs[job_id]
-
-    def mutation_in_progress(self) -> bool:
-        return any(j.status == RUNNING for j in self._jobs.values())
-
-    def active_count(self) -> int:
-        return sum(1 for j in self._jobs.values() if j.status not in TERMINAL_STATUSES)
-
-
-def new_job(jobs: FakeJobManager) -> str:
-    return jobs.submit(JobRequest(operation="patch_apply", dry_run=True)).id
-
-
-@implementer(IStreamChannel)
-class RecordingChannel:
-    """Keeps every frame sent, parsed, and the close; ``on_send`` runs a hook per frame."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.closed_with: tuple[int, str] | None = None
-        self.on_send: Any = None
-
-    def send_text(self, text: str) -> None:
-        frame = json.loads(text)
-        self.frames.append(frame)
-        if self.on_send is not None:
-            self.on_send(frame)
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-
-    def take(self) -> list[dict[str, Any]]:
-        frames, self.frames = self.frames, []
-        return frames
+from tests.fakes_jobs import FakeJobManager, RecordingChannel, new_job
 
 
 def job_frames(frames: list[dict[str, Any]], job_id: str | None = None) -> list[tuple[int, str]]:
@@ -132,7 +35,7 @@ class SessionTestBase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.events = EventLog(self.clock, max_events_per_job=20)
-        self.jobs = FakeJobManager(self.events)
+        self.jobs = FakeJobManager(self.clock, events=self.events)
         self.channel = RecordingChannel()
         self.session = self.make_session(self.channel)
 
@@ -161,13 +64,6 @@ class SessionTestBase(SynchronousTestCase):
         frames = self.channel.take()
         self.assertEqual([f["event"] for f in frames], ["error"], frames)
         return frames[0]
-
-
-class FakeTests(SynchronousTestCase):
-    def test_fakes_provide_interfaces(self) -> None:
-        """The fake job manager and the recording channel keep to their interfaces."""
-        self.assertTrue(verifyObject(IJobManager, FakeJobManager(EventLog(Clock()))))
-        self.assertTrue(verifyObject(IStreamChannel, RecordingChannel()))
 
 
 class GreetingAndFilterTests(SessionTestBase):

@@ -33,7 +33,7 @@ from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.protocol import SUBPROTOCOL
 from tests.certs import TestPki, make_test_pki
 from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
-from tests.test_ws_session import FakeJobManager, new_job
+from tests.fakes_jobs import FakeJobManager, new_job
 
 RECV_TIMEOUT = 10.0
 
@@ -365,7 +365,7 @@ class SlowConsumerOverTlsTests(TestCase):
         closes the connection as a slow consumer; return the client, factory, log, count."""
         pki = make_test_pki(self.mktemp())
         events = EventLog(reactor)
-        jobs = FakeJobManager(events)
+        jobs = FakeJobManager(reactor, events=events)
         factory = JobStreamFactory(
             events, jobs, clock=reactor, send_buffer_events=50, **factory_options
         )

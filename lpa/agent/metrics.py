@@ -27,7 +27,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from zope.interface import implementer
 
+from lpa.agent.interfaces import IStreamChannel
 from lpa.errors import RateLimitedError
 from lpa.events import EVENT_JOB_COMPLETE, KIND_WAITING_FOR_LOCK, OPERATIONS, RUNNING, JobEvent
 from lpa.metricsweb import CallbackCollector, gauge, labelled_gauge, new_registry
@@ -178,7 +180,8 @@ def readiness_fields(reasons: list[str]) -> dict[str, Any]:
     return {"ready": not reasons, "not_ready_reasons": list(reasons)}
 
 
-class _ChannelProxy:
+@implementer(IStreamChannel)
+class MeteredChannel:
     """A session's channel (the WebSocket protocol) that reports close codes."""
 
     def __init__(self, channel: Any, on_close: Callable[[int], None]) -> None:
@@ -201,7 +204,7 @@ def metered_sessions(factory: Any, metrics: AgentMetrics) -> None:
     make_session = factory.make_session
 
     def make_metered(channel: Any) -> Any:
-        session = make_session(_ChannelProxy(channel, metrics.session_closed))
+        session = make_session(MeteredChannel(channel, metrics.session_closed))
         metrics.session_made(session)
         return session
 
