@@ -54,6 +54,20 @@ def detail(status: str = "running", seq: int | None = 5, **extra: Any) -> dict[s
     return data
 
 
+def parse_event(frame: Any) -> JobEvent:
+    """:func:`parse_frame` of a frame the test expects to be a job event."""
+    parsed = parse_frame(frame)
+    assert isinstance(parsed, JobEvent), parsed
+    return parsed
+
+
+def parse_resync(frame: Any) -> Resync:
+    """:func:`parse_frame` of a frame the test expects to be a resync."""
+    parsed = parse_frame(frame)
+    assert isinstance(parsed, Resync), parsed
+    return parsed
+
+
 def answer(status: int, data: Any = None, error: dict[str, Any] | None = None) -> Answer:
     body = protocol.envelope(data, error, request_id="r", timestamp=T)
     return parse_answer(status, json.dumps(body).encode())
@@ -94,21 +108,21 @@ class ClientFrameTests(SynchronousTestCase):
 class ParseFrameTests(SynchronousTestCase):
     def test_job_events(self) -> None:
         """job_status and job_complete become JobEvents, from text, bytes or a dict."""
-        status = parse_frame(json.dumps(wire(3, "completed", progress=100)))
+        status = parse_event(json.dumps(wire(3, "completed", progress=100)))
         self.assertEqual((status.seq, status.status, status.event), (3, "completed", "job_status"))
-        complete = parse_frame(json.dumps(wire(4, "completed", name="job_complete")).encode())
+        complete = parse_event(json.dumps(wire(4, "completed", name="job_complete")).encode())
         self.assertEqual(complete.event, EVENT_JOB_COMPLETE)
         self.assertEqual(parse_frame(wire(1)), event(1))
 
     def test_unknown_members_ignored(self) -> None:
         """Members a reader does not know change nothing; the incarnation is read where sent."""
         self.assertEqual(parse_frame(wire(2, extra={"x": 1}, future="y")), event(2))
-        self.assertEqual(parse_frame(wire(2, incarnation="b7e1:3")).incarnation, "b7e1:3")
+        self.assertEqual(parse_event(wire(2, incarnation="b7e1:3")).incarnation, "b7e1:3")
         resync = protocol.resync_frame(detail(), 5, "resync", T, incarnation="b7e1:4")
         resync["future"] = {"x": 1}
-        parsed = parse_frame(resync)
+        parsed = parse_resync(resync)
         self.assertEqual((parsed.seq, parsed.incarnation), (5, "b7e1:4"))
-        self.assertIsNone(parse_frame(protocol.resync_frame(detail(), 5, "r", T)).incarnation)
+        self.assertIsNone(parse_resync(protocol.resync_frame(detail(), 5, "r", T)).incarnation)
 
     def test_acks(self) -> None:
         """connected/subscribed/unsubscribed are Acks; the original stub's connected too."""
@@ -135,7 +149,7 @@ class ParseFrameTests(SynchronousTestCase):
         frame = protocol.resync_frame(detail("failed", seq=9, error="boom",
                                              error_code="PKG_MANAGER_ERROR"), 12, "gone", T)
         self.assertEqual((frame["error"], frame["error_code"]), ("boom", "PKG_MANAGER_ERROR"))
-        resync = parse_frame(frame)
+        resync = parse_resync(frame)
         self.assertIsInstance(resync, Resync)
         self.assertEqual((resync.job_id, resync.seq), (JOB, 12))
         self.assertEqual(resync.detail["logs"], ["a", "b"])
@@ -148,11 +162,11 @@ class ParseFrameTests(SynchronousTestCase):
         """A resync without a job object is read from its own members; seq from either."""
         frame = {"event": "resync", "job_id": JOB, "status": "timedout", "progress": 7,
                  "message": "m", "seq": 4}
-        resync = parse_frame(frame)
+        resync = parse_resync(frame)
         self.assertEqual((resync.seq, resync.snapshot.status, resync.snapshot.progress),
                          (4, "timed_out", 7))
         nested = {"event": "resync", "job_id": JOB, "job": detail(seq=6)}
-        self.assertEqual(parse_frame(nested).seq, 6)
+        self.assertEqual(parse_resync(nested).seq, 6)
 
     def test_unknown_frame(self) -> None:
         """A frame kind of a newer agent is UnknownFrame, not an error."""
@@ -185,6 +199,7 @@ class SnapshotTests(SynchronousTestCase):
 
     def test_bad(self) -> None:
         """No detail or no readable status is a ProtocolError."""
+        bad: Any
         for bad in (None, [], {"progress": 3}, {"status": "exploded"}):
             self.assertRaises(ProtocolError, protocol.snapshot_event, JOB, bad)
 
@@ -253,6 +268,7 @@ class EventsPageTests(SynchronousTestCase):
 
     def test_bad(self) -> None:
         """No events list is a ProtocolError."""
+        bad: Any
         for bad in (None, {}, {"events": {}}):
             self.assertRaises(ProtocolError, parse_events_page, bad, JOB)
 
@@ -279,6 +295,7 @@ class FollowerStreamTests(SynchronousTestCase):
         self.assertFalse(follower.done)
         self.assertEqual(seqs(follower.receive(event(4, "completed", name="job_complete"))), [4])
         self.assertTrue(follower.done and follower.over)
+        assert follower.latest is not None and follower.outcome is not None
         self.assertEqual(follower.latest.event, EVENT_JOB_COMPLETE)
         self.assertEqual((follower.outcome.seq, follower.outcome.status), (3, "completed"))
         self.assertEqual(follower.receive(event(5)), Step())
@@ -324,6 +341,7 @@ class FollowerStreamTests(SynchronousTestCase):
         follower = self.opened(after=3)
         follower.receive(parse_frame(protocol.resync_frame(detail("completed"), 90, "old", T)))
         self.assertTrue(follower.done)
+        assert follower.latest is not None
         self.assertEqual(follower.latest.status, "completed")
 
     def test_job_not_found(self) -> None:
@@ -511,7 +529,7 @@ class AgainstTheAgentTests(SynchronousTestCase):
         self.job = self.jobs.submit(JobRequest(operation="patch_apply", dry_run=True))
 
     def pump(self, follower: JobFollower) -> list[JobEvent]:
-        delivered = []
+        delivered: list[JobEvent] = []
         while self.channel.frames:
             step = follower.receive(parse_frame(self.channel.frames.pop(0)))
             delivered.extend(step.events)

@@ -8,7 +8,7 @@ and, through ``txaio.testutil.replace_loop``, on the client.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import autobahn.websocket
 from autobahn.twisted.resource import WebSocketResource
@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -33,6 +33,8 @@ from lpa.agent.ws import JobStreamFactory, JobStreamProtocol, make_ws_resource
 from lpa.events import RUNNING
 from lpa.protocol import SUBPROTOCOL
 from tests.fakes_jobs import FakeJobManager, new_job
+
+P = TypeVar("P")
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8443)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -84,6 +86,11 @@ class RecordingClient(WebSocketClientProtocol):
         messages, self.messages = self.messages, []
         return messages
 
+    def ending(self) -> tuple[bool, int | None, str | None]:
+        """How the connection was closed (it must have been)."""
+        assert self.closed is not None, "the connection is still open"
+        return self.closed
+
     def send_json(self, message: Any) -> None:
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
 
@@ -102,6 +109,27 @@ class RawClient(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+
+
+def fake_transport(protocol: Any) -> iosim.FakeTransport:
+    """The in-memory transport iosim gave ``protocol``."""
+    transport = protocol.transport
+    assert isinstance(transport, iosim.FakeTransport), transport
+    return transport
+
+
+def producer_of(protocol: Any) -> Any:
+    """The producer registered with ``protocol``'s in-memory transport."""
+    producer = fake_transport(protocol).producer
+    assert producer is not None, "no producer registered"
+    return producer
+
+
+def build(factory: Any, cls: type[P], address: IPv4Address) -> P:
+    """``factory.buildProtocol(address)``, which the test knows makes a ``cls``."""
+    protocol = factory.buildProtocol(address)
+    assert isinstance(protocol, cls), protocol
+    return protocol
 
 
 class ProtocolTestBase(SynchronousTestCase):
@@ -125,14 +153,14 @@ class ProtocolTestBase(SynchronousTestCase):
         protocols: list[str] | None = None,
         subscribe_all: bool = False,
     ) -> tuple[RecordingClient, JobStreamProtocol, iosim.IOPump]:
-        server = (factory or self.factory).buildProtocol(CLIENT_ADDRESS)
+        server = build(factory or self.factory, JobStreamProtocol, CLIENT_ADDRESS)
         client_factory = WebSocketClientFactory(
             "ws://127.0.0.1:8443/api/v1/ws/jobs",
             protocols=[SUBPROTOCOL] if protocols is None else protocols,
         )
         client_factory.protocol = client_class
         client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0)
-        client = client_factory.buildProtocol(SERVER_ADDRESS)
+        client = build(client_factory, client_class, SERVER_ADDRESS)
         pump = iosim.connect(
             server,
             iosim.FakeTransport(server, isServer=True, peerAddress=CLIENT_ADDRESS),
@@ -149,7 +177,7 @@ class ProtocolTestBase(SynchronousTestCase):
     def raw_connect(
         self, factory: Any = None
     ) -> tuple[RawClient, JobStreamProtocol, iosim.IOPump]:
-        server = (factory or self.factory).buildProtocol(CLIENT_ADDRESS)
+        server = build(factory or self.factory, JobStreamProtocol, CLIENT_ADDRESS)
         raw = RawClient()
         pump = iosim.connect(
             server, iosim.FakeTransport(server, isServer=True),
@@ -210,10 +238,8 @@ class FactoryTests(SynchronousTestCase):
     def test_nvx_confirmed(self) -> None:
         """Autobahn's NVX accelerations are present, and the factory says so in its log."""
         self.assertTrue(autobahn.websocket.USES_NVX)
-        seen: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        JobStreamFactory(self.events, self.jobs, clock=Clock())
+        with capturedLogs() as seen:
+            JobStreamFactory(self.events, self.jobs, clock=Clock())
         nvx = [e for e in seen if "nvx" in e]
         self.assertEqual([(e["nvx"], e["log_level"]) for e in nvx], [("on", LogLevel.info)])
 
@@ -232,7 +258,7 @@ class StreamTests(ProtocolTestBase):
         self.assertTrue(client.opened)
         [greeting] = client.take()
         self.assertEqual(greeting["event"], "connected")
-        self.assertIs(server.transport.producer, server)
+        self.assertIs(fake_transport(server).producer, server)
         self.assertEqual(
             (client.websocket_protocol_in_use, server.websocket_protocol_in_use),
             (SUBPROTOCOL, SUBPROTOCOL),
@@ -248,7 +274,7 @@ class StreamTests(ProtocolTestBase):
         """A handshake without lpa.jobs.v1 (the manager's relay) gets HTTP 400 and the JSON
         envelope naming the subprotocol; the server closes the connection, no session starts."""
         raw, server, pump = self.raw_connect()
-        raw.transport.write(UPGRADE_REQUEST + b"\r\n")
+        fake_transport(raw).write(UPGRADE_REQUEST + b"\r\n")
         pump.flush()
         status, headers, body = http_answer(raw.received)
         self.assertEqual(status, "HTTP/1.1 400 Bad Request")
@@ -261,7 +287,7 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual((error["code"], error["retryable"]), ("SUBPROTOCOL_REQUIRED", False))
         self.assertIn(SUBPROTOCOL, error["message"])
         self.assertEqual(error["details"], {"subprotocol": SUBPROTOCOL, "offered": []})
-        self.assertTrue(server.transport.disconnected)
+        self.assertTrue(fake_transport(server).disconnected)
         self.assertIsNone(server.session)
         self.assertEqual((self.events.subscriber_count(), self.factory.countConnections), (0, 0))
         self.clock.advance(60)
@@ -270,7 +296,7 @@ class StreamTests(ProtocolTestBase):
     def test_other_subprotocol_refused(self) -> None:
         """Offering only other subprotocols is refused the same way; the offer is echoed."""
         raw, _server, pump = self.raw_connect()
-        raw.transport.write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: graphql-ws\r\n\r\n")
+        fake_transport(raw).write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: graphql-ws\r\n\r\n")
         pump.flush()
         status, _, body = http_answer(raw.received)
         self.assertTrue(status.startswith("HTTP/1.1 400"))
@@ -282,13 +308,13 @@ class StreamTests(ProtocolTestBase):
         client, _server, _pump = self.connect(protocols=[])
         self.assertFalse(client.opened)
         self.assertIsNotNone(client.closed)
-        self.assertFalse(client.closed[0])
+        self.assertFalse(client.ending()[0])
         self.assertEqual(self.events.subscriber_count(), 0)
 
     def test_refused_client_that_stays_is_aborted(self) -> None:
         """A refused client that keeps its end open (e.g. never answers TLS close_notify) is
         aborted after the closing-handshake timeout: a refusal holds no socket."""
-        server = self.factory.buildProtocol(CLIENT_ADDRESS)
+        server = build(self.factory, JobStreamProtocol, CLIENT_ADDRESS)
         transport = StringTransport()
         transport.registerProducer(RawClient(), True)  # the HTTP channel, as in the agent
         server.makeConnection(transport)
@@ -304,12 +330,10 @@ class StreamTests(ProtocolTestBase):
 
     def test_refusal_logs_one_info_line(self) -> None:
         """A refused handshake is one info line naming the subprotocol, no warning."""
-        seen: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        raw, _server, pump = self.raw_connect()
-        raw.transport.write(UPGRADE_REQUEST + b"\r\n")
-        pump.flush()
+        with capturedLogs() as seen:
+            raw, _server, pump = self.raw_connect()
+            fake_transport(raw).write(UPGRADE_REQUEST + b"\r\n")
+            pump.flush()
         levels = [e["log_level"] for e in seen if e.get("log_level") >= LogLevel.info]
         self.assertEqual(levels, [LogLevel.info])
         [line] = [e for e in seen if e.get("log_level") == LogLevel.info]
@@ -360,7 +384,7 @@ class StreamTests(ProtocolTestBase):
         client, _server, pump = self.connect()
         client.sendMessage(b'{"action":"\xff\xfe"}', isBinary=False)
         pump.flush()
-        self.assertEqual(client.closed[1], 1007)
+        self.assertEqual(client.ending()[1], 1007)
         new_job(self.jobs)
         bystander_pump.flush()
         self.assertEqual(
@@ -376,22 +400,22 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(client.take()[-1]["event"], "subscribed")  # under the limit: served
         client.send_json({"action": "subscribe", "pad": "x" * 1100})
         pump.flush()
-        self.assertEqual(client.closed[1], 1009)
+        self.assertEqual(client.ending()[1], 1009)
 
     def test_slow_consumer_closed_1008(self) -> None:
         """Past send_buffer_events while the transport is full, the server closes with 1008."""
         factory = self.make_factory(send_buffer_events=5)
         client, server, pump = self.connect(factory=factory, subscribe_all=True)
         client.take()
-        server.transport.producer.pauseProducing()  # what a full transport buffer does
+        producer_of(server).pauseProducing()  # what a full transport buffer does
         job = new_job(self.jobs)
         for i in range(5):
             self.jobs.step(job, RUNNING, i, "step")
         self.assertEqual(self.events.last_seq(job), 6)  # the engine was never held back
-        server.transport.producer.resumeProducing()
+        producer_of(server).resumeProducing()
         pump.flush()
         self.assertEqual(client.take(), [])
-        _was_clean, code, reason = client.closed
+        _was_clean, code, reason = client.ending()
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
         self.assertEqual(self.events.subscriber_count(), 0)
@@ -402,16 +426,16 @@ class StreamTests(ProtocolTestBase):
         and reason."""
         factory = self.make_factory(send_buffer_events=2)
         client, server, pump = self.connect(factory=factory, subscribe_all=True)
-        server.transport.producer.pauseProducing()
+        producer_of(server).pauseProducing()
         job = new_job(self.jobs)
         for i in range(3):
             self.jobs.step(job, RUNNING, i, "step")
         self.assertEqual(server.state, server.STATE_CLOSING)
         self.clock.advance(25)  # the client reads nothing meanwhile
-        self.assertFalse(server.transport.disconnecting)
+        self.assertFalse(fake_transport(server).disconnecting)
         pump.flush()
-        self.assertEqual(client.closed[:2], (True, 1008))
-        self.assertIn("slow consumer", client.closed[2])
+        self.assertEqual(client.ending()[:2], (True, 1008))
+        self.assertIn("slow consumer", client.ending()[2])
         self.clock.advance(60)
         self.assert_no_timers()
 
@@ -419,14 +443,14 @@ class StreamTests(ProtocolTestBase):
         """A client closed with 1008 that never reads is aborted after drain_timeout."""
         factory = self.make_factory(send_buffer_events=2, drain_timeout=30)
         _client, server, pump = self.connect(factory=factory, subscribe_all=True)
-        server.transport.producer.pauseProducing()
+        producer_of(server).pauseProducing()
         job = new_job(self.jobs)
         for i in range(3):
             self.jobs.step(job, RUNNING, i, "step")
         self.clock.advance(29.9)
-        self.assertFalse(server.transport.disconnecting)
+        self.assertFalse(fake_transport(server).disconnecting)
         self.clock.advance(0.2)
-        self.assertTrue(server.transport.disconnecting)
+        self.assertTrue(fake_transport(server).disconnecting)
         pump.flush()
         self.assertEqual(self.events.subscriber_count(), 0)
         self.clock.advance(60)
@@ -436,11 +460,11 @@ class StreamTests(ProtocolTestBase):
         """A peer that vanishes while the server waits for its close reply leaves no timer."""
         factory = self.make_factory(send_buffer_events=1)
         client, server, pump = self.connect(factory=factory, subscribe_all=True)
-        server.transport.producer.pauseProducing()
+        producer_of(server).pauseProducing()
         new_job(self.jobs)
         new_job(self.jobs)  # overflow: the server sends its close frame and waits
         self.assertIsNotNone(server._teardown_call)
-        client.transport.loseConnection()
+        fake_transport(client).loseConnection()
         pump.flush()
         self.assertEqual((server.closeHandshakeTimeoutCall, server._teardown_call), (None, None))
         self.assert_no_timers()
@@ -453,7 +477,7 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.events.subscriber_count(), 0)
         pump.flush()
-        self.assertEqual(client.closed[:2], (True, 1000))
+        self.assertEqual(client.ending()[:2], (True, 1000))
 
     def test_connection_limit_answers_503(self) -> None:
         """Past max_connections the opening handshake is refused with HTTP 503, a Retry-After
@@ -462,7 +486,7 @@ class StreamTests(ProtocolTestBase):
         first, _, _ = self.connect(factory=factory)
         self.assertTrue(first.opened)
         raw, server, pump = self.raw_connect(factory)
-        raw.transport.write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: lpa.jobs.v1\r\n\r\n")
+        fake_transport(raw).write(UPGRADE_REQUEST + b"Sec-WebSocket-Protocol: lpa.jobs.v1\r\n\r\n")
         pump.flush()
         status, headers, body = http_answer(raw.received)
         self.assertEqual(status, "HTTP/1.1 503 Service Unavailable")
@@ -470,13 +494,13 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(
             (body["error"]["code"], body["error"]["retryable"]), ("TOO_MANY_CONNECTIONS", True)
         )
-        self.assertTrue(server.transport.disconnected)
+        self.assertTrue(fake_transport(server).disconnected)
 
     def test_bad_handshake_answered_with_envelope(self) -> None:
         """Another bad handshake (an unsupported WebSocket version) is refused in the envelope
         too, with the headers Autobahn adds (the versions it speaks)."""
         raw, _server, pump = self.raw_connect()
-        raw.transport.write(
+        fake_transport(raw).write(
             UPGRADE_REQUEST.replace(b"Version: 13", b"Version: 99") + b"\r\n"
         )
         pump.flush()
@@ -491,7 +515,7 @@ class StreamTests(ProtocolTestBase):
         self.assertEqual(self.events.subscriber_count(), 1)
         client.sendClose(1000)
         pump.flush()
-        self.assertEqual(client.closed[:2], (True, 1000))
+        self.assertEqual(client.ending()[:2], (True, 1000))
         self.assertEqual(self.events.subscriber_count(), 0)
         self.clock.advance(60)
         self.assert_no_timers()
@@ -530,7 +554,7 @@ class HeartbeatTests(ProtocolTestBase):
         self.assertIsNone(client.closed)
         self.tick(pump, 0.5)
         self.assertIsNotNone(client.closed)
-        self.assertFalse(client.closed[0])
+        self.assertFalse(client.ending()[0])
         self.assertEqual(self.events.subscriber_count(), 0)
         self.clock.advance(60)
         self.assert_no_timers()

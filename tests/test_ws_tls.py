@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorSSL
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
@@ -48,8 +50,16 @@ def client_context(pki: TestPki, which: str | None = "good") -> ssl.SSLContext:
     return context
 
 
+def port_number(port: IListeningPort) -> int:
+    """The TCP port a loopback listener got."""
+    address = port.getHost()
+    assert isinstance(address, IPv4Address), address
+    return address.port
+
+
 def recv_json(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-    return json.loads(ws.recv(timeout=timeout))
+    frame: dict[str, Any] = json.loads(ws.recv(timeout=timeout))
+    return frame
 
 
 def recv_until(
@@ -82,7 +92,7 @@ def job_events(frames: list[dict[str, Any]], job_id: str | None = None) -> list[
 
 
 def is_ack(frame: dict[str, Any]) -> bool:
-    return frame["event"] == "subscribed"
+    return bool(frame["event"] == "subscribed")
 
 
 def is_complete(job_id: str) -> Callable[[dict[str, Any]], bool]:
@@ -92,7 +102,7 @@ def is_complete(job_id: str) -> Callable[[dict[str, Any]], bool]:
 class WssInteropTests(TestCase):
     timeout = 60
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits for it
         self.pki = make_test_pki(self.mktemp())
         self.backend = FakeBackend()
         self.backend.script(
@@ -115,10 +125,10 @@ class WssInteropTests(TestCase):
         api.putChild(b"v1", v1)
         v1.putChild(b"ws", ws)
         ws.putChild(b"jobs", make_ws_resource(self.factory))
-        self.port = reactor.listenSSL(
+        self.port = IReactorSSL(reactor).listenSSL(
             0, Site(root), self.pki.server_options(), interface="127.0.0.1"
         )
-        self.url = f"wss://127.0.0.1:{self.port.getHost().port}/api/v1/ws/jobs"
+        self.url = f"wss://127.0.0.1:{port_number(self.port)}/api/v1/ws/jobs"
         self.addCleanup(self._tear_down)
         return self.manager.start()
 
@@ -127,7 +137,7 @@ class WssInteropTests(TestCase):
             if not gate.called:
                 gate.callback(None)
         await self.manager.stop()
-        await self.port.stopListening()
+        await maybeDeferred(self.port.stopListening)
         # let the server side of closed connections finish
         for _ in range(3):
             await deferLater(reactor, 0.05, lambda: None)
@@ -175,7 +185,7 @@ class WssInteropTests(TestCase):
                 recv_json(ws2)
                 ws2.send(json.dumps({"action": "subscribe", "job_id": job_b}))
                 out["ack2"] = recv_json(ws2)
-                blockingCallFromThread(reactor, self.release, job_a)
+                blockingCallFromThread(IReactorFromThreads(reactor), self.release, job_a)
                 out["stream"] = recv_until(ws1, is_complete(job_a))
                 ws1.send("this is { not json")
                 out["garbage"] = recv_json(ws1)
@@ -276,7 +286,7 @@ class WssInteropTests(TestCase):
 class AgentSiteTests(WssInteropTests):
     """The same stream through the agent's real Klein site (``AgentApi``), next to its REST twin."""
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits for it
         started = super().setUp()
         from lpa.agent.http.api import AgentApi
 
@@ -290,10 +300,10 @@ class AgentSiteTests(WssInteropTests):
             ws_resource=make_ws_resource(self.factory),
         )
         self.port.stopListening()  # replaced by the agent's site
-        self.port = reactor.listenSSL(
+        self.port = IReactorSSL(reactor).listenSSL(
             0, Site(api.resource()), self.pki.server_options(), interface="127.0.0.1"
         )
-        self.base = f"127.0.0.1:{self.port.getHost().port}"
+        self.base = f"127.0.0.1:{port_number(self.port)}"
         self.url = f"wss://{self.base}/api/v1/ws/jobs"
         return started
 
@@ -320,7 +330,7 @@ class AgentSiteTests(WssInteropTests):
                 recv_json(ws)
                 ws.send(json.dumps({"action": "subscribe", "job_id": job, "after_seq": 0}))
                 recv_until(ws, is_ack)
-                blockingCallFromThread(reactor, self.release, job)
+                blockingCallFromThread(IReactorFromThreads(reactor), self.release, job)
                 frames = recv_until(ws, is_complete(job))
             return frames, self.rest(f"/api/v1/jobs/{job}/events?after=0")
 
@@ -355,6 +365,34 @@ class _PausableClient(WebSocketClientProtocol):
         self.closed.callback((wasClean, code, reason))
 
 
+class _RecordingClientFactory(WebSocketClientFactory):
+    """Builds _PausableClients offering our subprotocol, and keeps each one."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, protocols=[SUBPROTOCOL])
+        self.protocol = _PausableClient
+        self.built: list[_PausableClient] = []
+
+    def buildProtocol(self, addr: Any) -> _PausableClient:
+        protocol = super().buildProtocol(addr)
+        assert isinstance(protocol, _PausableClient), protocol
+        self.built.append(protocol)
+        return protocol
+
+
+class _Reading(Protocol):
+    """A client's TLS transport, as the producer of what the client reads."""
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
+def reading(client: WebSocketClientProtocol) -> _Reading:
+    """What stops and restarts ``client``'s reading (its TLS transport)."""
+    return cast(_Reading, client.transport)
+
+
 class SlowConsumerOverTlsTests(TestCase):
     timeout = 60
 
@@ -371,19 +409,14 @@ class SlowConsumerOverTlsTests(TestCase):
         )
         if close_handshake_timeout is not None:
             factory.setProtocolOptions(closeHandshakeTimeout=close_handshake_timeout)
-        port = reactor.listenSSL(
+        port = IReactorSSL(reactor).listenSSL(
             0, Site(echo_free_root(factory)), pki.server_options(), interface="127.0.0.1"
         )
         self.addCleanup(port.stopListening)
-        url = f"wss://localhost:{port.getHost().port}/api/v1/ws/jobs"
-        client_factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL])
-        client_factory.protocol = _PausableClient
+        url = f"wss://localhost:{port_number(port)}/api/v1/ws/jobs"
+        client_factory = _RecordingClientFactory(url)
         client_factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10)
-        protocols: list[_PausableClient] = []
-        client_factory.buildProtocol = (  # type: ignore[method-assign]
-            lambda addr, build=client_factory.buildProtocol: protocols.append(build(addr))
-            or protocols[-1]
-        )
+        protocols = client_factory.built
         connector = connectWS(client_factory, contextFactory=pki.client_options("good"))
         self.addCleanup(connector.disconnect)
         for _ in range(500):
@@ -397,7 +430,7 @@ class SlowConsumerOverTlsTests(TestCase):
         while client.received < 2:  # connected, subscribed
             await deferLater(reactor, 0.01, lambda: None)
 
-        client.transport.pauseProducing()  # stop reading: the server's buffers fill up
+        reading(client).pauseProducing()  # stop reading: the server's buffers fill up
         job = new_job(jobs)
         line = "x" * 8000
         appended = 0
@@ -415,7 +448,7 @@ class SlowConsumerOverTlsTests(TestCase):
         """A client that stops reading over mTLS is closed with 1008 once its queue is full;
         events keep being appended meanwhile (the engine is never held back)."""
         client, _factory, _events, appended = await self.overflow()
-        client.transport.resumeProducing()
+        reading(client).resumeProducing()
         _was_clean, code, reason = await client.closed
         self.assertEqual(code, 1008)
         self.assertIn("slow consumer", reason)
@@ -428,7 +461,7 @@ class SlowConsumerOverTlsTests(TestCase):
         # Autobahn's closing-handshake timer made short: it must not matter
         client, _factory, _events, _appended = await self.overflow(close_handshake_timeout=0.2)
         await deferLater(reactor, 1.0, lambda: None)  # well past 0.2 s, still unread
-        client.transport.resumeProducing()
+        reading(client).resumeProducing()
         wasClean, code, reason = await client.closed
         self.assertEqual((wasClean, code), (True, 1008))
         self.assertIn("slow consumer", reason)
@@ -445,7 +478,7 @@ class SlowConsumerOverTlsTests(TestCase):
                 break
             await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(factory.countConnections, 0)
-        client.transport.resumeProducing()
+        reading(client).resumeProducing()
         wasClean, _code, _reason = await client.closed
         self.assertFalse(wasClean)
 
