@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from lpa.agent.config import parse_agent_config
 from lpa.agent.service import make_agent_service
+from tests.loopback import port_number, started_port
 
 
 @implementer(IPolicyForHTTPS)
@@ -61,8 +62,8 @@ async def start_agent(
         system=FakeSystem(),
     )
     service.startService()
-    port = await service.listener._waitingForPort
+    port = await started_port(service.listener)
     case.addCleanup(
         lambda: defer.ensureDeferred(service.stopService()) if service.running else None
     )
-    return service, port.getHost().port
+    return service, port_number(port)

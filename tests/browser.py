@@ -55,18 +55,22 @@ def find_chromium() -> str:
 class _DevTools(WebSocketClientProtocol):
     """One DevTools connection: commands by id, their answers as Deferreds, events listed."""
 
+    factory: _DevToolsFactory
+
     def onConnect(self, response: Any) -> None:
         self.factory.connected.callback(self)
 
     def onOpen(self) -> None:
         self.ids = itertools.count(1)
-        self.waiting: dict[int, Deferred] = {}
+        self.waiting: dict[int, Deferred[dict[str, Any]]] = {}
         self.events: list[dict[str, Any]] = []
         self.factory.opened.callback(self)
 
-    def send_command(self, method: str, params: dict[str, Any] | None = None) -> Deferred:
+    def send_command(
+        self, method: str, params: dict[str, Any] | None = None
+    ) -> Deferred[dict[str, Any]]:
         number = next(self.ids)
-        answer: Deferred = Deferred()
+        answer: Deferred[dict[str, Any]] = Deferred()
         self.waiting[number] = answer
         message = {"id": number, "method": method, "params": params or {}}
         self.sendMessage(json.dumps(message).encode("utf-8"))
@@ -91,6 +95,18 @@ class _DevTools(WebSocketClientProtocol):
         self.factory.closed.callback(None)
 
 
+class _DevToolsFactory(WebSocketClientFactory):
+    """Makes the one _DevTools connection of a page and says when it connected, opened and
+    closed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.protocol = _DevTools
+        self.connected: Deferred[_DevTools] = Deferred()
+        self.opened: Deferred[_DevTools] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+
+
 class Page:
     """One tab."""
 
@@ -101,7 +117,7 @@ class Page:
     def events(self) -> list[dict[str, Any]]:
         return self._protocol.events
 
-    def command(self, method: str, **params: Any) -> Deferred:
+    def command(self, method: str, **params: Any) -> Deferred[dict[str, Any]]:
         return self._protocol.send_command(method, params)
 
     async def navigate(self, url: str) -> None:
@@ -125,7 +141,7 @@ class Page:
 class Chromium:
     """A headless Chromium process and its DevTools endpoint."""
 
-    def __init__(self, test: TestCase, process: subprocess.Popen, profile: str) -> None:
+    def __init__(self, test: TestCase, process: subprocess.Popen[bytes], profile: str) -> None:
         self._test = test
         self.process = process
         self.profile = profile
@@ -162,13 +178,11 @@ class Chromium:
         response = await treq.get(f"http://127.0.0.1:{self.port}/json/list", persistent=False)
         targets = json.loads(await response.content())
         [target] = [t for t in targets if t.get("type") == "page"][:1]
-        factory = WebSocketClientFactory(target["webSocketDebuggerUrl"])
-        factory.protocol = _DevTools
+        factory = _DevToolsFactory(target["webSocketDebuggerUrl"])
         factory.setProtocolOptions(autoPingInterval=0)
-        factory.connected, factory.opened, factory.closed = Deferred(), Deferred(), Deferred()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
-        protocol = await endpoint.connect(factory)
-        await factory.opened
+        await endpoint.connect(factory)
+        protocol = await factory.opened
 
         async def close() -> None:
             if protocol.state != protocol.STATE_CLOSED:

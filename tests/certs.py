@@ -10,7 +10,7 @@
 Use :meth:`TestPki.server_options` / :meth:`TestPki.client_options` for handshakes::
 
     pki = make_test_pki(self.mktemp())
-    port = reactor.listenSSL(0, site, pki.server_options(), interface="127.0.0.1")
+    port = listen_ssl(site, pki.server_options())             # tests.loopback
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, pki.client_options("good"))
 """
 

@@ -17,7 +17,7 @@ import functools
 import itertools
 import os
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from lpa.tools.pgcluster import PostgresCluster, PostgresNotFound
 
@@ -44,7 +44,7 @@ def cluster() -> PostgresCluster:
     return server
 
 
-def database(test: TestCase, *, migrated: bool = False) -> str:
+def database(test: SynchronousTestCase, *, migrated: bool = False) -> str:
     """Create a fresh database for ``test`` (dropped at its cleanup) and return its DSN."""
     server = cluster()
     name = f"lpa_test_{os.getpid()}_{next(_counter)}"

@@ -36,6 +36,7 @@ from tests import pg
 from tests.agentclient import mtls_client
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
+from tests.loopback import port_number, started_port
 from tests.pgutil import Seeder
 
 
@@ -109,8 +110,8 @@ class Pipeline:
         self.agent = make_agent_service(parse_agent_config(text, "agent.yaml"), reactor=reactor,
                                         backend=self.backend, system=FakeSystem())
         self.agent.startService()
-        port = await self.agent.listener._waitingForPort
-        self.agent_port = port.getHost().port
+        port = await started_port(self.agent.listener)
+        self.agent_port = port_number(port)
         self.test.addCleanup(
             lambda: defer.ensureDeferred(self.agent.stopService()) if self.agent.running else None
         )

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
@@ -31,7 +31,7 @@ from lpa.agent.service import make_agent_service
 from lpa.errors import ConfigError
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
-from tests.logcheck import problems_in_text
+from tests.logcheck import capture_events, problems_in_text
 from tests.rawhttp import eventually, exchange
 from tests.test_agent_service import _config_text, _DaemonCase
 
@@ -39,9 +39,7 @@ from tests.test_agent_service import _config_text, _DaemonCase
 class _Logged(_DaemonCase):
     def setUp(self) -> None:
         super().setUp()
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
 
     def lines(self, start: str) -> list[str]:
         return [

@@ -27,6 +27,7 @@ from lpa.events import COMPLETED, EVENT_JOB_COMPLETE
 from tests.agentclient import mtls_client
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
+from tests.loopback import port_number, started_port
 
 
 def _config_text(
@@ -79,8 +80,8 @@ class _DaemonCase(TestCase):
         config = parse_agent_config(text, "test")
         service = make_agent_service(config, reactor=reactor, **inject)
         service.startService()
-        port = await service.listener._waitingForPort
-        self.port = port.getHost().port
+        port = await started_port(service.listener)
+        self.port = port_number(port)
 
         async def stop() -> None:
             if service.running:

@@ -85,7 +85,7 @@ class SystemTests(ApiTestCase):
 
     def test_system_info_failure(self) -> None:
         """An unexpected failure reading system info is 500 SYSTEM_INFO_ERROR, details hidden."""
-        self.system.system_info = lambda: fail(OSError("/etc/os-release: secret"))  # type: ignore[method-assign]
+        self.patch(self.system, "system_info", lambda: fail(OSError("/etc/os-release: secret")))
         reply = self.call("GET", "/api/v1/system/info")
         self.assertError(reply, 500, "SYSTEM_INFO_ERROR")
         self.assertNotIn("secret", str(reply.body))
@@ -105,7 +105,7 @@ class SystemTests(ApiTestCase):
 
     def test_service_status_failure(self) -> None:
         """An unexpected failure reading a service is 500 SERVICE_STATUS_ERROR."""
-        self.system.service_status = lambda name: fail(OSError("dbus"))  # type: ignore[method-assign]
+        self.patch(self.system, "service_status", lambda name: fail(OSError("dbus")))
         self.assertError(
             self.call("GET", "/api/v1/system/services/ssh"), 500, "SERVICE_STATUS_ERROR"
         )

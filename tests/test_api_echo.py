@@ -8,10 +8,8 @@ in one warn line carrying the answer's request id.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import fail
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from lpa.agent.backends.apt import AptBackend
 from lpa.agent.cache import PatchCache
@@ -20,6 +18,7 @@ from lpa.agent.system import HostSystem
 from lpa.errors import CommandFailedError, PackageManagerError
 from tests.api_helpers import ApiTestCase, Reply
 from tests.fakes_backends import ScriptedRunner
+from tests.logcheck import capture_events
 
 SECRET = "E: /var/lib/dpkg/secret-marker is locked by pid 4242"
 
@@ -27,9 +26,7 @@ SECRET = "E: /var/lib/dpkg/secret-marker is locked by pid 4242"
 class HostCommandEchoTests(ApiTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
         self.runner = ScriptedRunner()
         self.runner.on("apt", exit_code=100, stderr=f"W: something\n{SECRET}")
         self.runner.on("apt-cache", exit_code=100, stderr=SECRET)
@@ -82,9 +79,8 @@ class HostCommandEchoTests(ApiTestCase):
     def test_system_info(self) -> None:
         """GET /system/info when a host command fails: 500 without its output."""
         result = CommandResult(argv=("dpkg", "--audit"), exit_code=2, stdout="", stderr=SECRET)
-        self.system.system_info = lambda: fail(  # type: ignore[method-assign]
-            CommandFailedError("dpkg --audit exited with status 2", result)
-        )
+        failed = CommandFailedError("dpkg --audit exited with status 2", result)
+        self.patch(self.system, "system_info", lambda: fail(failed))
         self.assertHidden(self.call("GET", "/api/v1/system/info"), 500, "SYSTEM_INFO_ERROR")
 
 

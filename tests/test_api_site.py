@@ -16,10 +16,11 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from lpa.agent.http.api import BoundedRequest, bounded_request_factory
 from tests.api_helpers import ApiTestCase
+from tests.logcheck import capture_events
 
 
 class SiteTests(ApiTestCase):
-    def exchange(self, raw: bytes) -> tuple[int, dict[str, bytes], dict]:
+    def exchange(self, raw: bytes) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
         """Send raw bytes to a fresh connection; return status, headers and the parsed body."""
         site = self.api.site()
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
@@ -76,8 +77,8 @@ class SiteTests(ApiTestCase):
     def test_disconnect_cancels_backend_query(self) -> None:
         """A client that goes away cancels the package-manager query; no error is logged."""
         cancelled: list[bool] = []
-        pending: Deferred = Deferred(lambda d: cancelled.append(True))
-        self.backend.list_packages = lambda name=None, status=None: pending  # type: ignore[method-assign]
+        pending: Deferred[Any] = Deferred(lambda d: cancelled.append(True))
+        self.patch(self.backend, "list_packages", lambda name_filter=None, status=None: pending)
         site = self.api.site()
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
         protocol.makeConnection(StringTransport())
@@ -90,17 +91,20 @@ class SiteTests(ApiTestCase):
         """The request class keeps nothing of an oversized body."""
         request = bounded_request_factory(10)(DummyChannel())
         request.gotLength(None)
-        self.addCleanup(request.content.close)
+        content = request.content
+        assert content is not None
+        self.addCleanup(content.close)
         request.handleContentChunk(b"x" * 8)
         self.assertFalse(request.body_too_large)
         request.handleContentChunk(b"x" * 8)
         self.assertTrue(request.body_too_large)
-        request.content.seek(0)
-        self.assertEqual(request.content.read(), b"x" * 8)
+        content.seek(0)
+        self.assertEqual(content.read(), b"x" * 8)
         declared = BoundedRequest(DummyChannel())
         declared.gotLength(BoundedRequest.max_body_bytes + 1)
         declared.handleContentChunk(b"x" * 100)
         self.assertTrue(declared.body_too_large)
+        assert declared.content is not None
         declared.content.seek(0)
         self.assertEqual(declared.content.read(), b"")
 
@@ -116,7 +120,7 @@ def _dechunk(data: bytes) -> bytes:
     return out
 
 
-def _split(raw: bytes) -> tuple[int, dict[bytes, bytes], dict]:
+def _split(raw: bytes) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
     """Status, headers and envelope of the one response in ``raw``."""
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -134,11 +138,7 @@ class ChannelTests(ApiTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.site = self.api.site(timeout_seconds=self.timeout_seconds)
-        self.events: list[dict] = []
-        from twisted.logger import globalLogPublisher
-
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
 
     def connect(self) -> tuple[Any, StringTransport]:
         protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
@@ -151,7 +151,9 @@ class ChannelTests(ApiTestCase):
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def refused(self, raw: bytes) -> tuple[int, dict[bytes, bytes], dict, StringTransport]:
+    def refused(
+        self, raw: bytes
+    ) -> tuple[int, dict[bytes, bytes], dict[str, Any], StringTransport]:
         protocol, transport = self.connect()
         protocol.dataReceived(raw)
         code, headers, body = _split(transport.value())
@@ -271,10 +273,8 @@ class ChannelTests(ApiTestCase):
 
     def test_no_deadline_while_the_agent_works(self) -> None:
         """A slow package-manager query is not cut by the client's timeout."""
-        pending: Deferred = Deferred()
-        self.backend.list_packages = (  # type: ignore[method-assign]
-            lambda name=None, status=None: pending
-        )
+        pending: Deferred[Any] = Deferred()
+        self.patch(self.backend, "list_packages", lambda name_filter=None, status=None: pending)
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET /api/v1/packages HTTP/1.1\r\nHost: agent\r\n\r\n")
         self.clock.advance(10 * self.timeout_seconds)
@@ -295,7 +295,7 @@ class ChannelTests(ApiTestCase):
                 raise RuntimeError("bug")
 
         broken = Gate(_Broken(), lambda request: None, None)  # type: ignore[arg-type]
-        self.api.resource = lambda: broken  # type: ignore[method-assign]
+        self.patch(self.api, "resource", lambda: broken)
         self.site = self.api.site(timeout_seconds=self.timeout_seconds)
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")

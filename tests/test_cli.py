@@ -26,6 +26,7 @@ from lpa.tools import agentcli, cli
 from tests.agentclient import start_agent
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend
+from tests.loopback import listen_tcp, port_number, stop
 
 
 def _run(argv: Sequence[str]) -> tuple[int, str, str]:
@@ -280,9 +281,9 @@ class ProcessTests(TestCase):
 
     async def test_unreachable(self) -> None:
         """An agent that is not there: one error line naming it, exit 1."""
-        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-        port = closed.getHost().port
-        await closed.stopListening()
+        closed = listen_tcp(Factory())
+        port = port_number(closed)
+        await stop(closed)
         ended, out, err = await self.spawn(
             [sys.executable, "-m", "lpa", "agent", f"localhost:{port}", "health"])
         self.assertEqual((ended.exitCode, out), (1, ""))

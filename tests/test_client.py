@@ -24,6 +24,7 @@ from lpa.tools.client import AgentClient, AgentUrl, ClientError, Credentials, ma
 from lpa.tools.stream import HandshakeFailed, StreamClosed
 from tests.agentclient import start_agent
 from tests.certs import make_test_pki
+from tests.loopback import listen_tcp, port_number, stop
 
 JOB = "0b0c1f9e-5a43-4a4e-9d51-6f3c1d8e2a10"
 
@@ -290,8 +291,8 @@ class LoopbackTests(TestCase):
         _, port = await start_agent(self, self.pki, self.tmp)
         port_obj = reactor.listenTCP(0, __import__("twisted.internet.protocol",
                                                    fromlist=["Factory"]).Factory())
-        closed = port_obj.getHost().port
-        await port_obj.stopListening()
+        closed = port_number(port_obj)
+        await stop(port_obj)
         with self.assertRaises(ClientError) as caught:
             await self.client(closed).health()
         self.assertEqual(str(caught.exception),
@@ -341,11 +342,11 @@ class LoopbackTests(TestCase):
         """A peer that never answers fails the handshake after the timeout (injected clock)."""
         from twisted.internet.protocol import Factory, Protocol
 
-        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        silent = listen_tcp(Factory.forProtocol(Protocol))
         self.addCleanup(silent.stopListening)
         clock = Clock()
         opening = stream.open_stream(
-            f"wss://localhost:{silent.getHost().port}/api/v1/ws/jobs", reactor=reactor,
+            f"wss://localhost:{port_number(silent)}/api/v1/ws/jobs", reactor=reactor,
             clock=clock, tls_options=self.pki.client_options("good"), timeout=3)
         clock.advance(3)
         with self.assertRaises(HandshakeFailed) as caught:
@@ -362,10 +363,10 @@ class LoopbackTests(TestCase):
 
         factory = WebSocketServerFactory()
         factory.protocol = Plain
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port = listen_tcp(factory)
         self.addCleanup(port.stopListening)
         with self.assertRaises(HandshakeFailed) as caught:
-            await stream.open_stream(f"ws://127.0.0.1:{port.getHost().port}/api/v1/ws/jobs",
+            await stream.open_stream(f"ws://127.0.0.1:{port_number(port)}/api/v1/ws/jobs",
                                      reactor=reactor, clock=reactor, tls_options=None,
                                      timeout=10)
         self.assertIn("did not select the subprotocol lpa.jobs.v1 (selected: none)",

@@ -14,26 +14,21 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa.tools import dispatch
 from lpa.tools.client import AgentClient
-from lpa.tools.dispatch import DispatchError, HostTarget, parse_host
+from lpa.tools.dispatch import HostTarget, parse_host
+from lpa.tools.jobupdates import DispatchError, listen, watch_job
+from tests import pg
 from tests.test_client import envelope, scripted
-
-try:
-    from tests import pg as _pg
-except ImportError:  # pragma: no cover - tests/pg.py is R1's fixture
-    _pg = None
 
 AGENT_JOB = "5f0e8a4e-1d0c-4c55-9d3a-0f7e8f1f2b3c"
 
 
 def fresh_database(case: SynchronousTestCase) -> str:
-    """A migrated database of its own for ``case`` (R1's one-cluster-per-run fixture)."""
-    if _pg is None:
-        raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
-    return _pg.database(case, migrated=True)
+    """A migrated database of its own for ``case`` (on the run's one cluster)."""
+    return pg.database(case, migrated=True)
 
 
 def connect(case: SynchronousTestCase, dsn: str) -> Any:
@@ -47,7 +42,8 @@ def connect(case: SynchronousTestCase, dsn: str) -> Any:
 def query(connection: Any, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     with connection, connection.cursor() as cursor:
         cursor.execute(sql, args)
-        return cursor.fetchall()
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows
 
 
 def notify(connection: Any, payload: dict[str, Any]) -> None:
@@ -143,7 +139,7 @@ class DatabaseTests(SynchronousTestCase):
     def test_all_refused_rolls_up_once(self) -> None:
         """When every agent refuses, the parent fails and exactly one job-level notify fires."""
         listener = connect(self, self.dsn)
-        dispatch.listen(listener)
+        listen(listener)
         job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
         done(self, dispatch.start_on_agents(self.db, job, lambda t: refusing_agent(),
                                             packages=None, dry_run=True))
@@ -176,9 +172,7 @@ class DatabaseTests(SynchronousTestCase):
 
     def test_unmigrated_database(self) -> None:
         """A database without the schema names the migration to run."""
-        if _pg is None:
-            raise SkipTest("tests/pg.py (the PostgreSQL fixture) is missing")
-        dsn = _pg.database(self)
+        dsn = pg.database(self)
         running = Deferred.fromCoroutine(dispatch.dispatch(
             dsn, self.targets[:1], lambda t: ok_agent(), reactor=None, packages=None,
             dry_run=True, out=io.StringIO()))
@@ -204,7 +198,7 @@ class WatchTests(TestCase):
 
     def listener(self) -> Any:
         listener = connect(self, self.dsn)
-        dispatch.listen(listener)
+        listen(listener)
         return listener
 
     async def test_watch(self) -> None:
@@ -213,12 +207,12 @@ class WatchTests(TestCase):
         job_id = str(uuid.uuid4())
         out = io.StringIO()
         clock = [0.0]
-        at_seq = {3: 0.0, 4: 0.5, 5: 1.5}  # when each host payload arrives
+        at_seq: dict[int | None, float] = {3: 0.0, 4: 0.5, 5: 1.5}  # when each payload arrives
 
         def arrived(payload: dict[str, Any]) -> None:
             clock[0] = at_seq.get(payload.get("seq"), clock[0])
 
-        watching = Deferred.fromCoroutine(dispatch.watch_job(
+        watching = Deferred.fromCoroutine(watch_job(
             listener, job_id, out, reactor=reactor, names={"h1": "web1"}, timeout=30,
             monotonic=lambda: clock[0], on_payload=arrived))
         notify(self.db, {"event_type": "host", "job_id": "other", "host_id": "h",
@@ -246,7 +240,7 @@ class WatchTests(TestCase):
         notify(self.db, {"event_type": "job", "job_id": job_id, "status": "failed",
                          "succeeded_count": 0, "failed_count": 1, "host_count": 1})
         listener.poll()  # psycopg2 has them queued; the socket is no longer readable
-        final = await dispatch.watch_job(listener, job_id, io.StringIO(), reactor=reactor)
+        final = await watch_job(listener, job_id, io.StringIO(), reactor=reactor)
         self.assertEqual(final["status"], "failed")
 
     def test_watch_recovers_lost_notification(self) -> None:
@@ -255,7 +249,7 @@ class WatchTests(TestCase):
         query(self.db, "UPDATE patch_job_hosts SET status = 'succeeded' RETURNING 1")
         query(self.db, "UPDATE patch_jobs SET status = 'succeeded' RETURNING 1")
         out = io.StringIO()
-        watching = Deferred.fromCoroutine(dispatch.watch_job(
+        watching = Deferred.fromCoroutine(watch_job(
             self.listener(), job.job_id, out, reactor=reactor, clock=self.clock, timeout=30))
         self.assertNoResult(watching)
         self.clock.advance(5)
@@ -267,7 +261,7 @@ class WatchTests(TestCase):
     def test_watch_timeout(self) -> None:
         """No job-level notification within the timeout is a DispatchError naming the status."""
         job = dispatch.create_job(self.db, self.targets, packages=None, dry_run=True)
-        watching = Deferred.fromCoroutine(dispatch.watch_job(
+        watching = Deferred.fromCoroutine(watch_job(
             self.listener(), job.job_id, io.StringIO(), reactor=reactor, clock=self.clock,
             timeout=12, recheck_interval=5))
         self.clock.pump([5, 5, 2])
@@ -285,7 +279,7 @@ class WatchTests(TestCase):
             if len(calls) == 2:
                 raise DispatchError("lpa-relay exited")
 
-        watching = Deferred.fromCoroutine(dispatch.watch_job(
+        watching = Deferred.fromCoroutine(watch_job(
             self.listener(), job.job_id, io.StringIO(), reactor=reactor, clock=self.clock,
             timeout=60, recheck_interval=1, on_idle=on_idle))
         self.clock.pump([1, 1])
@@ -296,7 +290,7 @@ class WatchTests(TestCase):
         """The LISTEN connection killed by the server ends the watch with one clear line."""
         listener = self.listener()
         job_id = str(uuid.uuid4())
-        watching = Deferred.fromCoroutine(dispatch.watch_job(
+        watching = Deferred.fromCoroutine(watch_job(
             listener, job_id, io.StringIO(), reactor=reactor, timeout=30))
         query(self.db, "SELECT pg_terminate_backend(%s)", listener.get_backend_pid())
         with self.assertRaises(DispatchError) as caught:

@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from lpa.agent.http.api import AgentApi
@@ -32,6 +32,8 @@ from lpa.protocol import SUBPROTOCOL
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 from tests.fakes_jobs import FakeJobManager
+from tests.logcheck import capture_events
+from tests.loopback import listen_ssl, listen_tcp, port_number
 from tests.rawhttp import Answer, exchange
 
 HEAD_END = b"\r\n\r\n"
@@ -281,9 +283,7 @@ class _MalformedCase(TestCase):
     site_timeout = 2.0
 
     def setUp(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
         self.build()
 
     def build(self, max_ws_connections: int = 64) -> None:
@@ -304,12 +304,9 @@ class _MalformedCase(TestCase):
 
     def listen(self, context: Any = None) -> int:
         site = self.api.site(timeout_seconds=self.site_timeout)
-        if context is None:
-            port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, site, context, interface="127.0.0.1")
+        port = listen_tcp(site) if context is None else listen_ssl(site, context)
         self.addCleanup(port.stopListening)
-        return port.getHost().port  # type: ignore[no-any-return]
+        return port_number(port)
 
     async def run_cases(self, endpoint: Any, cases: list[Case], width: int = 20) -> None:
         """Send every case (``width`` at a time) and check each answer."""

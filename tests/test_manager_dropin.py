@@ -47,6 +47,7 @@ from tests.agentclient import mtls_client
 from tests.agentproc import AgentProcess, wait_until
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
+from tests.loopback import port_number, started_port
 
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 
@@ -92,7 +93,7 @@ class _AgentCase(TestCase):
         )
         service = make_agent_service(config, reactor=reactor, **inject)
         service.startService()
-        self.port = (await service.listener._waitingForPort).getHost().port
+        self.port = port_number(await started_port(service.listener))
 
         async def stop() -> None:
             if service.running:

@@ -17,6 +17,7 @@ from lpa import tls
 from lpa.errors import ConfigError
 from lpa.tools import pki
 from tests.certs import make_test_pki
+from tests.loopback import listen_ssl, port_number, stop
 from tests.test_tls import _Fetch, _TrackingSite, _Whoami
 
 
@@ -182,14 +183,14 @@ class RevokedRefusedTests(TestCase):
 
         async def fetch(server_options: object) -> bytes:
             site = _TrackingSite(_Whoami())
-            port = reactor.listenSSL(0, site, server_options, interface="127.0.0.1")
+            port = listen_ssl(site, server_options)
             try:
                 proto = _Fetch()
-                endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, client)
+                endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port_number(port), client)
                 await connectProtocol(endpoint, proto)
                 data, _ = await proto.done
             finally:
-                await port.stopListening()
+                await stop(port)
                 for done in site.open_connections:
                     await done
             return data

@@ -231,7 +231,7 @@ class PollerTests(PollerFixture):
             calls.append(agent_job_id)
             return await original(agent_job_id, after)
 
-        http.fetch = counting  # type: ignore[method-assign]
+        self.patch(http, "fetch", counting)
         poller = AgentPoller(
             http, target, clock=self.clock, interval=10, max_interval=10, deadline=0
         )

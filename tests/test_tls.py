@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -23,6 +23,8 @@ from lpa.agent.http.envelope import Enveloper
 from lpa.agent.http.site import AgentSite
 from lpa.errors import ConfigError
 from tests.certs import TestPki, make_test_pki
+from tests.logcheck import capture_events
+from tests.loopback import listen_ssl, port_number, stop
 from tests.rawhttp import eventually
 
 
@@ -88,9 +90,7 @@ class HandshakeMatrixTests(TestCase):
 
     def setUp(self) -> None:
         self.pki: TestPki = make_test_pki(self.mktemp())
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
 
     def refusals(self) -> list[str]:
         """The server's logged lines about refused handshakes."""
@@ -102,15 +102,15 @@ class HandshakeMatrixTests(TestCase):
 
     def listen(self, options: Any) -> int:
         site = _TrackingSite(_Whoami())
-        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+        port = listen_ssl(site, options)
 
         async def cleanup() -> None:
-            await port.stopListening()
+            await stop(port)
             for done in site.open_connections:
                 await done
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
-        return port.getHost().port  # type: ignore[no-any-return]
+        return port_number(port)
 
     async def fetch(self, port: int, client_options: Any) -> bytes:
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_options)

@@ -176,7 +176,7 @@ class FollowTests(SynchronousTestCase):
             calls.append(path)
             raise ClientError("cannot reach the agent at h:1: connection refused")
 
-        client.answer = broken  # type: ignore[method-assign]
+        self.patch(client, "answer", broken)
         running = Deferred.fromCoroutine(follow_job(
             JOB, client=client, clock=self.clock, open_stream=None, show=self.shown.append,
             note=self.notes.append, interval=2, unreachable_after=5))

@@ -45,6 +45,7 @@ from twisted.web.server import Site
 
 from lpa.agent.eventlog import EventLog
 from tests.fakes_jobs import FakeJobManager
+from tests.loopback import listen_tcp, port_number
 from tests.wsecho import echo_site_root, make_echo_factory
 
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
@@ -62,7 +63,7 @@ def serve_echo(port: int = 0) -> Any:
     """Listen with the echo site on loopback; return the listening port."""
     events = EventLog(reactor)
     factory = make_echo_factory(events, FakeJobManager(reactor, events=events), clock=reactor)
-    return reactor.listenTCP(port, Site(echo_site_root(factory)), interface="127.0.0.1")
+    return listen_tcp(Site(echo_site_root(factory)), port)
 
 
 class KosokuConformanceTests(TestCase):
@@ -76,7 +77,7 @@ class KosokuConformanceTests(TestCase):
         port = serve_echo()
         self.addCleanup(port.stopListening)
         outdir = self.mktemp()
-        address = f"127.0.0.1:{port.getHost().port}"
+        address = f"127.0.0.1:{port_number(port)}"
         out, err, code = await getProcessOutputAndValue(
             kosoku,
             ["-m", "fuzzingclient", "-x", "9.*", "-x", "12.*", "-x", "13.*", "-o", outdir, address],

@@ -383,7 +383,7 @@ class BadInputTests(SessionTestBase):
         def broken(job_id: str) -> None:
             raise RuntimeError("store on fire")
 
-        self.jobs.get = broken  # type: ignore[method-assign]
+        self.patch(self.jobs, "get", broken)
         error = self.error_of({"action": "subscribe", "job_id": str(uuid.uuid4())})
         self.assertEqual(error["error_code"], "INTERNAL_ERROR")
         self.assertNotIn("fire", error["message"])

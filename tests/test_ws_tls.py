@@ -16,9 +16,8 @@ from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorSSL
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
@@ -36,6 +35,7 @@ from lpa.protocol import SUBPROTOCOL
 from tests.certs import TestPki, make_test_pki
 from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
 from tests.fakes_jobs import FakeJobManager, new_job
+from tests.loopback import listen_ssl, port_number, stop
 
 RECV_TIMEOUT = 10.0
 
@@ -48,13 +48,6 @@ def client_context(pki: TestPki, which: str | None = "good") -> ssl.SSLContext:
         context.load_cert_chain(files.cert, files.key)
     context.set_alpn_protocols(["http/1.1"])
     return context
-
-
-def port_number(port: IListeningPort) -> int:
-    """The TCP port a loopback listener got."""
-    address = port.getHost()
-    assert isinstance(address, IPv4Address), address
-    return address.port
 
 
 def recv_json(ws: ClientConnection, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
@@ -125,9 +118,7 @@ class WssInteropTests(TestCase):
         api.putChild(b"v1", v1)
         v1.putChild(b"ws", ws)
         ws.putChild(b"jobs", make_ws_resource(self.factory))
-        self.port = IReactorSSL(reactor).listenSSL(
-            0, Site(root), self.pki.server_options(), interface="127.0.0.1"
-        )
+        self.port = listen_ssl(Site(root), self.pki.server_options())
         self.url = f"wss://127.0.0.1:{port_number(self.port)}/api/v1/ws/jobs"
         self.addCleanup(self._tear_down)
         return self.manager.start()
@@ -137,7 +128,7 @@ class WssInteropTests(TestCase):
             if not gate.called:
                 gate.callback(None)
         await self.manager.stop()
-        await maybeDeferred(self.port.stopListening)
+        await stop(self.port)
         # let the server side of closed connections finish
         for _ in range(3):
             await deferLater(reactor, 0.05, lambda: None)
@@ -300,9 +291,7 @@ class AgentSiteTests(WssInteropTests):
             ws_resource=make_ws_resource(self.factory),
         )
         self.port.stopListening()  # replaced by the agent's site
-        self.port = IReactorSSL(reactor).listenSSL(
-            0, Site(api.resource()), self.pki.server_options(), interface="127.0.0.1"
-        )
+        self.port = listen_ssl(Site(api.resource()), self.pki.server_options())
         self.base = f"127.0.0.1:{port_number(self.port)}"
         self.url = f"wss://{self.base}/api/v1/ws/jobs"
         return started
@@ -409,9 +398,7 @@ class SlowConsumerOverTlsTests(TestCase):
         )
         if close_handshake_timeout is not None:
             factory.setProtocolOptions(closeHandshakeTimeout=close_handshake_timeout)
-        port = IReactorSSL(reactor).listenSSL(
-            0, Site(echo_free_root(factory)), pki.server_options(), interface="127.0.0.1"
-        )
+        port = listen_ssl(Site(echo_free_root(factory)), pki.server_options())
         self.addCleanup(port.stopListening)
         url = f"wss://localhost:{port_number(port)}/api/v1/ws/jobs"
         client_factory = _RecordingClientFactory(url)
