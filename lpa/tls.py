@@ -36,6 +36,7 @@ import attr
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
@@ -58,6 +59,12 @@ _TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "1.2": ssl.TLSVersion.TLSv1_2,
     "1.3": ssl.TLSVersion.TLSv1_3,
 }
+
+#: public key types that can sign a CRL
+_SIGNING_KEYS = (
+    dsa.DSAPublicKey, ec.EllipticCurvePublicKey, ed448.Ed448PublicKey, ed25519.Ed25519PublicKey,
+    rsa.RSAPublicKey,
+)
 
 # OpenSSL X509_V_ERR_* codes the verify callback treats specially
 _X509_V_ERR_CRL_NOT_YET_VALID = 11
@@ -126,6 +133,14 @@ def load_crl(path: str, what: str = "CRL") -> x509.CertificateRevocationList:
         raise ConfigError(
             f"{_label(what)} {path}: not a PEM or DER certificate revocation list"
         ) from None
+
+
+def signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether ``ca``'s key signed ``crl`` (never for a key that cannot sign, e.g. X25519)."""
+    key = ca.public_key()
+    if not isinstance(key, _SIGNING_KEYS):
+        return False
+    return crl.is_signature_valid(key)
 
 
 def _public_bytes(key: PublicKeyTypes) -> bytes:
@@ -355,7 +370,7 @@ def _check_crl(
         return None, str(e)
     if not any(
         crl.issuer == ca.subject
-        and crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        and signed_by(crl, ca)
         for ca in ca_certs
     ):
         reason = f"{_label(label)} {crl_path}: not signed by the configured CA"

@@ -35,7 +35,8 @@ class Reply:
 
     @property
     def error(self) -> dict[str, Any]:
-        return self.body["error"]
+        error: dict[str, Any] = self.body["error"]
+        return error
 
     def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name.encode("ascii"))
@@ -76,7 +77,8 @@ class ApiTestCase(SynchronousTestCase):
         }
         kwargs.update(overrides)
         self.api = AgentApi(**kwargs)
-        self.treq = StubTreq(self.api.resource())
+        # StubTreq binds treq's functions to its in-memory agent at run time: typed as Any
+        self.treq: Any = StubTreq(self.api.resource())
 
     def call(
         self,

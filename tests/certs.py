@@ -24,8 +24,7 @@ from pathlib import Path
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from twisted.internet import ssl
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from lpa import tls as _tls
@@ -60,17 +59,20 @@ class TestPki:
 
     def client(self, which: str) -> ClientFiles:
         """``"good"``, ``"expired"``, ``"revoked"`` or ``"other_ca"``."""
-        return getattr(self, which)  # type: ignore[no-any-return]
+        files = getattr(self, which)
+        assert isinstance(files, ClientFiles), which
+        return files
 
     def server_options(
         self, *, min_tls_version: str = "1.3", crl_path: str | object | None = attr.NOTHING
-    ) -> ssl.CertificateOptions:
-        """The agent's options over this PKI (CRL on by default)."""
+    ) -> _tls.ServerTLSOptions:
+        """The agent's options over this PKI (CRL on by default; ``crl_path=None``: none)."""
+        crl = self.crl if crl_path is attr.NOTHING else crl_path
         return _tls.server_tls_options(
             ca_cert_path=self.ca_cert,
             cert_path=self.server_cert,
             key_path=self.server_key,
-            crl_path=self.crl if crl_path is attr.NOTHING else crl_path,  # type: ignore[arg-type]
+            crl_path=crl if isinstance(crl, str) else None,
             min_tls_version=min_tls_version,
         )
 
@@ -94,7 +96,7 @@ class TestPki:
 
 
 def _write_client(
-    directory: str, stem: str, cert: x509.Certificate, key: PrivateKeyTypes
+    directory: str, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> ClientFiles:
     cert_path = os.path.join(directory, f"{stem}.crt")
     key_path = os.path.join(directory, f"{stem}.key")
@@ -110,6 +112,7 @@ def make_test_pki(directory: str, *, now: datetime.datetime | None = None) -> Te
     paths = _pki.init_pki(directory, ("localhost", "127.0.0.1"), now=start, force=True)
     ca_cert = _tls.load_certificate(paths.ca_cert)
     ca_key = serialization.load_pem_private_key(Path(paths.ca_key).read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey), "lpa pki makes EC CA keys"
     good_cert = _tls.load_certificate(paths.client_cert)
     good = ClientFiles(
         paths.client_cert, paths.client_key, good_cert.serial_number, _pki.RELAY_COMMON_NAME
@@ -118,7 +121,7 @@ def make_test_pki(directory: str, *, now: datetime.datetime | None = None) -> Te
         directory,
         "expired",
         *_pki.issue_certificate(
-            ca_cert, ca_key, "expired-client",  # type: ignore[arg-type]
+            ca_cert, ca_key, "expired-client",
             not_before=start - datetime.timedelta(days=10),
             not_after=start - datetime.timedelta(days=1),
         ),
@@ -127,7 +130,7 @@ def make_test_pki(directory: str, *, now: datetime.datetime | None = None) -> Te
         directory,
         "revoked",
         *_pki.issue_certificate(
-            ca_cert, ca_key, "revoked-client", now=start  # type: ignore[arg-type]
+            ca_cert, ca_key, "revoked-client", now=start
         ),
     )
     _pki.revoke(directory, revoked.cert, now=start)

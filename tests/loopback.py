@@ -9,7 +9,7 @@ tests rely on once, so the test modules read without casts.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
@@ -17,7 +17,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
-    IOpenSSLServerConnectionCreator,
+    IOpenSSLContextFactory,
     IProtocolFactory,
     IReactorSSL,
     IReactorTCP,
@@ -33,9 +33,9 @@ def listen_tcp(factory: IProtocolFactory, port: int = 0) -> IListeningPort:
 
 
 def listen_ssl(
-    factory: IProtocolFactory, options: IOpenSSLServerConnectionCreator | Any, port: int = 0
+    factory: IProtocolFactory, options: IOpenSSLContextFactory, port: int = 0
 ) -> IListeningPort:
-    """Listen on loopback with TLS ``options`` (a ``CertificateOptions`` or creator)."""
+    """Listen on loopback with TLS ``options`` (e.g. a ``CertificateOptions``)."""
     return IReactorSSL(reactor).listenSSL(
         port, cast(ServerFactory, factory), options, interface=LOOPBACK
     )

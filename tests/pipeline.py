@@ -65,8 +65,11 @@ class Dispatched:
 class Pipeline:
     """The running parts; see the module docstring."""
 
-    def __init__(self, test: TestCase) -> None:
+    def __init__(self, test: TestCase, dsn: str) -> None:
         self.test = test
+        self.dsn = dsn
+        self.seeder = Seeder(dsn)
+        test.addCleanup(self.seeder.close)
         self.tmp = tempfile.mkdtemp(prefix="lpa-pipeline-")
         test.addCleanup(shutil.rmtree, self.tmp, True)
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
@@ -77,24 +80,19 @@ class Pipeline:
             lock_holder="unattended-upgr (pid 4242)",
             gate=True,
             outcome=JobOutcome(message="Dry run: 2 packages would be upgraded",
-                               changes=[{"name": "zip", "from": "3.0-12", "to": "3.0-13",
-                                         "action": "upgrade"}]),
+                               changes=({"name": "zip", "from": "3.0-12", "to": "3.0-13",
+                                         "action": "upgrade"},)),
         )
         self.agent: Any = None
         self.relay: Any = None
         self.agent_port = 0
         self.metrics_port = free_port()
-        self.dsn = ""
-        self.seeder: Seeder | None = None
         self.client, pool = mtls_client(self.pki.client_options("good"))
         test.addCleanup(pool.closeCachedConnections)
 
     @classmethod
     async def start(cls, test: TestCase, *, scan_interval: float = 0.2) -> Pipeline:
-        pipeline = cls(test)
-        pipeline.dsn = pg.database(test, migrated=True)
-        pipeline.seeder = Seeder(pipeline.dsn)
-        test.addCleanup(pipeline.seeder.close)
+        pipeline = cls(test, pg.database(test, migrated=True))
         await pipeline._start_agent()
         await pipeline._start_relay(scan_interval)
         return pipeline
@@ -143,7 +141,8 @@ class Pipeline:
 
     @property
     def ops_url(self) -> str:
-        return self.relay.ops.url
+        url: str = self.relay.ops.url
+        return url
 
     @property
     def agent_url(self) -> str:
@@ -156,7 +155,6 @@ class Pipeline:
         body = json.loads(await response.content())
         assert response.code == 202, body
         agent_job_id = body["data"]["job_id"]
-        assert self.seeder is not None
         job_id = self.seeder.job("running")
         host_id = self.seeder.host("localhost", "127.0.0.1", self.agent_port)
         row = self.seeder.host_job(job_id, host_id, agent_job_id)
@@ -173,6 +171,8 @@ class Pipeline:
 
     async def get(self, url: str, *, mtls: bool = False) -> tuple[int, bytes]:
         """GET ``url`` (over the test client's mTLS when ``mtls``)."""
-        client = self.client if mtls else treq
-        response = await client.get(url, persistent=False) if not mtls else await client.get(url)
+        if mtls:
+            response = await self.client.get(url)
+        else:
+            response = await treq.get(url, persistent=False)
         return response.code, await response.content()

@@ -11,13 +11,14 @@ report, not a way to wait.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import attr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 
@@ -101,22 +102,26 @@ class _Exchange(Protocol):
         self.held = False
         self._guard: Any = None
 
+    def _transport(self) -> ITCPTransport:
+        """The connection's transport (TCP, or TLS over TCP: both can abort)."""
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
         self._guard = reactor.callLater(self.guard, self._hold_timeout)
-        self.transport.write(self.payload)
+        self._transport().write(self.payload)
 
     def _hold_timeout(self) -> None:
         self.held = True
-        self.transport.abortConnection()
+        self._transport().abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
         if self.answer is None:
             self.answer = parse_response(self.data, head_only=self.head_only)
             if self.answer is not None:
-                self.transport.loseConnection()
+                self._transport().loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._guard is not None and self._guard.active():
             self._guard.cancel()
         answer = self.answer

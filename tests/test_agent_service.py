@@ -100,7 +100,8 @@ class _DaemonCase(TestCase):
 
     async def _json(self, response: Any) -> dict[str, Any]:
         body = await response.content()
-        return json.loads(body)
+        document: dict[str, Any] = json.loads(body)
+        return document
 
     async def _wait_terminal(self, client: Any, job_id: str) -> dict[str, Any]:
         # Half a second between polls stays inside the read rate limit (burst 30, 120/min).
@@ -108,7 +109,7 @@ class _DaemonCase(TestCase):
             response = await client.get(self._url(f"/api/v1/jobs/{job_id}"))
             body = await self._json(response)
             self.assertEqual(response.code, 200, body)
-            detail = body["data"]
+            detail: dict[str, Any] = body["data"]
             if detail["status"] in ("completed", "failed", "cancelled", "timed_out"):
                 return detail
             await task.deferLater(reactor, 0.5, lambda: None)

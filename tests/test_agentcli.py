@@ -18,13 +18,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lpa.agent.model import CommandResult, JobOutcome
+from lpa.agent.model import CommandResult, JobOutcome, Patch
 from lpa.errors import CommandFailedError
 from lpa.tools import agentcli
 from lpa.tools.client import ClientError
 from tests.agentclient import start_agent
 from tests.certs import make_test_pki
-from tests.fakes import FakeBackend, Patch
+from tests.fakes import FakeBackend
 from tests.test_client import JOB, ScriptedAgent, envelope
 from tests.test_watch import FakeStream, completed, wire
 

@@ -66,7 +66,7 @@ class AgentProcessTests(TestCase):
 
         async def ended() -> bool:
             _, detail = await agent.request("GET", f"/api/v1/jobs/{job_id}")
-            return detail["data"]["status"] == "completed"
+            return bool(detail["data"]["status"] == "completed")
 
         await wait_until(ended, "the dry run to complete")
         agent.kill()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from twisted.internet.defer import Deferred, fail
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -68,7 +71,7 @@ class HealthTests(ApiTestCase):
     def test_health_extra_failure_still_answers(self) -> None:
         """A failing health_extra is logged; health still answers 200, degraded."""
 
-        def broken() -> dict:
+        def broken() -> dict[str, Any]:
             raise RuntimeError("boom")
 
         self.build(health_extra=broken)
@@ -268,6 +271,7 @@ class PackageTests(ApiTestCase):
 
     def test_install_bad_bodies(self) -> None:
         """Missing/empty packages, bad options or unknown fields are 400, nothing submitted."""
+        body: Any
         for body in (
             {},
             {"packages": []},
@@ -554,7 +558,8 @@ class PatchTests(ApiTestCase):
 
 class JobTests(ApiTestCase):
     def submit(self, name: str = "vim") -> str:
-        return self.call("PUT", f"/api/v1/packages/{name}").data["job_id"]
+        job_id: str = self.call("PUT", f"/api/v1/packages/{name}").data["job_id"]
+        return job_id
 
     def test_list_jobs(self) -> None:
         """Jobs newest first with total; status filter accepts ours and the original's timedout."""
@@ -627,10 +632,11 @@ class EventsTests(ApiTestCase):
         self.jobs.emit(self.job_id, "Job started", status=RUNNING)
         self.jobs.output(self.job_id, "Reading package lists...")
 
-    def events(self, after: str = "") -> dict:
+    def events(self, after: str = "") -> dict[str, Any]:
         reply = self.call("GET", f"/api/v1/jobs/{self.job_id}/events{after}")
         self.assertEqual(reply.code, 200, reply.body)
-        return reply.data
+        data: dict[str, Any] = reply.data
+        return data
 
     def test_all_events(self) -> None:
         """Without after, every kept event: the same wire objects and seq as the EventLog's."""
@@ -703,7 +709,8 @@ class WebSocketRouteTests(ApiTestCase):
             Deferred.fromCoroutine(self.api.websocket(DummyRequest([b"api"]))), UpgradeRequiredError
         )
         request = DummyRequest([b"api"])
-        self.api._enveloper.write_error(request, failure)
+        # DummyRequest has what the enveloper uses but does not declare IRequest
+        self.api._enveloper.write_error(cast(IRequest, request), failure)
         self.assertEqual(request.responseCode, 426)
         self.assertEqual(request.responseHeaders.getRawHeaders(b"upgrade"), [b"websocket"])
 

@@ -31,16 +31,12 @@ class HostCommandEchoTests(ApiTestCase):
         self.runner.on("apt", exit_code=100, stderr=f"W: something\n{SECRET}")
         self.runner.on("apt-cache", exit_code=100, stderr=SECRET)
         self.runner.on("systemctl", exit_code=1, stderr=f"Failed to connect to bus: {SECRET}")
-        self.backend = AptBackend(  # type: ignore[assignment]
-            self.runner,  # type: ignore[arg-type]
-            reboot_marker="/nonexistent/reboot-required",
-            modules_dir="/nonexistent",
+        backend = AptBackend(
+            self.runner, reboot_marker="/nonexistent/reboot-required", modules_dir="/nonexistent"
         )
-        self.system = HostSystem(  # type: ignore[assignment]
-            self.runner, which=lambda name: f"/usr/bin/{name}"
-        )
-        self.cache = PatchCache(self.clock, self.backend, stale_threshold_secs=3600)
-        self.build()
+        self.host = HostSystem(self.runner, which=lambda name: f"/usr/bin/{name}")
+        self.cache = PatchCache(self.clock, backend, stale_threshold_secs=3600)
+        self.build(backend=backend, system=self.host)
 
     def assertHidden(self, reply: Reply, status: int, code: str) -> None:
         """The answer names the failure only; the log line has the rest and the request id."""
@@ -80,7 +76,7 @@ class HostCommandEchoTests(ApiTestCase):
         """GET /system/info when a host command fails: 500 without its output."""
         result = CommandResult(argv=("dpkg", "--audit"), exit_code=2, stdout="", stderr=SECRET)
         failed = CommandFailedError("dpkg --audit exited with status 2", result)
-        self.patch(self.system, "system_info", lambda: fail(failed))
+        self.patch(self.host, "system_info", lambda: fail(failed))
         self.assertHidden(self.call("GET", "/api/v1/system/info"), 500, "SYSTEM_INFO_ERROR")
 
 
@@ -89,7 +85,7 @@ class RunReadTests(ApiTestCase):
         """A failed read-only query names only its kind; argv and stderr are its cause's."""
         runner = ScriptedRunner()
         runner.on("apt", exit_code=100, stderr=SECRET)
-        backend = AptBackend(runner, reboot_marker="/x", modules_dir="/x")  # type: ignore[arg-type]
+        backend = AptBackend(runner, reboot_marker="/x", modules_dir="/x")
         error = self.failureResultOf(backend.list_packages(), PackageManagerError).value
         self.assertEqual(
             (error.message, error.details), ("The package manager query failed", {"exit_code": 100})

@@ -16,7 +16,7 @@ class RealEngineTests(ApiTestCase):
         super().setUp()
         counter = itertools.count(1)
         self.runner = FakeProcessRunner()
-        self.jobs = JobManager(  # type: ignore[assignment]
+        self.engine = JobManager(
             backend=self.backend,
             system=self.system,
             runner=self.runner,
@@ -26,15 +26,15 @@ class RealEngineTests(ApiTestCase):
             max_events_per_job=50,
             uuid_factory=lambda: uuid.UUID(int=next(counter)),
         )
-        self.successResultOf(self.jobs.start())
+        self.successResultOf(self.engine.start())
         self.addCleanup(self.stop_engine)
-        self.build()
+        self.build(jobs=self.engine)
 
     def stop_engine(self) -> None:
         for gate in self.backend.gates.values():
             if not gate.called:
                 gate.callback(None)
-        stopped = self.jobs.stop()
+        stopped = self.engine.stop()
         self.clock.advance(60)
         self.successResultOf(stopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -65,7 +65,7 @@ class RealEngineTests(ApiTestCase):
         self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
         self.assertEqual(events["events"][-1]["event"], "job_complete")
         self.assertEqual((events["last_seq"], events["terminal"]), (seqs[-1], True))
-        self.assertEqual(events["events"], [e.to_wire() for e in self.jobs.events.kept(job_id)])
+        self.assertEqual(events["events"], [e.to_wire() for e in self.engine.events.kept(job_id)])
         self.assertEqual(self.call("GET", "/api/v1/jobs?status=completed").data["total"], 1)
 
     def test_queue_full_and_reboot_blocked(self) -> None:

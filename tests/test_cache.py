@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -24,11 +25,11 @@ class _HeldBackend(FakeBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: list[Deferred] = []
+        self.pending: list[Deferred[Any]] = []
 
-    def list_patches(self, security_only: bool = False) -> Deferred:
+    def list_patches(self, security_only: bool = False) -> Deferred[Any]:
         self.calls.append(("list_patches", security_only))
-        d: Deferred = Deferred()
+        d: Deferred[Any] = Deferred()
         self.pending.append(d)
         return d
 

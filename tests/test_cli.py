@@ -123,7 +123,11 @@ class CliTests(SynchronousTestCase):
     def test_error_mapping(self) -> None:
         """ConfigError exits 2, another LpaError exits 1, both as one line; bugs still raise."""
 
-        def add(subparsers: argparse._SubParsersAction, name: str, exc: BaseException) -> None:
+        def add(
+            subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+            name: str,
+            exc: BaseException,
+        ) -> None:
             def func(args: argparse.Namespace) -> int:
                 raise exc
 
@@ -214,7 +218,7 @@ class _Collect(ProcessProtocol):
 
     def __init__(self, on_first_out: Any = None) -> None:
         self.out, self.err = b"", b""
-        self.ended: Deferred = Deferred()
+        self.ended: Deferred[Any] = Deferred()
         self._first = on_first_out
 
     def outReceived(self, data: bytes) -> None:

@@ -221,7 +221,7 @@ class _Failing:
     def __init__(self, problem: BaseException | None) -> None:
         self.problem = problem
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred:
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
         return Deferred() if self.problem is None else defer.fail(self.problem)
 
 
@@ -309,7 +309,7 @@ class LoopbackTests(TestCase):
         try:
             self.assertEqual(opened.subprotocol, protocol.SUBPROTOCOL)
             self.assertTrue(opened.send(protocol.subscribe_frame(job, 0)))
-            frames = []
+            frames: list[dict[str, Any]] = []
             while not (frames and frames[-1].get("event") == "job_complete"):
                 frames.append(json.loads(await opened.next_text()))
             self.assertEqual([f["event"] for f in frames[:2]], ["connected", "subscribed"])

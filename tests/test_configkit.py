@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
@@ -209,7 +210,7 @@ class ConfigCheckCommandTests(SynchronousTestCase):
 class OwnPidfileTests(SynchronousTestCase):
     """Each daemon's default pid file is its own, so both start from one directory."""
 
-    def options(self, argv: list[str]) -> dict:
+    def options(self, argv: list[str]) -> dict[str, Any]:
         from twisted.scripts._twistd_unix import ServerOptions
 
         options = ServerOptions()

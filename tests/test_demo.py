@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -88,7 +89,9 @@ class EnsurePostgresTests(SynchronousTestCase):
     def test_root_installs(self) -> None:
         """As root with apt-get, postgresql is installed non-interactively."""
         calls: list[list[str]] = []
-        found = iter([PostgresNotFound("no"), "/usr/lib/postgresql/15/bin"])
+        found: Iterator[Exception | str] = iter(
+            [PostgresNotFound("no"), "/usr/lib/postgresql/15/bin"]
+        )
 
         def find() -> str:
             item = next(found)
@@ -96,7 +99,7 @@ class EnsurePostgresTests(SynchronousTestCase):
                 raise item
             return item
 
-        def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess:
+        def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
             calls.append(argv)
             self.assertEqual(kw["env"]["DEBIAN_FRONTEND"], "noninteractive")  # type: ignore[index]
             return subprocess.CompletedProcess(argv, 0)

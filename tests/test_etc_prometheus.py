@@ -73,6 +73,7 @@ def exported_names() -> set[str]:
             reactor=Clock(), tls_options_for=lambda host: None, http_client=object(),
             dial=lambda address, listener: None, ops=True,
             ops_connection_factory=lambda: None)
+        assert agent.metrics is not None and relay.metrics is not None
         names = _names(list(agent.metrics.registry.collect()))
         names |= _names(list(relay.metrics.registry.collect()))
         # the CRL gauges exist only with TLS on; name them from their definition

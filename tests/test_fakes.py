@@ -69,6 +69,7 @@ from tests.fakes_wal import FakeWalFiles
 from tests.test_relay_machine import FakePoller, FakeWebSocket
 from tests.test_relay_metrics import FakeListener
 from tests.test_relay_ops import FakeFeed
+from tests.test_relay_poller import RecordingTarget
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LPA = os.path.join(os.path.dirname(TESTS), "lpa")
@@ -97,6 +98,7 @@ FAKES: dict[str, Callable[[], Any]] = {
     "tests.test_relay_machine:FakeWebSocket": lambda: FakeWebSocket(ADDRESS, agent_link()),
     "tests.test_relay_machine:FakePoller": lambda: FakePoller(ADDRESS, agent_link()),
     "tests.test_relay_metrics:FakeListener": FakeListener,
+    "tests.test_relay_poller:RecordingTarget": RecordingTarget,
     "tests.test_relay_ops:FakeFeed": FakeFeed,
 }
 
@@ -206,7 +208,8 @@ def _decorated_with_implementer(node: ast.ClassDef) -> bool:
 def implementer_classes(directory: str, package: str) -> tuple[list[str], list[str]]:
     """``module:Class`` of the ``@implementer`` classes in ``directory``'s modules, and those
     declared inside a function (which no test can make on its own)."""
-    found, nested = [], []
+    found: list[str] = []
+    nested: list[str] = []
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".py"):
             continue

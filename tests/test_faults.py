@@ -97,7 +97,7 @@ def daemon_logs(daemon: Any) -> tuple[str, str]:
     return daemon.log_path, os.path.join(daemon.directory, "stdout.log")
 
 
-def run_all(*coroutines: Awaitable[Any]) -> Deferred:
+def run_all(*coroutines: Awaitable[Any]) -> Deferred[Any]:
     """Run coroutines concurrently; fire when all did (the first failure fails it)."""
     deferreds: list[Deferred[Any]] = [
         Deferred.fromCoroutine(c) for c in coroutines  # type: ignore[arg-type]
@@ -385,7 +385,9 @@ class AgentFaultTests(FaultTestCase):
 
 
 class RelayFaultTests(FaultTestCase):
-    async def moments_after_start(self, hosts: Sequence[Host], windows: Sequence[tuple]) -> list:
+    async def moments_after_start(
+        self, hosts: Sequence[Host], windows: Sequence[tuple[float, float]]
+    ) -> list[float]:
         """Wall-clock moments, one per window of seconds after the first package run started."""
         started = min([await self.package_run_started(h) for h in hosts])
         return [started + self.random.uniform(low, high) for low, high in windows]

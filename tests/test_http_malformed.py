@@ -405,6 +405,7 @@ class MalformedOverTcpTests(_MalformedCase):
 
         class _Holder(Protocol):
             def connectionMade(self) -> None:
+                assert self.transport is not None
                 self.transport.write(handshake)
 
             def dataReceived(self, data: bytes) -> None:

@@ -19,7 +19,7 @@ CLEAN_TEXT = """\
 
 class FileTests(SynchronousTestCase):
     def write(self, text: str) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "w") as handle:
             handle.write(text)
         return path

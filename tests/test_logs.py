@@ -75,6 +75,7 @@ class ConfiguredObserverTests(SynchronousTestCase):
 
         out = io.StringIO()
         observer = configured_observer("json", "warn", out)
+        assert observer is not None
         log = Logger(namespace="t", observer=LogPublisher(observer))
         log.info("quiet")
         log.warn("loud {n}", n=1)
@@ -105,6 +106,7 @@ class TwistdLogfileTests(SynchronousTestCase):
             parent: ClassVar[dict[str, str]] = {"logfile": path}
 
         observer = observer_for_twistd(Options(), "json")
+        assert observer is not None
         Logger(namespace="t", observer=LogPublisher(observer)).info("to the file")
         with open(path) as handle:
             self.assertEqual(json.loads(handle.readline())["message"], "to the file")

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 from websockets.exceptions import InvalidStatus
@@ -119,8 +120,9 @@ class _AgentCase(TestCase):
         for _ in range(400):
             code, body = await self.request("GET", f"/api/v1/jobs/{job_id}")
             self.assertEqual(code, 200, body)
-            if body["data"]["status"] in TERMINAL:
-                return body["data"]
+            detail: dict[str, Any] = body["data"]
+            if detail["status"] in TERMINAL:
+                return detail
             await task.deferLater(reactor, 0.05, lambda: None)
         self.fail(f"job {job_id} did not end")
 
@@ -230,7 +232,7 @@ class ManagerRelayTests(_AgentCase):
                 frames = [json.loads(stream.recv(timeout=10))]
                 while frames[-1]["event"] != "subscribed":
                     frames.append(json.loads(stream.recv(timeout=10)))
-                blockingCallFromThread(reactor, self.release, job_id)
+                blockingCallFromThread(IReactorFromThreads(reactor), self.release, job_id)
                 while frames[-1]["event"] != "job_complete":
                     frames.append(json.loads(stream.recv(timeout=10)))
                 out["stream"] = frames

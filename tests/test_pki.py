@@ -9,8 +9,10 @@ import stat
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa import tls
@@ -64,7 +66,9 @@ class InitTests(SynchronousTestCase):
         client.verify_directly_issued_by(ca)
         crl = tls.load_crl(paths.crl)
         self.assertEqual(len(crl), 0)
-        self.assertTrue(crl.is_signature_valid(ca.public_key()))
+        key = ca.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        self.assertTrue(crl.is_signature_valid(key))
 
     def test_agent_hosts(self) -> None:
         """Names become DNS SANs and addresses (v4 and v6) IP SANs; the first is the CN."""
@@ -118,7 +122,9 @@ class RevokeTests(SynchronousTestCase):
         crl = tls.load_crl(self.paths.crl)
         self.assertEqual(sorted(r.serial_number for r in crl), sorted([serial, second]))
         ca = tls.load_certificate(self.paths.ca_cert)
-        self.assertTrue(crl.is_signature_valid(ca.public_key()))
+        key = ca.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        self.assertTrue(crl.is_signature_valid(key))
 
     def test_revoke_foreign_certificate_refused(self) -> None:
         """A certificate from another CA is refused and the CRL is unchanged."""
@@ -170,7 +176,7 @@ class RevokedRefusedTests(TestCase):
         directory = self.mktemp()
         paths = pki.init_pki(directory)
 
-        def options() -> object:
+        def options() -> tls.ServerTLSOptions:
             return tls.server_tls_options(
                 ca_cert_path=paths.ca_cert, cert_path=paths.server_cert,
                 key_path=paths.server_key, crl_path=paths.crl,
@@ -181,7 +187,7 @@ class RevokedRefusedTests(TestCase):
             key_path=paths.client_key,
         )
 
-        async def fetch(server_options: object) -> bytes:
+        async def fetch(server_options: IOpenSSLContextFactory) -> bytes:
             site = _TrackingSite(_Whoami())
             port = listen_ssl(site, server_options)
             try:

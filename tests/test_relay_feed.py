@@ -49,7 +49,7 @@ class FeedTests(TestCase):
         feed.subscribe(lambda kind, payload: heard.append((kind, payload)))
         seeder.execute("SELECT pg_notify('job_update', '{\"job_id\":\"j1\"}')")
         seeder.execute("SELECT pg_notify('other_channel', 'x')")
-        await until(lambda: heard, "notification heard")
+        await until(lambda: bool(heard), "notification heard")
         self.assertEqual(heard, [(KIND_UPDATE, '{"job_id":"j1"}')])
         await until(lambda: feed.queue_usage is not None, "sample taken")
         self.assertEqual((feed.queue_usage, feed.running_rows), (0.0, 0))

@@ -41,12 +41,12 @@ class FakeListener:
     """Records what the link's WebSocket tells it."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[Any, ...]] = []
 
     def ws_opened(self) -> None:
         self.calls.append(("opened",))
 
-    def ws_message(self, message: dict) -> None:
+    def ws_message(self, message: dict[str, Any]) -> None:
         self.calls.append(("message", message))
 
     def ws_failed(self, reason: str, handshake: bool) -> None:
@@ -218,7 +218,8 @@ class GaugeTests(SynchronousTestCase):
         request.requestHeaders.setRawHeaders(b"accept", [b"application/openmetrics-text"])
         body = MetricsPage(RelayMetrics().registry).render_GET(request)
         self.assertTrue(body.rstrip().endswith(b"# EOF"))
-        self.assertIn(b"openmetrics", request.responseHeaders.getRawHeaders(b"content-type")[0])
+        [content_type] = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+        self.assertIn(b"openmetrics", content_type)
 
 
 class _ReportingStore(FakeRelayStore):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -96,10 +98,11 @@ class PostgresMissingRecordTests(TestCase):
         self.row = self.seed.host_job(self.job, self.host, "job-1").row_id
         self.record = PostgresMissingRecord(self.dsn, reactor=reactor)
 
-    def since(self) -> tuple:
-        return self.seed.one(
+    def since(self) -> tuple[Any, ...]:
+        row: tuple[Any, ...] = self.seed.one(
             "SELECT relay_missing_since IS NOT NULL, relay_missing_agent_job_id "
             "FROM patch_job_hosts WHERE id = %s", (self.row,))
+        return row
 
     def age(self, seconds: int) -> None:
         """Pretend the first JOB_NOT_FOUND was ``seconds`` ago."""
@@ -144,6 +147,6 @@ class PostgresMissingRecordTests(TestCase):
             "postgresql://postgres@/nowhere?host=/nonexistent-lpa-socket-dir&port=1",
             reactor=reactor,
         )
-        marking: Deferred = down.mark(self.row, "job-1")
+        marking: Deferred[float] = down.mark(self.row, "job-1")
         with self.assertRaises(psycopg2.OperationalError):
             await marking

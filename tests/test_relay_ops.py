@@ -42,7 +42,7 @@ class FakeFeed:
         self.subscribers.append(subscriber)
         return lambda: self.subscribers.remove(subscriber)
 
-    def snapshot(self) -> Deferred:
+    def snapshot(self) -> Deferred[dict[str, Any]]:
         if self.document is None:
             return defer.fail(FeedUnavailable("the ops feed has no database connection"))
         return defer.succeed(self.document)
@@ -52,10 +52,16 @@ class FakeFeed:
             subscriber(kind, payload)
 
 
+class _Request(DummyRequest):
+    """A DummyRequest for ``path``, which it also keeps as ``path`` (as a real one does)."""
+
+    def __init__(self, path: bytes) -> None:
+        super().__init__(path.lstrip(b"/").split(b"/"))
+        self.path = path
+
+
 def get(root: Any, path: bytes) -> tuple[DummyRequest, Any]:
-    parts = path.lstrip(b"/").split(b"/")
-    request = DummyRequest(parts)
-    request.path = path
+    request = _Request(path)
     resource = getChildForRequest(root, request)
     return request, resource.render(request)
 
@@ -109,7 +115,7 @@ class ProbeTests(SynchronousTestCase):
         """The page loads only from the relay (CSP) and references no other origin."""
         request, rendered = get(self.root, b"/")
         self.assertIn(b"<title>lpa-relay", rendered)
-        csp = request.responseHeaders.getRawHeaders(b"content-security-policy")[0]
+        [csp] = request.responseHeaders.getRawHeaders(b"content-security-policy") or [b""]
         self.assertIn(b"default-src 'self'", csp)
         self.assertNotIn(b"http://", rendered)
         self.assertNotIn(b"https://", rendered)

@@ -10,13 +10,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from lpa.events import KIND_SNAPSHOT, JobEvent
 from lpa.follower import PollOutcome
 from lpa.protocol import snapshot_event
 from lpa.relay.interfaces import AgentAddress, HostJob
 from lpa.relay.jobs_http import AgentJobsHttp, PollError
-from lpa.relay.poller import AgentPoller
+from lpa.relay.poller import AgentPoller, IPollTarget
 
 ADDRESS = AgentAddress("agent1.example", 12443)
 JOB = "11111111-1111-4111-8111-111111111111"
@@ -49,9 +50,11 @@ class FakeAgentResource(Resource):
         if callable(answer):
             answer = answer()
         request.setResponseCode(answer[0])
-        return answer[1]
+        body: bytes = answer[1]
+        return body
 
 
+@implementer(IPollTarget)
 class RecordingTarget:
     """A PollTarget recording what the poller found."""
 
@@ -368,7 +371,7 @@ class AnomalyTests(PollerFixture):
 
     def test_poll_soon_runs_a_pass_now_once(self) -> None:
         """poll_soon() polls at once and keeps the interval; it never overlaps a running pass."""
-        never: Deferred = Deferred()
+        never: Deferred[Any] = Deferred()
         self.resource.routes[f"/api/v1/jobs/{JOB}/events?after=2"] = (
             200, envelope({"events": [wire(3)]}),
         )

@@ -81,7 +81,9 @@ class RunTests(SynchronousTestCase):
             return 0
 
         def press_ctrl_c() -> None:
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # type: ignore[operator]
+            handler = signal.getsignal(signal.SIGINT)
+            assert callable(handler), handler
+            handler(signal.SIGINT, None)
 
         reactor = FakeReactor(press_ctrl_c)
         self.assertRaises(KeyboardInterrupt, runner.run, main, _reactor=reactor)
@@ -98,8 +100,9 @@ class RunTests(SynchronousTestCase):
 
         def press_twice() -> None:
             handler = signal.getsignal(signal.SIGTERM)
-            handler(signal.SIGTERM, None)  # type: ignore[operator]
-            handler(signal.SIGTERM, None)  # type: ignore[operator]
+            assert callable(handler), handler
+            handler(signal.SIGTERM, None)
+            handler(signal.SIGTERM, None)
 
         reactor = FakeReactor(press_twice)
         self.assertRaises(KeyboardInterrupt, runner.run, main, _reactor=reactor)

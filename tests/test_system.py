@@ -136,7 +136,7 @@ class HostSystemFileTests(SynchronousTestCase):
         """Concurrent system info calls share one dpkg --audit; pending_reboot is never cached."""
         runner = FakeProcessRunner()
         system = HostSystem(
-            runner,  # type: ignore[arg-type]
+            runner,
             reboot_marker=self.path("reboot-required"),
             modules_dir=self.path("modules"),
             which=lambda name: "/usr/bin/dpkg" if name == "dpkg" else None,

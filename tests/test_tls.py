@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
@@ -76,12 +76,13 @@ class _Fetch(Protocol):
         self.done: Deferred[tuple[bytes, Failure]] = Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done.callback((self.data, reason))
 
 
@@ -221,6 +222,7 @@ class HandshakeMatrixTests(TestCase):
         """A CRL past its nextUpdate still refuses what it lists and lets the rest in."""
         import datetime
 
+        from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
         from lpa.tools import pki
@@ -228,6 +230,7 @@ class HandshakeMatrixTests(TestCase):
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
         ca = tls.load_certificate(self.pki.ca_cert)
         key = load_pem_private_key(Path(self.pki.ca_key).read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
         crl = pki.make_crl(ca, key, [(self.pki.revoked.serial, past)], now=past, days=1)
         pki.write_file(self.pki.crl, crl.public_bytes(Encoding.PEM))
         port = self.listen(self.pki.server_options())
@@ -326,14 +329,14 @@ class OptionErrorTests(SynchronousTestCase):
         self.pki = make_test_pki(self.mktemp())
 
     def build(self, **overrides: Any) -> Any:
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "ca_cert_path": self.pki.ca_cert,
             "cert_path": self.pki.server_cert,
             "key_path": self.pki.server_key,
             "crl_path": self.pki.crl,
         }
         kwargs.update(overrides)
-        return tls.server_tls_options(**kwargs)  # type: ignore[arg-type]
+        return tls.server_tls_options(**kwargs)
 
     def assertOneLine(self, error: ConfigError, *fragments: str) -> None:
         text = str(error)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpa import protocol
 from lpa.events import JobEvent
+from lpa.follower import JobFollower
 from lpa.tools.client import ClientError
 from lpa.tools.stream import HandshakeFailed, StreamClosed
 from lpa.tools.watch import ProgressPrinter, final_lines, follow_job, relevant_output
@@ -51,7 +52,7 @@ class FakeStream:
         self.sent.append(frame)
         return True
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         self.closed = True
         return defer.succeed(None)
 
@@ -67,7 +68,9 @@ class FollowTests(SynchronousTestCase):
         self.shown: list[JobEvent] = []
         self.notes: list[str] = []
 
-    def follow(self, answers: dict[Any, Any], stream: Any = None, **kw: Any) -> Deferred:
+    def follow(
+        self, answers: dict[Any, Any], stream: Any = None, **kw: Any
+    ) -> Deferred[JobFollower]:
         self.client, self.agent = scripted(answers, self.clock)
 
         async def open_stream() -> Any:

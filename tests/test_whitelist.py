@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogEvent, LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.agent.whitelist import IPWhitelist, system_resolver
@@ -82,7 +83,9 @@ class WhitelistTests(SynchronousTestCase):
         self.assertTrue(wl.allows("10.0.0.5"))
         self.assertTrue(any("gone.internal" in str(e.get("problem")) for e in events))
 
-    def assertDeniesAll(self, wl: IPWhitelist, events: list, fragment: str) -> None:
+    def assertDeniesAll(
+        self, wl: IPWhitelist, events: Sequence[LogEvent], fragment: str
+    ) -> None:
         self.assertIsNotNone(wl.deny_reason)
         self.assertIn(fragment, wl.deny_reason)
         self.assertFalse(wl.allows("10.0.0.5"))

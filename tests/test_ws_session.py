@@ -206,9 +206,9 @@ class ReplayTests(SessionTestBase):
     def test_after_seq_zero_replays_then_live(self) -> None:
         """after_seq 0 replays every kept event, then continues live, no gap, no duplicate."""
         job = self.running_job()
-        other = self.make_session(RecordingChannel())
+        other_channel = RecordingChannel()
+        other = self.make_session(other_channel)
         self.send({"action": "subscribe", "job_id": job}, other)
-        other_channel = other._channel
         other_channel.take()
         self.jobs.step(job, RUNNING, 50, "live")
         self.jobs.finish(job)
@@ -240,7 +240,7 @@ class ReplayTests(SessionTestBase):
     def test_replay_racing_live_events(self) -> None:
         """Events the job emits while the replay is being written come once, after it, in order."""
         job = self.running_job(3)
-        emitted = []
+        emitted: list[int] = []
 
         def emit_during_replay(frame: dict[str, Any]) -> None:
             if frame.get("seq") in (1, 2) and len(emitted) < 2:
@@ -435,6 +435,7 @@ class SlowConsumerTests(SessionTestBase):
             self.jobs.step(job, RUNNING, i, "x")
         self.assertEqual((session.queued, channel.closed_with), (5, None))
         self.jobs.step(job, RUNNING, 9, "one too many")
+        assert channel.closed_with is not None
         code, reason = channel.closed_with
         self.assertEqual(code, ws_session.CLOSE_SLOW_CONSUMER)
         self.assertIn("slow consumer", reason)

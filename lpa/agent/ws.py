@@ -108,7 +108,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
     #: aborts the connection if it outlives a refusal or a slow-consumer close
     _teardown_call: Any = None
 
-    def onConnect(self, request: ConnectionRequest) -> str:
+    def onConnect(self, request: ConnectionRequest) -> str | None:
         offered = [p[:64] for p in (request.protocols or [])][:_ECHO_OFFERED]
         if SUBPROTOCOL not in (request.protocols or []):
             self._refusal = SubprotocolRequiredError(

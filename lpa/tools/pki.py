@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lpa.errors import ConfigError, LpaError
-from lpa.tls import load_certificate, load_crl, load_key_pair, load_private_key
+from lpa.tls import load_certificate, load_crl, load_key_pair, load_private_key, signed_by
 
 DEFAULT_AGENT_HOSTS = ("localhost", "127.0.0.1")
 RELAY_COMMON_NAME = "lpa-relay"
@@ -339,7 +339,7 @@ def revoke(directory: str, cert_path: str, *, now: datetime.datetime | None = No
     number = 1
     if os.path.exists(paths.crl):
         old = load_crl(paths.crl)
-        if not old.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        if not signed_by(old, ca_cert):
             raise PkiError(f"{paths.crl}: not signed by the CA in {directory}")
         for entry in old:
             revoked[entry.serial_number] = entry.revocation_date_utc
