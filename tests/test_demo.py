@@ -19,8 +19,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from lpa.tools import demo
-from lpa.tools.demo import DemoError, Processes
+from lpa.tools import demo, demo_config, demo_processes
+from lpa.tools.demo_processes import DemoError, Processes
 from lpa.tools.pgcluster import PostgresNotFound
 from tests.logcheck import assert_no_unhandled
 
@@ -31,7 +31,7 @@ class ConfigTests(SynchronousTestCase):
         from lpa.relay.config import parse_relay_config
 
         config = parse_relay_config(
-            demo.relay_toml(dsn="postgresql://postgres@/lpa_demo?host=%2Ftmp%2Fx&port=5432",
+            demo_config.relay_toml(dsn="postgresql://postgres@/lpa_demo?host=%2Ftmp%2Fx&port=5432",
                             pki_dir="/s/pki"), "relay.toml", environ={})
         self.assertEqual(config.database_url,
                          "postgresql://postgres@/lpa_demo?host=%2Ftmp%2Fx&port=5432")
@@ -42,7 +42,8 @@ class ConfigTests(SynchronousTestCase):
         """The generated agent.yaml loads with the agent's loader on loopback with our PKI."""
         from lpa.agent.config import parse_agent_config
 
-        config = parse_agent_config(demo.agent_yaml(port=4443, pki_dir="/s/pki", state_dir="/s/a"))
+        text = demo_config.agent_yaml(port=4443, pki_dir="/s/pki", state_dir="/s/a")
+        config = parse_agent_config(text)
         self.assertEqual((config.server.bind, config.server.port), ("127.0.0.1", 4443))
         self.assertEqual(config.tls.server_key, "/s/pki/server.key.pem")
         self.assertEqual(config.state_dir, "/s/a")
@@ -50,8 +51,9 @@ class ConfigTests(SynchronousTestCase):
 
     def test_daemon_env(self) -> None:
         """The daemons get lpa on PYTHONPATH and none of the caller's manager overrides."""
-        env = demo.daemon_env({"PATCH_MANAGER__DATABASE__URL": "x", "PATCH_MANAGER_CONFIG": "y",
-                               "PYTHONPATH": "/extra", "HOME": "/h"})
+        env = demo_processes.daemon_env({"PATCH_MANAGER__DATABASE__URL": "x",
+                                         "PATCH_MANAGER_CONFIG": "y",
+                                         "PYTHONPATH": "/extra", "HOME": "/h"})
         self.assertNotIn("PATCH_MANAGER__DATABASE__URL", env)
         self.assertNotIn("PATCH_MANAGER_CONFIG", env)
         self.assertEqual(env["PYTHONPATH"].split(os.pathsep)[1:], ["/extra"])
@@ -59,17 +61,17 @@ class ConfigTests(SynchronousTestCase):
 
     def test_free_port(self) -> None:
         """The wanted port when free (README's commands use 12443), another one when taken."""
-        port = demo.free_port()
-        self.assertEqual(demo.free_port(wanted=port), port)
+        port = demo_processes.free_port()
+        self.assertEqual(demo_processes.free_port(wanted=port), port)
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             busy = taken.getsockname()[1]
-            self.assertNotEqual(demo.free_port(wanted=busy), busy)
+            self.assertNotEqual(demo_processes.free_port(wanted=busy), busy)
 
     def test_twistd_argv(self) -> None:
         """Each daemon gets its own pid file and log file (two twistd in one cwd would clash)."""
-        argv = demo.twistd_argv("lpa-agent", "/s/agent.yaml", "/s")
+        argv = demo_processes.twistd_argv("lpa-agent", "/s/agent.yaml", "/s")
         self.assertEqual(argv[1:4], ["-c", "from twisted.scripts.twistd import run; run()", "-n"])
         self.assertIn("--pidfile=/s/lpa-agent.pid", argv)
         self.assertEqual(argv[-3:], ["lpa-agent", "--config", "/s/agent.yaml"])
@@ -146,7 +148,7 @@ class ProcessesTests(SynchronousTestCase):
             handle.write("\n".join(f"line {n}" for n in range(30)))
         with open(path + ".stdout", "w") as handle:
             handle.write("Traceback: boom\n")
-        self.assertEqual(demo.log_tail(path, 2), "line 29\nTraceback: boom")
+        self.assertEqual(demo_processes.log_tail(path, 2), "line 29\nTraceback: boom")
 
 
 class CommandLineTests(SynchronousTestCase):
@@ -161,7 +163,7 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_stop_without_state(self) -> None:
         """--stop with no kept demo is one clear line."""
-        error = self.assertRaises(DemoError, demo.stop_kept, self.mktemp(), io.StringIO())
+        error = self.assertRaises(DemoError, demo_processes.stop_kept, self.mktemp(), io.StringIO())
         self.assertIn("no kept demo", str(error))
 
 
@@ -232,7 +234,7 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(len(summary), 1, text)
         self.assertIn(" succeeded: 1 of 1 host(s) succeeded", summary[0])
         self.assertIn("localhost: running", text)
-        with open(os.path.join(state_dir, demo.STATE_FILE)) as handle:
+        with open(os.path.join(state_dir, demo_processes.STATE_FILE)) as handle:
             state = json.load(handle)
         for name, pid in state["pids"].items():
             self.assertFalse(_alive(pid), f"{name} (pid {pid}) is still running")
@@ -260,12 +262,12 @@ class KeptDemoTests(SynchronousTestCase):
         self.addCleanup(sleeper.wait)
         self.addCleanup(sleeper.kill)
         for _ in range(100):  # until the child has exec'd (its argv names the state dir)
-            if demo.is_demo_daemon(sleeper.pid, state_dir):
+            if demo_processes.is_demo_daemon(sleeper.pid, state_dir):
                 break
             time.sleep(0.05)
-        with open(os.path.join(state_dir, demo.STATE_FILE), "w") as handle:
+        with open(os.path.join(state_dir, demo_processes.STATE_FILE), "w") as handle:
             json.dump({"pids": {"lpa-agent": sleeper.pid, "lpa-relay": os.getpid()}}, handle)
-        self.assertEqual(demo.kept_demo_running(state_dir), ["lpa-agent"])
+        self.assertEqual(demo_processes.kept_demo_running(state_dir), ["lpa-agent"])
         out = io.StringIO()
         running = Deferred.fromCoroutine(
             demo.Demo(state_dir, keep=False, timeout=1, out=out).run(reactor))
@@ -275,15 +277,15 @@ class KeptDemoTests(SynchronousTestCase):
         """--stop never signals a pid from the state file that is not our daemon any more."""
         state_dir = self.mktemp()
         os.makedirs(state_dir)
-        with open(os.path.join(state_dir, demo.STATE_FILE), "w") as handle:
+        with open(os.path.join(state_dir, demo_processes.STATE_FILE), "w") as handle:
             json.dump({"pids": {"lpa-agent": os.getpid()}}, handle)
         out = io.StringIO()
-        self.assertEqual(demo.stop_kept(state_dir, out), 0)
+        self.assertEqual(demo_processes.stop_kept(state_dir, out), 0)
         self.assertIn("was not running", out.getvalue())
 
     def test_nothing_kept(self) -> None:
         """No state file means nothing is running."""
-        self.assertEqual(demo.kept_demo_running(self.mktemp()), [])
+        self.assertEqual(demo_processes.kept_demo_running(self.mktemp()), [])
 
 
 class AgentFailureTests(SynchronousTestCase):

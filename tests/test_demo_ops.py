@@ -7,7 +7,7 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa.tools import demo
+from lpa.tools import demo, demo_config
 
 
 class DemoOpsTests(SynchronousTestCase):
@@ -17,11 +17,11 @@ class DemoOpsTests(SynchronousTestCase):
         from lpa.relay.config import parse_relay_config
 
         relay = parse_relay_config(
-            demo.relay_toml(dsn="postgresql://postgres@/lpa_demo", pki_dir="/s/pki",
+            demo_config.relay_toml(dsn="postgresql://postgres@/lpa_demo", pki_dir="/s/pki",
                             ops_port=4480), "relay.toml", environ={})
         self.assertEqual((relay.ops_enabled, relay.ops_bind, relay.ops_port),
                          (True, "127.0.0.1", 4480))
-        agent = parse_agent_config(demo.agent_yaml(port=4443, pki_dir="/s/pki",
+        agent = parse_agent_config(demo_config.agent_yaml(port=4443, pki_dir="/s/pki",
                                                    state_dir="/s/a", metrics_port=4481))
         self.assertEqual((agent.metrics.local_bind, agent.metrics.local_port),
                          ("127.0.0.1", 4481))
