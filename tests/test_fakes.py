@@ -28,9 +28,12 @@ from zope.interface.verify import verifyObject
 
 from lpa.agent.backends.apt import AptBackend
 from lpa.agent.context import JobContext
+from lpa.agent.detached import DetachedCommands, DetachedRun
 from lpa.agent.eventlog import EventLog
 from lpa.agent.interfaces import (
+    ICommandRun,
     IEventJournal,
+    IJobCommands,
     IJobContext,
     IJobManager,
     IJobStore,
@@ -42,34 +45,47 @@ from lpa.agent.interfaces import (
 from lpa.agent.jobs import JobManager
 from lpa.agent.metrics import MeteredChannel
 from lpa.agent.model import JobRequest, PackageSpec
+from lpa.agent.piped import PipedCommands, PipedRun
 from lpa.agent.process import ProcessRunner
 from lpa.agent.store import JobFileStore
 from lpa.agent.system import HostSystem
 from lpa.agent.wal import VolatileJournal, WriteAheadLog
 from lpa.agent.walfiles import IWalFiles, OsWalFiles
 from lpa.agent.ws import JobStreamFactory
-from lpa.relay.backoff import Backoff, HandshakeGate
+from lpa.relay.backoff import HandshakeGate
 from lpa.relay.feed import IJobUpdateFeed, JobUpdateFeed
 from lpa.relay.interfaces import AgentAddress, IRelayStore
 from lpa.relay.jobs_http import AgentJobsHttp
 from lpa.relay.machine import AgentLink
+from lpa.relay.membership import IMembershipDatabase
+from lpa.relay.membership_db import PostgresMembershipDatabase
 from lpa.relay.metered import MeteredListener, MeteredStore
 from lpa.relay.metrics import RelayMetrics
 from lpa.relay.missing_record import IMissingRecord, PostgresMissingRecord
 from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget
+from lpa.relay.pressure import StoreGauge
 from lpa.relay.store import PostgresRelayStore
-from lpa.relay.ws_client import IAgentWebSocket, IWebSocketListener, RelayWebSocketFactory
+from lpa.relay.ws_client import AgentWebSocket, IAgentWebSocket, IWebSocketListener
 from lpa.tools.client import AgentTLSPolicy, Credentials
 from tests.agentclient import FixedTLSPolicy
-from tests.fakes import FakeBackend, FakeJobStore, FakeProcessRunner, FakeSystem
+from tests.fakes import (
+    FakeBackend,
+    FakeJobCommands,
+    FakeJobStore,
+    FakeProcessRunner,
+    FakeRun,
+    FakeSystem,
+)
 from tests.fakes_backends import FakeJobContext, ScriptedRunner, make_job
 from tests.fakes_jobs import FakeJobManager, RecordingChannel
+from tests.fakes_membership import FakeMembershipDatabase
 from tests.fakes_relay import FakeMissingRecord, FakeRelayStore
 from tests.fakes_wal import FakeWalFiles
 from tests.test_relay_machine import FakePoller, FakeWebSocket
 from tests.test_relay_metrics import FakeListener
 from tests.test_relay_ops import FakeFeed
 from tests.test_relay_poller import RecordingTarget
+from tests.test_relay_ws_client import Listener
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LPA = os.path.join(os.path.dirname(TESTS), "lpa")
@@ -83,6 +99,8 @@ DSN = "postgresql://lpa@db.example/lpa"
 FAKES: dict[str, Callable[[], Any]] = {
     "tests.agentclient:FixedTLSPolicy": lambda: FixedTLSPolicy(object()),
     "tests.fakes:FakeProcessRunner": FakeProcessRunner,
+    "tests.fakes:FakeRun": lambda: FakeRun(1, ["true"], 0.0),
+    "tests.fakes:FakeJobCommands": FakeJobCommands,
     "tests.fakes:FakeBackend": FakeBackend,
     "tests.fakes:FakeSystem": FakeSystem,
     "tests.fakes:FakeJobStore": FakeJobStore,
@@ -92,6 +110,7 @@ FAKES: dict[str, Callable[[], Any]] = {
     "tests.fakes_backends:FakeJobContext": lambda: FakeJobContext(
         ScriptedRunner(), make_job("install", "vim")
     ),
+    "tests.fakes_membership:FakeMembershipDatabase": FakeMembershipDatabase,
     "tests.fakes_relay:FakeRelayStore": FakeRelayStore,
     "tests.fakes_relay:FakeMissingRecord": FakeMissingRecord,
     "tests.fakes_wal:FakeWalFiles": FakeWalFiles,
@@ -99,13 +118,16 @@ FAKES: dict[str, Callable[[], Any]] = {
     "tests.test_relay_machine:FakePoller": lambda: FakePoller(ADDRESS, agent_link()),
     "tests.test_relay_metrics:FakeListener": FakeListener,
     "tests.test_relay_poller:RecordingTarget": RecordingTarget,
+    "tests.test_relay_ws_client:Listener": Listener,
     "tests.test_relay_ops:FakeFeed": FakeFeed,
 }
 
 #: interfaces with two fakes for now, and why
 SECOND_FAKES: dict[InterfaceClass, str] = {
     IProcessRunner: "FakeProcessRunner (engine tests) and ScriptedRunner (backend tests) are "
-    "to become one while the process runner changes",
+    "to become one, now that the process runner's rewrite has landed",
+    IWebSocketListener: "the relay metrics tests' FakeListener and the WebSocket client tests' "
+    "Listener are the same recorder, to become one in tests/fakes_relay.py",
 }
 
 
@@ -139,12 +161,16 @@ def stream_protocol() -> Any:
     return factory.buildProtocol(None)
 
 
-def web_socket_factory() -> RelayWebSocketFactory:
+def agent_web_socket() -> AgentWebSocket:
     clock = Clock()
-    return RelayWebSocketFactory(
+    return AgentWebSocket(
         ADDRESS, agent_link(), reactor=clock, clock=clock, tls_options=object(),
-        gate=HandshakeGate(1), backoff=Backoff(1.0, 30.0), handshake_timeout=5.0,
+        gate=HandshakeGate(1), handshake_timeout=5.0, initial_delay=1.0, max_delay=30.0,
     )
+
+
+def detached_commands(test: SynchronousTestCase) -> DetachedCommands:
+    return DetachedCommands(Clock(), test.mktemp(), systemd=False)
 
 
 def agent_poller() -> AgentPoller:
@@ -158,6 +184,11 @@ def agent_poller() -> AgentPoller:
 #: interface -> factories of its production objects (given the test, for temporary paths)
 REAL: dict[InterfaceClass, list[Callable[[SynchronousTestCase], Any]]] = {
     IProcessRunner: [lambda t: ProcessRunner(Clock())],
+    ICommandRun: [
+        lambda t: PipedRun(FakeProcessRunner(), 1, ["true"]),
+        lambda t: DetachedRun(detached_commands(t), "job", 1, t.mktemp()),
+    ],
+    IJobCommands: [lambda t: PipedCommands(FakeProcessRunner()), detached_commands],
     IPackageBackend: [lambda t: AptBackend(FakeProcessRunner())],
     ISystem: [lambda t: HostSystem(FakeProcessRunner())],
     IJobStore: [lambda t: JobFileStore(t.mktemp())],
@@ -177,9 +208,18 @@ REAL: dict[InterfaceClass, list[Callable[[SynchronousTestCase], Any]]] = {
             DSN, clock=Clock(), reactor=Clock(), connection_factory=lambda: None
         ),
         lambda t: MeteredStore(FakeRelayStore(), RelayMetrics(), clock=Clock()),
+        lambda t: StoreGauge(
+            FakeRelayStore(), high=10, low=5, pause=lambda: None, resume=lambda: None
+        ),
+    ],
+    IMembershipDatabase: [
+        lambda t: PostgresMembershipDatabase(
+            DSN, relay_id="relay-1", lease_ttl=10.0, clock=Clock(), reactor=Clock(),
+            connection_factory=lambda: None,
+        )
     ],
     IMissingRecord: [lambda t: PostgresMissingRecord(DSN, reactor=Clock())],
-    IAgentWebSocket: [lambda t: web_socket_factory()],
+    IAgentWebSocket: [lambda t: agent_web_socket()],
     IWebSocketListener: [
         lambda t: agent_link(),
         lambda t: MeteredListener(agent_link(), RelayMetrics()),
