@@ -7,6 +7,7 @@ start-up: it carries one line naming the key and the problem.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -29,6 +30,8 @@ class ApiError(LpaError):
     retryable: bool = False
     #: seconds for a ``Retry-After`` header, or None for no header
     retry_after: int | None = None
+    #: other response headers the error needs (``Allow`` of a 405, ``Upgrade`` of a 426)
+    headers: Mapping[str, str] | None = None
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)

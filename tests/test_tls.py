@@ -293,7 +293,7 @@ def _client_with_versions(pki: TestPki, low: TLSVersion, high: TLSVersion) -> An
     key = load_pem_private_key(Path(pki.good.key).read_bytes(), None)
     return optionsForClientTLS(
         "localhost",
-        trustRoot=tls._CATrustRoot(ca),
+        trustRoot=tls.CATrustRoot(ca),
         acceptableProtocols=[b"http/1.1"],
         extraCertificateOptions={
             "privateKey": key,
@@ -454,11 +454,11 @@ class InterfaceTests(SynchronousTestCase):
     """Our trust root satisfies Twisted's interface."""
 
     def test_trust_root_interface(self) -> None:
-        """_CATrustRoot provides IOpenSSLTrustRoot."""
+        """CATrustRoot provides IOpenSSLTrustRoot."""
         from twisted.internet._sslverify import IOpenSSLTrustRoot
         from zope.interface.verify import verifyObject
 
         pki = make_test_pki(self.mktemp())
         self.assertTrue(
-            verifyObject(IOpenSSLTrustRoot, tls._CATrustRoot(tls.load_certificates(pki.ca_cert)))
+            verifyObject(IOpenSSLTrustRoot, tls.CATrustRoot(tls.load_certificates(pki.ca_cert)))
         )

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import idna
 from OpenSSL import SSL
@@ -28,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lpa.tls import HTTP11, _CATrustRoot, load_certificates, load_key_pair
+from lpa.tls import HTTP11, CATrustRoot, load_certificates, load_key_pair
 
 _log = Logger()
 
@@ -64,13 +65,13 @@ class AgentTls:
             self._options = ssl.CertificateOptions(
                 privateKey=key,  # type: ignore[arg-type]
                 certificate=cert,  # type: ignore[arg-type]
-                trustRoot=_CATrustRoot(ca_certs),
+                trustRoot=CATrustRoot(ca_certs),
                 acceptableProtocols=[HTTP11],
             )
             self._stamps = stamps
         return self._options
 
-    def for_host(self, host: str) -> "AgentConnectionCreator":
+    def for_host(self, host: str) -> AgentConnectionCreator:
         """A connection creator that verifies the agent is ``host`` (the name the relay dials)."""
         return AgentConnectionCreator(self._current(), host)
 

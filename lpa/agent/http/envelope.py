@@ -164,7 +164,7 @@ class Enveloper:
             error = InternalError("Internal server error")
         elif error.http_status >= 500 and error.__cause__ is not None:
             _log_cause(request, request_id, error)
-        headers: dict[str, str] = dict(getattr(error, "headers", None) or {})
+        headers: dict[str, str] = dict(error.headers or {})
         if error.retry_after is not None:
             headers["Retry-After"] = str(error.retry_after)
         envelope = self.envelope(error=error, request_id=request_id)

@@ -158,7 +158,7 @@ class BoundedRequest(Request):
             error = MethodNotAllowedError(
                 "Only OPTIONS applies to *", {"allowed_methods": ["OPTIONS"]}
             )
-            error.headers = {"Allow": "OPTIONS"}  # type: ignore[attr-defined]
+            error.headers = {"Allow": "OPTIONS"}
             body = enveloper.write_error(self, error)
         self.setHeader(b"Content-Length", b"%d" % len(body))
         self.write(body)
