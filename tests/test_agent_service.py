@@ -257,7 +257,7 @@ class CrlHealthTests(TestCase):
         """The CRL health fields: missing, valid, expired, and invalid for garbage or another CA."""
         import time
 
-        from lpa.agent.service import crl_health
+        from lpa.tls import crl_health
 
         now = time.time()
         self.assertEqual(crl_health(None, self.pki.ca_cert, now)["crl_status"], "missing")

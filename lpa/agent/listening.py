@@ -1,4 +1,5 @@
-"""The agent's one listening port: what to say and which status to exit with when it fails.
+"""The agent's listening ports: how they are made, and what to say and which status to exit
+with when the API's port fails.
 
 twistd turns a failed ``listen`` into a 40-line traceback; the agent says it in one line that
 names the address, the port and what to do, and exits with a status systemd can act on::
@@ -14,11 +15,21 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 
+from lpa.agent.config import AgentConfig
+from lpa.agent.metrics import AgentMetrics
 from lpa.errors import LpaError
+from lpa.metricsweb import MetricsPage
 
 EX_OSERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 71, 75, 77, 78
+
+#: listen backlog: a fleet manager may open many connections at once (the default backlog of
+#: 50 drops them silently)
+LISTEN_BACKLOG = 512
 
 
 class ListenError(LpaError):
@@ -61,3 +72,40 @@ def listen_error(error: CannotListenError, bind: str, port: int) -> ListenError:
     else:
         advice, status = "check server.bind and server.port", EX_OSERR
     return ListenError(f"cannot listen on {where}: {reason.lower()}; {advice}", status)
+
+
+def metrics_listener(
+    reactor: Any, config: AgentConfig, metrics: AgentMetrics
+) -> StreamServerEndpointService:
+    """``metrics.local_port``: /metrics only, plain HTTP, for a scraper on this host."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(metrics.registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    bind = config.metrics.local_bind
+    endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
+    service = StreamServerEndpointService(
+        endpoint_class(reactor, config.metrics.local_port, interface=bind), site
+    )
+    service._raiseSynchronously = True
+    return service
+
+
+def ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any:
+    """An IPv6 TLS listener: TLS wrapped around a TCP6 endpoint."""
+    from twisted.internet.interfaces import IStreamServerEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from zope.interface import implementer
+
+    tcp = TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=interface)
+
+    @implementer(IStreamServerEndpoint)
+    class _TLS6:
+        def listen(self, factory: Any) -> Deferred[Any]:
+            listening: Deferred[Any] = tcp.listen(TLSMemoryBIOFactory(context, False, factory))
+            return listening
+
+    return _TLS6()

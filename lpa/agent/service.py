@@ -46,7 +46,13 @@ from lpa.agent.http.api import AgentApi, make_peer_check
 from lpa.agent.http.ratelimit import RateLimiter
 from lpa.agent.incarnation import FileIncarnations
 from lpa.agent.jobs import JobManager
-from lpa.agent.listening import address, listen_error
+from lpa.agent.listening import (
+    LISTEN_BACKLOG,
+    address,
+    listen_error,
+    metrics_listener,
+    ssl6_endpoint,
+)
 from lpa.agent.metrics import (
     AgentMetrics,
     MeteredRateLimiter,
@@ -63,23 +69,18 @@ from lpa.agent.wal import ThreadRunner, WriteAheadLog
 from lpa.agent.whitelist import IPWhitelist
 from lpa.agent.ws import JobStreamFactory, make_ws_resource
 from lpa.errors import ConfigError
-from lpa.events import rfc3339
 from lpa.metricsweb import MetricsPage
 from lpa.throttle import LogThrottle
 from lpa.tls import (
     AGENT_KEYS,
+    crl_health,
     identity_allowed,
-    load_certificates,
-    load_crl,
     peer_identity,
     server_tls_options,
 )
 
 _log = Logger()
 
-#: listen backlog: a fleet manager may open many connections at once (the default backlog of
-#: 50 drops them silently)
-LISTEN_BACKLOG = 512
 
 
 class AgentService(MultiService):
@@ -349,7 +350,7 @@ def make_agent_service(
         )
         endpoint: Any
         if ":" in server.bind:
-            endpoint = _ssl6_endpoint(reactor, server.port, context, server.bind)
+            endpoint = ssl6_endpoint(reactor, server.port, context, server.bind)
         else:
             endpoint = SSL4ServerEndpoint(
                 reactor, server.port, context, backlog=LISTEN_BACKLOG, interface=server.bind
@@ -387,85 +388,9 @@ def make_agent_service(
         info={"version": lpa.__version__, "backend": str(getattr(backend, "name", "unknown"))},
     )
     if config.metrics.local_port:
-        agent.metrics_listener = _metrics_listener(reactor, config, metrics)
+        agent.metrics_listener = metrics_listener(reactor, config, metrics)
         agent.metrics_listener.setServiceParent(agent)
     reloader = Reloader(context, whitelist, config.whitelist.path)
     agent.reloader = reloader
     TimerService(RELOAD_INTERVAL_SECONDS, reloader.reload).setServiceParent(agent)
     return agent
-
-
-def _metrics_listener(
-    reactor: Any, config: AgentConfig, metrics: AgentMetrics
-) -> StreamServerEndpointService:
-    """``metrics.local_port``: /metrics only, plain HTTP, for a scraper on this host."""
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
-
-    root = Resource()
-    root.putChild(b"metrics", MetricsPage(metrics.registry))
-    site = Site(root)
-    site.displayTracebacks = False
-    bind = config.metrics.local_bind
-    endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
-    service = StreamServerEndpointService(
-        endpoint_class(reactor, config.metrics.local_port, interface=bind), site
-    )
-    service._raiseSynchronously = True
-    return service
-
-
-def crl_health(crl_path: str | None, ca_path: str, now: float) -> dict[str, Any]:
-    """The health fields of the original about the CRL: status, age and next update.
-
-    ``missing`` (no CRL configured or no file: revocation is not enforced), ``invalid`` (does
-    not parse or is not signed by the CA: every client is refused), ``expired`` (past its next
-    update: the serials it lists are still refused) or ``valid``.
-    """
-    fields: dict[str, Any] = {
-        "crl_status": "missing",
-        "crl_age_seconds": None,
-        "crl_next_update": None,
-    }
-    if not crl_path or not os.path.exists(crl_path):
-        return fields
-    try:
-        crl = load_crl(crl_path)
-        cas = load_certificates(ca_path)
-    except ConfigError:
-        fields["crl_status"] = "invalid"
-        return fields
-    if not any(_signed_by(crl, ca) for ca in cas):
-        fields["crl_status"] = "invalid"
-        return fields
-    fields["crl_age_seconds"] = max(0, int(now - crl.last_update_utc.timestamp()))
-    next_update = crl.next_update_utc
-    if next_update is not None:
-        fields["crl_next_update"] = rfc3339(next_update)
-    expired = next_update is not None and next_update.timestamp() < now
-    fields["crl_status"] = "expired" if expired else "valid"
-    return fields
-
-
-def _signed_by(crl: Any, ca: Any) -> bool:
-    try:
-        return bool(crl.is_signature_valid(ca.public_key()))
-    except Exception:
-        return False
-
-
-def _ssl6_endpoint(reactor: Any, port: int, context: Any, interface: str) -> Any:
-    """An IPv6 TLS listener: TLS wrapped around a TCP6 endpoint."""
-    from twisted.internet.interfaces import IStreamServerEndpoint
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-    from zope.interface import implementer
-
-    tcp = TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=interface)
-
-    @implementer(IStreamServerEndpoint)
-    class _TLS6:
-        def listen(self, factory: Any) -> Deferred[Any]:
-            listening: Deferred[Any] = tcp.listen(TLSMemoryBIOFactory(context, False, factory))
-            return listening
-
-    return _TLS6()

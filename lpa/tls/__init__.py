@@ -43,7 +43,7 @@ from lpa.tls.files import (
     signed_by,
 )
 from lpa.tls.peer import PeerIdentity, identity_allowed, negotiated_protocol, peer_identity
-from lpa.tls.server import CrlSummary, ServerTLSOptions, server_tls_options
+from lpa.tls.server import CrlSummary, ServerTLSOptions, crl_health, server_tls_options
 from lpa.tls.trust import HTTP11, CATrustRoot
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "PeerIdentity",
     "ServerTLSOptions",
     "client_tls_options",
+    "crl_health",
     "identity_allowed",
     "load_certificate",
     "load_certificates",

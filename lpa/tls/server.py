@@ -20,6 +20,7 @@ from twisted.internet import ssl
 from twisted.logger import Logger
 
 from lpa.errors import ConfigError
+from lpa.events import rfc3339
 from lpa.tls.files import (
     DEFAULT_LABELS,
     label_of,
@@ -256,3 +257,35 @@ def server_tls_options(
         raiseMinimumTo=minimum,
         acceptableProtocols=[HTTP11],
     )
+
+
+def crl_health(crl_path: str | None, ca_path: str, now: float) -> dict[str, Any]:
+    """The health fields of the original about the CRL: status, age and next update.
+
+    ``missing`` (no CRL configured or no file: revocation is not enforced), ``invalid`` (does
+    not parse or is not signed by the CA: every client is refused), ``expired`` (past its next
+    update: the serials it lists are still refused) or ``valid``.
+    """
+    fields: dict[str, Any] = {
+        "crl_status": "missing",
+        "crl_age_seconds": None,
+        "crl_next_update": None,
+    }
+    if not crl_path or not os.path.exists(crl_path):
+        return fields
+    try:
+        crl = load_crl(crl_path)
+        cas = load_certificates(ca_path)
+    except ConfigError:
+        fields["crl_status"] = "invalid"
+        return fields
+    if not any(signed_by(crl, ca) for ca in cas):
+        fields["crl_status"] = "invalid"
+        return fields
+    fields["crl_age_seconds"] = max(0, int(now - crl.last_update_utc.timestamp()))
+    next_update = crl.next_update_utc
+    if next_update is not None:
+        fields["crl_next_update"] = rfc3339(next_update)
+    expired = next_update is not None and next_update.timestamp() < now
+    fields["crl_status"] = "expired" if expired else "valid"
+    return fields
