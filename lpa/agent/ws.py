@@ -34,6 +34,10 @@ permessage-deflate is declined (not tested here).
 
 Autobahn's hooks are called synchronously and nothing awaits them, so they stay synchronous.
 Autobahn owns the ``log`` attribute of protocols and factories; ours is ``_log``.
+
+The module is a little over 400 lines on purpose: the protocol and the factory that sets every
+limit it relies on (and the timers both share) read together, as Twisted's protocol modules do;
+the logic that could grow lives in the session.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@
 
 ``revoke`` adds a certificate's serial to ``crl.pem`` (re-signed, CRL number + 1).  This is not a
 production CA: keys are unencrypted, and there is one CA and no intermediates.
+
+Like every ``lpa`` tool module, this one holds the operations and the command that runs them;
+it is a little over 400 lines because the certificate recipes (CA, leaf, CRL) are best read
+next to the files they end up in.
 """
 
 from __future__ import annotations
