@@ -1,22 +1,26 @@
-"""lpa.follower and lpa.jobseq: the rules the relay follows jobs by, beyond the CLI's.
-
-An agent that lost or renumbered events, JOB_NOT_FOUND that is not final, a rewind after the
-store dropped events, pages numbered below the cursor, and what another follower polled.  (The
-CLI's basics are in ``test_protocol``.)
-"""
+"""Tests for lpa.follower: following one job over the stream and by polling, and against the
+agent's own session (no sockets)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import attr
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa import protocol
-from lpa.events import KIND_SNAPSHOT, KIND_STATUS
-from lpa.follower import DETAIL, JobFollower, PollOutcome, Step
-from lpa.jobseq import GAP, NEXT, OLD, JobSequence, Renumbered
-from lpa.protocol import Ack, StreamError, parse_frame
+from lpa.agent.eventlog import EventLog
+from lpa.agent.model import JobRequest
+from lpa.agent.ws_session import JobStreamSession
+from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, KIND_SNAPSHOT, JobEvent
+from lpa.follower import DETAIL, EVENTS, STREAM, JobFollower, Step
+from lpa.protocol import (
+    Ack,
+    StreamError,
+    UnknownFrame,
+    parse_answer,
+    parse_frame,
+)
+from tests.fakes_jobs import FakeJobManager, RecordingChannel
 from tests.test_protocol import JOB, OTHER, T, answer, detail, event, page, wire
 
 
@@ -24,205 +28,297 @@ def seqs(step: Step) -> list[int | None]:
     return [e.seq for e in step.events]
 
 
-def resync(seq: int, status: str = "running", incarnation: str | None = None,
-           **job: Any) -> Any:
-    return parse_frame(protocol.resync_frame(detail(status, seq=seq, **job), seq, "r", T,
-                                             incarnation=incarnation))
+class FollowerStreamTests(SynchronousTestCase):
+    def opened(self, after: int = 0) -> JobFollower:
+        follower = JobFollower(JOB, after)
+        step = follower.stream_opened()
+        self.assertEqual(step.send, (protocol.subscribe_frame(JOB, after),))
+        self.assertEqual(follower.source, STREAM)
+        follower.receive(Ack("subscribed", JOB))
+        return follower
 
+    def test_in_order_until_job_complete(self) -> None:
+        """Events are delivered in order; job_complete ends the job."""
+        follower = self.opened()
+        for seq in (1, 2):
+            self.assertEqual(seqs(follower.receive(event(seq))), [seq])
+        self.assertEqual(seqs(follower.receive(event(3, "completed"))), [3])
+        self.assertFalse(follower.done)
+        self.assertEqual(seqs(follower.receive(event(4, "completed", name="job_complete"))), [4])
+        self.assertTrue(follower.done and follower.over)
+        assert follower.latest is not None and follower.outcome is not None
+        self.assertEqual(follower.latest.event, EVENT_JOB_COMPLETE)
+        self.assertEqual((follower.outcome.seq, follower.outcome.status), (3, "completed"))
+        self.assertEqual(follower.receive(event(5)), Step())
 
-def streaming(after: int = 0, **kwargs: Any) -> JobFollower:
-    """A follower subscribed over the stream (acknowledged) from ``after``."""
-    follower = JobFollower(JOB, after, **kwargs)
-    follower.stream_opened()
-    follower.receive(Ack("subscribed", JOB))
-    return follower
-
-
-class RenumberedTests(SynchronousTestCase):
-    """A snapshot numbered at or below last_seq: the agent lost or renumbered events."""
-
-    def test_terminal_below_wins_and_says_by_how_much(self) -> None:
-        """A terminal resync below is delivered, last_seq follows it; the step says by how much."""
-        follower = streaming()
-        for seq in range(1, 54):
-            follower.receive(event(seq, incarnation="i1"))
-        step = follower.receive(resync(4, "failed", "i2", error="Agent process restart"))
-        self.assertEqual((seqs(step), step.events[0].status), ([4], "failed"))
-        self.assertEqual(step.renumbered, Renumbered(JOB, 53, 4, "i1", "i2", "failed"))
-        self.assertEqual(step.renumbered.behind, 49)
-        self.assertEqual((follower.last_seq, follower.seq.floor, follower.done), (4, 53, True))
-
-    def test_running_below_continues_from_the_agent(self) -> None:
-        """A running snapshot below moves last_seq down; a later end below the floor is a
-        snapshot, so that it still wins downstream."""
-        follower = streaming(after=53)
-        step = follower.receive(resync(4, incarnation="i2"))
-        self.assertEqual((seqs(step), step.renumbered.final_status), ([4], None))
-        self.assertEqual((follower.last_seq, follower.seq.floor), (4, 53))
-        self.assertEqual(follower.receive(event(5)).events[0].kind, KIND_STATUS)
-        end = follower.receive(event(6, "completed")).events[0]
-        self.assertEqual((end.seq, end.kind), (6, KIND_SNAPSHOT))
-
-    def test_no_news(self) -> None:
-        """At last_seq and running, or after a terminal event was delivered: nothing."""
-        follower = streaming(after=10)
-        self.assertEqual(follower.receive(resync(10)), Step())
-        follower.receive(event(11, "failed"))
-        self.assertEqual(follower.receive(resync(11, "completed")), Step())
-        self.assertEqual(follower.receive(resync(3, "failed")), Step())
-
-    def test_terminal_at_the_seq_of_a_running_event(self) -> None:
-        """The agent says the seq we have as running is its end: delivered, 0 lower."""
-        follower = streaming()
-        follower.receive(event(1))
-        step = follower.receive(resync(1, "failed"))
-        self.assertEqual((seqs(step), step.renumbered.behind), ([1], 0))
-
-    def test_polled_snapshot_judged_the_same(self) -> None:
-        """A snapshot another follower polled is judged like a resync, with its incarnation."""
-        follower = streaming()
-        for seq in (1, 2, 3):
-            follower.receive(event(seq, incarnation="a"))
-        snapshot = protocol.snapshot_event(JOB, detail("failed"), 1)
-        step = follower.receive_polled(PollOutcome(events=(snapshot,), incarnation="b"))
-        self.assertEqual(step.renumbered, Renumbered(JOB, 3, 1, "a", "b", "failed"))
-        self.assertEqual(follower.seq.incarnation, "b")
-
-
-class PollAnomalyTests(SynchronousTestCase):
-    """What the REST answers of an agent numbering below the cursor lead to."""
-
-    def test_page_below_the_cursor_asks_the_detail_at_its_last_seq(self) -> None:
-        """An empty page whose last_seq is below the cursor: one GET /jobs/{id}, at that seq."""
-        follower = JobFollower(JOB, after_seq=53)
-        step = follower.receive_answer(page(last_seq=4))
-        self.assertEqual((step.events, step.again), ((), True))
-        self.assertEqual(follower.poll_path(), protocol.job_path(JOB))
-        step = follower.receive_answer(answer(200, detail(seq=None)))
-        self.assertEqual((seqs(step), step.renumbered.agent_seq), ([4], 4))
-        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 4))
-
-    def test_409_seq_is_its_last_seq(self) -> None:
-        """409 EVENTS_AHEAD: the snapshot is at details.last_seq, with details.incarnation."""
-        follower = JobFollower(JOB, after_seq=9)
-        conflict = answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead", "details": {
-            "last_seq": 2, "incarnation": "b:2", "job": detail("failed", seq=None)}})
-        step = follower.receive_answer(conflict)
-        self.assertEqual((seqs(step), step.renumbered.incarnation_now), ([2], "b:2"))
-
-    def test_terminal_page_with_nothing_delivered_reads_the_detail(self) -> None:
-        """A terminal page that gives nothing new (not even up to its end) asks the detail."""
-        follower = JobFollower(JOB, after_seq=2)
-        step = follower.receive_answer(page(wire(5), last_seq=5, terminal=True))
-        self.assertEqual((step.events, step.again), ((), True))
-        self.assertEqual(follower.poll_path(), protocol.job_path(JOB))
-
-    def test_rejected_events_are_named(self) -> None:
-        """An event of a page that cannot be read is skipped and named in the step."""
-        step = JobFollower(JOB).receive_answer(page(wire(1), {"event": "job_status"},
-                                                    last_seq=1))
-        self.assertEqual((seqs(step), len(step.rejected)), ([1], 1))
-
-    def test_known_original_agent_starts_with_the_detail(self) -> None:
-        """events_endpoint=False: the first poll is GET /jobs/{id}."""
-        follower = JobFollower(JOB, events_endpoint=False)
-        self.assertEqual((follower.source, follower.poll_path()), (DETAIL, protocol.job_path(JOB)))
-        self.assertFalse(follower.polls_events)
-
-
-class MissingTests(SynchronousTestCase):
-    """gone_is_final=False: JOB_NOT_FOUND is reported, the follow goes on."""
-
-    def test_missing_then_found(self) -> None:
-        """Each JOB_NOT_FOUND is a missing step; the next sign of the job is found, once."""
-        follower = streaming(gone_is_final=False)
-        error = StreamError(protocol.JOB_NOT_FOUND, "no", JOB)
-        self.assertIn("JOB_NOT_FOUND", follower.receive(error).missing)
-        self.assertIn("JOB_NOT_FOUND", follower.receive(error).missing)
-        self.assertFalse(follower.over)
-        step = follower.receive(event(1))
-        self.assertEqual((seqs(step), step.found), ([1], True))
-        self.assertFalse(follower.receive(event(2)).found)
-        self.assertIsNone(follower.gone)
-
-    def test_polled_gone_and_empty_answers(self) -> None:
-        """A polled "gone" is missing; an empty polled answer shows the job again."""
-        follower = JobFollower(JOB, gone_is_final=False)
-        self.assertEqual(follower.receive_polled(PollOutcome(gone="not known")),
-                         Step(missing="not known"))
-        self.assertEqual(follower.receive_polled(PollOutcome()), Step(found=True))
-
-    def test_final_by_default(self) -> None:
-        """By default the first JOB_NOT_FOUND ends the follow (the CLI)."""
-        follower = JobFollower(JOB)
-        follower.receive_polled(PollOutcome(gone="not known"))
-        self.assertTrue(follower.over)
-        self.assertEqual(follower.receive_polled(PollOutcome()), Step())
-
-
-class RewindLaterTests(SynchronousTestCase):
-    """The store dropped delivered events: fetch them again once it takes events."""
-
-    def test_stream_held_until_resume(self) -> None:
-        """rewind(later): stream frames are ignored; resume() unsubscribes and resubscribes."""
-        follower = streaming(after=3)
-        for seq in range(4, 9):
-            follower.receive(event(seq))
-        self.assertEqual(follower.rewind(3, later=True), Step())
-        self.assertEqual(follower.receive(event(9)), Step())
-        self.assertEqual(follower.receive(resync(9)), Step())
-        self.assertEqual(follower.resume().send, (protocol.unsubscribe_frame(JOB),
-                                                  protocol.subscribe_frame(JOB, 3)))
-        self.assertEqual(follower.resume(), Step())
-        self.assertEqual(seqs(follower.receive(event(4))), [4])
-
-    def test_a_dropped_end_is_news_again(self) -> None:
-        """After a rewind a terminal snapshot that comes again is delivered again."""
-        follower = streaming(after=9)
-        follower.receive(resync(4, "failed"))
-        self.assertTrue(follower.done)
-        follower.rewind(9, later=True)
-        follower.stream_opened()  # a new socket also ends the hold
-        self.assertEqual(seqs(follower.receive(resync(4, "failed"))), [4])
-
-    def test_polling_is_not_held(self) -> None:
-        """While held, polled events still arrive; a polling follower resumes with nothing."""
-        follower = JobFollower(JOB)
-        follower.receive_polled(PollOutcome(events=(event(1), event(2))))
-        follower.rewind(1, later=True)
-        self.assertEqual(seqs(follower.receive_polled(PollOutcome(events=(event(2),)))), [2])
-        self.assertEqual(follower.resume(), Step())
-
-
-class PolledTests(SynchronousTestCase):
-    def test_in_order_without_duplicates(self) -> None:
-        """Polled events are delivered in order once; a hole ends the delivery there."""
-        follower = streaming()
-        follower.receive(event(1))
-        step = follower.receive_polled(PollOutcome(events=(
-            event(1), event(2), event(3), event(5), event(6), event(1, job_id=OTHER))))
-        self.assertEqual(seqs(step), [2, 3])
+    def test_duplicates_dropped(self) -> None:
+        """A replayed event already delivered is dropped."""
+        follower = self.opened(after=2)
+        self.assertEqual(follower.receive(event(2)), Step())
+        self.assertEqual(seqs(follower.receive(event(3))), [3])
         self.assertEqual(follower.receive(event(3)), Step())
+        self.assertEqual(follower.last_seq, 3)
 
-    def test_unnumbered_snapshots_always_delivered(self) -> None:
-        """An original agent's detail (no seq) passes; the store decides if it changed."""
+    def test_gap_resubscribes_once(self) -> None:
+        """A gap asks for a replay from the last seq once, until the agent acknowledges it."""
+        follower = self.opened()
+        follower.receive(event(1))
+        step = follower.receive(event(5))
+        self.assertEqual((step.events, step.send), ((), (protocol.subscribe_frame(JOB, 1),)))
+        self.assertEqual(follower.receive(event(6)), Step())  # in flight before the replay
+        follower.receive(Ack("subscribed", JOB))
+        self.assertEqual([seqs(follower.receive(event(n))) for n in (2, 3, 4, 5, 6)],
+                         [[2], [3], [4], [5], [6]])
+        self.assertEqual(follower.receive(event(9)).send, (protocol.subscribe_frame(JOB, 6),))
+
+    def test_gap_before_first_ack_waits(self) -> None:
+        """Before the subscription is acknowledged a gap is expected (live events of all jobs)."""
         follower = JobFollower(JOB)
-        snapshot = protocol.snapshot_event(JOB, detail(seq=None))
-        for _ in range(2):
-            self.assertEqual(seqs(follower.receive_polled(PollOutcome(events=(snapshot,)))),
-                             [None])
+        follower.stream_opened()
+        self.assertEqual(follower.receive(event(7)), Step())
+        self.assertEqual(seqs(follower.receive(event(1))), [1])
+
+    def test_resync_replaces_the_stream(self) -> None:
+        """A resync delivers its snapshot and moves last_seq to its seq, even backwards."""
+        follower = self.opened(after=50)
+        resync = parse_frame(protocol.resync_frame(detail(seq=8), 8, "ahead", T))
+        step = follower.receive(resync)
+        self.assertEqual((seqs(step), step.events[0].kind), ([8], KIND_SNAPSHOT))
+        self.assertEqual((follower.last_seq, follower.done), (8, False))
+        self.assertEqual(seqs(follower.receive(event(9))), [9])
+
+    def test_terminal_resync_ends(self) -> None:
+        """A terminal job's resync ends the follow (no job_complete follows it)."""
+        follower = self.opened(after=3)
+        follower.receive(parse_frame(protocol.resync_frame(detail("completed"), 90, "old", T)))
+        self.assertTrue(follower.done)
+        assert follower.latest is not None
+        self.assertEqual(follower.latest.status, "completed")
+
+    def test_job_not_found(self) -> None:
+        """JOB_NOT_FOUND for our job: gone."""
+        follower = self.opened()
+        follower.receive(StreamError("JOB_NOT_FOUND", "no", JOB))
+        self.assertIn("JOB_NOT_FOUND", follower.gone)
+        self.assertTrue(follower.over)
+        self.assertEqual(follower.stream_opened(), Step())
+
+    def test_refused_polls(self) -> None:
+        """Another error for our job is a refusal: the follower polls from its last seq."""
+        follower = self.opened()
+        follower.receive(event(1))
+        error = StreamError("TOO_MANY_SUBSCRIPTIONS", "at most 256", JOB)
+        self.assertEqual(follower.receive(error), Step(refused=error))
+        self.assertEqual((follower.source, follower.poll_path()),
+                         (EVENTS, protocol.events_path(JOB, 1)))
+
+    def test_other_frames_ignored(self) -> None:
+        """Other jobs' frames, connected, unsubscribed and unknown frames change nothing."""
+        follower = self.opened()
+        for frame in (event(1, job_id=OTHER), Ack("connected", "", "hi"),
+                      Ack("unsubscribed", JOB), UnknownFrame("heartbeat", JOB),
+                      StreamError("INVALID_JSON", "bad", ""),
+                      StreamError("JOB_NOT_FOUND", "no", OTHER)):
+            self.assertEqual(follower.receive(frame), Step())
+        self.assertEqual((follower.last_seq, follower.gone), (0, None))
+
+    def test_unnumbered_stream_event_dropped(self) -> None:
+        """A stream event without a seq cannot be placed: dropped."""
+        follower = self.opened()
+        self.assertEqual(follower.receive(attr.evolve(event(1), seq=None)), Step())
+
+    def test_lost_then_reopened(self) -> None:
+        """A dropped socket polls from the last seq; a new socket resubscribes from there."""
+        follower = self.opened()
+        follower.receive(event(1))
+        follower.stream_lost()
+        self.assertEqual(follower.source, EVENTS)
+        follower.receive_answer(page(wire(2), wire(3)))
+        self.assertEqual(follower.stream_opened().send, (protocol.subscribe_frame(JOB, 3),))
+
+    def test_rewind(self) -> None:
+        """Events lost downstream are asked again: resubscribe from the rewound seq."""
+        follower = self.opened()
+        for seq in (1, 2, 3):
+            follower.receive(event(seq))
+        self.assertEqual(follower.rewind(1).send, (protocol.subscribe_frame(JOB, 1),))
+        self.assertEqual(follower.receive(event(4)), Step())  # in flight: a gap, ignored
+        self.assertEqual(seqs(follower.receive(event(2))), [2])
+        self.assertEqual(follower.rewind(5), Step())
+        follower.stream_lost()
+        self.assertEqual(follower.rewind(0), Step())
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 0))
 
 
-class JobSequenceTests(SynchronousTestCase):
-    def test_place(self) -> None:
-        """Each event is next, old (at or below, or unnumbered) or past a gap."""
-        sequence = JobSequence(JOB, 3)
-        self.assertEqual([sequence.place(event(n)) for n in (2, 3, 4, 6)], [OLD, OLD, NEXT, GAP])
-        self.assertEqual(sequence.place(attr.evolve(event(4), seq=None)), OLD)
+class FollowerPollTests(SynchronousTestCase):
+    def test_events_pages(self) -> None:
+        """Pages are delivered in order without duplicates; terminal + read to the end: done."""
+        follower = JobFollower(JOB)
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 0))
+        self.assertEqual(seqs(follower.receive_answer(page(wire(1), wire(2)))), [1, 2])
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 2))
+        step = follower.receive_answer(page(wire(2), wire(3, "failed"), last_seq=3,
+                                            terminal=True))
+        self.assertEqual(seqs(step), [3])
+        self.assertTrue(follower.done)
+        self.assertEqual(follower.receive_answer(page(wire(4))), Step())
 
-    def test_rewind_forgets_the_end(self) -> None:
-        """rewind() moves last_seq down only, and forgets that the job ended."""
-        sequence = JobSequence(JOB, 3)
-        sequence.deliver(event(4, "completed"))
-        sequence.rewind(9)
-        self.assertEqual((sequence.last_seq, sequence.ended, sequence.floor), (4, False, 4))
+    def test_job_complete_in_page(self) -> None:
+        """job_complete in a page ends the follow."""
+        follower = JobFollower(JOB)
+        follower.receive_answer(page(wire(1, "completed"),
+                                     wire(2, "completed", name="job_complete")))
+        self.assertTrue(follower.done)
+
+    def test_hole_in_page(self) -> None:
+        """A page with a hole is delivered up to the hole; the next poll asks after it."""
+        follower = JobFollower(JOB)
+        self.assertEqual(seqs(follower.receive_answer(page(wire(1), wire(3)))), [1])
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 1))
+
+    def test_ended_with_nothing_new(self) -> None:
+        """Following from the last seq of an ended job reads its detail as the final word."""
+        follower = JobFollower(JOB, after_seq=4)
+        step = follower.receive_answer(page(last_seq=4, terminal=True))
+        self.assertEqual((step.events, step.again), ((), True))
+        self.assertEqual(follower.poll_path(), protocol.job_path(JOB))
+        step = follower.receive_answer(answer(200, detail("completed", seq=4)))
+        self.assertEqual((seqs(step), follower.done), ([4], True))
+
+    def test_expired(self) -> None:
+        """410 EVENTS_EXPIRED: the detail in the error is the snapshot; polling goes on after."""
+        follower = JobFollower(JOB)
+        expired = answer(410, error={"code": "EVENTS_EXPIRED", "message": "gone",
+                                     "details": detail(seq=900)})
+        self.assertEqual(seqs(follower.receive_answer(expired)), [900])
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 900))
+
+    def test_conflict_with_detail(self) -> None:
+        """409 EVENTS_AHEAD (after beyond the job's last seq) with the job: its seq rules."""
+        follower = JobFollower(JOB, after_seq=50)
+        conflict = answer(409, error={"code": protocol.EVENTS_AHEAD, "message": "ahead",
+                                      "details": {"last_seq": 7, "incarnation": "b:2",
+                                                  "job": detail(seq=7)}})
+        self.assertEqual(seqs(follower.receive_answer(conflict)), [7])
+        self.assertEqual(follower.last_seq, 7)
+        bare = JobFollower(JOB, after_seq=50)  # an agent that puts the detail itself there
+        bare.receive_answer(answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead",
+                                               "details": detail(seq=6)}))
+        self.assertEqual(bare.last_seq, 6)
+
+    def test_conflict_without_detail(self) -> None:
+        """409 without a detail: one GET /jobs/{id}, then the events from its seq."""
+        follower = JobFollower(JOB, after_seq=50)
+        conflict = answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead",
+                                      "details": {"last_seq": 7}})
+        self.assertEqual(follower.receive_answer(conflict), Step(again=True))
+        self.assertEqual(follower.poll_path(), protocol.job_path(JOB))
+        self.assertEqual(seqs(follower.receive_answer(answer(200, detail(seq=7)))), [7])
+        self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 7))
+
+    def test_original_agent(self) -> None:
+        """404/405 on the events path: poll the detail, delivering only changes, until terminal."""
+        follower = JobFollower(JOB)
+        self.assertEqual(follower.receive_answer(parse_answer(405, b"")), Step(again=True))
+        self.assertEqual((follower.source, follower.poll_path()), (DETAIL, protocol.job_path(JOB)))
+        first = follower.receive_answer(answer(200, detail(seq=None)))
+        self.assertEqual((seqs(first), first.events[0].output), ([None], "a\nb"))
+        self.assertEqual(follower.receive_answer(answer(200, detail(seq=None))), Step())
+        changed = follower.receive_answer(answer(200, detail("timedout", seq=None,
+                                                             error="took too long")))
+        self.assertEqual(changed.events[0].status, "timed_out")
+        self.assertTrue(follower.done)
+
+    def test_detail_of_a_numbering_agent(self) -> None:
+        """Detail polling of an agent with seqs delivers only snapshots ahead of last_seq."""
+        follower = JobFollower(JOB, after_seq=5)
+        follower.receive_answer(answer(404, error={"code": "NOT_FOUND", "message": "no path"}))
+        self.assertEqual(follower.receive_answer(answer(200, detail(seq=5))), Step())
+        self.assertEqual(seqs(follower.receive_answer(answer(200, detail(seq=6)))), [6])
+
+    def test_gone(self) -> None:
+        """JOB_NOT_FOUND on the events path, or 404 on the detail: gone."""
+        follower = JobFollower(JOB)
+        follower.receive_answer(answer(404, error={"code": "JOB_NOT_FOUND", "message": "no"}))
+        self.assertIn("JOB_NOT_FOUND", follower.gone)
+        old = JobFollower(JOB)
+        old.receive_answer(parse_answer(405, b""))
+        old.receive_answer(parse_answer(404, b""))
+        self.assertIn("HTTP 404", old.gone)
+        self.assertEqual(old.receive_answer(answer(200, detail())), Step())
+
+    def test_problems(self) -> None:
+        """Answers the follower cannot use are problems; nothing changes, retry later."""
+        follower = JobFollower(JOB)
+        for bad in (answer(429, error={"code": "RATE_LIMITED", "message": "slow down"}),
+                    answer(200, {"no": "events"}), parse_answer(502, b"<html>")):
+            step = follower.receive_answer(bad)
+            self.assertTrue(step.problem, bad)
+            self.assertEqual((step.events, follower.last_seq, follower.source), ((), 0, EVENTS))
+        self.assertIn("RATE_LIMITED", follower.receive_answer(
+            answer(429, error={"code": "RATE_LIMITED", "message": "x"})).problem)
+        follower.receive_answer(parse_answer(405, b""))
+        self.assertIn("HTTP 500", follower.receive_answer(parse_answer(500, b"")).problem)
+        self.assertIn("no status", follower.receive_answer(answer(200, {"x": 1})).problem)
+        expired = answer(410, error={"code": "EVENTS_EXPIRED", "message": "gone", "details": 3})
+        self.assertIn("unreadable", JobFollower(JOB).receive_answer(expired).problem)
+
+
+class AgainstTheAgentTests(SynchronousTestCase):
+    """The follower reading what the agent's own session writes (no sockets)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events = EventLog(self.clock, max_events_per_job=5)
+        self.jobs = FakeJobManager(self.clock, events=self.events)
+        self.channel = RecordingChannel()
+        self.addCleanup(lambda: self.assertIsNone(self.channel.closed_with))
+        self.session = JobStreamSession(self.events, self.jobs, self.channel,
+                                        now=lambda: T, connection_id="c1")
+        self.session.start()
+        self.addCleanup(self.session.stop)
+        self.job = self.jobs.submit(JobRequest(operation="patch_apply", dry_run=True))
+
+    def pump(self, follower: JobFollower) -> list[JobEvent]:
+        delivered: list[JobEvent] = []
+        while self.channel.frames:
+            step = follower.receive(parse_frame(self.channel.frames.pop(0)))
+            delivered.extend(step.events)
+            for frame in step.send:
+                self.session.receive_text(protocol.dumps(frame))
+        return delivered
+
+    def test_replay_then_live(self) -> None:
+        """Subscribe with after_seq: replay, live events, job_complete, each once and in order."""
+        self.jobs.step(self.job.id, "running", 10, "Reading package lists", kind=KIND_OUTPUT)
+        follower = JobFollower(self.job.id)
+        for frame in follower.stream_opened().send:
+            self.session.receive_text(protocol.dumps(frame))
+        self.jobs.step(self.job.id, "running", 20, "Inst curl")
+        delivered = self.pump(follower)
+        self.jobs.finish(self.job.id)
+        delivered += self.pump(follower)
+        self.assertEqual([e.seq for e in delivered], [1, 2, 3, 4, 5])
+        self.assertTrue(follower.done)
+
+    def test_resync_from_the_agent(self) -> None:
+        """After_seq older than what is kept: the agent's resync ends a finished job."""
+        for n in range(10):
+            self.jobs.step(self.job.id, "running", n, f"line {n}", kind=KIND_OUTPUT)
+        self.jobs.finish(self.job.id, "failed")
+        self.channel.take()  # what this connection saw live before it subscribed
+        follower = JobFollower(self.job.id, after_seq=1)
+        for frame in follower.stream_opened().send:
+            self.session.receive_text(protocol.dumps(frame))
+        delivered = self.pump(follower)
+        self.assertEqual([(e.kind, e.seq, e.status) for e in delivered],
+                         [(KIND_SNAPSHOT, 13, "failed")])
+        self.assertTrue(follower.done)
+
+    def test_unknown_job(self) -> None:
+        """The agent's JOB_NOT_FOUND error frame makes the follower give up."""
+        follower = JobFollower(OTHER)
+        for frame in follower.stream_opened().send:
+            self.session.receive_text(protocol.dumps(frame))
+        self.pump(follower)
+        self.assertIn("JOB_NOT_FOUND", follower.gone)
