@@ -63,9 +63,9 @@ class _Pair:
             _io(back).write(data)
         self.buffered = []
 
-    def lost(self, side: Protocol) -> None:
+    def lost(self, side: _Front | _Back) -> None:
         """One side closed: pass the close on, unless a blackhole swallows it."""
-        side.gone = True  # type: ignore[attr-defined]
+        side.gone = True
         if self.poisoned:
             return
         self.closed = True

@@ -174,7 +174,7 @@ class SystemTests(ApiTestCase):
 class _Upgraded(Resource):
     isLeaf = True
 
-    def render_GET(self, request):  # type: ignore[no-untyped-def]
+    def render_GET(self, request: Any) -> bytes:
         request.setResponseCode(299)
         return b"handed over"
 

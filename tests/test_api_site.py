@@ -12,6 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
 
 from lpa.agent.http.api import BoundedRequest, bounded_request_factory
@@ -290,11 +291,13 @@ class ChannelTests(ApiTestCase):
         """A failure that escapes every handler is a logged 500 envelope, not an HTML page."""
         from lpa.agent.http.gate import Gate
 
-        class _Broken:
+        class _Broken(Resource):
+            isLeaf = True
+
             def render(self, request: Any) -> bytes:
                 raise RuntimeError("bug")
 
-        broken = Gate(_Broken(), lambda request: None, None)  # type: ignore[arg-type]
+        broken = Gate(_Broken(), lambda request: None, self.api._enveloper.write_error)
         self.patch(self.api, "resource", lambda: broken)
         self.site = self.api.site(timeout_seconds=self.timeout_seconds)
         protocol, transport = self.connect()

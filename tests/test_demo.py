@@ -103,7 +103,9 @@ class EnsurePostgresTests(SynchronousTestCase):
 
         def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
             calls.append(argv)
-            self.assertEqual(kw["env"]["DEBIAN_FRONTEND"], "noninteractive")  # type: ignore[index]
+            env = kw["env"]
+            assert isinstance(env, dict)
+            self.assertEqual(env["DEBIAN_FRONTEND"], "noninteractive")
             return subprocess.CompletedProcess(argv, 0)
 
         out = io.StringIO()

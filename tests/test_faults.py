@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import attr
@@ -97,11 +97,9 @@ def daemon_logs(daemon: Any) -> tuple[str, str]:
     return daemon.log_path, os.path.join(daemon.directory, "stdout.log")
 
 
-def run_all(*coroutines: Awaitable[Any]) -> Deferred[Any]:
+def run_all(*coroutines: Coroutine[Any, Any, Any]) -> Deferred[Any]:
     """Run coroutines concurrently; fire when all did (the first failure fails it)."""
-    deferreds: list[Deferred[Any]] = [
-        Deferred.fromCoroutine(c) for c in coroutines  # type: ignore[arg-type]
-    ]
+    deferreds: list[Deferred[Any]] = [Deferred.fromCoroutine(c) for c in coroutines]
     return gatherResults(deferreds, consumeErrors=True)
 
 
@@ -445,6 +443,15 @@ class RelayFaultTests(FaultTestCase):
         self.listener.connect()
         self.seeder.execute(f"ALTER ROLE {role} LOGIN")
 
+
+class RelayLogUnderOutageTests(FaultTestCase):
+    """Expected to fail until the store logs its outages itself (trial reads ``todo`` here)."""
+
+    todo = (
+        "txpostgres reports every lost connection as an Unhandled Error (issue 10, the store's "
+        "outage logging)"
+    )
+
     async def test_postgresql_restart_leaves_no_unhandled_error(self) -> None:
         """A PostgreSQL restart under a following relay leaves no Unhandled Error in its log."""
         agents = await self.start_agents(1, download_seconds=1.0, dpkg_seconds=3.0)
@@ -458,11 +465,6 @@ class RelayFaultTests(FaultTestCase):
         assert self.relay is not None
         await self.relay.stop()
         assert_no_unhandled(*daemon_logs(self.relay))
-
-    test_postgresql_restart_leaves_no_unhandled_error.todo = (  # type: ignore[attr-defined]
-        "txpostgres reports every lost connection as an Unhandled Error (issue 10, the store's "
-        "outage logging)"
-    )
 
 
 class NetworkFaultTests(FaultTestCase):

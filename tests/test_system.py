@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -69,9 +70,9 @@ class HostSystemFileTests(SynchronousTestCase):
         return path
 
     def system(
-        self, present: tuple[str, ...] = ("dpkg", "systemctl", "shutdown"), **kwargs: object
+        self, present: tuple[str, ...] = ("dpkg", "systemctl", "shutdown"), **kwargs: Any
     ) -> HostSystem:
-        defaults: dict[str, object] = {
+        defaults: dict[str, Any] = {
             "boot_id_path": self.path("boot_id", "0f4e0c2a-1111-2222-3333-444455556666\n"),
             "uptime_path": self.path("uptime", "12345.67 24000.00\n"),
             "os_release_paths": (
@@ -84,7 +85,7 @@ class HostSystemFileTests(SynchronousTestCase):
             "hostname": lambda: "host1",
         }
         defaults.update(kwargs)
-        return HostSystem(self.runner, **defaults)  # type: ignore[arg-type]
+        return HostSystem(self.runner, **defaults)
 
     def test_interface(self) -> None:
         """HostSystem implements ISystem."""
@@ -207,12 +208,16 @@ class HostSystemFileTests(SynchronousTestCase):
 
     def test_reboot_argv(self) -> None:
         """systemctl reboot now, shutdown -r +ceil(delay/60) later, reboot on Alpine."""
-        full = lambda name: "/x"  # noqa: E731
+        def full(name: str) -> str:
+            return "/x"
+
         self.assertEqual(reboot_argv_for(0, which=full), ["systemctl", "reboot"])
         self.assertEqual(reboot_argv_for(1, which=full), ["shutdown", "-r", "+1"])
         self.assertEqual(reboot_argv_for(60, which=full), ["shutdown", "-r", "+1"])
         self.assertEqual(reboot_argv_for(61, which=full), ["shutdown", "-r", "+2"])
-        alpine = lambda name: None  # noqa: E731
+        def alpine(name: str) -> None:
+            return None
+
         self.assertEqual(reboot_argv_for(0, which=alpine), ["reboot"])
         self.assertEqual(reboot_argv_for(120, which=alpine), ["reboot"])
         self.assertEqual(self.system().reboot_argv(300), ["shutdown", "-r", "+5"])

@@ -66,7 +66,9 @@ class PkiPaths:
 
     @classmethod
     def in_directory(cls, directory: str) -> PkiPaths:
-        j = lambda name: os.path.join(directory, name)  # noqa: E731
+        def j(name: str) -> str:
+            return os.path.join(directory, name)
+
         return cls(
             directory=directory,
             ca_cert=j("ca.pem"),

@@ -168,7 +168,8 @@ class BoundedRequest(Request):
         """A failure no handler answered: a logged 500 envelope, not twisted.web's HTML page."""
         write_error = getattr(getattr(self.site, "enveloper", None), "write_error", None)
         if write_error is None or self.finished or self.startedWriting:
-            return super().processingFailed(reason)  # type: ignore[no-any-return]
+            logged: Failure = super().processingFailed(reason)
+            return logged
         body = write_error(self, reason)
         self.setHeader(b"Content-Length", b"%d" % len(body))
         self.write(body)

@@ -62,7 +62,7 @@ class AgentSite(Http11Site):
     :param throttle: bounds the refusal log lines (one per process is enough).
     """
 
-    protocol = EnvelopeChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 switch
+    protocol = EnvelopeChannel  # type: ignore[assignment]  # HTTP/1.1 only; typed for HTTPChannel
 
     def __init__(
         self,
