@@ -1,7 +1,7 @@
 """Fakes of the agent's seams, shared by every test module.
 
-Each fake declares the interface it stands in for, and ``tests.test_jobs.InterfaceTests`` runs ``verifyObject``
-on the fake and on the real class, so fakes cannot drift from production.
+Each fake declares the interface it stands in for, and ``tests.test_fakes`` runs ``verifyObject``
+on the fake and on the production class, so fakes cannot drift from production.
 
 * :class:`FakeProcessRunner` hands out Deferreds the test fires (``runner.calls[-1].finish(...)``)
   or answers from a queue of scripted results (``runner.respond(...)``).
