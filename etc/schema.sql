@@ -9,5 +9,6 @@
 -- busy database.  A new migration file gets its own \ir line below, in order.
 SET lock_timeout = '5s';
 \ir ../lpa/sql/001_relay.sql
+\ir ../lpa/sql/002_relay_writepath.sql
 \ir ../lpa/sql/003_relay_membership.sql
 \ir ../lpa/sql/004_relay_deadline.sql

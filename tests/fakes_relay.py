@@ -11,7 +11,10 @@ Usage::
     host_job = store.add_host_job(row_id="r1", job_id="j1", host_id="h1", agent_job_id="a1",
                                   agent=AgentAddress("agent1.example", 12443))
     store.apply_events(host_job, [event], TRANSPORT_WS)
-    store.rows["r1"].status, store.notifications, store.calls
+    store.rows["r1"].status, store.rows["r1"].output, store.notifications, store.calls
+
+Notifications carry what a real one carries: ``output`` is the text new in that call (``None``
+when there is none), not the row's whole output.
 """
 
 from __future__ import annotations
@@ -25,7 +28,23 @@ from zope.interface import implementer
 
 from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob, IRelayStore
 from lpa.relay.missing_record import IMissingRecord
-from lpa.relay.rows import DB_RUNNING, ROW_MISSING, Reduction, RowState, fail_state, reduce_events, rollup_status
+from lpa.relay.rows import (
+    DB_RUNNING,
+    ROW_MISSING,
+    Reduction,
+    RowState,
+    apply_output,
+    fail_state,
+    reduce_events,
+    rollup_status,
+)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class FakeRow(RowState):
+    """A row as the real store reads it, plus its whole ``output`` (kept here in one piece)."""
+
+    output: str = ""
 
 
 @attr.s(auto_attribs=True, kw_only=True)
@@ -44,7 +63,7 @@ class FakeRelayStore:
     """In-memory rows keyed by ``row_id``; notifications as dicts (the payload fields)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, RowState] = {}
+        self.rows: dict[str, FakeRow] = {}
         self.host_jobs: dict[str, HostJob] = {}
         self.job_status: dict[str, str] = {}
         self.calls: list[FakeCall] = []
@@ -76,7 +95,7 @@ class FakeRelayStore:
             last_seq=last_seq,
         )
         self.host_jobs[row_id] = host_job
-        self.rows[row_id] = RowState(status=status, last_seq=last_seq, agent_job_id=agent_job_id)
+        self.rows[row_id] = FakeRow(status=status, last_seq=last_seq, agent_job_id=agent_job_id)
         self.job_status.setdefault(job_id, DB_RUNNING)
         return host_job
 
@@ -116,12 +135,14 @@ class FakeRelayStore:
 
     def apply_events(self, host_job: HostJob, events: Sequence, transport: str) -> Deferred:
         self.calls.append(
-            FakeCall(method="apply_events", host_job=host_job, events=tuple(events), transport=transport)
+            FakeCall(method="apply_events", host_job=host_job, events=tuple(events),
+                     transport=transport)
         )
         return self._answer(
             lambda: self._commit(
                 host_job,
-                self._reduce(host_job, lambda row: reduce_events(row, host_job.agent_job_id, events)),
+                self._reduce(
+                    host_job, lambda row: reduce_events(row, host_job.agent_job_id, events)),
                 transport,
             )
         )
@@ -146,14 +167,18 @@ class FakeRelayStore:
             return reduce_events(row, host_job.agent_job_id, ())
         return reduce(row)
 
-    def _commit(self, host_job: HostJob, reduction: Reduction | None, transport: str) -> ApplyResult:
+    def _commit(
+        self, host_job: HostJob, reduction: Reduction | None, transport: str
+    ) -> ApplyResult:
         if reduction is None:  # the row was deleted: stop following it, as the real store says
             return ApplyResult(
                 applied=0, last_seq=host_job.last_seq, row_status=ROW_MISSING, terminal=True
             )
         state = reduction.state
+        assert isinstance(state, FakeRow)
         notified = 0
         if reduction.changed:
+            state = attr.evolve(state, output=apply_output(state.output, reduction))
             self.rows[host_job.row_id] = state
             self.notifications.append(
                 {
@@ -161,10 +186,10 @@ class FakeRelayStore:
                     "job_id": host_job.job_id,
                     "host_id": host_job.host_id,
                     "status": state.status,
-                    "output": state.output,
+                    "output": reduction.output_added or None,
                     "error_message": state.error_message,
                     "agent_job_id": host_job.agent_job_id,
-                    "seq": reduction.last_seq_event,
+                    "seq": state.last_seq,
                     "transport": transport,
                     "progress": state.progress,
                 }

@@ -31,9 +31,15 @@ class PayloadTests(SynchronousTestCase):
         payload = json.loads(build_payload(
             event_type="job", job_id="j", status="failed", succeeded_count=9, failed_count=1,
             host_count=10))
-        self.assertEqual((payload["host_id"], payload["agent_job_id"], payload["output"]), ("", "", None))
-        self.assertEqual((payload["succeeded_count"], payload["failed_count"], payload["host_count"]),
-                         (9, 1, 10))
+        self.assertEqual((payload["host_id"], payload["agent_job_id"], payload["output"]),
+                         ("", "", None))
+        self.assertEqual(
+            (payload["succeeded_count"], payload["failed_count"], payload["host_count"]),
+            (9, 1, 10))
+
+    def test_budget_is_one_kilobyte(self) -> None:
+        """Host payloads are at most 1024 bytes: the error keeps at most 512 of them."""
+        self.assertEqual((PAYLOAD_BUDGET, ERROR_BUDGET), (1024, 512))
 
     def test_multibyte_output_keeps_tail_under_budget(self) -> None:
         """Multi-byte output is cut to its tail so the UTF-8 JSON stays within the budget."""
@@ -59,7 +65,7 @@ class PayloadTests(SynchronousTestCase):
         self.assertLessEqual(size(json.dumps(payload["error_message"], ensure_ascii=False)),
                              ERROR_BUDGET)
         self.assertTrue(payload["error_truncated"] and payload["output_truncated"])
-        self.assertGreater(len(payload["output"]), 4000)
+        self.assertGreater(len(payload["output"]), 200)
 
     def test_small_payload_untouched(self) -> None:
         """Text that fits is sent whole with both flags false."""
@@ -79,6 +85,6 @@ class PayloadTests(SynchronousTestCase):
                 self.assertLessEqual(size(text), PAYLOAD_BUDGET)
 
     def test_oversized_ids_are_an_error_not_a_bad_notify(self) -> None:
-        """Ids alone larger than the budget raise instead of producing a payload pg_notify refuses."""
+        """Ids alone larger than the budget raise instead of making a payload pg_notify refuses."""
         self.assertRaises(ValueError, build_payload, event_type="host", job_id="j" * 9000,
                           status="running")

@@ -16,6 +16,8 @@ from lpa.relay import schema
 from lpa.relay.schema import (
     RELAY_COLUMNS,
     RELAY_DEADLINE_COLUMNS,
+    RELAY_JOB_COLUMNS,
+    RELAY_WRITEPATH_COLUMNS,
     MigrationError,
     migrate,
     migration_names,
@@ -101,6 +103,9 @@ class MigrateTests(SynchronousTestCase):
         self.assertTrue({"idx_patch_job_hosts_job_id", "idx_patch_job_hosts_status"} <= indexes)
         self.assertEqual(self.seed.one(
             "SELECT output, relay_last_seq FROM patch_job_hosts LIMIT 1"), None)
+        self.assertTrue(set(RELAY_JOB_COLUMNS) <= _columns(self.seed, "patch_jobs"))
+        self.assertEqual(_columns(self.seed, "relay_output_pending"), {"id", "row_id", "text"})
+        self.assertIn("relay_open_host_rows", indexes)
 
     def test_migrating_twice_changes_nothing(self) -> None:
         """A second run leaves columns, indexes, enums and constraints exactly as they were."""
@@ -122,19 +127,24 @@ class MigrateTests(SynchronousTestCase):
             "INSERT INTO patch_job_hosts (job_id, host_id, status, agent_job_id, output) "
             "VALUES (%s, %s, 'running', 'a1', 'half done')", (job, host))
         manager_columns = _columns(self.seed, "patch_job_hosts")
-        changes = migrate(self.dsn)[0].changes
+        steps = migrate(self.dsn)
+        changes = steps[0].changes
         self.assertIn("added enum values: job_kind.self_upgrade, job_status.waiting_health_check",
                       changes)
         self.assertIn("added columns: " + ", ".join(
             f"patch_job_hosts.{column}" for column in sorted(RELAY_COLUMNS)), changes)
         self.assertFalse(any(line.startswith("created tables") for line in changes), changes)
+        self.assertIn("added columns: " + ", ".join(sorted(
+            [f"patch_job_hosts.{column}" for column in RELAY_WRITEPATH_COLUMNS]
+            + [f"patch_jobs.{column}" for column in RELAY_JOB_COLUMNS])), steps[1].changes)
         migrate(self.dsn)
         self.assertEqual(
             self.seed.one("SELECT status::text, agent_job_id, output, relay_last_seq, "
                           "relay_transport FROM patch_job_hosts"),
             ("running", "a1", "half done", 0, None))
         self.assertEqual(_columns(self.seed, "patch_job_hosts"),
-                         manager_columns | set(RELAY_COLUMNS) | set(RELAY_DEADLINE_COLUMNS))
+                         manager_columns | set(RELAY_COLUMNS) | set(RELAY_DEADLINE_COLUMNS)
+                         | set(RELAY_WRITEPATH_COLUMNS))
         # the manager's own tables were not re-created or extended
         self.assertEqual(_columns(self.seed, "hosts"),
                          {"id", "fqdn", "ip_address", "display_name", "agent_port",

@@ -1,47 +1,53 @@
-"""PostgresRelayStore's scheduling (per-row order, outages, backlog, stop) on fake connections.
+"""BatchingPool's scheduling (group commit, per-row order, outages, backlog, stop) on fakes.
 
-The transactions themselves are tested against a real cluster in test_store.py; here every
-connection is a fake whose interactions the test fires by hand, on a task.Clock.
+The transactions themselves are tested against a real cluster in test_store*.py; here every
+connection is a fake whose transactions the test ends by hand, on a task.Clock, and ``run_batch``
+records what each transaction was given.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import attr
 import psycopg2
+import psycopg2.errors
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from txpostgres.reconnection import defaultDeathChecker
+from txpostgres.reconnection import ConnectionDead
 
-from lpa.relay.interfaces import TRANSPORT_WS, ApplyResult
-from lpa.relay.store import (
-    PostgresRelayStore,
+from lpa.relay.pgadapter import is_connection_failure
+from lpa.relay.pool import (
+    BatchingPool,
     RelayStoreBacklogFull,
     RelayStoreStopped,
     RelayStoreUnavailable,
+    Work,
 )
-from tests.fakes_relay import FakeRelayStore
-from tests.pgutil import event
-
-OK = ApplyResult(applied=1, last_seq=1, row_status="running", terminal=False, notified=1)
 
 
 class FakeDetector:
-    deathChecker = staticmethod(defaultDeathChecker)
+    deathChecker = staticmethod(is_connection_failure)
 
     def __init__(self) -> None:
         self.connectionIsDead = False
         self.handlers: list = []
         self.stopped = False
+        self.on_dead: Any = None
 
     def addRecoveryHandler(self, handler) -> None:  # noqa: N802 (txpostgres API)
         self.handlers.append(handler)
 
     def checkForDeadConnection(self, failure: Failure) -> Failure:  # noqa: N802
-        if self.deathChecker(failure):
+        if self.deathChecker(failure) and not self.connectionIsDead:
             self.connectionIsDead = True
+            if self.on_dead is not None:
+                self.on_dead(failure)
         return failure
 
     def recover(self) -> None:
@@ -54,157 +60,212 @@ class FakeDetector:
 
 
 class FakeConnection:
-    """Each runInteraction waits in ``pending`` until the test fires it."""
+    """Runs each interaction at once with ``cursor=None``; a dead one fails like txpostgres."""
 
-    def __init__(self, connect_result: Deferred | None = None) -> None:
+    def __init__(self, connect_error: Exception | None = None) -> None:
         self.detector = FakeDetector()
-        self.pending: list[Deferred] = []
         self.closed = False
-        self._connect_result = connect_result
-        #: reconnect between the death and the store seeing the failure (a real race)
-        self.recover_before_caller = False
+        self._connect_error = connect_error
 
     def connect(self, dsn: str) -> Deferred:
-        return self._connect_result if self._connect_result is not None else defer.succeed(None)
+        if self._connect_error is not None:
+            return defer.fail(self._connect_error)
+        return defer.succeed(None)
 
     def runInteraction(self, interaction) -> Deferred:  # noqa: N802
         if self.detector.connectionIsDead:
-            from txpostgres.reconnection import ConnectionDead
-
             return defer.fail(ConnectionDead())
-        ran: Deferred = Deferred()
-        self.pending.append(ran)
-        ran.addErrback(self.detector.checkForDeadConnection)
-        return ran.addErrback(self._maybe_recover)
-
-    def _maybe_recover(self, failure: Failure) -> Failure:
-        if self.recover_before_caller and self.detector.connectionIsDead:
-            self.detector.recover()
-        return failure
+        ran = defer.maybeDeferred(interaction, None)
+        return ran.addErrback(self.detector.checkForDeadConnection)
 
     def close(self) -> None:
         self.closed = True
 
 
+@attr.s(auto_attribs=True)
+class Outcome:
+    results: list
+
+
 class PoolTests(SynchronousTestCase):
-    def make(self, pool_size: int = 2, connect_result: Deferred | None = None, **kwargs):
+    def make(self, pool_size: int = 2, connect_error: Exception | None = None, **kwargs):
         self.clock = Clock()
         self.connections: list[FakeConnection] = []
+        #: one entry per transaction: (items, the Deferred the test fires with an Outcome)
+        self.transactions: list[tuple[list, Deferred]] = []
+        self.committed: list[Any] = []
 
         def factory() -> FakeConnection:
-            connection = FakeConnection(connect_result)
+            connection = FakeConnection(connect_error)
             self.connections.append(connection)
             return connection
 
-        store = PostgresRelayStore(
-            "postgresql:///x", clock=self.clock, reactor=None, connection_factory=factory,
-            pool_size=pool_size, **kwargs)
-        self.successResultOf(store.start())
-        return store
+        def run_batch(cursor: Any, items: list) -> Deferred:
+            ran: Deferred = Deferred()
+            self.transactions.append((list(items), ran))
+            return ran
 
-    def rows(self):
-        fake = FakeRelayStore()
-        one = fake.add_host_job(row_id="r1", job_id="j", host_id="h1", agent_job_id="a1")
-        two = fake.add_host_job(row_id="r2", job_id="j", host_id="h2", agent_job_id="a2")
-        return one, two
+        pool = BatchingPool(
+            "postgresql://relay@db.example:5433/manager", clock=self.clock, run_batch=run_batch,
+            connection_factory=factory, on_commit=self.committed.append, pool_size=pool_size,
+            **kwargs)
+        self.successResultOf(pool.start())
+        return pool
 
-    def pending(self) -> list[Deferred]:
-        return [d for connection in self.connections for d in connection.pending if not d.called]
+    def write(self, pool: BatchingPool, row: str, name: str, events: int = 1) -> Deferred:
+        return pool.submit(Work(row_id=row, result=Deferred(), events=events,
+                                description=name, item=name))
+
+    def read(self, pool: BatchingPool) -> Deferred:
+        return pool.submit(Work(row_id=None, result=Deferred(), events=0, description="read",
+                                run=lambda cursor: defer.succeed("rows"), retry_on_dead=False))
+
+    def open_transactions(self) -> list[tuple[list, Deferred]]:
+        return [(items, ran) for items, ran in self.transactions if not ran.called]
+
+    def commit(self, index: int = 0) -> None:
+        items, ran = self.open_transactions()[index]
+        ran.callback(Outcome([f"done {item}" for item in items]))
 
     def tearDown(self) -> None:
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_one_call_per_row_at_a_time(self) -> None:
-        """Calls of one row run one after another; another row runs in parallel."""
-        store = self.make()
-        one, two = self.rows()
-        first = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        second = store.apply_events(one, [event("a1", 2, "running")], TRANSPORT_WS)
-        other = store.apply_events(two, [event("a2", 1, "running")], TRANSPORT_WS)
-        running = self.pending()
-        self.assertEqual(len(running), 2)  # first (row 1) and other (row 2); second waits
-        running[0].callback(OK)
-        self.assertEqual(self.successResultOf(first), OK)
-        self.assertNoResult(second)
-        self.assertEqual(len(self.pending()), 2)  # second now runs
-        for ran in self.pending():
-            ran.callback(OK)
-        self.successResultOf(second)
+    def test_waiting_rows_share_one_transaction(self) -> None:
+        """Writes of many rows that arrive while a transaction runs go into ONE next transaction."""
+        pool = self.make(pool_size=1)
+        first = self.write(pool, "r0", "r0:1")
+        calls = [self.write(pool, f"r{n}", f"r{n}:1") for n in range(1, 51)]
+        self.assertEqual([items for items, _ in self.transactions], [["r0:1"]])
+        self.commit()
+        self.assertEqual(self.successResultOf(first), "done r0:1")
+        [(items, _)] = self.open_transactions()
+        self.assertEqual(items, [f"r{n}:1" for n in range(1, 51)])
+        self.commit()
+        self.assertEqual([self.successResultOf(c) for c in calls],
+                         [f"done r{n}:1" for n in range(1, 51)])
+        self.assertEqual(len(self.committed), 2)
+        self.successResultOf(pool.stop())
+
+    def test_a_row_is_in_one_transaction_at_a_time_in_order(self) -> None:
+        """A row's later calls wait for its transaction in flight and then go in order; other
+        rows run on the free connection meanwhile."""
+        pool = self.make(pool_size=2)
+        self.write(pool, "r1", "r1:1")
+        second = self.write(pool, "r1", "r1:2")
+        third = self.write(pool, "r1", "r1:3")
+        other = self.write(pool, "r2", "r2:1")
+        self.assertEqual([items for items, _ in self.open_transactions()],
+                         [["r1:1"], ["r2:1"]])
+        self.commit(1)
         self.successResultOf(other)
-        self.successResultOf(store.stop())
+        self.assertEqual(len(self.open_transactions()), 1)  # r1's next calls still wait
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:2", "r1:3"]])
+        self.commit()
+        self.assertEqual((self.successResultOf(second), self.successResultOf(third)),
+                         ("done r1:2", "done r1:3"))
+        self.successResultOf(pool.stop())
 
-    def test_connection_death_requeues_and_retries_after_recovery(self) -> None:
-        """A call cut by a dead connection waits, in order, and runs again after recovery."""
-        store = self.make(pool_size=1)
-        one, _ = self.rows()
-        first = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        second = store.apply_events(one, [event("a1", 2, "running")], TRANSPORT_WS)
-        self.pending()[0].errback(psycopg2.OperationalError("server closed the connection"))
+    def test_batch_bounded_by_events(self) -> None:
+        """A transaction takes at most max_batch_events events; the rest go in the next one."""
+        pool = self.make(pool_size=1, max_batch_events=10)
+        self.write(pool, "r0", "r0")
+        for n in range(1, 5):
+            self.write(pool, f"r{n}", f"r{n}", events=4)
+        self.commit()
+        self.assertEqual(self.open_transactions()[0][0], ["r1", "r2"])
+        self.commit()
+        self.assertEqual(self.open_transactions()[0][0], ["r3", "r4"])
+        self.commit()
+        self.successResultOf(pool.stop())
+
+    def test_connection_death_requeues_the_batch_in_order(self) -> None:
+        """A transaction cut by a dead connection waits, in order, and runs again after recovery;
+        reads meanwhile fail at once."""
+        pool = self.make(pool_size=1)
+        self.write(pool, "r0", "r0:1")
+        first = self.write(pool, "r1", "r1:1")
+        second = self.write(pool, "r1", "r1:2")
+        self.commit()
+        _, ran = self.open_transactions()[0]
+        ran.errback(psycopg2.OperationalError("server closed the connection unexpectedly"))
         self.assertNoResult(first)
-        self.assertEqual(self.pending(), [])
-        self.failureResultOf(store.running_host_jobs(), RelayStoreUnavailable)
+        self.assertEqual(self.open_transactions(), [])
+        self.failureResultOf(self.read(pool), RelayStoreUnavailable)
         self.connections[0].detector.recover()
-        [retried] = self.pending()
-        retried.callback(OK)
-        self.assertEqual(self.successResultOf(first), OK)
-        self.assertNoResult(second)  # strictly after first
-        self.pending()[0].callback(OK)
-        self.successResultOf(second)
-        self.successResultOf(store.stop())
+        self.assertEqual(self.open_transactions()[0][0], ["r1:1", "r1:2"])
+        self.commit()
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)),
+                         ("done r1:1", "done r1:2"))
+        self.successResultOf(pool.stop())
 
-    def test_retry_even_when_recovery_came_first(self) -> None:
-        """A connection failure is retried even if the detector already recovered meanwhile."""
-        store = self.make(pool_size=1)
-        one, _ = self.rows()
-        call = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        [ran] = self.pending()
-        self.connections[0].recover_before_caller = True
-        ran.errback(Failure(psycopg2.InterfaceError("connection already closed")))
-        self.assertFalse(self.connections[0].detector.connectionIsDead)
+    def test_reactor_loss_reason_counts_as_a_dead_connection(self) -> None:
+        """ConnectionDone (the reactor's reason when the socket closes under a query) requeues
+        the calls instead of failing them: the race behind an outage test that failed once."""
+        pool = self.make(pool_size=1)
+        call = self.write(pool, "r1", "r1:1")
+        _, ran = self.open_transactions()[0]
+        ran.errback(ConnectionDone("Connection was closed cleanly."))
         self.assertNoResult(call)
-        self.pending()[0].callback(OK)
-        self.assertEqual(self.successResultOf(call), OK)
-        self.successResultOf(store.stop())
+        self.assertTrue(self.connections[0].detector.connectionIsDead)
+        self.connections[0].detector.recover()
+        self.commit()
+        self.assertEqual(self.successResultOf(call), "done r1:1")
+        self.successResultOf(pool.stop())
 
-    def test_other_errors_reach_the_caller(self) -> None:
-        """A failure that is not the connection's errbacks the call; the connection is reused."""
-        store = self.make(pool_size=1)
-        one, two = self.rows()
-        bad = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        good = store.apply_events(two, [event("a2", 1, "running")], TRANSPORT_WS)
-        self.pending()[0].errback(psycopg2.DataError("invalid input"))
-        self.failureResultOf(bad, psycopg2.DataError)
-        self.pending()[0].callback(OK)
+    def test_failing_batch_is_split_so_only_the_bad_call_fails(self) -> None:
+        """Any other error of a batch runs its calls one transaction each: only the bad one
+        fails."""
+        pool = self.make(pool_size=1)
+        self.write(pool, "r0", "r0")
+        good = self.write(pool, "r1", "good")
+        bad = self.write(pool, "r2", "bad")
+        self.commit()
+        with capturedLogs() as logged:
+            self.open_transactions()[0][1].errback(psycopg2.DataError("invalid input"))
+        [said] = [e for e in logged if "one by one" in e["log_format"]]
+        self.assertEqual(said["count"], 2)
+        self.assertEqual(self.open_transactions()[0][0], ["good"])
+        self.commit()
         self.successResultOf(good)
-        self.successResultOf(store.stop())
+        self.assertEqual(self.open_transactions()[0][0], ["bad"])
+        self.open_transactions()[0][1].errback(psycopg2.DataError("invalid input"))
+        self.failureResultOf(bad, psycopg2.DataError)
+        self.successResultOf(pool.stop())
+
+    def test_deadlock_is_retried(self) -> None:
+        """A transaction PostgreSQL rolled back (deadlock, serialisation) simply runs again."""
+        pool = self.make(pool_size=1)
+        call = self.write(pool, "r1", "r1:1")
+        self.open_transactions()[0][1].errback(psycopg2.errors.DeadlockDetected("deadlock"))
+        self.assertNoResult(call)
+        self.commit()
+        self.successResultOf(call)
+        self.successResultOf(pool.stop())
 
     def test_backlog_counts_events_across_rows(self) -> None:
         """max_pending_events bounds waiting events over all rows; freed room is usable again."""
-        store = self.make(pool_size=1, max_pending_events=3)
-        one, two = self.rows()
-        first = store.apply_events(one, [event("a1", 1, "running"), event("a1", 2, "running")],
-                                   TRANSPORT_WS)
-        store.apply_events(two, [event("a2", 1, "running")], TRANSPORT_WS)
-        self.failureResultOf(
-            store.apply_events(two, [event("a2", 2, "running")], TRANSPORT_WS), RelayStoreBacklogFull)
-        self.pending()[0].callback(OK)
+        pool = self.make(pool_size=1, max_pending_events=3)
+        first = self.write(pool, "r1", "r1:1", events=2)
+        self.write(pool, "r2", "r2:1")
+        with capturedLogs():
+            self.failureResultOf(self.write(pool, "r2", "r2:2"), RelayStoreBacklogFull)
+        self.commit()
         self.successResultOf(first)
-        later = store.apply_events(two, [event("a2", 2, "running")], TRANSPORT_WS)
-        for _ in range(2):
-            self.pending()[0].callback(OK)
+        later = self.write(pool, "r2", "r2:2")
+        self.commit()
+        self.commit()
         self.successResultOf(later)
-        self.successResultOf(store.stop())
+        self.successResultOf(pool.stop())
 
     def test_stop_waits_then_gives_up_and_says_so(self) -> None:
         """stop() waits stop_timeout for queued calls, then errbacks the rest and closes."""
-        store = self.make(pool_size=1, stop_timeout=5.0)
-        one, _ = self.rows()
-        stuck = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        queued = store.apply_events(one, [event("a1", 2, "running")], TRANSPORT_WS)
-        stopping = store.stop()
+        pool = self.make(pool_size=1, stop_timeout=5.0)
+        stuck = self.write(pool, "r1", "r1:1")
+        queued = self.write(pool, "r1", "r1:2")
+        stopping = pool.stop()
         self.assertNoResult(stopping)
-        self.failureResultOf(
-            store.apply_events(one, [event("a1", 3, "running")], TRANSPORT_WS), RelayStoreStopped)
+        self.failureResultOf(self.write(pool, "r1", "r1:3"), RelayStoreStopped)
         with capturedLogs() as logged:
             self.clock.advance(5.0)
         self.successResultOf(stopping)
@@ -215,14 +276,39 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual((said["count"], said["rows"]), (2, "r1"))
 
     def test_calls_wait_for_first_connection(self) -> None:
-        """With the first connect still failing, start() fires and calls wait for recovery."""
-        store = self.make(pool_size=1, connect_result=defer.fail(
-            psycopg2.OperationalError("could not connect")))
-        one, _ = self.rows()
-        call = store.apply_events(one, [event("a1", 1, "running")], TRANSPORT_WS)
-        self.assertEqual(self.pending(), [])
-        self.failureResultOf(store.running_host_jobs(), RelayStoreUnavailable)
+        """With the first connect failing, start() fires, says so once, and writes wait."""
+        with capturedLogs() as logged:
+            pool = self.make(pool_size=2, connect_error=psycopg2.OperationalError(
+                'connection to server at "db.example" (192.0.2.9), port 5433 failed: '
+                "Connection refused"))
+        [said] = [e for e in logged if e["log_level"] is LogLevel.warn]
+        self.assertIn("relay@db.example:5433/manager unreachable at start", said["log_format"]
+                      .format(**said))
+        self.assertIn("port 5433 failed: Connection refused", said["reason"])
+        call = self.write(pool, "r1", "r1:1")
+        self.assertEqual(self.transactions, [])
+        self.failureResultOf(self.read(pool), RelayStoreUnavailable)
         self.connections[0].detector.recover()
-        self.pending()[0].callback(OK)
+        self.commit()
         self.successResultOf(call)
-        self.successResultOf(store.stop())
+        self.successResultOf(pool.stop())
+
+    def test_outage_is_one_warning_and_one_info(self) -> None:
+        """Every connection dying is one "went away" warning naming the database; the first one
+        back is one "is back" info; a single lost connection is no outage."""
+        pool = self.make(pool_size=3)
+        lost = Failure(psycopg2.OperationalError("server closed the connection unexpectedly"))
+        with capturedLogs() as logged:
+            self.connections[0].detector.checkForDeadConnection(lost)
+            self.assertEqual(list(logged), [])  # two connections are still up
+            self.connections[0].detector.recover()
+            for connection in self.connections:
+                connection.detector.checkForDeadConnection(lost)
+            for connection in self.connections:
+                connection.detector.recover()
+        self.assertEqual(
+            [(e["log_level"], e["log_format"].split(" {where} ")[1].split(" ")[0]) for e in logged],
+            [(LogLevel.warn, "went"), (LogLevel.info, "is")])
+        self.assertEqual({e["where"] for e in logged}, {"relay@db.example:5433/manager"})
+        self.assertEqual(logged[0]["reason"], "server closed the connection unexpectedly")
+        self.successResultOf(pool.stop())

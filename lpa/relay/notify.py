@@ -1,11 +1,15 @@
-"""The ``job_update`` NOTIFY payload, always small enough for ``pg_notify``.
+"""The ``job_update`` NOTIFY payload: small, and always within ``pg_notify``'s limit.
 
-PostgreSQL refuses a payload of 8000 bytes or more (``payload string too long``), and the
-original relay put the agent's untruncated output and error in it, so a long one lost the browser
-notification after the row had been updated (the original pm-worker did this).  Here the final JSON, measured as
-UTF-8 bytes, never exceeds :data:`PAYLOAD_BUDGET` (well below the limit): the error keeps its head
-(the cause comes first), the output keeps its tail (the latest lines), and ``output_truncated`` /
-``error_truncated`` say so.  The row keeps the full text; the browser fetches it by id.
+A host payload says what changed in one transaction of one row: its status, seq, progress and
+error, and in ``output`` only the output lines that are new since the row's previous notification
+(never the whole text: the row keeps that, the browser fetches it by id).  The final JSON,
+measured as UTF-8 bytes, never exceeds :data:`PAYLOAD_BUDGET` (1 KB; PostgreSQL refuses 8000 and
+every notifying commit holds one cluster-wide lock, so smaller is cheaper for everyone): the error
+keeps its head (the cause comes first) up to :data:`ERROR_BUDGET`, the new output keeps its tail
+(the latest lines) in the rest, and ``output_truncated`` / ``error_truncated`` say so.
+
+The original pm-worker put the agent's untruncated output and error in it, so a long one lost the
+browser notification after the row had been updated.
 
 Fields are the original's (``event_type`` host|job, ``job_id``, ``host_id``, ``status``, ``output``,
 ``error_message``, ``agent_job_id``, ``succeeded_count``, ``failed_count``, ``host_count``) plus
@@ -23,10 +27,10 @@ EVENT_JOB = "job"
 
 #: PostgreSQL's hard limit (exclusive) in the default build
 PG_NOTIFY_LIMIT = 8000
-#: what we allow ourselves: leaves room for anything a listener adds
-PAYLOAD_BUDGET = 7000
+#: what we allow ourselves (UTF-8 bytes of the whole JSON text)
+PAYLOAD_BUDGET = 1024
 #: the error keeps at most this many bytes; output gets the rest of the budget
-ERROR_BUDGET = 1500
+ERROR_BUDGET = 512
 
 
 def _encoded_len(value: Any) -> int:
@@ -39,7 +43,7 @@ def _dumps(payload: dict[str, Any]) -> str:
 
 def _fit(text: str, budget: int, cut: Callable[[str, int], str]) -> str:
     """The longest ``cut(text, n)`` whose JSON encoding is at most ``budget`` bytes."""
-    if _encoded_len(text) <= budget:
+    if len(text) <= budget and _encoded_len(text) <= budget:  # a char is at least one byte
         return text
     low, high = 0, min(len(text), max(budget, 0))
     while low < high:

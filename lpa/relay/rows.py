@@ -13,12 +13,19 @@ the row they read, so the fake cannot drift from the real rules:
 * agent statuses map to the manager's ``job_status`` (:data:`DB_STATUS`); ``timed_out`` ends the
   row ``failed`` with an explanatory error (the original relay dropped it).
 
-The job-level roll-up (:func:`rollup_status`) decides the parent ``patch_jobs`` status once every
-host row is terminal.
+Output never passes through here whole: a reduction says what to do to the row's ``output``
+(append :attr:`Reduction.output_added`, or replace it when :attr:`Reduction.output_reset`), and the
+row state carries only what the rules need to know about the text so far (its last character,
+and a digest when it came whole from a snapshot).  So applying a line costs the same on the
+3,000th line of a row as on the first.
+
+The job-level roll-up (:func:`rollup_counts`, :func:`rollup_status`) decides the parent
+``patch_jobs`` status once every host row is terminal.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Sequence
 
 import attr
@@ -47,16 +54,19 @@ DB_STATUS: dict[str, str] = {
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class RowState:
-    """The columns of one ``patch_job_hosts`` row the relay reads and writes."""
+    """The columns of one ``patch_job_hosts`` row the relay reads and writes (never ``output``)."""
 
     status: str
-    output: str = ""
     error_message: str | None = None
     last_seq: int = 0
     progress: int | None = None
     message: str | None = None
     #: the agent job the row currently belongs to (job_executor may re-dispatch it)
     agent_job_id: str | None = None
+    #: the last character of the row's output, "" while it is empty (how the next line joins)
+    output_end: str = ""
+    #: digest of the output when it was last replaced by a snapshot and nothing was appended since
+    snapshot_digest: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -75,6 +85,10 @@ class Reduction:
     #: the row turned terminal in this batch (the caller rolls the parent job up)
     became_terminal: bool
     last_seq_event: int | None  # seq of the last applied event (for the notification)
+    #: the row's output is replaced by :attr:`output_added` (a snapshot carried the whole text)
+    output_reset: bool = False
+    #: text to append to the row's output (or its new text when :attr:`output_reset`)
+    output_added: str = ""
 
     @property
     def changed(self) -> bool:
@@ -98,6 +112,11 @@ def clean_text(text: str) -> str:
     return text
 
 
+def output_digest(text: str) -> str:
+    """A short digest of a whole output text (to tell whether a seq-less snapshot is news)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def _clean_event(event: ev.JobEvent) -> ev.JobEvent:
     return attr.evolve(
         event,
@@ -107,21 +126,38 @@ def _clean_event(event: ev.JobEvent) -> ev.JobEvent:
     )
 
 
-def _append_line(output: str, line: str) -> str:
-    if not output:
+def join_line(output_end: str, line: str) -> str:
+    """What appending ``line`` adds to an output ending in ``output_end`` ("" = empty).
+
+    Lines are joined with a newline; an empty line after a newline adds nothing.
+    """
+    if not output_end:
         return line
-    return output if not line and output.endswith("\n") else f"{output}\n{line}"
+    if not line and output_end == "\n":
+        return ""
+    return "\n" + line
 
 
-def _apply_one(state: RowState, event: ev.JobEvent) -> RowState:
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _Step:
+    state: RowState
+    reset: bool  # the output was replaced by ``text``
+    text: str  # appended (or the whole new output when ``reset``)
+
+
+def _apply_one(state: RowState, event: ev.JobEvent) -> _Step:
     """The row after one accepted event (no duplicate or ownership checks here)."""
     event = _clean_event(event)
     status = DB_STATUS[event.status]
-    output = state.output
+    reset, text = False, ""
+    output_end, digest = state.output_end, state.snapshot_digest
     if event.kind == ev.KIND_OUTPUT:
-        output = _append_line(output, event.message)
+        text = join_line(state.output_end, event.message)
+        if text:
+            output_end, digest = text[-1], None
     elif event.kind == ev.KIND_SNAPSHOT and event.output is not None:
-        output = event.output
+        reset, text = True, event.output
+        output_end, digest = text[-1:], output_digest(text)
     error_message = state.error_message
     if event.status == ev.TIMED_OUT:
         error_message = timed_out_error(event)
@@ -130,15 +166,17 @@ def _apply_one(state: RowState, event: ev.JobEvent) -> RowState:
     elif status == DB_FAILED and error_message is None and event.message:
         error_message = event.message
     message = state.message if event.kind == ev.KIND_OUTPUT else event.message
-    return attr.evolve(
+    after = attr.evolve(
         state,
         status=status,
-        output=output,
         error_message=error_message,
         last_seq=event.seq if event.seq is not None else state.last_seq,
         progress=event.progress,
         message=message,
+        output_end=output_end,
+        snapshot_digest=digest,
     )
+    return _Step(after, reset, text)
 
 
 def _final_snapshot(event: ev.JobEvent) -> bool:
@@ -146,11 +184,19 @@ def _final_snapshot(event: ev.JobEvent) -> bool:
     return event.kind == ev.KIND_SNAPSHOT and event.terminal
 
 
+def _is_news(state: RowState, event: ev.JobEvent, step: _Step) -> bool:
+    """A seq-less snapshot counts only when it changes the status or the output."""
+    if step.state.status != state.status:
+        return True
+    return event.output is not None and step.state.snapshot_digest != state.snapshot_digest
+
+
 def reduce_events(state: RowState, agent_job_id: str, events: Iterable[ev.JobEvent]) -> Reduction:
     """Apply ``events`` in order to ``state`` under the rules in the module docstring."""
     applied = duplicates = refused = ignored = 0
     last_seq_event: int | None = None
     started_terminal = state.terminal
+    reset, added = False, ""
     for event in events:
         if event.job_id != agent_job_id:
             refused += 1
@@ -158,25 +204,24 @@ def reduce_events(state: RowState, agent_job_id: str, events: Iterable[ev.JobEve
         if state.terminal:
             ignored += 1
             continue
-        if event.seq is not None:
-            if event.seq <= state.last_seq and not _final_snapshot(event):
-                duplicates += 1
+        if event.seq is not None and event.seq <= state.last_seq and not _final_snapshot(event):
+            duplicates += 1
+            continue
+        step = _apply_one(state, event)
+        if event.seq is None:
+            if not _is_news(state, event, step):  # seq-less snapshot: only a change is news
+                ignored += 1
                 continue
-            if event.seq <= state.last_seq:  # a final snapshot behind the row: it still wins
-                state = attr.evolve(_apply_one(state, event), last_seq=state.last_seq)
-                applied += 1
-                continue
-            state = _apply_one(state, event)
-            applied += 1
+        elif event.seq <= state.last_seq:  # a final snapshot behind the row: it still wins
+            step = _Step(attr.evolve(step.state, last_seq=state.last_seq), step.reset, step.text)
+        else:
             last_seq_event = event.seq
-            continue
-        # seq-less snapshot: only a change of status or output is news
-        after = _apply_one(state, event)
-        if (after.status, after.output) == (state.status, state.output):
-            ignored += 1
-            continue
-        state = after
+        state = step.state
         applied += 1
+        if step.reset:
+            reset, added = True, step.text
+        else:
+            added += step.text
     return Reduction(
         state=state,
         applied=applied,
@@ -185,7 +230,14 @@ def reduce_events(state: RowState, agent_job_id: str, events: Iterable[ev.JobEve
         ignored=ignored,
         became_terminal=state.terminal and not started_terminal,
         last_seq_event=last_seq_event,
+        output_reset=reset,
+        output_added=added,
     )
+
+
+def apply_output(output: str, reduction: Reduction) -> str:
+    """The whole output text after ``reduction`` (for stores that keep the text in one piece)."""
+    return reduction.output_added if reduction.output_reset else output + reduction.output_added
 
 
 def fail_state(state: RowState, reason: str) -> Reduction:
@@ -202,17 +254,55 @@ def fail_state(state: RowState, reason: str) -> Reduction:
     )
 
 
-def rollup_status(host_statuses: Sequence[str]) -> str | None:
-    """The parent job's status once every host row is terminal, else ``None``.
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class JobCounts:
+    """How many host rows a job has, and how many of them ended which way."""
+
+    hosts: int
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def ended(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    def plus(self, status: str) -> JobCounts:
+        """The counts after one more row ended ``status``."""
+        if status == DB_SUCCEEDED:
+            return attr.evolve(self, succeeded=self.succeeded + 1)
+        if status == DB_FAILED:
+            return attr.evolve(self, failed=self.failed + 1)
+        if status == DB_CANCELLED:
+            return attr.evolve(self, cancelled=self.cancelled + 1)
+        return self
+
+    @classmethod
+    def of(cls, host_statuses: Sequence[str]) -> JobCounts:
+        return cls(
+            hosts=len(host_statuses),
+            succeeded=host_statuses.count(DB_SUCCEEDED),
+            failed=host_statuses.count(DB_FAILED),
+            cancelled=host_statuses.count(DB_CANCELLED),
+        )
+
+
+def rollup_counts(counts: JobCounts) -> str | None:
+    """The parent job's status once every host row ended (``counts.ended == counts.hosts``).
 
     All succeeded → succeeded; any failed → failed; otherwise (all cancelled, or cancelled mixed
     with succeeded) → cancelled: the job did not do everything it was asked, but nothing failed.
     The original relay called all-cancelled "succeeded".
     """
-    if not host_statuses or any(s not in DB_TERMINAL for s in host_statuses):
+    if counts.hosts == 0 or counts.ended != counts.hosts:
         return None
-    if DB_FAILED in host_statuses:
+    if counts.failed:
         return DB_FAILED
-    if all(s == DB_SUCCEEDED for s in host_statuses):
+    if counts.succeeded == counts.hosts:
         return DB_SUCCEEDED
     return DB_CANCELLED
+
+
+def rollup_status(host_statuses: Sequence[str]) -> str | None:
+    """:func:`rollup_counts` over the list of every host row's status (``None`` while any runs)."""
+    return rollup_counts(JobCounts.of(host_statuses))

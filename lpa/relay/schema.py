@@ -2,8 +2,10 @@
 
 Every file is idempotent and additive: ``001_relay.sql`` creates the manager's
 ``job_status``/``job_kind`` enums and ``hosts``, ``patch_jobs``, ``patch_job_hosts`` only when
-absent, and adds the relay's ``relay_*`` columns to ``patch_job_hosts`` only when missing (see the
-comments in each file).  A new migration is one more file, ``002_….sql``: :func:`migration_names`
+absent, and adds the relay's ``relay_*`` columns to ``patch_job_hosts`` only when missing;
+``002_relay_writepath.sql`` adds the roll-up's ``relay_*_count`` columns to ``patch_jobs``, the
+``relay_output_pending`` table and the partial index ``relay_open_host_rows`` (see the comments
+in each file).  A new migration is one more file, ``002_….sql``: :func:`migration_names`
 finds it.  All files run in ONE transaction with ``lock_timeout`` set, so against a busy live
 manager database they either apply entirely or fail fast with nothing changed, instead of queueing
 behind (and blocking) the manager's writers.
@@ -58,6 +60,17 @@ RELAY_COLUMNS: tuple[str, ...] = (
 
 #: the columns ``004_relay_deadline.sql`` adds to ``patch_job_hosts`` (the JOB_NOT_FOUND deadline)
 RELAY_DEADLINE_COLUMNS: tuple[str, ...] = ("relay_missing_since", "relay_missing_agent_job_id")
+
+#: the columns ``002_relay_writepath.sql`` adds to ``patch_job_hosts``
+RELAY_WRITEPATH_COLUMNS: tuple[str, ...] = ("relay_output_end", "relay_snapshot_digest")
+
+#: the columns ``002_relay_writepath.sql`` adds to ``patch_jobs`` (the roll-up's counts)
+RELAY_JOB_COLUMNS: tuple[str, ...] = (
+    "relay_host_count",
+    "relay_succeeded_count",
+    "relay_failed_count",
+    "relay_cancelled_count",
+)
 
 
 class MigrationError(LpaError):

@@ -1,0 +1,474 @@
+"""The relay's transaction: any number of host rows' events in a handful of statements.
+
+One :func:`apply_batch` call is one transaction (``BEGIN ISOLATION LEVEL READ COMMITTED`` …
+``COMMIT``, see :mod:`lpa.relay.pgadapter`)::
+
+    SELECT … FROM patch_job_hosts WHERE id = ANY(rows) ORDER BY id FOR UPDATE     lock, read
+    rows.reduce_events() per call, in order                                    pure, in Python
+    WITH u AS (unnest(…)),                                                     one statement:
+         INSERT INTO relay_output_pending …        new output lines of rows not due a refresh
+         DELETE FROM relay_output_pending … RETURNING   lines of rows that are due
+    UPDATE patch_job_hosts … FROM u  WHERE status NOT IN (terminal)    guarded; output appended
+    [rows that ended]                                                      only when due (below)
+      SELECT … FROM patch_jobs WHERE id = ANY(jobs) ORDER BY id FOR UPDATE    parent locks
+      counts: relay_*_count += the rows that ended (lazily counted once per job, see _roll_up)
+      UPDATE patch_jobs … FROM unnest(…)                                    counts; end the job
+    SELECT pg_notify('job_update', p) FROM unnest(payloads)     last: one per changed row,
+                                                                one per job that ended
+
+Guarantees: a row's events apply in order (the pool runs one transaction per row at a time) and
+only above its ``relay_last_seq``; a terminal row never changes; notifications commit with their
+update or not at all; the parent's lock serialises roll-ups, and each count is a new statement
+after the lock, so under READ COMMITTED it sees every roll-up committed before: exactly one
+job-level notification per job.  Rows are locked in id order, then parents in id order, so two
+relay transactions cannot deadlock.
+
+Output: a line is written once, to ``relay_output_pending`` (append-only until it is moved).  A
+row's ``patch_job_hosts.output``, which the manager's UI reads, gets its pending lines appended
+when the row is *due* — no refresh for ``output_interval`` (1 s), decided by the store — and
+always when the row ends, so it lags at most about a second behind the notifications while the
+job runs and is complete with the terminal notification.  No statement reads ``output`` back
+(``right(output, 1)`` once per agent job excepted), and no event rewrites it.
+
+Roll-up cost: the parent keeps ``relay_host_count`` and
+``relay_{succeeded,failed,cancelled}_count``.
+The first row of a job to end counts the job's rows once (rows that other writers ended before
+are counted then); later endings add to the counts.  When the counts do not yet say "all ended",
+one index probe (``relay_open_host_rows``, a partial index of rows not terminal) asks whether any
+row is still open — rows the manager or ``lpa dispatch`` ended meanwhile are not in the counts —
+and only then are the rows counted again.  So a job's last host ends as cheaply on a 1,000-host
+job as on a 3-host one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import attr
+from twisted.logger import Logger
+
+from lpa.relay import notify
+from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob
+from lpa.relay.rows import (
+    DB_TERMINAL,
+    ROW_MISSING,
+    JobCounts,
+    Reduction,
+    RowState,
+    fail_state,
+    reduce_events,
+    rollup_counts,
+)
+
+_log = Logger()
+
+_TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
+
+CALL_EVENTS = "events"
+CALL_FAIL = "fail"
+CALL_FOLD = "fold"
+
+#: how a row's ``output`` changes in the write statement
+_KEEP, _FOLD, _REPLACE = 0, 1, 2
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class RowCall:
+    """One store call on one row: apply events, fail the row, or only refresh its output."""
+
+    kind: str
+    row_id: str
+    host_job: HostJob | None = None
+    events: tuple = ()
+    reason: str = ""
+    transport: str | None = None
+
+
+@attr.s(auto_attribs=True, kw_only=True)
+class BatchOutcome:
+    """What one transaction did: a result per call (in order) and output bookkeeping."""
+
+    results: list[ApplyResult | None]
+    folded: set[str]  # rows whose output got every pending line
+    pending: set[str]  # rows that now have lines waiting in relay_output_pending
+    finished: set[str]  # rows the relay will not write again (terminal, gone, not ours)
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+_RUNNING_SQL = """
+SELECT pjh.id::text, pjh.job_id::text, pjh.host_id::text, pjh.agent_job_id,
+       COALESCE(NULLIF(h.fqdn, ''), host(h.ip_address)) AS address, h.agent_port,
+       CASE WHEN pjh.relay_agent_job_id = pjh.agent_job_id THEN pjh.relay_last_seq ELSE 0 END
+  FROM patch_job_hosts pjh JOIN hosts h ON h.id = pjh.host_id
+ WHERE pjh.status = 'running'::job_status AND pjh.agent_job_id IS NOT NULL
+ ORDER BY pjh.job_id, pjh.id
+"""
+
+_PENDING_ROWS_SQL = "SELECT DISTINCT row_id::text FROM relay_output_pending"
+
+
+async def running_host_jobs(cursor: Any) -> list[HostJob]:
+    await cursor.execute(_RUNNING_SQL)
+    return [
+        HostJob(
+            row_id=row_id,
+            job_id=job_id,
+            host_id=host_id,
+            agent_job_id=agent_job_id,
+            agent=AgentAddress(host=address, port=int(port)),
+            last_seq=int(last_seq),
+        )
+        for row_id, job_id, host_id, agent_job_id, address, port, last_seq in cursor.fetchall()
+    ]
+
+
+async def rows_with_pending_output(cursor: Any) -> list[str]:
+    """Rows whose output has lines waiting (left by a relay that stopped before moving them)."""
+    await cursor.execute(_PENDING_ROWS_SQL)
+    return [row_id for (row_id,) in cursor.fetchall()]
+
+
+# -- the batch --------------------------------------------------------------------------------
+
+_LOCK_ROWS_SQL = f"""
+SELECT id::text, status::text, error_message, agent_job_id,
+       CASE WHEN relay_agent_job_id = agent_job_id THEN relay_last_seq ELSE 0 END,
+       relay_progress, relay_message, job_id::text, host_id::text,
+       CASE WHEN relay_agent_job_id = agent_job_id AND relay_output_end IS NOT NULL
+            THEN relay_output_end ELSE right(output, 1) END,
+       CASE WHEN relay_agent_job_id = agent_job_id THEN relay_snapshot_digest END,
+       status IN {_TERMINAL_SQL}
+  FROM patch_job_hosts WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+_WRITE_ROWS_SQL = f"""
+WITH u AS (
+    SELECT * FROM unnest(%s::uuid[], %s::bool[], %s::text[], %s::text[], %s::bool[],
+                         %s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[],
+                         %s::text[], %s::text[], %s::int[], %s::text[])
+        AS u(id, changed, status, error_message, ended, last_seq, agent_job_id, transport,
+             progress, message, output_end, digest, mode, text)
+), kept AS (
+    INSERT INTO relay_output_pending (row_id, text)
+    SELECT id, text FROM u WHERE mode = {_KEEP} AND text <> ''
+), taken AS (
+    DELETE FROM relay_output_pending o USING u WHERE o.row_id = u.id AND u.mode <> {_KEEP}
+    RETURNING o.row_id, o.id, o.text
+), moved AS (
+    SELECT row_id, string_agg(text, '' ORDER BY id) AS text FROM taken GROUP BY row_id
+)
+UPDATE patch_job_hosts p
+   SET status = CASE WHEN u.changed THEN u.status::job_status ELSE p.status END,
+       error_message = CASE WHEN u.changed THEN u.error_message ELSE p.error_message END,
+       completed_at = CASE WHEN u.ended THEN now() ELSE p.completed_at END,
+       relay_last_seq = CASE WHEN u.changed THEN u.last_seq ELSE p.relay_last_seq END,
+       relay_agent_job_id = CASE WHEN u.changed THEN u.agent_job_id ELSE p.relay_agent_job_id END,
+       relay_transport = CASE WHEN u.changed THEN u.transport ELSE p.relay_transport END,
+       relay_last_event_at = CASE WHEN u.changed THEN now() ELSE p.relay_last_event_at END,
+       relay_progress = CASE WHEN u.changed THEN u.progress ELSE p.relay_progress END,
+       relay_message = CASE WHEN u.changed THEN u.message ELSE p.relay_message END,
+       relay_output_end = CASE WHEN u.changed THEN u.output_end ELSE p.relay_output_end END,
+       relay_snapshot_digest = CASE WHEN u.changed THEN u.digest ELSE p.relay_snapshot_digest END,
+       output = CASE
+           WHEN u.mode = {_REPLACE} THEN u.text
+           WHEN u.mode = {_FOLD} AND (m.text IS NOT NULL OR u.text <> '')
+               THEN p.output || COALESCE(m.text, '') || u.text
+           ELSE p.output END
+  FROM u LEFT JOIN moved m ON m.row_id = u.id
+ WHERE p.id = u.id AND (NOT u.changed OR p.status NOT IN {_TERMINAL_SQL})
+RETURNING p.id::text
+"""
+
+_NOTIFY_SQL = "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p"
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _Row:
+    """One locked row during the batch."""
+
+    row_id: str
+    job_id: str
+    host_id: str
+    agent_job_id: str | None
+    state: RowState
+    was_terminal: bool
+    changed: bool = False
+    ended: bool = False
+    reset: bool = False
+    added: str = ""
+    transport: str | None = None
+    follower: HostJob | None = None  # the call's HostJob of the last change
+    fold: bool = False  # a fold-only call, or a row no longer ours: move its pending lines
+    mode: int = _KEEP  # what the write statement does to ``output`` (decided once per batch)
+    notify_call: int | None = None  # index of the call that gets the host notification
+    end_call: int | None = None  # index of the call that ended the row
+
+
+async def apply_batch(
+    cursor: Any, calls: Sequence[RowCall], *, due: Callable[[str], bool]
+) -> BatchOutcome:
+    """One transaction over every row of ``calls``; ``due(row_id)``: refresh its ``output`` now."""
+    order: list[str] = []
+    for call in calls:
+        if call.row_id not in order:
+            order.append(call.row_id)
+    await cursor.execute(_LOCK_ROWS_SQL, (order,))
+    rows = {found[0]: _row(found) for found in cursor.fetchall()}
+    results: list[ApplyResult | None] = []
+    finished: set[str] = set()
+    for index, call in enumerate(calls):
+        results.append(_reduce_call(rows.get(call.row_id), call, index, finished))
+
+    writes = []
+    for row in (rows.get(row_id) for row_id in order):
+        if row is not None and (row.changed or row.fold):
+            row.mode = _mode(row, due)
+            writes.append(row)
+    updated = await _write_rows(cursor, writes) if writes else set()
+    folded = {row.row_id for row in writes if row.row_id in updated and row.mode != _KEEP}
+    pending = {
+        row.row_id for row in writes if row.row_id in updated and row.mode == _KEEP and row.added
+    }
+    payloads: list[str] = []
+    endings: dict[str, list[str]] = {}
+    for row in writes:
+        if not row.changed or row.row_id not in updated:
+            continue
+        payloads.append(_host_payload(row))
+        assert row.notify_call is not None
+        results[row.notify_call] = attr.evolve(results[row.notify_call], notified=1)
+        if row.ended:
+            endings.setdefault(row.job_id, []).append(row.state.status)
+    if endings:
+        for job_id, status, counts in await _roll_up(cursor, endings):
+            payloads.append(
+                notify.build_payload(
+                    event_type=notify.EVENT_JOB, job_id=job_id, status=status,
+                    succeeded_count=counts.succeeded, failed_count=counts.failed,
+                    host_count=counts.hosts,
+                )
+            )
+            row = next(r for r in writes if r.ended and r.job_id == job_id)
+            assert row.end_call is not None
+            ended = results[row.end_call]
+            results[row.end_call] = attr.evolve(ended, notified=ended.notified + 1)
+            _log.info("job {job_id} ended {status}", job_id=job_id, status=status)
+    if payloads:
+        await cursor.execute(_NOTIFY_SQL, (notify.CHANNEL, payloads))
+    return BatchOutcome(results=results, folded=folded, pending=pending, finished=finished)
+
+
+def _row(found: tuple) -> _Row:
+    (row_id, status, error_message, agent_job_id, last_seq, progress, message, job_id, host_id,
+     output_end, digest, terminal) = found
+    state = RowState(
+        status=status,
+        error_message=error_message,
+        last_seq=int(last_seq),
+        progress=progress,
+        message=message,
+        agent_job_id=agent_job_id,
+        output_end=output_end or "",
+        snapshot_digest=digest,
+    )
+    return _Row(row_id, job_id, host_id, agent_job_id, state, bool(terminal))
+
+
+def _reduce_call(
+    row: _Row | None, call: RowCall, index: int, finished: set[str]
+) -> ApplyResult | None:
+    """Apply one call to the locked row (in memory); its result, ``notified`` filled in later."""
+    if call.kind == CALL_FOLD:
+        if row is not None:
+            row.fold = True
+        return None
+    host_job = call.host_job
+    assert host_job is not None
+    if row is None:
+        _log.warn("row {row_id} is gone; stop following it", row_id=call.row_id)
+        finished.add(call.row_id)
+        return ApplyResult(applied=0, last_seq=host_job.last_seq, row_status=ROW_MISSING,
+                           terminal=True)
+    if row.agent_job_id != host_job.agent_job_id:
+        _log.warn(
+            "row {row_id} now belongs to agent job {current}, not {ours}; stop following it",
+            row_id=call.row_id, current=row.agent_job_id, ours=host_job.agent_job_id,
+        )
+        row.fold = True
+        finished.add(call.row_id)
+        return ApplyResult(applied=0, last_seq=row.state.last_seq, row_status=row.state.status,
+                           terminal=True)
+    reduction: Reduction
+    if call.kind == CALL_FAIL:
+        reduction = fail_state(row.state, call.reason)
+    else:
+        reduction = reduce_events(row.state, host_job.agent_job_id, call.events)
+        if reduction.refused:
+            _log.warn(
+                "refused {count} events of another agent job for row {row_id} (agent job {ours})",
+                count=reduction.refused, row_id=call.row_id, ours=host_job.agent_job_id,
+            )
+    if row.was_terminal:
+        row.fold = True  # ended by another writer: lines it left waiting belong in its output
+    row.state = reduction.state
+    if reduction.changed:
+        row.changed = True
+        row.transport = call.transport
+        row.follower = host_job
+        row.notify_call = index
+        if reduction.output_reset:
+            row.reset, row.added = True, reduction.output_added
+        else:
+            row.added += reduction.output_added
+        if reduction.became_terminal:
+            row.ended = True
+            row.end_call = index
+    if row.state.terminal:
+        finished.add(call.row_id)
+    return ApplyResult(
+        applied=reduction.applied,
+        last_seq=row.state.last_seq,
+        row_status=row.state.status,
+        terminal=row.state.terminal,
+    )
+
+
+def _mode(row: _Row, due: Callable[[str], bool]) -> int:
+    if row.reset:
+        return _REPLACE
+    if row.fold or row.ended or row.state.terminal or due(row.row_id):
+        return _FOLD
+    return _KEEP
+
+
+async def _write_rows(cursor: Any, writes: list[_Row]) -> set[str]:
+    """The write statement over ``writes``; the ids it updated."""
+    columns: list[list[Any]] = [[] for _ in range(14)]
+    for row in writes:
+        state, changed = row.state, row.changed
+        values = (
+            row.row_id, changed,
+            state.status if changed else None,
+            state.error_message if changed else None,
+            row.ended,
+            state.last_seq if changed else None,
+            row.follower.agent_job_id if changed and row.follower else None,
+            row.transport if changed else None,
+            state.progress if changed else None,
+            state.message if changed else None,
+            state.output_end if changed else None,
+            state.snapshot_digest if changed else None,
+            row.mode,
+            row.added,
+        )
+        for column, value in zip(columns, values):
+            column.append(value)
+    await cursor.execute(_WRITE_ROWS_SQL, tuple(columns))
+    return {row_id for (row_id,) in cursor.fetchall()}
+
+
+def _host_payload(row: _Row) -> str:
+    state = row.state
+    return notify.build_payload(
+        event_type=notify.EVENT_HOST,
+        job_id=row.job_id,
+        host_id=row.host_id,
+        status=state.status,
+        agent_job_id=row.follower.agent_job_id if row.follower else (row.agent_job_id or ""),
+        output=row.added or None,
+        error_message=state.error_message,
+        seq=state.last_seq,
+        transport=row.transport,
+        progress=state.progress,
+    )
+
+
+# -- the parent roll-up -----------------------------------------------------------------------
+
+_LOCK_PARENTS_SQL = f"""
+SELECT id::text, status IN {_TERMINAL_SQL}, relay_host_count, relay_succeeded_count,
+       relay_failed_count, relay_cancelled_count
+  FROM patch_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+_COUNT_HOSTS_SQL = """
+SELECT job_id::text, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+       count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled')
+  FROM patch_job_hosts WHERE job_id = ANY(%s::uuid[]) GROUP BY job_id
+"""
+
+# the predicate is the one of the partial index relay_open_host_rows (lpa/sql/002…), word for word
+_NO_OPEN_ROWS_SQL = f"""
+SELECT j::text FROM unnest(%s::uuid[]) AS j
+ WHERE NOT EXISTS (SELECT 1 FROM patch_job_hosts h
+                    WHERE h.job_id = j AND h.status NOT IN {_TERMINAL_SQL})
+"""
+
+_UPDATE_PARENTS_SQL = f"""
+UPDATE patch_jobs p
+   SET relay_host_count = u.hosts, relay_succeeded_count = u.succeeded,
+       relay_failed_count = u.failed, relay_cancelled_count = u.cancelled,
+       status = COALESCE(u.final::job_status, p.status),
+       completed_at = CASE WHEN u.final IS NULL THEN p.completed_at ELSE now() END
+  FROM unnest(%s::uuid[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[])
+       AS u(id, hosts, succeeded, failed, cancelled, final)
+ WHERE p.id = u.id AND p.status NOT IN {_TERMINAL_SQL}
+"""
+
+
+async def _count_hosts(cursor: Any, job_ids: list[str]) -> dict[str, JobCounts]:
+    await cursor.execute(_COUNT_HOSTS_SQL, (job_ids,))
+    return {
+        job_id: JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
+        for job_id, hosts, succeeded, failed, cancelled in cursor.fetchall()
+    }
+
+
+async def _roll_up(
+    cursor: Any, endings: dict[str, list[str]]
+) -> list[tuple[str, str, JobCounts]]:
+    """Under the parents' locks: count this batch's endings, end the jobs whose hosts all ended.
+
+    ``endings``: job id → statuses of its rows that ended in this transaction.  Returns
+    (job id, final status, counts) of the jobs that ended.
+    """
+    await cursor.execute(_LOCK_PARENTS_SQL, (sorted(endings),))
+    counts: dict[str, JobCounts] = {}
+    uncounted: list[str] = []
+    for job_id, terminal, hosts, succeeded, failed, cancelled in cursor.fetchall():
+        if terminal:
+            continue  # ended already (by the manager, or a cancel): nothing to roll up
+        if hosts is None or succeeded is None or failed is None or cancelled is None:
+            uncounted.append(job_id)
+            continue
+        stored = JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
+        for status in endings[job_id]:
+            stored = stored.plus(status)
+        counts[job_id] = stored
+    if uncounted:  # first ending seen for these jobs: count their rows once (this one included)
+        counts.update(await _count_hosts(cursor, uncounted))
+    # counts only miss endings (by other writers): "all ended" by the counts is the truth, and
+    # otherwise the partial index says whether a row is really still open
+    unsure = [job_id for job_id, c in counts.items()
+              if job_id not in uncounted and c.ended != c.hosts]
+    if unsure:
+        await cursor.execute(_NO_OPEN_ROWS_SQL, (unsure,))
+        recount = [job_id for (job_id,) in cursor.fetchall()]
+        if recount:
+            counts.update(await _count_hosts(cursor, recount))
+    if not counts:
+        return []
+    ended = [(job_id, rollup_counts(c), c) for job_id, c in sorted(counts.items())]
+    await cursor.execute(
+        _UPDATE_PARENTS_SQL,
+        (
+            [job_id for job_id, _, _ in ended],
+            [c.hosts for _, _, c in ended],
+            [c.succeeded for _, _, c in ended],
+            [c.failed for _, _, c in ended],
+            [c.cancelled for _, _, c in ended],
+            [final for _, final, _ in ended],
+        ),
+    )
+    return [(job_id, final, c) for job_id, final, c in ended if final is not None]
