@@ -2,7 +2,9 @@
 
 A bad configuration, or a ``[security]`` file that is missing or does not parse, ends start-up
 with one line on stderr naming the key and exit status 78 (``EX_CONFIG``), no traceback (the
-original silently fell back to defaults, database URL included).  The pid file defaults to
+original silently fell back to defaults, database URL included).  A database that cannot be
+reached or refuses us (wrong password, database or host) ends it with one line naming host,
+port, database and user, and exit status 69 (``EX_UNAVAILABLE``).  The pid file defaults to
 ``lpa-relay.pid``, so the relay and an agent can start from one directory.
 """
 
@@ -48,6 +50,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from lpa.logs import LogConfiguredService, observer_for_twistd
+    from lpa.relay.pgadapter import DatabaseUnreachable, check_database
     from lpa.relay.service import make_relay_service
 
     config = options["relay_config"]
@@ -57,9 +60,24 @@ def makeService(options: Options) -> IService:
         service = make_relay_service(config, reactor=reactor, ops=config.ops_enabled)
     except ConfigError as error:
         _exit_with(error)
+    try:
+        check_database(config.database_url, where=f"[database] url of {options['config']}")
+    except DatabaseUnreachable as error:
+        _exit_unreachable(error)
     _log_sighup(reactor)
     observer = observer_for_twistd(options, config.log_format, config.log_level)
     return LogConfiguredService(service, observer)
+
+
+def _exit_unreachable(error: Exception) -> NoReturn:
+    """One line on stderr and exit 69: the database cannot be used at start."""
+    import sys
+
+    from lpa.relay.pgadapter import EXIT_DATABASE_UNREACHABLE
+
+    sys.stderr.write(f"lpa-relay: {error}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_DATABASE_UNREACHABLE)
 
 
 def _log_sighup(reactor: Any) -> None:
