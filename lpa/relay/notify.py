@@ -98,6 +98,10 @@ def build_payload(
         "output_truncated": False,
         "error_truncated": False,
     }
+    if output is not None or error_message is not None:  # the common case: it all fits
+        whole = _dumps(dict(payload, output=output, error_message=error_message))
+        if len(whole) <= budget and len(whole.encode("utf-8")) <= budget:
+            return whole
     # "" placeholders: their two quote bytes are counted again by _encoded_len below
     skeleton = dict(payload, output="" if output is not None else None)
     skeleton["error_message"] = "" if error_message is not None else None

@@ -229,24 +229,66 @@ class Detector(DeadConnectionDetector):
                 pass
 
 
+class Transaction:
+    """What a transaction body gets: statements sent in as few round trips as possible.
+
+    ``BEGIN`` travels with the first :meth:`execute` and ``COMMIT`` with the one that says
+    ``commit=True``; several statements may share a round trip (``statements`` joined by ``;``,
+    their parameters in order).  Results are those of the last statement of the round trip.
+    """
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self.begun = False
+        self.commit_sent = False
+
+    def execute(
+        self, *statements: tuple[str, tuple | None], commit: bool = False
+    ) -> Deferred:
+        """Send ``statements`` (each ``(sql, params)``) in one round trip; fires with self."""
+        texts = [sql for sql, _ in statements]
+        params: list[Any] = [value for _, values in statements for value in (values or ())]
+        if not self.begun:
+            texts.insert(0, "BEGIN ISOLATION LEVEL READ COMMITTED")
+            self.begun = True
+        if commit:
+            texts.append("COMMIT")
+            self.commit_sent = True
+        sent = self._cursor.execute("; ".join(texts), tuple(params) if params else None)
+        return sent.addCallback(lambda _: self)
+
+    def fetchall(self) -> list[tuple]:
+        return self._cursor.fetchall()
+
+    def fetchone(self) -> tuple | None:
+        return self._cursor.fetchone()
+
+
 class Connection(txpostgres.Connection):
-    """A txpostgres Connection that never sends a connection loss to the log as a traceback."""
+    """A txpostgres Connection that never sends a connection loss to the log as a traceback.
+
+    Its ``runInteraction`` gives the body a :class:`Transaction`, not a cursor.
+    """
 
     _closing = False
 
     def _runInteraction(  # noqa: N802 (txpostgres hook)
         self, interaction: Any, *args: Any, **kwargs: Any
     ) -> Deferred:
-        cursor = self.cursor()
         # READ COMMITTED whatever the server's default: the roll-up relies on each statement
         # seeing what committed before it (see lpa.relay.writepath)
-        ran = cursor.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        ran.addCallback(lambda _: interaction(cursor, *args, **kwargs))
+        cursor = self.cursor()
+        tx = Transaction(cursor)
+        ran = defer.maybeDeferred(interaction, tx, *args, **kwargs)
 
-        def commit(result: Any) -> Deferred:
+        def commit(result: Any) -> Any:
+            if not tx.begun or tx.commit_sent:
+                return result
             return cursor.execute("COMMIT").addCallback(lambda _: result)
 
-        def rollback(failure: Failure) -> Deferred:
+        def rollback(failure: Failure) -> Any:
+            if not tx.begun:
+                return failure
             undone = defer.maybeDeferred(cursor.execute, "ROLLBACK")
             # a connection that died mid-transaction cannot roll back: report the death itself
             undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))

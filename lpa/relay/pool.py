@@ -46,7 +46,10 @@ from lpa.relay.pgadapter import describe_dsn, first_line, is_connection_failure
 
 _log = Logger()
 
-DEFAULT_POOL_SIZE = 4
+#: two: one transaction commits (notifying commits hold PostgreSQL's NOTIFY lock through their WAL
+#: flush, one at a time cluster-wide) while the next one is built; more connections only split the
+#: waiting rows into smaller transactions that still commit one after another
+DEFAULT_POOL_SIZE = 2
 DEFAULT_STOP_TIMEOUT = 5.0
 #: one transaction applies at most this many events (bounds its statements' size)
 DEFAULT_MAX_BATCH_EVENTS = 5000
@@ -145,6 +148,9 @@ class BatchingPool:
         self._stopping = False
         self._drained: Deferred | None = None
         self.state = STARTING
+        #: committed transactions and the calls they answered (logged at close)
+        self.transactions = 0
+        self.calls = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -240,6 +246,10 @@ class BatchingPool:
             drained.callback(None)
 
     def _close(self) -> None:
+        _log.info(
+            "relay store closing: {calls} calls applied in {transactions} transactions",
+            calls=self.calls, transactions=self.transactions,
+        )
         leftovers = [w for works in self._in_flight.values() for w in works] + list(self._queue)
         if leftovers:
             rows = sorted({work.row_id for work in leftovers if work.row_id})
@@ -390,6 +400,8 @@ class BatchingPool:
         self._dispatch()
 
     def _succeeded(self, works: list[Work], result: Any) -> None:
+        self.transactions += 1
+        self.calls += len(works)
         if len(works) == 1 and works[0].run is not None:
             self._answer(works[0], result)
             return

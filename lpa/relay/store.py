@@ -129,9 +129,7 @@ class PostgresRelayStore:
                     result=Deferred(),
                     events=0,
                     description="rows with output waiting",
-                    run=lambda cursor: Deferred.fromCoroutine(
-                        writepath.rows_with_pending_output(cursor)
-                    ),
+                    run=lambda tx: Deferred.fromCoroutine(writepath.rows_with_pending_output(tx)),
                 )
             ).addCallbacks(self._refresh_rows, self._sweep_failed)
             self._refresher.start(self._output_interval / 4, now=False).addErrback(
@@ -168,7 +166,7 @@ class PostgresRelayStore:
                 result=Deferred(),
                 events=0,
                 description="running_host_jobs",
-                run=lambda cursor: Deferred.fromCoroutine(writepath.running_host_jobs(cursor)),
+                run=lambda tx: Deferred.fromCoroutine(writepath.running_host_jobs(tx)),
                 retry_on_dead=False,
             )
         )
@@ -193,8 +191,8 @@ class PostgresRelayStore:
 
     # -- output refresh ---------------------------------------------------------------------
 
-    def _run_batch(self, cursor: Any, calls: list[RowCall]) -> Deferred:
-        return Deferred.fromCoroutine(writepath.apply_batch(cursor, calls, due=self._due))
+    def _run_batch(self, tx: Any, calls: list[RowCall]) -> Deferred:
+        return Deferred.fromCoroutine(writepath.apply_batch(tx, calls, due=self._due))
 
     def _due(self, row_id: str) -> bool:
         if self._stopping:

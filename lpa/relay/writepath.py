@@ -108,8 +108,8 @@ SELECT pjh.id::text, pjh.job_id::text, pjh.host_id::text, pjh.agent_job_id,
 _PENDING_ROWS_SQL = "SELECT DISTINCT row_id::text FROM relay_output_pending"
 
 
-async def running_host_jobs(cursor: Any) -> list[HostJob]:
-    await cursor.execute(_RUNNING_SQL)
+async def running_host_jobs(tx: Any) -> list[HostJob]:
+    await tx.execute((_RUNNING_SQL, None))
     return [
         HostJob(
             row_id=row_id,
@@ -119,14 +119,14 @@ async def running_host_jobs(cursor: Any) -> list[HostJob]:
             agent=AgentAddress(host=address, port=int(port)),
             last_seq=int(last_seq),
         )
-        for row_id, job_id, host_id, agent_job_id, address, port, last_seq in cursor.fetchall()
+        for row_id, job_id, host_id, agent_job_id, address, port, last_seq in tx.fetchall()
     ]
 
 
-async def rows_with_pending_output(cursor: Any) -> list[str]:
+async def rows_with_pending_output(tx: Any) -> list[str]:
     """Rows whose output has lines waiting (left by a relay that stopped before moving them)."""
-    await cursor.execute(_PENDING_ROWS_SQL)
-    return [row_id for (row_id,) in cursor.fetchall()]
+    await tx.execute((_PENDING_ROWS_SQL, None))
+    return [row_id for (row_id,) in tx.fetchall()]
 
 
 # -- the batch --------------------------------------------------------------------------------
@@ -177,7 +177,6 @@ UPDATE patch_job_hosts p
            ELSE p.output END
   FROM u LEFT JOIN moved m ON m.row_id = u.id
  WHERE p.id = u.id AND (NOT u.changed OR p.status NOT IN {_TERMINAL_SQL})
-RETURNING p.id::text
 """
 
 _NOTIFY_SQL = "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p"
@@ -206,42 +205,46 @@ class _Row:
 
 
 async def apply_batch(
-    cursor: Any, calls: Sequence[RowCall], *, due: Callable[[str], bool]
+    tx: Any, calls: Sequence[RowCall], *, due: Callable[[str], bool]
 ) -> BatchOutcome:
-    """One transaction over every row of ``calls``; ``due(row_id)``: refresh its ``output`` now."""
+    """One transaction over every row of ``calls``; ``due(row_id)``: refresh its ``output`` now.
+
+    ``tx`` is a :class:`lpa.relay.pgadapter.Transaction`: two round trips when no row ends
+    (``BEGIN`` + lock; write + notify + ``COMMIT``), four when some do (the parents' lock rides
+    with the write, the counts or probe, then their update with the notify and ``COMMIT``).
+    """
     order: list[str] = []
     for call in calls:
         if call.row_id not in order:
             order.append(call.row_id)
-    await cursor.execute(_LOCK_ROWS_SQL, (order,))
-    rows = {found[0]: _row(found) for found in cursor.fetchall()}
+    await tx.execute((_LOCK_ROWS_SQL, (order,)))
+    rows = {found[0]: _row(found) for found in tx.fetchall()}
     results: list[ApplyResult | None] = []
     finished: set[str] = set()
     for index, call in enumerate(calls):
         results.append(_reduce_call(rows.get(call.row_id), call, index, finished))
 
+    # every row is locked and was read above, so each write below changes exactly its row
     writes = []
     for row in (rows.get(row_id) for row_id in order):
         if row is not None and (row.changed or row.fold):
             row.mode = _mode(row, due)
             writes.append(row)
-    updated = await _write_rows(cursor, writes) if writes else set()
-    folded = {row.row_id for row in writes if row.row_id in updated and row.mode != _KEEP}
-    pending = {
-        row.row_id for row in writes if row.row_id in updated and row.mode == _KEEP and row.added
-    }
     payloads: list[str] = []
     endings: dict[str, list[str]] = {}
     for row in writes:
-        if not row.changed or row.row_id not in updated:
+        if not row.changed:
             continue
         payloads.append(_host_payload(row))
         assert row.notify_call is not None
         results[row.notify_call] = attr.evolve(results[row.notify_call], notified=1)
         if row.ended:
             endings.setdefault(row.job_id, []).append(row.state.status)
+    statements = [_write_rows(writes)] if writes else []
     if endings:
-        for job_id, status, counts in await _roll_up(cursor, endings):
+        ended, update = await _roll_up(tx, endings, statements)
+        statements = [update]
+        for job_id, status, counts in ended:
             payloads.append(
                 notify.build_payload(
                     event_type=notify.EVENT_JOB, job_id=job_id, status=status,
@@ -251,12 +254,19 @@ async def apply_batch(
             )
             row = next(r for r in writes if r.ended and r.job_id == job_id)
             assert row.end_call is not None
-            ended = results[row.end_call]
-            results[row.end_call] = attr.evolve(ended, notified=ended.notified + 1)
+            result = results[row.end_call]
+            results[row.end_call] = attr.evolve(result, notified=result.notified + 1)
             _log.info("job {job_id} ended {status}", job_id=job_id, status=status)
-    if payloads:
-        await cursor.execute(_NOTIFY_SQL, (notify.CHANNEL, payloads))
-    return BatchOutcome(results=results, folded=folded, pending=pending, finished=finished)
+    if payloads:  # last in the transaction: the NOTIFY lock is held from here to the commit
+        statements.append((_NOTIFY_SQL, (notify.CHANNEL, payloads)))
+    if statements:
+        await tx.execute(*statements, commit=True)
+    return BatchOutcome(
+        results=results,
+        folded={row.row_id for row in writes if row.mode != _KEEP},
+        pending={row.row_id for row in writes if row.mode == _KEEP and row.added},
+        finished=finished,
+    )
 
 
 def _row(found: tuple) -> _Row:
@@ -342,8 +352,8 @@ def _mode(row: _Row, due: Callable[[str], bool]) -> int:
     return _KEEP
 
 
-async def _write_rows(cursor: Any, writes: list[_Row]) -> set[str]:
-    """The write statement over ``writes``; the ids it updated."""
+def _write_rows(writes: list[_Row]) -> tuple[str, tuple]:
+    """The write statement over ``writes`` with its parameters."""
     columns: list[list[Any]] = [[] for _ in range(14)]
     for row in writes:
         state, changed = row.state, row.changed
@@ -364,8 +374,7 @@ async def _write_rows(cursor: Any, writes: list[_Row]) -> set[str]:
         )
         for column, value in zip(columns, values):
             column.append(value)
-    await cursor.execute(_WRITE_ROWS_SQL, tuple(columns))
-    return {row_id for (row_id,) in cursor.fetchall()}
+    return _WRITE_ROWS_SQL, tuple(columns)
 
 
 def _host_payload(row: _Row) -> str:
@@ -392,12 +401,6 @@ SELECT id::text, status IN {_TERMINAL_SQL}, relay_host_count, relay_succeeded_co
   FROM patch_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
 """
 
-_COUNT_HOSTS_SQL = """
-SELECT job_id::text, count(*), count(*) FILTER (WHERE status = 'succeeded'),
-       count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled')
-  FROM patch_job_hosts WHERE job_id = ANY(%s::uuid[]) GROUP BY job_id
-"""
-
 # the predicate is the one of the partial index relay_open_host_rows (lpa/sql/002…), word for word
 _NO_OPEN_ROWS_SQL = f"""
 SELECT j::text FROM unnest(%s::uuid[]) AS j
@@ -417,26 +420,37 @@ UPDATE patch_jobs p
 """
 
 
-async def _count_hosts(cursor: Any, job_ids: list[str]) -> dict[str, JobCounts]:
-    await cursor.execute(_COUNT_HOSTS_SQL, (job_ids,))
-    return {
+# one round trip: full counts of the jobs not counted yet, and which of the others have no open row
+_CHECK_SQL = (
+    "SELECT 'count', job_id::text, count(*), count(*) FILTER (WHERE status = 'succeeded'), "
+    "count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled') "
+    "FROM patch_job_hosts WHERE job_id = ANY(%s::uuid[]) GROUP BY job_id "
+    "UNION ALL SELECT 'done', j, 0, 0, 0, 0 FROM ("
+    + _NO_OPEN_ROWS_SQL.strip() + ") AS done(j)"
+)
+
+
+def _counted(found: Sequence[tuple]) -> tuple[dict[str, JobCounts], list[str]]:
+    counts = {
         job_id: JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
-        for job_id, hosts, succeeded, failed, cancelled in cursor.fetchall()
+        for kind, job_id, hosts, succeeded, failed, cancelled in found if kind == "count"
     }
+    return counts, [job_id for kind, job_id, *_ in found if kind == "done"]
 
 
 async def _roll_up(
-    cursor: Any, endings: dict[str, list[str]]
-) -> list[tuple[str, str, JobCounts]]:
+    tx: Any, endings: dict[str, list[str]], before: list[tuple[str, tuple]]
+) -> tuple[list[tuple[str, str, JobCounts]], tuple[str, tuple]]:
     """Under the parents' locks: count this batch's endings, end the jobs whose hosts all ended.
 
-    ``endings``: job id → statuses of its rows that ended in this transaction.  Returns
-    (job id, final status, counts) of the jobs that ended.
+    ``endings``: job id → statuses of its rows that ended in this transaction; ``before``: the
+    rows' write, sent with the parents' lock.  Returns (job id, final status, counts) of the
+    jobs that end, and the parents' update (for the caller to send with the notifications).
     """
-    await cursor.execute(_LOCK_PARENTS_SQL, (sorted(endings),))
+    await tx.execute(*before, (_LOCK_PARENTS_SQL, (sorted(endings),)))
     counts: dict[str, JobCounts] = {}
     uncounted: list[str] = []
-    for job_id, terminal, hosts, succeeded, failed, cancelled in cursor.fetchall():
+    for job_id, terminal, hosts, succeeded, failed, cancelled in tx.fetchall():
         if terminal:
             continue  # ended already (by the manager, or a cancel): nothing to roll up
         if hosts is None or succeeded is None or failed is None or cancelled is None:
@@ -446,21 +460,19 @@ async def _roll_up(
         for status in endings[job_id]:
             stored = stored.plus(status)
         counts[job_id] = stored
-    if uncounted:  # first ending seen for these jobs: count their rows once (this one included)
-        counts.update(await _count_hosts(cursor, uncounted))
-    # counts only miss endings (by other writers): "all ended" by the counts is the truth, and
-    # otherwise the partial index says whether a row is really still open
-    unsure = [job_id for job_id, c in counts.items()
-              if job_id not in uncounted and c.ended != c.hosts]
-    if unsure:
-        await cursor.execute(_NO_OPEN_ROWS_SQL, (unsure,))
-        recount = [job_id for (job_id,) in cursor.fetchall()]
+    # the first ending of a job counts its rows once (this transaction's included).  Later counts
+    # only miss endings by other writers: "all ended" by the counts is the truth, otherwise the
+    # partial index says whether a row is really still open, and only then are rows counted again
+    unsure = [job_id for job_id, c in counts.items() if c.ended != c.hosts]
+    if uncounted or unsure:
+        await tx.execute((_CHECK_SQL, (uncounted, unsure)))
+        fresh, recount = _counted(tx.fetchall())
+        counts.update(fresh)
         if recount:
-            counts.update(await _count_hosts(cursor, recount))
-    if not counts:
-        return []
+            await tx.execute((_CHECK_SQL, (recount, [])))
+            counts.update(_counted(tx.fetchall())[0])
     ended = [(job_id, rollup_counts(c), c) for job_id, c in sorted(counts.items())]
-    await cursor.execute(
+    update = (
         _UPDATE_PARENTS_SQL,
         (
             [job_id for job_id, _, _ in ended],
@@ -471,4 +483,4 @@ async def _roll_up(
             [final for _, final, _ in ended],
         ),
     )
-    return [(job_id, final, c) for job_id, final, c in ended if final is not None]
+    return [(job_id, final, c) for job_id, final, c in ended if final is not None], update
