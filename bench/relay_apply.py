@@ -14,9 +14,10 @@ The two contenders write the same events to the same kind of rows (one job, ``--
 ``--pool`` connections):
 
 ``lpa``
-    ``PostgresRelayStore(pool_size=pool).apply_events(host_job, batch, "ws")``: one transaction
-    per call (row lock, guarded update, one ``pg_notify`` with a payload capped at 7000 bytes,
-    roll-up under the parent lock).
+    ``PostgresRelayStore(pool_size=pool).apply_events(host_job, batch, "ws")``: calls that wait
+    for a connection are applied together, one transaction for every row waiting (row locks,
+    one write statement, one ``pg_notify`` statement with a payload of at most 1 KB per changed
+    row, the roll-up on running counts under the parent lock).
 ``original``  (the named peer: "original pm-worker pattern": the statement sequence of the manager's relay)
     per event, separate autocommit statements with psycopg2: the guarded ``UPDATE``, then
     ``SELECT pg_notify('job_update', payload)`` with the event's ``output``/``error``

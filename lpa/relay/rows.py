@@ -118,12 +118,12 @@ def output_digest(text: str) -> str:
 
 
 def _clean_event(event: ev.JobEvent) -> ev.JobEvent:
-    return attr.evolve(
-        event,
-        message=clean_text(event.message),
-        error=None if event.error is None else clean_text(event.error),
-        output=None if event.output is None else clean_text(event.output),
-    )
+    message = clean_text(event.message)
+    error = None if event.error is None else clean_text(event.error)
+    output = None if event.output is None else clean_text(event.output)
+    if message is event.message and error is event.error and output is event.output:
+        return event  # the common case: nothing to clean, no copy
+    return attr.evolve(event, message=message, error=error, output=output)
 
 
 def join_line(output_end: str, line: str) -> str:
