@@ -84,6 +84,8 @@ def pct(values: Sequence[float], q: float) -> float:
 class DurableCluster(PostgresCluster):
     """The test cluster, but with fsync, synchronous_commit and full_page_writes on."""
 
+    statements = False  # load pg_stat_statements (--statements)
+
     def start(self) -> None:
         if self.running:
             return
@@ -92,6 +94,7 @@ class DurableCluster(PostgresCluster):
         options = (
             f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=on "
             "-c synchronous_commit=on -c full_page_writes=on -c max_connections=200"
+            + (" -c shared_preload_libraries=pg_stat_statements" if self.statements else "")
         )
         self._run("pg_ctl", "-D", self.data_dir, "-l", self.log_path, "-o", options, "-w", "start")
         self.running = True
@@ -324,6 +327,20 @@ class Database:
         return self.one("SELECT count(*) FROM patch_job_hosts WHERE job_id = %s "
                         "AND relay_last_seq > 0", (job_id,))[0]
 
+    def top_statements(self, count: int = 8) -> list[str]:
+        """The statements that took the most server time (pg_stat_statements), one line each."""
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT calls, total_exec_time, mean_exec_time, rows, "
+                "regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements "
+                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "ORDER BY total_exec_time DESC LIMIT %s", (count,))
+            return [f"{calls:>7} calls {total / 1000:7.2f} s {mean:7.3f} ms/call {rows:>8} rows "
+                    f"{query[:90]}" for calls, total, mean, rows, query in cursor.fetchall()]
+
+    def reset_statements(self) -> None:
+        self.one("SELECT pg_stat_statements_reset()::text")
+
     def commits(self) -> int:
         return self.one("SELECT xact_commit FROM pg_stat_database "
                         "WHERE datname = current_database()")[0]
@@ -423,6 +440,8 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
                 ends.append(start + seconds * random.uniform(*end_spread))
         due = [(start + random.uniform(0, 1 / per_agent), n) for n in range(agents_count)]
         heapq.heapify(due)
+        if options.statements:
+            database.reset_statements()
         cpu0, rss0, commits0 = relay.cpu_seconds(), relay.rss_mib(), database.commits()
         rss_samples = [(0.0, rss0)]
         next_sample = start + 60
@@ -458,6 +477,7 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
         notes = await deferToThread(listener.finish)
         warnings = await deferToThread(relay.stop)
         checked = database.finished(job_id, agents)
+        statements = database.top_statements() if options.statements else []
         database.connection.close()
     finally:
         if relay.process.poll() is None:
@@ -466,8 +486,10 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
             listener.process.kill()
         for agent in agents:
             await agent.port.stopListening()
-    return analyse(name, agents, notes, start, window_end, cpu, rss_samples, commits, checked,
-                   warnings, rate, job_id)
+    result = analyse(name, agents, notes, start, window_end, cpu, rss_samples, commits, checked,
+                     warnings, rate, job_id)
+    result["statements"] = statements
+    return result
 
 
 def analyse(name: str, agents: list[Agent], notes: list[list[Any]], start: float,
@@ -543,6 +565,8 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
     print(f"  job {c['job']} (counted {c['counted']} hosts), {c['rows_ended']} rows ended, "
           f"{c['rows_with_wrong_output']} rows with a wrong line count; up to "
           f"{r['lines_per_host']} lines per host")
+    for line in r.get("statements", []):
+        print(f"    {line}")
     if r["warnings"]:
         print(f"  relay log, warnings and worse ({len(r['warnings'])}):")
         for line in r["warnings"][:10]:
@@ -551,20 +575,24 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
 
 async def main(reactor: Any, options: argparse.Namespace) -> None:
     import twisted
-    from twisted.logger import LogLevel, globalLogBeginner
+    from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 
     from lpa.relay.schema import migrate
     from tests.certs import make_test_pki
 
-    globalLogBeginner.beginLoggingTo(
-        [lambda e: print("  [bench log]", e.get("log_format"), file=sys.stderr)
-         if e.get("log_level") in (LogLevel.error, LogLevel.critical) else None],
-        redirectStandardIO=False)
+    def errors(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            failure = event.get("log_failure")
+            print("  [bench log]", formatEvent(event),
+                  failure.getTraceback() if failure is not None else "", file=sys.stderr)
+
+    globalLogBeginner.beginLoggingTo([errors], redirectStandardIO=False)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     directory = tempfile.mkdtemp(prefix="lpa-fleet-")
     atexit.register(shutil.rmtree, directory, True)
     cluster = DurableCluster()
+    cluster.statements = options.statements
     atexit.register(cluster.destroy)  # also after Ctrl-C, which stops the reactor under us
     print(f"fleet: Python {sys.version.split()[0]}, Twisted {twisted.__version__}, "
           f"psycopg2 {psycopg2.__version__.split()[0]}, {os.cpu_count()} CPUs, load average "
@@ -573,6 +601,8 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         await deferToThread(cluster.start)
         dsn = await deferToThread(cluster.create_database, "fleet")
         await deferToThread(migrate, dsn)
+        if options.statements:
+            Database(dsn).one("CREATE EXTENSION pg_stat_statements; SELECT 1")
         pki = make_test_pki(os.path.join(directory, "pki"))
         env = {"dsn": dsn, "pki": pki, "directory": directory, "tls": pki.server_options()}
         listener = Listener(dsn, directory)
@@ -610,6 +640,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="offered events/s of the ceiling scenario (default: pgbench's tps)")
     parser.add_argument("--ceiling-agents", type=int, default=200)
     parser.add_argument("--fanout-agents", type=int, default=1000)
+    parser.add_argument("--statements", action="store_true",
+                        help="load pg_stat_statements and print the costliest statements")
     parser.add_argument("--profile-relay", metavar="FILE",
                         help="run the relay under cProfile, statistics to FILE (pstats)")
     parser.add_argument("--listener", nargs=2, metavar=("DSN", "OUT"), help=argparse.SUPPRESS)

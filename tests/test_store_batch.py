@@ -12,7 +12,7 @@ from txpostgres import txpostgres
 from lpa.relay import pgadapter
 from lpa.relay.interfaces import TRANSPORT_WS
 from lpa.relay.notify import PAYLOAD_BUDGET
-from lpa.relay.writepath import _NO_OPEN_ROWS_SQL
+from lpa.relay.writepath import _NO_OPEN_ROWS_SQL, array
 from tests.pgutil import event
 from tests.test_store import StoreTestBase
 
@@ -27,12 +27,15 @@ class Statements:
     def factory(self) -> Any:
         recorded = self
 
+        current: list[list[tuple[str, Any]]] = [[]]  # this connection's transaction
+
         class RecordingCursor(txpostgres.Cursor):
             def execute(self, query: str, params: Any = None) -> Any:
                 words = " ".join(query.split())
                 if words.startswith("BEGIN"):
-                    recorded.transactions.append([])
-                recorded.transactions[-1].append((words, params))
+                    current[0] = []
+                    recorded.transactions.append(current[0])
+                current[0].append((words, params))
                 return super().execute(query, params)
 
         connection = pgadapter.Connection(reactor=reactor,
@@ -139,7 +142,7 @@ class RollUpTests(StoreTestBase):
         await self.end(store, rows[1], "cancelled")
         self.assertEqual(self.counts(job), (4, 1, 1, 1))
         [check] = [params for sql, params in statements.writes()[-1] if "UNION ALL" in sql]
-        self.assertEqual(check, ([], [job]))  # no job counted again; one asked for open rows
+        self.assertEqual(check, ("{}", f'{{"{job}"}}'))  # none counted again; one probed
         last = await self.end(store, rows[2])
         self.assertEqual((last.notified, self.seed.job_status(job)), (2, "failed"))
         job_note = [n for n in self.listener.collect(4) if n["event_type"] == "job"]
@@ -189,6 +192,16 @@ class RollUpTests(StoreTestBase):
         self.assertIn("relay_open_host_rows", plan)
 
 
+class ArrayTests(StoreTestBase):
+    async def test_array_literal_round_trips(self) -> None:
+        """One literal per array carries any text (quotes, backslashes, braces, NULL, "NULL")."""
+        values = ['a"b', "back\\slash", "{,}", "", "NULL", None, "ünï ✓", "line\nbreak"]
+        self.assertEqual(self.seed.one("SELECT %s::text[]", (array(values),))[0], values)
+        self.assertEqual(self.seed.one("SELECT %s::int[], %s::bool[]",
+                                       (array([1, None, -3]), array([True, False])))[:2],
+                         ([1, None, -3], [True, False]))
+
+
 class OutputRefreshTests(StoreTestBase):
     async def test_output_refreshed_at_the_interval_and_on_the_end(self) -> None:
         """A row's output gets its first lines at once, later ones within output_interval (the
@@ -217,6 +230,27 @@ class OutputRefreshTests(StoreTestBase):
         self.assertEqual(self.seed.row(row.row_id)["output"],
                          "\n".join(f"line {n}" for n in range(1, 5)))
         self.assertEqual(self.seed.all("SELECT text FROM relay_output_pending"), [])
+
+    async def test_large_output_refreshed_outside_the_notifying_transactions(self) -> None:
+        """Past 8 KiB a row's output is refreshed by a transaction of its own, which notifies
+        nobody (so takes no NOTIFY lock); the notifying ones only add its new lines."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h.example"), "a1")
+        self.seed.execute("UPDATE patch_job_hosts SET output = repeat('x', 20000) WHERE id = %s",
+                          (row.row_id,))
+        clock = Clock()
+        statements = Statements()
+        store = await self.make(clock=clock, connection_factory=statements.factory)
+        await store.apply_events(row, [event("a1", 1, "running", kind="output", message="new")],
+                                 TRANSPORT_WS)
+        self.assertEqual(len(self.seed.row(row.row_id)["output"]), 20000)
+        [(_, notifying)] = statements.writes()[-1][1:]
+        self.assertEqual(array([0]), notifying[12])  # the write's mode column: keep the output
+        clock.advance(0.25)
+        await until(lambda: len(self.seed.row(row.row_id)["output"]) == 20004, "refreshed")
+        refresh = [sql for sql, _ in statements.writes()[-1]]
+        self.assertFalse([sql for sql in refresh if "pg_notify" in sql])
+        self.assertEqual(self.seed.row(row.row_id)["output"], "x" * 20000 + "\nnew")
 
     async def test_lines_left_waiting_are_moved_at_start(self) -> None:
         """Lines a relay left in relay_output_pending (killed before moving them) reach the row's

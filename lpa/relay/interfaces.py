@@ -7,8 +7,9 @@ Flow::
        ▼
     AgentLink (machine.py) ── WebSocket client ─┐  events (JobEvent)
        │ handshake failed → poller (treq) ──────┴──▶ apply_events(host_job, events, transport)
-       ▼                                              one transaction per call: guarded update,
-    back to the WebSocket when it opens               roll-up under lock, pg_notify
+       ▼                                              each call in one transaction (shared with
+    back to the WebSocket when it opens               other rows' calls): guarded update,
+                                                      roll-up under lock, pg_notify
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ class IRelayStore(Interface):
 
         Events whose ``job_id`` is not ``host_job.agent_job_id`` are refused (never touch the
         row); events with a seq at or below the row's last applied seq are skipped; a terminal
-        row never changes.  Each status change fires one host-level ``pg_notify('job_update')``
-        and, when the last host of the job ends, exactly one job-level notification.
+        row never changes.  A row changed by a transaction gets one host-level
+        ``pg_notify('job_update')`` in it (the transaction may apply other rows' calls too) and,
+        when the last host of the job ends, exactly one job-level notification.
         """
 
     def fail_host_job(host_job: HostJob, reason: str, transport: str) -> Deferred:

@@ -24,6 +24,7 @@ Faults:
 * a deadlock or serialisation failure is retried the same way;
 * any other failure of a batch of several works re-runs them one transaction each, so only the
   work that really fails errbacks;
+* works of different ``lane`` s never share a transaction;
 * the outage is logged once: one ``warn`` when the last connection is found dead ("went away"),
   one ``info`` when the first is back, each naming ``user@host:port/database``.
 """
@@ -87,6 +88,9 @@ class Work:
     run: Callable[[Any], Deferred] | None = None  # cursor -> Deferred, for works without a row
     retry_on_dead: bool = True
     alone: bool = False  # run in a transaction of its own (its batch failed)
+    #: works of different lanes never share a transaction (the store keeps output refreshes,
+    #: which notify nobody, out of the notifying transactions)
+    lane: str = "events"
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -331,7 +335,8 @@ class BatchingPool:
                 continue
             if work.row_id in blocked:
                 continue
-            if taken and events + work.events > self._max_batch_events:
+            if taken and (work.lane != taken[0].lane
+                          or events + work.events > self._max_batch_events):
                 blocked.add(work.row_id)
                 continue
             taken.append(work)

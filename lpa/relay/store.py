@@ -14,10 +14,11 @@
 This module holds what ties them together: the calls of the interface, and when each row's
 ``patch_job_hosts.output`` is due a refresh.  A row's output lines are written at once to
 ``relay_output_pending`` and moved into ``output`` when the row has not been refreshed for
-``output_interval`` seconds (checked on every batch and by a timer every quarter of it), when
-the row ends, and at start for anything a previous relay left waiting.  So ``output`` is at most
-about ``output_interval`` (+ a quarter, + a transaction) behind while a job runs, and complete
-when its terminal notification fires.
+``output_interval`` seconds (checked on every batch of a small output, and by a timer every
+quarter of the interval, which queues refresh-only transactions on their own lane), when the row
+ends, at a clean stop, and at start for anything a previous relay left waiting.  So ``output`` is
+at most about ``output_interval`` (+ a quarter, + a transaction) behind while a job runs, and
+complete when its terminal notification fires.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ class PostgresRelayStore:
     def _fold(self, row_id: str, *, while_draining: bool = False) -> None:
         work = Work(row_id=row_id, result=Deferred(), events=0,
                     description=f"output refresh of row {row_id}",
-                    item=RowCall(kind=CALL_FOLD, row_id=row_id))
+                    item=RowCall(kind=CALL_FOLD, row_id=row_id), lane="refresh")
         submitted = self._pool.submit(work, while_draining=while_draining)
         submitted.addErrback(self._fold_failed, row_id)
 

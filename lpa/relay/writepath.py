@@ -27,8 +27,12 @@ Output: a line is written once, to ``relay_output_pending`` (append-only until i
 row's ``patch_job_hosts.output``, which the manager's UI reads, gets its pending lines appended
 when the row is *due* — no refresh for ``output_interval`` (1 s), decided by the store — and
 always when the row ends, so it lags at most about a second behind the notifications while the
-job runs and is complete with the terminal notification.  No statement reads ``output`` back
-(``right(output, 1)`` once per agent job excepted), and no event rewrites it.
+job runs and is complete with the terminal notification.  While the output is small (up to
+:data:`INLINE_REFRESH_BYTES`) a notifying transaction refreshes it in passing; a larger one is
+refreshed by a transaction of its own (a ``fold`` call: no notification, so no NOTIFY lock),
+because rewriting a TOASTed value costs milliseconds the notifications should not wait for.  No
+statement reads ``output`` back (``right(output, 1)`` once per agent job excepted), and no event
+rewrites it.
 
 Roll-up cost: the parent keeps ``relay_host_count`` and
 ``relay_{succeeded,failed,cancelled}_count``.
@@ -70,6 +74,29 @@ CALL_FOLD = "fold"
 
 #: how a row's ``output`` changes in the write statement
 _KEEP, _FOLD, _REPLACE = 0, 1, 2
+#: a notifying transaction also refreshes a due row's output while it is this small (rewriting a
+#: larger TOASTed value takes milliseconds, which the notifications would wait for)
+INLINE_REFRESH_BYTES = 8192
+
+
+def _element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def array(values: Sequence[Any]) -> str:
+    """``values`` as ONE PostgreSQL array literal (``{"a",NULL,…}``), cast in the SQL.
+
+    psycopg2 would send a list as ``ARRAY[$1, $2, …]``: one constant per element, so every batch
+    size is a new statement for the server to parse and plan (tens of milliseconds for a few
+    hundred rows).  One literal per array keeps each statement's text constant.
+    """
+    return "{" + ",".join(_element(value) for value in values) + "}"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
@@ -138,7 +165,7 @@ SELECT id::text, status::text, error_message, agent_job_id,
        CASE WHEN relay_agent_job_id = agent_job_id AND relay_output_end IS NOT NULL
             THEN relay_output_end ELSE right(output, 1) END,
        CASE WHEN relay_agent_job_id = agent_job_id THEN relay_snapshot_digest END,
-       status IN {_TERMINAL_SQL}
+       status IN {_TERMINAL_SQL}, octet_length(output)
   FROM patch_job_hosts WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -192,6 +219,7 @@ class _Row:
     agent_job_id: str | None
     state: RowState
     was_terminal: bool
+    size: int  # bytes of its output now (the TOAST pointer says it: nothing is read)
     changed: bool = False
     ended: bool = False
     reset: bool = False
@@ -217,7 +245,7 @@ async def apply_batch(
     for call in calls:
         if call.row_id not in order:
             order.append(call.row_id)
-    await tx.execute((_LOCK_ROWS_SQL, (order,)))
+    await tx.execute((_LOCK_ROWS_SQL, (array(order),)))
     rows = {found[0]: _row(found) for found in tx.fetchall()}
     results: list[ApplyResult | None] = []
     finished: set[str] = set()
@@ -258,7 +286,7 @@ async def apply_batch(
             results[row.end_call] = attr.evolve(result, notified=result.notified + 1)
             _log.info("job {job_id} ended {status}", job_id=job_id, status=status)
     if payloads:  # last in the transaction: the NOTIFY lock is held from here to the commit
-        statements.append((_NOTIFY_SQL, (notify.CHANNEL, payloads)))
+        statements.append((_NOTIFY_SQL, (notify.CHANNEL, array(payloads))))
     if statements:
         await tx.execute(*statements, commit=True)
     return BatchOutcome(
@@ -271,7 +299,7 @@ async def apply_batch(
 
 def _row(found: tuple) -> _Row:
     (row_id, status, error_message, agent_job_id, last_seq, progress, message, job_id, host_id,
-     output_end, digest, terminal) = found
+     output_end, digest, terminal, size) = found
     state = RowState(
         status=status,
         error_message=error_message,
@@ -282,7 +310,7 @@ def _row(found: tuple) -> _Row:
         output_end=output_end or "",
         snapshot_digest=digest,
     )
-    return _Row(row_id, job_id, host_id, agent_job_id, state, bool(terminal))
+    return _Row(row_id, job_id, host_id, agent_job_id, state, bool(terminal), int(size or 0))
 
 
 def _reduce_call(
@@ -347,9 +375,11 @@ def _reduce_call(
 def _mode(row: _Row, due: Callable[[str], bool]) -> int:
     if row.reset:
         return _REPLACE
-    if row.fold or row.ended or row.state.terminal or due(row.row_id):
+    if row.fold or row.ended or row.state.terminal:
         return _FOLD
-    return _KEEP
+    if row.size <= INLINE_REFRESH_BYTES and due(row.row_id):
+        return _FOLD
+    return _KEEP  # a larger output is refreshed by a transaction of its own (no NOTIFY lock)
 
 
 def _write_rows(writes: list[_Row]) -> tuple[str, tuple]:
@@ -374,7 +404,7 @@ def _write_rows(writes: list[_Row]) -> tuple[str, tuple]:
         )
         for column, value in zip(columns, values):
             column.append(value)
-    return _WRITE_ROWS_SQL, tuple(columns)
+    return _WRITE_ROWS_SQL, tuple(array(column) for column in columns)
 
 
 def _host_payload(row: _Row) -> str:
@@ -447,7 +477,7 @@ async def _roll_up(
     rows' write, sent with the parents' lock.  Returns (job id, final status, counts) of the
     jobs that end, and the parents' update (for the caller to send with the notifications).
     """
-    await tx.execute(*before, (_LOCK_PARENTS_SQL, (sorted(endings),)))
+    await tx.execute(*before, (_LOCK_PARENTS_SQL, (array(sorted(endings)),)))
     counts: dict[str, JobCounts] = {}
     uncounted: list[str] = []
     for job_id, terminal, hosts, succeeded, failed, cancelled in tx.fetchall():
@@ -465,22 +495,22 @@ async def _roll_up(
     # partial index says whether a row is really still open, and only then are rows counted again
     unsure = [job_id for job_id, c in counts.items() if c.ended != c.hosts]
     if uncounted or unsure:
-        await tx.execute((_CHECK_SQL, (uncounted, unsure)))
+        await tx.execute((_CHECK_SQL, (array(uncounted), array(unsure))))
         fresh, recount = _counted(tx.fetchall())
         counts.update(fresh)
         if recount:
-            await tx.execute((_CHECK_SQL, (recount, [])))
+            await tx.execute((_CHECK_SQL, (array(recount), array([]))))
             counts.update(_counted(tx.fetchall())[0])
     ended = [(job_id, rollup_counts(c), c) for job_id, c in sorted(counts.items())]
     update = (
         _UPDATE_PARENTS_SQL,
         (
-            [job_id for job_id, _, _ in ended],
-            [c.hosts for _, _, c in ended],
-            [c.succeeded for _, _, c in ended],
-            [c.failed for _, _, c in ended],
-            [c.cancelled for _, _, c in ended],
-            [final for _, final, _ in ended],
+            array([job_id for job_id, _, _ in ended]),
+            array([c.hosts for _, _, c in ended]),
+            array([c.succeeded for _, _, c in ended]),
+            array([c.failed for _, _, c in ended]),
+            array([c.cancelled for _, _, c in ended]),
+            array([final for _, final, _ in ended]),
         ),
     )
     return [(job_id, final, c) for job_id, final, c in ended if final is not None], update
