@@ -294,6 +294,37 @@ class Relay:
                                  line)]
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) \
+        / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu(cluster: PostgresCluster) -> float:
+    """CPU seconds of the postmaster and every process it started (backends, writers …).
+
+    Exited backends' time is in the postmaster's "children" fields, which process_cpu counts.
+    """
+    with open(os.path.join(cluster.data_dir, "postmaster.pid")) as pidfile:
+        postmaster = int(pidfile.readline())
+    total = process_cpu(postmaster)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == postmaster:
+                total += process_cpu(int(entry))
+    return total
+
+
 # -- the database side ------------------------------------------------------------------------
 
 
@@ -443,6 +474,7 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
         if options.statements:
             database.reset_statements()
         cpu0, rss0, commits0 = relay.cpu_seconds(), relay.rss_mib(), database.commits()
+        others0 = time.process_time(), postgres_cpu(env["cluster"])
         rss_samples = [(0.0, rss0)]
         next_sample = start + 60
         failing = set(random.sample(range(agents_count), agents_count // 10))
@@ -472,6 +504,7 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
             await task.deferLater(reactor, 0.5, lambda: None)
         await task.deferLater(reactor, 1.0, lambda: None)
         cpu = relay.cpu_seconds() - cpu0
+        others = (time.process_time() - others0[0], postgres_cpu(env["cluster"]) - others0[1])
         rss_samples.append((time.monotonic() - start, relay.rss_mib()))
         commits = database.commits() - commits0
         notes = await deferToThread(listener.finish)
@@ -489,6 +522,7 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
     result = analyse(name, agents, notes, start, window_end, cpu, rss_samples, commits, checked,
                      warnings, rate, job_id)
     result["statements"] = statements
+    result["bench_cpu"], result["postgres_cpu"] = others
     return result
 
 
@@ -560,7 +594,11 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
           f"{r['largest']} B; relay commits {r['commits']} "
           f"({r['offered'] * r['window'] / max(r['commits'], 1):.1f} events per commit)")
     rss = ", ".join(f"{at / 60:.0f} min {mib:.0f}" for at, mib in r["rss"])
-    print(f"  relay CPU {r['cpu']:.1f} s ({100 * r['cpu_share']:.0f}% of a core); RSS MiB: {rss}")
+    print(f"  relay CPU {r['cpu']:.1f} s ({100 * r['cpu_share']:.0f}% of a core; "
+          f"{r['cpu'] / max(r['offered'] * r['window'], 1) * 1e6:.0f} us per event); RSS MiB: "
+          f"{rss}")
+    print(f"  meanwhile: agents (this process) CPU {r['bench_cpu']:.1f} s, PostgreSQL CPU "
+          f"{r['postgres_cpu']:.1f} s, of {(os.cpu_count() or 1) * r['window']:.0f} CPU-seconds in the window")
     c = r["checked"]
     print(f"  job {c['job']} (counted {c['counted']} hosts), {c['rows_ended']} rows ended, "
           f"{c['rows_with_wrong_output']} rows with a wrong line count; up to "
@@ -604,7 +642,8 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         if options.statements:
             Database(dsn).one("CREATE EXTENSION pg_stat_statements; SELECT 1")
         pki = make_test_pki(os.path.join(directory, "pki"))
-        env = {"dsn": dsn, "pki": pki, "directory": directory, "tls": pki.server_options()}
+        env = {"dsn": dsn, "pki": pki, "directory": directory, "tls": pki.server_options(),
+               "cluster": cluster}
         listener = Listener(dsn, directory)
         peer = await deferToThread(run_pgbench, cluster, dsn, "fleet", options.peer_seconds,
                                    directory)
