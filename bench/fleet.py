@@ -561,6 +561,8 @@ def analyse(name: str, agents: list[Agent], notes: list[list[Any]], start: float
     applied = sum(1 for emitted, delay, _ in fresh if emitted + delay <= window_end)
     all_delays = [d for _, d, _ in fresh]
     terminal = [d for _, d, t in fresh if t]
+    tenths = [[d for e, d, _ in fresh if int(10 * (e - start) / max(window_end - start, 1e-9))
+               == n] for n in range(10)]
     first = [d for e, d, _ in fresh if e - start < 60]
     last = [d for e, d, _ in fresh if window_end - e <= 60]
     return {
@@ -574,6 +576,7 @@ def analyse(name: str, agents: list[Agent], notes: list[list[Any]], start: float
         "cpu": cpu, "cpu_share": cpu / max(window, 1e-9), "rss": rss, "commits": commits,
         "checked": checked, "warnings": warnings,
         "lines_per_host": max(a.output_lines for a in agents),
+        "tenths": [pct(t, 0.99) * 1000 for t in tenths],
     }
 
 
@@ -586,6 +589,7 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
           f"pgbench ceiling); {r['missing']} events never notified")
     print(f"  freshness p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms; terminal events p50 "
           f"{r['terminal_p50']:.1f} ms, p99 {r['terminal_p99']:.1f} ms")
+    print("  p99 ms by tenth of the window: " + " ".join(f"{t:.0f}" for t in r["tenths"]))
     if r["window"] > 120:
         print(f"  first minute p50 {r['first_p50']:.1f} / p99 {r['first_p99']:.1f} ms; last "
               f"minute p50 {r['last_p50']:.1f} / p99 {r['last_p99']:.1f} ms "

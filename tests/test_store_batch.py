@@ -231,6 +231,23 @@ class OutputRefreshTests(StoreTestBase):
                          "\n".join(f"line {n}" for n in range(1, 5)))
         self.assertEqual(self.seed.all("SELECT text FROM relay_output_pending"), [])
 
+    async def test_streaming_row_needs_no_extra_refresh_transaction(self) -> None:
+        """A row that keeps streaming small output is refreshed by its own next transaction; the
+        timer only steps in for lines that waited the whole interval."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h.example"), "a1")
+        clock = Clock()
+        statements = Statements()
+        store = await self.make(clock=clock, connection_factory=statements.factory)
+        for seq in range(1, 5):
+            await store.apply_events(
+                row, [event("a1", seq, "running", kind="output", message=f"l{seq}")], TRANSPORT_WS)
+            clock.advance(0.5)  # the timer runs: the waiting line is half an interval old
+        self.assertEqual(self.seed.row(row.row_id)["output"], "l1\nl2\nl3")
+        writes = statements.writes()
+        self.assertEqual(len(writes), 4)
+        self.assertTrue(all("pg_notify" in t[-1][0] for t in writes))
+
     async def test_large_output_refreshed_outside_the_notifying_transactions(self) -> None:
         """Past 8 KiB a row's output is refreshed by a transaction of its own, which notifies
         nobody (so takes no NOTIFY lock); the notifying ones only add its new lines."""
@@ -246,7 +263,7 @@ class OutputRefreshTests(StoreTestBase):
         self.assertEqual(len(self.seed.row(row.row_id)["output"]), 20000)
         [(_, notifying)] = statements.writes()[-1][1:]
         self.assertEqual(array([0]), notifying[12])  # the write's mode column: keep the output
-        clock.advance(0.25)
+        clock.advance(1.0)  # the line waited output_interval: the timer refreshes the row
         await until(lambda: len(self.seed.row(row.row_id)["output"]) == 20004, "refreshed")
         refresh = [sql for sql, _ in statements.writes()[-1]]
         self.assertFalse([sql for sql in refresh if "pg_notify" in sql])

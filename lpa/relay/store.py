@@ -107,8 +107,8 @@ class PostgresRelayStore:
         )
         #: row -> when its output last got every pending line (clock seconds)
         self._refreshed: dict[str, float] = {}
-        #: rows with lines in relay_output_pending, as far as this relay knows
-        self._pending: set[str] = set()
+        #: rows with lines in relay_output_pending, as far as this relay knows -> since when
+        self._pending: dict[str, float] = {}
         self._refresher = LoopingCall(self._refresh_due)
         self._refresher.clock = clock
         self._stopping = False
@@ -154,7 +154,7 @@ class PostgresRelayStore:
             self._refresher.stop()
         self._stopping = True
         if self._pool.database_up():
-            for row_id in sorted(self._pending - self._pool.rows_with_work()):
+            for row_id in sorted(set(self._pending) - self._pool.rows_with_work()):
                 self._fold(row_id)
         return self._pool.stop()
 
@@ -205,20 +205,26 @@ class PostgresRelayStore:
         now = self._clock.seconds()
         for row_id in outcome.folded:
             self._refreshed[row_id] = now
-            self._pending.discard(row_id)
-        self._pending.update(outcome.pending)
+            self._pending.pop(row_id, None)
+        for row_id in outcome.pending:
+            self._pending.setdefault(row_id, now)
         for row_id in outcome.finished:
             self._refreshed.pop(row_id, None)
-            self._pending.discard(row_id)
+            self._pending.pop(row_id, None)
         if self._stopping:  # a transaction that began before stop() left lines waiting
             for row_id in sorted(outcome.pending - outcome.finished):
                 self._fold(row_id, while_draining=True)
 
     def _refresh_due(self) -> None:
-        """Timer: refresh rows with lines waiting that are due and that no call will refresh."""
+        """Timer: refresh rows whose oldest waiting line waited ``output_interval``.
+
+        A row that keeps streaming small output is refreshed by its own next transaction (see
+        ``_due``); this catches rows gone quiet and outputs too large for that.
+        """
         now = self._clock.seconds()
         busy = self._pool.rows_with_work()
-        for row_id in [r for r in self._pending if r not in busy and self._due(r)]:
+        for row_id in [r for r, since in self._pending.items()
+                       if r not in busy and now - since >= self._output_interval]:
             self._fold(row_id)
         stale = [r for r, at in self._refreshed.items()
                  if now - at > _FORGET_AFTER and r not in self._pending]
@@ -227,7 +233,7 @@ class PostgresRelayStore:
 
     def _refresh_rows(self, row_ids: list[str]) -> None:
         for row_id in row_ids:
-            self._pending.add(row_id)
+            self._pending.setdefault(row_id, self._clock.seconds())
             self._fold(row_id)
 
     def _fold(self, row_id: str, *, while_draining: bool = False) -> None:
