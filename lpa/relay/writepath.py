@@ -82,11 +82,14 @@ INLINE_REFRESH_BYTES = 8192
 def _element(value: Any) -> str:
     if value is None:
         return "NULL"
-    if isinstance(value, bool):
+    if value is True or value is False:
         return "t" if value else "f"
-    if isinstance(value, int):
+    if type(value) is int:
         return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    text = str(value)
+    if "\\" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + text + '"'
 
 
 def array(values: Sequence[Any]) -> str:
@@ -96,7 +99,7 @@ def array(values: Sequence[Any]) -> str:
     size is a new statement for the server to parse and plan (tens of milliseconds for a few
     hundred rows).  One literal per array keeps each statement's text constant.
     """
-    return "{" + ",".join(_element(value) for value in values) + "}"
+    return "{" + ",".join([_element(value) for value in values]) + "}"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
