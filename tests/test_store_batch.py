@@ -268,6 +268,12 @@ class OutputRefreshTests(StoreTestBase):
         refresh = [sql for sql, _ in statements.writes()[-1]]
         self.assertFalse([sql for sql in refresh if "pg_notify" in sql])
         self.assertEqual(self.seed.row(row.row_id)["output"], "x" * 20000 + "\nnew")
+        lz4 = self.seed.one("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                            "WHERE name = 'default_toast_compression'")
+        if lz4 and lz4[0]:  # the relay's sessions write lz4 where the server has it
+            self.assertEqual(self.seed.one(
+                "SELECT pg_column_compression(output) FROM patch_job_hosts WHERE id = %s",
+                (row.row_id,))[0], "lz4")
 
     async def test_lines_left_waiting_are_moved_at_start(self) -> None:
         """Lines a relay left in relay_output_pending (killed before moving them) reach the row's

@@ -166,18 +166,23 @@ class PoolTests(SynchronousTestCase):
                          ("done r1:2", "done r1:3"))
         self.successResultOf(pool.stop())
 
-    def test_lanes_never_share_a_transaction(self) -> None:
-        """Works of another lane wait for a transaction of their own; a row stays in order."""
-        pool = self.make(pool_size=1)
+    def test_each_lane_has_its_own_connections(self) -> None:
+        """A refresh runs on the refresh lane's connection beside the writes; a row's later
+        write still waits for it, other rows do not."""
+        pool = self.make(pool_size=1, lanes={"refresh": 1})
         self.write(pool, "r0", "r0")
         pool.submit(Work(row_id="r1", result=Deferred(), events=0, description="refresh r1",
                          item="refresh r1", lane="refresh"))
         self.write(pool, "r1", "r1:1")  # behind its row's refresh
         self.write(pool, "r2", "r2:1")
-        self.commit()
-        self.assertEqual(self.open_transactions()[0][0], ["refresh r1"])
-        self.commit()
-        self.assertEqual(self.open_transactions()[0][0], ["r1:1", "r2:1"])
+        self.assertEqual([items for items, _ in self.open_transactions()],
+                         [["r0"], ["refresh r1"]])
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()],
+                         [["refresh r1"], ["r2:1"]])
+        self.commit(0)
+        self.commit(0)
+        self.assertEqual(self.open_transactions()[0][0], ["r1:1"])
         self.commit()
         self.successResultOf(pool.stop())
 

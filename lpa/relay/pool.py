@@ -24,7 +24,8 @@ Faults:
 * a deadlock or serialisation failure is retried the same way;
 * any other failure of a batch of several works re-runs them one transaction each, so only the
   work that really fails errbacks;
-* works of different ``lane`` s never share a transaction;
+* each ``lane`` has its own connections: the store's output refreshes (rewriting a large
+  TOASTed value) never hold up the notifying transactions;
 * the outage is logged once: one ``warn`` when the last connection is found dead ("went away"),
   one ``info`` when the first is back, each naming ``user@host:port/database``.
 """
@@ -98,6 +99,7 @@ class _Slot:
     """One connection; whether it is usable comes from its detector (the one source of truth)."""
 
     connection: Any
+    lane: str = "events"  # the works it runs
     connected: bool = False  # it connected at least once (after that the detector knows)
     busy: bool = False
     closed: bool = False
@@ -119,6 +121,9 @@ class BatchingPool:
     :param on_commit: called with that object after the transaction committed.
     :param connection_factory: makes an unconnected txpostgres-like Connection with a
         ``detector`` (see :mod:`lpa.relay.pgadapter`).
+    :param pool_size: connections of the ``events`` lane (writes and reads).
+    :param lanes: more lanes and their connections, e.g. ``{"refresh": 1}``: a lane's works run
+        only on its own connections, so a slow lane never holds up another.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class BatchingPool:
         connection_factory: Callable[[], Any],
         on_commit: Callable[[Any], None] = lambda outcome: None,
         pool_size: int = DEFAULT_POOL_SIZE,
+        lanes: dict[str, int] | None = None,
         max_pending_events: int = 10000,
         max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
@@ -140,7 +146,7 @@ class BatchingPool:
         self._run_batch = run_batch
         self._on_commit = on_commit
         self._factory = connection_factory
-        self._pool_size = pool_size
+        self._lanes = {"events": pool_size, **(lanes or {})}
         self._max_pending_events = max_pending_events
         self._max_batch_events = max_batch_events
         self._stop_timeout = stop_timeout
@@ -165,9 +171,9 @@ class BatchingPool:
         """
         attempts = []
         failures: list[Failure] = []
-        for _ in range(self._pool_size):
-            slot = _Slot(connection=self._factory())
-            self._slots.append(slot)
+        for lane, count in self._lanes.items():
+            self._slots.extend(_Slot(connection=self._factory(), lane=lane) for _ in range(count))
+        for slot in self._slots:
             detector = slot.connection.detector
             detector.addRecoveryHandler(lambda slot=slot: self._recovered(slot))
             if hasattr(detector, "on_dead"):
@@ -320,12 +326,16 @@ class BatchingPool:
     def pending_events(self) -> int:
         return self._pending_events
 
-    def _next_batch(self) -> list[Work]:
-        """The works the next transaction runs: a lone one, or every eligible row's writes."""
+    def _next_batch(self, lane: str) -> list[Work]:
+        """The works ``lane``'s next transaction runs: a lone one, or every eligible row's."""
         taken: list[Work] = []
         blocked = set(self._busy_rows)  # a row waits while an earlier call of it is not taken
         events = 0
         for work in self._queue:
+            if work.lane != lane:
+                if work.row_id is not None:
+                    blocked.add(work.row_id)
+                continue
             if work.row_id is None or work.alone:
                 if not taken and work.row_id not in blocked:
                     taken = [work]
@@ -335,8 +345,7 @@ class BatchingPool:
                 continue
             if work.row_id in blocked:
                 continue
-            if taken and (work.lane != taken[0].lane
-                          or events + work.events > self._max_batch_events):
+            if taken and events + work.events > self._max_batch_events:
                 blocked.add(work.row_id)
                 continue
             taken.append(work)
@@ -350,10 +359,9 @@ class BatchingPool:
         for slot in self._slots:
             if not slot.ready:
                 continue
-            works = self._next_batch()
-            if not works:
-                break
-            self._run(slot, works)
+            works = self._next_batch(slot.lane)
+            if works:
+                self._run(slot, works)
         self._check_drained()
 
     def _run(self, slot: _Slot, works: list[Work]) -> None:

@@ -62,6 +62,8 @@ _log = Logger()
 DEFAULT_OUTPUT_INTERVAL = 1.0
 #: forget a row's last refresh time after this long without writes (memory stays flat)
 _FORGET_AFTER = 60.0
+#: the pool lane (and its one connection) of refresh-only transactions
+_REFRESH = "refresh"
 
 
 @implementer(IRelayStore)
@@ -74,7 +76,8 @@ class PostgresRelayStore:
     :param max_pending_events: events allowed to wait (queued or in flight) in total.
     :param connection_factory: makes an unconnected txpostgres-like Connection with a
         ``detector``; default :func:`lpa.relay.pgadapter.connection_factory`.
-    :param pool_size: connections; each transaction takes every row waiting.
+    :param pool_size: connections of the notifying transactions, each taking every row
+        waiting; one more connection runs the refresh-only transactions.
     :param stop_timeout: how long :meth:`stop` waits for queued calls while the database is up.
     :param output_interval: seconds between refreshes of a running row's ``output``.
     """
@@ -101,6 +104,7 @@ class PostgresRelayStore:
             on_commit=self._committed,
             connection_factory=connection_factory or default_connection_factory(reactor, clock),
             pool_size=pool_size,
+            lanes={_REFRESH: 1},
             max_pending_events=max_pending_events,
             max_batch_events=max_batch_events,
             stop_timeout=stop_timeout,
@@ -239,7 +243,7 @@ class PostgresRelayStore:
     def _fold(self, row_id: str, *, while_draining: bool = False) -> None:
         work = Work(row_id=row_id, result=Deferred(), events=0,
                     description=f"output refresh of row {row_id}",
-                    item=RowCall(kind=CALL_FOLD, row_id=row_id), lane="refresh")
+                    item=RowCall(kind=CALL_FOLD, row_id=row_id), lane=_REFRESH)
         submitted = self._pool.submit(work, while_draining=while_draining)
         submitted.addErrback(self._fold_failed, row_id)
 
