@@ -217,6 +217,10 @@ class Agent:
         return self.lines - self.lines // 10
 
 
+#: when the relay polled a simulated agent (its backstop sweep while streaming)
+POLLS: list[float] = []
+
+
 class _JobsResource(Resource):
     """``GET /api/v1/jobs/{id}/events?after=N`` in the agent's envelope (the backstop sweep)."""
 
@@ -227,6 +231,7 @@ class _JobsResource(Resource):
         self.jobs = jobs
 
     def render(self, request: Any) -> bytes:
+        POLLS.append(time.monotonic())
         request.setHeader(b"Content-Type", b"application/json")
         parts = [p for p in request.path.decode().split("/") if p]
         job_id = parts[3] if len(parts) > 3 else ""
@@ -522,6 +527,9 @@ async def run_scenario(reactor: Any, name: str, options: argparse.Namespace, env
     result = analyse(name, agents, notes, start, window_end, cpu, rss_samples, commits, checked,
                      warnings, rate, job_id)
     result["statements"] = statements
+    polls = sorted(at - start for at in POLLS if start <= at <= window_end)
+    result["polls"] = polls
+    del POLLS[:]
     result["bench_cpu"], result["postgres_cpu"] = others
     return result
 
@@ -590,6 +598,10 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
     print(f"  freshness p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms; terminal events p50 "
           f"{r['terminal_p50']:.1f} ms, p99 {r['terminal_p99']:.1f} ms")
     print("  p99 ms by tenth of the window: " + " ".join(f"{t:.0f}" for t in r["tenths"]))
+    if r["polls"]:
+        seconds = sorted({int(at) for at in r["polls"]})
+        print(f"  the relay's backstop sweep polled agents {len(r['polls'])} times, in second(s) "
+              + ", ".join(str(s) for s in seconds[:12]) + (" …" if len(seconds) > 12 else ""))
     if r["window"] > 120:
         print(f"  first minute p50 {r['first_p50']:.1f} / p99 {r['first_p99']:.1f} ms; last "
               f"minute p50 {r['last_p50']:.1f} / p99 {r['last_p99']:.1f} ms "
