@@ -1,4 +1,4 @@
-"""Fleet benchmark: N simulated agents, one real lpa-relay, PostgreSQL with fsync on, pgbench beside.
+"""Fleet benchmark: simulated agents, a real lpa-relay, PostgreSQL with fsync on, pgbench beside.
 
 Run by hand (not part of the trial suite)::
 
@@ -344,7 +344,8 @@ class Database:
             return cursor.fetchone()
 
     def job(self, agents: list[Agent]) -> str:
-        job_id = self.one("INSERT INTO patch_jobs (status) VALUES ('running') RETURNING id::text")[0]
+        job_id = self.one(
+            "INSERT INTO patch_jobs (status) VALUES ('running') RETURNING id::text")[0]
         with self.connection.cursor() as cursor:
             for n, agent in enumerate(agents):
                 cursor.execute(
@@ -614,7 +615,8 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
           f"{r['cpu'] / max(r['offered'] * r['window'], 1) * 1e6:.0f} us per event); RSS MiB: "
           f"{rss}")
     print(f"  meanwhile: agents (this process) CPU {r['bench_cpu']:.1f} s, PostgreSQL CPU "
-          f"{r['postgres_cpu']:.1f} s, of {(os.cpu_count() or 1) * r['window']:.0f} CPU-seconds in the window")
+          f"{r['postgres_cpu']:.1f} s, of {(os.cpu_count() or 1) * r['window']:.0f} "
+          "CPU-seconds in the window")
     c = r["checked"]
     print(f"  job {c['job']} (counted {c['counted']} hosts), {c['rows_ended']} rows ended, "
           f"{c['rows_with_wrong_output']} rows with a wrong line count; up to "

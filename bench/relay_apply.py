@@ -4,9 +4,9 @@ Run by hand (not part of the trial suite)::
 
     .venv/bin/python bench/relay_apply.py [--quick] [--rows 8] [--events 3200]
 
-Everything happens on a throwaway PostgreSQL cluster (``lpa.tools.pgcluster``: unix socket only, fsync
-off, run as the ``postgres`` user when root) that is destroyed at exit.  The relay schema comes
-from ``lpa.relay.schema.migrate``.  A separate psycopg2 session LISTENs on ``job_update`` during
+Everything happens on a throwaway PostgreSQL cluster (``lpa.tools.pgcluster``: unix socket
+only, fsync off, run as the ``postgres`` user when root) that is destroyed at exit.  The relay
+schema comes from ``lpa.relay.schema.migrate``.  A separate psycopg2 session LISTENs on ``job_update`` during
 every run and counts what arrives.
 
 The two contenders write the same events to the same kind of rows (one job, ``--rows`` running
@@ -18,7 +18,7 @@ The two contenders write the same events to the same kind of rows (one job, ``--
     for a connection are applied together, one transaction for every row waiting (row locks,
     one write statement, one ``pg_notify`` statement with a payload of at most 1 KB per changed
     row, the roll-up on running counts under the parent lock).
-``original``  (the named peer: "original pm-worker pattern": the statement sequence of the manager's relay)
+``original``  (the named peer, "original pm-worker pattern": the manager's relay's statements)
     per event, separate autocommit statements with psycopg2: the guarded ``UPDATE``, then
     ``SELECT pg_notify('job_update', payload)`` with the event's ``output``/``error``
     untruncated; a terminal event then runs the check-then-act parent roll-up and its notify.

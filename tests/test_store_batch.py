@@ -12,7 +12,8 @@ from txpostgres import txpostgres
 from lpa.relay import pgadapter
 from lpa.relay.interfaces import TRANSPORT_WS
 from lpa.relay.notify import PAYLOAD_BUDGET
-from lpa.relay.writepath import _NO_OPEN_ROWS_SQL, array
+from lpa.relay.rollup import _NO_OPEN_ROWS_SQL
+from lpa.relay.sqlbits import array
 from tests.pgutil import event
 from tests.test_store import StoreTestBase
 

@@ -6,7 +6,8 @@
                                        outages, stop
                                           │ one transaction for every row waiting
                                           ▼
-                                     writepath.apply_batch (lpa.relay.writepath): the SQL
+                                     writepath.apply_batch (lpa.relay.writepath): the SQL,
+                                          │ the parents' roll-up in lpa.relay.rollup,
                                           │ on connections from
                                           ▼
                                      lpa.relay.pgadapter: txpostgres without tracebacks

@@ -1,20 +1,22 @@
 """The relay's transaction: any number of host rows' events in a handful of statements.
 
-One :func:`apply_batch` call is one transaction (``BEGIN ISOLATION LEVEL READ COMMITTED`` …
-``COMMIT``, see :mod:`lpa.relay.pgadapter`)::
+One :func:`apply_batch` call is one transaction, sent in two round trips when no row ends
+(``BEGIN`` rides with the first, ``COMMIT`` with the last; see
+:class:`lpa.relay.pgadapter.Transaction`)::
 
-    SELECT … FROM patch_job_hosts WHERE id = ANY(rows) ORDER BY id FOR UPDATE     lock, read
+    BEGIN; SELECT … FROM patch_job_hosts WHERE id = ANY(rows) ORDER BY id FOR UPDATE
     rows.reduce_events() per call, in order                                    pure, in Python
     WITH u AS (unnest(…)),                                                     one statement:
-         INSERT INTO relay_output_pending …        new output lines of rows not due a refresh
-         DELETE FROM relay_output_pending … RETURNING   lines of rows that are due
+         INSERT INTO relay_output_pending …        the new output lines of rows kept waiting
+         DELETE FROM relay_output_pending … RETURNING   the lines of rows refreshed now
     UPDATE patch_job_hosts … FROM u  WHERE status NOT IN (terminal)    guarded; output appended
-    [rows that ended]                                                      only when due (below)
-      SELECT … FROM patch_jobs WHERE id = ANY(jobs) ORDER BY id FOR UPDATE    parent locks
-      counts: relay_*_count += the rows that ended (lazily counted once per job, see _roll_up)
-      UPDATE patch_jobs … FROM unnest(…)                                    counts; end the job
-    SELECT pg_notify('job_update', p) FROM unnest(payloads)     last: one per changed row,
-                                                                one per job that ended
+    [rows that ended: lpa.relay.rollup, two more round trips]             only when refreshed
+      parents locked (with the write), counted or probed, updated (with the notify)
+    SELECT pg_notify('job_update', p) FROM unnest(payloads); COMMIT   last: one per changed
+                                                                      row, one per job ended
+
+Every array travels as one literal (:func:`lpa.relay.sqlbits.array`), so each statement's text
+is the same whatever the batch size.
 
 Guarantees: a row's events apply in order (the pool runs one transaction per row at a time) and
 only above its ``relay_last_seq``; a terminal row never changes; notifications commit with their
@@ -34,14 +36,8 @@ because rewriting a TOASTed value costs milliseconds the notifications should no
 statement reads ``output`` back (``right(output, 1)`` once per agent job excepted), and no event
 rewrites it.
 
-Roll-up cost: the parent keeps ``relay_host_count`` and
-``relay_{succeeded,failed,cancelled}_count``.
-The first row of a job to end counts the job's rows once (rows that other writers ended before
-are counted then); later endings add to the counts.  When the counts do not yet say "all ended",
-one index probe (``relay_open_host_rows``, a partial index of rows not terminal) asks whether any
-row is still open — rows the manager or ``lpa dispatch`` ended meanwhile are not in the counts —
-and only then are the rows counted again.  So a job's last host ends as cheaply on a 1,000-host
-job as on a 3-host one.
+Roll-up cost: the parent keeps running counts (``relay_*_count``), so a host's ending costs the
+same on a 1,000-host job as on a 3-host one; see :mod:`lpa.relay.rollup`.
 """
 
 from __future__ import annotations
@@ -53,20 +49,19 @@ from twisted.logger import Logger
 
 from lpa.relay import notify
 from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob
+from lpa.relay.rollup import roll_up
 from lpa.relay.rows import (
-    DB_TERMINAL,
     ROW_MISSING,
-    JobCounts,
     Reduction,
     RowState,
     fail_state,
     reduce_events,
-    rollup_counts,
 )
+from lpa.relay.sqlbits import TERMINAL_SQL as _TERMINAL_SQL
+from lpa.relay.sqlbits import array
 
 _log = Logger()
 
-_TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 
 CALL_EVENTS = "events"
 CALL_FAIL = "fail"
@@ -77,29 +72,6 @@ _KEEP, _FOLD, _REPLACE = 0, 1, 2
 #: a notifying transaction also refreshes a due row's output while it is this small (rewriting a
 #: larger TOASTed value takes milliseconds, which the notifications would wait for)
 INLINE_REFRESH_BYTES = 8192
-
-
-def _element(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if value is True or value is False:
-        return "t" if value else "f"
-    if type(value) is int:
-        return str(value)
-    text = str(value)
-    if "\\" in text or '"' in text:
-        text = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + text + '"'
-
-
-def array(values: Sequence[Any]) -> str:
-    """``values`` as ONE PostgreSQL array literal (``{"a",NULL,…}``), cast in the SQL.
-
-    psycopg2 would send a list as ``ARRAY[$1, $2, …]``: one constant per element, so every batch
-    size is a new statement for the server to parse and plan (tens of milliseconds for a few
-    hundred rows).  One literal per array keeps each statement's text constant.
-    """
-    return "{" + ",".join([_element(value) for value in values]) + "}"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
@@ -273,7 +245,7 @@ async def apply_batch(
             endings.setdefault(row.job_id, []).append(row.state.status)
     statements = [_write_rows(writes)] if writes else []
     if endings:
-        ended, update = await _roll_up(tx, endings, statements)
+        ended, update = await roll_up(tx, endings, statements)
         statements = [update]
         for job_id, status, counts in ended:
             payloads.append(
@@ -424,96 +396,3 @@ def _host_payload(row: _Row) -> str:
         transport=row.transport,
         progress=state.progress,
     )
-
-
-# -- the parent roll-up -----------------------------------------------------------------------
-
-_LOCK_PARENTS_SQL = f"""
-SELECT id::text, status IN {_TERMINAL_SQL}, relay_host_count, relay_succeeded_count,
-       relay_failed_count, relay_cancelled_count
-  FROM patch_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
-"""
-
-# the predicate is the one of the partial index relay_open_host_rows (lpa/sql/002…), word for word
-_NO_OPEN_ROWS_SQL = f"""
-SELECT j::text FROM unnest(%s::uuid[]) AS j
- WHERE NOT EXISTS (SELECT 1 FROM patch_job_hosts h
-                    WHERE h.job_id = j AND h.status NOT IN {_TERMINAL_SQL})
-"""
-
-_UPDATE_PARENTS_SQL = f"""
-UPDATE patch_jobs p
-   SET relay_host_count = u.hosts, relay_succeeded_count = u.succeeded,
-       relay_failed_count = u.failed, relay_cancelled_count = u.cancelled,
-       status = COALESCE(u.final::job_status, p.status),
-       completed_at = CASE WHEN u.final IS NULL THEN p.completed_at ELSE now() END
-  FROM unnest(%s::uuid[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[])
-       AS u(id, hosts, succeeded, failed, cancelled, final)
- WHERE p.id = u.id AND p.status NOT IN {_TERMINAL_SQL}
-"""
-
-
-# one round trip: full counts of the jobs not counted yet, and which of the others have no open row
-_CHECK_SQL = (
-    "SELECT 'count', job_id::text, count(*), count(*) FILTER (WHERE status = 'succeeded'), "
-    "count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'cancelled') "
-    "FROM patch_job_hosts WHERE job_id = ANY(%s::uuid[]) GROUP BY job_id "
-    "UNION ALL SELECT 'done', j, 0, 0, 0, 0 FROM ("
-    + _NO_OPEN_ROWS_SQL.strip() + ") AS done(j)"
-)
-
-
-def _counted(found: Sequence[tuple]) -> tuple[dict[str, JobCounts], list[str]]:
-    counts = {
-        job_id: JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
-        for kind, job_id, hosts, succeeded, failed, cancelled in found if kind == "count"
-    }
-    return counts, [job_id for kind, job_id, *_ in found if kind == "done"]
-
-
-async def _roll_up(
-    tx: Any, endings: dict[str, list[str]], before: list[tuple[str, tuple]]
-) -> tuple[list[tuple[str, str, JobCounts]], tuple[str, tuple]]:
-    """Under the parents' locks: count this batch's endings, end the jobs whose hosts all ended.
-
-    ``endings``: job id → statuses of its rows that ended in this transaction; ``before``: the
-    rows' write, sent with the parents' lock.  Returns (job id, final status, counts) of the
-    jobs that end, and the parents' update (for the caller to send with the notifications).
-    """
-    await tx.execute(*before, (_LOCK_PARENTS_SQL, (array(sorted(endings)),)))
-    counts: dict[str, JobCounts] = {}
-    uncounted: list[str] = []
-    for job_id, terminal, hosts, succeeded, failed, cancelled in tx.fetchall():
-        if terminal:
-            continue  # ended already (by the manager, or a cancel): nothing to roll up
-        if hosts is None or succeeded is None or failed is None or cancelled is None:
-            uncounted.append(job_id)
-            continue
-        stored = JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
-        for status in endings[job_id]:
-            stored = stored.plus(status)
-        counts[job_id] = stored
-    # the first ending of a job counts its rows once (this transaction's included).  Later counts
-    # only miss endings by other writers: "all ended" by the counts is the truth, otherwise the
-    # partial index says whether a row is really still open, and only then are rows counted again
-    unsure = [job_id for job_id, c in counts.items() if c.ended != c.hosts]
-    if uncounted or unsure:
-        await tx.execute((_CHECK_SQL, (array(uncounted), array(unsure))))
-        fresh, recount = _counted(tx.fetchall())
-        counts.update(fresh)
-        if recount:
-            await tx.execute((_CHECK_SQL, (array(recount), array([]))))
-            counts.update(_counted(tx.fetchall())[0])
-    ended = [(job_id, rollup_counts(c), c) for job_id, c in sorted(counts.items())]
-    update = (
-        _UPDATE_PARENTS_SQL,
-        (
-            array([job_id for job_id, _, _ in ended]),
-            array([c.hosts for _, _, c in ended]),
-            array([c.succeeded for _, _, c in ended]),
-            array([c.failed for _, _, c in ended]),
-            array([c.cancelled for _, _, c in ended]),
-            array([final for _, final, _ in ended]),
-        ),
-    )
-    return [(job_id, final, c) for job_id, final, c in ended if final is not None], update
