@@ -257,7 +257,7 @@ class Relay:
         with open(config, "w", encoding="utf-8") as handle:
             handle.write(
                 f'[database]\nurl = "{dsn}"\n'
-                "[worker]\nws_relay_scan_interval_secs = 1\nws_relay_poll_interval_secs = 10\n"
+                "[worker]\nws_relay_poll_interval_secs = 10\n"
                 "ws_relay_max_pending_events = 100000\n"
                 f'[security]\nagent_client_cert_path = "{pki.good.cert}"\n'
                 f'agent_client_key_path = "{pki.good.key}"\nca_cert_path = "{pki.ca_cert}"\n')
