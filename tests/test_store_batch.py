@@ -97,6 +97,25 @@ class GroupCommitTests(StoreTestBase):
                              (f"line of {n}", 2))
             self.assertEqual(self.seed.row(row.row_id)["output"], f"line of {n}")
 
+    async def test_transactions_reported_to_observers(self) -> None:
+        """observe_transactions hears each committed write: its calls and payload sizes; the
+        pool's figures are there for the metrics too."""
+        rows = self.rows(3)
+        store = await self.make(pool_size=1)
+        seen: list[tuple[int, list]] = []
+        store.observe_transactions(lambda calls, payloads: seen.append((calls, payloads)))
+        first = store.apply_events(rows[0], [event("a0", 1, "running")], TRANSPORT_WS)
+        others = [store.apply_events(row, [event(row.agent_job_id, 1, "completed")],
+                                     TRANSPORT_WS) for row in rows[1:]]
+        await defer.gatherResults([first, *others])
+        self.assertEqual(sum(calls for calls, _ in seen), 3)
+        payloads = [payload for _, sent in seen for payload in sent]
+        self.assertEqual([kind for kind, _ in payloads], ["host", "host", "host"])
+        self.assertTrue(all(0 < size <= PAYLOAD_BUDGET for _, size in payloads))
+        self.assertTrue(store.database_up())
+        self.assertEqual(store.pool_stats(), {"size": 2, "up": 2, "in_use": 0, "waiting": 0,
+                                              "pending_events": 0})
+
     async def test_each_payload_has_only_the_new_lines(self) -> None:
         """A row's notification carries the lines new since its previous one, never the tail of
         the whole output; payloads stay within 1 KB."""

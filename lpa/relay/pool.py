@@ -238,6 +238,16 @@ class BatchingPool:
     def database_up(self) -> bool:
         return any(slot.up for slot in self._slots)
 
+    def stats(self) -> dict[str, int]:
+        """Connections configured, up, running a transaction; calls and events waiting."""
+        return {
+            "size": len(self._slots),
+            "up": sum(1 for slot in self._slots if slot.up),
+            "in_use": sum(1 for slot in self._slots if slot.busy),
+            "waiting": len(self._queue),
+            "pending_events": self._pending_events,
+        }
+
     def stop(self) -> Deferred:
         """Apply what is queued (if the database is up, within ``stop_timeout``), then close."""
         self._stopping = True

@@ -117,6 +117,7 @@ class PostgresRelayStore:
         self._refresher = LoopingCall(self._refresh_due)
         self._refresher.clock = clock
         self._stopping = False
+        self._observers: list[Callable[..., None]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -163,6 +164,21 @@ class PostgresRelayStore:
                 self._fold(row_id)
         return self._pool.stop()
 
+    # -- what the relay's metrics read ------------------------------------------------------
+
+    def database_up(self) -> bool:
+        """A connection to the database is up."""
+        return self._pool.database_up()
+
+    def pool_stats(self) -> dict[str, int]:
+        """``{size, up, in_use, waiting, pending_events}`` of the connection pool."""
+        return self._pool.stats()
+
+    def observe_transactions(self, callback: Callable[..., None]) -> None:
+        """Call ``callback(rows, payloads)`` after each write transaction commits: the calls it
+        carried, and ``(event_type, bytes)`` of each notification it sent."""
+        self._observers.append(callback)
+
     # -- IRelayStore ------------------------------------------------------------------------
 
     def running_host_jobs(self) -> Deferred:
@@ -207,6 +223,8 @@ class PostgresRelayStore:
         return last is None or self._clock.seconds() - last >= self._output_interval
 
     def _committed(self, outcome: BatchOutcome) -> None:
+        for observe in self._observers:
+            observe(len(outcome.results), outcome.payloads)
         now = self._clock.seconds()
         for row_id in outcome.folded:
             self._refreshed[row_id] = now

@@ -94,6 +94,8 @@ class BatchOutcome:
     folded: set[str]  # rows whose output got every pending line
     pending: set[str]  # rows that now have lines waiting in relay_output_pending
     finished: set[str]  # rows the relay will not write again (terminal, gone, not ours)
+    #: (event_type, UTF-8 bytes) of each notification it sent
+    payloads: list[tuple[str, int]] = attr.ib(factory=list)
 
 
 # -- reads ------------------------------------------------------------------------------------
@@ -269,7 +271,13 @@ async def apply_batch(
         folded={row.row_id for row in writes if row.mode != _KEEP},
         pending={row.row_id for row in writes if row.mode == _KEEP and row.added},
         finished=finished,
+        payloads=[(json_event_type(p), len(p.encode("utf-8"))) for p in payloads],
     )
+
+
+def json_event_type(payload: str) -> str:
+    """``host`` or ``job``: the payload's first member (build_payload writes it first)."""
+    return notify.EVENT_JOB if payload.startswith('{"event_type":"job"') else notify.EVENT_HOST
 
 
 def _row(found: tuple) -> _Row:
