@@ -72,7 +72,7 @@ class FakeConnection:
             return defer.fail(self._connect_error)
         return defer.succeed(None)
 
-    def runInteraction(self, interaction) -> Deferred:  # noqa: N802
+    def runTransaction(self, interaction) -> Deferred:  # noqa: N802
         if self.detector.connectionIsDead:
             return defer.fail(ConnectionDead())
         ran = defer.maybeDeferred(interaction, None)

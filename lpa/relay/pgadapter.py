@@ -277,7 +277,12 @@ class Transaction:
 class Connection(txpostgres.Connection):
     """A txpostgres Connection that never sends a connection loss to the log as a traceback.
 
-    Its ``runInteraction`` gives the body a :class:`Transaction`, not a cursor.
+    ``runInteraction`` keeps txpostgres' contract (the body gets a cursor; ``BEGIN`` and
+    ``COMMIT`` are round trips of their own); :meth:`runTransaction` gives the body a
+    :class:`Transaction` instead, which sends them with the body's first and last statements.
+    Both run READ COMMITTED whatever the server's default (the roll-up relies on each statement
+    seeing what committed before it, see :mod:`lpa.relay.rollup`), and a rollback that fails on
+    a dead connection reports the death instead of logging a traceback.
     """
 
     _closing = False
@@ -285,11 +290,20 @@ class Connection(txpostgres.Connection):
     def _runInteraction(  # noqa: N802 (txpostgres hook)
         self, interaction: Any, *args: Any, **kwargs: Any
     ) -> Deferred:
-        # READ COMMITTED whatever the server's default: the roll-up relies on each statement
-        # seeing what committed before it (see lpa.relay.writepath)
+        cursor = self.cursor()
+        ran = cursor.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        ran.addCallback(lambda _: interaction(cursor, *args, **kwargs))
+        ran.addCallback(lambda result: cursor.execute("COMMIT").addCallback(lambda _: result))
+        return ran.addErrback(self._rollback, cursor)
+
+    def runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred:  # noqa: N802
+        """Run ``body(transaction)`` in one transaction (see :class:`Transaction`)."""
+        return self._doit(self._runTransaction, body)
+
+    def _runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred:  # noqa: N802
         cursor = self.cursor()
         tx = Transaction(cursor)
-        ran = defer.maybeDeferred(interaction, tx, *args, **kwargs)
+        ran = defer.maybeDeferred(body, tx)
 
         def commit(result: Any) -> Any:
             if not tx.begun or tx.commit_sent:
@@ -299,12 +313,15 @@ class Connection(txpostgres.Connection):
         def rollback(failure: Failure) -> Any:
             if not tx.begun:
                 return failure
-            undone = defer.maybeDeferred(cursor.execute, "ROLLBACK")
-            # a connection that died mid-transaction cannot roll back: report the death itself
-            undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))
-            return undone.addCallback(lambda _: failure)
+            return self._rollback(failure, cursor)
 
         return ran.addCallback(commit).addErrback(rollback)
+
+    def _rollback(self, failure: Failure, cursor: Any) -> Deferred:
+        undone = defer.maybeDeferred(cursor.execute, "ROLLBACK")
+        # a connection that died mid-transaction cannot roll back: report the death itself
+        undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))
+        return undone.addCallback(lambda _: failure)
 
     def doRead(self) -> Any:  # noqa: N802 (IReadDescriptor)
         """Read NOTIFYs or a server error; a dead socket becomes this descriptor's loss reason.

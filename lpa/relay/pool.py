@@ -86,7 +86,7 @@ class Work:
     events: int  # what it counts against max_pending_events
     description: str
     item: Any = None  # what run_batch gets for a row's work
-    run: Callable[[Any], Deferred] | None = None  # cursor -> Deferred, for works without a row
+    run: Callable[[Any], Deferred] | None = None  # transaction -> Deferred (works without a row)
     retry_on_dead: bool = True
     alone: bool = False  # run in a transaction of its own (its batch failed)
     #: works of different lanes never share a transaction (the store keeps output refreshes,
@@ -116,8 +116,9 @@ class _Slot:
 class BatchingPool:
     """Connections, a queue, group commit.
 
-    :param run_batch: ``run_batch(cursor, items) -> Deferred`` firing with an object whose
-        ``results`` list answers ``items`` in order; runs inside the transaction.
+    :param run_batch: ``run_batch(transaction, items) -> Deferred`` firing with an object whose
+        ``results`` list answers ``items`` in order; runs inside the transaction (each
+        connection's ``runTransaction``, see :mod:`lpa.relay.pgadapter`).
     :param on_commit: called with that object after the transaction committed.
     :param connection_factory: makes an unconnected txpostgres-like Connection with a
         ``detector`` (see :mod:`lpa.relay.pgadapter`).
@@ -380,10 +381,10 @@ class BatchingPool:
         self._in_flight[id(works)] = works
         lone = works[0].run if len(works) == 1 else None
         if lone is not None:
-            ran = slot.connection.runInteraction(lone)
+            ran = slot.connection.runTransaction(lone)
         else:
-            ran = slot.connection.runInteraction(
-                lambda cursor: self._run_batch(cursor, [work.item for work in works])
+            ran = slot.connection.runTransaction(
+                lambda tx: self._run_batch(tx, [work.item for work in works])
             )
         ran.addCallbacks(
             lambda result: self._finished(slot, works, result, None),

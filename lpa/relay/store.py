@@ -51,6 +51,7 @@ from lpa.relay.writepath import CALL_EVENTS, CALL_FAIL, CALL_FOLD, BatchOutcome,
 
 __all__ = [
     "PostgresRelayStore",
+    "default_connection_factory",
     "RelayStoreBacklogFull",
     "RelayStoreError",
     "RelayStoreStopped",
