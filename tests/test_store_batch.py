@@ -295,6 +295,18 @@ class OutputRefreshTests(StoreTestBase):
                 "SELECT pg_column_compression(output) FROM patch_job_hosts WHERE id = %s",
                 (row.row_id,))[0], "lz4")
 
+    async def test_clean_stop_moves_every_waiting_line(self) -> None:
+        """stop() refreshes every row with lines waiting, even ones this store did not see
+        written (a commit whose answer was lost before the connection died)."""
+        job = self.seed.job()
+        row = self.seed.host_job(job, self.seed.host("h.example"), "a1")
+        store = await self.make(clock=Clock())
+        self.seed.execute("INSERT INTO relay_output_pending (row_id, text) VALUES (%s, 'lost')",
+                          (row.row_id,))
+        await store.stop()
+        self.assertEqual(self.seed.row(row.row_id)["output"], "lost")
+        self.assertEqual(self.seed.all("SELECT text FROM relay_output_pending"), [])
+
     async def test_lines_left_waiting_are_moved_at_start(self) -> None:
         """Lines a relay left in relay_output_pending (killed before moving them) reach the row's
         output when the next relay starts."""

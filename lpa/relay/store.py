@@ -131,20 +131,24 @@ class PostgresRelayStore:
         started = self._pool.start()
 
         def then(_: object) -> None:
-            self._pool.submit(
-                Work(
-                    row_id=None,
-                    result=Deferred(),
-                    events=0,
-                    description="rows with output waiting",
-                    run=lambda tx: Deferred.fromCoroutine(writepath.rows_with_pending_output(tx)),
-                )
-            ).addCallbacks(self._refresh_rows, self._sweep_failed)
+            self._look_for_waiting_lines()
             self._refresher.start(self._output_interval / 4, now=False).addErrback(
                 lambda failure: _log.failure("output refresh loop ended", failure)
             )
 
         return started.addCallback(then)
+
+    def _look_for_waiting_lines(self) -> None:
+        """Refresh every row with lines in relay_output_pending (at start and at stop)."""
+        self._pool.submit(
+            Work(
+                row_id=None,
+                result=Deferred(),
+                events=0,
+                description="rows with output waiting",
+                run=lambda tx: Deferred.fromCoroutine(writepath.rows_with_pending_output(tx)),
+            )
+        ).addCallbacks(self._refresh_rows, self._sweep_failed)
 
     def _sweep_failed(self, failure: Failure) -> None:
         if not failure.check(RelayStoreStopped):
@@ -160,9 +164,8 @@ class PostgresRelayStore:
         if self._refresher.running:
             self._refresher.stop()
         self._stopping = True
-        if self._pool.database_up():
-            for row_id in sorted(set(self._pending) - self._pool.rows_with_work()):
-                self._fold(row_id)
+        if self._pool.database_up():  # every row with lines waiting, whoever left them
+            self._look_for_waiting_lines()
         return self._pool.stop()
 
     # -- what the relay's metrics read ------------------------------------------------------
@@ -237,7 +240,7 @@ class PostgresRelayStore:
             self._pending.pop(row_id, None)
         if self._stopping:  # a transaction that began before stop() left lines waiting
             for row_id in sorted(outcome.pending - outcome.finished):
-                self._fold(row_id, while_draining=True)
+                self._fold(row_id)
 
     def _refresh_due(self) -> None:
         """Timer: refresh rows whose oldest waiting line waited ``output_interval``.
@@ -260,11 +263,14 @@ class PostgresRelayStore:
             self._pending.setdefault(row_id, self._clock.seconds())
             self._fold(row_id)
 
-    def _fold(self, row_id: str, *, while_draining: bool = False) -> None:
+    def _fold(self, row_id: str) -> None:
+        """Queue a refresh-only call; while stopping, on the notifying connections (the
+        refresh connection may still be reconnecting) and accepted as part of the drain."""
         work = Work(row_id=row_id, result=Deferred(), events=0,
                     description=f"output refresh of row {row_id}",
-                    item=RowCall(kind=CALL_FOLD, row_id=row_id), lane=_REFRESH)
-        submitted = self._pool.submit(work, while_draining=while_draining)
+                    item=RowCall(kind=CALL_FOLD, row_id=row_id),
+                    lane="events" if self._stopping else _REFRESH)
+        submitted = self._pool.submit(work, while_draining=self._stopping)
         submitted.addErrback(self._fold_failed, row_id)
 
     def _fold_failed(self, failure: Failure, row_id: str) -> None:

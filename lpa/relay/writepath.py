@@ -142,7 +142,8 @@ SELECT id::text, status::text, error_message, agent_job_id,
        CASE WHEN relay_agent_job_id = agent_job_id AND relay_output_end IS NOT NULL
             THEN relay_output_end ELSE right(output, 1) END,
        CASE WHEN relay_agent_job_id = agent_job_id THEN relay_snapshot_digest END,
-       status IN {_TERMINAL_SQL}, octet_length(output)
+       status IN {_TERMINAL_SQL}, octet_length(output),
+       EXISTS (SELECT 1 FROM relay_output_pending o WHERE o.row_id = patch_job_hosts.id)
   FROM patch_job_hosts WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -197,6 +198,8 @@ class _Row:
     state: RowState
     was_terminal: bool
     size: int  # bytes of its output now (the TOAST pointer says it: nothing is read)
+    #: lines already wait for it (a transaction whose commit answer was lost can leave some)
+    has_pending: bool
     changed: bool = False
     ended: bool = False
     reset: bool = False
@@ -269,7 +272,8 @@ async def apply_batch(
     return BatchOutcome(
         results=results,
         folded={row.row_id for row in writes if row.mode != _KEEP},
-        pending={row.row_id for row in writes if row.mode == _KEEP and row.added},
+        pending={row.row_id for row in rows.values()
+                 if row.mode == _KEEP and (row.added or row.has_pending)},
         finished=finished,
         payloads=[(json_event_type(p), len(p.encode("utf-8"))) for p in payloads],
     )
@@ -282,7 +286,7 @@ def json_event_type(payload: str) -> str:
 
 def _row(found: tuple) -> _Row:
     (row_id, status, error_message, agent_job_id, last_seq, progress, message, job_id, host_id,
-     output_end, digest, terminal, size) = found
+     output_end, digest, terminal, size, has_pending) = found
     state = RowState(
         status=status,
         error_message=error_message,
@@ -293,7 +297,8 @@ def _row(found: tuple) -> _Row:
         output_end=output_end or "",
         snapshot_digest=digest,
     )
-    return _Row(row_id, job_id, host_id, agent_job_id, state, bool(terminal), int(size or 0))
+    return _Row(row_id, job_id, host_id, agent_job_id, state, bool(terminal), int(size or 0),
+                bool(has_pending))
 
 
 def _reduce_call(
