@@ -70,6 +70,24 @@ class DeathTests(SynchronousTestCase):
             self.assertFalse(is_connection_failure(Failure(error)), error)
 
 
+class DoReadTests(SynchronousTestCase):
+    def test_dead_socket_is_a_loss_reason_not_a_traceback(self) -> None:
+        """doRead returns (never raises) what killed the connection: a server error, or the
+        file descriptor -1 that txpostgres tries to register again after libpq dropped it."""
+        from lpa.relay import pgadapter
+        from txpostgres import txpostgres
+
+        connection = pgadapter.Connection(reactor=object(), detector=None)
+        for raised in (psycopg2.OperationalError("server closed the connection unexpectedly"),
+                       ValueError("file descriptor cannot be a negative integer (-1)")):
+            def do_read(self: object, raised: Exception = raised) -> None:
+                raise raised
+
+            self.patch(txpostgres.Connection, "doRead", do_read)
+            reason = connection.doRead()
+            self.assertTrue(is_connection_failure(Failure(reason)), reason)
+
+
 class StartCheckTests(SynchronousTestCase):
     def test_unknown_database_names_everything(self) -> None:
         """A database that does not exist: one line with host, port, database, user, what to do."""

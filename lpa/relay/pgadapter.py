@@ -327,12 +327,16 @@ class Connection(txpostgres.Connection):
         """Read NOTIFYs or a server error; a dead socket becomes this descriptor's loss reason.
 
         Returning the error (instead of raising it) makes the reactor call ``connectionLost``
-        with it without logging a traceback; ``connectionLost`` tells the detector.
+        with it without logging a traceback; ``connectionLost`` tells the detector.  libpq may
+        also have dropped the socket before psycopg2 says the connection is closed: txpostgres
+        then registers file descriptor -1 again (``ValueError``), which is the same death.
         """
         try:
             super().doRead()
         except psycopg2.Error as error:
             return error
+        except (ValueError, OSError) as error:
+            return ConnectionLost(f"the database connection's socket is gone ({error})")
         return None
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
