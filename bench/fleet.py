@@ -55,7 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,7 +171,7 @@ class Agent:
         from tests.fakes_api import FakeJobManager
 
         class Protocol(JobStreamProtocol):
-            def onConnect(self, request: Any) -> Any:  # noqa: N802
+            def onConnect(self, request: Any) -> Any:
                 super().onConnect(request)
                 return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
@@ -630,9 +631,9 @@ def report(result: dict[str, Any], peer: dict[str, float]) -> None:
 
 
 async def main(reactor: Any, options: argparse.Namespace) -> None:
-    import twisted
     from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 
+    import twisted
     from lpa.relay.schema import migrate
     from tests.certs import make_test_pki
 

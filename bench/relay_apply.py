@@ -51,21 +51,22 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psycopg2  # noqa: E402
-from twisted.internet import defer, task  # noqa: E402
-from twisted.internet.threads import deferToThread  # noqa: E402
+import psycopg2
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThread
 
-from lpa import events as ev  # noqa: E402
-from lpa.events import JobEvent  # noqa: E402
-from lpa.tools.pgcluster import PostgresCluster  # noqa: E402
-from lpa.relay.interfaces import TRANSPORT_WS, AgentAddress, HostJob  # noqa: E402
-from lpa.relay.notify import PG_NOTIFY_LIMIT  # noqa: E402
-from lpa.relay.schema import migrate  # noqa: E402
-from lpa.relay.store import PostgresRelayStore  # noqa: E402
+from lpa import events as ev
+from lpa.events import JobEvent
+from lpa.relay.interfaces import TRANSPORT_WS, AgentAddress, HostJob
+from lpa.relay.notify import PG_NOTIFY_LIMIT
+from lpa.relay.schema import migrate
+from lpa.relay.store import PostgresRelayStore
+from lpa.tools.pgcluster import PostgresCluster
 
 TERMINAL_SQL = "('succeeded', 'failed', 'cancelled')"
 LONG_LINE_EVERY = 25
@@ -461,6 +462,7 @@ def report(title: str, lpa: Result, original: Result, rate: float | None) -> Non
 
 async def main(reactor: Any, options: argparse.Namespace) -> None:
     import autobahn  # noqa: F401  (only to show the stack versions below)
+
     import twisted
 
     print(f"relay_apply: {options.rows} rows of one job, {options.per_row} events per row, "

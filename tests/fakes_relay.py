@@ -19,7 +19,8 @@ when there is none), not the row's whole output.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attr
 from twisted.internet import defer

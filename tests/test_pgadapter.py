@@ -74,8 +74,9 @@ class DoReadTests(SynchronousTestCase):
     def test_dead_socket_is_a_loss_reason_not_a_traceback(self) -> None:
         """doRead returns (never raises) what killed the connection: a server error, or the
         file descriptor -1 that txpostgres tries to register again after libpq dropped it."""
-        from lpa.relay import pgadapter
         from txpostgres import txpostgres
+
+        from lpa.relay import pgadapter
 
         connection = pgadapter.Connection(reactor=object(), detector=None)
         for raised in (psycopg2.OperationalError("server closed the connection unexpectedly"),

@@ -19,7 +19,8 @@ Fields are the original's (``event_type`` host|job, ``job_id``, ``host_id``, ``s
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CHANNEL = "job_update"
 EVENT_HOST = "host"

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import pwd
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -323,7 +324,7 @@ class Connection(txpostgres.Connection):
         undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))
         return undone.addCallback(lambda _: failure)
 
-    def doRead(self) -> Any:  # noqa: N802 (IReadDescriptor)
+    def doRead(self) -> Any:
         """Read NOTIFYs or a server error; a dead socket becomes this descriptor's loss reason.
 
         Returning the error (instead of raising it) makes the reactor call ``connectionLost``
@@ -339,7 +340,7 @@ class Connection(txpostgres.Connection):
             return ConnectionLost(f"the database connection's socket is gone ({error})")
         return None
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:
         if self._closing:  # our own close(): not a death to report
             txpostgres._PollingMixin.connectionLost(self, reason)
             return

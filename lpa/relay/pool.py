@@ -33,7 +33,8 @@ Faults:
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attr
 import psycopg2

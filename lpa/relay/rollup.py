@@ -16,7 +16,8 @@ check-then-act roll-up could fire twice).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lpa.relay.rows import JobCounts, rollup_counts
 from lpa.relay.sqlbits import TERMINAL_SQL as _TERMINAL_SQL

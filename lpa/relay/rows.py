@@ -26,7 +26,7 @@ The job-level roll-up (:func:`rollup_counts`, :func:`rollup_status`) decides the
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import attr
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 #: ``status NOT IN`` this: a row or job that has not ended (word for word the predicate of the
 #: partial index ``relay_open_host_rows``, so the planner can use it)

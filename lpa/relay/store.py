@@ -24,7 +24,8 @@ complete when its terminal notification fires.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -51,11 +52,11 @@ from lpa.relay.writepath import CALL_EVENTS, CALL_FAIL, CALL_FOLD, BatchOutcome,
 
 __all__ = [
     "PostgresRelayStore",
-    "default_connection_factory",
     "RelayStoreBacklogFull",
     "RelayStoreError",
     "RelayStoreStopped",
     "RelayStoreUnavailable",
+    "default_connection_factory",
 ]
 
 _log = Logger()

@@ -42,7 +42,8 @@ same on a 1,000-host job as on a 3-host one; see :mod:`lpa.relay.rollup`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attr
 from twisted.logger import Logger
