@@ -11,7 +11,7 @@ Processes (all on this machine, loopback and unix sockets only, removed at exit)
 * this script: the PostgreSQL cluster (``lpa.tools.pgcluster`` with ``fsync``,
   ``synchronous_commit`` and ``full_page_writes`` ON), and on its reactor the simulated agents:
   one per port, each the agent's real WebSocket job stream (``lpa.agent.ws.JobStreamFactory``
-  over ``tests.fakes_api.FakeJobManager``'s ``EventLog``) behind mutual TLS 1.3 (``tests/certs.py``
+  over ``tests.fakes_jobs.FakeJobManager``'s ``EventLog``) behind mutual TLS 1.3 (``tests/certs.py``
   PKI), accepting the ``lpa.jobs.v1`` subprotocol when offered, plus the events endpoint
   (``GET /api/v1/jobs/{id}/events?after=N``) for the relay's backstop sweep;
 * the relay: ``twistd -n lpa-relay`` in a child process, importing ``lpa`` from this checkout;
@@ -168,7 +168,7 @@ class Agent:
         from lpa.agent.ws import JobStreamFactory, JobStreamProtocol
         from lpa.events import RUNNING
         from lpa.protocol import SUBPROTOCOL
-        from tests.fakes_api import FakeJobManager
+        from tests.fakes_jobs import FakeJobManager
 
         class Protocol(JobStreamProtocol):
             def onConnect(self, request: Any) -> Any:

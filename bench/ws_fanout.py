@@ -13,7 +13,7 @@ behind the gate, its ``site()``) with the real ``JobStreamFactory`` mounted thro
 ``make_ws_resource`` at ``/api/v1/ws/jobs`` on 127.0.0.1, port 0: plain ws/http, or with
 ``--tls`` mutual TLS (``lpa.tls`` server options over a ``tests.certs`` PKI in a temporary
 directory; the clients present the relay certificate).  The job engine is
-``tests.fakes_api.FakeJobManager``: it numbers events through the real ``EventLog`` (what the
+``tests.fakes_jobs.FakeJobManager``: it numbers events through the real ``EventLog`` (what the
 WebSocket sessions and the events endpoint read) and runs no package manager.  The rate limiter
 is off (K pollers from one address would trip it) and there is no peer check.
 
@@ -380,7 +380,7 @@ async def run_mode(reactor: Any, mode: str, options: argparse.Namespace) -> dict
     from lpa.agent.ws import JobStreamFactory, make_ws_resource
     from lpa.events import COMPLETED, KIND_OUTPUT, RUNNING
     from tests.fakes import FakeBackend, FakeSystem
-    from tests.fakes_api import FakeJobManager
+    from tests.fakes_jobs import FakeJobManager
 
     keep = options.burst + options.rate * options.seconds + 100
     jobs = FakeJobManager(reactor, max_events_per_job=int(keep))
