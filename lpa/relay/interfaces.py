@@ -14,7 +14,8 @@ Flow::
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred
@@ -59,10 +60,10 @@ class ApplyResult:
 class IRelayStore(Interface):
     """PostgreSQL behind the relay; every write is one transaction with its notifications."""
 
-    def running_host_jobs() -> Deferred:
+    def running_host_jobs() -> Deferred[Any]:
         """Fire with the list of ``HostJob`` rows that are ``running`` with an ``agent_job_id``."""
 
-    def apply_events(host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+    def apply_events(host_job: HostJob, events: Sequence[Any], transport: str) -> Deferred[Any]:
         """Apply agent ``JobEvent``s of this row in order, in ONE transaction; fire ``ApplyResult``.
 
         Events whose ``job_id`` is not ``host_job.agent_job_id`` are refused (never touch the
@@ -72,5 +73,8 @@ class IRelayStore(Interface):
         when the last host of the job ends, exactly one job-level notification.
         """
 
-    def fail_host_job(host_job: HostJob, reason: str, transport: str) -> Deferred:
-        """End the row ``failed`` with ``reason`` (agent unreachable, job unknown); ``ApplyResult``."""
+    def fail_host_job(host_job: HostJob, reason: str, transport: str) -> Deferred[Any]:
+        """End the row ``failed`` with ``reason`` (agent unreachable, job unknown).
+
+        Fires with an ``ApplyResult``.
+        """

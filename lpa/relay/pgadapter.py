@@ -21,6 +21,7 @@ Also here: :func:`describe_dsn` (``user@host:port/database`` for log lines) and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from collections.abc import Callable
@@ -143,7 +144,7 @@ def is_connection_failure(failure: Failure) -> bool:
     return False
 
 
-class Detector(DeadConnectionDetector):
+class Detector(DeadConnectionDetector):  # type: ignore[misc]  # txpostgres ships no types
     """A detector whose reconnect loop can be stopped and which reports deaths to its owner.
 
     ``on_dead`` (set by the owner) is called with the failure when the connection is found dead,
@@ -162,7 +163,7 @@ class Detector(DeadConnectionDetector):
             reactor=reactor,
         )
         self.on_dead: Callable[[Failure], None] | None = None
-        self._retrying: Deferred | None = None
+        self._retrying: Deferred[Any] | None = None
         self.stopped = False
 
     def startReconnecting(self, f: Failure) -> None:  # noqa: N802 (txpostgres hook)
@@ -178,28 +179,32 @@ class Detector(DeadConnectionDetector):
         )
         self._retrying = retrying_deferred
         retrying_deferred.addCallbacks(self._recovered, self._gave_up)
-        if self.stopped:  # the first attempt's callbacks stopped us (closing re-enters)
+        if self._stopped_meanwhile():  # the first attempt's callbacks stopped us (closing)
             self._cancel_retrying()
 
-    def _attempt(self) -> Deferred:
+    def _stopped_meanwhile(self) -> bool:
+        """Read ``stopped`` again after calls that may set it (a plain check would be narrowed)."""
+        return self.stopped
+
+    def _attempt(self) -> Deferred[Any]:
         """One reconnection: connect, then prove the server answers."""
-        connected = defer.maybeDeferred(self.reconnect)
+        connected: Deferred[Any] = defer.maybeDeferred(self.reconnect)
         return connected.addCallback(self._probe)
 
-    def reconnect(self) -> Deferred:
+    def reconnect(self) -> Deferred[Any]:
         """Close, then connect again; nothing once stopped (closing can call back into us)."""
-        try:
+        with contextlib.suppress(Exception):  # half-open: a new connection replaces it anyway
             self.reconnectable.close()
-        except Exception:  # it may be half-open; a new connection replaces it anyway
-            pass
         if self.stopped:
             raise ConnectionDead("the store is closing")
-        return self.reconnectable.connect(*self._connargs, **self._connkw)
+        connecting: Deferred[Any] = self.reconnectable.connect(*self._connargs, **self._connkw)
+        return connecting
 
-    def _probe(self, _: object) -> Deferred:
+    def _probe(self, _: object) -> Deferred[Any]:
         if self.stopped:
             raise ConnectionDead("the store is closing")
-        return self.reconnectable.probe()
+        probing: Deferred[Any] = self.reconnectable.probe()
+        return probing
 
     def _recovered(self, _: object) -> Any:
         self._retrying = None
@@ -224,10 +229,9 @@ class Detector(DeadConnectionDetector):
 
     def _cancel_retrying(self) -> None:
         if self._retrying is not None:
-            try:
+            # _CancelInProgress, or psycopg2 refusing to cancel a connect
+            with contextlib.suppress(Exception):
                 self._retrying.cancel()
-            except Exception:  # _CancelInProgress, or psycopg2 refusing to cancel a connect
-                pass
 
 
 #: run on every new session: values the relay writes are compressed with lz4 where the server
@@ -254,8 +258,8 @@ class Transaction:
         self.commit_sent = False
 
     def execute(
-        self, *statements: tuple[str, tuple | None], commit: bool = False
-    ) -> Deferred:
+        self, *statements: tuple[str, tuple[Any, ...] | None], commit: bool = False
+    ) -> Deferred[Any]:
         """Send ``statements`` (each ``(sql, params)``) in one round trip; fires with self."""
         texts = [sql for sql, _ in statements]
         params: list[Any] = [value for _, values in statements for value in (values or ())]
@@ -265,17 +269,21 @@ class Transaction:
         if commit:
             texts.append("COMMIT")
             self.commit_sent = True
-        sent = self._cursor.execute("; ".join(texts), tuple(params) if params else None)
+        sent: Deferred[Any] = self._cursor.execute(
+            "; ".join(texts), tuple(params) if params else None
+        )
         return sent.addCallback(lambda _: self)
 
-    def fetchall(self) -> list[tuple]:
-        return self._cursor.fetchall()
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._cursor.fetchall()
+        return rows
 
-    def fetchone(self) -> tuple | None:
-        return self._cursor.fetchone()
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._cursor.fetchone()
+        return row
 
 
-class Connection(txpostgres.Connection):
+class Connection(txpostgres.Connection):  # type: ignore[misc]  # txpostgres ships no types
     """A txpostgres Connection that never sends a connection loss to the log as a traceback.
 
     ``runInteraction`` keeps txpostgres' contract (the body gets a cursor; ``BEGIN`` and
@@ -290,18 +298,19 @@ class Connection(txpostgres.Connection):
 
     def _runInteraction(  # noqa: N802 (txpostgres hook)
         self, interaction: Any, *args: Any, **kwargs: Any
-    ) -> Deferred:
+    ) -> Deferred[Any]:
         cursor = self.cursor()
-        ran = cursor.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        ran: Deferred[Any] = cursor.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         ran.addCallback(lambda _: interaction(cursor, *args, **kwargs))
         ran.addCallback(lambda result: cursor.execute("COMMIT").addCallback(lambda _: result))
         return ran.addErrback(self._rollback, cursor)
 
-    def runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred:  # noqa: N802
+    def runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred[Any]:  # noqa: N802
         """Run ``body(transaction)`` in one transaction (see :class:`Transaction`)."""
-        return self._doit(self._runTransaction, body)
+        done: Deferred[Any] = self._doit(self._runTransaction, body)
+        return done
 
-    def _runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred:  # noqa: N802
+    def _runTransaction(self, body: Callable[[Transaction], Any]) -> Deferred[Any]:  # noqa: N802
         cursor = self.cursor()
         tx = Transaction(cursor)
         ran = defer.maybeDeferred(body, tx)
@@ -318,7 +327,7 @@ class Connection(txpostgres.Connection):
 
         return ran.addCallback(commit).addErrback(rollback)
 
-    def _rollback(self, failure: Failure, cursor: Any) -> Deferred:
+    def _rollback(self, failure: Failure, cursor: Any) -> Deferred[Any]:
         undone = defer.maybeDeferred(cursor.execute, "ROLLBACK")
         # a connection that died mid-transaction cannot roll back: report the death itself
         undone.addErrback(lambda _: Failure(txpostgres.RollbackFailed(self, failure)))
@@ -355,18 +364,19 @@ class Connection(txpostgres.Connection):
         finally:
             self._closing = False
 
-    def connect(self, *args: Any, **kwargs: Any) -> Deferred:
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Connect, then set the session up (see :data:`SESSION_SETUP`)."""
-        connected = super().connect(*args, **kwargs)
+        connected: Deferred[Any] = super().connect(*args, **kwargs)
 
         def setup(result: Any) -> Any:
             return self.cursor().execute(SESSION_SETUP).addCallback(lambda _: result)
 
         return connected.addCallback(setup)
 
-    def probe(self) -> Deferred:
+    def probe(self) -> Deferred[Any]:
         """``SELECT 1`` on the (re)connected socket, outside the detector's checks."""
-        return self.cursor().execute("SELECT 1")
+        answered: Deferred[Any] = self.cursor().execute("SELECT 1")
+        return answered
 
 
 def connection_factory(reactor: Any, clock: IReactorTime) -> Callable[[], Connection]:

@@ -33,6 +33,7 @@ Faults:
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +84,12 @@ class Work:
     """One queued call."""
 
     row_id: str | None  # None: not tied to a row; runs alone with ``run``
-    result: Deferred
+    result: Deferred[Any]
     events: int  # what it counts against max_pending_events
     description: str
     item: Any = None  # what run_batch gets for a row's work
-    run: Callable[[Any], Deferred] | None = None  # transaction -> Deferred (works without a row)
+    #: transaction -> Deferred (work that needs no row)
+    run: Callable[[Any], Deferred[Any]] | None = None
     retry_on_dead: bool = True
     alone: bool = False  # run in a transaction of its own (its batch failed)
     #: works of different lanes never share a transaction (the store keeps output refreshes,
@@ -133,7 +135,7 @@ class BatchingPool:
         dsn: str,
         *,
         clock: IReactorTime,
-        run_batch: Callable[[Any, list], Deferred],
+        run_batch: Callable[[Any, list[Any]], Deferred[Any]],
         connection_factory: Callable[[], Any],
         on_commit: Callable[[Any], None] = lambda outcome: None,
         pool_size: int = DEFAULT_POOL_SIZE,
@@ -158,7 +160,7 @@ class BatchingPool:
         self._in_flight: dict[int, list[Work]] = {}
         self._pending_events = 0
         self._stopping = False
-        self._drained: Deferred | None = None
+        self._drained: Deferred[Any] | None = None
         self.state = STARTING
         #: committed transactions and the calls they answered (logged at close)
         self.transactions = 0
@@ -166,7 +168,7 @@ class BatchingPool:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[Any]:
         """Open the connections; fires once every first attempt ended (never errbacks).
 
         Connections that could not open keep retrying in the background; writes wait for them.
@@ -250,14 +252,20 @@ class BatchingPool:
             "pending_events": self._pending_events,
         }
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[Any]:
         """Apply what is queued (if the database is up, within ``stop_timeout``), then close."""
         self._stopping = True
-        waiting: Deferred = Deferred()
+        waiting: Deferred[Any] = Deferred()
         if (self._queue or self._in_flight) and self.database_up():
             self._drained = waiting
             timer = self._clock.callLater(self._stop_timeout, self._give_up_draining)
-            waiting.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+            def cancel_timer(result: object) -> object:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            waiting.addBoth(cancel_timer)
         else:
             waiting.callback(None)
         return waiting.addCallback(lambda _: self._close())
@@ -295,14 +303,12 @@ class BatchingPool:
             stop_reconnecting = getattr(slot.connection.detector, "stop", None)
             if stop_reconnecting is not None:  # ours; a plain txpostgres detector cannot
                 stop_reconnecting()
-            try:
+            with contextlib.suppress(Exception):  # never connected, or already gone
                 slot.connection.close()
-            except Exception:  # never connected, or already gone
-                pass
 
     # -- queueing ---------------------------------------------------------------------------
 
-    def submit(self, work: Work, *, while_draining: bool = False) -> Deferred:
+    def submit(self, work: Work, *, while_draining: bool = False) -> Deferred[Any]:
         """Queue ``work``; its ``result`` fires when it committed (or errbacks).
 
         :param while_draining: accepted while :meth:`stop` still applies what is queued (the
@@ -434,7 +440,7 @@ class BatchingPool:
             self._on_commit(result)
         except Exception:
             _log.failure("relay store bookkeeping after a commit failed")
-        for work, answer in zip(works, result.results):
+        for work, answer in zip(works, result.results, strict=True):
             self._answer(work, answer)
 
     def _requeue_or_fail(self, works: list[Work], failure: Failure, *, dead: bool) -> None:

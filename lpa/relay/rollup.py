@@ -58,7 +58,7 @@ _CHECK_SQL = (
 )
 
 
-def _counted(found: Sequence[tuple]) -> tuple[dict[str, JobCounts], list[str]]:
+def _counted(found: Sequence[tuple[Any, ...]]) -> tuple[dict[str, JobCounts], list[str]]:
     counts = {
         job_id: JobCounts(hosts=hosts, succeeded=succeeded, failed=failed, cancelled=cancelled)
         for kind, job_id, hosts, succeeded, failed, cancelled in found if kind == "count"
@@ -67,8 +67,8 @@ def _counted(found: Sequence[tuple]) -> tuple[dict[str, JobCounts], list[str]]:
 
 
 async def roll_up(
-    tx: Any, endings: dict[str, list[str]], before: list[tuple[str, tuple]]
-) -> tuple[list[tuple[str, str, JobCounts]], tuple[str, tuple]]:
+    tx: Any, endings: dict[str, list[str]], before: list[tuple[str, tuple[Any, ...]]]
+) -> tuple[list[tuple[str, str, JobCounts]], tuple[str, tuple[Any, ...]]]:
     """Under the parents' locks: count this batch's endings, end the jobs whose hosts all ended.
 
     ``endings``: job id → statuses of its rows that ended in this transaction; ``before``: the

@@ -123,7 +123,7 @@ class PostgresRelayStore:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[Any]:
         """Open the pool; fires once every first attempt ended (never errbacks).
 
         Connections that could not open keep retrying in the background; calls wait for them.
@@ -156,7 +156,7 @@ class PostgresRelayStore:
             _log.warn("could not look for output left waiting: {error}",
                       error=failure.getErrorMessage())
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[Any]:
         """Apply what is queued (if the database is up, within ``stop_timeout``), then close.
 
         While it drains, every row written is refreshed, and so is every row with lines waiting:
@@ -186,7 +186,7 @@ class PostgresRelayStore:
 
     # -- IRelayStore ------------------------------------------------------------------------
 
-    def running_host_jobs(self) -> Deferred:
+    def running_host_jobs(self) -> Deferred[Any]:
         return self._pool.submit(
             Work(
                 row_id=None,
@@ -198,19 +198,21 @@ class PostgresRelayStore:
             )
         )
 
-    def apply_events(self, host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+    def apply_events(
+        self, host_job: HostJob, events: Sequence[Any], transport: str
+    ) -> Deferred[Any]:
         events = tuple(events)
         call = RowCall(kind=CALL_EVENTS, row_id=host_job.row_id, host_job=host_job,
                        events=events, transport=transport)
         return self._submit(call, max(1, len(events)),
                             f"{len(events)} events for row {host_job.row_id}")
 
-    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred:
+    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred[Any]:
         call = RowCall(kind=CALL_FAIL, row_id=host_job.row_id, host_job=host_job,
                        reason=reason, transport=transport)
         return self._submit(call, 1, f"failing row {host_job.row_id}")
 
-    def _submit(self, call: RowCall, events: int, description: str) -> Deferred:
+    def _submit(self, call: RowCall, events: int, description: str) -> Deferred[Any]:
         return self._pool.submit(
             Work(row_id=call.row_id, result=Deferred(), events=events, description=description,
                  item=call)
@@ -218,7 +220,7 @@ class PostgresRelayStore:
 
     # -- output refresh ---------------------------------------------------------------------
 
-    def _run_batch(self, tx: Any, calls: list[RowCall]) -> Deferred:
+    def _run_batch(self, tx: Any, calls: list[RowCall]) -> Deferred[Any]:
         return Deferred.fromCoroutine(writepath.apply_batch(tx, calls, due=self._due))
 
     def _due(self, row_id: str) -> bool:

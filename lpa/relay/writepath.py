@@ -82,7 +82,7 @@ class RowCall:
     kind: str
     row_id: str
     host_job: HostJob | None = None
-    events: tuple = ()
+    events: tuple[Any, ...] = ()
     reason: str = ""
     transport: str | None = None
 
@@ -246,7 +246,9 @@ async def apply_batch(
             continue
         payloads.append(_host_payload(row))
         assert row.notify_call is not None
-        results[row.notify_call] = attr.evolve(results[row.notify_call], notified=1)
+        notified = results[row.notify_call]
+        assert notified is not None
+        results[row.notify_call] = attr.evolve(notified, notified=1)
         if row.ended:
             endings.setdefault(row.job_id, []).append(row.state.status)
     statements = [_write_rows(writes)] if writes else []
@@ -264,6 +266,7 @@ async def apply_batch(
             row = next(r for r in writes if r.ended and r.job_id == job_id)
             assert row.end_call is not None
             result = results[row.end_call]
+            assert result is not None
             results[row.end_call] = attr.evolve(result, notified=result.notified + 1)
             _log.info("job {job_id} ended {status}", job_id=job_id, status=status)
     if payloads:  # last in the transaction: the NOTIFY lock is held from here to the commit
@@ -285,7 +288,7 @@ def json_event_type(payload: str) -> str:
     return notify.EVENT_JOB if payload.startswith('{"event_type":"job"') else notify.EVENT_HOST
 
 
-def _row(found: tuple) -> _Row:
+def _row(found: tuple[Any, ...]) -> _Row:
     (row_id, status, error_message, agent_job_id, last_seq, progress, message, job_id, host_id,
      output_end, digest, terminal, size, has_pending) = found
     state = RowState(
@@ -371,7 +374,7 @@ def _mode(row: _Row, due: Callable[[str], bool]) -> int:
     return _KEEP  # a larger output is refreshed by a transaction of its own (no NOTIFY lock)
 
 
-def _write_rows(writes: list[_Row]) -> tuple[str, tuple]:
+def _write_rows(writes: list[_Row]) -> tuple[str, tuple[Any, ...]]:
     """The write statement over ``writes`` with its parameters."""
     columns: list[list[Any]] = [[] for _ in range(14)]
     for row in writes:
@@ -391,7 +394,7 @@ def _write_rows(writes: list[_Row]) -> tuple[str, tuple]:
             row.mode,
             row.added,
         )
-        for column, value in zip(columns, values):
+        for column, value in zip(columns, values, strict=True):
             column.append(value)
     return _WRITE_ROWS_SQL, tuple(array(column) for column in columns)
 
