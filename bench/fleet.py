@@ -265,7 +265,7 @@ class Relay:
         self.log_path = os.path.join(directory, f"relay-{time.monotonic_ns()}.log")
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         env = dict(os.environ, PYTHONPATH=ROOT)
-        self.log = open(self.log_path, "w", encoding="utf-8")
+        self.log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115  # stop() closes it
         profiling = ["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile \
             else []
         self.process = subprocess.Popen(
@@ -644,7 +644,7 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
                   failure.getTraceback() if failure is not None else "", file=sys.stderr)
 
     globalLogBeginner.beginLoggingTo([errors], redirectStandardIO=False)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     directory = tempfile.mkdtemp(prefix="lpa-fleet-")
     atexit.register(shutil.rmtree, directory, True)

@@ -6,8 +6,8 @@ Run by hand (not part of the trial suite)::
 
 Everything happens on a throwaway PostgreSQL cluster (``lpa.tools.pgcluster``: unix socket
 only, fsync off, run as the ``postgres`` user when root) that is destroyed at exit.  The relay
-schema comes from ``lpa.relay.schema.migrate``.  A separate psycopg2 session LISTENs on ``job_update`` during
-every run and counts what arrives.
+schema comes from ``lpa.relay.schema.migrate``.  A separate psycopg2 session LISTENs on
+``job_update`` during every run and counts what arrives.
 
 The two contenders write the same events to the same kind of rows (one job, ``--rows`` running
 ``patch_job_hosts`` rows, each followed by its own sequential writer, all sharing a pool of
@@ -96,7 +96,7 @@ def make_events(agent_job_id: str, count: int, mix: str, fail: bool) -> list[Job
             made.append(one(seq, ev.RUNNING, f"Unpacking package {seq}", kind=ev.KIND_PROGRESS,
                             progress=progress))
         elif mix == "long" and seq % LONG_LINE_EVERY == 0:
-            line = ("Get:%d http://deb.debian.org/debian bookworm/main amd64 " % seq)
+            line = f"Get:{seq} http://deb.debian.org/debian bookworm/main amd64 "
             made.append(one(seq, ev.RUNNING, (line * (LONG_LINE_BYTES // len(line) + 1))
                             [:LONG_LINE_BYTES], kind=ev.KIND_OUTPUT, progress=progress))
         else:
@@ -376,7 +376,7 @@ async def run_lpa(dsn: str, fixture: Fixture, mix: str, per_row: int, pool: int,
     start = time.perf_counter()
     await defer.gatherResults([
         defer.Deferred.fromCoroutine(follow(h, w, a))
-        for h, w, a in zip(host_jobs, workloads, arrivals)
+        for h, w, a in zip(host_jobs, workloads, arrivals, strict=True)
     ], consumeErrors=True)
     seconds = time.perf_counter() - start
     await store.stop()

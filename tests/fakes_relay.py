@@ -54,7 +54,7 @@ class FakeCall:
 
     method: str  # "running_host_jobs" | "apply_events" | "fail_host_job"
     host_job: HostJob | None = None
-    events: tuple = ()
+    events: tuple[Any, ...] = ()
     transport: str | None = None
     reason: str | None = None
 
@@ -71,7 +71,7 @@ class FakeRelayStore:
         self.notifications: list[dict[str, Any]] = []
         #: when set, every call errbacks with this exception (a database outage)
         self.error: Exception | None = None
-        self._held: list[tuple[Deferred, Any]] | None = None
+        self._held: list[tuple[Deferred[Any], Any]] | None = None
 
     # -- test set-up ------------------------------------------------------------------------
 
@@ -112,17 +112,17 @@ class FakeRelayStore:
 
     # -- IRelayStore ------------------------------------------------------------------------
 
-    def _answer(self, compute: Any) -> Deferred:
+    def _answer(self, compute: Any) -> Deferred[Any]:
         if self.error is not None:
             return defer.fail(self.error)
         result = compute()
         if self._held is not None:
-            deferred: Deferred = Deferred()
+            deferred: Deferred[Any] = Deferred()
             self._held.append((deferred, result))
             return deferred
         return defer.succeed(result)
 
-    def running_host_jobs(self) -> Deferred:
+    def running_host_jobs(self) -> Deferred[Any]:
         self.calls.append(FakeCall(method="running_host_jobs"))
 
         def compute() -> list[HostJob]:
@@ -134,7 +134,9 @@ class FakeRelayStore:
 
         return self._answer(compute)
 
-    def apply_events(self, host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+    def apply_events(
+        self, host_job: HostJob, events: Sequence[Any], transport: str
+    ) -> Deferred[Any]:
         self.calls.append(
             FakeCall(method="apply_events", host_job=host_job, events=tuple(events),
                      transport=transport)
@@ -148,7 +150,7 @@ class FakeRelayStore:
             )
         )
 
-    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred:
+    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred[Any]:
         self.calls.append(
             FakeCall(method="fail_host_job", host_job=host_job, reason=reason, transport=transport)
         )
@@ -166,7 +168,8 @@ class FakeRelayStore:
             return None
         if row.agent_job_id != host_job.agent_job_id:  # re-dispatched: not ours any more
             return reduce_events(row, host_job.agent_job_id, ())
-        return reduce(row)
+        reduced: Reduction | None = reduce(row)
+        return reduced
 
     def _commit(
         self, host_job: HostJob, reduction: Reduction | None, transport: str
@@ -245,13 +248,13 @@ class FakeMissingRecord:
         self.calls: list[tuple[str, str]] = []  # ("mark" | "clear", row_id)
         self.error: Exception | None = None
 
-    def mark(self, row_id: str, agent_job_id: str) -> Deferred:
+    def mark(self, row_id: str, agent_job_id: str) -> Deferred[Any]:
         self.calls.append(("mark", row_id))
         if self.error is not None:
             return defer.fail(self.error)
         return defer.succeed(self.recorded.setdefault(row_id, 0.0))
 
-    def clear(self, row_id: str) -> Deferred:
+    def clear(self, row_id: str) -> Deferred[Any]:
         self.calls.append(("clear", row_id))
         if self.error is not None:
             return defer.fail(self.error)

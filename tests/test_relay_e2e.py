@@ -14,15 +14,16 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from lpa import events as ev
-from lpa.agent.service import make_agent_service
 from lpa.agent.config import parse_agent_config
+from lpa.agent.service import make_agent_service
 from lpa.relay.config import RelayConfig, load_relay_config
 from lpa.relay.service import make_relay_service
 from tests import pg
@@ -65,11 +66,14 @@ class RelayEndToEndTests(TestCase):
             system=FakeSystem(),
         )
         service.startService()
-        port = await service.listener._waitingForPort
+        waiting = service.listener._waitingForPort
+        assert waiting is not None
+        port = await waiting
         self.addCleanup(
             lambda: defer.ensureDeferred(service.stopService()) if service.running else None
         )
-        return port.getHost().port
+        number: int = port.getHost().port
+        return number
 
     async def dry_run_job(self, port: int) -> str:
         client, pool = mtls_client(self.pki.client_options("good"))
@@ -79,7 +83,8 @@ class RelayEndToEndTests(TestCase):
         )
         body = json.loads(await response.content())
         self.assertEqual(response.code, 202, body)
-        return body["data"]["job_id"]
+        job_id: str = body["data"]["job_id"]
+        return job_id
 
     async def test_three_hosts_one_job(self) -> None:
         """Streaming, events-polled and stub agents all end succeeded; one job-level notify."""

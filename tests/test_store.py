@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -26,7 +28,7 @@ class InterfaceTests(SynchronousTestCase):
 class StoreTestBase(TestCase):
     timeout = 60
 
-    async def make(self, **kwargs) -> PostgresRelayStore:
+    async def make(self, **kwargs: Any) -> PostgresRelayStore:
         kwargs.setdefault("clock", reactor)
         store = PostgresRelayStore(self.dsn, reactor=reactor, **kwargs)
         await store.start()
@@ -81,7 +83,7 @@ class RunningHostJobsTests(StoreTestBase):
 
 
 class ApplyTests(StoreTestBase):
-    async def one_row(self):
+    async def one_row(self) -> Any:
         job = self.seed.job()
         host = self.seed.host("agent1.example")
         return job, self.seed.host_job(job, host, "a1")

@@ -30,7 +30,7 @@ class Statements:
 
         current: list[list[tuple[str, Any]]] = [[]]  # this connection's transaction
 
-        class RecordingCursor(txpostgres.Cursor):
+        class RecordingCursor(txpostgres.Cursor):  # type: ignore[misc]  # txpostgres: no types
             def execute(self, query: str, params: Any = None) -> Any:
                 words = " ".join(query.split())
                 if words.startswith("BEGIN"):
@@ -59,7 +59,7 @@ async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
 
 
 class GroupCommitTests(StoreTestBase):
-    def rows(self, count: int, job: str | None = None) -> list:
+    def rows(self, count: int, job: str | None = None) -> list[Any]:
         job = job or self.seed.job()
         return [self.seed.host_job(
                     job, self.seed.host(f"h{n}.example", f"10.1.{n // 250}.{n % 250}"), f"a{n}")
@@ -102,7 +102,7 @@ class GroupCommitTests(StoreTestBase):
         pool's figures are there for the metrics too."""
         rows = self.rows(3)
         store = await self.make(pool_size=1)
-        seen: list[tuple[int, list]] = []
+        seen: list[tuple[int, list[Any]]] = []
         store.observe_transactions(lambda calls, payloads: seen.append((calls, payloads)))
         first = store.apply_events(rows[0], [event("a0", 1, "running")], TRANSPORT_WS)
         others = [store.apply_events(row, [event(row.agent_job_id, 1, "completed")],
@@ -143,10 +143,11 @@ class RollUpTests(StoreTestBase):
     async def end(self, store: Any, row: Any, status: str = "completed") -> Any:
         return await store.apply_events(row, [event(row.agent_job_id, 1, status)], TRANSPORT_WS)
 
-    def counts(self, job: str) -> tuple:
-        return self.seed.one(
+    def counts(self, job: str) -> tuple[Any, ...]:
+        counted: tuple[Any, ...] = self.seed.one(
             "SELECT relay_host_count, relay_succeeded_count, relay_failed_count, "
             "relay_cancelled_count FROM patch_jobs WHERE id = %s", (job,))
+        return counted
 
     async def test_counts_start_with_rows_ended_before_the_relay(self) -> None:
         """The first ending counts the job's rows once, rows the manager ended before included;

@@ -7,12 +7,12 @@ no failure) — so no test needs ``flushLoggedErrors``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
 from lpa.relay.interfaces import TRANSPORT_POLL, TRANSPORT_WS
 from lpa.relay.pgadapter import describe_dsn
@@ -27,7 +27,7 @@ class LogWatch:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
-        self._waiting: list[tuple[str, Deferred]] = []
+        self._waiting: list[tuple[str, Deferred[Any]]] = []
 
     def __call__(self, log_event: dict[str, Any]) -> None:
         self.events.append(log_event)
@@ -37,9 +37,9 @@ class LogWatch:
                 self._waiting.remove((wanted, waiting))
                 waiting.callback(log_event)
 
-    def when(self, wanted: str) -> Deferred:
+    def when(self, wanted: str) -> Deferred[Any]:
         """Fires with the first event whose format contains ``wanted`` (from now on)."""
-        waiting: Deferred = Deferred()
+        waiting: Deferred[Any] = Deferred()
         self._waiting.append((wanted, waiting))
         return waiting
 
@@ -62,8 +62,9 @@ class OutageTests(StoreTestBase):
     def setUp(self) -> None:
         super().setUp()
         self.logs = LogWatch()
-        globalLogPublisher.addObserver(self.logs)
-        self.addCleanup(globalLogPublisher.removeObserver, self.logs)
+        observer = cast(ILogObserver, self.logs)  # a log observer is any such callable
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def outage(self) -> None:
         server = pg.cluster()

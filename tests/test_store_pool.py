@@ -36,11 +36,11 @@ class FakeDetector:
 
     def __init__(self) -> None:
         self.connectionIsDead = False
-        self.handlers: list = []
+        self.handlers: list[Any] = []
         self.stopped = False
         self.on_dead: Any = None
 
-    def addRecoveryHandler(self, handler) -> None:  # noqa: N802 (txpostgres API)
+    def addRecoveryHandler(self, handler: Any) -> None:  # noqa: N802 (txpostgres API)
         self.handlers.append(handler)
 
     def checkForDeadConnection(self, failure: Failure) -> Failure:  # noqa: N802
@@ -67,12 +67,12 @@ class FakeConnection:
         self.closed = False
         self._connect_error = connect_error
 
-    def connect(self, dsn: str) -> Deferred:
+    def connect(self, dsn: str) -> Deferred[Any]:
         if self._connect_error is not None:
             return defer.fail(self._connect_error)
         return defer.succeed(None)
 
-    def runTransaction(self, interaction) -> Deferred:  # noqa: N802
+    def runTransaction(self, interaction: Any) -> Deferred[Any]:  # noqa: N802
         if self.detector.connectionIsDead:
             return defer.fail(ConnectionDead())
         ran = defer.maybeDeferred(interaction, None)
@@ -84,15 +84,17 @@ class FakeConnection:
 
 @attr.s(auto_attribs=True)
 class Outcome:
-    results: list
+    results: list[Any]
 
 
 class PoolTests(SynchronousTestCase):
-    def make(self, pool_size: int = 2, connect_error: Exception | None = None, **kwargs):
+    def make(
+        self, pool_size: int = 2, connect_error: Exception | None = None, **kwargs: Any
+    ) -> BatchingPool:
         self.clock = Clock()
         self.connections: list[FakeConnection] = []
         #: one entry per transaction: (items, the Deferred the test fires with an Outcome)
-        self.transactions: list[tuple[list, Deferred]] = []
+        self.transactions: list[tuple[list[Any], Deferred[Any]]] = []
         self.committed: list[Any] = []
 
         def factory() -> FakeConnection:
@@ -100,8 +102,8 @@ class PoolTests(SynchronousTestCase):
             self.connections.append(connection)
             return connection
 
-        def run_batch(cursor: Any, items: list) -> Deferred:
-            ran: Deferred = Deferred()
+        def run_batch(cursor: Any, items: list[Any]) -> Deferred[Any]:
+            ran: Deferred[Any] = Deferred()
             self.transactions.append((list(items), ran))
             return ran
 
@@ -112,15 +114,15 @@ class PoolTests(SynchronousTestCase):
         self.successResultOf(pool.start())
         return pool
 
-    def write(self, pool: BatchingPool, row: str, name: str, events: int = 1) -> Deferred:
+    def write(self, pool: BatchingPool, row: str, name: str, events: int = 1) -> Deferred[Any]:
         return pool.submit(Work(row_id=row, result=Deferred(), events=events,
                                 description=name, item=name))
 
-    def read(self, pool: BatchingPool) -> Deferred:
+    def read(self, pool: BatchingPool) -> Deferred[Any]:
         return pool.submit(Work(row_id=None, result=Deferred(), events=0, description="read",
                                 run=lambda cursor: defer.succeed("rows"), retry_on_dead=False))
 
-    def open_transactions(self) -> list[tuple[list, Deferred]]:
+    def open_transactions(self) -> list[tuple[list[Any], Deferred[Any]]]:
         return [(items, ran) for items, ran in self.transactions if not ran.called]
 
     def commit(self, index: int = 0) -> None:
