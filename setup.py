@@ -1,8 +1,20 @@
+import re
+
 from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    """The one version of lpa: ``__version__`` in ``lpa/__init__.py`` (also the packages')."""
+    with open("lpa/__init__.py", encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
+    if match is None:
+        raise RuntimeError("lpa/__init__.py has no __version__ line")
+    return match.group(1)
+
 
 setup(
     name="lpa",
-    version="0.1.0",
+    version=_version(),
     description="Linux patch agent (lpa-agent) and live job-status relay (lpa-relay)",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
