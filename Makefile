@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: test lint demo venv clean
+.PHONY: test lint demo venv clean deb
 
 venv:
 	@bash .ci/venv "$(PYTHON)" "$(VENV)"
@@ -20,6 +20,10 @@ $(VENV)/bin/mypy:
 
 demo: venv
 	@$(VENV)/bin/lpa demo $(if $(KEEP),--keep,)
+
+# lpa-agent and lpa-relay .debs in dist/ (dpkg-buildpackage + dh-virtualenv; see debian/rules)
+deb:
+	@/usr/bin/python3 debian/make-deb --out dist
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
