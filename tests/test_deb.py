@@ -290,7 +290,7 @@ class InstalledPackagesTests(SynchronousTestCase):
                 if name.endswith(".deb") and not os.path.exists(f"{self.archives}/{name}"):
                     shutil.copy(os.path.join(downloaded, name), self.archives)
         self.assertIn("lpa-agent is enabled but NOT started", out)
-        self.assertIn("tls.ca_cert: /etc/linux_patch_api/certs/ca.pem does not exist", out)
+        self.assertIn("tls.ca_cert: /etc/linux_patch_api/certs/ca.pem: no such file", out)
         self.assertIn("lpa-relay is enabled but NOT started", out)
         self.assertIn("[database] url is still the example's", out)
         self.check_installed(version)
@@ -403,6 +403,9 @@ class InstalledPackagesTests(SynchronousTestCase):
         self.sh("chgrp lpa-relay /etc/lpa/pki/client.key && chmod 0640 /etc/lpa/pki/client.key")
 
         user = unit_line(self.root, "lpa-relay", "User")
+        as_user = f"setpriv --reuid={user} --regid={user} --init-groups"
+        self.assertIn("/etc/lpa/relay.toml: OK",
+                      self.sh(f"{as_user} lpa config check /etc/lpa/relay.toml"))
         process = self.start("lpa-relay", user=user, binds=socket)
         debroot.wait_for(lambda: "relay store connected" in process.log() or not process.running,
                          "the relay's 'relay store connected'", timeout=90)
