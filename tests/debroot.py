@@ -29,15 +29,18 @@ import ctypes
 import datetime
 import glob
 import hashlib
+import http.client
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -245,6 +248,61 @@ class DebianRoot:
                     else "f" if stat.S_ISREG(mode) else "o"
                 )
         return found
+
+
+def unit_line(root: DebianRoot, package: str, key: str) -> str:
+    """``key=`` of the unit the package installed (the test runs what systemd would)."""
+    with open(root.host_path(f"/lib/systemd/system/{package}.service"), encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(rf"^{key}=(.*)$", text, re.M)
+    assert match is not None, f"{package}.service has no {key}="
+    return match.group(1).strip()
+
+
+class AgentClient:
+    """An HTTPS client of the agent in the root, with the dev PKI's relay certificate."""
+
+    def __init__(self, pki: str, port: int) -> None:
+        self.pki = pki
+        self.port = port
+
+    def context(self, client_certificate: bool = True) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=os.path.join(self.pki, "ca.pem"))
+        if client_certificate:
+            context.load_cert_chain(os.path.join(self.pki, "client.crt"),
+                                    os.path.join(self.pki, "client.key"))
+        return context
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=20,
+                                                 context=self.context())
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            connection.close()
+
+    def healthy(self) -> bool:
+        try:
+            return self.request("GET", "/api/v1/health")[0] == 200
+        except (OSError, ssl.SSLError, http.client.HTTPException):
+            return False
+
+    def refuses_without_certificate(self) -> bool:
+        """A client without a certificate gets no HTTP answer (the handshake is refused)."""
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=20,
+                                                 context=self.context(client_certificate=False))
+        try:
+            connection.request("GET", "/api/v1/health")
+            connection.getresponse().read()
+        except (OSError, ssl.SSLError, http.client.HTTPException):
+            return True
+        finally:
+            connection.close()
+        return False
 
 
 def wait_for(predicate: object, what: str, timeout: float = 60.0, step: float = 0.5) -> None:

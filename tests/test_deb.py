@@ -15,16 +15,12 @@ The agent in the root only answers health, refuses the self-upgrade and runs a p
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
-from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -164,60 +160,6 @@ NOISE = (
 POLICY_RC_D = "#!/bin/sh\n# the test's root: no service starts during package installs\nexit 101\n"
 
 
-def unit_line(root: debroot.DebianRoot, package: str, key: str) -> str:
-    """``key=`` of the unit the package installed (the test runs what systemd would)."""
-    text = _read(root.host_path(f"/lib/systemd/system/{package}.service"))
-    match = re.search(rf"^{key}=(.*)$", text, re.M)
-    assert match is not None, f"{package}.service has no {key}="
-    return match.group(1).strip()
-
-
-class Agent:
-    """An HTTPS client of the agent in the root, with the dev PKI's relay certificate."""
-
-    def __init__(self, pki: str, port: int) -> None:
-        self.pki = pki
-        self.port = port
-
-    def context(self, client_certificate: bool = True) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=os.path.join(self.pki, "ca.pem"))
-        if client_certificate:
-            context.load_cert_chain(os.path.join(self.pki, "client.crt"),
-                                    os.path.join(self.pki, "client.key"))
-        return context
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=20,
-                                                 context=self.context())
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            connection.request(method, path, body=payload, headers=headers)
-            response = connection.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            connection.close()
-
-    def healthy(self) -> bool:
-        try:
-            return self.request("GET", "/api/v1/health")[0] == 200
-        except (OSError, ssl.SSLError, http.client.HTTPException):
-            return False
-
-    def refuses_without_certificate(self) -> bool:
-        """A client without a certificate gets no HTTP answer (the handshake is refused)."""
-        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=20,
-                                                 context=self.context(client_certificate=False))
-        try:
-            connection.request("GET", "/api/v1/health")
-            connection.getresponse().read()
-        except (OSError, ssl.SSLError, http.client.HTTPException):
-            return True
-        finally:
-            connection.close()
-        return False
-
-
 class InstalledPackagesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.built = artefacts()
@@ -255,7 +197,7 @@ class InstalledPackagesTests(SynchronousTestCase):
     def start(self, package: str, *, user: str = "root",
               binds: list[tuple[str, str]] | None = None) -> debroot.RootProcess:
         """Run the installed unit's ExecStart in the root, as the unit's User=."""
-        command = unit_line(self.root, package, "ExecStart")
+        command = debroot.unit_line(self.root, package, "ExecStart")
         if user != "root":
             command = f"setpriv --reuid={user} --regid={user} --init-groups {command}"
         log = os.path.join(self.work, f"{package}-{len(self.processes)}.log")
@@ -263,7 +205,7 @@ class InstalledPackagesTests(SynchronousTestCase):
         self.processes.append(process)
         return process
 
-    def start_agent(self, agent: Agent) -> debroot.RootProcess:
+    def start_agent(self, agent: debroot.AgentClient) -> debroot.RootProcess:
         process = self.start("lpa-agent")
         debroot.wait_for(lambda: agent.healthy() or not process.running,
                          "the agent's /api/v1/health", timeout=90)
@@ -310,7 +252,7 @@ class InstalledPackagesTests(SynchronousTestCase):
         self.assertEqual(self.sh("lpa --version").strip(), f"lpa {bumped}")
 
         with stage("agent after the upgrade: same config, same job history"):
-            agent = Agent(self.root.host_path("/etc/lpa/pki"), self.port)
+            agent = debroot.AgentClient(self.root.host_path("/etc/lpa/pki"), self.port)
             process = self.start_agent(agent)
             status, health = agent.request("GET", "/api/v1/health")
             self.assertEqual(health["data"]["version"], bumped)
@@ -337,14 +279,14 @@ class InstalledPackagesTests(SynchronousTestCase):
             self.assertTrue(os.path.isdir(f"{site}/lpa/__pycache__"))
             self.assertTrue(os.path.islink(self.root.host_path(
                 f"/etc/systemd/system/multi-user.target.wants/{package}.service")))
-            self.assertEqual(unit_line(self.root, package, "ExecStart").split()[0],
+            self.assertEqual(debroot.unit_line(self.root, package, "ExecStart").split()[0],
                              f"{venv}/bin/twistd")
         self.assertIn("Python 3.11.", self.sh("/usr/bin/python3 --version"))
         state = os.stat(self.root.host_path("/var/lib/lpa"))
         self.assertEqual((state.st_mode & 0o7777, state.st_uid), (0o700, 0))
         passwd = self.sh("getent passwd lpa-relay").strip().split(":")
         self.assertEqual((passwd[5], passwd[6]), ("/nonexistent", "/usr/sbin/nologin"))
-        self.assertEqual(unit_line(self.root, "lpa-relay", "User"), "lpa-relay")
+        self.assertEqual(debroot.unit_line(self.root, "lpa-relay", "User"), "lpa-relay")
         config = os.stat(self.root.host_path("/etc/lpa/relay.toml"))
         self.assertEqual((config.st_mode & 0o777, config.st_gid), (0o640, int(passwd[3])))
         self.assertIn("/etc/lpa/agent.yaml", self.sh("dpkg-query -W -f='${Conffiles}' lpa-agent"))
@@ -361,7 +303,7 @@ class InstalledPackagesTests(SynchronousTestCase):
             f.write(text)
         self.assertIn("/etc/lpa/agent.yaml: OK", self.sh("lpa config check /etc/lpa/agent.yaml"))
 
-        agent = Agent(self.root.host_path("/etc/lpa/pki"), self.port)
+        agent = debroot.AgentClient(self.root.host_path("/etc/lpa/pki"), self.port)
         process = self.start_agent(agent)
         out = self.sh(f"LPA_CERT=/etc/lpa/pki/client.crt LPA_KEY=/etc/lpa/pki/client.key "
                       f"LPA_CA=/etc/lpa/pki/ca.pem lpa agent 127.0.0.1:{self.port} health")
@@ -391,7 +333,7 @@ class InstalledPackagesTests(SynchronousTestCase):
         url = f"postgresql://postgres@/{database}?host=/run/postgresql&port={cluster.port}"
         socket = [(cluster.socket_dir, "/run/postgresql")]
         out = self.sh(f"lpa db migrate --dsn '{url}'", binds=socket)
-        self.assertIn("schema up to date", out)
+        self.assertIn("up to date", out)
 
         path = self.root.host_path("/etc/lpa/relay.toml")
         text = re.sub(r'^url = ".*"$', f'url = "{url}"', _read(path), count=1, flags=re.M)
@@ -402,7 +344,7 @@ class InstalledPackagesTests(SynchronousTestCase):
             f.write(text)
         self.sh("chgrp lpa-relay /etc/lpa/pki/client.key && chmod 0640 /etc/lpa/pki/client.key")
 
-        user = unit_line(self.root, "lpa-relay", "User")
+        user = debroot.unit_line(self.root, "lpa-relay", "User")
         as_user = f"setpriv --reuid={user} --regid={user} --init-groups"
         self.assertIn("/etc/lpa/relay.toml: OK",
                       self.sh(f"{as_user} lpa config check /etc/lpa/relay.toml"))
