@@ -40,7 +40,8 @@ import ssl
 import stat
 import subprocess
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -70,25 +71,25 @@ def host_mirror(sources: Iterable[str] | None = None) -> str:
         except OSError:
             continue
         for stanza in re.split(r"\n\s*\n", text):
-            fields = dict(
-                (m.group(1).lower(), m.group(2).strip())
+            fields = {
+                m.group(1).lower(): m.group(2).strip()
                 for m in re.finditer(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.M)
-            )
+            }
             if SUITE in fields.get("suites", "").split() and "deb" in fields.get("types", ""):
                 for uri in fields.get("uris", "").split():
                     if uri.rstrip("/").endswith("/debian"):
                         return uri.rstrip("/")
         for line in text.splitlines():
-            words = [w for w in re.sub(r"\[[^]]*\]", "", line).split()]
-            if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
-                if words[1].rstrip("/").endswith("/debian"):
-                    return words[1].rstrip("/")
+            words = list(re.sub(r"\[[^]]*\]", "", line).split())
+            if (len(words) >= 3 and words[0] == "deb" and words[2] == SUITE
+                    and words[1].rstrip("/").endswith("/debian")):
+                return words[1].rstrip("/")
     return DEFAULT_MIRROR
 
 
 def root_tarball(log: str) -> str:
     """This week's minbase root tarball, made with mmdebstrap when missing; others are removed."""
-    year, week, _ = datetime.date.today().isocalendar()
+    year, week, _ = datetime.datetime.now(datetime.UTC).date().isocalendar()
     directory = cache_dir()
     mirror = host_mirror()
     # ca-certificates: every real host has it, and apt recommends it, so once a dependency
@@ -97,7 +98,7 @@ def root_tarball(log: str) -> str:
         "--variant=minbase", "--include=ca-certificates", "--skip=cleanup/apt/lists",
         '--aptopt=Acquire::Languages "none"', "--format=tar",
     ]
-    recipe = hashlib.sha256(" ".join(options + [mirror]).encode()).hexdigest()[:8]
+    recipe = hashlib.sha256(" ".join([*options, mirror]).encode()).hexdigest()[:8]
     path = os.path.join(directory, f"{SUITE}-minbase-{recipe}-{year}-W{week:02d}.tar")
     if os.path.exists(path):
         return path
@@ -105,7 +106,7 @@ def root_tarball(log: str) -> str:
     argv = ["mmdebstrap", *options, SUITE, partial, mirror]
     with open(log, "w") as out:
         completed = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, check=False)
     if completed.returncode != 0:
         raise AssertionError(f"mmdebstrap exited {completed.returncode}:\n{tail(log)}")
     os.replace(partial, path)
@@ -213,8 +214,7 @@ class DebianRoot:
         """Run ``script`` (sh) in the root; its exit status and output (stdout and stderr)."""
         completed = subprocess.run(
             self._argv(script, binds), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, timeout=timeout, preexec_fn=_die_with_parent,
-        )
+            stderr=subprocess.STDOUT, timeout=timeout, preexec_fn=_die_with_parent, check=False)
         output = completed.stdout.decode(errors="replace")
         if check and completed.returncode != 0:
             raise AssertionError(
@@ -228,7 +228,8 @@ class DebianRoot:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 self._argv(script, binds), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509  # only sets PDEATHSIG
             )
         return RootProcess(popen, log_path)
 
