@@ -42,7 +42,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "lpa/tools/": _LPA - {"lpa/tools/"},
     "lpa/__main__.py": frozenset({"lpa/tools/"}),
     "twisted/plugins/": frozenset(),
-    "tests/": _LPA,
+    "tests/": _LPA | {"twisted/plugins/"},
     "bench/": _LPA | {"tests/"},
 }
 
@@ -354,7 +354,9 @@ class ImportRuleTests(SynchronousTestCase):
         """The rules table of docs/architecture.rst says what MAY_IMPORT says, and the rules
         section names each module with an exception of its own."""
         text = _read(os.path.join(ROOT, ARCHITECTURE))
-        self.assertEqual(rules_table(text), MAY_IMPORT)
+        documented = rules_table(text)
+        self.assertEqual({package: sorted(allowed) for package, allowed in documented.items()},
+                         {package: sorted(allowed) for package, allowed in MAY_IMPORT.items()})
         rules = "\n".join(_section(text, "The rules", "-"))
         for importer, _ in ALSO_MAY_IMPORT:
             self.assertIn("``" + importer.replace(".", "/") + ".py``", rules)
