@@ -52,13 +52,13 @@ import resource
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -136,7 +136,7 @@ def agent_process(count: int, pki_dir: str) -> None:
             elif name == "followed":
                 followed = sum(
                     1
-                    for agent, job in zip(agents, state["jobs"])
+                    for agent, job in zip(agents, state["jobs"], strict=True)
                     if job is not None and any(job in s.subscribed for s in agent.sockets)
                 )
                 sockets = sum(len(agent.sockets) for agent in agents)
@@ -308,7 +308,7 @@ class Scenario:
     def times(self) -> list[tuple[str, int, float]]:
         collected: list[tuple[str, int, float]] = []
         for agent in self.agents:
-            collected.extend(tuple(t) for t in agent.ask(cmd="times")["times"])  # type: ignore
+            collected.extend(tuple(t) for t in agent.ask(cmd="times")["times"])
         return collected
 
     def applied(self) -> int:
@@ -350,7 +350,7 @@ class Scenario:
         rows = []
         for agent in self.agents:
             jobs = agent.ask(cmd="jobs")["jobs"]
-            rows.extend(zip(agent.ports, jobs))
+            rows.extend(zip(agent.ports, jobs, strict=True))
         connection = psycopg2.connect(self.dsn)
         with connection, connection.cursor() as cursor:
             for start in range(0, len(rows), HOSTS_PER_JOB):
@@ -360,14 +360,16 @@ class Scenario:
                 hosts = execute_values(
                     cursor,
                     "INSERT INTO hosts (fqdn, ip_address, agent_port) VALUES %s RETURNING id",
-                    [("localhost", f"10.{(start + n) // 65536}.{(start + n) // 256 % 256}."
-                      f"{(start + n) % 256}", port) for n, (port, _) in enumerate(chunk)],
+                    [("localhost", (f"10.{(start + n) // 65536}.{(start + n) // 256 % 256}."
+                                    f"{(start + n) % 256}"), port)
+                     for n, (port, _) in enumerate(chunk)],
                     fetch=True,
                 )
                 execute_values(
                     cursor,
                     "INSERT INTO patch_job_hosts (job_id, host_id, status, agent_job_id) VALUES %s",
-                    [(job_id, host[0], "running", job) for host, (_, job) in zip(hosts, chunk)],
+                    [(job_id, host[0], "running", job)
+                     for host, (_, job) in zip(hosts, chunk, strict=True)],
                 )
         connection.close()
 
@@ -459,13 +461,12 @@ def max_rss(result: dict[str, Any]) -> float:
 def report(results: list[dict[str, Any]], options: argparse.Namespace) -> None:
     print()
     print("relays  agents followed per relay   settle   RSS KiB per followed agent   "
-          "freshness at {:.0f} ev/s    applied ev/s at saturation       failover".format(
-              options.rate))
+          f"freshness at {options.rate:.0f} ev/s    applied ev/s at saturation       failover")
     peer = results[0]
     for result in results:
         shares = "/".join(str(v) for v in result["shares"].values())
         per_agent = max(result["rss_per_agent_kib"].values())
-        rate, p50, p99, count, _ = result["fresh"]
+        _rate, p50, p99, _count, _ = result["fresh"]
         offered, applied, sat_p99 = result["saturated"]
         failover = f"{result['failover_s']:.1f} s ({result['lost']} agents)" \
             if "failover_s" in result else "-"
@@ -489,7 +490,7 @@ def main(options: argparse.Namespace) -> None:
     from lpa.tools.pgcluster import PostgresCluster
     from tests.certs import make_test_pki
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     if hard < 3 * options.agents + 1000:
         print(f"warning: fd limit {hard} is low for {options.agents} agents", file=sys.stderr)

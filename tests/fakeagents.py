@@ -22,6 +22,7 @@ CLI read them with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -78,7 +79,7 @@ class _RecordingSite(Site):
     say so here too (a plain Site offers h2 first only when Twisted's HTTP/2 is importable).
     """
 
-    def __init__(self, resource: Resource, agent: "_BaseAgent", alpn: Any = None) -> None:
+    def __init__(self, resource: Resource, agent: _BaseAgent, alpn: Any = None) -> None:
         super().__init__(resource)
         self._agent = agent
         self._alpn = list(alpn) if alpn is not None else None
@@ -145,10 +146,8 @@ class _BaseAgent:
         transports += [p.transport for p in getattr(self, "sockets", [])]
         for transport in transports:
             if transport is not None and not getattr(transport, "disconnected", False):
-                try:
+                with contextlib.suppress(AttributeError):  # TLS already torn down
                     transport.abortConnection()
-                except AttributeError:  # TLS already torn down
-                    pass
         self.connections = []
         return DeferredList(stopping)
 
@@ -233,7 +232,7 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
 class _LpaRoot(Resource):
     isLeaf = True
 
-    def __init__(self, agent: "LpaTestAgent") -> None:
+    def __init__(self, agent: LpaTestAgent) -> None:
         super().__init__()
         self.agent = agent
         factory = WebSocketServerFactory()
@@ -344,7 +343,7 @@ class LpaTestAgent(_BaseAgent):
 class _StubRoot(Resource):
     isLeaf = True
 
-    def __init__(self, agent: "StubHandshakeAgent") -> None:
+    def __init__(self, agent: StubHandshakeAgent) -> None:
         super().__init__()
         self.agent = agent
 

@@ -9,7 +9,7 @@ every heartbeat raises: the database is down),
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred

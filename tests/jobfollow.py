@@ -5,7 +5,8 @@ stand-in package manager's run became (tests that kill or restart the agent mid-
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -47,7 +48,7 @@ class Follower:
             if previous != event:
                 raise AssertionError(f"seq {event['seq']} served twice, differently")
 
-    async def follow_until(self, done: Callable[["Follower"], bool], timeout: float) -> None:
+    async def follow_until(self, done: Callable[[Follower], bool], timeout: float) -> None:
         deadline = reactor.seconds() + timeout
         while not done(self):
             if reactor.seconds() > deadline:

@@ -30,7 +30,7 @@ from twisted.test import iosim
 class _ClientTransport(iosim.FakeTransport):
     """The dialling side: its loss also reaches the connector (and so the client factory)."""
 
-    def __init__(self, protocol: Any, connector: "MemoryConnector") -> None:
+    def __init__(self, protocol: Any, connector: MemoryConnector) -> None:
         super().__init__(protocol, isServer=False)
         self.connector = connector
 
@@ -43,7 +43,7 @@ class _ClientTransport(iosim.FakeTransport):
 class MemoryConnector:
     """An ``IConnector`` whose connections are iosim pumps in a :class:`MemoryNetwork`."""
 
-    def __init__(self, network: "MemoryNetwork", host: str, port: int, factory: Any) -> None:
+    def __init__(self, network: MemoryNetwork, host: str, port: int, factory: Any) -> None:
         self.network = network
         self.host = host
         self.port = port
@@ -84,7 +84,7 @@ class MemoryConnector:
         self.factory.clientConnectionFailed(self, Failure(error.UserError()))
 
     def disconnect(self) -> None:
-        for address, pump in self.network.pumps:
+        for _address, pump in self.network.pumps:
             if pump.clientIO.connector is self:
                 pump.clientIO.loseConnection()
 

@@ -43,7 +43,8 @@ class Seeder:
 
     def host(self, fqdn: str, ip: str = "192.0.2.10", port: int = 12443) -> str:
         return self.one(
-            "INSERT INTO hosts (fqdn, ip_address, agent_port) VALUES (%s, %s, %s) RETURNING id::text",
+            "INSERT INTO hosts (fqdn, ip_address, agent_port) VALUES (%s, %s, %s) "
+            "RETURNING id::text",
             (fqdn, ip, port),
         )[0]
 
@@ -83,7 +84,7 @@ class Seeder:
                 (row_id,),
             )
             names = [column.name for column in cursor.description]
-            return dict(zip(names, cursor.fetchone()))
+            return dict(zip(names, cursor.fetchone(), strict=True))
 
     def job_status(self, job_id: str) -> str:
         return self.one("SELECT status::text FROM patch_jobs WHERE id = %s", (job_id,))[0]

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -90,14 +91,14 @@ class LoopbackTests(TestCase):
     async def test_agent_from_another_ca_is_refused(self) -> None:
         """An agent certificate that does not chain to ca_cert_path fails the handshake."""
         port = self.serve(self.pki.other_ca.cert, self.pki.other_ca.key)
-        with self.assertRaises(Exception) as caught:
+        with self.assertRaises(SSL.Error) as caught:
             await self.dial(port, "localhost")
         self.assertIn("certificate verify failed", str(caught.exception))
 
     async def test_certificate_without_names_is_refused(self) -> None:
         """A certificate of our CA that names no host (a client certificate) is refused."""
         port = self.serve(self.pki.good.cert, self.pki.good.key)
-        with self.assertRaises(Exception):
+        with self.assertRaises(SSL.Error):
             await self.dial(port, "localhost")
         self.assertEqual(self.flushLoggedErrors(), [])
 
@@ -109,9 +110,11 @@ class ContextTests(SynchronousTestCase):
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
 
     def tls(self, **paths: str) -> AgentTls:
-        settings = dict(
-            ca_cert_path=self.pki.ca_cert, cert_path=self.pki.good.cert, key_path=self.pki.good.key
-        )
+        settings = {
+            "ca_cert_path": self.pki.ca_cert,
+            "cert_path": self.pki.good.cert,
+            "key_path": self.pki.good.key,
+        }
         settings.update(paths)
         return AgentTls(**settings)
 

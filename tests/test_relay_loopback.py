@@ -5,12 +5,14 @@ restarts, handover) runs in memory on a Clock in ``test_relay_memory``."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -21,17 +23,14 @@ from lpa.relay.machine import POLLING, STREAMING
 from lpa.relay.service import make_relay_service
 from lpa.tls import negotiated_protocol
 from tests.certs import make_test_pki
-from tests.fakeagents import H2_FIRST, LpaTestAgent, StubHandshakeAgent, h2_preferring_options
+from tests.fakeagents import H2_FIRST, LpaTestAgent, h2_preferring_options
 from tests.fakes_relay import FakeRelayStore
 
-_pki = None
 
-
+@functools.cache
 def pki() -> Any:
-    global _pki
-    if _pki is None:
-        _pki = make_test_pki(tempfile.mkdtemp(prefix="lpa-relay-pki-"))
-    return _pki
+    """One test PKI for the module, made on first use."""
+    return make_test_pki(tempfile.mkdtemp(prefix="lpa-relay-pki-"))
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -57,15 +56,15 @@ class LoopbackTests(TestCase):
         return AgentAddress("localhost", agent.port_number)
 
     def start_relay(self, tls_options_for: Any = None, **overrides: Any) -> Any:
-        settings = dict(
-            database_url="postgres://unused@localhost/db",
-            scan_interval=0.2,
-            poll_interval=0.2,
-            handshake_timeout=5.0,
-            reconnect_initial_delay=0.1,
-            reconnect_max_delay=0.4,
-            unreachable_deadline=60.0,
-        )
+        settings = {
+            "database_url": "postgres://unused@localhost/db",
+            "scan_interval": 0.2,
+            "poll_interval": 0.2,
+            "handshake_timeout": 5.0,
+            "reconnect_initial_delay": 0.1,
+            "reconnect_max_delay": 0.4,
+            "unreachable_deadline": 60.0,
+        }
         settings.update(overrides)
         service = make_relay_service(
             RelayConfig(**settings),

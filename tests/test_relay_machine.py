@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -507,10 +507,14 @@ class RenumberTests(LinkFixture):
             changes,
             [
                 "agent agent1.example:12443 runs incarnation a",
-                "agent agent1.example:12443 restarted (incarnation a → b); its jobs are "
-                "checked for lost or renumbered events",
-                "agent agent1.example:12443 restarted (incarnation b → c); its jobs are "
-                "checked for lost or renumbered events",
+                (
+                    "agent agent1.example:12443 restarted (incarnation a → b); its jobs are "
+                    "checked for lost or renumbered events"
+                ),
+                (
+                    "agent agent1.example:12443 restarted (incarnation b → c); its jobs are "
+                    "checked for lost or renumbered events"
+                ),
             ],
         )
         self.assertEqual(self.link.incarnations.current, "c")
@@ -529,7 +533,7 @@ class RenumberTests(LinkFixture):
 class MissingJobTests(LinkFixture):
     """A reachable agent that does not know a job: failed after the deadline, never at once."""
 
-    not_found = {
+    not_found: ClassVar[dict[str, str]] = {
         "event": "error",
         "job_id": B,
         "status": "job_not_found",
@@ -551,8 +555,10 @@ class MissingJobTests(LinkFixture):
             (row.status, row.error_message),
             (
                 "failed",
-                f"agent agent1.example:12443 has not known job {B} for 100s (JOB_NOT_FOUND; "
-                "deadline 100s): its job history was lost or it was reinstalled",
+                (
+                    f"agent agent1.example:12443 has not known job {B} for 100s (JOB_NOT_FOUND; "
+                    "deadline 100s): its job history was lost or it was reinstalled"
+                ),
             ),
         )
         self.assertEqual([h.row_id for h in self.link.host_jobs], ["ra"])

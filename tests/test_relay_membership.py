@@ -244,7 +244,7 @@ class MembershipTests(SynchronousTestCase):
 
     def test_lease_must_outlast_three_heartbeats(self) -> None:
         """A lease shorter than three heartbeat intervals is refused."""
-        kwargs: dict[str, Any] = dict(clock=self.clock, relay_id="r", on_change=print)
+        kwargs: dict[str, Any] = {"clock": self.clock, "relay_id": "r", "on_change": print}
         self.assertRaises(
             ValueError, RelayMembership, self.db, heartbeat_interval=2, lease_ttl=5, **kwargs
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
@@ -81,7 +82,7 @@ class MembershipDatabaseTests(TestCase):
         self.agents(30)
         relays = [await self.relay(f"relay-{n}") for n in "abc"]
         first = await self.settle(*relays)
-        held = {relay.relay_id: result.owned for relay, result in zip(relays, first)}
+        held = {relay.relay_id: result.owned for relay, result in zip(relays, first, strict=True)}
         fourth = await self.relay("relay-d")
         relays.append(fourth)
         after = await self.settle(*relays)
@@ -89,7 +90,7 @@ class MembershipDatabaseTests(TestCase):
         self.assertEqual(counts, [6, 8, 8, 8])
         moved = sum(
             len(held[relay.relay_id] - result.owned)
-            for relay, result in zip(relays, after)
+            for relay, result in zip(relays, after, strict=True)
             if relay.relay_id in held
         )
         self.assertEqual(moved, 6)

@@ -95,15 +95,15 @@ class MemoryRelayTests(SynchronousTestCase):
         self.http.remove(address)
 
     def relay(self, membership: FakeMembershipDatabase | None = None, **overrides: Any) -> Any:
-        settings: dict[str, Any] = dict(
-            database_url="postgres://unused@localhost/db",
-            scan_interval=1.0,
-            poll_interval=1.0,
-            handshake_timeout=5.0,
-            reconnect_initial_delay=1.0,
-            reconnect_max_delay=4.0,
-            unreachable_deadline=600.0,
-        )
+        settings: dict[str, Any] = {
+            "database_url": "postgres://unused@localhost/db",
+            "scan_interval": 1.0,
+            "poll_interval": 1.0,
+            "handshake_timeout": 5.0,
+            "reconnect_initial_delay": 1.0,
+            "reconnect_max_delay": 4.0,
+            "unreachable_deadline": 600.0,
+        }
         settings.update(overrides)
         config = RelayConfig(**settings)
         dial = WebSocketDialer(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 from zope.interface.verify import verifyObject
 
@@ -16,8 +16,8 @@ from lpa.relay.pressure import StoreGauge
 from lpa.relay.ws_client import WebSocketDialer
 from tests.fakes_relay import FakeRelayStore
 from tests.memnet import MemoryNetwork
-from tests.test_relay_ws_client import Listener, agent_factory
 from tests.pgutil import event
+from tests.test_relay_ws_client import Listener, agent_factory
 
 ONE = AgentAddress("agent1.example", 12443)
 

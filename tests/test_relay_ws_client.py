@@ -3,6 +3,7 @@ subprotocol and ALPN checks, failure reasons, stop; real Autobahn protocols over
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -96,17 +97,17 @@ class WebSocketTests(SynchronousTestCase):
     def websocket(
         self, address: AgentAddress = ONE, negotiated: str | None = "http/1.1", **kw: Any
     ) -> AgentWebSocket:
-        settings: dict[str, Any] = dict(
-            reactor=self.network,
-            clock=self.network,
-            tls_options="TLS",
-            gate=self.gate,
-            handshake_timeout=10,
-            initial_delay=1,
-            max_delay=4,
-            jitter=0,
-            negotiated_protocol=lambda transport: negotiated,
-        )
+        settings: dict[str, Any] = {
+            "reactor": self.network,
+            "clock": self.network,
+            "tls_options": "TLS",
+            "gate": self.gate,
+            "handshake_timeout": 10,
+            "initial_delay": 1,
+            "max_delay": 4,
+            "jitter": 0,
+            "negotiated_protocol": lambda transport: negotiated,
+        }
         settings.update(kw)
         websocket = AgentWebSocket(address, self.listener, **settings)
         self.sockets.append(websocket)
@@ -192,7 +193,7 @@ class WebSocketTests(SynchronousTestCase):
                 self.network.advance(0.5)
                 self.network.flush()
             dial_times.append(self.network.seconds())
-        gaps = [b - a for a, b in zip(dial_times, dial_times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(dial_times)]
         self.assertEqual(gaps, [1, 2, 4, 4])
         self.assertEqual(
             self.failures()[0], ("connection refused: nothing listens on the agent's port", True)
@@ -228,7 +229,7 @@ class WebSocketTests(SynchronousTestCase):
         self.network.flush()
         factory = self.network.servers[(ONE.host, ONE.port)]
         self.network.kill(ONE.host, ONE.port)
-        [(reason, handshake)] = self.failures()
+        [(_reason, handshake)] = self.failures()
         self.assertFalse(handshake)
         self.network.listen(ONE.host, ONE.port, factory)
         self.network.run(1.5)

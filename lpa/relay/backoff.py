@@ -12,7 +12,7 @@ spread out yet never come at 0.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredSemaphore

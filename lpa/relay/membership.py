@@ -128,7 +128,7 @@ class RelayMembership:
         on_change: Callable[[frozenset[AgentAddress]], None],
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        if not 0 < heartbeat_interval or lease_ttl < 3 * heartbeat_interval:
+        if not heartbeat_interval > 0 or lease_ttl < 3 * heartbeat_interval:
             raise ValueError("lease_ttl must be at least three heartbeat intervals")
         self._db = database
         self._clock = clock
@@ -397,5 +397,5 @@ class RelayMembership:
         self.owned = owned
         try:
             self._on_change(owned)
-        except Exception:  # noqa: BLE001  (a bug: logged with its traceback, heartbeats go on)
+        except Exception:  # a bug: logged with its traceback, heartbeats go on
             _log.failure("relay membership: applying the agents to follow failed")

@@ -27,11 +27,13 @@ or make them time out; ``idle_in_transaction_session_timeout`` ends such a sessi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg2.errors
 from twisted.internet.defer import Deferred, gatherResults
@@ -236,10 +238,8 @@ class PostgresMembershipDatabase:
             stop_reconnecting = getattr(connection.detector, "stop", None)
             if stop_reconnecting is not None:
                 stop_reconnecting()
-            try:
+            with contextlib.suppress(Exception):  # never connected, or already gone
                 connection.close()
-            except Exception:  # never connected, or already gone
-                pass
 
     # -- IMembershipDatabase ----------------------------------------------------------------
 

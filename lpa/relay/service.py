@@ -309,7 +309,7 @@ def make_relay_service(
             reactor=reactor,
             clock=clock,
             metrics=metrics,
-            links=lambda: scanner.links.values(),
+            links=lambda: scanner.links.values(),  # noqa: PLW0108  (stop replaces scanner.links)
             database_up=lambda: _ask(store, "database_up"),
             pool_stats=lambda: _ask(store, "pool_stats"),
             connection_factory=ops_connection_factory,
