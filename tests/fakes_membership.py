@@ -10,6 +10,7 @@ every heartbeat raises: the database is down),
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -29,20 +30,20 @@ class FakeMembershipDatabase:
         self.members = 2
         self.joined_next = True
         self.fail: Exception | None = None
-        self.held: list[Deferred] | None = None
+        self.held: list[Deferred[Any]] | None = None  # heartbeats (bool) and leaves
         #: when a list, rebalances stay pending (appended here)
-        self.rebalance_held: list[Deferred] | None = None
+        self.rebalance_held: list[Deferred[Rebalance]] | None = None
         self.wakeup: Callable[[], None] | None = None
         self.closed = False
 
-    def connect(self) -> Deferred:
+    def connect(self) -> Deferred[None]:
         self.calls.append("connect")
         return defer.succeed(None)
 
-    def heartbeat(self) -> Deferred:
+    def heartbeat(self) -> Deferred[bool]:
         self.calls.append("heartbeat")
         if self.held is not None:
-            waiting: Deferred = Deferred()
+            waiting: Deferred[bool] = Deferred()
             self.held.append(waiting)
             return waiting
         if self.fail is not None:
@@ -61,10 +62,10 @@ class FakeMembershipDatabase:
             else:
                 waiting.callback(False)
 
-    def rebalance(self) -> Deferred:
+    def rebalance(self) -> Deferred[Rebalance]:
         self.calls.append("rebalance")
         if self.rebalance_held is not None:
-            waiting: Deferred = Deferred()
+            waiting: Deferred[Rebalance] = Deferred()
             self.rebalance_held.append(waiting)
             return waiting
         return defer.succeed(
@@ -72,10 +73,10 @@ class FakeMembershipDatabase:
                       members=self.members, busy=self.busy)
         )
 
-    def leave(self) -> Deferred:
+    def leave(self) -> Deferred[object]:
         self.calls.append("leave")
         if self.held is not None:
-            waiting: Deferred = Deferred()
+            waiting: Deferred[object] = Deferred()
             self.held.append(waiting)
             return waiting
         if self.fail is not None:

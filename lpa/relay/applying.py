@@ -67,7 +67,7 @@ class ApplyQueue:
         self._on_ready = on_ready
         self._on_dropped = on_dropped
         self._queue: list[tuple[JobEvent, str]] = []
-        self._in_flight: Deferred | None = None
+        self._in_flight: Deferred[ApplyResult] | None = None
         self._retry: IDelayedCall | None = None
         self._backoff: Backoff | None = None
         #: no longer followed (close) or the link stops (flush): no callbacks, no retries

@@ -76,7 +76,7 @@ class HandshakeGate:
     def waiting(self) -> int:
         return len(self._semaphore.waiting)
 
-    def acquire(self) -> Deferred:
+    def acquire(self) -> Deferred[Callable[[], None]]:
         """Fire with ``release()`` when a slot is free; cancelling the Deferred gives up waiting."""
         acquired = self._semaphore.acquire()
 

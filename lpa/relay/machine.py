@@ -133,7 +133,7 @@ class AgentLink:
             if row_id not in self._followed:
                 self._follow(host_job)
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         """Close the socket, stop polling, hand queued events to the store; fires once closed.
 
         In-flight store calls are not awaited: ``store.stop()`` (after every link) applies or
@@ -144,7 +144,7 @@ class AgentLink:
         if self.state == STOPPED and self._ws is None:
             return succeed(None)
         self._set_state(STOPPED)
-        waits: list[Deferred] = []
+        waits: list[Deferred[None]] = []
         if self._poller is not None:
             self._poller.stop()
             self._poller = None
@@ -246,7 +246,7 @@ class AgentLink:
         self._run_poller(backstop=False)
         self._set_state(POLLING)
 
-    def ws_message(self, message: dict) -> None:
+    def ws_message(self, message: dict[str, Any]) -> None:
         try:
             frame = parse_frame(message)
         except ProtocolError as error:

@@ -78,20 +78,20 @@ class RelayIdInUse(Exception):
 class IMembershipDatabase(Interface):
     """The membership tables behind :class:`RelayMembership` (PostgreSQL in production)."""
 
-    def connect() -> Deferred:
+    def connect() -> Deferred[None]:
         """Open the connection; fires once the first attempt ended (never errbacks)."""
 
-    def heartbeat() -> Deferred:
+    def heartbeat() -> Deferred[bool]:
         """Renew our row (insert it when absent or expired); fire True when we just joined.
 
         Errbacks :class:`RelayIdInUse` when another live process holds our relay id.
         """
 
-    def rebalance() -> Deferred:
+    def rebalance() -> Deferred[Rebalance]:
         """Drop expired relays, shed or claim agents towards our share; fire a Rebalance."""
 
-    def leave() -> Deferred:
-        """Delete our row (our leases go with it) and tell the other relays."""
+    def leave() -> Deferred[object]:
+        """Delete our row (our leases go with it) and tell the other relays; fires when done."""
 
     def set_wakeup(callback: Callable[[], None]) -> None:
         """Call ``callback()`` when another relay joins, leaves or sheds agents."""
@@ -105,8 +105,9 @@ def _reason(failure: Failure) -> str:
     original = getattr(failure.value, "originalFailure", None)  # txpostgres RollbackFailed
     if isinstance(original, Failure):
         failure = original
-    text = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
-    return f"{failure.type.__name__}: {text}"
+    name = type(failure.value).__name__
+    text = (str(failure.value).strip().splitlines() or [name])[0]
+    return f"{name}: {text}"
 
 
 class RelayMembership:
@@ -130,7 +131,7 @@ class RelayMembership:
     ) -> None:
         if not heartbeat_interval > 0 or lease_ttl < 3 * heartbeat_interval:
             raise ValueError("lease_ttl must be at least three heartbeat intervals")
-        self._db = database
+        self._db: IMembershipDatabase = database
         self._clock = clock
         self.relay_id = relay_id
         self.interval = heartbeat_interval
@@ -142,8 +143,9 @@ class RelayMembership:
         self.owned: frozenset[AgentAddress] = frozenset()
         self.fenced = True  # nothing followed before the first heartbeat
         self._running = False
-        self._beating: Deferred | None = None
-        self._rebalancing: Deferred | None = None
+        # the database's Deferreds, whose results change along their callback chains
+        self._beating: Deferred[Any] | None = None
+        self._rebalancing: Deferred[Any] | None = None
         self._again = False
         self._next_beat: IDelayedCall | None = None
         self._next_rebalance: IDelayedCall | None = None
@@ -157,13 +159,12 @@ class RelayMembership:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[None]:
         """Connect, then beat now and every ``heartbeat_interval``; fires once connected."""
         self._running = True
         self._db.set_wakeup(self.wake)
         connecting = self._db.connect()
-        connecting.addCallback(lambda _: self._beat() if self._running else None)
-        return connecting
+        return connecting.addCallback(lambda _: self._beat() if self._running else None)
 
     def stop(self) -> None:
         """Stop beating (links stay as they are; :meth:`leave` hands them over)."""
@@ -173,7 +174,7 @@ class RelayMembership:
                 call.cancel()
         self._next_beat = self._next_rebalance = self._fence = None
 
-    def leave(self) -> Deferred:
+    def leave(self) -> Deferred[None]:
         """Hand our agents to the other relays at once; then close. Never errbacks.
 
         Work in flight is not awaited: a rebalance that commits later cannot claim for a

@@ -180,7 +180,7 @@ class PostgresMembershipDatabase:
 
     # -- connections ------------------------------------------------------------------------
 
-    def connect(self) -> Deferred:
+    def connect(self) -> Deferred[None]:
         self._work.addNotifyObserver(self._notified)
         for connection in (self._beats, self._work):
             connection.detector.addRecoveryHandler(
@@ -190,10 +190,10 @@ class PostgresMembershipDatabase:
             [self._connect(self._beats), self._connect(self._work)], consumeErrors=True
         ).addCallback(lambda _: None)
 
-    def _connect(self, connection: Any) -> Deferred:
+    def _connect(self, connection: Any) -> Deferred[Any]:
         # a hung server must not keep us believing we are alive: libpq gives up on unanswered
         # TCP within the fence (no effect on unix sockets)
-        connecting = connection.connect(
+        connecting: Deferred[Any] = connection.connect(
             self._dsn,
             keepalives=1,
             keepalives_idle=max(1, int(self._ttl / 4)),
@@ -204,13 +204,14 @@ class PostgresMembershipDatabase:
         connecting.addCallback(lambda _: self._session_setup(connection))
 
         def failed(failure: Failure) -> None:
-            first = (str(failure.value).strip().splitlines() or [failure.type.__name__])[0]
+            name = type(failure.value).__name__
+            first = (str(failure.value).strip().splitlines() or [name])[0]
             _log.warn("membership database connection failed: {reason}", reason=first)
             connection.detector.checkForDeadConnection(failure)
 
         return connecting.addErrback(failed)
 
-    def _session_setup(self, connection: Any) -> Deferred | None:
+    def _session_setup(self, connection: Any) -> Deferred[Any] | None:
         """After every (re)connection: bound idle transactions; LISTEN for other relays."""
         if self._closed:
             return None
@@ -218,7 +219,7 @@ class PostgresMembershipDatabase:
         statements = f"SET idle_in_transaction_session_timeout = {idle_ms}"
         if connection is self._work:
             statements += f"; LISTEN {CHANNEL}"
-        setup = connection.runOperation(statements)
+        setup: Deferred[Any] = connection.runOperation(statements)
         return setup.addErrback(
             lambda failure: _log.warn(
                 "membership session set-up failed: {reason}", reason=failure.getErrorMessage()
@@ -243,7 +244,7 @@ class PostgresMembershipDatabase:
 
     # -- IMembershipDatabase ----------------------------------------------------------------
 
-    def heartbeat(self) -> Deferred:
+    def heartbeat(self) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._heartbeat())
 
     async def _heartbeat(self) -> bool:
@@ -262,8 +263,8 @@ class PostgresMembershipDatabase:
             await self._beats.runQuery("SELECT pg_notify(%s, %s)", (CHANNEL, self.relay_id))
         return joined
 
-    def _heartbeat_query(self) -> Deferred:
-        return self._beats.runQuery(
+    def _heartbeat_query(self) -> Deferred[list[tuple[Any, ...]]]:
+        rows: Deferred[list[tuple[Any, ...]]] = self._beats.runQuery(
             _HEARTBEAT_SQL,
             {
                 "relay_id": self.relay_id,
@@ -273,15 +274,18 @@ class PostgresMembershipDatabase:
                 "ttl": self._ttl,
             },
         )
+        return rows
 
-    def rebalance(self) -> Deferred:
-        return self._work.runInteraction(
+    def rebalance(self) -> Deferred[Rebalance]:
+        rebalanced: Deferred[Rebalance] = self._work.runInteraction(
             lambda cursor: Deferred.fromCoroutine(rebalance_in(cursor, self.relay_id))
         )
+        return rebalanced
 
-    def leave(self) -> Deferred:
-        return self._beats.runQuery(
+    def leave(self) -> Deferred[object]:
+        left: Deferred[object] = self._beats.runQuery(
             "WITH gone AS (DELETE FROM relay_members WHERE relay_id = %s AND incarnation = %s "
             "RETURNING relay_id) SELECT pg_notify(%s, relay_id) FROM gone",
             (self.relay_id, self.incarnation, CHANNEL),
         )
+        return left

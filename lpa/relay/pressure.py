@@ -15,15 +15,17 @@ are read again::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lpa.relay.interfaces import HostJob, IRelayStore
+from lpa.events import JobEvent
+from lpa.relay.interfaces import ApplyResult, HostJob, IRelayStore
 
 _log = Logger()
+_T = TypeVar("_T")
 
 
 @implementer(IRelayStore)
@@ -44,7 +46,7 @@ class StoreGauge:
     ) -> None:
         if not 0 <= low < high:
             raise ValueError(f"backpressure needs 0 <= low < high, got {low!r}, {high!r}")
-        self._store = store
+        self._store: IRelayStore = store
         self.high = high
         self.low = low
         self._pause = pause
@@ -55,17 +57,21 @@ class StoreGauge:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def running_host_jobs(self) -> Deferred:
-        return self._store.running_host_jobs()  # type: ignore[no-any-return]
+    def running_host_jobs(self) -> Deferred[list[HostJob]]:
+        return self._store.running_host_jobs()
 
-    def apply_events(self, host_job: HostJob, events: Sequence, transport: str) -> Deferred:
+    def apply_events(
+        self, host_job: HostJob, events: Sequence[JobEvent], transport: str
+    ) -> Deferred[ApplyResult]:
         events = tuple(events)
         return self._counted(len(events), self._store.apply_events(host_job, events, transport))
 
-    def fail_host_job(self, host_job: HostJob, reason: str, transport: str) -> Deferred:
+    def fail_host_job(
+        self, host_job: HostJob, reason: str, transport: str
+    ) -> Deferred[ApplyResult]:
         return self._counted(1, self._store.fail_host_job(host_job, reason, transport))
 
-    def _counted(self, count: int, call: Deferred) -> Deferred:
+    def _counted(self, count: int, call: Deferred[_T]) -> Deferred[_T]:
         self.in_flight += count
         if not self.paused and self.in_flight > self.high:
             self.paused = True
@@ -77,7 +83,7 @@ class StoreGauge:
             )
             self._pause()
 
-        def done(result: object) -> object:
+        def done(result: _T) -> _T:
             self.in_flight -= count
             if self.paused and self.in_flight < self.low:
                 self.paused = False

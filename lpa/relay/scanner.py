@@ -56,7 +56,7 @@ class Scanner:
         #: the agents this relay may follow; None: every agent (a relay on its own)
         self.owned: frozenset[AgentAddress] | None = None
         self._loop: LoopingCall | None = None
-        self._stopping: list[Deferred] = []
+        self._stopping: list[Deferred[None]] = []
         self._scanning = False
         self._scan_again = False
         #: agents whose link waits for its turn to start
@@ -82,7 +82,7 @@ class Scanner:
         if loop is not None and loop.running:
             loop.stop()
 
-    def stop_links(self) -> Deferred:
+    def stop_links(self) -> Deferred[None]:
         """Stop every link (and wait for links being stopped by earlier scans)."""
         waits = [link.stop() for link in self.links.values()] + self._stopping
         self.links = {}
@@ -186,7 +186,7 @@ class Scanner:
             return
         self.links[address] = link
 
-    def _track_stop(self, stopping: Deferred) -> None:
+    def _track_stop(self, stopping: Deferred[None]) -> None:
         self._stopping.append(stopping)
 
         def done(result: object) -> None:

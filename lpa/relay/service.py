@@ -103,7 +103,7 @@ class RelayService(MultiService):
                 heartbeat=self.membership.interval,
             )
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         ops_stopped = maybeDeferred(self.ops.stopService) if self.ops is not None else None
         if self.membership is not None:
@@ -130,8 +130,7 @@ class RelayService(MultiService):
 
         stopping.addCallback(stop_store)
         stopping.addBoth(cleanup)
-        stopping.addCallback(lambda _: _log.info("lpa-relay stopped"))
-        return stopping
+        return stopping.addCallback(lambda _: _log.info("lpa-relay stopped"))
 
 
 def make_relay_service(

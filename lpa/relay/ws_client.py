@@ -65,7 +65,7 @@ class IWebSocketListener(Interface):
     def ws_opened() -> None:
         """The handshake succeeded (TLS, ALPN http/1.1, 101, accept key, lpa.jobs.v1)."""
 
-    def ws_message(message: dict) -> None:
+    def ws_message(message: dict[str, Any]) -> None:
         """One JSON object frame from the agent."""
 
     def ws_failed(reason: str, handshake: bool) -> None:
@@ -75,10 +75,10 @@ class IWebSocketListener(Interface):
 class IAgentWebSocket(Interface):
     """The link's handle on its reconnecting WebSocket."""
 
-    def send_json(message: dict) -> bool:
+    def send_json(message: dict[str, Any]) -> bool:
         """Send one JSON text frame if open; False when not open."""
 
-    def stop() -> Deferred:
+    def stop() -> Deferred[None]:
         """Stop redialling and close cleanly; fires when the connection is gone."""
 
 
@@ -142,11 +142,11 @@ class AgentWebSocket:
         self.gated = GatedConnector(self)
         self._connector: Any = None
         self._release: Callable[[], None] | None = None
-        self._waiting: Deferred | None = None
+        self._waiting: Deferred[Callable[[], None]] | None = None
         self._timer: IDelayedCall | None = None
         self._timed_out = False
         self._current: RelayWebSocketProtocol | None = None
-        self._closed: Deferred | None = None
+        self._closed: Deferred[None] | None = None
         self._stopped = False
         self._attempt = 0
         self._paused = False
@@ -287,7 +287,7 @@ class AgentWebSocket:
 
     # -- used by the link ------------------------------------------------------------------
 
-    def send_json(self, message: dict) -> bool:
+    def send_json(self, message: dict[str, Any]) -> bool:
         """Send one JSON text frame if the WebSocket is open; False when it is not."""
         proto = self._current
         if proto is None or not proto.opened:
@@ -313,7 +313,7 @@ class AgentWebSocket:
         proto = self._current
         return proto.transport if proto is not None and proto.opened else None
 
-    def stop(self, close_timeout: float = 5.0) -> Deferred:
+    def stop(self, close_timeout: float = 5.0) -> Deferred[None]:
         """Stop redialling and close the connection cleanly; fires once it is gone."""
         self._stopped = True
         if self._paused:
@@ -325,7 +325,7 @@ class AgentWebSocket:
         if proto is None or transport is None:
             self._handshake_over()
             return succeed(None)
-        closed: Deferred = Deferred()
+        closed: Deferred[None] = Deferred()
         self._closed = closed
         if proto.opened:
             proto.sendClose(1000, "relay stopping")
@@ -333,7 +333,7 @@ class AgentWebSocket:
             transport.abortConnection()
         abort = self._clock.callLater(close_timeout, transport.abortConnection)
 
-        def done(result: object) -> object:
+        def done(result: Failure | None) -> Failure | None:
             if abort.active():
                 abort.cancel()
             return result
