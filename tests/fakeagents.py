@@ -58,8 +58,8 @@ def h2_preferring_options(pki: Any) -> ssl.CertificateOptions:
         ssl.Certificate.loadPEM(c.public_bytes(_pem())) for c in load_certificates(pki.ca_cert)
     ]
     return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=cert,
+        privateKey=key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography's key too
+        certificate=cert,  # type: ignore[arg-type]  # and its certificate, typed as X509
         trustRoot=ssl.trustRootFromCertificates(roots),
         acceptableProtocols=list(H2_FIRST),
     )
@@ -135,7 +135,7 @@ class _BaseAgent:
         self.port_number = self.port.getHost().port
         return self.port_number
 
-    def kill(self) -> Deferred:
+    def kill(self) -> Deferred[list[tuple[bool, Any]]]:
         """Stop listening and abort every connection (an agent crash)."""
         stopping = [self.port.stopListening()] if self.port is not None else []
         self.port = None
@@ -173,7 +173,7 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
         self.sent: dict[str, int] = {}
         self.factory.agent.sockets.append(self)
         self._subscription = self.factory.agent.events.subscribe(self._live)
-        self._send(protocol.ack_frame("connected", "", "WebSocket connected", ev.rfc3339()))
+        self._send_frame(protocol.ack_frame("connected", "", "WebSocket connected", ev.rfc3339()))
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         subscription = getattr(self, "_subscription", None)
@@ -185,16 +185,18 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
     def _ack(self, event: str, job_id: str, message: str) -> dict[str, Any]:
         return protocol.ack_frame(event, job_id, message, ev.rfc3339())
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send_frame(self, frame: dict[str, Any]) -> None:
         if self.state != WebSocketServerProtocol.STATE_OPEN:
             return  # closing: the client resumes from its last seq
         self.sendMessage(json.dumps(frame).encode(), isBinary=False)
 
     def _send_event(self, job_event: ev.JobEvent) -> None:
-        if job_event.seq <= self.sent.get(job_event.job_id, 0):
+        seq = job_event.seq
+        assert seq is not None, "the stream carries numbered events only"
+        if seq <= self.sent.get(job_event.job_id, 0):
             return
-        self.sent[job_event.job_id] = job_event.seq
-        self._send(job_event.to_wire())
+        self.sent[job_event.job_id] = seq
+        self._send_frame(job_event.to_wire())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         agent = self.factory.agent
@@ -204,21 +206,21 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
         if message.get("action") == "unsubscribe":
             self.subscribed.discard(job_id)
             self.sent.pop(job_id, None)
-            self._send(self._ack("unsubscribed", job_id, f"Unsubscribed from job: {job_id}"))
+            self._send_frame(self._ack("unsubscribed", job_id, f"Unsubscribed from job: {job_id}"))
             return
         if job_id not in agent.jobs:
-            self._send(protocol.error_frame(
+            self._send_frame(protocol.error_frame(
                 protocol.JOB_NOT_FOUND, f"job {job_id} not found", ev.rfc3339(), job_id))
             return
         self.subscribed.add(job_id)
-        self._send(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
+        self._send_frame(self._ack("subscribed", job_id, f"Subscribed to job: {job_id}"))
         after = message.get("after_seq") or 0
         try:
             replay = agent.events.after(job_id, after)
         except EventsExpiredError:
             last = agent.events.last_seq(job_id)
             detail = dict(agent.jobs[job_id], seq=last)
-            self._send(protocol.resync_frame(detail, last, "resync", ev.rfc3339()))
+            self._send_frame(protocol.resync_frame(detail, last, "resync", ev.rfc3339()))
             self.sent[job_id] = last
             return
         for job_event in replay:
@@ -229,15 +231,23 @@ class _MiniAgentProtocol(WebSocketServerProtocol):
             self._send_event(job_event)
 
 
+class _MiniAgentFactory(WebSocketServerFactory):
+    """The WebSocket factory of a :class:`LpaTestAgent`; its protocols reach the agent."""
+
+    protocol = _MiniAgentProtocol
+
+    def __init__(self, agent: LpaTestAgent) -> None:
+        super().__init__()
+        self.agent = agent
+
+
 class _LpaRoot(Resource):
     isLeaf = True
 
     def __init__(self, agent: LpaTestAgent) -> None:
         super().__init__()
         self.agent = agent
-        factory = WebSocketServerFactory()
-        factory.protocol = _MiniAgentProtocol
-        factory.agent = agent
+        factory = _MiniAgentFactory(agent)
         self.ws = WebSocketResource(factory)
 
     def render_GET(self, request: Any) -> Any:

@@ -27,31 +27,33 @@ class Seeder:
     def close(self) -> None:
         self.connection.close()
 
-    def one(self, sql: str, params: tuple = ()) -> Any:
+    def one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchone()
 
-    def all(self, sql: str, params: tuple = ()) -> list:
+    def all(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall()
 
-    def execute(self, sql: str, params: tuple = ()) -> None:
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
 
     def host(self, fqdn: str, ip: str = "192.0.2.10", port: int = 12443) -> str:
-        return self.one(
+        host_id: str = self.one(
             "INSERT INTO hosts (fqdn, ip_address, agent_port) VALUES (%s, %s, %s) "
             "RETURNING id::text",
             (fqdn, ip, port),
         )[0]
+        return host_id
 
     def job(self, status: str = "running") -> str:
-        return self.one(
+        job_id: str = self.one(
             "INSERT INTO patch_jobs (status) VALUES (%s::job_status) RETURNING id::text", (status,)
         )[0]
+        return job_id
 
     def host_job(
         self,
@@ -83,11 +85,15 @@ class Seeder:
                 "relay_message FROM patch_job_hosts WHERE id = %s",
                 (row_id,),
             )
+            assert cursor.description is not None
             names = [column.name for column in cursor.description]
-            return dict(zip(names, cursor.fetchone(), strict=True))
+            values = cursor.fetchone()
+            assert values is not None, f"no patch_job_hosts row {row_id}"
+            return dict(zip(names, values, strict=True))
 
     def job_status(self, job_id: str) -> str:
-        return self.one("SELECT status::text FROM patch_jobs WHERE id = %s", (job_id,))[0]
+        status: str = self.one("SELECT status::text FROM patch_jobs WHERE id = %s", (job_id,))[0]
+        return status
 
 
 class Listener:
@@ -104,7 +110,9 @@ class Listener:
     def close(self) -> None:
         self.connection.close()
 
-    def collect(self, expected: int, timeout: float = 5.0, settle: float = 0.2) -> list[dict]:
+    def collect(
+        self, expected: int, timeout: float = 5.0, settle: float = 0.2
+    ) -> list[dict[str, Any]]:
         """Wait for ``expected`` payloads in total (then ``settle`` s more for extras)."""
         deadline = time.monotonic() + timeout
         settle_until: float | None = None

@@ -49,6 +49,7 @@ class RenumberedTests(SynchronousTestCase):
         step = follower.receive(resync(4, "failed", "i2", error="Agent process restart"))
         self.assertEqual((seqs(step), step.events[0].status), ([4], "failed"))
         self.assertEqual(step.renumbered, Renumbered(JOB, 53, 4, "i1", "i2", "failed"))
+        assert step.renumbered is not None
         self.assertEqual(step.renumbered.behind, 49)
         self.assertEqual((follower.last_seq, follower.seq.floor, follower.done), (4, 53, True))
 
@@ -57,6 +58,7 @@ class RenumberedTests(SynchronousTestCase):
         snapshot, so that it still wins downstream."""
         follower = streaming(after=53)
         step = follower.receive(resync(4, incarnation="i2"))
+        assert step.renumbered is not None
         self.assertEqual((seqs(step), step.renumbered.final_status), ([4], None))
         self.assertEqual((follower.last_seq, follower.seq.floor), (4, 53))
         self.assertEqual(follower.receive(event(5)).events[0].kind, KIND_STATUS)
@@ -76,6 +78,7 @@ class RenumberedTests(SynchronousTestCase):
         follower = streaming()
         follower.receive(event(1))
         step = follower.receive(resync(1, "failed"))
+        assert step.renumbered is not None
         self.assertEqual((seqs(step), step.renumbered.behind), ([1], 0))
 
     def test_polled_snapshot_judged_the_same(self) -> None:
@@ -99,6 +102,7 @@ class PollAnomalyTests(SynchronousTestCase):
         self.assertEqual((step.events, step.again), ((), True))
         self.assertEqual(follower.poll_path(), protocol.job_path(JOB))
         step = follower.receive_answer(answer(200, detail(seq=None)))
+        assert step.renumbered is not None
         self.assertEqual((seqs(step), step.renumbered.agent_seq), ([4], 4))
         self.assertEqual(follower.poll_path(), protocol.events_path(JOB, 4))
 
@@ -108,6 +112,7 @@ class PollAnomalyTests(SynchronousTestCase):
         conflict = answer(409, error={"code": "EVENTS_AHEAD", "message": "ahead", "details": {
             "last_seq": 2, "incarnation": "b:2", "job": detail("failed", seq=None)}})
         step = follower.receive_answer(conflict)
+        assert step.renumbered is not None
         self.assertEqual((seqs(step), step.renumbered.incarnation_now), ([2], "b:2"))
 
     def test_terminal_page_with_nothing_delivered_reads_the_detail(self) -> None:

@@ -5,42 +5,48 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.interfaces import IReactorSSL
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa.errors import ConfigError
 from lpa.relay.agent_tls import AgentTls
 from lpa.tls import negotiated_protocol, server_tls_options
 from tests.certs import make_test_pki
+from tests.loopback import listen_ssl, port_number
 
 
 class Probe(Protocol):
     """Reports how its TLS connection ended up: negotiated protocol, or the failure."""
 
-    def __init__(self, done: Deferred) -> None:
+    def __init__(self, done: Deferred[bytes | None]) -> None:
         self.done = done
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"ping")
 
     def dataReceived(self, data: bytes) -> None:
         if not self.done.called:
             self.done.callback(negotiated_protocol(self.transport))
+        assert self.transport is not None
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.errback(reason)
 
 
 class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(data)
 
 
@@ -64,14 +70,19 @@ class LoopbackTests(TestCase):
             key_path=key or self.pki.server_key,
             crl_path=None,
         )
-        port = reactor.listenSSL(0, Factory.forProtocol(Echo), options, interface="127.0.0.1")
+        port = listen_ssl(Factory.forProtocol(Echo), options)
         self.addCleanup(port.stopListening)
-        return port.getHost().port  # type: ignore[no-any-return]
+        return port_number(port)
 
-    async def dial(self, port: int, host: str) -> Any:
-        done: Deferred = Deferred()
-        factory = ClientFactory.forProtocol(lambda: Probe(done))
-        connector = reactor.connectSSL("127.0.0.1", port, factory, self.tls.for_host(host))
+    async def dial(self, port: int, host: str) -> bytes | None:
+        done: Deferred[bytes | None] = Deferred()
+        # forProtocol is typed as returning a Factory whatever class it is called on
+        factory = cast(ClientFactory, ClientFactory.forProtocol(lambda: Probe(done)))
+        # connectSSL takes any IOpenSSLClientConnectionCreator; Twisted types it with one class
+        creator: Any = self.tls.for_host(host)
+        connector = IReactorSSL(reactor).connectSSL(
+            "127.0.0.1", port, factory, creator, timeout=30, bindAddress=None
+        )
         self.addCleanup(connector.disconnect)
         return await done
 

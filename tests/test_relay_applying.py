@@ -36,7 +36,7 @@ class ApplyQueueTests(SynchronousTestCase):
             on_dropped=self.dropped.append,
         )
 
-    def batches(self) -> list[tuple[list[int | None], str]]:
+    def batches(self) -> list[tuple[list[int | None], str | None]]:
         return [([e.seq for e in c.events], c.transport) for c in self.store.calls
                 if c.method == "apply_events"]
 

@@ -90,7 +90,7 @@ class RelayFleetTests(TestCase):
         self.dsn = pg.database(self, migrated=True)
         self.seed = Seeder(self.dsn)
         self.addCleanup(self.seed.close)
-        self.relays: dict[str, subprocess.Popen] = {}
+        self.relays: dict[str, subprocess.Popen[bytes]] = {}
         self.addCleanup(self.stop_relays)
 
     # -- relays ------------------------------------------------------------------------------
@@ -172,7 +172,9 @@ class RelayFleetTests(TestCase):
     def open_sockets(self, agents: list[tuple[LpaTestAgent, str, str]]) -> list[int]:
         return [len(agent.sockets) for agent, _, _ in agents]
 
-    async def settled(self, agents: list, live: set[str], what: str) -> dict[str, int]:
+    async def settled(
+        self, agents: list[tuple[LpaTestAgent, str, str]], live: set[str], what: str
+    ) -> dict[str, int]:
         """Every agent streamed by exactly one relay, the live relays' shares summing to all."""
         share = math.ceil(AGENTS / len(live))
 
@@ -218,6 +220,7 @@ class RelayFleetTests(TestCase):
                 text = f"line {len(lines[job])}"
                 event = agent.emit(job, ev.RUNNING, text, kind=ev.KIND_OUTPUT)
                 lines[job].append(text)
+                assert event.seq is not None  # the agent numbers what it emits
                 emitted[(job, event.seq)] = time.monotonic()
 
         producer = LoopingCall(emit_all)

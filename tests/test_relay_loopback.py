@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.interfaces import IReactorSSL
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from lpa import events as ev
@@ -56,7 +58,7 @@ class LoopbackTests(TestCase):
         return AgentAddress("localhost", agent.port_number)
 
     def start_relay(self, tls_options_for: Any = None, **overrides: Any) -> Any:
-        settings = {
+        settings: dict[str, Any] = {
             "database_url": "postgres://unused@localhost/db",
             "scan_interval": 0.2,
             "poll_interval": 0.2,
@@ -85,11 +87,13 @@ class LoopbackTests(TestCase):
         link = service.scanner.links.get(address)
         return link.state if link is not None else None
 
-    def applied(self, row_id: str) -> list[tuple[list[int | None], str]]:
+    def applied(self, row_id: str) -> list[tuple[list[int | None], str | None]]:
         return [
             ([e.seq for e in c.events], c.transport)
             for c in self.store.calls
-            if c.method == "apply_events" and c.host_job.row_id == row_id
+            if c.method == "apply_events"
+            and c.host_job is not None
+            and c.host_job.row_id == row_id
         ]
 
     async def test_streams_from_last_seq_and_routes_by_job(self) -> None:
@@ -139,23 +143,29 @@ class LoopbackTests(TestCase):
         """Control for the test above: a client offering h2 first does get h2 from that server."""
         agent = LpaTestAgent(reactor)
         address = self.start_agent(agent, h2_preferring_options(pki()), H2_FIRST)
-        got: Deferred = Deferred()
+        got: Deferred[bytes | None] = Deferred()
 
         class Probe(Protocol):
             def connectionMade(self) -> None:
+                assert self.transport is not None
                 self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
             def dataReceived(self, data: bytes) -> None:
                 if not got.called:
                     got.callback(negotiated_protocol(self.transport))
+                assert self.transport is not None
                 self.transport.loseConnection()
 
-            def connectionLost(self, reason: Any) -> None:
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
                 if not got.called:
                     got.callback(negotiated_protocol(self.transport))
 
         options = pki().client_options("good", "localhost", acceptable_protocols=H2_FIRST)
-        reactor.connectSSL("127.0.0.1", address.port, ClientFactory.forProtocol(Probe), options)
+        # forProtocol is typed as returning a Factory whatever class it is called on
+        factory = cast(ClientFactory, ClientFactory.forProtocol(Probe))
+        IReactorSSL(reactor).connectSSL(
+            "127.0.0.1", address.port, factory, options, timeout=30, bindAddress=None
+        )
         self.assertEqual(await got, b"h2")
         await deferLater(reactor, 0.1, lambda: None)
         # without Twisted's HTTP/2 (the `priority` package) the server cannot speak what it chose

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
@@ -30,7 +31,7 @@ OTHER = "cccccccc-cccc-4ccc-8ccc-cccccccccccc"
 
 def wire(
     job_id: str, seq: int, status: str = "running", event: str = "job_status", **extra: Any
-) -> dict:
+) -> dict[str, Any]:
     return JobEvent(
         job_id=job_id,
         seq=seq,
@@ -50,16 +51,16 @@ class FakeWebSocket:
     def __init__(self, address: AgentAddress, listener: Any) -> None:
         self.address = address
         self.listener = listener
-        self.sent: list[dict] = []
+        self.sent: list[dict[str, Any]] = []
         self.open = False
         self.stopped = False
 
-    def send_json(self, message: dict) -> bool:
+    def send_json(self, message: dict[str, Any]) -> bool:
         if self.open:
             self.sent.append(message)
         return self.open
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self.stopped = True
         return succeed(None)
 
@@ -132,11 +133,11 @@ class LinkFixture(SynchronousTestCase):
         self.link.start([self.row_a, self.row_b])
         self.ws = self.dials[0]
 
-    def applied(self) -> list[tuple[str, list[int | None], str]]:
+    def applied(self) -> list[tuple[str, list[int | None], str | None]]:
         return [
             (c.host_job.row_id, [e.seq for e in c.events], c.transport)
             for c in self.store.calls
-            if c.method == "apply_events"
+            if c.method == "apply_events" and c.host_job is not None
         ]
 
 
@@ -384,9 +385,11 @@ class LinkTests(LinkFixture):
         self.assertEqual(self.store.rows["ra"].last_seq, 4)
 
 
-def resync(job_id: str, seq: int, status: str, incarnation: str | None = None, **job: Any) -> dict:
+def resync(
+    job_id: str, seq: int, status: str, incarnation: str | None = None, **job: Any
+) -> dict[str, Any]:
     """A ``resync`` frame as an lpa agent sends it (the job detail in ``job``)."""
-    frame = {
+    frame: dict[str, Any] = {
         "event": "resync",
         "job_id": job_id,
         "seq": seq,
@@ -399,7 +402,7 @@ def resync(job_id: str, seq: int, status: str, incarnation: str | None = None, *
     return frame
 
 
-def warnings(logged: list[dict]) -> list[str]:
+def warnings(logged: Sequence[LogEvent]) -> list[str]:
     """The text of every warn-level event captured."""
     return [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
 

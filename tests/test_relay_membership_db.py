@@ -113,7 +113,7 @@ class MembershipDatabaseTests(TestCase):
         """leave() deletes the row and its leases and NOTIFYs; the others claim on their wake-up."""
         self.agents(6)
         a, b = await self.relay("relay-a"), await self.relay("relay-b")
-        woken: Deferred = Deferred()
+        woken: Deferred[None] = Deferred()
         a.set_wakeup(lambda: None if woken.called else woken.callback(None))
         await self.settle(a, b)
         await b.leave()

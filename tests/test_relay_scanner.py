@@ -27,7 +27,7 @@ class FakeLink:
     def update(self, host_jobs: list[HostJob]) -> None:
         self.updates.append([h.row_id for h in host_jobs])
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self.stopped = True
         return succeed(None)
 
@@ -193,8 +193,12 @@ class BatchTests(SynchronousTestCase):
         for n in range(START_BATCH * 2 + 50):
             store.add_host_job(row_id=f"r{n}", job_id="j1", host_id=f"h{n}",
                                agent_job_id=f"a{n}", agent=AgentAddress(f"agent{n}", 12443))
-        scanner = Scanner(store, lambda a: made.append(FakeLink(a)) or made[-1],
-                          clock=clock, interval=10)
+
+        def make_link(address: AgentAddress) -> FakeLink:
+            made.append(FakeLink(address))
+            return made[-1]
+
+        scanner = Scanner(store, make_link, clock=clock, interval=10)
         scanner.start()
         self.assertEqual(len(made), START_BATCH)
         turns = [c for c in clock.getDelayedCalls() if c.getTime() == 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -11,7 +12,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from lpa import configkit
 from lpa.relay import tap
 from lpa.relay.config import RelayConfig
 from lpa.relay.interfaces import AgentAddress
@@ -26,12 +26,12 @@ ADDRESS = AgentAddress("agent1.example", 12443)
 class FakeWs:
     def __init__(self, log: list[str]) -> None:
         self.log = log
-        self.closing: Deferred = Deferred()
+        self.closing: Deferred[None] = Deferred()
 
-    def send_json(self, message: dict) -> bool:
+    def send_json(self, message: dict[str, Any]) -> bool:
         return False
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self.log.append("ws closing")
         return self.closing
 
@@ -43,11 +43,11 @@ class OrderedStore(FakeRelayStore):
         super().__init__()
         self.log = log
 
-    def start(self) -> Deferred:
+    def start(self) -> Deferred[None]:
         self.log.append("store start")
         return succeed(None)
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self.log.append("store stop")
         return succeed(None)
 
@@ -172,6 +172,7 @@ class MembershipWiringTests(SynchronousTestCase):
         self.db.release()
         self.clock.advance(2)
         self.assertEqual(self.log, ["dial agent1.example:12443"])
+        assert self.service.membership is not None
         self.assertEqual(self.service.membership.relay_id, "relay-a")
 
     def test_stop_leaves_while_links_close_then_stops_the_store(self) -> None:
@@ -236,7 +237,7 @@ class TapTests(SynchronousTestCase):
                 '[worker]\nws_relay_scan_interval_secs = "soon"\n'
             )
         stderr = io.StringIO()
-        self.patch(configkit.sys, "stderr", stderr)
+        self.patch(sys, "stderr", stderr)  # where lpa.configkit reports a bad config file
         exit_ = self.assertRaises(SystemExit, tap.Options().parseOptions, ["--config", path])
         self.assertEqual(exit_.code, 78)
         self.assertEqual(stderr.getvalue().count("\n"), 1)
@@ -245,10 +246,10 @@ class TapTests(SynchronousTestCase):
     def test_observer_logs_at_the_configured_level(self) -> None:
         """The tap's log observer drops debug lines by default and honours [logging] level."""
         import signal
-        import sys
 
         from twisted.logger import Logger, LogPublisher
 
+        from lpa.logs import LogConfiguredService
         from tests.certs import make_test_pki
 
         pki = make_test_pki(os.path.abspath(self.mktemp()))
@@ -272,6 +273,8 @@ class TapTests(SynchronousTestCase):
             out = io.StringIO()
             self.patch(sys, "stdout", out)
             root = tap.makeService(options)
+            assert isinstance(root, LogConfiguredService)
+            assert root.observer is not None
             log = Logger(namespace="t", observer=LogPublisher(root.observer))
             for method in (log.debug, log.info, log.warn):
                 method("a {name} line", name=method.__name__)

@@ -8,7 +8,8 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from service_identity import VerificationError
-from service_identity.hazmat import DNS_ID, DNSMismatch
+from service_identity.exceptions import DNSMismatch
+from service_identity.hazmat import DNS_ID
 from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,12 +36,12 @@ TWO = AgentAddress("agent2.example", 12443)
 @implementer(IWebSocketListener)
 class Listener:
     def __init__(self) -> None:
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[Any, ...]] = []
 
     def ws_opened(self) -> None:
         self.calls.append(("opened",))
 
-    def ws_message(self, message: dict) -> None:
+    def ws_message(self, message: dict[str, Any]) -> None:
         self.calls.append(("message", message))
 
     def ws_failed(self, reason: str, handshake: bool) -> None:
@@ -49,6 +50,8 @@ class Listener:
 
 class EchoAgent(WebSocketServerProtocol):
     """Selects lpa.jobs.v1 when the factory says so and echoes each frame back."""
+
+    factory: EchoAgentFactory
 
     def onConnect(self, request: Any) -> str | None:
         self.factory.offered.append(list(request.protocols))
@@ -59,13 +62,20 @@ class EchoAgent(WebSocketServerProtocol):
         self.sendMessage(payload, isBinary)
 
 
-def agent_factory(select: bool = True) -> WebSocketServerFactory:
-    factory = WebSocketServerFactory()
-    factory.protocol = EchoAgent
-    factory.select = select
-    factory.offered = []
-    factory.received = []
-    return factory
+class EchoAgentFactory(WebSocketServerFactory):
+    """Makes :class:`EchoAgent`s; records the subprotocols offered and the frames received."""
+
+    protocol = EchoAgent  # type: ignore[assignment]  # its `factory` is narrower than the stub
+
+    def __init__(self, select: bool) -> None:
+        super().__init__()
+        self.select = select
+        self.offered: list[list[str]] = []
+        self.received: list[bytes] = []
+
+
+def agent_factory(select: bool = True) -> EchoAgentFactory:
+    return EchoAgentFactory(select)
 
 
 class NotFound(Resource):
@@ -267,10 +277,15 @@ class WebSocketTests(SynchronousTestCase):
     def test_dialer_builds_tls_per_host(self) -> None:
         """The dialer asks for TLS options for the agent's host name and starts dialling."""
         hosts: list[str] = []
+
+        def tls_options_for(host: str) -> str:
+            hosts.append(host)
+            return f"tls-for-{host}"
+
         dialer = WebSocketDialer(
             reactor=self.network,
             clock=self.network,
-            tls_options_for=lambda host: hosts.append(host) or f"tls-for-{host}",
+            tls_options_for=tls_options_for,
             gate=self.gate,
             handshake_timeout=5,
             initial_delay=1,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -40,6 +40,9 @@ from lpa.relay.poller import AgentPoller
 from lpa.relay.pressure import StoreGauge
 from lpa.relay.scanner import Scanner
 from lpa.relay.ws_client import WebSocketDialer
+
+if TYPE_CHECKING:
+    from lpa.relay.opsservice import OpsService  # imported when the ops port is wanted
 
 _log = Logger()
 
@@ -67,7 +70,7 @@ class RelayService(MultiService):
         self._on_stopped = on_stopped
         #: the relay's metrics (lpa.relay.metrics) and its ops port (lpa.relay.opsservice)
         self.metrics: RelayMetrics | None = None
-        self.ops: Service | None = None
+        self.ops: OpsService | None = None
 
     def startService(self) -> None:
         super().startService()
