@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lpa.events import JobEvent
@@ -83,7 +84,7 @@ class StoreGauge:
             )
             self._pause()
 
-        def done(result: _T) -> _T:
+        def done(result: _T | Failure) -> _T | Failure:
             self.in_flight -= count
             if self.paused and self.in_flight < self.low:
                 self.paused = False
