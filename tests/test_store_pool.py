@@ -280,6 +280,23 @@ class PoolTests(SynchronousTestCase):
         self.successResultOf(later)
         self.successResultOf(pool.stop())
 
+    def test_stop_moves_a_batch_cut_by_a_dead_connection_to_a_live_one(self) -> None:
+        """While stop() drains, a batch whose connection turns out dead (PostgreSQL restarted
+        under it) runs again on another connection instead of being dropped."""
+        pool = self.make(pool_size=2)
+        first = self.write(pool, "r1", "r1:1")
+        second = self.write(pool, "r2", "r2:1")
+        stopping = pool.stop()
+        [(items, ran), _] = self.open_transactions()
+        ran.errback(psycopg2.OperationalError("server closed the connection unexpectedly"))
+        self.assertNoResult(stopping)
+        self.commit()  # the live connection's own batch
+        self.assertEqual(self.open_transactions()[0][0], items)  # the cut one, on that same one
+        self.commit()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(stopping)
+
     def test_stop_waits_then_gives_up_and_says_so(self) -> None:
         """stop() waits stop_timeout for queued calls, then errbacks the rest and closes."""
         pool = self.make(pool_size=1, stop_timeout=5.0)

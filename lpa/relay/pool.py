@@ -444,7 +444,11 @@ class BatchingPool:
             self._answer(work, answer)
 
     def _requeue_or_fail(self, works: list[Work], failure: Failure, *, dead: bool) -> None:
-        keep = [work for work in works if work.retry_on_dead and not self._stopping]
+        # while stop() drains, a batch cut by a connection the restart killed goes to another
+        # (within stop_timeout): the last output refreshes must not be dropped on the floor
+        draining = self._drained is not None
+        keep = [work for work in works
+                if work.retry_on_dead and (not self._stopping or draining)]
         self._queue.extendleft(reversed(keep))  # they were the oldest of their rows: order kept
         for work in works:
             if work not in keep:
