@@ -81,10 +81,6 @@ UNEXPLAINED_SIZE = frozenset({
     "lpa/agent/context.py",
     "lpa/agent/jobs.py",
     "lpa/follower.py",
-    "lpa/relay/membership.py",
-    "lpa/relay/pool.py",
-    "lpa/relay/writepath.py",
-    "lpa/relay/ws_client.py",
 })
 
 

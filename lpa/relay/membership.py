@@ -21,6 +21,9 @@ a beat still in flight is not doubled)::
 The fence is measured on our own clock from the moment the last successful heartbeat was SENT:
 the database stamped it no earlier, so our row lives at least ``lease_ttl`` past that moment,
 and we stop ``heartbeat_interval`` before that (docs/architecture.rst, "Relays share the fleet").
+
+The module is a little over 400 lines because the heartbeat, the fence and the rebalance
+share one timer and one state; the database side lives in :mod:`lpa.relay.membership_db`.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ Faults:
   TOASTed value) never hold up the notifying transactions;
 * the outage is logged once: one ``warn`` when the last connection is found dead ("went away"),
   one ``info`` when the first is back, each naming ``user@host:port/database``.
+
+The module is over 400 lines on purpose: queueing, batching, lanes, the drain at stop and the
+outage log all act on one queue and one set of connection slots; split, each part would reach
+into the others' state.
 """
 
 from __future__ import annotations

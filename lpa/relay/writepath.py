@@ -38,6 +38,10 @@ rewrites it.
 
 Roll-up cost: the parent keeps running counts (``relay_*_count``), so a host's ending costs the
 same on a 1,000-host job as on a 3-host one; see :mod:`lpa.relay.rollup`.
+
+A little over 400 lines, on purpose: each statement of the transaction sits beside the Python
+that builds its arrays; the roll-up and the shared SQL are already in :mod:`lpa.relay.rollup`
+and :mod:`lpa.relay.sqlbits`.
 """
 
 from __future__ import annotations

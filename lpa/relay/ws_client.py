@@ -25,6 +25,10 @@ A failed handshake is "lost before onOpen", never an awaited ``is_open``.  The r
 :class:`~lpa.relay.backoff.HandshakeGate` caps handshakes in flight after a restart;
 :class:`WebSocketDialer` makes one :class:`AgentWebSocket` per link and pauses reading them all
 while the store is behind (:mod:`lpa.relay.pressure`).
+
+It runs a little over 400 lines: the handle, its handshake gate and timeout, and the dialer's
+pause and resume belong to the one object each link holds; the protocol and the factory already
+live in :mod:`lpa.relay.ws_protocol` and :mod:`lpa.relay.ws_dialler`.
 """
 
 from __future__ import annotations
