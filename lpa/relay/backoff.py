@@ -1,8 +1,8 @@
 """The relay-wide cap on WebSocket handshakes in flight, and the link's store-retry delays.
 
 After a relay restart every agent link dials at once: a thundering herd of TLS handshakes that
-only jitter and a concurrency cap keep from swamping the relay and the network.  The WebSocket redial delays are
-ReconnectingClientFactory's own (:class:`~lpa.relay.ws_client.AgentDialler`);
+only jitter and a concurrency cap keep from swamping the relay and the network.  The WebSocket
+redial delays are ReconnectingClientFactory's own (:class:`~lpa.relay.ws_client.AgentDialler`);
 :class:`HandshakeGate` is the shared semaphore every dial passes first.  :class:`Backoff` paces a
 link's retries of a failing store call: Twisted's ``backoffPolicy`` (the exponential sequence
 of ``ClientService``) with "equal jitter", half the delay fixed and half random, so retries
