@@ -50,15 +50,15 @@ import tempfile
 import time
 import types
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from twisted.internet import defer, task  # noqa: E402
-
 import ws_fanout  # noqa: E402  (the fan-out harness: Tally, ChildProtocol, pct, with_timeout)
+from twisted.internet import defer, task  # noqa: E402
 
 CHUNK = 50
 LINE = "Setting up libexample:amd64 (1.2.3-1+deb12u1) ... Processing triggers for man-db"
@@ -352,12 +352,12 @@ async def client_main(reactor: Any, options: argparse.Namespace) -> None:
     protocols: list[Any] = []
 
     class Client(WebSocketClientProtocol):
-        def onOpen(self) -> None:  # noqa: N802
+        def onOpen(self) -> None:
             protocols.append(self)
             for job_id in jobs:
                 self.sendMessage(json.dumps({"action": "subscribe", "job_id": job_id}).encode())
 
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
             received = time.monotonic()
             frame = json.loads(payload)
             if frame.get("event") == "subscribed":

@@ -52,11 +52,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import defer, protocol, task  # noqa: E402
+from twisted.internet import defer, protocol, task
 
 JOB_OP = "patch_apply"
 CHUNK = 50
@@ -102,8 +103,8 @@ class Tally:
         self.jobs = list(jobs)
         self.delays: dict[str, list[float]] = {j: [] for j in jobs}
         self.first_sent: dict[str, float] = {}
-        self.last_receipt: dict[str, float] = {j: 0.0 for j in jobs}
-        self.ended: dict[str, int] = {j: 0 for j in jobs}
+        self.last_receipt: dict[str, float] = dict.fromkeys(jobs, 0.0)
+        self.ended: dict[str, int] = dict.fromkeys(jobs, 0)
         self.ready = 0
         self.round_trips: list[float] = []
         self.cpu_mark = 0.0
@@ -189,6 +190,7 @@ def client_tls(options: argparse.Namespace) -> Any:
 
 def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) -> WsClients:
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+
     from lpa.protocol import SUBPROTOCOL
 
     jobs = options.jobs.split(",")
@@ -197,14 +199,14 @@ def start_ws_clients(reactor: Any, options: argparse.Namespace, tally: Tally) ->
     class Client(WebSocketClientProtocol):
         acks = 0
 
-        def onOpen(self) -> None:  # noqa: N802
+        def onOpen(self) -> None:
             clients.protocols.append(self)
             for job_id in jobs:
                 self.sendMessage(
                     json.dumps({"action": "subscribe", "job_id": job_id}).encode(), False
                 )
 
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
             received = time.monotonic()
             frame = json.loads(payload)
             kind = frame.get("event")
@@ -263,7 +265,7 @@ def start_pollers(reactor: Any, options: argparse.Namespace, tally: Tally) -> Po
 
         @implementer(IPolicyForHTTPS)
         class Policy:
-            def creatorForNetloc(self, hostname: bytes, port: int) -> Any:  # noqa: N802
+            def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
                 return tls
 
         policy = Policy()
@@ -281,7 +283,7 @@ def start_pollers(reactor: Any, options: argparse.Namespace, tally: Tally) -> Po
 
     def make_poller() -> task.LoopingCall:
         client = new_client()
-        after = {j: 0 for j in jobs}
+        after = dict.fromkeys(jobs, 0)
         ended: set[str] = set()
         first = [True]
 
@@ -342,7 +344,7 @@ class ChildProtocol(protocol.ProcessProtocol):
             return defer.succeed(self.seen[key])
         return self.waiting.setdefault(key, defer.Deferred())
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
@@ -356,10 +358,10 @@ class ChildProtocol(protocol.ProcessProtocol):
             if waiting is not None:
                 waiting.callback(message)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
+    def errReceived(self, data: bytes) -> None:
         self.errors += data
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processEnded(self, reason: Any) -> None:
         for waiting in self.waiting.values():
             waiting.errback(RuntimeError("client process ended: "
                                          + self.errors.decode(errors="replace")[-2000:]))
@@ -501,6 +503,7 @@ async def agent_main(reactor: Any, options: argparse.Namespace) -> None:
 def main(options: argparse.Namespace) -> None:
     import autobahn
     import autobahn.websocket
+
     import twisted
 
     print(f"ws_fanout: {options.clients} clients in a child process, paced {options.rate:.0f} "

@@ -13,7 +13,8 @@ on the fake and on the production class, so fakes cannot drift from production.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -248,7 +249,7 @@ class FakeRun:
     def stop(self) -> None:
         self.stopped = True
 
-    def renew(self) -> "FakeRun":
+    def renew(self) -> FakeRun:
         """The same run as a restarted agent finds it: a new follower, a new ``ended``."""
         self.ended = Deferred()
         self._on_line = None

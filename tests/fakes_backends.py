@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed

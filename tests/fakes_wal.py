@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
@@ -94,7 +95,7 @@ class FakeWalFiles:
 
     # -- for tests -------------------------------------------------------------------------
 
-    def crash(self, torn: int = 0) -> "FakeWalFiles":
+    def crash(self, torn: int = 0) -> FakeWalFiles:
         """What a power loss leaves: synced bytes, plus ``torn`` bytes of each unsynced tail."""
         after = FakeWalFiles()
         for path, data in self.data.items():

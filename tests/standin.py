@@ -35,7 +35,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 #: the commands a stand-in replaces, with where the real one lives on Debian
 COMMANDS: dict[str, tuple[str, ...]] = {

@@ -140,7 +140,7 @@ FORBIDDEN = {"--allow-unauthenticated", "--nogpgcheck", "--no-gpg-checks", "--al
 def is_mutation(backend: str, argv: tuple[str, ...]) -> bool:
     """Whether ``argv`` could change the host (what a dry run must never run)."""
     if backend == "apt":
-        return ("apt-get" == argv[0] and ("-y" in argv or "update" in argv)) or argv[:2] == ("dpkg", "--configure")
+        return (argv[0] == "apt-get" and ("-y" in argv or "update" in argv)) or argv[:2] == ("dpkg", "--configure")
     if backend in ("dnf", "yum"):
         return "-y" in argv or "makecache" in argv
     if backend == "zypper":

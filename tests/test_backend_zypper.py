@@ -8,7 +8,12 @@ from zope.interface.verify import verifyObject
 from lpa.agent.backends import zypper
 from lpa.agent.backends.zypper import ZypperBackend
 from lpa.agent.interfaces import IPackageBackend
-from lpa.errors import CommandFailedError, PackageManagerError, PackageNotFoundError, ValidationError
+from lpa.errors import (
+    CommandFailedError,
+    PackageManagerError,
+    PackageNotFoundError,
+    ValidationError,
+)
 from tests.fakes_backends import FakeJobContext, ScriptedRunner, fixture, fixture_exit, make_job
 
 RPM_QA = fixture("dnf", "rpm_qa.txt")

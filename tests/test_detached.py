@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.task import deferLater

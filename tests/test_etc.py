@@ -256,7 +256,7 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual((done.returncode, done.stderr.strip()), (0, ""), done.stdout)
 
 
-def _wait_exit(process: "subprocess.Popen[bytes]", timeout: float = 20) -> int:
+def _wait_exit(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -279,7 +279,7 @@ class DaemonsStartTests(SynchronousTestCase):
     """The examples start the real daemons after only their paths are edited."""
 
     def start(self, tapname: str, config_text: str, *, own_pidfile: bool = False
-              ) -> tuple["subprocess.Popen[bytes]", str]:
+              ) -> tuple[subprocess.Popen[bytes], str]:
         """Start ``twistd -n TAP --config FILE`` in a fresh directory; ``own_pidfile`` leaves
         out ``--pidfile`` so the daemon's default applies, with a live ``twistd.pid`` (this
         process's) in that directory, as another twistd daemon started there would leave."""
@@ -302,7 +302,7 @@ class DaemonsStartTests(SynchronousTestCase):
         self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
         return process, log
 
-    def wait_for(self, process: "subprocess.Popen[bytes]", log: str, text: str) -> None:
+    def wait_for(self, process: subprocess.Popen[bytes], log: str, text: str) -> None:
         deadline = time.monotonic() + 30
         while not os.path.exists(log) or text not in read(log):
             self.assertIsNone(process.poll(), read(log + ".stdout")[-2000:])

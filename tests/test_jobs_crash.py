@@ -20,7 +20,8 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.trial.unittest import TestCase
 

@@ -14,8 +14,15 @@ from lpa.agent.jobs import JobManager
 from lpa.agent.model import JobRequest, PackageSpec
 from lpa.agent.process import ProcessRunner
 from lpa.errors import CommandNotFoundError
-from lpa.events import CANCELLED, COMPLETED, EVENT_JOB_COMPLETE, FAILED, KIND_OUTPUT, TIMED_OUT
-from lpa.events import KIND_WAITING_FOR_LOCK
+from lpa.events import (
+    CANCELLED,
+    COMPLETED,
+    EVENT_JOB_COMPLETE,
+    FAILED,
+    KIND_OUTPUT,
+    KIND_WAITING_FOR_LOCK,
+    TIMED_OUT,
+)
 from tests.fakes import FakeBackend, FakeJobStore, FakeSystem
 
 

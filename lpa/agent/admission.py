@@ -16,7 +16,8 @@ Dispatch happens on the next reactor turn (``callLater(0)``), so ``submit`` alwa
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger

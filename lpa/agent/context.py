@@ -36,7 +36,8 @@ becomes one ``waiting_for_lock`` event per command.
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attr
 from twisted.internet.defer import Deferred

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -146,12 +147,12 @@ class DetachedCommands:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> "Deferred[DetachedRun]":
+    ) -> Deferred[DetachedRun]:
         return Deferred.fromCoroutine(self._launch(job_id, number, list(argv), env))
 
     async def _launch(
         self, job_id: str, number: int, argv: list[str], env: Mapping[str, str] | None
-    ) -> "DetachedRun":
+    ) -> DetachedRun:
         environment = base_environment()
         environment.update(env or {})
         program = resolve_program(argv[0], environment["PATH"])
@@ -206,7 +207,7 @@ class DetachedCommands:
         )
         return run
 
-    def attach(self, job_id: str, number: int) -> "DetachedRun | None":
+    def attach(self, job_id: str, number: int) -> DetachedRun | None:
         directory = rundir.run_directory(self.directory, job_id, number)
         files = rundir.read_run(directory, number)
         if files.meta is None or files.state == "never-started":

@@ -16,7 +16,7 @@ text is decoded as UTF-8 with replacement, so any bytes give a line.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 #: bytes read from one file per read() call at most (the reactor is not held up by a flood)
 READ_CHUNK = 256 * 1024

@@ -31,10 +31,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from lpa.agent.joblines import append_log
 from lpa.agent.eventlog import EventLog
 from lpa.agent.incarnation import Incarnations
 from lpa.agent.interfaces import IEventJournal, IJobStore
+from lpa.agent.joblines import append_log
 from lpa.agent.model import Job
 from lpa.agent.replay import MAX_LOG_LINES, Replay, event_record, note_offset
 from lpa.agent.store import job_to_dict
@@ -295,7 +295,7 @@ class JobHistory:
         if self._journal.size >= self._checkpoint_bytes and self._checkpoint is None:
             self.checkpoint()
 
-    def checkpoint(self) -> "Deferred[bool]":
+    def checkpoint(self) -> Deferred[bool]:
         """Write changed jobs to the store, then retire the log before that point.
 
         Fires with whether it worked, and never fails: a failure is logged and the jobs stay
@@ -353,11 +353,11 @@ class JobHistory:
             kept.extend(unsynced)
         return kept
 
-    def durable(self) -> "Deferred[None]":
+    def durable(self) -> Deferred[None]:
         """Fire once everything written so far is durable."""
         return self._journal.drain()
 
-    def close(self, grace: float) -> "Deferred[None]":
+    def close(self, grace: float) -> Deferred[None]:
         """Final checkpoint, then close the log, waiting at most ``grace`` seconds for it."""
         return Deferred.fromCoroutine(self._close(grace))
 

@@ -40,7 +40,7 @@ finalises it.  Then one last checkpoint, and the log is closed.
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime

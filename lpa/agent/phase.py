@@ -24,7 +24,7 @@ included, and passes it to dpkg only for the unpack; its status fd tells the two
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import attr
 

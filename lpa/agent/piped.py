@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal as signals
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from zope.interface import implementer
@@ -120,7 +121,7 @@ class PipedCommands:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> "Deferred[PipedRun]":
+    ) -> Deferred[PipedRun]:
         run = PipedRun(self._runner, number, argv)
         run.start(timeout, env)
         return succeed(run)

@@ -20,7 +20,8 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
@@ -135,7 +136,7 @@ class _LineSplitter:
 class _ChildProtocol(ProcessProtocol):
     def __init__(
         self,
-        runner: "ProcessRunner",
+        runner: ProcessRunner,
         argv: Sequence[str],
         timeout: float,
         lines: dict[int, _LineSplitter],

@@ -17,7 +17,7 @@ succeeded, the engine fails the reboot job ``REBOOT_ERROR`` (a patch job complet
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 

@@ -14,7 +14,7 @@ the host to go down; the reboot itself says how it ended).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from twisted.logger import Logger
 

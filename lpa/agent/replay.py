@@ -20,8 +20,9 @@ its commands' output is events (``job.offsets``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from json.encoder import encode_basestring_ascii as _quote
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -102,7 +103,7 @@ class Replay:
         self._orphans = 0
         self._gaps: set[str] = set()
 
-    def run(self, records: Iterable[Any]) -> "Replay":
+    def run(self, records: Iterable[Any]) -> Replay:
         for record in records:
             try:
                 tag = record[0]

@@ -34,7 +34,8 @@ import errno
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -226,11 +227,11 @@ class WriteAheadLog:
         self.size = 0
         return finished
 
-    def drop_through(self, through: int) -> "Deferred[None]":
+    def drop_through(self, through: int) -> Deferred[None]:
         """Segments up to ``through`` are covered by a durable checkpoint: delete them."""
         return self._run(lambda: self._writer.drop_through(through))
 
-    def drain(self) -> "Deferred[None]":
+    def drain(self) -> Deferred[None]:
         """Fire once every record appended so far is durable."""
         if self._durable >= self._appended:
             return succeed(None)
@@ -238,7 +239,7 @@ class WriteAheadLog:
         self._waiters.append((self._appended, waiter))
         return waiter
 
-    def close(self, grace: float = 10.0) -> "Deferred[int]":
+    def close(self, grace: float = 10.0) -> Deferred[int]:
         """Stop taking records, write what is pending, close the segment and the thread.
 
         Fires with the number of records given up on: those still not durable after ``grace``
@@ -373,13 +374,13 @@ class VolatileJournal:
     def rotate(self) -> int:
         return 0
 
-    def drop_through(self, through: int) -> "Deferred[None]":
+    def drop_through(self, through: int) -> Deferred[None]:
         return succeed(None)
 
-    def drain(self) -> "Deferred[None]":
+    def drain(self) -> Deferred[None]:
         return succeed(None)
 
-    def close(self, grace: float = 10.0) -> "Deferred[int]":
+    def close(self, grace: float = 10.0) -> Deferred[int]:
         return succeed(0)
 
     def abandon(self) -> int:

@@ -16,7 +16,8 @@ import json
 import os
 import re
 import zlib
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -195,7 +196,7 @@ class OsWalFiles:
             os.close(fd)
 
 
-def synchronous_runner(call: Callable[[], T]) -> "Deferred[T]":
+def synchronous_runner(call: Callable[[], T]) -> Deferred[T]:
     """A :data:`BlockingRunner` that runs on the caller's thread (tests, and benches' peers)."""
     return maybeDeferred(call)
 
@@ -212,7 +213,7 @@ class ThreadRunner:
         self._pool: Any = None
         self._trigger: Any = None
 
-    def __call__(self, call: Callable[[], T]) -> "Deferred[T]":
+    def __call__(self, call: Callable[[], T]) -> Deferred[T]:
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
 

@@ -8,7 +8,8 @@ executable is found) or one of those names, which must then be installed: a miss
 from __future__ import annotations
 
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lpa.agent.backends.apk import ApkBackend
 from lpa.agent.backends.apt import AptBackend
@@ -88,8 +89,8 @@ def make_backend(
 __all__ = [
     "BACKENDS",
     "DETECTION_ORDER",
-    "AptBackend",
     "ApkBackend",
+    "AptBackend",
     "DnfBackend",
     "PacmanBackend",
     "Timeouts",

@@ -9,7 +9,8 @@ the original's name heuristic.  A dry run adds ``--simulate`` and reads apk's
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attr
 

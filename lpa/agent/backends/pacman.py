@@ -10,7 +10,8 @@ Partial upgrades of named packages are unsupported on Arch; ``-S --needed`` is w
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lpa.agent import phase
 from lpa.agent.backends.base import (

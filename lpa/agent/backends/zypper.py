@@ -21,7 +21,8 @@ it would install or remove packages to satisfy dependencies, a change nobody ask
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attr
 
