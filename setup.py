@@ -12,14 +12,17 @@ def _version() -> str:
     return match.group(1)
 
 
+with open("README.rst", encoding="utf-8") as readme:
+    LONG_DESCRIPTION = readme.read()
+
 setup(
     name="lpa",
     version=_version(),
     description="Linux patch agent (lpa-agent) and live job-status relay (lpa-relay)",
-    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description=LONG_DESCRIPTION,
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
-    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]), "twisted.plugins"],
     package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa": ["sql/*.sql", "relay/static/*"]},
     include_package_data=True,
     install_requires=[

@@ -122,7 +122,7 @@ class TimerPersistence:
         try:
             self._store.save(entries)  # encodes now, writes on its own thread
         finally:
-            for job, view in zip(jobs, views):
+            for job, view in zip(jobs, views, strict=True):
                 job.view = view
         self.saves += 1
 

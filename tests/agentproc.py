@@ -27,6 +27,7 @@ not driven by a clock we own), never to show that nothing happened.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -87,7 +88,8 @@ class _Daemon:
         self.starts = 0
 
     def twistd_argv(self) -> list[str]:
-        return _TWISTD + [
+        return [
+            *_TWISTD,
             f"--pidfile={os.path.join(self.directory, self.tapname + '.pid')}",
             f"--logfile={self.log_path}",
             self.tapname,
@@ -104,14 +106,16 @@ class _Daemon:
         self.starts += 1
         with open(self.log_path, "a") as log:
             log.write(f"--- start {self.starts} ---\n")
-        self.process = subprocess.Popen(
-            self.argv(),
-            env=daemon_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.directory, "stdout.log"), "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # the child keeps its own copy of the descriptor; ours is closed once it is started
+        with open(os.path.join(self.directory, "stdout.log"), "ab") as stdout:
+            self.process = subprocess.Popen(
+                self.argv(),
+                env=daemon_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def running(self) -> bool:
@@ -159,10 +163,8 @@ class _Daemon:
         """For addCleanup: kill the daemon's whole session, whatever state it is in."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.process.wait()
 
 
@@ -177,10 +179,8 @@ def kill_runs(state_dir: str) -> None:
             continue
         for kill, target in ((os.killpg, pids.get("pgid")), (os.kill, pids.get("pid"))):
             if isinstance(target, int) and target > 1:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     kill(target, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
 
 
 class AgentProcess(_Daemon):

@@ -230,7 +230,7 @@ class AptExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         runner.on("-s", "install", stdout=fixture("apt", "sim_install_sl.txt"))
         job = make_job("install", "sl", "curl", versions={"curl": "7.88.1-10+deb12u15"}, no_recommends=True, force=True)
-        ctx, d = self.run_job(runner, job, lock_timeout=120)
+        _ctx, d = self.run_job(runner, job, lock_timeout=120)
         outcome = self.successResultOf(d)
         self.assertEqual(runner.argvs[0], ("dpkg", "--audit"))
         self.assertIn("-s", runner.argvs[1])
@@ -255,7 +255,7 @@ class AptExecuteTests(SynchronousTestCase):
         """A dry run runs only ``apt-get -s`` and reports what would change."""
         runner = ScriptedRunner()
         runner.on("-s", stdout=fixture("apt", "sim_install_sl.txt"))
-        ctx, d = self.run_job(runner, make_job("install", "sl", dry_run=True))
+        _ctx, d = self.run_job(runner, make_job("install", "sl", dry_run=True))
         outcome = self.successResultOf(d)
         self.assertEqual(len(runner.calls), 1)
         self.assertIn("-s", runner.calls[0].argv)
@@ -267,14 +267,14 @@ class AptExecuteTests(SynchronousTestCase):
         """A name with shell metacharacters is a ValidationError and no command runs."""
         for name in ("sl;reboot", "$(id)", "-oFoo", "a b", "x|y"):
             runner = ScriptedRunner()
-            ctx, d = self.run_job(runner, make_job("install", name))
+            _ctx, d = self.run_job(runner, make_job("install", name))
             self.failureResultOf(d, ValidationError)
             self.assertEqual(runner.calls, [])
 
     def test_bad_version_refused(self) -> None:
         """A version with metacharacters is refused."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("install", "sl", versions={"sl": "1;id"}))
+        _ctx, d = self.run_job(runner, make_job("install", "sl", versions={"sl": "1;id"}))
         self.failureResultOf(d, ValidationError)
         self.assertEqual(runner.calls, [])
 
@@ -283,7 +283,7 @@ class AptExecuteTests(SynchronousTestCase):
         ``apt-get install -y --``) and completes with an empty change list and no reboot."""
         for dry_run in (False, True):
             runner = ScriptedRunner()
-            ctx, d = self.run_job(
+            _ctx, d = self.run_job(
                 runner, make_job("patch_apply", empty=True, dry_run=dry_run, allow_reboot=True)
             )
             outcome = self.successResultOf(d)
@@ -294,7 +294,7 @@ class AptExecuteTests(SynchronousTestCase):
     def test_empty_package_list_refused_elsewhere(self) -> None:
         """An empty package list for install never builds an argv."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("install", empty=True))
+        _ctx, d = self.run_job(runner, make_job("install", empty=True))
         self.failureResultOf(d, ValidationError)
         self.assertEqual(runner.calls, [])
 
@@ -315,7 +315,7 @@ class AptExecuteTests(SynchronousTestCase):
         """A dry-run apply runs no update, no dpkg, only ``apt-get -s dist-upgrade``."""
         runner = ScriptedRunner()
         runner.on("-s", "dist-upgrade", stdout=DIST_UPGRADE)
-        ctx, d = self.run_job(runner, make_job("patch_apply", dry_run=True, allow_reboot=True))
+        _ctx, d = self.run_job(runner, make_job("patch_apply", dry_run=True, allow_reboot=True))
         outcome = self.successResultOf(d)
         self.assertEqual(len(runner.calls), 1)
         self.assertEqual(len(outcome.changes), 136)
@@ -325,9 +325,9 @@ class AptExecuteTests(SynchronousTestCase):
         """security_only installs exactly the upgradable packages from a -security suite."""
         runner = ScriptedRunner()
         runner.on("apt", "list", "--upgradable", stdout=UPGRADABLE)
-        ctx, d = self.run_job(runner, make_job("patch_apply", security_only=True))
+        _ctx, d = self.run_job(runner, make_job("patch_apply", security_only=True))
         self.successResultOf(d)
-        real = [c.argv for c in runner.calls if c.argv[0] == "apt-get" and "-y" in c.argv][0]
+        real = next(c.argv for c in runner.calls if c.argv[0] == "apt-get" and "-y" in c.argv)
         names = real[real.index("--") + 1:]
         self.assertEqual(len(names), 81)
         self.assertIn("apt", names)
@@ -338,7 +338,7 @@ class AptExecuteTests(SynchronousTestCase):
         """security_only with names applies only named packages that have security updates."""
         runner = ScriptedRunner()
         runner.on("apt", "list", "--upgradable", stdout=UPGRADABLE)
-        ctx, d = self.run_job(runner, make_job("patch_apply", "apt", "bash", security_only=True, dry_run=True))
+        _ctx, d = self.run_job(runner, make_job("patch_apply", "apt", "bash", security_only=True, dry_run=True))
         self.successResultOf(d)
         simulate = runner.calls[-1].argv
         self.assertEqual(simulate[simulate.index("--") + 1:], ("apt",))
@@ -347,7 +347,7 @@ class AptExecuteTests(SynchronousTestCase):
         """No security updates: nothing is run after the listing."""
         runner = ScriptedRunner()
         runner.on("apt", "list", "--upgradable", stdout="Listing...\n")
-        ctx, d = self.run_job(runner, make_job("patch_apply", security_only=True))
+        _ctx, d = self.run_job(runner, make_job("patch_apply", security_only=True))
         outcome = self.successResultOf(d)
         self.assertEqual(outcome.message, "No security updates pending")
         self.assertFalse(any("-y" in c.argv for c in runner.calls))
@@ -357,7 +357,7 @@ class AptExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED)
         runner.on("dpkg", "--configure", exit_code=1, stderr="dpkg: error processing package x")
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         failure = self.failureResultOf(d, CommandFailedError)
         self.assertIn("requires manual intervention", failure.value.message)
         self.assertEqual(runner.argvs, [("dpkg", "--audit"), CONFIGURE])
@@ -371,14 +371,14 @@ class AptExecuteTests(SynchronousTestCase):
             exit_code=fixture_exit("apt", "dpkg_configure_locked.txt"),
             stderr=fixture("apt", "dpkg_configure_locked.txt"),
         )
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         failure = self.failureResultOf(d, CommandFailedError)
         self.assertIn("another package manager holds it", failure.value.message)
 
     def test_clean_database_skips_configure(self) -> None:
         """With a clean ``dpkg --audit`` no ``dpkg --configure -a`` runs (it would not wait for the lock)."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.successResultOf(d)
         self.assertNotIn(CONFIGURE, runner.argvs)
 
@@ -386,7 +386,7 @@ class AptExecuteTests(SynchronousTestCase):
         """A dependency error runs ``apt-get -f install`` and retries once."""
         runner = ScriptedRunner()
         runner.on("-y", "install", "sl", exit_code=100, stdout="E: Unmet dependencies. Try 'apt --fix-broken install'", times=1)
-        ctx, d = self.run_job(runner, make_job("install", "sl"))
+        _ctx, d = self.run_job(runner, make_job("install", "sl"))
         self.successResultOf(d)
         mutations = [c.argv for c in runner.calls if "-y" in c.argv]
         self.assertEqual(len(mutations), 3)
@@ -397,7 +397,7 @@ class AptExecuteTests(SynchronousTestCase):
         """A non-dependency failure runs ``dpkg --configure -a`` to clean up and fails."""
         runner = ScriptedRunner()
         runner.on("-y", "remove", exit_code=100, stderr="E: Sub-process /usr/bin/dpkg returned an error code (1)")
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.failureResultOf(d, CommandFailedError)
         self.assertEqual(runner.calls[-1].argv, CONFIGURE)
 
@@ -406,13 +406,13 @@ class AptExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         runner.on("dpkg", "--audit", times=1)
         runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED, times=1)
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.successResultOf(d)
         self.assertEqual(runner.argvs[-3:], [("dpkg", "--audit"), CONFIGURE, ("dpkg", "--audit")])
         runner = ScriptedRunner()
         runner.on("dpkg", "--audit", times=1)
         runner.on("dpkg", "--audit", stdout=HALF_CONFIGURED)
-        ctx, d = self.run_job(runner, make_job("remove", "sl"))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         failure = self.failureResultOf(d, CommandFailedError)
         self.assertIn("dpkg --audit", failure.value.message)
 
@@ -420,7 +420,7 @@ class AptExecuteTests(SynchronousTestCase):
         """A fetch error during apply refreshes the lists and retries once."""
         runner = ScriptedRunner()
         runner.on("-y", "dist-upgrade", exit_code=100, stderr="E: Failed to fetch http://x/y.deb 404 Not Found", times=1)
-        ctx, d = self.run_job(runner, make_job("patch_apply"))
+        _ctx, d = self.run_job(runner, make_job("patch_apply"))
         self.successResultOf(d)
         updates = [c for c in runner.calls if c.argv[-1] == "update"]
         self.assertEqual(len(updates), 2)
@@ -445,7 +445,7 @@ class AptExecuteTests(SynchronousTestCase):
         """Changing a kernel package conservatively needs a reboot."""
         runner = ScriptedRunner()
         runner.on("-s", stdout="Inst linux-image-amd64 [6.1.1] (6.1.2 Debian:12/oldstable [amd64])\n")
-        ctx, d = self.run_job(runner, make_job("update", "linux-image-amd64"))
+        _ctx, d = self.run_job(runner, make_job("update", "linux-image-amd64"))
         outcome = self.successResultOf(d)
         self.assertTrue(outcome.reboot_required)
         self.assertEqual(outcome.reboot_packages, ("linux-image-amd64",))
@@ -473,11 +473,11 @@ class AptExecuteTests(SynchronousTestCase):
     def test_remove_with_version_refused(self) -> None:
         """remove takes names only."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("remove", "sl", versions={"sl": "1"}))
+        _ctx, d = self.run_job(runner, make_job("remove", "sl", versions={"sl": "1"}))
         self.failureResultOf(d, ValidationError)
 
     def test_security_only_elsewhere_refused(self) -> None:
         """security_only is a patch_apply option only."""
         runner = ScriptedRunner()
-        ctx, d = self.run_job(runner, make_job("install", "sl", security_only=True))
+        _ctx, d = self.run_job(runner, make_job("install", "sl", security_only=True))
         self.failureResultOf(d, ValidationError)

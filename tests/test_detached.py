@@ -262,7 +262,8 @@ class DetachedTests(TestCase):
         result = self.successResultOf(run.ended)
         self.assertEqual((result.exit_code, result.signal, result.timed_out),
                          (None, signal.SIGTERM, True))
-        grandchild = int(open(pidfile).read())
+        with open(pidfile) as handle:
+            grandchild = int(handle.read())
         self.assertTrue(not os.path.exists(f"/proc/{grandchild}")
                         or proc_stat(grandchild)[0] == "Z")
         self.assertFalse(run.signal(signal.SIGKILL))  # ended: nothing to signal
@@ -344,7 +345,8 @@ class DetachedTests(TestCase):
         run.follow({}, lambda fd, line, end: None)
         await self.poll_until(lambda: run.ended.called, "the unit's command to end")
         self.assertEqual(self.successResultOf(run.ended).stdout, "from the unit\n")
-        argv = json.load(open(record))
+        with open(record) as handle:
+            argv = json.load(handle)
         command = argv[argv.index("--") + 1:]
         self.assertEqual(argv[0], f"--unit=lpa-job-{JOB}-1.service")
         self.assertIn("--collect", argv)

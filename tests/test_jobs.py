@@ -49,6 +49,7 @@ from lpa.events import (
     REBOOTING,
     RUNNING,
     TIMED_OUT,
+    JobEvent,
 )
 from tests.fakes import (
     FakeBackend,
@@ -86,15 +87,15 @@ class EngineTestCase(SynchronousTestCase):
 
     def make_manager(self, **kwargs: object) -> JobManager:
         counter = itertools.count(1)
-        options: dict = dict(
-            backend=self.backend,
-            system=self.system,
-            runner=self.runner,
-            store=self.store,
-            clock=self.clock,
-            incarnations=self.incarnations,
-            uuid_factory=lambda: uuid.UUID(int=next(counter)),
-        )
+        options: dict = {
+            "backend": self.backend,
+            "system": self.system,
+            "runner": self.runner,
+            "store": self.store,
+            "clock": self.clock,
+            "incarnations": self.incarnations,
+            "uuid_factory": lambda: uuid.UUID(int=next(counter)),
+        }
         options.update(kwargs)
         manager = JobManager(**options)
         manager.events.subscribe(self.published.append)
@@ -175,10 +176,10 @@ class LifecycleTests(EngineTestCase):
 
     def test_job_complete_observer_sees_engine_idle(self) -> None:
         """On job_complete the job no longer counts as active, so a reboot is admitted."""
-        answers: list = []
+        answers: list[object] = []
 
-        def on_event(event: object) -> None:
-            if event.event == EVENT_JOB_COMPLETE and event.job_id == first.id:  # type: ignore
+        def on_event(event: JobEvent) -> None:
+            if event.event == EVENT_JOB_COMPLETE and event.job_id == first.id:
                 answers.append((self.manager.active_count(), self.manager.mutation_in_progress()))
                 answers.append(self.manager.submit(reboot()).status)
 

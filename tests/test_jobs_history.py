@@ -233,7 +233,7 @@ class RecoveryTests(DurableEngineCase):
         self.wal._writer.sync_enabled = False
         call()
         # keep the batch up to the end of the terminal job_status record only
-        [segment] = [s for s in batch.segments(JOURNAL)][-1:]
+        [segment] = list(batch.segments(JOURNAL))[-1:]
         path = f"{JOURNAL}/{segment}"
         data = batch.data[path]
         cut = data.index(b'"job_complete"')

@@ -315,6 +315,6 @@ class RecordTests(SynchronousTestCase):
                   request=install("vim"), seq=2, offsets={"2:1": 40})
         Replay({"j": job}, {"j": []}).run([record])
         self.assertEqual((job.seq, job.offsets), (3, {"2:1": 117}))
-        bad = record[:12] + [[2, "1", 5]]
+        bad = [*record[:12], [2, "1", 5]]
         Replay({"j": job}, {"j": []}).run([bad])  # logged and skipped, never raised
         self.assertEqual(job.offsets, {"2:1": 117})

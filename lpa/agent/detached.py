@@ -80,7 +80,7 @@ def systemd_run_argv(
     argv = [systemd_run, f"--unit={unit}", "--collect", "--quiet", f"--description={description}"]
     argv += [f"--property={p}" for p in UNIT_PROPERTIES]
     argv += [f"--setenv={key}={value}" for key, value in sorted(env.items())]
-    return argv + ["--", *command]
+    return [*argv, "--", *command]
 
 
 class _Launcher(ProcessProtocol):

@@ -30,6 +30,7 @@ error says so once, and the batch is written again, into a new segment, after a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -121,10 +122,8 @@ class _Writer:
     def _close(self) -> None:
         handle, self.handle, self.segment = self.handle, None, None
         if handle is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.files.close(handle)
-            except OSError:
-                pass
 
 
 @implementer(IEventJournal)

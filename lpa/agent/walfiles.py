@@ -12,6 +12,7 @@ thread, calls in order) in production, :func:`synchronous_runner` in tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -183,10 +184,8 @@ class OsWalFiles:
             os.close(fd)
 
     def remove(self, path: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def sync_directory(self, directory: str) -> None:
         fd = os.open(directory, os.O_RDONLY)
@@ -230,10 +229,8 @@ class ThreadRunner:
             pool.stop()
         trigger, self._trigger = self._trigger, None
         if trigger is not None:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 self._reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError, TypeError):
-                pass
 
 
 # -- reading the log back ---------------------------------------------------------------------
@@ -256,7 +253,7 @@ def read_log(files: IWalFiles, directory: str, now: Callable[[], float]) -> tupl
         if damage:
             _set_aside(files, path, data, damage, now)
         records.extend(r for r in found if not (isinstance(r, list) and r[:1] == ["h"]))
-    return records, max(numbers + [through]) + 1
+    return records, max([*numbers, through]) + 1
 
 
 def _checkpoint_marker(files: IWalFiles, directory: str, names: Iterable[str]) -> int:

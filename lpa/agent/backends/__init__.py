@@ -13,7 +13,7 @@ from typing import Any
 
 from lpa.agent.backends.apk import ApkBackend
 from lpa.agent.backends.apt import AptBackend
-from lpa.agent.backends.base import BackendBase, Timeouts
+from lpa.agent.backends.base import DEFAULT_TIMEOUTS, BackendBase, Timeouts
 from lpa.agent.backends.dnf import DnfBackend
 from lpa.agent.backends.pacman import PacmanBackend
 from lpa.agent.backends.yum import YumBackend
@@ -68,7 +68,7 @@ def make_backend(
     runner: Any,
     *,
     which: Callable[[str], str | None] = shutil.which,
-    timeouts: Timeouts = Timeouts(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     lock_timeout: int = 300,
     reboot_marker: str = "/var/run/reboot-required",
     modules_dir: str = "/lib/modules",

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from lpa.agent import phase
 from lpa.agent.backends.base import (
+    DEFAULT_TIMEOUTS,
     BackendBase,
     Timeouts,
     available,
@@ -267,7 +268,7 @@ class AptBackend(BackendBase):
         self,
         runner: Any,
         *,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         lock_timeout: int = 300,
         reboot_marker: str = "/var/run/reboot-required",
         modules_dir: str = "/lib/modules",
@@ -350,7 +351,7 @@ class AptBackend(BackendBase):
             args.append("--no-install-recommends")
         if request.force:
             args.append("--allow-downgrades")
-        return args + ["--"] + self.targets(specs)
+        return [*args, "--", *self.targets(specs)]
 
     # -- operations ------------------------------------------------------------------------
     async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
@@ -358,10 +359,10 @@ class AptBackend(BackendBase):
 
     async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
         args = ["install", "--only-upgrade"] + (["--allow-downgrades"] if request.force else [])
-        return await self._apply(ctx, request, args + ["--"] + self.targets(specs), "Updated")
+        return await self._apply(ctx, request, [*args, "--", *self.targets(specs)], "Updated")
 
     async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
-        return await self._apply(ctx, request, ["remove", "--"] + self.targets(specs), "Removed")
+        return await self._apply(ctx, request, ["remove", "--", *self.targets(specs)], "Removed")
 
     async def _patch_apply(
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
@@ -373,11 +374,11 @@ class AptBackend(BackendBase):
             names = await self._security_names(ctx, specs)
             if not names:
                 return JobOutcome(message="No security updates pending")
-            args = ["install", "--only-upgrade", "--"] + names
+            args = ["install", "--only-upgrade", "--", *names]
         elif specs is None:
             args = ["dist-upgrade"]
         else:
-            args = ["install", "--only-upgrade", "--"] + self.targets(specs)
+            args = ["install", "--only-upgrade", "--", *self.targets(specs)]
         try:
             return await self._apply(ctx, request, args, "Patched")
         except CommandFailedError as error:

@@ -72,6 +72,9 @@ class Timeouts:
     quick: float = 60.0
 
 
+#: the deadlines a backend gets when none are given
+DEFAULT_TIMEOUTS = Timeouts()
+
 def package_requires_reboot(name: str) -> bool:
     """Whether updating ``name`` conservatively calls for a reboot (kernel, libc, init …)."""
     lowered = name.lower()
@@ -116,8 +119,8 @@ def read_reboot_marker(marker_path: str) -> tuple[bool, list[str]]:
     names: list[str] = []
     try:
         with open(marker_path + ".pkgs", encoding="utf-8", errors="replace") as pkgs:
-            for line in pkgs:
-                line = line.strip()
+            for raw in pkgs:
+                line = raw.strip()
                 if line and line not in names:
                     names.append(line)
     except OSError:
@@ -231,7 +234,7 @@ class BackendBase:
         self,
         runner: Any,
         *,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         reboot_marker: str = "/var/run/reboot-required",
         modules_dir: str = "/lib/modules",
         running_kernel: Callable[[], str] = lambda: os.uname().release,

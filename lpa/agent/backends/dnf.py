@@ -232,7 +232,7 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
     async def _updates(self, names: Sequence[str] = ()) -> dict[str, tuple[str, str]]:
         argv = [self.binary, "-q", "check-update"]
         if names:
-            argv += ["--"] + list(names)
+            argv += ["--", *names]
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=(0, 100))
         return parse_check_update(result.stdout)
 
@@ -329,7 +329,7 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
 
     def advisory_argvs(self) -> list[list[str]]:
         base = [self.binary, "-q", "updateinfo", "list", "--updates"]
-        return [base, base + ["--with-cve"]]
+        return [base, [*base, "--with-cve"]]
 
     def available_argv(self, name: str) -> list[str]:
         """Lists ``name.arch version repo`` rows, the check-update layout."""

@@ -24,7 +24,7 @@ class YumBackend(DnfBackend):
 
     def advisory_argvs(self) -> list[list[str]]:
         base = [self.binary, "-q", "updateinfo", "list"]
-        return [base + ["updates"], base + ["cves"]]
+        return [[*base, "updates"], [*base, "cves"]]
 
     def available_argv(self, name: str) -> list[str]:
         return [self.binary, "-q", "list", "available", "--", name]

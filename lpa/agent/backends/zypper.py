@@ -142,7 +142,7 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         if installed:
             return _with_update(installed[0], updates.get(name))
         argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "search", "--match-exact", "--details", "--", name]
-        result = await self._read(argv, ok_codes=ZYPPER_OK + (104,))
+        result = await self._read(argv, ok_codes=(*ZYPPER_OK, 104))
         for element in _xml_root(result.stdout).iter("solvable"):
             if element.get("name") == name and element.get("kind", "package") == "package":
                 return available(
