@@ -27,7 +27,8 @@ its backend runs again, following its recorded commands from where its durable e
 package manager did.  Any other job left pending or running (no command started, or the
 last one gone without a status: the host rebooted) is finalised ``failed`` with
 ``AGENT_RESTARTED`` (same boot id) or ``AGENT_REBOOTED`` (another one), numbered after its last
-durable event: "outcome unknown", never a guess.  A ``rebooting`` job (or a reboot job after a reboot) is completed.
+durable event: "outcome unknown", never a guess.  A ``rebooting`` job (or a reboot job after a
+reboot) is completed.
 
 ``stop()`` (bug 29 of the original), written once: admission freezes (``ADMISSION_FROZEN``),
 pending jobs end ``cancelled``.  Running jobs whose commands outlive the agent are left at once

@@ -144,7 +144,8 @@ class _ChildProtocol(ProcessProtocol):
         self._runner = runner
         self._argv = tuple(argv)
         self._lines = lines
-        self._out = {1: _BoundedText(runner.keep_bytes // 2), 2: _BoundedText(runner.keep_bytes // 2)}
+        self._out = {1: _BoundedText(runner.keep_bytes // 2),
+                     2: _BoundedText(runner.keep_bytes // 2)}
         self._clock = runner.clock
         self.deferred: Deferred[CommandResult] = Deferred(self._cancel)
         self.exited: Deferred[None] = Deferred()

@@ -58,7 +58,8 @@ def detect_backend(name: str = "auto", *, which: Callable[[str], str | None] = s
         )
     if not which(executables[wanted]):
         raise ConfigError(
-            f"package_manager.backend: {wanted} was chosen but {executables[wanted]} is not installed"
+            f"package_manager.backend: {wanted} was chosen but {executables[wanted]} "
+            "is not installed"
         )
     return wanted
 
@@ -76,7 +77,8 @@ def make_backend(
     """Build the backend for ``name`` ("auto" or a manager name) over ``runner``.
 
     :param timeouts: per-command deadlines (refresh 300 s, package operations 1800 s, quick 60 s)
-    :param lock_timeout: apt's ``DPkg::Lock::Timeout`` in seconds (how long a held lock is waited for)
+    :param lock_timeout: apt's ``DPkg::Lock::Timeout`` in seconds (how long a held lock is
+        waited for)
     :raises ConfigError: no manager found, an unknown name, or the chosen one is not installed
     """
     chosen = detect_backend(name, which=which)

@@ -26,10 +26,12 @@ from lpa.agent.backends.base import (
 from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
 
 _APK_LIST = re.compile(
-    r"^(?P<name>\S+)-(?P<version>[^-\s]+-r\d+) (?P<arch>\S+) \{(?P<origin>[^}]*)\} \((?P<license>[^)]*)\)(?: \[(?P<flags>[^\]]*)\])?$"
+    r"^(?P<name>\S+)-(?P<version>[^-\s]+-r\d+) (?P<arch>\S+) \{(?P<origin>[^}]*)\} "
+    r"\((?P<license>[^)]*)\)(?: \[(?P<flags>[^\]]*)\])?$"
 )
 _APK_STEP = re.compile(
-    r"^\(\d+/\d+\) (?P<verb>Installing|Upgrading|Downgrading|Purging|Re-installing|Replacing|Updating pinning) "
+    r"^\(\d+/\d+\) "
+    r"(?P<verb>Installing|Upgrading|Downgrading|Purging|Re-installing|Replacing|Updating pinning) "
     r"(?P<name>\S+) \((?P<versions>[^)]*)\)"
 )
 _STEP_ACTIONS = {

@@ -88,7 +88,10 @@ class AptListEntry:
         return any(suite.endswith("-security") or "-security" in suite for suite in self.suites)
 
 
-_APT_LIST_LINE = re.compile(r"^(?P<name>[^/\s]+)/(?P<suites>\S*) (?P<version>\S+) (?P<arch>\S+)(?: \[(?P<flags>[^\]]*)\])?$")
+_APT_LIST_LINE = re.compile(
+    r"^(?P<name>[^/\s]+)/(?P<suites>\S*) (?P<version>\S+) (?P<arch>\S+)"
+    r"(?: \[(?P<flags>[^\]]*)\])?$"
+)
 
 
 def parse_apt_list(text: str) -> list[AptListEntry]:
@@ -119,7 +122,9 @@ def parse_apt_list(text: str) -> list[AptListEntry]:
     return entries
 
 
-_SIM_INST = re.compile(r"^Inst (?P<name>\S+)(?: \[(?P<old>[^\]]*)\])? \((?P<new>\S+)(?P<origin>[^)]*)\)")
+_SIM_INST = re.compile(
+    r"^Inst (?P<name>\S+)(?: \[(?P<old>[^\]]*)\])? \((?P<new>\S+)(?P<origin>[^)]*)\)"
+)
 _SIM_REMV = re.compile(r"^(?P<verb>Remv|Purg) (?P<name>\S+)(?: \[(?P<old>[^\]]*)\])?")
 
 
@@ -130,7 +135,8 @@ def parse_apt_simulation(text: str) -> list[dict[str, Any]]:
         match = _SIM_INST.match(line)
         if match is not None:
             old = match["old"] or None
-            changes.append(change(match["name"], old, match["new"], "upgrade" if old else "install"))
+            action = "upgrade" if old else "install"
+            changes.append(change(match["name"], old, match["new"], action))
             continue
         match = _SIM_REMV.match(line)
         if match is not None:
@@ -168,7 +174,7 @@ class AptPolicy:
 
 
 def parse_apt_policy(text: str) -> dict[str, AptPolicy]:
-    """``apt-cache policy NAME…`` → per package installed/candidate version and candidate origins."""
+    """``apt-cache policy NAME…`` → per package installed/candidate version and origins."""
     policies: dict[str, AptPolicy] = {}
     name = None
     installed = candidate = None
@@ -251,7 +257,8 @@ class AptProgress:
                 self._seen.append(item)
             message = description
             if self._total and self._seen:
-                message = f"{description} (package {min(len(self._seen), self._total)} of {self._total})"
+                done = min(len(self._seen), self._total)
+                message = f"{description} (package {done} of {self._total})"
         else:
             return
         if overall != self._last or kind == "pmstatus":
@@ -354,14 +361,20 @@ class AptBackend(BackendBase):
         return [*args, "--", *self.targets(specs)]
 
     # -- operations ------------------------------------------------------------------------
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _install(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._apply(ctx, request, self.install_args(specs, request), "Installed")
 
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _update(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         args = ["install", "--only-upgrade"] + (["--allow-downgrades"] if request.force else [])
         return await self._apply(ctx, request, [*args, "--", *self.targets(specs)], "Updated")
 
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _remove(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._apply(ctx, request, ["remove", "--", *self.targets(specs)], "Removed")
 
     async def _patch_apply(
@@ -390,7 +403,8 @@ class AptBackend(BackendBase):
 
     async def _security_names(self, ctx: Any, specs: tuple[PackageSpec, ...] | None) -> list[str]:
         """Upgradable packages whose candidate comes from a ``*-security`` suite."""
-        result = await ctx.run(["apt", "list", "--upgradable"], timeout=self._timeouts.refresh, env=self.read_env())
+        result = await ctx.run(["apt", "list", "--upgradable"], timeout=self._timeouts.refresh,
+                               env=self.read_env())
         names = [e.name for e in parse_apt_list(result.stdout) if e.upgradable_from and e.security]
         if specs is not None:
             wanted = {s.name for s in specs}
@@ -405,7 +419,8 @@ class AptBackend(BackendBase):
         )
 
     async def _simulate(self, ctx: Any, args: list[str]) -> list[dict[str, Any]]:
-        result = await ctx.run(self.apt_get(*args, simulate=True), timeout=self._timeouts.package, env=dict(APT_ENV))
+        result = await ctx.run(self.apt_get(*args, simulate=True), timeout=self._timeouts.package,
+                               env=dict(APT_ENV))
         return parse_apt_simulation(result.stdout)
 
     async def _apply(self, ctx: Any, request: JobRequest, args: list[str], verb: str) -> JobOutcome:
@@ -471,14 +486,16 @@ class AptBackend(BackendBase):
             ) from error
 
     async def _audit_clean(self, ctx: Any) -> bool:
-        result = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick, env=dict(APT_ENV), ok_codes=(0, 1))
+        result = await ctx.run(["dpkg", "--audit"], timeout=self._timeouts.quick,
+                               env=dict(APT_ENV), ok_codes=(0, 1))
         return not (result.stdout.strip() or result.exit_code)
 
     async def _configure_after_failure(self, ctx: Any) -> None:
         try:
             await self._configure(ctx)
         except CommandFailedError as error:
-            _log.warn("dpkg --configure -a after a failed apt command also failed: {error}", error=error)
+            _log.warn("dpkg --configure -a after a failed apt command also failed: {error}",
+                      error=error)
 
     async def _audit(self, ctx: Any) -> None:
         """``dpkg --audit`` after the operation; problems get one ``dpkg --configure -a``."""
@@ -502,7 +519,8 @@ def _package_from_entry(entry: AptListEntry) -> Package:
             upgradable=upgradable,
             latest_version=entry.upgradable_to or entry.version,
         )
-    return Package(name=entry.name, version=entry.version, status="Available", latest_version=entry.version)
+    return Package(name=entry.name, version=entry.version, status="Available",
+                   latest_version=entry.version)
 
 
 def _patch_from_entry(entry: AptListEntry) -> Patch:

@@ -361,13 +361,19 @@ class BackendBase:
             return await self._remove(specs, request, context)
         return await self._patch_apply(specs, request, context)
 
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _install(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         raise NotImplementedError
 
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _update(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         raise NotImplementedError
 
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _remove(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         raise NotImplementedError
 
     async def _patch_apply(
@@ -389,7 +395,8 @@ class BackendBase:
         names = list(marker_names)
         for entry in changes:
             name = str(entry.get("name", ""))
-            if entry.get("action") != "remove" and package_requires_reboot(name) and name not in names:
+            if (entry.get("action") != "remove" and package_requires_reboot(name)
+                    and name not in names):
                 names.append(name)
         needed = marked or bool(names)
         if not needed:
@@ -471,11 +478,17 @@ class VerbCommandsMixin:
         argv = self.command(verb, request, "--", *self.targets(specs))  # type: ignore[attr-defined]
         return await self._run(ctx, request, argv, label)  # type: ignore[attr-defined,no-any-return]
 
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _install(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._by_verb(self.install_verb, specs, request, ctx, "Installed")
 
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _update(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._by_verb(self.update_verb, specs, request, ctx, "Updated")
 
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _remove(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._by_verb(self.remove_verb, specs, request, ctx, "Removed")

@@ -49,7 +49,10 @@ from lpa.errors import CommandFailedError, CommandNotFoundError
 
 _log = Logger()
 
-RPM_QUERYFORMAT = "%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{SIZE}\\t%{INSTALLTIME}\\t%{SUMMARY}\\n"
+RPM_QUERYFORMAT = (
+    "%{NAME}\\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{SIZE}\\t%{INSTALLTIME}"
+    "\\t%{SUMMARY}\\n"
+)
 
 #: advisory severities as dnf/zypper spell them → ours
 SEVERITIES = {
@@ -263,7 +266,9 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
             except Exception:
                 continue
             for name, entry in parse_updateinfo(result.stdout).items():
-                merged = info.setdefault(name, {"security": False, "severity": None, "ids": [], "cves": []})
+                merged = info.setdefault(
+                    name, {"security": False, "severity": None, "ids": [], "cves": []}
+                )
                 if entry["security"]:
                     merged["security"] = True
                     merged["severity"] = _worse(merged["severity"], entry["severity"])
@@ -287,7 +292,8 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
                     name=name,
                     current_version=installed.get(name, ""),
                     available_version=version,
-                    severity=advisory.get("severity") or ("low" if advisories else name_severity(name)),
+                    severity=(advisory.get("severity")
+                              or ("low" if advisories else name_severity(name))),
                     description=(f"{'Security update' if security else 'Update'} from {repo}"
                                  + (f" ({', '.join(ids)})" if ids else "")),
                     cve_ids=tuple(advisory.get("cves", ())),
@@ -302,7 +308,8 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
 
     # -- argv ------------------------------------------------------------------------------
     def command(self, verb: str, request: JobRequest, *args: str) -> list[str]:
-        """``dnf VERB -y|--assumeno [options] ARGS`` (ARGS start with ``--`` when they name packages)."""
+        """``dnf VERB -y|--assumeno [options] ARGS`` (ARGS start with ``--`` when they name
+        packages)."""
         argv = [self.binary, verb, "--assumeno" if request.dry_run else "-y"]
         return argv + self.options(verb, request) + list(args)
 
@@ -340,7 +347,8 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
     ) -> JobOutcome:
         names = [] if specs is None else ["--", *self.targets(specs)]
-        return await self._run(ctx, request, self.command(self.upgrade_verb, request, *names), "Patched")
+        argv = self.command(self.upgrade_verb, request, *names)
+        return await self._run(ctx, request, argv, "Patched")
 
     def duplicates_check_argv(self) -> list[str]:
         return [self.binary, "check", "--duplicates"]
@@ -405,7 +413,8 @@ class DnfBackend(VerbCommandsMixin, BackendBase):
     async def manager_says_reboot(self, ctx: Any) -> bool:
         """``needs-restarting -r`` exits 1 and says "Reboot is required" when one is needed."""
         try:
-            result = await ctx.run(self.needs_restarting_argv(), timeout=self._timeouts.quick, ok_codes=(0, 1))
+            result = await ctx.run(self.needs_restarting_argv(), timeout=self._timeouts.quick,
+                                   ok_codes=(0, 1))
         except (CommandFailedError, CommandNotFoundError):
             return False
         return bool(needs_restarting_verdict(result))

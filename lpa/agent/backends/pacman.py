@@ -138,14 +138,20 @@ class PacmanBackend(BackendBase):
     def targets(specs: Sequence[PackageSpec]) -> list[str]:
         return [s.name for s in specs]
 
-    async def _install(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _install(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         names = self.targets(specs)
         return await self._run(ctx, request, ["-S", "--needed"], names, "install", "Installed")
 
-    async def _update(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _update(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._run(ctx, request, ["-S"], self.targets(specs), "upgrade", "Updated")
 
-    async def _remove(self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any) -> JobOutcome:
+    async def _remove(
+        self, specs: tuple[PackageSpec, ...], request: JobRequest, ctx: Any
+    ) -> JobOutcome:
         return await self._run(ctx, request, ["-R"], self.targets(specs), "remove", "Removed")
 
     async def _patch_apply(
@@ -155,15 +161,24 @@ class PacmanBackend(BackendBase):
             # a dry run must not sync the databases: -Su --print; the real run is -Syu
             operation = ["-Su"] if request.dry_run else ["-Syu"]
             return await self._run(ctx, request, operation, [], "upgrade", "Patched")
-        return await self._run(ctx, request, ["-S", "--needed"], self.targets(specs), "upgrade", "Patched")
+        return await self._run(ctx, request, ["-S", "--needed"], self.targets(specs), "upgrade",
+                               "Patched")
 
     async def _run(
-        self, ctx: Any, request: JobRequest, operation: list[str], names: list[str], action: str, verb: str
+        self,
+        ctx: Any,
+        request: JobRequest,
+        operation: list[str],
+        names: list[str],
+        action: str,
+        verb: str,
     ) -> JobOutcome:
         targets = ["--", *names] if names else []
-        installed = parse_pacman_q((await ctx.run(["pacman", "-Q"], timeout=self._timeouts.quick)).stdout)
+        listed = await ctx.run(["pacman", "-Q"], timeout=self._timeouts.quick)
+        installed = parse_pacman_q(listed.stdout)
         preview_op = ["-Su"] if operation == ["-Syu"] else operation
-        preview = await ctx.run(["pacman", *preview_op, *PRINT, *targets], timeout=self._timeouts.package)
+        preview = await ctx.run(["pacman", *preview_op, *PRINT, *targets],
+                                timeout=self._timeouts.package)
         changes = []
         for name, version in parse_pacman_q(preview.stdout).items():
             old = installed.get(name)

@@ -1,11 +1,12 @@
 """yum backend (CentOS/RHEL 7): dnf's commands with yum's spellings.
 
-Differences from dnf: ``update`` instead of ``upgrade``, ``updateinfo list updates`` / ``updateinfo list cves`` for advisories, ``needs-restarting -r``
-from yum-utils, and no weak dependencies or ``--allowerasing`` (``no_recommends`` and ``force``
-change nothing on yum).  ``--security`` is built into yum 3.4 (RHEL 7).  The repair after an
-interrupted transaction is ``yum check duplicates``, then ``package-cleanup --cleandupes``
-(yum-utils); ``yum-complete-transaction`` is not run: it replays a journal of the whole
-transaction, packages the job was not asked for included.
+Differences from dnf: ``update`` instead of ``upgrade``, ``updateinfo list updates`` /
+``updateinfo list cves`` for advisories, ``needs-restarting -r`` from yum-utils, and no weak
+dependencies or ``--allowerasing`` (``no_recommends`` and ``force`` change nothing on yum).
+``--security`` is built into yum 3.4 (RHEL 7).  The repair after an interrupted transaction is
+``yum check duplicates``, then ``package-cleanup --cleandupes`` (yum-utils);
+``yum-complete-transaction`` is not run: it replays a journal of the whole transaction, packages
+the job was not asked for included.
 """
 
 from __future__ import annotations

@@ -120,13 +120,15 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
 
     # -- read-only -------------------------------------------------------------------------
     async def _installed(self) -> list[Package]:
-        result = await self._read(["rpm", "-qa", "--qf", RPM_QUERYFORMAT], timeout=self._timeouts.refresh)
+        result = await self._read(["rpm", "-qa", "--qf", RPM_QUERYFORMAT],
+                                  timeout=self._timeouts.refresh)
         return parse_rpm_qa(result.stdout)
 
     async def _updates(self) -> list[dict[str, str]]:
         argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "list-updates"]
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=ZYPPER_OK)
-        return [u for u in parse_list_updates(result.stdout) if u.get("kind", "package") == "package"]
+        return [u for u in parse_list_updates(result.stdout)
+                if u.get("kind", "package") == "package"]
 
     async def _available_packages(self) -> list[Package]:
         updates = {u["name"]: u for u in await self._updates()}
@@ -141,7 +143,8 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         updates = {u["name"]: u for u in await self._updates()}
         if installed:
             return _with_update(installed[0], updates.get(name))
-        argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "search", "--match-exact", "--details", "--", name]
+        argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "search",
+                "--match-exact", "--details", "--", name]
         result = await self._read(argv, ok_codes=(*ZYPPER_OK, 104))
         for element in _xml_root(result.stdout).iter("solvable"):
             if element.get("name") == name and element.get("kind", "package") == "package":
@@ -162,12 +165,14 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
                         current_version=update.get("edition-old") or installed.get(name, ""),
                         available_version=update.get("edition", ""),
                         severity="medium",
-                        description=update.get("summary") or f"Package update available from {update['repo']}",
+                        description=(update.get("summary")
+                                     or f"Package update available from {update['repo']}"),
                         requires_reboot=package_requires_reboot(name),
                         source=update["repo"],
                     )
                 )
-        argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "list-patches", "--category", "security"]
+        argv = ["zypper", "--non-interactive", "--no-refresh", "--xmlout", "list-patches",
+                "--category", "security"]
         result = await self._read(argv, timeout=self._timeouts.refresh, ok_codes=ZYPPER_OK)
         for patch in parse_list_updates(result.stdout):
             if patch.get("kind") != "patch":
@@ -215,7 +220,8 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
         self, specs: tuple[PackageSpec, ...] | None, request: JobRequest, ctx: Any
     ) -> JobOutcome:
         if not request.dry_run:
-            await ctx.run(["zypper", "--non-interactive", "refresh"], timeout=self._timeouts.refresh)
+            await ctx.run(["zypper", "--non-interactive", "refresh"],
+                          timeout=self._timeouts.refresh)
         if request.security_only:
             argv = self.command("patch", request, "--category", "security")
         elif specs is None:
@@ -240,14 +246,17 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
             changes += parse_install_summary(again.stdout)
             result = again
         outcome = await self.outcome(ctx, request, changes, verb)
-        if result.exit_code == EXIT_REBOOT_NEEDED and not request.dry_run and not outcome.reboot_required:
-            outcome = attr.evolve(outcome, reboot_required=True, message=outcome.message + "; reboot required")
+        if (result.exit_code == EXIT_REBOOT_NEEDED and not request.dry_run
+                and not outcome.reboot_required):
+            outcome = attr.evolve(outcome, reboot_required=True,
+                                  message=outcome.message + "; reboot required")
         return outcome
 
     async def manager_says_reboot(self, ctx: Any) -> bool:
         """``zypper needs-rebooting`` (exit 102 = reboot needed; older zypper lacks it)."""
         try:
-            result = await ctx.run(["zypper", "needs-rebooting"], timeout=self._timeouts.quick, ok_codes=(0, EXIT_REBOOT_NEEDED))
+            result = await ctx.run(["zypper", "needs-rebooting"], timeout=self._timeouts.quick,
+                                   ok_codes=(0, EXIT_REBOOT_NEEDED))
         except (CommandFailedError, CommandNotFoundError):
             return False
         return result.exit_code == EXIT_REBOOT_NEEDED
