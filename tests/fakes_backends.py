@@ -93,7 +93,8 @@ class ScriptedRunner:
         extra_fds: Mapping[int, Callable[[str], None]] | None = None,
     ) -> Deferred:
         argv = tuple(argv)
-        self.calls.append(Call(argv, timeout, dict(env) if env is not None else None, bool(extra_fds)))
+        self.calls.append(Call(argv, timeout, dict(env) if env is not None else None,
+                               bool(extra_fds)))
         rule = next((r for r in self.rules if r.matches(argv)), None)
         if rule is None:
             return succeed(CommandResult(argv=argv, exit_code=0, stdout="", stderr=""))
@@ -160,7 +161,9 @@ class FakeJobContext:
             if result.timed_out:
                 raise CommandTimedOutError(f"timed out: {argv[0]}", result)
             if result.exit_code not in ok_codes:
-                raise CommandFailedError(f"Command failed (exit {result.exit_code}): {' '.join(argv)}", result)
+                raise CommandFailedError(
+                    f"Command failed (exit {result.exit_code}): {' '.join(argv)}", result
+                )
             return result
 
         return deferred.addCallback(check)
@@ -172,7 +175,9 @@ class FakeJobContext:
         self.lock_waits.append(holder)
 
 
-def make_job(operation: str, *names: str, versions: Mapping[str, str] | None = None, **options: Any) -> Job:
+def make_job(
+    operation: str, *names: str, versions: Mapping[str, str] | None = None, **options: Any
+) -> Job:
     """A running Job for ``operation`` on ``names`` (no names = None, "all")."""
     versions = versions or {}
     packages = tuple(PackageSpec(n, versions.get(n)) for n in names) if names else None

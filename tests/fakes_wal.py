@@ -110,7 +110,8 @@ class FakeWalFiles:
         return after
 
     def segments(self, directory: str) -> list[str]:
-        return [n for n in self.list_names(directory) if n.startswith("wal-") and n.endswith(".log")]
+        return [n for n in self.list_names(directory)
+                if n.startswith("wal-") and n.endswith(".log")]
 
     def disk_full(self) -> None:
         self.fail_with = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

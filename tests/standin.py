@@ -168,7 +168,8 @@ if name == "apt":
     print("Listing...")
     print(f"{{PROBE}}/stable,now 1.0-1 amd64 [installed]")
     for p in pkgs:
-        print(f"{{p['name']}}/stable,now {{p['from']}} amd64 [installed,upgradable to: {{p['to']}}]")
+        print(f"{{p['name']}}/stable,now {{p['from']}} amd64 "
+              f"[installed,upgradable to: {{p['to']}}]")
     finish(0)
 if name == "apt-cache":
     target = args[-1] if args else ""
@@ -270,6 +271,7 @@ def mutating_calls(records: Iterable[dict[str, Any]]) -> list[list[str]]:
         if entry["command"] == "apt-get" and "-s" not in argv and "update" not in argv:
             if "--lpa-standin-probe" not in argv:
                 calls.append(argv)
-        elif entry["command"] == "dpkg" and any(a in argv for a in ("-i", "--configure", "-r", "-P")):
+        elif (entry["command"] == "dpkg"
+              and any(a in argv for a in ("-i", "--configure", "-r", "-P"))):
             calls.append(argv)
     return calls

@@ -27,9 +27,11 @@ class ApkParserTests(SynchronousTestCase):
         self.assertEqual(installed["libcrypto3"].version, "3.1.4-r1")
         self.assertTrue(all(e.installed for e in installed.values()))
         upgradable = {e.name: e for e in apk.parse_apk_list(fixture("apk", "list_upgradable.txt"))}
-        self.assertEqual((upgradable["busybox"].version, upgradable["busybox"].upgradable_from), ("1.36.1-r7", "1.36.1-r5"))
+        self.assertEqual((upgradable["busybox"].version, upgradable["busybox"].upgradable_from),
+                         ("1.36.1-r7", "1.36.1-r5"))
         available = apk.parse_apk_list(fixture("apk", "list_curl.txt"))
-        self.assertEqual([(e.name, e.installed) for e in available], [("curl", False), ("curl-doc", False)])
+        self.assertEqual([(e.name, e.installed) for e in available],
+                         [("curl", False), ("curl-doc", False)])
 
     def test_steps(self) -> None:
         """``(i/n) Verb name (versions)`` lines become changes."""
@@ -54,7 +56,8 @@ class ApkBackendTests(SynchronousTestCase):
     def test_packages_and_patches(self) -> None:
         """Installed packages join the upgradable list; patches use the name heuristic."""
         packages = {p.name: p for p in self.successResultOf(ApkBackend(scripted()).list_packages())}
-        self.assertEqual((packages["busybox"].status, packages["busybox"].latest_version), ("Upgradable", "1.36.1-r7"))
+        self.assertEqual((packages["busybox"].status, packages["busybox"].latest_version),
+                         ("Upgradable", "1.36.1-r7"))
         self.assertEqual(packages["musl"].status, "Installed")
         patches = {p.name: p for p in self.successResultOf(ApkBackend(scripted()).list_patches())}
         self.assertEqual(patches["libcrypto3"].current_version, "3.1.4-r1")
@@ -67,7 +70,8 @@ class ApkBackendTests(SynchronousTestCase):
         runner.on("apk", "list", "curl", stdout=fixture("apk", "list_curl.txt"))
         package = self.successResultOf(ApkBackend(runner).get_package("curl"))
         self.assertEqual((package.status, package.version), ("Available", "8.5.0-r0"))
-        self.failureResultOf(ApkBackend(ScriptedRunner()).get_package("nopkg"), PackageNotFoundError)
+        self.failureResultOf(ApkBackend(ScriptedRunner()).get_package("nopkg"),
+                             PackageNotFoundError)
 
     def test_execute_argv(self) -> None:
         """Dry runs add --simulate; pins are name=version after --; real apply updates first."""
@@ -79,13 +83,15 @@ class ApkBackendTests(SynchronousTestCase):
         self.assertEqual(len(outcome.changes), 3)
         runner = ScriptedRunner()
         job = make_job("patch_apply")
-        self.successResultOf(ApkBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent").execute(job, FakeJobContext(runner, job)))
+        backend = ApkBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent")
+        self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
         self.assertEqual(runner.argvs, [("apk", "update"), ("apk", "upgrade")])
 
     def test_security_only_refused(self) -> None:
         """apk has no security notion: security_only is refused with a clear message."""
         runner = ScriptedRunner()
         job = make_job("patch_apply", security_only=True)
-        failure = self.failureResultOf(ApkBackend(runner).execute(job, FakeJobContext(runner, job)), ValidationError)
+        failure = self.failureResultOf(ApkBackend(runner).execute(job, FakeJobContext(runner, job)),
+                                       ValidationError)
         self.assertEqual(failure.value.message, "security_only is not supported by apk")
         self.assertEqual(runner.calls, [])

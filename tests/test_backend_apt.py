@@ -27,12 +27,16 @@ DPKG_S_BASH = fixture("apt", "dpkg_s_bash.txt")
 #: dpkg --audit wording for interrupted work (documented format; this host's audit is clean)
 #: dpkg's repair as the backend runs it
 CONFIGURE = ("dpkg", "--force-confdef", "--force-confold", "--configure", "-a")
-HALF_CONFIGURED = "The following packages are only half configured, probably due to problems\nconfiguring them the first time.\n x   some package\n"
+HALF_CONFIGURED = (
+    "The following packages are only half configured, probably due to problems\n"
+    "configuring them the first time.\n x   some package\n"
+)
 
 
 class AptParserTests(SynchronousTestCase):
     def test_installed_list_keeps_upgradable(self) -> None:
-        """``apt list --installed`` marks "installed,upgradable to:" packages upgradable (bug 25)."""
+        """``apt list --installed`` marks "installed,upgradable to:" packages upgradable
+        (bug 25)."""
         entries = apt.parse_apt_list(INSTALLED)
         self.assertEqual(len(entries), 710)
         upgradable = {e.name: e for e in entries if e.upgradable_to}
@@ -62,7 +66,8 @@ class AptParserTests(SynchronousTestCase):
         changes = apt.parse_apt_simulation(DIST_UPGRADE)
         self.assertEqual(len(changes), 136)
         self.assertIn(
-            {"name": "base-files", "from": "12.4+deb12u11", "to": "12.4+deb12u15", "action": "upgrade"},
+            {"name": "base-files", "from": "12.4+deb12u11", "to": "12.4+deb12u15",
+             "action": "upgrade"},
             changes,
         )
 
@@ -127,13 +132,15 @@ class AptParserTests(SynchronousTestCase):
         self.assertEqual(len(ctx.progress_reports), 3)
 
     def test_lock_wait_line_is_recognised(self) -> None:
-        """apt's real "Waiting for cache lock" line (captured here) names the holder to the context."""
+        """apt's real "Waiting for cache lock" line (captured here) names the holder to the
+        context."""
         line = fixture("apt", "lock_wait_stdout.txt").splitlines()[0]
         self.assertIn("python", lock_holder(line) or "")
 
 
 def backend(runner: ScriptedRunner, **kwargs: object) -> AptBackend:
-    return AptBackend(runner, reboot_marker="/nonexistent/reboot-required", modules_dir="/nonexistent", **kwargs)  # type: ignore[arg-type]
+    return AptBackend(runner, reboot_marker="/nonexistent/reboot-required",
+                      modules_dir="/nonexistent", **kwargs)  # type: ignore[arg-type]
 
 
 class AptReadTests(SynchronousTestCase):
@@ -151,7 +158,8 @@ class AptReadTests(SynchronousTestCase):
         packages = self.successResultOf(backend(runner).list_packages(status="upgradable"))
         self.assertEqual(len(packages), 136)
         bash = next(p for p in packages if p.name == "bash")
-        self.assertEqual((bash.status, bash.upgradable, bash.latest_version), ("Upgradable", True, "5.2.15-2+b13"))
+        self.assertEqual((bash.status, bash.upgradable, bash.latest_version),
+                         ("Upgradable", True, "5.2.15-2+b13"))
         self.assertEqual(runner.calls[0].env["LC_ALL"], "C")
 
     def test_list_with_filter(self) -> None:
@@ -166,7 +174,8 @@ class AptReadTests(SynchronousTestCase):
     def test_bad_filter_refused(self) -> None:
         """A filter with shell metacharacters is refused before any command runs."""
         runner = ScriptedRunner()
-        self.failureResultOf(backend(runner).list_packages(name_filter="x;rm -rf /"), ValidationError)
+        self.failureResultOf(backend(runner).list_packages(name_filter="x;rm -rf /"),
+                             ValidationError)
         self.assertEqual(runner.calls, [])
 
     def test_get_installed_upgradable(self) -> None:
@@ -190,7 +199,11 @@ class AptReadTests(SynchronousTestCase):
     def test_get_available(self) -> None:
         """A package with a candidate but not installed is Available."""
         runner = ScriptedRunner()
-        runner.on("apt-cache", stdout="sl:\n  Installed: (none)\n  Candidate: 5.02-1+b1\n  Version table:\n     5.02-1+b1 500\n        500 http://deb.debian.org/debian bookworm/main amd64 Packages\n")
+        runner.on("apt-cache", stdout=(
+            "sl:\n  Installed: (none)\n  Candidate: 5.02-1+b1\n  Version table:\n"
+            "     5.02-1+b1 500\n"
+            "        500 http://deb.debian.org/debian bookworm/main amd64 Packages\n"
+        ))
         runner.on("dpkg", "-s", exit_code=1)
         package = self.successResultOf(backend(runner).get_package("sl"))
         self.assertEqual((package.status, package.version), ("Available", "5.02-1+b1"))
@@ -226,10 +239,12 @@ class AptExecuteTests(SynchronousTestCase):
         return ctx, backend(runner, **kwargs).execute(job, ctx)
 
     def test_install_argv(self) -> None:
-        """install: simulate, dpkg --configure -a, apt-get with safe options, names after --, audit."""
+        """install: simulate, dpkg --configure -a, apt-get with safe options, names after --,
+        audit."""
         runner = ScriptedRunner()
         runner.on("-s", "install", stdout=fixture("apt", "sim_install_sl.txt"))
-        job = make_job("install", "sl", "curl", versions={"curl": "7.88.1-10+deb12u15"}, no_recommends=True, force=True)
+        job = make_job("install", "sl", "curl", versions={"curl": "7.88.1-10+deb12u15"},
+                       no_recommends=True, force=True)
         _ctx, d = self.run_job(runner, job, lock_timeout=120)
         outcome = self.successResultOf(d)
         self.assertEqual(runner.argvs[0], ("dpkg", "--audit"))
@@ -238,7 +253,8 @@ class AptExecuteTests(SynchronousTestCase):
         self.assertEqual(len(runner.calls), 4)
         real = runner.calls[2].argv
         self.assertEqual(real[0], "apt-get")
-        for option in ("Dpkg::Options::=--force-confdef", "Dpkg::Options::=--force-confold", "DPkg::Lock::Timeout=120", "APT::Status-Fd=3"):
+        for option in ("Dpkg::Options::=--force-confdef", "Dpkg::Options::=--force-confold",
+                       "DPkg::Lock::Timeout=120", "APT::Status-Fd=3"):
             self.assertIn(option, real)
         self.assertIn("-y", real)
         self.assertIn("--no-install-recommends", real)
@@ -248,7 +264,8 @@ class AptExecuteTests(SynchronousTestCase):
         self.assertTrue(runner.calls[2].had_status_fd)
         self.assertEqual(runner.calls[2].env["DEBIAN_FRONTEND"], "noninteractive")
         self.assertEqual(runner.calls[2].timeout, 1800.0)
-        self.assertEqual(outcome.changes, ({"name": "sl", "from": None, "to": "5.02-1+b1", "action": "install"},))
+        self.assertEqual(outcome.changes,
+                         ({"name": "sl", "from": None, "to": "5.02-1+b1", "action": "install"},))
         self.assertFalse(outcome.reboot_required)
 
     def test_dry_run_install_changes_nothing(self) -> None:
@@ -338,7 +355,8 @@ class AptExecuteTests(SynchronousTestCase):
         """security_only with names applies only named packages that have security updates."""
         runner = ScriptedRunner()
         runner.on("apt", "list", "--upgradable", stdout=UPGRADABLE)
-        _ctx, d = self.run_job(runner, make_job("patch_apply", "apt", "bash", security_only=True, dry_run=True))
+        _ctx, d = self.run_job(runner, make_job("patch_apply", "apt", "bash", security_only=True,
+                                                dry_run=True))
         self.successResultOf(d)
         simulate = runner.calls[-1].argv
         self.assertEqual(simulate[simulate.index("--") + 1:], ("apt",))
@@ -376,7 +394,8 @@ class AptExecuteTests(SynchronousTestCase):
         self.assertIn("another package manager holds it", failure.value.message)
 
     def test_clean_database_skips_configure(self) -> None:
-        """With a clean ``dpkg --audit`` no ``dpkg --configure -a`` runs (it would not wait for the lock)."""
+        """With a clean ``dpkg --audit`` no ``dpkg --configure -a`` runs (it would not wait for
+        the lock)."""
         runner = ScriptedRunner()
         _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.successResultOf(d)
@@ -385,7 +404,8 @@ class AptExecuteTests(SynchronousTestCase):
     def test_dependency_error_fix_broken_retry(self) -> None:
         """A dependency error runs ``apt-get -f install`` and retries once."""
         runner = ScriptedRunner()
-        runner.on("-y", "install", "sl", exit_code=100, stdout="E: Unmet dependencies. Try 'apt --fix-broken install'", times=1)
+        runner.on("-y", "install", "sl", exit_code=100,
+                  stdout="E: Unmet dependencies. Try 'apt --fix-broken install'", times=1)
         _ctx, d = self.run_job(runner, make_job("install", "sl"))
         self.successResultOf(d)
         mutations = [c.argv for c in runner.calls if "-y" in c.argv]
@@ -396,7 +416,8 @@ class AptExecuteTests(SynchronousTestCase):
     def test_other_failure_cleans_up_and_fails(self) -> None:
         """A non-dependency failure runs ``dpkg --configure -a`` to clean up and fails."""
         runner = ScriptedRunner()
-        runner.on("-y", "remove", exit_code=100, stderr="E: Sub-process /usr/bin/dpkg returned an error code (1)")
+        runner.on("-y", "remove", exit_code=100,
+                  stderr="E: Sub-process /usr/bin/dpkg returned an error code (1)")
         _ctx, d = self.run_job(runner, make_job("remove", "sl"))
         self.failureResultOf(d, CommandFailedError)
         self.assertEqual(runner.calls[-1].argv, CONFIGURE)
@@ -419,7 +440,8 @@ class AptExecuteTests(SynchronousTestCase):
     def test_fetch_error_refresh_and_retry(self) -> None:
         """A fetch error during apply refreshes the lists and retries once."""
         runner = ScriptedRunner()
-        runner.on("-y", "dist-upgrade", exit_code=100, stderr="E: Failed to fetch http://x/y.deb 404 Not Found", times=1)
+        runner.on("-y", "dist-upgrade", exit_code=100,
+                  stderr="E: Failed to fetch http://x/y.deb 404 Not Found", times=1)
         _ctx, d = self.run_job(runner, make_job("patch_apply"))
         self.successResultOf(d)
         updates = [c for c in runner.calls if c.argv[-1] == "update"]
@@ -437,14 +459,16 @@ class AptExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         job = make_job("update", "sl")
         ctx = FakeJobContext(runner, job)
-        outcome = self.successResultOf(AptBackend(runner, reboot_marker=marker, modules_dir="/nonexistent").execute(job, ctx))
+        apt_backend = AptBackend(runner, reboot_marker=marker, modules_dir="/nonexistent")
+        outcome = self.successResultOf(apt_backend.execute(job, ctx))
         self.assertTrue(outcome.reboot_required)
         self.assertEqual(outcome.reboot_packages, ("libc6",))
 
     def test_reboot_by_package_name(self) -> None:
         """Changing a kernel package conservatively needs a reboot."""
         runner = ScriptedRunner()
-        runner.on("-s", stdout="Inst linux-image-amd64 [6.1.1] (6.1.2 Debian:12/oldstable [amd64])\n")
+        runner.on("-s",
+                  stdout="Inst linux-image-amd64 [6.1.1] (6.1.2 Debian:12/oldstable [amd64])\n")
         _ctx, d = self.run_job(runner, make_job("update", "linux-image-amd64"))
         outcome = self.successResultOf(d)
         self.assertTrue(outcome.reboot_required)
@@ -457,7 +481,8 @@ class AptExecuteTests(SynchronousTestCase):
             os.makedirs(os.path.join(modules, release))
         runner = ScriptedRunner()
         job = make_job("update", "sl")
-        backend = AptBackend(runner, reboot_marker="/nonexistent", modules_dir=modules, running_kernel=lambda: "6.1.0-9-amd64")
+        backend = AptBackend(runner, reboot_marker="/nonexistent", modules_dir=modules,
+                             running_kernel=lambda: "6.1.0-9-amd64")
         outcome = self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
         self.assertEqual((outcome.reboot_required, outcome.reboot_packages), (True, ("kernel",)))
 

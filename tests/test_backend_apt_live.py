@@ -28,7 +28,8 @@ class AptLiveTests(TestCase):
         from lpa.agent.process import ProcessRunner
 
         self.runner = ProcessRunner(reactor)
-        self.backend = AptBackend(self.runner, reboot_marker="/nonexistent/reboot-required", modules_dir="/nonexistent")
+        self.backend = AptBackend(self.runner, reboot_marker="/nonexistent/reboot-required",
+                                  modules_dir="/nonexistent")
 
     async def installed_state(self) -> str:
         result: CommandResult = await self.runner.run(DPKG_QUERY, timeout=60)
@@ -40,8 +41,11 @@ class AptLiveTests(TestCase):
         packages = await self.backend.list_packages()
         names = {p.name for p in packages}
         self.assertIn("apt", names)
-        installed = {line.split()[0].split(":")[0] for line in (await self.installed_state()).splitlines() if line.endswith(" ii ")}
-        self.assertLessEqual(len(names ^ installed), len(installed) // 20, sorted(names ^ installed)[:20])
+        state = await self.installed_state()
+        installed = {line.split()[0].split(":")[0] for line in state.splitlines()
+                     if line.endswith(" ii ")}
+        self.assertLessEqual(len(names ^ installed), len(installed) // 20,
+                             sorted(names ^ installed)[:20])
 
     async def test_get_package(self) -> None:
         """get_package finds apt installed and refuses an unknown name."""
@@ -67,7 +71,8 @@ class AptLiveTests(TestCase):
         outcome = await self.backend.execute(job, ctx)
         self.assertEqual(await self.installed_state(), before)
         changed = {c["name"] for c in outcome.changes}
-        self.assertTrue({p.name for p in patches} <= changed, "every upgradable package would change")
+        self.assertTrue({p.name for p in patches} <= changed,
+                        "every upgradable package would change")
         self.assertFalse(outcome.reboot_required)
         self.assertIn("Dry run", outcome.message)
 
@@ -77,7 +82,8 @@ class AptLiveTests(TestCase):
         job = make_job("install", "sl", dry_run=True)
         outcome = await self.backend.execute(job, FakeJobContext(self.runner, job))
         if "sl " not in before:
-            self.assertEqual([c["action"] for c in outcome.changes if c["name"] == "sl"], ["install"])
+            self.assertEqual([c["action"] for c in outcome.changes if c["name"] == "sl"],
+                             ["install"])
         job = make_job("patch_apply", dry_run=True, security_only=True)
         outcome = await self.backend.execute(job, FakeJobContext(self.runner, job))
         security = {p.name for p in await self.backend.list_patches(security_only=True)}

@@ -24,7 +24,8 @@ class DetectionTests(SynchronousTestCase):
         """auto picks the first of apt, dnf, yum, zypper, apk, pacman that is installed."""
         self.assertEqual(backends.detect_backend("auto", which=which_of("apt-get", "dnf")), "apt")
         self.assertEqual(backends.detect_backend("auto", which=which_of("yum", "dnf")), "dnf")
-        self.assertEqual(backends.detect_backend("auto", which=which_of("pacman", "zypper")), "zypper")
+        self.assertEqual(backends.detect_backend("auto", which=which_of("pacman", "zypper")),
+                         "zypper")
         self.assertEqual(backends.detect_backend("auto", which=which_of("pacman", "apk")), "apk")
 
     def test_auto_nothing_found(self) -> None:
@@ -34,9 +35,11 @@ class DetectionTests(SynchronousTestCase):
 
     def test_explicit_missing_or_unknown(self) -> None:
         """An explicit backend that is not installed, or unknown, is a clear ConfigError."""
-        error = self.assertRaises(ConfigError, backends.detect_backend, "dnf", which=which_of("apt-get"))
+        error = self.assertRaises(ConfigError, backends.detect_backend, "dnf",
+                                  which=which_of("apt-get"))
         self.assertIn("dnf was chosen but dnf is not installed", str(error))
-        error = self.assertRaises(ConfigError, backends.detect_backend, "brew", which=which_of("apt-get"))
+        error = self.assertRaises(ConfigError, backends.detect_backend, "brew",
+                                  which=which_of("apt-get"))
         self.assertIn("unknown backend", str(error))
         self.assertEqual(backends.detect_backend("Pacman", which=which_of("pacman")), "pacman")
 
@@ -56,11 +59,13 @@ class DetectionTests(SynchronousTestCase):
     def test_timeouts_reach_commands(self) -> None:
         """The configured per-command timeouts are the ones commands run with."""
         runner = ScriptedRunner()
-        built = backends.make_backend("dnf", runner, which=lambda _: "/x", reboot_marker="/nonexistent", modules_dir="/nonexistent",
+        built = backends.make_backend("dnf", runner, which=lambda _: "/x",
+                                      reboot_marker="/nonexistent", modules_dir="/nonexistent",
                                       timeouts=base.Timeouts(refresh=11, package=22, quick=33))
         job = make_job("install", "a")
         self.successResultOf(built.execute(job, FakeJobContext(runner, job)))
-        timeouts = {call.argv[1] if call.argv[0] == "dnf" else call.argv[0]: call.timeout for call in runner.calls}
+        timeouts = {call.argv[1] if call.argv[0] == "dnf" else call.argv[0]: call.timeout
+                    for call in runner.calls}
         self.assertEqual(timeouts["install"], 22)
         self.assertEqual(timeouts["needs-restarting"], 33)
         self.successResultOf(built.list_patches())
@@ -73,9 +78,11 @@ class HelperTests(SynchronousTestCase):
         """None means all, [] is refused (bug 24), bad names and versions are refused."""
         self.assertIsNone(base.checked_specs(None))
         self.assertRaises(ValidationError, base.checked_specs, [])
-        self.assertRaises(ValidationError, base.checked_specs, [PackageSpec("ok"), PackageSpec("`id`")])
+        self.assertRaises(ValidationError, base.checked_specs,
+                          [PackageSpec("ok"), PackageSpec("`id`")])
         self.assertRaises(ValidationError, base.checked_specs, [PackageSpec("ok", "1 2")])
-        self.assertEqual(base.checked_specs([PackageSpec("a", "1:2.0~rc1")]), (PackageSpec("a", "1:2.0~rc1"),))
+        self.assertEqual(base.checked_specs([PackageSpec("a", "1:2.0~rc1")]),
+                         (PackageSpec("a", "1:2.0~rc1"),))
 
     def test_unknown_operation_refused(self) -> None:
         """A backend refuses operations it does not run (reboot is the engine's)."""
@@ -89,7 +96,8 @@ class HelperTests(SynchronousTestCase):
 
     def test_reboot_names(self) -> None:
         """The conservative reboot list matches kernels, libc, systemd, openssl, microcode."""
-        for name in ("linux-image-6.1.0-28-amd64", "kernel-core", "glibc", "libc6", "systemd", "dbus", "openssl", "libssl3", "intel-microcode"):
+        for name in ("linux-image-6.1.0-28-amd64", "kernel-core", "glibc", "libc6", "systemd",
+                     "dbus", "openssl", "libssl3", "intel-microcode"):
             self.assertTrue(base.package_requires_reboot(name), name)
         for name in ("bash", "curl", "vim"):
             self.assertFalse(base.package_requires_reboot(name), name)
@@ -134,31 +142,39 @@ class HelperTests(SynchronousTestCase):
 
 
 #: options that would bypass signature checks or clobber files: never in any argv
-FORBIDDEN = {"--allow-unauthenticated", "--nogpgcheck", "--no-gpg-checks", "--allow-untrusted", "--overwrite", "--force"}
+FORBIDDEN = {"--allow-unauthenticated", "--nogpgcheck", "--no-gpg-checks", "--allow-untrusted",
+             "--overwrite", "--force"}
 
 
 def is_mutation(backend: str, argv: tuple[str, ...]) -> bool:
     """Whether ``argv`` could change the host (what a dry run must never run)."""
     if backend == "apt":
-        return (argv[0] == "apt-get" and ("-y" in argv or "update" in argv)) or argv[:2] == ("dpkg", "--configure")
+        return ((argv[0] == "apt-get" and ("-y" in argv or "update" in argv))
+                or argv[:2] == ("dpkg", "--configure"))
     if backend in ("dnf", "yum"):
         return "-y" in argv or "makecache" in argv
     if backend == "zypper":
-        return any(v in argv for v in ("install", "update", "remove", "patch", "refresh")) and "--dry-run" not in argv
+        return (any(v in argv for v in ("install", "update", "remove", "patch", "refresh"))
+                and "--dry-run" not in argv)
     if backend == "apk":
-        return any(v in argv for v in ("add", "upgrade", "del", "update")) and "--simulate" not in argv
+        return (any(v in argv for v in ("add", "upgrade", "del", "update"))
+                and "--simulate" not in argv)
     return any(op in argv for op in ("-S", "-R", "-Syu", "-Su")) and "--print" not in argv
 
 
 class ArgvMatrixTests(SynchronousTestCase):
-    """Every backend × operation × dry run: names after ``--``, no unsafe options, dry runs inert."""
+    """Every backend × operation × dry run: names after ``--``, no unsafe options, dry runs
+    inert."""
 
     def run_everything(self, name: str, dry_run: bool) -> list[tuple[str, ...]]:
         argvs: list[tuple[str, ...]] = []
-        for operation, packages in (("install", ("pkga", "pkgb")), ("update", ("pkga",)), ("remove", ("pkga",)),
-                                    ("patch_apply", ("pkga", "pkgb")), ("patch_apply", ())):
+        for operation, packages in (("install", ("pkga", "pkgb")), ("update", ("pkga",)),
+                                    ("remove", ("pkga",)), ("patch_apply", ("pkga", "pkgb")),
+                                    ("patch_apply", ())):
             runner = ScriptedRunner()
-            backend = backends.make_backend(name, runner, which=lambda _: "/x", reboot_marker="/nonexistent", modules_dir="/nonexistent")
+            backend = backends.make_backend(name, runner, which=lambda _: "/x",
+                                            reboot_marker="/nonexistent",
+                                            modules_dir="/nonexistent")
             job = make_job(operation, *packages, dry_run=dry_run, force=True, no_recommends=True)
             self.successResultOf(backend.execute(job, FakeJobContext(runner, job)))
             self.assertTrue(runner.calls, f"{name} {operation} ran nothing")

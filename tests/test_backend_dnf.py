@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -9,6 +10,7 @@ from lpa.agent.backends import dnf
 from lpa.agent.backends.dnf import DnfBackend
 from lpa.agent.backends.yum import YumBackend
 from lpa.agent.interfaces import IPackageBackend
+from lpa.agent.model import Job, JobOutcome
 from lpa.errors import CommandFailedError, PackageNotFoundError, ValidationError
 from tests.fakes_backends import FakeJobContext, ScriptedRunner, fixture, make_job
 
@@ -31,7 +33,8 @@ class DnfParserTests(SynchronousTestCase):
     def test_rpm_qa(self) -> None:
         """Our rpm query format parses into installed packages (zero epoch dropped)."""
         [package] = dnf.parse_rpm_qa(RPM_QA)
-        self.assertEqual((package.name, package.version, package.status), ("lpademo", "1.0-1", "Installed"))
+        self.assertEqual((package.name, package.version, package.status),
+                         ("lpademo", "1.0-1", "Installed"))
         self.assertEqual(package.description, "lpa demo package lpademo")
 
     def test_check_update(self) -> None:
@@ -49,7 +52,8 @@ class DnfParserTests(SynchronousTestCase):
         )
         self.assertEqual(
             dnf.parse_check_update(text),
-            {"very-long-package-name-that-wraps": ("2.0-1.fc40", "updates"), "kernel": ("6.9.7-200.fc40", "updates")},
+            {"very-long-package-name-that-wraps": ("2.0-1.fc40", "updates"),
+             "kernel": ("6.9.7-200.fc40", "updates")},
         )
 
     def test_updateinfo(self) -> None:
@@ -78,7 +82,8 @@ class DnfParserTests(SynchronousTestCase):
 
     def test_split_nevra(self) -> None:
         """NEVRA strings split into name and version, epochs kept when not zero."""
-        self.assertEqual(dnf.split_nevra("openssl-1:3.0.7-25.el9.x86_64"), ("openssl", "1:3.0.7-25.el9"))
+        self.assertEqual(dnf.split_nevra("openssl-1:3.0.7-25.el9.x86_64"),
+                         ("openssl", "1:3.0.7-25.el9"))
         self.assertEqual(dnf.split_nevra("lpademo-1.1-1.noarch"), ("lpademo", "1.1-1"))
 
     def test_transaction_tables(self) -> None:
@@ -113,7 +118,8 @@ class DnfReadTests(SynchronousTestCase):
     def test_patches_use_advisories(self) -> None:
         """Patches carry the advisory's security flag, severity and CVE ids."""
         [patch] = self.successResultOf(DnfBackend(scripted()).list_patches(security_only=True))
-        self.assertEqual((patch.name, patch.current_version, patch.available_version), ("lpademo", "1.0-1", "1.1-1"))
+        self.assertEqual((patch.name, patch.current_version, patch.available_version),
+                         ("lpademo", "1.0-1", "1.1-1"))
         self.assertTrue(patch.security)
         self.assertEqual(patch.severity, "high")
         self.assertEqual(patch.cve_ids, ("CVE-2026-12345",))
@@ -123,7 +129,8 @@ class DnfReadTests(SynchronousTestCase):
         """Without advisory data, severity is the name heuristic and nothing is security."""
         runner = ScriptedRunner()
         runner.on("rpm", "-qa", stdout=RPM_QA)
-        runner.on("check-update", exit_code=100, stdout="kernel-core.x86_64  6.9.7-200.fc40  updates\n")
+        runner.on("check-update", exit_code=100,
+                  stdout="kernel-core.x86_64  6.9.7-200.fc40  updates\n")
         runner.on("updateinfo", exit_code=1, stderr="Error: no updateinfo")
         [patch] = self.successResultOf(DnfBackend(runner).list_patches())
         self.assertEqual(patch.severity, "critical")
@@ -137,20 +144,24 @@ class DnfReadTests(SynchronousTestCase):
         package = self.successResultOf(DnfBackend(runner).get_package("lpatool"))
         self.assertEqual((package.status, package.version), ("Available", "2.0-1"))
         runner = ScriptedRunner()
-        runner.on("list", "--available", exit_code=1, stdout="Error: No matching Packages to list\n")
+        runner.on("list", "--available", exit_code=1,
+                  stdout="Error: No matching Packages to list\n")
         self.failureResultOf(DnfBackend(runner).get_package("nopkg"), PackageNotFoundError)
 
 
 class DnfExecuteTests(SynchronousTestCase):
-    def run_job(self, backend: DnfBackend, runner: ScriptedRunner, job: object):  # type: ignore[no-untyped-def]
-        ctx = FakeJobContext(runner, job)  # type: ignore[arg-type]
-        return backend.execute(job, ctx)
+    def run_job(
+        self, backend: DnfBackend, runner: ScriptedRunner, job: Job
+    ) -> Deferred[JobOutcome]:
+        return backend.execute(job, FakeJobContext(runner, job))
 
     def test_install_argv(self) -> None:
         """install: -y, weak deps off, --allowerasing for force, pins as name-version after --."""
         runner = ScriptedRunner()
-        job = make_job("install", "lpatool", "bash", versions={"bash": "5.2.26-3.fc40"}, force=True, no_recommends=True)
-        self.successResultOf(self.run_job(DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
+        job = make_job("install", "lpatool", "bash", versions={"bash": "5.2.26-3.fc40"},
+                       force=True, no_recommends=True)
+        backend = DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent")
+        self.successResultOf(self.run_job(backend, runner, job))
         self.assertEqual(runner.calls[0].argv, ("dnf", "check", "--duplicates"))
         argv = runner.calls[1].argv
         self.assertEqual(argv[:3], ("dnf", "install", "-y"))
@@ -166,7 +177,8 @@ class DnfExecuteTests(SynchronousTestCase):
         job = make_job("patch_apply", dry_run=True, security_only=True)
         outcome = self.successResultOf(self.run_job(DnfBackend(runner), runner, job))
         self.assertEqual(runner.calls[0].argv, ("dnf", "upgrade", "--assumeno", "--security"))
-        self.assertEqual(outcome.changes, ({"name": "lpademo", "from": None, "to": "1.1-1", "action": "upgrade"},))
+        self.assertEqual(outcome.changes,
+                         ({"name": "lpademo", "from": None, "to": "1.1-1", "action": "upgrade"},))
         self.assertEqual(len(runner.calls), 1)
 
     def test_dry_run_resolution_error_fails(self) -> None:
@@ -174,16 +186,19 @@ class DnfExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         runner.on("install", exit_code=1, stdout=fixture("dnf", "install_missing.txt"))
         job = make_job("install", "nopkg", dry_run=True)
-        failure = self.failureResultOf(self.run_job(DnfBackend(runner), runner, job), CommandFailedError)
+        failure = self.failureResultOf(self.run_job(DnfBackend(runner), runner, job),
+                                       CommandFailedError)
         self.assertIn("Unable to find a match", failure.value.message)
 
     def test_real_apply_and_needs_restarting(self) -> None:
         """A real apply runs dnf upgrade -y; needs-restarting -r exit 1 means reboot required."""
         runner = ScriptedRunner()
         runner.on("upgrade", stdout=fixture("dnf", "upgrade_assumeno.txt"))
-        runner.on("needs-restarting", exit_code=1, stdout="Reboot is required to fully utilize these updates.\n")
+        runner.on("needs-restarting", exit_code=1,
+                  stdout="Reboot is required to fully utilize these updates.\n")
         job = make_job("patch_apply", "lpademo")
-        outcome = self.successResultOf(self.run_job(DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
+        backend = DnfBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent")
+        outcome = self.successResultOf(self.run_job(backend, runner, job))
         self.assertEqual(runner.calls[0].argv, ("dnf", "check", "--duplicates"))
         self.assertEqual(runner.calls[1].argv, ("dnf", "upgrade", "-y", "--", "lpademo"))
         self.assertEqual(runner.calls[2].argv, ("dnf", "needs-restarting", "-r"))
@@ -194,7 +209,8 @@ class DnfExecuteTests(SynchronousTestCase):
         runner = ScriptedRunner()
         runner.on("needs-restarting", exit_code=0)
         job = make_job("patch_apply", security_only=True, force=True, no_recommends=True)
-        outcome = self.successResultOf(self.run_job(YumBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent"), runner, job))
+        yum = YumBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent")
+        outcome = self.successResultOf(self.run_job(yum, runner, job))
         self.assertEqual(runner.calls[0].argv, ("yum", "check", "duplicates"))
         self.assertEqual(runner.calls[1].argv, ("yum", "update", "-y", "--security"))
         self.assertEqual(runner.calls[2].argv, ("needs-restarting", "-r"))
@@ -207,5 +223,6 @@ class DnfExecuteTests(SynchronousTestCase):
     def test_metacharacters_refused(self) -> None:
         """Shell metacharacters in a name stop the job before any argv is built."""
         runner = ScriptedRunner()
-        self.failureResultOf(self.run_job(DnfBackend(runner), runner, make_job("remove", "a&&b")), ValidationError)
+        self.failureResultOf(self.run_job(DnfBackend(runner), runner, make_job("remove", "a&&b")),
+                             ValidationError)
         self.assertEqual(runner.calls, [])

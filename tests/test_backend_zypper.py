@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from lpa.agent.backends import zypper
 from lpa.agent.backends.zypper import ZypperBackend
 from lpa.agent.interfaces import IPackageBackend
+from lpa.agent.model import Job, JobOutcome
 from lpa.errors import (
     CommandFailedError,
     PackageManagerError,
@@ -34,14 +36,16 @@ class ZypperParserTests(SynchronousTestCase):
         """list-updates XML gives name, new and old edition, repo alias."""
         [update] = zypper.parse_list_updates(LIST_UPDATES)
         self.assertEqual(
-            (update["name"], update["edition"], update["edition-old"], update["repo"], update["kind"]),
+            (update["name"], update["edition"], update["edition-old"], update["repo"],
+             update["kind"]),
             ("lpademo", "1.1-1", "1.0-1", "lpa", "package"),
         )
 
     def test_list_patches(self) -> None:
         """list-patches XML gives category, severity and CVE issues."""
         [patch] = zypper.parse_list_updates(LIST_PATCHES)
-        self.assertEqual((patch["category"], patch["severity"], patch["cves"]), ("security", "important", "CVE-2026-12345"))
+        self.assertEqual((patch["category"], patch["severity"], patch["cves"]),
+                         ("security", "important", "CVE-2026-12345"))
 
     def test_install_summaries(self) -> None:
         """The install-summary of dry runs and real runs lists package changes (patches skipped)."""
@@ -99,24 +103,27 @@ class ZypperReadTests(SynchronousTestCase):
         package = self.successResultOf(ZypperBackend(runner).get_package("lpatool"))
         self.assertEqual((package.status, package.version), ("Available", "2.0-1"))
         runner = scripted()
-        runner.on("search", exit_code=fixture_exit("zypper", "search_missing.xml"), stdout=fixture("zypper", "search_missing.xml"))
+        runner.on("search", exit_code=fixture_exit("zypper", "search_missing.xml"),
+                  stdout=fixture("zypper", "search_missing.xml"))
         self.failureResultOf(ZypperBackend(runner).get_package("nopkg"), PackageNotFoundError)
 
 
 class ZypperExecuteTests(SynchronousTestCase):
-    def run_job(self, runner: ScriptedRunner, job: object):  # type: ignore[no-untyped-def]
-        ctx = FakeJobContext(runner, job)  # type: ignore[arg-type]
-        return ZypperBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent").execute(job, ctx)
+    def run_job(self, runner: ScriptedRunner, job: Job) -> Deferred[JobOutcome]:
+        backend = ZypperBackend(runner, reboot_marker="/nonexistent", modules_dir="/nonexistent")
+        return backend.execute(job, FakeJobContext(runner, job))
 
     def test_install_argv(self) -> None:
         """install: non-interactive, xmlout, --no-recommends, --force-resolution, pins after --."""
         runner = ScriptedRunner()
         runner.on("install", stdout=fixture("zypper", "install_real.xml"))
-        job = make_job("install", "lpatool", versions={"lpatool": "2.0-1"}, no_recommends=True, force=True)
+        job = make_job("install", "lpatool", versions={"lpatool": "2.0-1"}, no_recommends=True,
+                       force=True)
         outcome = self.successResultOf(self.run_job(runner, job))
         self.assertEqual(
             runner.calls[0].argv,
-            ("zypper", "--non-interactive", "--xmlout", "install", "--no-recommends", "--force-resolution", "--", "lpatool=2.0-1"),
+            ("zypper", "--non-interactive", "--xmlout", "install", "--no-recommends",
+             "--force-resolution", "--", "lpatool=2.0-1"),
         )
         self.assertEqual(len(outcome.changes), 1)
 
@@ -124,15 +131,18 @@ class ZypperExecuteTests(SynchronousTestCase):
         """A dry-run security apply is ``patch --dry-run --category security``, no refresh."""
         runner = ScriptedRunner()
         runner.on("patch", stdout=fixture("zypper", "patch_security_dry_run.xml"))
-        outcome = self.successResultOf(self.run_job(runner, make_job("patch_apply", dry_run=True, security_only=True)))
-        self.assertEqual(runner.calls[0].argv, ("zypper", "--non-interactive", "--xmlout", "patch", "--dry-run", "--category", "security"))
+        job = make_job("patch_apply", dry_run=True, security_only=True)
+        outcome = self.successResultOf(self.run_job(runner, job))
+        self.assertEqual(runner.calls[0].argv, ("zypper", "--non-interactive", "--xmlout", "patch",
+                                                "--dry-run", "--category", "security"))
         self.assertEqual(len(runner.calls), 1)
         self.assertEqual(outcome.changes[0]["name"], "lpademo")
 
     def test_security_with_names_refused(self) -> None:
         """Security patches cannot be combined with named packages on zypper."""
         runner = ScriptedRunner()
-        self.failureResultOf(self.run_job(runner, make_job("patch_apply", "a", security_only=True)), ValidationError)
+        self.failureResultOf(self.run_job(runner, make_job("patch_apply", "a", security_only=True)),
+                             ValidationError)
         self.assertEqual(runner.calls, [])
 
     def test_apply_all_refreshes_and_reboot_exit(self) -> None:
@@ -141,20 +151,26 @@ class ZypperExecuteTests(SynchronousTestCase):
         runner.on("update", exit_code=102, stdout=fixture("zypper", "update_dry_run.xml"))
         outcome = self.successResultOf(self.run_job(runner, make_job("patch_apply")))
         self.assertEqual(runner.calls[0].argv, ("zypper", "--non-interactive", "refresh"))
-        self.assertEqual(runner.calls[1].argv, ("zypper", "--non-interactive", "--xmlout", "update"))
+        self.assertEqual(runner.calls[1].argv,
+                         ("zypper", "--non-interactive", "--xmlout", "update"))
         self.assertTrue(outcome.reboot_required)
 
     def test_restart_zypper_runs_again(self) -> None:
         """Exit 103 (zypper updated itself) runs the same command once more."""
         runner = ScriptedRunner()
-        runner.on("patch", exit_code=103, stdout=fixture("zypper", "patch_security_dry_run.xml"), times=1)
+        runner.on("patch", exit_code=103, stdout=fixture("zypper", "patch_security_dry_run.xml"),
+                  times=1)
         runner.on("patch", exit_code=0, stdout=fixture("zypper", "install_real.xml"))
-        outcome = self.successResultOf(self.run_job(runner, make_job("patch_apply", security_only=True)))
+        outcome = self.successResultOf(
+            self.run_job(runner, make_job("patch_apply", security_only=True))
+        )
         self.assertEqual(sum(1 for argv in runner.argvs if "patch" in argv), 2)
         self.assertEqual([c["name"] for c in outcome.changes], ["lpademo", "lpatool"])
 
     def test_missing_package_fails(self) -> None:
         """Exit 104 (no provider) fails the job."""
         runner = ScriptedRunner()
-        runner.on("install", exit_code=fixture_exit("zypper", "install_missing.xml"), stdout=fixture("zypper", "install_missing.xml"))
-        self.failureResultOf(self.run_job(runner, make_job("install", "nopkg", dry_run=True)), CommandFailedError)
+        runner.on("install", exit_code=fixture_exit("zypper", "install_missing.xml"),
+                  stdout=fixture("zypper", "install_missing.xml"))
+        self.failureResultOf(self.run_job(runner, make_job("install", "nopkg", dry_run=True)),
+                             CommandFailedError)

@@ -538,7 +538,8 @@ class RebootTests(EngineTestCase):
 
     def test_dry_run_never_reboots(self) -> None:
         """A dry run completes without rebooting even when a reboot would be needed."""
-        self.backend.script("patch_apply", outcome=JobOutcome(message="would", reboot_required=True))
+        self.backend.script("patch_apply",
+                            outcome=JobOutcome(message="would", reboot_required=True))
         job = self.manager.submit(patch_all(allow_reboot=True, dry_run=True))
         self.clock.advance(0)
         self.assertEqual(job.status, COMPLETED)

@@ -1,4 +1,4 @@
-"""WriteAheadLog on a task.Clock over files that lose unsynced data: group sync, recovery, faults."""
+"""WriteAheadLog on a task.Clock over files losing unsynced data: group sync, recovery, faults."""
 
 from __future__ import annotations
 

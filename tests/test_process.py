@@ -25,6 +25,11 @@ from lpa.events import (
 )
 from tests.fakes import FakeBackend, FakeJobStore, FakeSystem
 
+#: a script printing 2000 lines of about 50 bytes (100 KB)
+BIG_OUTPUT = (
+    'i=0\nwhile [ $i -lt 2000 ]; do echo "line $i $(printf %040d 0)"; i=$((i+1)); done\n'
+)
+
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -115,10 +120,12 @@ class ProcessRunnerTests(TestCase):
     async def test_timeout_kills_group_including_grandchild(self) -> None:
         """Past the timeout the whole group dies, a backgrounded grandchild too."""
         pidfile = self.pm.directory / "grandchild.pid"
-        script = self.pm.write("hang", f"sleep 300 &\necho $! > {pidfile}\necho started\nsleep 300\n")
+        script = self.pm.write("hang",
+                               f"sleep 300 &\necho $! > {pidfile}\necho started\nsleep 300\n")
         started: Deferred[None] = Deferred()
         result = await self.runner.run(
-            [script], timeout=1, on_stdout_line=lambda line: started.called or started.callback(None)
+            [script], timeout=1,
+            on_stdout_line=lambda line: started.called or started.callback(None),
         )
         self.assertTrue(result.timed_out)
         self.assertIsNone(result.exit_code)
@@ -138,7 +145,8 @@ class ProcessRunnerTests(TestCase):
 
     async def test_sigterm_ignored_then_sigkill(self) -> None:
         """A child ignoring SIGTERM is killed with SIGKILL after the grace period."""
-        script = self.pm.write("stubborn", "trap '' TERM\necho ready\nwhile true; do sleep 0.1; done\n")
+        script = self.pm.write("stubborn",
+                               "trap '' TERM\necho ready\nwhile true; do sleep 0.1; done\n")
         result = await self.runner.run([script], timeout=0.5)
         self.assertTrue(result.timed_out)
         self.assertEqual(result.signal, 9)
@@ -149,7 +157,8 @@ class ProcessRunnerTests(TestCase):
         script = self.pm.write("cancel", f"echo $$ > {pidfile}\necho started\nsleep 300\n")
         started: Deferred[None] = Deferred()
         d = self.runner.run(
-            [script], timeout=60, on_stdout_line=lambda line: started.called or started.callback(None)
+            [script], timeout=60,
+            on_stdout_line=lambda line: started.called or started.callback(None),
         )
         await started
         d.cancel()
@@ -173,7 +182,7 @@ class ProcessRunnerTests(TestCase):
     async def test_large_output_bounded(self) -> None:
         """Every line of a large output reaches the callback; the result keeps head and tail."""
         runner = ProcessRunner(reactor, keep_bytes=4096)
-        script = self.pm.write("big", 'i=0\nwhile [ $i -lt 2000 ]; do echo "line $i $(printf %040d 0)"; i=$((i+1)); done\n')
+        script = self.pm.write("big", BIG_OUTPUT)
         lines: list[str] = []
         result = await runner.run([script], timeout=20, on_stdout_line=lines.append)
         self.assertEqual(len(lines), 2000)
@@ -223,7 +232,9 @@ class EngineWithRealProcessesTests(TestCase):
         self.completed: dict[str, Deferred[None]] = {}
         self.events: list = []
 
-    def manager(self, script: str, *, command_timeout: float = 10, job_timeout: float = 30) -> JobManager:
+    def manager(
+        self, script: str, *, command_timeout: float = 10, job_timeout: float = 30
+    ) -> JobManager:
         manager = JobManager(
             backend=ScriptBackend(script, command_timeout),
             system=FakeSystem(),
@@ -263,12 +274,14 @@ class EngineWithRealProcessesTests(TestCase):
     async def test_failure(self) -> None:
         """A failing script fails the job with its exit code, stderr and a classified code."""
         manager = self.manager(
-            self.pm.write("fail", "echo 'E: Failed to fetch http://x/y 404 Not Found' >&2\nexit 100\n")
+            self.pm.write("fail",
+                          "echo 'E: Failed to fetch http://x/y 404 Not Found' >&2\nexit 100\n")
         )
         job_id = self.submit(manager)
         await self.done(job_id)
         job = manager.get(job_id)
-        self.assertEqual((job.status, job.error_code, job.exit_code), (FAILED, "NETWORK_ERROR", 100))
+        self.assertEqual((job.status, job.error_code, job.exit_code),
+                         (FAILED, "NETWORK_ERROR", 100))
         self.assertIn("Failed to fetch", job.command_stderr)
 
     async def test_command_timeout(self) -> None:
@@ -294,7 +307,9 @@ class EngineWithRealProcessesTests(TestCase):
     async def test_cancel_running(self) -> None:
         """Cancelling a running job kills its script and ends it cancelled."""
         pidfile = self.pm.directory / "run.pid"
-        manager = self.manager(self.pm.write("hang", f"echo $$ > {pidfile}\necho started\nsleep 300\n"))
+        manager = self.manager(
+            self.pm.write("hang", f"echo $$ > {pidfile}\necho started\nsleep 300\n")
+        )
         job_id = self.submit(manager)
         while not [e for e in self.events if e.kind == KIND_OUTPUT]:
             await deferLater(reactor, 0.05, lambda: None)
@@ -306,7 +321,7 @@ class EngineWithRealProcessesTests(TestCase):
     async def test_large_output(self) -> None:
         """100 KB of output: every line is an event, job logs stay bounded."""
         manager = self.manager(
-            self.pm.write("big", 'i=0\nwhile [ $i -lt 2000 ]; do echo "line $i $(printf %040d 0)"; i=$((i+1)); done\n')
+            self.pm.write("big", BIG_OUTPUT)
         )
         job_id = self.submit(manager)
         await self.done(job_id)
@@ -322,7 +337,8 @@ class EngineWithRealProcessesTests(TestCase):
             self.pm.write(
                 "lock",
                 "for i in 1 2 3; do echo 'Waiting for cache lock: Could not get lock "
-                "/var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)... '$i's' >&2; done\n"
+                "/var/lib/dpkg/lock-frontend. It is held by process 4242 (apt-get)... '$i's' >&2; "
+                "done\n"
                 "echo Setting up vim\n",
             )
         )

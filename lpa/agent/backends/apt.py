@@ -176,10 +176,11 @@ class AptPolicy:
 def parse_apt_policy(text: str) -> dict[str, AptPolicy]:
     """``apt-cache policy NAME…`` → per package installed/candidate version and origins."""
     policies: dict[str, AptPolicy] = {}
-    name = None
-    installed = candidate = None
+    name: str | None = None
+    installed: str | None = None
+    candidate: str | None = None
     origins: list[str] = []
-    current_version = None
+    current_version: str | None = None
     in_table = False
 
     def flush() -> None:

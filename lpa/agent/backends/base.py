@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attr
 from twisted.internet.defer import Deferred
@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from lpa import validation
 from lpa.agent.interfaces import IPackageBackend
-from lpa.agent.model import CommandResult, JobOutcome, JobRequest, Package, PackageSpec
+from lpa.agent.model import CommandResult, JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import (
     CommandError,
     CommandFailedError,
@@ -246,13 +246,15 @@ class BackendBase:
         self._running_kernel = running_kernel
 
     # -- read-only -------------------------------------------------------------------------
-    def list_packages(self, name_filter: str | None = None, status: str | None = None) -> Deferred:
+    def list_packages(
+        self, name_filter: str | None = None, status: str | None = None
+    ) -> Deferred[list[Package]]:
         return _deferred(self._list_packages, name_filter, status)
 
-    def get_package(self, name: str) -> Deferred:
+    def get_package(self, name: str) -> Deferred[Package]:
         return _deferred(self._get_package, name)
 
-    def list_patches(self, security_only: bool = False) -> Deferred:
+    def list_patches(self, security_only: bool = False) -> Deferred[list[Patch]]:
         return _deferred(self._list_patches, security_only)
 
     async def _list_packages(self, name_filter: str | None, status: str | None) -> list[Package]:
@@ -291,7 +293,7 @@ class BackendBase:
         """One package by its exact (validated) name, installed or available; None if unknown."""
         raise NotImplementedError
 
-    async def _list_patches(self, security_only: bool) -> list:
+    async def _list_patches(self, security_only: bool) -> list[Patch]:
         raise NotImplementedError
 
     async def _read(
@@ -310,7 +312,7 @@ class BackendBase:
         return {"LC_ALL": "C"}
 
     # -- mutations -------------------------------------------------------------------------
-    def execute(self, job: Any, context: Any) -> Deferred:
+    def execute(self, job: Any, context: Any) -> Deferred[JobOutcome]:
         return _deferred(self._execute, job, context)
 
     def check_request(self, request: JobRequest) -> tuple[PackageSpec, ...] | None:
@@ -412,19 +414,19 @@ class BackendBase:
         self, ctx: Any, request: JobRequest, changes: Sequence[Mapping[str, Any]], verb: str
     ) -> JobOutcome:
         """Build the JobOutcome; a dry run never asks for a reboot (it changed nothing)."""
-        changes = tuple(dict(entry) for entry in changes)
+        rows = tuple(dict(entry) for entry in changes)
         if request.dry_run:
-            would = sorted({c["name"] for c in changes if package_requires_reboot(str(c["name"]))})
-            message = f"Dry run: {len(changes)} package(s) would change"
+            would = sorted({c["name"] for c in rows if package_requires_reboot(str(c["name"]))})
+            message = f"Dry run: {len(rows)} package(s) would change"
             if would:
                 message += f"; a reboot would be needed for {', '.join(would)}"
-            return JobOutcome(message=message, changes=changes)
-        needed, names = await self.reboot_verdict(ctx, changes)
-        message = f"{verb}: {len(changes)} package(s) changed"
+            return JobOutcome(message=message, changes=rows)
+        needed, names = await self.reboot_verdict(ctx, rows)
+        message = f"{verb}: {len(rows)} package(s) changed"
         if needed:
             message += "; reboot required"
         return JobOutcome(
-            message=message, changes=changes, reboot_required=needed, reboot_packages=names
+            message=message, changes=rows, reboot_required=needed, reboot_packages=names
         )
 
 
@@ -456,7 +458,10 @@ def first_stanza(text: str, *, separator: str, joiner: str) -> dict[str, str]:
     return fields
 
 
-def _deferred(function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Deferred:
+_T = TypeVar("_T")
+
+
+def _deferred(function: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> Deferred[_T]:
     """Start a coroutine method as a Deferred, turning synchronous raises into errbacks."""
     return Deferred.fromCoroutine(function(*args))
 

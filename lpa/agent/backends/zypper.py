@@ -35,7 +35,7 @@ from lpa.agent.backends.base import (
     package_requires_reboot,
 )
 from lpa.agent.backends.dnf import RPM_QUERYFORMAT, SEVERITIES, parse_rpm_qa
-from lpa.agent.model import JobOutcome, JobRequest, Package, PackageSpec, Patch
+from lpa.agent.model import CommandResult, JobOutcome, JobRequest, Package, PackageSpec, Patch
 from lpa.errors import (
     CommandFailedError,
     CommandNotFoundError,
@@ -255,8 +255,9 @@ class ZypperBackend(VerbCommandsMixin, BackendBase):
     async def manager_says_reboot(self, ctx: Any) -> bool:
         """``zypper needs-rebooting`` (exit 102 = reboot needed; older zypper lacks it)."""
         try:
-            result = await ctx.run(["zypper", "needs-rebooting"], timeout=self._timeouts.quick,
-                                   ok_codes=(0, EXIT_REBOOT_NEEDED))
+            result: CommandResult = await ctx.run(["zypper", "needs-rebooting"],
+                                                  timeout=self._timeouts.quick,
+                                                  ok_codes=(0, EXIT_REBOOT_NEEDED))
         except (CommandFailedError, CommandNotFoundError):
             return False
         return result.exit_code == EXIT_REBOOT_NEEDED
