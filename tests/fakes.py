@@ -279,7 +279,7 @@ class FakeJobCommands:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> Deferred[FakeRun]:
+    ) -> Deferred[ICommandRun]:
         if self.launch_error is not None:
             return fail(self.launch_error)
         run = FakeRun(number, argv, self.clock.seconds() if self.clock is not None else 0.0)

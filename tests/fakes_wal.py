@@ -40,7 +40,7 @@ class FakeWalFiles:
 
     # -- IWalFiles -------------------------------------------------------------------------
 
-    def list_names(self, directory: str) -> list:
+    def list_names(self, directory: str) -> list[str]:
         prefix = directory.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in self.data if p.startswith(prefix))
 

@@ -34,6 +34,13 @@ from tests.fakes import FakeProcessRunner
 JOB = "00000000-0000-4000-8000-00000000000a"
 
 
+async def launched(commands: DetachedCommands, *args: Any, **kwargs: Any) -> DetachedRun:
+    """``commands.launch(...)``'s run, typed as the DetachedRun it is."""
+    run = await commands.launch(*args, **kwargs)
+    assert isinstance(run, DetachedRun)
+    return run
+
+
 def proc_stat(pid: int) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session …)."""
     with open(f"/proc/{pid}/stat") as stream:
@@ -42,7 +49,7 @@ def proc_stat(pid: int) -> list[str]:
 
 class LineReaderTests(SynchronousTestCase):
     def write(self, data: bytes) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "wb") as stream:
             stream.write(data)
         return path
@@ -175,7 +182,7 @@ class DetachedTests(TestCase):
         """stdout, stderr and fd 3 lines come with their file offsets; the exit status is the
         command's."""
         program = self.script("pm", "echo one; echo two; echo st >&3; echo err >&2; exit 3\n")
-        run = await self.commands().launch(JOB, 1, [program, "x"], timeout=10)
+        run = await launched(self.commands(), JOB, 1, [program, "x"], timeout=10)
         lines: list[tuple[int, str, int]] = []
         run.follow({}, lambda fd, line, end: lines.append((fd, line, end)))
         await self.poll_until(lambda: run.ended.called, "the command to end")
@@ -195,7 +202,7 @@ class DetachedTests(TestCase):
             "pm", f"echo first; echo second; while [ ! -e {go} ]; do sleep 0.05; done\n"
                   "echo third; exit 0\n")
         first = self.commands()
-        run = await first.launch(JOB, 1, [program], timeout=10)
+        run = await launched(first, JOB, 1, [program], timeout=10)
         lines: list[tuple[int, str, int]] = []
         run.follow({}, lambda fd, line, end: lines.append((fd, line, end)))
         await self.poll_until(lambda: len(lines) == 2, "two lines")
@@ -223,7 +230,7 @@ class DetachedTests(TestCase):
     async def test_finished_while_nobody_followed(self) -> None:
         """A command that ended meanwhile is "finished" and its result read from the files."""
         program = self.script("pm", "echo done; exit 7\n")
-        run = await self.commands().launch(JOB, 1, [program], timeout=10)
+        run = await launched(self.commands(), JOB, 1, [program], timeout=10)
         await self.wait_for_file(os.path.join(run.directory, rundir.STATUS))
         commands = self.commands()
         self.assertEqual(commands.last_run(JOB), (1, "finished"))
@@ -238,7 +245,7 @@ class DetachedTests(TestCase):
         """The wrapper gone without a status (its lock with it): vanished, an error."""
         program = self.script("pm", "echo up; sleep 30\n")
         commands = self.commands()
-        run = await commands.launch(JOB, 1, [program], timeout=10)
+        run = await launched(commands, JOB, 1, [program], timeout=10)
         started = rundir.read_json(os.path.join(run.directory, rundir.STARTED))
         assert started is not None
         os.kill(started["pid"], signal.SIGKILL)
@@ -253,7 +260,7 @@ class DetachedTests(TestCase):
         records how it ended; a restarted agent reads the mark as timed out."""
         pidfile = os.path.join(self.bin, "grandchild")
         program = self.script("pm", f"sleep 30 & echo $! > {pidfile}; echo up; wait\n")
-        run = await self.commands().launch(JOB, 1, [program], timeout=10)
+        run = await launched(self.commands(), JOB, 1, [program], timeout=10)
         run.follow({}, lambda fd, line, end: None)
         await self.wait_for_file(pidfile)
         run.mark("timed_out")
@@ -283,7 +290,7 @@ class DetachedTests(TestCase):
         go = os.path.join(self.bin, "go")
         program = self.script("pm", f"while [ ! -e {go} ]; do sleep 0.05; done\n")
         commands = self.commands()
-        run = await commands.launch(JOB, 1, [program], timeout=10)
+        run = await launched(commands, JOB, 1, [program], timeout=10)
         commands.discard(JOB)
         self.assertTrue(os.path.isdir(run.directory))
         open(go, "w").close()
@@ -301,7 +308,7 @@ class DetachedTests(TestCase):
 
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         program = self.script("pm", "echo done\n")
-        run = await self.commands().launch(JOB, 1, [program], timeout=10)
+        run = await launched(self.commands(), JOB, 1, [program], timeout=10)
         await self.wait_for_file(os.path.join(run.directory, rundir.STATUS))
         out = os.path.join(run.directory, "out")
         os.rename(out, out + ".kept")
@@ -341,7 +348,7 @@ class DetachedTests(TestCase):
         os.chmod(fake, 0o755)
         program = self.script("pm", "echo from the unit; exit 0\n")
         commands = self.commands(systemd=True, systemd_run=fake)
-        run = await commands.launch(JOB, 1, [program], env={"LPA_X": "y"}, timeout=10)
+        run = await launched(commands, JOB, 1, [program], env={"LPA_X": "y"}, timeout=10)
         run.follow({}, lambda fd, line, end: None)
         await self.poll_until(lambda: run.ended.called, "the unit's command to end")
         self.assertEqual(self.successResultOf(run.ended).stdout, "from the unit\n")

@@ -156,7 +156,7 @@ class JobContext:
             assert runner is not None, "a JobContext needs commands or a runner"
             commands = PipedCommands(runner)
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+            from twisted.internet import reactor as clock
         self.job = job
         self._commands = commands
         self._sink = sink
@@ -210,6 +210,11 @@ class JobContext:
     def in_transaction(self) -> bool:
         """The running command has begun its package transaction."""
         return self._active is not None and self._active.in_transaction
+
+    def _abort_reason(self) -> str | None:
+        """``aborted`` as it is now: read through a call after an ``await``, so the type checker
+        does not carry over what it knew before the await (abort() may have run meanwhile)."""
+        return self.aborted
 
     def abort(self, reason: str) -> None:
         """End the job's work: the running command is stopped, or, in its transaction, let
@@ -294,8 +299,9 @@ class JobContext:
             active.deadline_call = self._clock.callLater(
                 max(0.0, remaining), self._deadline, active, timeout
             )
-        if self.aborted is not None and not active.done.called:
-            self.abort(self.aborted)  # aborted while the command was being started
+        late = self._abort_reason()
+        if late is not None and not active.done.called:
+            self.abort(late)  # aborted while the command was being started
         try:
             outcome = await active.done
         finally:

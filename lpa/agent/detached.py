@@ -147,12 +147,12 @@ class DetachedCommands:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> Deferred[DetachedRun]:
+    ) -> Deferred[ICommandRun]:
         return Deferred.fromCoroutine(self._launch(job_id, number, list(argv), env))
 
     async def _launch(
         self, job_id: str, number: int, argv: list[str], env: Mapping[str, str] | None
-    ) -> DetachedRun:
+    ) -> ICommandRun:
         environment = base_environment()
         environment.update(env or {})
         program = resolve_program(argv[0], environment["PATH"])

@@ -25,6 +25,7 @@ last durable event, and nothing a client saw is numbered again.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -309,7 +310,9 @@ class JobHistory:
         through = self._journal.rotate()
         dirty, removed = self._dirty, self._removed
         self._dirty, self._removed = set(), set()
-        changed = [(self.jobs[i], self._checkpoint_events(i)) for i in dirty if i in self.jobs]
+        changed: list[tuple[Job, Sequence[JobEvent]]] = [
+            (self.jobs[i], self._checkpoint_events(i)) for i in dirty if i in self.jobs
+        ]
         result: Deferred[bool] = Deferred()
 
         def failed(failure: Any) -> bool:
@@ -340,8 +343,7 @@ class JobHistory:
             )
             return retired.addCallback(lambda _: True)
 
-        d = maybeDeferred(self._store.save, changed, sorted(removed))
-        d.addCallbacks(retire, failed)
+        d = maybeDeferred(self._store.save, changed, sorted(removed)).addCallbacks(retire, failed)
         self._checkpoint = d
         d.addBoth(done)
         return result

@@ -52,7 +52,7 @@ from lpa.agent import classify, recovery
 from lpa.agent.admission import MUTATIONS, JobQueue
 from lpa.agent.context import ABORT_CANCELLED
 from lpa.agent.eventlog import EventLog
-from lpa.agent.history import CHECKPOINT_BYTES, MAX_LOG_LINES, JobHistory
+from lpa.agent.history import CHECKPOINT_BYTES, JobHistory
 from lpa.agent.incarnation import Incarnations, MemoryIncarnations
 from lpa.agent.interfaces import (
     IEventJournal,
@@ -66,6 +66,7 @@ from lpa.agent.interfaces import (
 from lpa.agent.model import Job
 from lpa.agent.piped import PipedCommands
 from lpa.agent.reboot import RebootReservation
+from lpa.agent.replay import MAX_LOG_LINES
 from lpa.agent.run import ABORT_GRACE_SECONDS, JobRun
 from lpa.agent.wal import VolatileJournal
 from lpa.errors import (

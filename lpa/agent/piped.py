@@ -121,7 +121,7 @@ class PipedCommands:
         *,
         env: Mapping[str, str] | None = None,
         timeout: float,
-    ) -> Deferred[PipedRun]:
+    ) -> Deferred[ICommandRun]:
         run = PipedRun(self._runner, number, argv)
         run.start(timeout, env)
         return succeed(run)

@@ -195,7 +195,7 @@ class WriteAheadLog:
         """Records appended and not yet durable."""
         return self._appended - self._durable
 
-    def recover(self, incarnation: str = "") -> list:
+    def recover(self, incarnation: str = "") -> list[Any]:
         """Read what the last run left (after its checkpoint); the next segment is new.
 
         Call once, before the first :meth:`append`.  Damaged stretches are handled as the
@@ -343,7 +343,7 @@ class WriteAheadLog:
         self._schedule_handoff()
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: BaseException | None) -> str:
     if isinstance(error, OSError) and error.errno is not None:
         return f"{errno.errorcode.get(error.errno, error.errno)}: {error.strerror}"
     return str(error)
@@ -364,7 +364,7 @@ class VolatileJournal:
     def set_listener(self, listener: Callable[[list[Any]], None]) -> None:
         self._listener = listener
 
-    def recover(self, incarnation: str = "") -> list:
+    def recover(self, incarnation: str = "") -> list[Any]:
         return []
 
     def append(self, record: Any, token: Any) -> None:

@@ -106,7 +106,7 @@ def _decode_line(line: bytes) -> Any:
 class IWalFiles(Interface):
     """The few file operations the log needs; tests inject one that can lose unsynced data."""
 
-    def list_names(directory: str) -> list:
+    def list_names(directory: str) -> list[str]:
         """Names in ``directory`` (created, mode 0700, when missing)."""
 
     def read(path: str) -> bytes:
@@ -141,7 +141,7 @@ class IWalFiles(Interface):
 class OsWalFiles:
     """The real thing: ``os.open``/``os.write``/``os.fdatasync``."""
 
-    def list_names(self, directory: str) -> list:
+    def list_names(self, directory: str) -> list[str]:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         return os.listdir(directory)
 
@@ -236,7 +236,9 @@ class ThreadRunner:
 # -- reading the log back ---------------------------------------------------------------------
 
 
-def read_log(files: IWalFiles, directory: str, now: Callable[[], float]) -> tuple[list, int]:
+def read_log(
+    files: IWalFiles, directory: str, now: Callable[[], float]
+) -> tuple[list[Any], int]:
     """The records of the segments after the checkpoint marker, oldest first, and the number
     of the next (new) segment.  Damaged stretches are set aside (``<segment>.bad-<unix
     time>``) and cut out of their segment; bad content never raises, I/O errors do."""
