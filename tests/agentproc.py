@@ -40,7 +40,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from lpa.tools.demo import daemon_env, free_port
+from lpa.tools.demo_processes import daemon_env, free_port
 from tests import standin
 from tests.agentclient import mtls_client
 from tests.certs import TestPki

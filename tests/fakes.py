@@ -20,6 +20,7 @@ import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from zope.interface import implementer
 
+from lpa.agent.eventlog import StoredEvents
 from lpa.agent.interfaces import (
     ICommandRun,
     IJobCommands,
@@ -28,8 +29,9 @@ from lpa.agent.interfaces import (
     IProcessRunner,
     ISystem,
 )
-from lpa.agent.model import CommandResult, JobOutcome, Package, Patch
+from lpa.agent.model import CommandResult, Job, JobOutcome, Package, Patch
 from lpa.errors import CommandNotFoundError, PackageNotFoundError, ServiceNotFoundError
+from lpa.events import JobEvent
 
 # -- process runner ----------------------------------------------------------------------------
 
@@ -365,7 +367,9 @@ class FakeBackend:
         script = self.scripts[operation] = Script(**kwargs)
         return script
 
-    def list_packages(self, name_filter: str | None = None, status: str | None = None) -> Deferred:
+    def list_packages(
+        self, name_filter: str | None = None, status: str | None = None
+    ) -> Deferred[list[Package]]:
         self.calls.append(("list_packages", (name_filter, status)))
         if self.read_error is not None:
             return fail(self.read_error)
@@ -377,7 +381,7 @@ class FakeBackend:
         ]
         return succeed(found)
 
-    def get_package(self, name: str) -> Deferred:
+    def get_package(self, name: str) -> Deferred[Package]:
         self.calls.append(("get_package", name))
         if self.read_error is not None:
             return fail(self.read_error)
@@ -386,13 +390,13 @@ class FakeBackend:
                 return succeed(package)
         return fail(PackageNotFoundError(f"Package not found: {name}"))
 
-    def list_patches(self, security_only: bool = False) -> Deferred:
+    def list_patches(self, security_only: bool = False) -> Deferred[list[Patch]]:
         self.calls.append(("list_patches", security_only))
         if self.read_error is not None:
             return fail(self.read_error)
         return succeed([p for p in self.patches if p.security or not security_only])
 
-    def execute(self, job: Any, context: Any) -> Deferred:
+    def execute(self, job: Any, context: Any) -> Deferred[JobOutcome]:
         self.calls.append(("execute", job.id))
         self.executed.append(job)
         self.contexts[job.id] = context
@@ -450,13 +454,13 @@ class FakeSystem:
     def boot_id(self) -> str:
         return self.current_boot_id
 
-    def system_info(self) -> Deferred:
+    def system_info(self) -> Deferred[dict[str, Any]]:
         return succeed(dict(self.info))
 
     def uptime_seconds(self) -> int:
         return self.uptime
 
-    def service_status(self, name: str) -> Deferred:
+    def service_status(self, name: str) -> Deferred[dict[str, Any]]:
         if name not in self.services:
             return fail(ServiceNotFoundError(f"Service not found: {name}"))
         return succeed(dict(self.services[name]))
@@ -465,7 +469,7 @@ class FakeSystem:
         self.reboot_requests.append(delay_seconds)
         return ["fake-reboot", str(delay_seconds)]
 
-    def pending_reboot(self) -> Deferred:
+    def pending_reboot(self) -> Deferred[tuple[bool, list[str]]]:
         needed, packages = self.reboot_needed
         return succeed((needed, list(packages)))
 
@@ -480,8 +484,8 @@ class FakeJobStore:
     ``saves`` counts ``save`` calls; ``fail_next_save`` makes the next one raise (once).
     """
 
-    def __init__(self, entries: list | None = None) -> None:
-        self._entries: dict[str, tuple[Any, list]] = {}
+    def __init__(self, entries: list[tuple[Job, Sequence[JobEvent]]] | None = None) -> None:
+        self._entries: dict[str, tuple[Job, list[JobEvent]]] = {}
         for job, events in copy.deepcopy(entries or []):
             self._entries[job.id] = (job, list(events))
         self.saves = 0
@@ -490,13 +494,15 @@ class FakeJobStore:
         self.fail_next_save: BaseException | None = None
 
     @property
-    def entries(self) -> list:
+    def entries(self) -> list[tuple[Job, list[JobEvent]]]:
         return list(self._entries.values())
 
-    def load(self) -> list:
-        return copy.deepcopy(self.entries)
+    def load(self) -> list[tuple[Job, StoredEvents]]:
+        return copy.deepcopy(list(self._entries.values()))
 
-    def save(self, changed: list, removed: Sequence[str] = ()) -> Deferred:
+    def save(
+        self, changed: list[tuple[Job, Sequence[JobEvent]]], removed: Sequence[str] = ()
+    ) -> Deferred[None]:
         if self.fail_next_save is not None:
             error, self.fail_next_save = self.fail_next_save, None
             return fail(error)
@@ -515,6 +521,6 @@ class FakeJobStore:
         entry = self._entries.get(job_id)
         return entry[0] if entry is not None else None
 
-    def events(self, job_id: str) -> list:
+    def events(self, job_id: str) -> list[JobEvent]:
         entry = self._entries.get(job_id)
         return list(entry[1]) if entry is not None else []

@@ -91,7 +91,7 @@ class ScriptedRunner:
         on_stdout_line: Callable[[str], None] | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
         extra_fds: Mapping[int, Callable[[str], None]] | None = None,
-    ) -> Deferred:
+    ) -> Deferred[CommandResult]:
         argv = tuple(argv)
         self.calls.append(Call(argv, timeout, dict(env) if env is not None else None,
                                bool(extra_fds)))
@@ -145,10 +145,10 @@ class FakeJobContext:
         ok_codes: Sequence[int] = (0,),
         status_fd_line: Callable[[str], None] | None = None,
         transaction: Any = None,
-    ) -> Deferred:
+    ) -> Deferred[CommandResult]:
         self.transactions.append((tuple(argv), transaction))
         extra_fds = {3: status_fd_line} if status_fd_line is not None else None
-        deferred = self._runner.run(
+        deferred: Deferred[CommandResult] = self._runner.run(
             list(argv),
             timeout=timeout,
             env=env,

@@ -160,7 +160,9 @@ class AptReadTests(SynchronousTestCase):
         bash = next(p for p in packages if p.name == "bash")
         self.assertEqual((bash.status, bash.upgradable, bash.latest_version),
                          ("Upgradable", True, "5.2.15-2+b13"))
-        self.assertEqual(runner.calls[0].env["LC_ALL"], "C")
+        env = runner.calls[0].env
+        assert env is not None
+        self.assertEqual(env["LC_ALL"], "C")
 
     def test_list_with_filter(self) -> None:
         """A name filter is a substring match over installed packages."""
@@ -262,7 +264,9 @@ class AptExecuteTests(SynchronousTestCase):
         self.assertNotIn("--allow-unauthenticated", real)
         self.assertEqual(real[-3:], ("--", "sl", "curl=7.88.1-10+deb12u15"))
         self.assertTrue(runner.calls[2].had_status_fd)
-        self.assertEqual(runner.calls[2].env["DEBIAN_FRONTEND"], "noninteractive")
+        env = runner.calls[2].env
+        assert env is not None
+        self.assertEqual(env["DEBIAN_FRONTEND"], "noninteractive")
         self.assertEqual(runner.calls[2].timeout, 1800.0)
         self.assertEqual(outcome.changes,
                          ({"name": "sl", "from": None, "to": "5.02-1+b1", "action": "install"},))

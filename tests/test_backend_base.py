@@ -49,6 +49,7 @@ class DetectionTests(SynchronousTestCase):
         built = backends.make_backend("auto", runner, which=which_of("apt-get"), lock_timeout=42,
                                       timeouts=base.Timeouts(refresh=1, package=2, quick=3))
         self.assertIsInstance(built, backends.AptBackend)
+        assert isinstance(built, backends.AptBackend)
         self.assertIn("DPkg::Lock::Timeout=42", built.apt_get("install"))
         for name, cls in backends.BACKENDS.items():
             instance = backends.make_backend(name, runner, which=lambda _: "/x")

@@ -7,6 +7,8 @@ backend hands its mutating command a watch, never its dry run or its queries.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.agent import phase
@@ -19,7 +21,8 @@ from lpa.agent.backends.zypper import ZypperBackend
 from lpa.errors import CommandNotFoundError
 from tests.fakes_backends import FakeJobContext, ScriptedRunner, fixture, make_job
 
-NOWHERE = {"reboot_marker": "/nonexistent", "modules_dir": "/nonexistent"}
+#: keyword arguments of every backend: no reboot marker, no kernel modules directory
+NOWHERE: dict[str, Any] = {"reboot_marker": "/nonexistent", "modules_dir": "/nonexistent"}
 DUPLICATE = "lpademo-1.1-1.noarch is a duplicate with lpademo-1.0-1.noarch\n"
 
 
@@ -133,7 +136,7 @@ class RpmRepairTests(SynchronousTestCase):
         for rule in ({"exit_code": 0}, {"exit_code": 1, "stderr": "No such command: check"},
                      {"exit_code": 2, "stderr": "Unknown argument"}):
             runner = ScriptedRunner()
-            runner.on("check", **rule)  # type: ignore[arg-type]
+            runner.on("check", **rule)
             execute(DnfBackend(runner, **NOWHERE), runner, make_job("install", "vim"))
             self.assertNotIn(("dnf", "remove", "--duplicates", "-y"), runner.argvs, rule)
             self.assertIn(("dnf", "install", "-y", "--", "vim"), runner.argvs, rule)

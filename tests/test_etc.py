@@ -78,7 +78,7 @@ class AgentExampleTests(SynchronousTestCase):
         config = self.loader()
         document = yaml.safe_load(read(etc("agent.yaml")))
 
-        def walk(node: object, tree: dict, prefix: str) -> None:
+        def walk(node: Any, tree: dict[str, Any], prefix: str) -> None:
             for field in attr.fields(type(node)):
                 if field.name in ("source", "warnings"):
                     continue
@@ -283,7 +283,7 @@ class DaemonsStartTests(SynchronousTestCase):
         """Start ``twistd -n TAP --config FILE`` in a fresh directory; ``own_pidfile`` leaves
         out ``--pidfile`` so the daemon's default applies, with a live ``twistd.pid`` (this
         process's) in that directory, as another twistd daemon started there would leave."""
-        from lpa.tools.demo import daemon_env, twistd_argv
+        from lpa.tools.demo_processes import daemon_env, twistd_argv
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory, exist_ok=True)
@@ -300,7 +300,13 @@ class DaemonsStartTests(SynchronousTestCase):
             process = subprocess.Popen(
                 argv, env=daemon_env(), cwd=directory,
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
         return process, log
 
     def wait_for(self, process: subprocess.Popen[bytes], log: str, text: str) -> None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from typing import Any
 
 from twisted.internet import task
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.agent.backends.apt import AptBackend
 from lpa.agent.context import JobContext
+from lpa.agent.eventlog import StoredEvents
 from lpa.agent.incarnation import MemoryIncarnations
 from lpa.agent.interfaces import (
     IJobContext,
@@ -23,7 +24,7 @@ from lpa.agent.interfaces import (
     ISystem,
 )
 from lpa.agent.jobs import ABORT_GRACE_SECONDS, MAX_LOG_LINES, JobManager
-from lpa.agent.model import JobOutcome, JobRequest, PackageSpec
+from lpa.agent.model import Job, JobOutcome, JobRequest, PackageSpec
 from lpa.agent.process import ProcessRunner
 from lpa.agent.store import JobFileStore
 from lpa.agent.system import HostSystem
@@ -57,6 +58,7 @@ from tests.fakes import (
     FakeProcessRunner,
     FakeSystem,
 )
+from tests.logcheck import capture_events
 
 
 def install(*names: str) -> JobRequest:
@@ -81,13 +83,13 @@ class EngineTestCase(SynchronousTestCase):
         self.system = FakeSystem()
         self.runner = FakeProcessRunner()
         self.store = FakeJobStore()
-        self.published: list = []
+        self.published: list[JobEvent] = []
         self.incarnations = MemoryIncarnations()
         self.manager = self.make_manager()
 
     def make_manager(self, **kwargs: object) -> JobManager:
         counter = itertools.count(1)
-        options: dict = {
+        options: dict[str, Any] = {
             "backend": self.backend,
             "system": self.system,
             "runner": self.runner,
@@ -102,7 +104,7 @@ class EngineTestCase(SynchronousTestCase):
         self.successResultOf(manager.start())
         return manager
 
-    def events_of(self, job_id: str) -> list:
+    def events_of(self, job_id: str) -> list[JobEvent]:
         return [e for e in self.published if e.job_id == job_id]
 
     def assertClean(self) -> None:
@@ -407,7 +409,7 @@ class HistoryTests(EngineTestCase):
 
     def test_checkpoint_failure_is_logged_not_fatal(self) -> None:
         """A store that cannot be written is an error line; the engine goes on and retries."""
-        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        observed = capture_events(self)
         self.store.fail_next_save = OSError("disk full")
         job = self.manager.submit(install("a"))
         self.clock.advance(0)
@@ -452,7 +454,7 @@ class HistoryTests(EngineTestCase):
         """A store that cannot be read fails start() (a Deferred), it does not raise."""
 
         class BrokenStore(FakeJobStore):
-            def load(self) -> list:
+            def load(self) -> list[tuple[Job, StoredEvents]]:
                 raise PermissionError("no")
 
         manager = JobManager(
@@ -579,7 +581,7 @@ class StopTests(EngineTestCase):
 class ObserverTests(EngineTestCase):
     def test_failing_subscriber_does_not_stop_others(self) -> None:
         """A subscriber that raises is logged; others and the engine get every event."""
-        seen: list = []
+        seen: list[JobEvent] = []
 
         def broken(event: object) -> None:
             raise RuntimeError("observer bug")

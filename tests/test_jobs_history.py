@@ -14,14 +14,12 @@ import uuid
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.agent.incarnation import FileIncarnations
 from lpa.agent.jobs import JobManager
 from lpa.agent.model import JobRequest, PackageSpec
-from lpa.agent.store import JobFileStore
+from lpa.agent.store import JobFileStore, StoredEvents
 from lpa.agent.wal import WriteAheadLog
 from lpa.events import (
     COMPLETED,
@@ -30,9 +28,11 @@ from lpa.events import (
     PENDING,
     REBOOTING,
     RUNNING,
+    JobEvent,
 )
 from tests.fakes import FakeBackend, FakeProcessRunner, FakeSystem
 from tests.fakes_wal import FakeWalFiles, StepRunner
+from tests.logcheck import capture_events
 
 JOURNAL = "/state/journal"
 
@@ -53,8 +53,8 @@ class DurableEngineCase(SynchronousTestCase):
         self.runner = FakeProcessRunner()
         self.ids = itertools.count(1)
         self.now = 1_800_000_000.0
-        self.published: list = []
-        self.log_events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.published: list[JobEvent] = []
+        self.log_events = capture_events(self)
         self.manager = self.start()
 
     def start(self, **options: Any) -> JobManager:
@@ -101,10 +101,10 @@ class DurableEngineCase(SynchronousTestCase):
         self.manager = self.start()
         return self.manager
 
-    def seqs(self, job_id: str) -> list[int]:
+    def seqs(self, job_id: str) -> list[int | None]:
         return [e.seq for e in self.published if e.job_id == job_id]
 
-    def wire_after(self, job_id: str, after: int = 0) -> list[dict]:
+    def wire_after(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         return [e.to_wire() for e in self.manager.events.after(job_id, after)]
 
     def running_job(self, lines: int = 0) -> Any:
@@ -295,6 +295,7 @@ class CheckpointTests(DurableEngineCase):
         saved = JobFileStore(os.path.join(self.state, "jobs")).load()
         [(stored, events)] = [(j, e) for j, e in saved if j.id == job.id]
         self.assertEqual(stored.status, RUNNING)
+        assert isinstance(events, StoredEvents)
         self.assertGreater(len(events()), 100)
         seen = self.wire_after(job.id)
         self.crash()

@@ -22,7 +22,15 @@ from lpa.agent.incarnation import MemoryIncarnations
 from lpa.agent.interfaces import ICommandRun, IJobCommands
 from lpa.agent.jobs import ABORT_GRACE_SECONDS, JobManager
 from lpa.agent.model import JobRequest, PackageSpec
-from lpa.events import CANCELLED, COMPLETED, KIND_OUTPUT, KIND_STATUS, RUNNING, TIMED_OUT
+from lpa.events import (
+    CANCELLED,
+    COMPLETED,
+    KIND_OUTPUT,
+    KIND_STATUS,
+    RUNNING,
+    TIMED_OUT,
+    JobEvent,
+)
 from tests.fakes import (
     FakeBackend,
     FakeJobCommands,
@@ -73,7 +81,7 @@ class PhaseTestCase(SynchronousTestCase):
             kill_grace_seconds=KILL_GRACE,
             transaction_extension_seconds=EXTENSION,
         )
-        self.published: list = []
+        self.published: list[JobEvent] = []
         self.manager.events.subscribe(self.published.append)
         self.successResultOf(self.manager.start())
 

@@ -31,6 +31,7 @@ from lpa.events import (
     KIND_STATUS,
     RUNNING,
     TIMED_OUT,
+    JobEvent,
 )
 from tests.fakes import FakeJobCommands, FakeProcessRunner, FakeRun, FakeSystem
 from tests.fakes_wal import FakeWalFiles, StepRunner
@@ -59,7 +60,7 @@ class ResumeCase(SynchronousTestCase):
         )
         self.ids = itertools.count(1)
         self.now = 1_800_000_000.0
-        self.published: list = []
+        self.published: list[JobEvent] = []
         self.manager = self.start()
 
     def start(self) -> JobManager:
@@ -123,10 +124,10 @@ class ResumeCase(SynchronousTestCase):
         run.finish(code)
         self.settle()
 
-    def events(self, job_id: str) -> list:
+    def events(self, job_id: str) -> list[JobEvent]:
         return list(self.manager.events.after(job_id, 0))
 
-    def check_contiguous(self, job_id: str) -> list:
+    def check_contiguous(self, job_id: str) -> list[JobEvent]:
         events = self.events(job_id)
         self.assertEqual([e.seq for e in events], list(range(1, len(events) + 1)))
         return events

@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attr
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
+from lpa.agent import eventlog
 from lpa.agent.model import Job, JobRequest, PackageSpec
 from lpa.agent.store import LEGACY_FILENAME, JobFileStore, StoredEvents
 from lpa.events import EVENT_JOB_COMPLETE, KIND_OUTPUT, JobEvent
 from tests.fakes_wal import StepRunner
+from tests.logcheck import capture_events
 
 
-def sample() -> list:
+def sample() -> list[tuple[Job, Sequence[JobEvent]]]:
     job = Job(
         id="0b7c1f3e-0000-4000-8000-000000000001",
         operation="patch_apply",
@@ -69,7 +72,7 @@ def sample() -> list:
     return [(job, events), (other, [])]
 
 
-def decoded(entries: list) -> list:
+def decoded(entries: list[tuple[Job, eventlog.StoredEvents]]) -> list[tuple[Job, Any]]:
     return [(job, events() if callable(events) else events) for job, events in entries]
 
 
@@ -94,6 +97,7 @@ class JobFileStoreTests(SynchronousTestCase):
         self.successResultOf(self.store.save(sample()))
         [(_, events), _] = JobFileStore(self.directory).load()
         self.assertIsInstance(events, StoredEvents)
+        assert isinstance(events, StoredEvents)
         self.assertEqual(events(), sample()[0][1])
 
     def test_what_lives_in_memory_only_is_not_stored(self) -> None:
@@ -127,7 +131,7 @@ class JobFileStoreTests(SynchronousTestCase):
 
     def test_corrupt_file_is_set_aside_and_the_others_kept(self) -> None:
         """An unparsable job file is moved aside with an error; the other jobs load."""
-        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        observed = capture_events(self)
         self.successResultOf(self.store.save(sample()))
         broken = self.directory / f"{sample()[0][0].id}.json"
         for content in (b"{not json", b'{"v": 2, "job": {"id": 1}}\n[]\n', b'{"v":2,"job":{}}'):
@@ -192,8 +196,8 @@ class LegacyHistoryTests(SynchronousTestCase):
         self.store = JobFileStore(self.state / "jobs", legacy_path=self.legacy,
                                   now=lambda: 1_800_000_000)
 
-    def write_v1(self, entries: list) -> None:
-        document = {
+    def write_v1(self, entries: list[tuple[Job, Sequence[JobEvent]]]) -> None:
+        document: dict[str, Any] = {
             "version": 1,
             "jobs": [
                 {
@@ -218,9 +222,9 @@ class LegacyHistoryTests(SynchronousTestCase):
 
     def test_format_1_history_is_migrated_once(self) -> None:
         """The single-document history is rewritten as files and renamed; nothing is lost."""
-        entries = sample()
-        for _, events in entries:
-            events[:] = [attr.evolve(e, incarnation=None) for e in events]
+        entries: list[tuple[Job, Sequence[JobEvent]]] = [
+            (job, [attr.evolve(e, incarnation=None) for e in events]) for job, events in sample()
+        ]
         self.write_v1(entries)
         self.assertEqual(decoded(self.store.load()), entries)
         self.assertFalse(self.legacy.exists())

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.internet import task
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -14,6 +13,7 @@ from lpa.agent.interfaces import IEventJournal
 from lpa.agent.wal import OsWalFiles, VolatileJournal, WriteAheadLog, synchronous_runner
 from lpa.agent.walfiles import IWalFiles, decode_segment, encode_record, segment_name
 from tests.fakes_wal import FakeWalFiles, StepRunner
+from tests.logcheck import capture_events
 
 DIRECTORY = "/state/journal"
 
@@ -23,8 +23,8 @@ class WalTestCase(SynchronousTestCase):
         self.clock = task.Clock()
         self.files = FakeWalFiles()
         self.runner = StepRunner()
-        self.durable: list = []
-        self.log_events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.durable: list[Any] = []
+        self.log_events = capture_events(self)
 
     def open(self, files: FakeWalFiles | None = None, runner: object = None) -> WriteAheadLog:
         wal = WriteAheadLog(

@@ -27,13 +27,16 @@ class WireTests(ApiTestCase):
         self.store = FakeJobStore()
         self.incarnations = MemoryIncarnations()
         self.ids = itertools.count(1)
-        self.restart()
+        self.engine = self.start_engine()
 
     def restart(self) -> None:
-        """Stop the engine (if any) and start a new one over the same store."""
-        if isinstance(self.jobs, JobManager):
-            self.successResultOf(self.jobs.stop())
-        self.jobs = JobManager(  # type: ignore[assignment]
+        """Stop the engine and start a new one over the same store."""
+        self.successResultOf(self.engine.stop())
+        self.engine = self.start_engine()
+
+    def start_engine(self) -> JobManager:
+        """A started real engine over the store, served by a freshly built API."""
+        engine = JobManager(
             backend=self.backend,
             system=self.system,
             runner=FakeProcessRunner(),
@@ -42,11 +45,12 @@ class WireTests(ApiTestCase):
             incarnations=self.incarnations,
             uuid_factory=lambda: uuid.UUID(int=next(self.ids)),
         )
-        self.successResultOf(self.jobs.start())
-        self.build(jobs=self.jobs)
+        self.successResultOf(engine.start())
+        self.build(jobs=engine)
+        return engine
 
     def finished_job(self) -> str:
-        job = self.jobs.submit(JobRequest(operation="patch_apply", dry_run=True))
+        job = self.engine.submit(JobRequest(operation="patch_apply", dry_run=True))
         self.clock.advance(0)
         self.assertEqual(job.status, COMPLETED)
         return job.id
@@ -54,7 +58,7 @@ class WireTests(ApiTestCase):
     def session(self) -> tuple[JobStreamSession, RecordingChannel]:
         channel = RecordingChannel()
         session = JobStreamSession(
-            self.jobs.events, self.jobs, channel, now=lambda: "t", connection_id="c1"
+            self.engine.events, self.engine, channel, now=lambda: "t", connection_id="c1"
         )
         session.start()
         channel.take()
@@ -77,7 +81,7 @@ class WireTests(ApiTestCase):
     def test_after_above_the_last_seq_is_409_events_ahead(self) -> None:
         """after=N past the job's last event is a conflict that carries what to resync from."""
         job_id = self.finished_job()
-        last = self.jobs.events.last_seq(job_id)
+        last = self.engine.events.last_seq(job_id)
         reply = self.call("GET", f"/api/v1/jobs/{job_id}/events?after={last + 7}")
         self.assertError(reply, 409, "EVENTS_AHEAD")
         self.assertFalse(reply.error["retryable"])
@@ -85,7 +89,7 @@ class WireTests(ApiTestCase):
         self.assertEqual(
             (details["last_seq"], details["incarnation"]), (last, "boot-1:1")
         )
-        self.assertEqual(details["job"], self.jobs.get(job_id).to_detail())
+        self.assertEqual(details["job"], self.engine.get(job_id).to_detail())
         self.assertEqual(details["job"]["status"], COMPLETED)
         self.assertIn(f"after seq {last + 7}", reply.error["message"])
         self.assertEqual(self.call("GET", f"/api/v1/jobs/{job_id}/events?after={last}").code, 200)
@@ -95,20 +99,20 @@ class WireTests(ApiTestCase):
         job_id = self.finished_job()
         self.restart()
         _, channel = self.session()
-        last = self.jobs.events.last_seq(job_id)
+        last = self.engine.events.last_seq(job_id)
         _.receive_text(json.dumps({"action": "subscribe", "job_id": job_id,
                                    "after_seq": last + 1}))
         [ack, resync] = channel.take()
         self.assertEqual(ack["event"], "subscribed")
         self.assertEqual(resync["event"], "resync")
         self.assertEqual((resync["seq"], resync["incarnation"]), (last, "boot-1:2"))
-        self.assertEqual(resync["job"], self.jobs.get(job_id).to_detail())
+        self.assertEqual(resync["job"], self.engine.get(job_id).to_detail())
         self.assertEqual(resync["status"], COMPLETED)
 
     def test_live_frames_carry_the_incarnation_and_parse_back(self) -> None:
         """job_status and job_complete frames carry incarnation; JobEvent reads it back."""
         session, channel = self.session()
-        job = self.jobs.submit(JobRequest(operation="patch_apply", dry_run=True))
+        job = self.engine.submit(JobRequest(operation="patch_apply", dry_run=True))
         session.receive_text(json.dumps({"action": "subscribe", "job_id": job.id}))
         self.clock.advance(0)
         self.assertEqual(job.status, COMPLETED)

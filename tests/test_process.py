@@ -22,8 +22,16 @@ from lpa.events import (
     KIND_OUTPUT,
     KIND_WAITING_FOR_LOCK,
     TIMED_OUT,
+    JobEvent,
 )
 from tests.fakes import FakeBackend, FakeJobStore, FakeSystem
+
+
+def fire_once(deferred: Deferred[None]) -> None:
+    """Fire ``deferred`` unless it has fired already."""
+    if not deferred.called:
+        deferred.callback(None)
+
 
 #: a script printing 2000 lines of about 50 bytes (100 KB)
 BIG_OUTPUT = (
@@ -124,8 +132,7 @@ class ProcessRunnerTests(TestCase):
                                f"sleep 300 &\necho $! > {pidfile}\necho started\nsleep 300\n")
         started: Deferred[None] = Deferred()
         result = await self.runner.run(
-            [script], timeout=1,
-            on_stdout_line=lambda line: started.called or started.callback(None),
+            [script], timeout=1, on_stdout_line=lambda line: fire_once(started)
         )
         self.assertTrue(result.timed_out)
         self.assertIsNone(result.exit_code)
@@ -157,8 +164,7 @@ class ProcessRunnerTests(TestCase):
         script = self.pm.write("cancel", f"echo $$ > {pidfile}\necho started\nsleep 300\n")
         started: Deferred[None] = Deferred()
         d = self.runner.run(
-            [script], timeout=60,
-            on_stdout_line=lambda line: started.called or started.callback(None),
+            [script], timeout=60, on_stdout_line=lambda line: fire_once(started)
         )
         await started
         d.cancel()
@@ -230,7 +236,7 @@ class EngineWithRealProcessesTests(TestCase):
         self.pm = FakePackageManagers(Path(self.mktemp()))
         self.runner = ProcessRunner(reactor, kill_grace_seconds=0.5)
         self.completed: dict[str, Deferred[None]] = {}
-        self.events: list = []
+        self.events: list[JobEvent] = []
 
     def manager(
         self, script: str, *, command_timeout: float = 10, job_timeout: float = 30
@@ -248,10 +254,10 @@ class EngineWithRealProcessesTests(TestCase):
         self.addCleanup(manager.stop)
         return manager
 
-    def _on_event(self, event: object) -> None:
+    def _on_event(self, event: JobEvent) -> None:
         self.events.append(event)
-        if event.event == EVENT_JOB_COMPLETE:  # type: ignore[attr-defined]
-            self.done(event.job_id).callback(None)  # type: ignore[attr-defined]
+        if event.event == EVENT_JOB_COMPLETE:
+            self.done(event.job_id).callback(None)
 
     def done(self, job_id: str) -> Deferred[None]:
         return self.completed.setdefault(job_id, Deferred())
