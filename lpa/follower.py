@@ -37,6 +37,9 @@ By default JOB_NOT_FOUND ends the follow (``gone``); with ``gone_is_final=False`
 which gives the agent a deadline) each one is a ``Step.missing`` and the next answer that shows
 the job again a ``Step.found``.  A driver that lost delivered events downstream calls
 :meth:`JobFollower.rewind` (``later``: the stream waits for :meth:`JobFollower.resume`).
+
+A little over 400 lines on purpose: the follower is one state machine (subscribe, replay,
+resync, gaps, fallback to the events endpoint) and reads best whole; it has no I/O to split off.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The lpa-agent daemon as an operator runs it: real mTLS listener, real engine, real apt.
 
-These are the issue's "done when" checks, on loopback: health over mTLS, a dry-run patch apply
+These are the agent's acceptance checks, on loopback: health over mTLS, a dry-run patch apply
 that ends ``completed`` with what would change while installed packages stay as they were, a
 name with shell metacharacters refused, clients refused at the handshake, history kept across a
 restart, and a bad configuration stopping twistd with one line.

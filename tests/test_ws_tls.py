@@ -161,8 +161,8 @@ class WssInteropTests(TestCase):
         self.fail(f"job {job_id} never reached its gate")
 
     async def test_done_when(self) -> None:
-        """The issue's "Done when": every event once in order, filtering, late and mid replay,
-        garbage gets an error event and the connection keeps working."""
+        """The job stream's acceptance checks: every event once in order, filtering, late and
+        mid replay, garbage gets an error event and the connection keeps working."""
         job_a = self.submit_patch()
         job_b = self.submit_patch()  # queued behind A: one mutation at a time
         await self.running(job_a)

@@ -31,6 +31,9 @@ events, and the backend's own progress reports before command K are not repeated
 
 A line saying the package database lock is held (apt, dpkg, dnf, yum, zypper wording) also
 becomes one ``waiting_for_lock`` event per command.
+
+The module is a little over 400 lines because launching, re-attaching after a restart, the
+transaction watch and the dpkg-safe cancel all act on the one command a job runs at a time.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ context, which watches every command's output.
 
 ``force`` means ``--allow-downgrades`` (a version pin older than the installed one); it never
 means ``--allow-unauthenticated`` (bug 30): signatures are always checked.
+
+The module is over 400 lines because apt's repair, its status-fd progress and its stanza and
+simulation parsers all serve the one mutation sequence above; the parts every backend shares
+already live in :mod:`lpa.agent.backends.base`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ A backend has two halves::
 
 Every user-supplied name and version is validated with :mod:`lpa.validation` before an argv is
 built, and every argv puts ``--`` before those names.
+
+It is over 400 lines on purpose: the request checks, timeouts, reboot hints and dispatch are
+what all six backends share, and moving any of them out would make each backend import two
+modules for one contract.
 """
 
 from __future__ import annotations

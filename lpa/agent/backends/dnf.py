@@ -24,6 +24,9 @@ yum-utils).  ``rpm --rebuilddb`` is not run: it rebuilds the database files' ind
 package headers and mends a corrupt database, not an interrupted transaction, and must not run
 beside another rpm.  A manager without these commands (dnf 5 has no ``check``) skips the repair
 with a log line.
+
+A little over 400 lines: the rpm query and updateinfo parsers live here because yum and zypper
+reuse them, so the three rpm backends keep one copy.
 """
 
 from __future__ import annotations
