@@ -22,8 +22,12 @@ setup(
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
-    packages=[*find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]), "twisted.plugins"],
-    package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa": ["sql/*.sql", "relay/static/*"]},
+    # lpa.sql and lpa.relay.static hold data files only (the migrations, the status page), listed
+    # as packages so setuptools ships them without warning that they look importable
+    packages=[*find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]), "lpa.sql",
+              "lpa.relay.static", "twisted.plugins"],
+    package_data={"twisted": ["plugins/lpa_plugins.py"], "lpa.sql": ["*.sql"],
+                  "lpa.relay.static": ["*"]},
     include_package_data=True,
     install_requires=[
         "Twisted[tls]>=24.10,<27",
