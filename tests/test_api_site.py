@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -16,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
 
 from lpa.agent.http.api import BoundedRequest, bounded_request_factory
+from lpa.agent.metrics import AgentMetrics
 from tests.api_helpers import ApiTestCase
 from tests.logcheck import capture_events
 
@@ -307,6 +310,24 @@ class ChannelTests(ApiTestCase):
         self.assertEqual(headers[b"Content-Type"], b"application/json")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.lose(protocol)
+
+    def test_refusals_counted_with_the_requests(self) -> None:
+        """Every refusal of the connection reaches the site's hook, unthrottled: the metrics
+        count it with the requests (route and method "other", the status)."""
+        metrics = AgentMetrics(self.clock)
+        self.site.on_request_refused = metrics.request_refused
+        for _ in range(12):  # past the log throttle's 10 a minute
+            self.refused(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n")
+        self.refused(b"GET / HTTP/1.1 x\r\n\r\n")
+        counted = {
+            sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(generate_latest(metrics.registry)
+                                                         .decode())
+            for sample in family.samples
+            if sample.name == "lpa_agent_http_requests_total"
+            and sample.labels["route"] == "other" and sample.labels["method"] == "other"
+        }
+        self.assertEqual(counted, {"414": 12, "400": 1})
 
     def test_refusals_logged_throttled(self) -> None:
         """Each refusal is one info line with the peer; past 10 a minute they are counted."""

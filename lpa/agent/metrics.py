@@ -8,6 +8,8 @@ already builds::
                                                     status, job duration
     Site ─▶ MeteredResource ─▶ the API's gate        requests by route template, method, status
     AgentSite.on_handshake_refused                  refused TLS handshakes by reason
+    AgentSite.on_request_refused                    requests the connection refused before
+                                                    routing: route "other", method "other"
     Gate ─▶ MeteredRateLimiter ─▶ RateLimiter        requests refused by the rate limit
     JobStreamFactory.make_session ─▶ metered_sessions  sessions, subscriptions, 1008 closes
     scrape ─▶ collect                               running jobs, oldest one, CRL age, ready
@@ -30,7 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from zope.interface import implementer
 
 from lpa.agent.interfaces import IStreamChannel
-from lpa.errors import RateLimitedError
+from lpa.errors import ApiError, RateLimitedError
 from lpa.events import EVENT_JOB_COMPLETE, KIND_WAITING_FOR_LOCK, OPERATIONS, RUNNING, JobEvent
 from lpa.metricsweb import CallbackCollector, gauge, labelled_gauge, new_registry
 
@@ -117,6 +119,11 @@ class AgentMetrics:
         self.jobs.labels(operation, job_event.status).inc()
         if started is not None:
             self.duration.labels(operation).observe(max(0.0, self._clock.seconds() - started))
+
+    def request_refused(self, error: ApiError) -> None:
+        """The connection refused a request before any route saw it (414, 431, 408, 413, a
+        malformed request line): counted with the requests, by status."""
+        self.requests.labels("other", "other", str(error.http_status)).inc()
 
     def handshake_refused(self, kind: str) -> None:
         """The agent's site refused a TLS handshake (``kind``: lpa.tlsaudit's few reasons)."""

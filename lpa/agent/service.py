@@ -336,6 +336,7 @@ def make_agent_service(
     )
     site.resource = MeteredResource(site.resource, metrics, route_matcher(AgentApi.app.url_map))
     site.on_handshake_refused = metrics.handshake_refused
+    site.on_request_refused = metrics.request_refused
 
     server = config.server
     if config.tls.enabled:

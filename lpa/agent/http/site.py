@@ -86,6 +86,9 @@ class AgentSite(Http11Site):
         self.throttle = throttle if throttle is not None else LogThrottle(clock)
         #: told the kind of every refused handshake, before the log throttle (the metrics)
         self.on_handshake_refused: Callable[[str], object] = lambda kind: None
+        #: told every request the connection refused before routing (414, 431, 408, 413, a bad
+        #: request line), before the log throttle (the metrics)
+        self.on_request_refused: Callable[[ApiError], object] = lambda error: None
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -95,6 +98,7 @@ class AgentSite(Http11Site):
     # -- what the channels report ------------------------------------------------------------
 
     def request_refused(self, transport: Any, error: ApiError) -> None:
+        self.on_request_refused(error)
         suppressed = self.throttle.admit(f"http:{error.code}")
         if suppressed is None:
             return
