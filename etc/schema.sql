@@ -12,3 +12,4 @@ SET lock_timeout = '5s';
 \ir ../lpa/sql/002_relay_writepath.sql
 \ir ../lpa/sql/003_relay_membership.sql
 \ir ../lpa/sql/004_relay_deadline.sql
+\ir ../lpa/sql/005_relay_unreachable.sql

@@ -18,6 +18,7 @@ from lpa.relay.schema import (
     RELAY_COLUMNS,
     RELAY_DEADLINE_COLUMNS,
     RELAY_JOB_COLUMNS,
+    RELAY_UNREACHABLE_COLUMNS,
     RELAY_WRITEPATH_COLUMNS,
     MigrationError,
     migrate,
@@ -145,7 +146,7 @@ class MigrateTests(SynchronousTestCase):
             ("running", "a1", "half done", 0, None))
         self.assertEqual(_columns(self.seed, "patch_job_hosts"),
                          manager_columns | set(RELAY_COLUMNS) | set(RELAY_DEADLINE_COLUMNS)
-                         | set(RELAY_WRITEPATH_COLUMNS))
+                         | set(RELAY_UNREACHABLE_COLUMNS) | set(RELAY_WRITEPATH_COLUMNS))
         # the manager's own tables were not re-created or extended
         self.assertEqual(_columns(self.seed, "hosts"),
                          {"id", "fqdn", "ip_address", "display_name", "agent_port",

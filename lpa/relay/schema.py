@@ -61,6 +61,12 @@ RELAY_COLUMNS: tuple[str, ...] = (
 #: the columns ``004_relay_deadline.sql`` adds to ``patch_job_hosts`` (the JOB_NOT_FOUND deadline)
 RELAY_DEADLINE_COLUMNS: tuple[str, ...] = ("relay_missing_since", "relay_missing_agent_job_id")
 
+#: the columns ``005_relay_unreachable.sql`` adds to ``patch_job_hosts`` (the unreachable deadline)
+RELAY_UNREACHABLE_COLUMNS: tuple[str, ...] = (
+    "relay_unreachable_since",
+    "relay_unreachable_agent_job_id",
+)
+
 #: the columns ``002_relay_writepath.sql`` adds to ``patch_job_hosts``
 RELAY_WRITEPATH_COLUMNS: tuple[str, ...] = ("relay_output_end", "relay_snapshot_digest")
 
