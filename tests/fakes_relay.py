@@ -25,6 +25,7 @@ from typing import Any
 import attr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from lpa.relay.interfaces import AgentAddress, ApplyResult, HostJob, IRelayStore
@@ -240,10 +241,14 @@ class FakeMissingRecord:
     """An in-memory :class:`~lpa.relay.missing_record.IMissingRecord`.
 
     ``recorded[row_id]`` is what ``mark`` answers (seconds since the first JOB_NOT_FOUND a
-    database would hold; 0.0 when absent); set :attr:`error` to make every call errback.
+    database would hold; 0.0 when absent); set :attr:`error` to make every call errback.  Given
+    a ``clock``, ``mark`` keeps the clock's time at the first call instead and answers the
+    seconds since then, as a database would across a relay restart.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        self._clock = clock
+        self.since: dict[str, float] = {}  # with a clock: the first mark's time
         self.recorded: dict[str, float] = {}
         self.calls: list[tuple[str, str]] = []  # ("mark" | "clear", row_id)
         self.error: Exception | None = None
@@ -252,6 +257,9 @@ class FakeMissingRecord:
         self.calls.append(("mark", row_id))
         if self.error is not None:
             return defer.fail(self.error)
+        if self._clock is not None:
+            now = self._clock.seconds()
+            return defer.succeed(now - self.since.setdefault(row_id, now))
         return defer.succeed(self.recorded.setdefault(row_id, 0.0))
 
     def clear(self, row_id: str) -> Deferred[Any]:
@@ -259,4 +267,5 @@ class FakeMissingRecord:
         if self.error is not None:
             return defer.fail(self.error)
         self.recorded.pop(row_id, None)
+        self.since.pop(row_id, None)
         return defer.succeed(None)

@@ -61,7 +61,11 @@ from lpa.relay.membership import IMembershipDatabase
 from lpa.relay.membership_db import PostgresMembershipDatabase
 from lpa.relay.metered import MeteredListener, MeteredStore
 from lpa.relay.metrics import RelayMetrics
-from lpa.relay.missing_record import IMissingRecord, PostgresMissingRecord
+from lpa.relay.missing_record import (
+    IMissingRecord,
+    PostgresMissingRecord,
+    PostgresUnreachableRecord,
+)
 from lpa.relay.poller import AgentPoller, IAgentPoller, IPollTarget
 from lpa.relay.pressure import StoreGauge
 from lpa.relay.store import PostgresRelayStore
@@ -218,7 +222,10 @@ REAL: dict[InterfaceClass, list[Callable[[SynchronousTestCase], Any]]] = {
             connection_factory=lambda: None,
         )
     ],
-    IMissingRecord: [lambda t: PostgresMissingRecord(DSN, reactor=Clock())],
+    IMissingRecord: [
+        lambda t: PostgresMissingRecord(DSN, reactor=Clock()),
+        lambda t: PostgresUnreachableRecord(DSN, reactor=Clock()),
+    ],
     IAgentWebSocket: [lambda t: agent_web_socket()],
     IWebSocketListener: [
         lambda t: agent_link(),

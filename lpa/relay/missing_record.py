@@ -1,4 +1,5 @@
-"""Where the relay records when an agent first said it does not know a row's job.
+"""Where the relay records when an agent first said it does not know a row's job (and when
+its agent first stopped answering).
 
 :class:`~lpa.relay.missing.MissingJobs` keeps the first JOB_NOT_FOUND time in memory and, through
 an :class:`IMissingRecord`, in the row itself (``relay_missing_since``, added by
@@ -12,9 +13,15 @@ take-over by another relay::
 A kept time is restarted when the row belongs to another agent job now, or when the relay
 applied an event to the row after it (the agent knew the job again meanwhile).
 
-These writes are rare (once per row when an agent forgets a job), so each one opens its own
-short connection in a thread: no pool to keep alive, nothing to reconnect after a database
-restart, and a failure is just a failed call (the caller then counts from its own clock).
+:class:`PostgresUnreachableRecord` is the same record for the unreachable deadline of
+:class:`~lpa.relay.poller.AgentPoller` (``relay_unreachable_since``, added by
+``lpa/sql/005_relay_unreachable.sql``): "the agent knew the job again" is there "the agent
+answered again".
+
+These writes are rare (once per row when an agent forgets a job or stops answering), so each
+one opens its own short connection in a thread: no pool to keep alive, nothing to reconnect
+after a database restart, and a failure is just a failed call (the caller then counts from its
+own clock).
 """
 
 from __future__ import annotations
@@ -28,26 +35,30 @@ from zope.interface import Interface, implementer
 
 CONNECT_TIMEOUT_SECONDS = 5
 
-_MARK_SQL = """
+
+def _mark_sql(since: str, agent_job: str) -> str:
+    return f"""
 UPDATE patch_job_hosts
-   SET relay_missing_since = CASE
-         WHEN relay_missing_since IS NULL
-           OR relay_missing_agent_job_id IS DISTINCT FROM agent_job_id
-           OR relay_last_event_at > relay_missing_since
-         THEN now() ELSE relay_missing_since END,
-       relay_missing_agent_job_id = agent_job_id
+   SET {since} = CASE
+         WHEN {since} IS NULL
+           OR {agent_job} IS DISTINCT FROM agent_job_id
+           OR relay_last_event_at > {since}
+         THEN now() ELSE {since} END,
+       {agent_job} = agent_job_id
  WHERE id = %s AND agent_job_id = %s AND status = 'running'::job_status
-RETURNING EXTRACT(EPOCH FROM now() - relay_missing_since)::float8
+RETURNING EXTRACT(EPOCH FROM now() - {since})::float8
 """
 
-_CLEAR_SQL = """
-UPDATE patch_job_hosts SET relay_missing_since = NULL, relay_missing_agent_job_id = NULL
- WHERE id = %s AND relay_missing_since IS NOT NULL
+
+def _clear_sql(since: str, agent_job: str) -> str:
+    return f"""
+UPDATE patch_job_hosts SET {since} = NULL, {agent_job} = NULL
+ WHERE id = %s AND {since} IS NOT NULL
 """
 
 
 class IMissingRecord(Interface):
-    """The durable side of the JOB_NOT_FOUND deadline."""
+    """The durable side of a deadline: the JOB_NOT_FOUND one, or the unreachable one."""
 
     def mark(row_id: str, agent_job_id: str) -> Deferred[float]:
         """Record (or keep) the first time; fire with the seconds since it (0.0 if just now)."""
@@ -62,6 +73,9 @@ class PostgresMissingRecord:
 
     :param connect: ``connect(dsn, connect_timeout=…)`` (``psycopg2.connect``; tests inject).
     """
+
+    _mark = _mark_sql("relay_missing_since", "relay_missing_agent_job_id")
+    _clear = _clear_sql("relay_missing_since", "relay_missing_agent_job_id")
 
     def __init__(
         self, dsn: str, *, reactor: Any, connect: Callable[..., Any] | None = None
@@ -90,11 +104,18 @@ class PostgresMissingRecord:
         )
 
     def mark(self, row_id: str, agent_job_id: str) -> Deferred[float]:
-        marking = self._in_thread(_MARK_SQL, (row_id, agent_job_id))
+        marking = self._in_thread(self._mark, (row_id, agent_job_id))
         return marking.addCallback(lambda row: float(row[0]) if row else 0.0)
 
     def clear(self, row_id: str) -> Deferred[None]:
-        return self._in_thread(_CLEAR_SQL, (row_id,)).addCallback(lambda _: None)
+        return self._in_thread(self._clear, (row_id,)).addCallback(lambda _: None)
+
+
+class PostgresUnreachableRecord(PostgresMissingRecord):
+    """The same record for the unreachable deadline, in ``relay_unreachable_since`` (005)."""
+
+    _mark = _mark_sql("relay_unreachable_since", "relay_unreachable_agent_job_id")
+    _clear = _clear_sql("relay_unreachable_since", "relay_unreachable_agent_job_id")
 
 
 def first_line(error: BaseException | None) -> str:

@@ -11,12 +11,20 @@ One :class:`AgentPoller` per agent link, driven by a ``LoopingCall`` on the inje
                         unreachable past ``deadline`` ends failed (the original polled forever)
     poll_soon():        one pass now (the link asks after a reconnect: an agent restart is when
                         an agent can lose or renumber events)
+
+The first failure's time lives in memory and, through an optional
+:class:`~lpa.relay.missing_record.IMissingRecord`, in the row (``relay_unreachable_since``):
+when the row already holds an earlier time (this relay restarted, another relay followed the
+agent before, or the link swapped pollers) the deadline counts from that one, so restarting
+relays cannot keep a row of an agent gone for good running.  If the record cannot be written
+the deadline counts from this poller's own first failure.  A usable answer clears both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attr
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -27,6 +35,7 @@ from zope.interface import Interface, implementer
 from lpa.follower import PollOutcome
 from lpa.relay.interfaces import HostJob
 from lpa.relay.jobs_http import AgentJobsHttp, PollError
+from lpa.relay.missing_record import IMissingRecord, first_line
 
 _log = Logger()
 
@@ -57,9 +66,18 @@ class IAgentPoller(Interface):
         """Run one pass now (unless one is running), then go on at the interval."""
 
 
+@attr.s(auto_attribs=True, eq=False)
+class _Failing:
+    agent_job_id: str
+    since: float
+
+
 @implementer(IAgentPoller)
 class AgentPoller:
-    """A ``LoopingCall`` polling every followed job of one agent; errors back off."""
+    """A ``LoopingCall`` polling every followed job of one agent; errors back off.
+
+    :param record: where the first failure's time is also kept (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -70,15 +88,17 @@ class AgentPoller:
         interval: float,
         max_interval: float,
         deadline: float,
+        record: IMissingRecord | None = None,
     ) -> None:
         self._http = http
+        self._record = record
         self._target = target
         self._clock = clock
         self.base_interval = interval
         self.max_interval = max(interval, max_interval)
         self.deadline = deadline
         self.interval = interval
-        self._failing_since: dict[str, float] = {}
+        self._failing_since: dict[str, _Failing] = {}
         self._loop: LoopingCall | None = None
         self._tick_deferred: Deferred[None] | None = None
         self._stopped = False
@@ -168,7 +188,7 @@ class AgentPoller:
                 continue
             if self._stopped:
                 return
-            self._failing_since.pop(host_job.row_id, None)
+            self._answered(host_job)
             self._target.poll_answer(host_job, outcome)
         followed = {host_job.row_id for host_job, _ in jobs}
         for row_id in list(self._failing_since):
@@ -178,13 +198,58 @@ class AgentPoller:
 
     def _failing(self, host_job: HostJob, cause: str, now: float) -> None:
         """No usable answer for ``host_job``; past the deadline the job ends failed."""
-        since = self._failing_since.setdefault(host_job.row_id, now)
+        failing = self._failing_since.get(host_job.row_id)
+        if failing is None or failing.agent_job_id != host_job.agent_job_id:
+            failing = _Failing(agent_job_id=host_job.agent_job_id, since=now)
+            self._failing_since[host_job.row_id] = failing
+            if self._record is not None:
+                self._record.mark(host_job.row_id, host_job.agent_job_id).addCallbacks(
+                    self._marked,
+                    self._record_failed,
+                    callbackArgs=(host_job.row_id, failing),
+                    errbackArgs=(host_job.agent_job_id,),
+                )
+        since = failing.since
         if now - since >= self.deadline:
             del self._failing_since[host_job.row_id]
             self._target.poll_give_up(
                 host_job,
                 f"the relay got no usable answer from agent {self._http.label} for "
                 f"{now - since:.0f}s (deadline {self.deadline:g}s): {cause}",
+            )
+
+    def _marked(self, elapsed: float, row_id: str, failing: _Failing) -> None:
+        """The row held an earlier first-failure time: count the deadline from it."""
+        if self._failing_since.get(row_id) is not failing:
+            return  # answered, ended or no longer followed meanwhile
+        now = self._clock.seconds()
+        if elapsed <= now - failing.since + 1.0:
+            return  # recorded just now (or the clocks agree): nothing to correct
+        failing.since = now - elapsed
+        _log.info(
+            "agent {agent} has given no usable answer for job {agent_job_id} (row {row_id}) for "
+            "{elapsed:.0f}s already (recorded before this poller followed it)",
+            agent=self._http.label,
+            agent_job_id=failing.agent_job_id,
+            row_id=row_id,
+            elapsed=elapsed,
+        )
+
+    def _record_failed(self, failure: Failure, agent_job_id: str) -> None:
+        _log.warn(
+            "could not record in the database when agent {agent} stopped answering for job "
+            "{agent_job_id}: {error}; its deadline counts from this relay's first failed poll",
+            agent=self._http.label,
+            agent_job_id=agent_job_id,
+            error=first_line(failure.value),
+        )
+
+    def _answered(self, host_job: HostJob) -> None:
+        """A usable answer for ``host_job``: its deadline (and the row's record) is cleared."""
+        failing = self._failing_since.pop(host_job.row_id, None)
+        if failing is not None and self._record is not None:
+            self._record.clear(host_job.row_id).addErrback(
+                self._record_failed, failing.agent_job_id
             )
 
     def _reschedule(self, failed: bool, wait: float | None = None) -> None:

@@ -182,9 +182,9 @@ def make_relay_service(
     if clock is None:
         clock = reactor
     own_store = store is None
-    missing_record = None
+    missing_record = unreachable_record = None
     if store is None:
-        from lpa.relay.missing_record import PostgresMissingRecord
+        from lpa.relay.missing_record import PostgresMissingRecord, PostgresUnreachableRecord
         from lpa.relay.store import PostgresRelayStore
 
         store = PostgresRelayStore(
@@ -194,6 +194,7 @@ def make_relay_service(
             max_pending_events=config.max_pending_events,
         )
         missing_record = PostgresMissingRecord(config.database_url, reactor=reactor)
+        unreachable_record = PostgresUnreachableRecord(config.database_url, reactor=reactor)
     if tls_options_for is None:
         from lpa.relay.agent_tls import AgentTls
 
@@ -239,6 +240,7 @@ def make_relay_service(
             interval=interval,
             max_interval=max(interval, config.reconnect_max_delay),
             deadline=config.unreachable_deadline,
+            record=unreachable_record,
         )
 
     if metrics is None:
