@@ -107,6 +107,27 @@ class UnreachableDeadlineTests(SynchronousTestCase):
         stub.flush()
         self.assertEqual(self.record.since, {"r1": 20.0})  # the third poll, at t=20
 
+    def test_first_answer_clears_a_record_left_by_another_relay(self) -> None:
+        """A time left in the row by a relay that stopped during an outage is cleared by this
+        poller's first answer: a later short outage counts from its own start, never from the
+        old time (which would end the row at once)."""
+        self.record.since["r1"] = -5000.0  # an outage long ago, recorded by an earlier relay
+        resource = FakeAgentResource()
+        answers = iter([(200, envelope({"events": []})), (500, b""), (500, b"")])
+        resource.routes[f"/api/v1/jobs/{JOB}/events?after=0"] = lambda: next(answers)
+        stub = StubTreq(resource)
+        self.http = stub
+        target = RecordingTarget(host_job())
+        self.poller(target)
+        stub.flush()
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+        self.clock.advance(10)
+        stub.flush()
+        self.clock.advance(10)
+        stub.flush()
+        self.assertEqual(target.given_up, [])
+        self.assertEqual(self.record.since, {"r1": 10.0})  # this outage's first failure
+
     def test_record_failure_counts_from_our_clock(self) -> None:
         """A record that cannot be written: one warning, the deadline from this poller's first
         failure."""

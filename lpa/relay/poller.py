@@ -17,7 +17,9 @@ The first failure's time lives in memory and, through an optional
 when the row already holds an earlier time (this relay restarted, another relay followed the
 agent before, or the link swapped pollers) the deadline counts from that one, so restarting
 relays cannot keep a row of an agent gone for good running.  If the record cannot be written
-the deadline counts from this poller's own first failure.  A usable answer clears both.
+the deadline counts from this poller's own first failure.  A usable answer clears both; the
+first answer a poller gets for a row clears the row's record even if this poller never saw it
+fail, so a time left by an earlier relay cannot end the row at the next short outage.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class AgentPoller:
         self.deadline = deadline
         self.interval = interval
         self._failing_since: dict[str, _Failing] = {}
+        #: rows whose record this poller cleared (or found failing and cleared) since it started
+        self._cleared: set[str] = set()
         self._loop: LoopingCall | None = None
         self._tick_deferred: Deferred[None] | None = None
         self._stopped = False
@@ -194,6 +198,7 @@ class AgentPoller:
         for row_id in list(self._failing_since):
             if row_id not in followed:
                 del self._failing_since[row_id]
+        self._cleared &= followed
         self._reschedule(failed, wait)
 
     def _failing(self, host_job: HostJob, cause: str, now: float) -> None:
@@ -245,12 +250,18 @@ class AgentPoller:
         )
 
     def _answered(self, host_job: HostJob) -> None:
-        """A usable answer for ``host_job``: its deadline (and the row's record) is cleared."""
+        """A usable answer for ``host_job``: its deadline (and the row's record) is cleared.
+
+        The first answer this poller gets for a row clears the row's record too, even when this
+        poller never saw the row failing: a time left by a relay that restarted (or lost the
+        agent to us) while the agent was away must not end the row at the next short outage.
+        """
         failing = self._failing_since.pop(host_job.row_id, None)
-        if failing is not None and self._record is not None:
-            self._record.clear(host_job.row_id).addErrback(
-                self._record_failed, failing.agent_job_id
-            )
+        first = host_job.row_id not in self._cleared
+        if (failing is not None or first) and self._record is not None:
+            self._cleared.add(host_job.row_id)
+            agent_job_id = failing.agent_job_id if failing else host_job.agent_job_id
+            self._record.clear(host_job.row_id).addErrback(self._record_failed, agent_job_id)
 
     def _reschedule(self, failed: bool, wait: float | None = None) -> None:
         interval = min(self.max_interval, self.interval * 2) if failed else self.base_interval
