@@ -18,7 +18,8 @@ applied an event to the row after it (the agent knew the job again meanwhile).
 ``lpa/sql/005_relay_unreachable.sql``): "the agent knew the job again" is there "the agent
 answered again".
 
-These writes are rare (once per row when an agent forgets a job or stops answering), so each
+These writes are rare (once per row when an agent forgets a job or stops answering, and once
+per row when a poller first hears its agent, to clear a time an earlier relay left), so each
 one opens its own short connection in a thread: no pool to keep alive, nothing to reconnect
 after a database restart, and a failure is just a failed call (the caller then counts from its
 own clock).
