@@ -1,15 +1,22 @@
-# The README's commands.  CI (.ci/run) runs `make lint` then `make test`; `make demo` runs the
-# pipeline.
+# The README's commands: `make demo` runs the pipeline, `make check` is what CI (.ci/run) runs:
+# `make lint`, then the unit and system suites in one trial run.  `make test` is the unit suite
+# alone (tests/test_*.py, parallel, well under a minute); `make test-system` the system suite.
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: test lint demo venv clean deb
+.PHONY: check test test-system lint demo venv clean deb
 
 venv:
 	@bash .ci/venv "$(PYTHON)" "$(VENV)"
 
+check: venv
+	@bash .ci/check "$(VENV)"
+
 test: venv
-	@bash .ci/test "$(VENV)"
+	@bash .ci/test "$(VENV)" unit
+
+test-system: venv
+	@bash .ci/test "$(VENV)" system
 
 # ruff and mypy read the checkout, not the installed package: an existing .venv is enough
 lint: $(VENV)/bin/mypy

@@ -1,14 +1,15 @@
-"""Tests for ``lpa demo``: its generated configs, process handling, and the whole run end to end."""
+"""Tests for ``lpa demo``: its generated configs and process handling.
+
+The whole run, in real processes, is tests/system/test_demo_run.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,12 +18,11 @@ from collections.abc import Iterator
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.tools import demo, demo_config, demo_processes
 from lpa.tools.demo_processes import DemoError, Processes
 from lpa.tools.pgcluster import PostgresNotFound
-from tests.logcheck import assert_no_unhandled
 
 
 class ConfigTests(SynchronousTestCase):
@@ -169,20 +169,6 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("no kept demo", str(error))
 
 
-def _missing_pieces() -> list[str]:
-    missing = [name for name in ("lpa.tools.cli", "lpa.tools.pki", "lpa.agent.tap", "lpa.relay.tap")
-               if importlib.util.find_spec(name) is None]
-    return missing
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
-
-
 def _live_in_group(pgid: int) -> list[int]:
     """Processes of process group ``pgid`` that are not zombies."""
     found = []
@@ -195,57 +181,6 @@ def _live_in_group(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             found.append(int(entry))
     return found
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if text.encode() in handle.read() and _alive(int(entry)):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-class EndToEndTests(SynchronousTestCase):
-    def test_demo(self) -> None:
-        """`lpa demo` without a terminal exits 0 with a succeeded summary and leaves no process."""
-        missing = _missing_pieces()
-        if missing:
-            raise SkipTest(f"the daemons are not all in the tree yet: {', '.join(missing)} missing")
-        state_dir = os.path.abspath(self.mktemp())
-        main = "import sys; from lpa.tools.cli import main; sys.exit(main())"
-        argv = [sys.executable, "-c", main, "demo", "--state-dir", state_dir, "--timeout", "240",
-                "--agent-port", "0"]  # not 12443: leave it to test_etc and test_docs
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        try:
-            output, _ = process.communicate(timeout=330)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            output, _ = process.communicate(timeout=30)
-            self.fail("lpa demo did not finish:\n" + output.decode(errors="replace"))
-        text = output.decode(errors="replace")
-        self.assertEqual(process.returncode, 0, text)
-        summary = [line for line in text.splitlines() if line.startswith("summary:")]
-        self.assertEqual(len(summary), 1, text)
-        self.assertIn(" succeeded: 1 of 1 host(s) succeeded", summary[0])
-        self.assertIn("localhost: running", text)
-        with open(os.path.join(state_dir, demo_processes.STATE_FILE)) as handle:
-            state = json.load(handle)
-        for name, pid in state["pids"].items():
-            self.assertFalse(_alive(pid), f"{name} (pid {pid}) is still running")
-        self.assertEqual(_processes_mentioning(state_dir), [])
-        self.assertEqual(_processes_mentioning(state["postgres"]), [])
-        self.assertFalse(os.path.exists(state["postgres"]))
-        assert_no_unhandled(*(os.path.join(state_dir, name + suffix)
-                              for name in ("lpa-agent", "lpa-relay")
-                              for suffix in (".log", ".log.stdout")))
 
 
 class KeptDemoTests(SynchronousTestCase):

@@ -1,5 +1,6 @@
 """``lpa demo`` and what operators watch: the ops port and the metrics port in its configs, and
-the URLs it prints (the README's commands reach them on a kept demo, see tests/test_docs.py)."""
+the URLs it prints (the README's commands reach them on a kept demo, see
+tests/system/test_docs.py)."""
 
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "lpa/__main__.py": frozenset({"lpa/tools/"}),
     "twisted/plugins/": frozenset(),
     "tests/": _LPA | {"twisted/plugins/"},
+    "tests/system/": _LPA | {"twisted/plugins/", "tests/"},
     "bench/": _LPA | {"tests/"},
 }
 
@@ -66,7 +67,7 @@ ONLY_MODULES: dict[tuple[str, str], frozenset[str]] = {
 
 #: twistd loads the taps by the names the dropin gives; only the tests import them
 TAPS = frozenset({"lpa.agent.tap", "lpa.relay.tap"})
-TAP_IMPORTERS = frozenset({"tests/"})
+TAP_IMPORTERS = frozenset({"tests/", "tests/system/"})
 
 SIZE_LIMIT = 400
 #: a module over SIZE_LIMIT lines says why in a docstring sentence that names the limit
@@ -112,6 +113,8 @@ def module_name(path: str) -> str:
 def layer_of(name: str) -> str | None:
     """The package of the module map a dotted name belongs to; None outside the project."""
     parts = name.split(".")
+    if parts[:2] == ["tests", "system"]:
+        return "tests/system/"
     if parts[0] in ("tests", "bench"):
         return parts[0] + "/"
     if parts[:3] == ["twisted", "plugins", "lpa_plugins"]:

@@ -14,7 +14,7 @@ from twisted.web.client import ResponseNeverReceived
 
 from tests.agentclient import mtls_client
 from tests.logcheck import assert_no_unhandled, capture_events
-from tests.pipeline import Pipeline
+from tests.system.pipeline import Pipeline
 
 Samples = dict[str, float]
 

@@ -27,15 +27,15 @@ from twisted.trial.unittest import TestCase
 from tests import pg
 from tests.agentproc import AgentProcess, RelayProcess, relay_toml, wait_until
 from tests.certs import make_test_pki
-from tests.jobfollow import (
+from tests.logcheck import assert_no_unhandled
+from tests.pgutil import Listener, Seeder
+from tests.system.jobfollow import (
     Follower,
     check_every_line_once,
     check_numbering,
     mutating_runs,
     output_seen,
 )
-from tests.logcheck import assert_no_unhandled
-from tests.pgutil import Listener, Seeder
 
 
 class OutliveTestCase(TestCase):

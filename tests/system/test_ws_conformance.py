@@ -17,7 +17,7 @@ Reference run (manual, optional; not in CI): ``wstest`` from ``autobahntestsuite
 ``pip install --target D virtualenv==16.7.12``; ``PYTHONPATH=D python2.7 -m virtualenv venv27``;
 ``venv27/bin/pip install -r autobahntestsuite.egg-info/requires.txt`` from the sdist;
 ``venv27/bin/pip install --no-deps autobahntestsuite-25.10.1.tar.gz``; start the echo site with
-``python -m tests.test_ws_conformance 9377`` (from the checkout) and run
+``python -m tests.system.test_ws_conformance 9377`` (from the checkout) and run
 ``wstest -m fuzzingclient -s spec.json`` with ``{"outdir": "reports", "servers": [{"agent":
 "lpa", "url": "ws://127.0.0.1:9377/api/v1/ws/jobs"}], "cases": ["1.*", "2.*", "3.*", "4.*", "5.*",
 "6.*", "7.*", "10.*"], "exclude-cases": [], "exclude-agent-cases": {}}``.

@@ -27,14 +27,14 @@ from twisted.trial.unittest import TestCase
 
 from tests.agentproc import AgentProcess
 from tests.certs import make_test_pki
-from tests.jobfollow import (
+from tests.logcheck import assert_no_unhandled
+from tests.system.jobfollow import (
     Follower,
     check_every_line_once,
     check_numbering,
     mutating_runs,
     output_seen,
 )
-from tests.logcheck import assert_no_unhandled
 
 SCENARIO: dict[str, Any] = {"download_seconds": 1.5, "dpkg_seconds": 2.5, "interval": 0.05}
 DPKG_LINES = int(SCENARIO["dpkg_seconds"] / SCENARIO["interval"])

@@ -1,10 +1,10 @@
-"""Run the docs' ``.. shell: run`` blocks against ``lpa demo --keep``; used by tests/test_docs.py.
+"""Run the docs' ``.. shell: run`` blocks against ``lpa demo --keep`` (for test_docs.py).
 
-``python -m tests.docrun PLAN RESULT`` (run by the test inside ``unshare -n``, so the demo's agent
-gets port 12443 and nothing else on the machine is reachable or disturbed): brings up loopback,
-starts ``lpa demo --keep --state-dir .demo`` in the plan's directory, runs each block with bash
-(``set -euo pipefail``; exported variables carry over to the next block, as in one terminal),
-then ``lpa demo --stop``, and writes what happened as JSON to RESULT.
+``python -m tests.system.docrun PLAN RESULT`` (run by the test inside ``unshare -n``, so the demo's
+agent gets port 12443 and nothing else on the machine is reachable or disturbed): brings up
+loopback, starts ``lpa demo --keep --state-dir .demo`` in the plan's directory, runs each block
+with bash (``set -euo pipefail``; exported variables carry over to the next block, as in one
+terminal), then ``lpa demo --stop``, and writes what happened as JSON to RESULT.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tools for the end-to-end fault tests (``tests/test_faults*.py``).
+"""Tools for the end-to-end fault tests (``tests/system/test_faults.py``).
 
 * :class:`BlackholeProxy` — a TCP proxy in the test process between the relay and one agent
   (the host row's ``agent_port`` points at it).  :meth:`~BlackholeProxy.blackhole` makes it

@@ -39,10 +39,10 @@ from tests import pg
 from tests.certs import make_test_pki
 from tests.fakeagents import LpaTestAgent
 from tests.pgutil import Seeder
+from tests.system import CHECKOUT as ROOT
 
 AGENTS = 30
 JOBS = 3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:

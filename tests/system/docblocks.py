@@ -23,7 +23,7 @@ import re
 
 import attr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.system import CHECKOUT as ROOT
 
 _MARKER = re.compile(r"^\s*\.\. shell:\s*(?P<action>run|skip)\b[\s,:;—-]*(?P<reason>.*)$")
 _DIRECTIVE = re.compile(r"^\s*\.\. (code-block|code|sourcecode)::")

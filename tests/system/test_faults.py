@@ -43,12 +43,12 @@ from lpa.relay.rows import DB_STATUS, DB_TERMINAL, rollup_status
 from tests import pg
 from tests.agentproc import AgentProcess, RelayProcess, kill_runs, relay_toml, wait_until
 from tests.certs import make_test_pki
-from tests.faultkit import AsyncListener, BlackholeProxy, mutating_start
 from tests.logcheck import assert_no_unhandled
 from tests.pgutil import Seeder
+from tests.system.faultkit import AsyncListener, BlackholeProxy, mutating_start
 
 SEED = int(os.environ.get("LPA_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
-print(f"tests.test_faults: random seed {SEED} (LPA_FAULT_SEED={SEED} repeats this run)")
+print(f"tests.system.test_faults: random seed {SEED} (LPA_FAULT_SEED={SEED} repeats this run)")
 
 #: the stand-in prints one line every INTERVAL seconds
 INTERVAL = 0.1

@@ -1,8 +1,8 @@
 """README.rst's and docs/'s commands run as written.
 
-Every block of commands in the documents is marked with an rst comment (see tests/docblocks.py):
+Every block of commands in the documents is marked with an rst comment (see docblocks.py):
 ``.. shell: run`` blocks are run, in document order, against ``lpa demo --keep`` inside a private
-network namespace (tests/docrun.py), from a scratch copy of the checkout; ``.. shell: skip,
+network namespace (docrun.py), from a scratch copy of the checkout; ``.. shell: skip,
 REASON`` blocks are listed with their reason and not run.  To cover a new command, write it in a
 block the docs test can run against the demo's services and mark it ``.. shell: run``.
 """
@@ -18,8 +18,9 @@ import sys
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.docblocks import ROOT, Block, blocks, looks_like_commands, parse
 from tests.logcheck import assert_no_unhandled
+from tests.system import CHECKOUT as ROOT
+from tests.system.docblocks import Block, blocks, looks_like_commands, parse
 
 #: top-level entries of the checkout the scratch copy leaves out
 _NOT_COPIED = {".demo", ".venv", ".git", "build", "dist"}
@@ -112,7 +113,7 @@ class RunTests(SynchronousTestCase):
                        "block_timeout": 240,
                        "blocks": [{"where": b.where, "text": b.text} for b in runnable]}, handle)
         runner = subprocess.Popen(
-            ["unshare", "-n", sys.executable, "-m", "tests.docrun", plan, result_path],
+            ["unshare", "-n", sys.executable, "-m", "tests.system.docrun", plan, result_path],
             cwd=ROOT, env=_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -135,6 +136,6 @@ class RunTests(SynchronousTestCase):
         assert_no_unhandled(*(os.path.join(state, name + suffix)
                               for name in ("lpa-agent", "lpa-relay")
                               for suffix in (".log", ".log.stdout")))
-        from tests.test_demo import _processes_mentioning
+        from tests.system.test_demo_run import _processes_mentioning
 
         self.assertEqual(_processes_mentioning(scratch), [])

@@ -3,7 +3,7 @@
 :func:`artefacts` builds this tree and a copy of it one version up with ``debian/make-deb``
 (cached under the test cache's ``debs/`` by a hash of the source files, so an unchanged tree is
 not built again), and makes or finds this week's minimal Debian root
-(:func:`tests.debroot.root_tarball`).  Each stage prints how long it took.
+(:func:`tests.system.debroot.root_tarball`).  Each stage prints how long it took.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 import lpa
-from tests import debroot
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.system import CHECKOUT as REPO
+from tests.system import debroot
 
 
 def script(name: str) -> ModuleType:

@@ -15,9 +15,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.browser import Chromium, Page, find_chromium
 from tests.logcheck import assert_no_unhandled, capture_events
-from tests.pipeline import Pipeline
+from tests.system.browser import Chromium, Page, find_chromium
+from tests.system.pipeline import Pipeline
 
 HOST_STATUS = "document.querySelector('{section} tr.host[data-host=\"localhost\"] td.status')"
 
