@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import select
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2
+from twisted.trial.unittest import TestCase
 
 from lpa.events import JobEvent
 from lpa.relay.interfaces import AgentAddress, HostJob
+from tests import pg
 
 
 class Seeder:
@@ -94,6 +96,27 @@ class Seeder:
     def job_status(self, job_id: str) -> str:
         status: str = self.one("SELECT status::text FROM patch_jobs WHERE id = %s", (job_id,))[0]
         return status
+
+
+class DeadlineRowCase(TestCase):
+    """A migrated database of its own with one running row (``self.row``, agent job ``job-1``)
+    for a relay deadline record that keeps its start in the column :attr:`since`; no tests."""
+
+    since: ClassVar[str]
+
+    def setUp(self) -> None:
+        self.dsn = pg.database(self, migrated=True)
+        self.seed = Seeder(self.dsn)
+        self.addCleanup(self.seed.close)
+        self.row = self.seed.host_job(
+            self.seed.job(), self.seed.host("agent1.example"), "job-1").row_id
+
+    def age(self, seconds: int) -> None:
+        """Pretend the recorded start (the first JOB_NOT_FOUND or failed poll) was ``seconds``
+        ago."""
+        self.seed.execute(
+            f"UPDATE patch_job_hosts SET {self.since} = now() - make_interval(secs => %s) "
+            "WHERE id = %s", (seconds, self.row))
 
 
 class Listener:

@@ -9,14 +9,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.relay.missing import MissingJobs
 from lpa.relay.missing_record import IMissingRecord, PostgresMissingRecord
-from tests import pg
 from tests.fakes_relay import FakeMissingRecord
-from tests.pgutil import Seeder
+from tests.pgutil import DeadlineRowCase
 
 
 class MissingJobsTests(SynchronousTestCase):
@@ -86,34 +85,25 @@ class MissingJobsTests(SynchronousTestCase):
         self.assertEqual([e[0] for e in self.expired], ["r1"])
 
 
-class PostgresMissingRecordTests(TestCase):
+class PostgresMissingRecordTests(DeadlineRowCase):
     """The record against a real database (each call opens its own connection in a thread)."""
 
+    since = "relay_missing_since"
+
     def setUp(self) -> None:
-        self.dsn = pg.database(self, migrated=True)
-        self.seed = Seeder(self.dsn)
-        self.addCleanup(self.seed.close)
-        self.job = self.seed.job()
-        self.host = self.seed.host("agent1.example")
-        self.row = self.seed.host_job(self.job, self.host, "job-1").row_id
+        super().setUp()
         self.record = PostgresMissingRecord(self.dsn, reactor=reactor)
 
-    def since(self) -> tuple[Any, ...]:
+    def columns(self) -> tuple[Any, ...]:
         row: tuple[Any, ...] = self.seed.one(
             "SELECT relay_missing_since IS NOT NULL, relay_missing_agent_job_id "
             "FROM patch_job_hosts WHERE id = %s", (self.row,))
         return row
 
-    def age(self, seconds: int) -> None:
-        """Pretend the first JOB_NOT_FOUND was ``seconds`` ago."""
-        self.seed.execute(
-            "UPDATE patch_job_hosts SET relay_missing_since = now() - make_interval(secs => %s) "
-            "WHERE id = %s", (seconds, self.row))
-
     async def test_mark_keeps_the_first_time(self) -> None:
         """The first mark records now; a later one answers the seconds since that first one."""
         self.assertLess(await self.record.mark(self.row, "job-1"), 5.0)
-        self.assertEqual(self.since(), (True, "job-1"))
+        self.assertEqual(self.columns(), (True, "job-1"))
         self.age(50)
         elapsed = await self.record.mark(self.row, "job-1")
         self.assertTrue(49.0 <= elapsed < 60.0, elapsed)
@@ -129,17 +119,17 @@ class PostgresMissingRecordTests(TestCase):
         self.seed.execute("UPDATE patch_job_hosts SET agent_job_id = 'job-2' WHERE id = %s",
                           (self.row,))
         self.assertLess(await self.record.mark(self.row, "job-2"), 5.0)
-        self.assertEqual(self.since(), (True, "job-2"))
+        self.assertEqual(self.columns(), (True, "job-2"))
 
     async def test_clear_and_terminal_rows(self) -> None:
         """clear() forgets the time; a terminal row or another agent job is never marked."""
         await self.record.mark(self.row, "job-1")
         await self.record.clear(self.row)
-        self.assertEqual(self.since(), (False, None))
+        self.assertEqual(self.columns(), (False, None))
         self.assertEqual(await self.record.mark(self.row, "other-job"), 0.0)
         self.seed.execute("UPDATE patch_job_hosts SET status = 'failed' WHERE id = %s", (self.row,))
         self.assertEqual(await self.record.mark(self.row, "job-1"), 0.0)
-        self.assertEqual(self.since(), (False, None))
+        self.assertEqual(self.columns(), (False, None))
 
     async def test_database_down_fails_the_call(self) -> None:
         """No database: the call errbacks (the caller counts from its own clock)."""

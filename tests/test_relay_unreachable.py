@@ -8,7 +8,7 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from lpa.relay.jobs_http import AgentJobsHttp
@@ -18,9 +18,8 @@ from lpa.relay.missing_record import (
     PostgresUnreachableRecord,
 )
 from lpa.relay.poller import AgentPoller
-from tests import pg
 from tests.fakes_relay import FakeMissingRecord
-from tests.pgutil import Seeder
+from tests.pgutil import DeadlineRowCase
 from tests.test_relay_poller import (
     ADDRESS,
     JOB,
@@ -144,15 +143,13 @@ class UnreachableDeadlineTests(SynchronousTestCase):
         self.assertEqual([r for r, _ in target.given_up], ["r1"])
 
 
-class PostgresUnreachableRecordTests(TestCase):
+class PostgresUnreachableRecordTests(DeadlineRowCase):
     """The record against a real database, in its own columns (not the JOB_NOT_FOUND ones)."""
 
+    since = "relay_unreachable_since"
+
     def setUp(self) -> None:
-        self.dsn = pg.database(self, migrated=True)
-        self.seed = Seeder(self.dsn)
-        self.addCleanup(self.seed.close)
-        self.row = self.seed.host_job(
-            self.seed.job(), self.seed.host("agent1.example"), "job-1").row_id
+        super().setUp()
         self.record = PostgresUnreachableRecord(self.dsn, reactor=reactor)
 
     def columns(self) -> tuple[Any, ...]:
@@ -160,12 +157,6 @@ class PostgresUnreachableRecordTests(TestCase):
             "SELECT relay_unreachable_since IS NOT NULL, relay_unreachable_agent_job_id, "
             "relay_missing_since IS NOT NULL FROM patch_job_hosts WHERE id = %s", (self.row,))
         return row
-
-    def age(self, seconds: int) -> None:
-        """Pretend the first failed poll was ``seconds`` ago."""
-        self.seed.execute(
-            "UPDATE patch_job_hosts SET relay_unreachable_since = now() - "
-            "make_interval(secs => %s) WHERE id = %s", (seconds, self.row))
 
     async def test_mark_keeps_the_first_time_until_cleared(self) -> None:
         """The first mark records now, a later one (another relay) answers the seconds since it;
