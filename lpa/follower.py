@@ -35,8 +35,10 @@ rules, and what a snapshot numbered at or below ``last_seq`` means: :class:`Step
 
 By default JOB_NOT_FOUND ends the follow (``gone``); with ``gone_is_final=False`` (the relay,
 which gives the agent a deadline) each one is a ``Step.missing`` and the next answer that shows
-the job again a ``Step.found``.  A driver that lost delivered events downstream calls
-:meth:`JobFollower.rewind` (``later``: the stream waits for :meth:`JobFollower.resume`).
+the job again (an event, a snapshot, an events page, the ``subscribed`` acknowledgement) a
+``Step.found``; ``known`` says whether the last answer showed the job.  A driver that lost
+delivered events downstream calls :meth:`JobFollower.rewind` (``later``: the stream waits for
+:meth:`JobFollower.resume`).
 
 A little over 400 lines on purpose: the follower is one state machine (subscribe, replay,
 resync, gaps, fallback to the events endpoint) and reads best whole; it has no I/O to split off.
@@ -112,11 +114,13 @@ class JobFollower:
         ``outcome``, ``done`` … also readable here)
     :ivar source: :data:`STREAM`, :data:`EVENTS` or :data:`DETAIL`
     :ivar gone: why the agent does not know the job, or None
+    :ivar known: the agent's last answer showed it knows the job (False before any answer and
+        after a JOB_NOT_FOUND)
     """
 
     __slots__ = (
         "_detail_once", "_detail_seq", "_found", "_gone_is_final", "_held", "_renumbered",
-        "_subscribing", "gone", "job_id", "seq", "source"
+        "_subscribing", "gone", "job_id", "known", "seq", "source"
     )
 
     def __init__(
@@ -127,6 +131,7 @@ class JobFollower:
         self.seq = JobSequence(job_id, after_seq)
         self.source = EVENTS if events_endpoint else DETAIL
         self.gone: str | None = None
+        self.known = False
         self._gone_is_final = gone_is_final
         #: a subscribe was sent and its acknowledgement has not arrived: gaps are expected
         self._subscribing = False
@@ -235,9 +240,11 @@ class JobFollower:
                                   frame.incarnation)
             return self._step(self._stream_event(frame), frame.incarnation)
         if isinstance(frame, Ack):
-            if frame.event == protocol.EVENT_SUBSCRIBED:
-                self._subscribing = False
-            return _NOTHING
+            if frame.event != protocol.EVENT_SUBSCRIBED:
+                return _NOTHING
+            self._subscribing = False
+            self._known()  # the agent refuses a job it does not know (JOB_NOT_FOUND)
+            return self._step(_NOTHING)
         if isinstance(frame, StreamError):
             self._subscribing = False
             if frame.code == protocol.JOB_NOT_FOUND:
@@ -393,12 +400,13 @@ class JobFollower:
         return Step(events=events)
 
     def _known(self) -> None:
+        self.known = True
         if self.gone is not None and not self._gone_is_final:
             self.gone = None
             self._found = True
 
     def _missing(self, reason: str) -> Step:
-        self.gone = reason
+        self.gone, self.known = reason, False
         return Step(missing=reason)
 
 

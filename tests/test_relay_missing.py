@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import psycopg2
+from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -12,10 +14,17 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
+from lpa.protocol import ack_frame
+from lpa.relay.interfaces import AgentAddress
+from lpa.relay.jobs_http import AgentJobsHttp
+from lpa.relay.machine import AgentLink
 from lpa.relay.missing import MissingJobs
 from lpa.relay.missing_record import IMissingRecord, PostgresMissingRecord
-from tests.fakes_relay import FakeMissingRecord
+from lpa.relay.poller import AgentPoller
+from tests.fakes_relay import FakeMissingRecord, FakeRelayStore
 from tests.pgutil import DeadlineRowCase
+from tests.test_relay_machine import FakePoller, FakeWebSocket, wire
+from tests.test_relay_poller import ADDRESS, JOB, FakeAgentResource, envelope
 
 
 class MissingJobsTests(SynchronousTestCase):
@@ -70,9 +79,35 @@ class MissingJobsTests(SynchronousTestCase):
         """When the agent knows the job again the recorded time is cleared too."""
         self.missing.saw_missing("r1", "job-1", "ws")
         self.missing.saw_known("r1")
-        self.missing.saw_known("r2")  # never missing: nothing to clear
+        self.missing.saw_known("r1")
         self.assertEqual(self.record.calls, [("mark", "r1"), ("clear", "r1")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_first_answer_clears_a_time_left_by_an_earlier_relay(self) -> None:
+        """The first answer that shows the job clears the row's record once, though this link
+        never saw the job missing: a later JOB_NOT_FOUND gets a whole deadline."""
+        self.record.recorded["r1"] = 5000.0  # JOB_NOT_FOUND long ago, kept by an earlier relay
+        for _ in range(3):
+            self.missing.saw_known("r1")
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+        self.clock.advance(3000)
+        self.missing.saw_missing("r1", "job-1", "ws")
+        self.clock.advance(99)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(1)
+        self.assertEqual([e[0] for e in self.expired], ["r1"])
+
+    def test_first_answer_clear_failure_is_one_warning(self) -> None:
+        """A first-answer clear that fails: one warning naming the row, tried once per row."""
+        self.record.error = RuntimeError("could not connect to server\nmore detail")
+        with capturedLogs() as logged:
+            self.missing.saw_known("r1")
+            self.missing.saw_known("r1")
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+        [warning] = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
+        self.assertIn("could not clear the JOB_NOT_FOUND time kept in row r1", warning)
+        self.assertIn("could not connect to server;", warning)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_another_agent_job_starts_again(self) -> None:
         """The same row answered missing for another agent job (re-dispatched): a new count."""
@@ -83,6 +118,129 @@ class MissingJobsTests(SynchronousTestCase):
         self.assertEqual(self.expired, [])
         self.clock.advance(10)
         self.assertEqual([e[0] for e in self.expired], ["r1"])
+
+
+class FirstAnswerTests(SynchronousTestCase):
+    """An agent link whose row holds a JOB_NOT_FOUND time left by an earlier relay; the agent
+    knows the job now (it knew it again without new events), and forgets it much later."""
+
+    not_found: ClassVar[dict[str, str]] = {
+        "event": "error",
+        "job_id": JOB,
+        "status": "job_not_found",
+        "error_code": "JOB_NOT_FOUND",
+        "message": "Job not found",
+    }
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.record = FakeMissingRecord(self.clock)
+        self.record.since["r1"] = -5000.0  # JOB_NOT_FOUND long ago, kept by an earlier relay
+        self.store = FakeRelayStore()
+        self.row = self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=JOB, agent=ADDRESS
+        )
+        self.agent = FakeAgentResource()
+        self.answer: tuple[int, bytes] = (200, envelope({"events": []}))
+        self.agent.routes[f"/api/v1/jobs/{JOB}/events?after=0"] = lambda: self.answer
+        self.http = StubTreq(self.agent)
+        self.dials: list[FakeWebSocket] = []
+
+    def link(self, make_poller: Callable[..., Any]) -> AgentLink:
+        """A started link to ADDRESS following r1, with the record and a 100 s deadline."""
+
+        def dial(address: AgentAddress, listener: Any) -> FakeWebSocket:
+            self.dials.append(FakeWebSocket(address, listener))
+            return self.dials[-1]
+
+        link = AgentLink(
+            ADDRESS,
+            store=self.store,
+            clock=self.clock,
+            dial=dial,
+            make_poller=make_poller,
+            missing_deadline=100,
+            missing_record=self.record,
+        )
+        link.start([self.row])
+        self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
+        self.addCleanup(lambda: self.successResultOf(link.stop()))
+        return link
+
+    def poller(self, address: AgentAddress, target: Any, backstop: bool = False) -> AgentPoller:
+        """A real poller (every 10 s) on the fake agent's REST API."""
+        return AgentPoller(
+            AgentJobsHttp(self.http, address, clock=self.clock, timeout=5),
+            target,
+            clock=self.clock,
+            interval=10,
+            max_interval=10,
+            deadline=1000,
+        )
+
+    def test_subscribe_clears_then_not_found_counts_afresh(self) -> None:
+        """The agent's acknowledgement of the subscribe clears the old time (once, not per
+        event); a JOB_NOT_FOUND an hour later ends the row a whole deadline after it."""
+        link = self.link(FakePoller)
+        self.dials[0].opened()
+        self.assertEqual(self.record.calls, [])
+        link.ws_message(ack_frame("subscribed", JOB, "Subscribed", "t"))
+        self.assertEqual((self.record.calls, self.record.since), ([("clear", "r1")], {}))
+        for seq in (1, 2, 3):
+            link.ws_message(wire(JOB, seq))
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+        self.clock.advance(3600)
+        link.ws_message(self.not_found)
+        self.clock.advance(99)
+        self.assertEqual(self.store.rows["r1"].status, "running")
+        self.clock.advance(1)
+        row = self.store.rows["r1"]
+        self.assertEqual(row.status, "failed")
+        self.assertIn(f"has not known job {JOB} for 100s", row.error_message)
+
+    def test_acknowledged_subscribe_after_not_found_cancels_the_deadline(self) -> None:
+        """After a JOB_NOT_FOUND, a subscribe the agent acknowledges (it knows the job again,
+        with no new event to replay) cancels the deadline and clears the record."""
+        link = self.link(FakePoller)
+        self.record.since.clear()
+        self.dials[0].opened()
+        link.ws_message(self.not_found)
+        self.clock.advance(50)
+        self.dials[0].failed(handshake=False)  # the socket dropped; the redial opens it again
+        self.dials[0].opened()
+        link.ws_message(ack_frame("subscribed", JOB, "Subscribed", "t"))
+        self.assertEqual(self.record.calls, [("mark", "r1"), ("clear", "r1")])
+        self.clock.advance(100)
+        self.assertEqual(self.store.rows["r1"].status, "running")
+
+    def test_replayed_event_clears(self) -> None:
+        """An event the agent replays after the subscribe shows the job as well."""
+        link = self.link(FakePoller)
+        self.dials[0].opened()
+        link.ws_message(wire(JOB, 1))
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+
+    def test_poll_answer_clears_then_not_found_counts_afresh(self) -> None:
+        """A poller's first answer (an empty events page) clears the old time, once; a later
+        404 JOB_NOT_FOUND ends the row a whole deadline after it, not at once."""
+        self.link(self.poller)
+        self.dials[0].failed(handshake=True)  # the fallback poller polls at once
+        self.http.flush()
+        self.assertEqual((self.record.calls, self.record.since), ([("clear", "r1")], {}))
+        self.clock.advance(10)
+        self.http.flush()
+        self.assertEqual(self.record.calls, [("clear", "r1")])
+        self.answer = (404, envelope(error={"code": "JOB_NOT_FOUND", "message": "no"}))
+        self.clock.advance(10)  # t=20: the first JOB_NOT_FOUND
+        self.http.flush()
+        self.assertEqual(self.record.calls, [("clear", "r1"), ("mark", "r1")])
+        for _ in range(9):
+            self.clock.advance(10)
+            self.http.flush()
+        self.assertEqual(self.store.rows["r1"].status, "running")  # t=110
+        self.clock.advance(10)
+        self.http.flush()
+        self.assertEqual(self.store.rows["r1"].status, "failed")  # t=120: 100 s after it
 
 
 class PostgresMissingRecordTests(DeadlineRowCase):
@@ -130,6 +288,18 @@ class PostgresMissingRecordTests(DeadlineRowCase):
         self.seed.execute("UPDATE patch_job_hosts SET status = 'failed' WHERE id = %s", (self.row,))
         self.assertEqual(await self.record.mark(self.row, "job-1"), 0.0)
         self.assertEqual(self.columns(), (False, None))
+
+    async def test_first_answer_clear_by_another_relay(self) -> None:
+        """A relay that never marked the row clears the time an earlier one left (its first
+        answer); the next JOB_NOT_FOUND starts afresh; a clear with nothing kept is a no-op."""
+        await PostgresMissingRecord(self.dsn, reactor=reactor).mark(self.row, "job-1")
+        self.age(5000)
+        await self.record.clear(self.row)
+        self.assertEqual(self.columns(), (False, None))
+        await self.record.clear(self.row)
+        self.assertEqual(self.columns(), (False, None))
+        self.assertLess(await self.record.mark(self.row, "job-1"), 5.0)
+        self.assertEqual(self.columns(), (True, "job-1"))
 
     async def test_database_down_fails_the_call(self) -> None:
         """No database: the call errbacks (the caller counts from its own clock)."""

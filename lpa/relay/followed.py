@@ -9,7 +9,8 @@ lost or renumbered events, JOB_NOT_FOUND); this object does what each of its ste
         events      ─▶ ApplyQueue (lpa.relay.applying) ─▶ store.apply_events, one call at a time
         send        ─▶ the link's WebSocket (subscribe from the last seq received …)
         renumbered  ─▶ one warning: the agent lost or renumbered events, by how much
-        missing     ─▶ the link's JOB_NOT_FOUND deadline (lpa.relay.missing); found: cleared
+        missing     ─▶ the link's JOB_NOT_FOUND deadline (lpa.relay.missing)
+        known       ─▶ cleared (and, the first time, a time an earlier relay left in the row)
     the queue dropped events (store down too long) ─▶ follower.rewind(applied seq, later)
         … the store takes events again ─▶ follower.resume(): unsubscribe, subscribe from there
 
@@ -120,7 +121,7 @@ class FollowedJob:
             )
         if step.missing is not None:
             self._missing.saw_missing(self.row_id, self.agent_job_id, transport)
-        elif step.found:
+        elif self.follower.known:  # step.found, or any later answer: cheap, the link dedupes
             self._missing.saw_known(self.row_id)
         if step.events:
             self.queue.add(step.events, transport)

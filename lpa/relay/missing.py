@@ -10,14 +10,20 @@ again (an event, a snapshot, an empty events page) clears it::
 
     saw_missing(row) ──first──▶ warn, timer(deadline) ──fires──▶ on_deadline(row, reason)
          │  again: nothing new (past the deadline: on_deadline at once, e.g. after a failed write)
-    saw_known(row) ──▶ timer cancelled, "knows job again"
+    saw_known(row) ──▶ timer cancelled, "knows job again", record cleared
+         │  never missing here: the first time, record cleared quietly; then nothing
     forget(row) / stop() ──▶ timer cancelled quietly
 
 The first-seen time lives in memory and, through an optional
 :class:`~lpa.relay.missing_record.IMissingRecord`, in the row (``relay_missing_since``): when the
 row already holds an earlier time (this relay restarted, or took the agent over from another
 relay) the deadline counts from that one.  If the record cannot be written (database down) the
-deadline counts from this relay's own first answer, as it would without a record.
+deadline counts from this relay's own first answer, as it would without a record.  The first
+answer that shows the job clears the row's record even if this link never saw the job missing
+(the rule of the unreachable record, :mod:`lpa.relay.poller`): a time left by an earlier relay,
+while the agent had forgotten the job, must not end the row at once when the agent, having
+known the job again without new events, forgets it once more much later.  That is one write
+per row per link, not one per answer.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class MissingJobs:
         self._on_deadline = on_deadline
         self._record = record
         self._rows: dict[str, _Missing] = {}
+        #: rows whose record this link cleared since it followed them (see the module docstring)
+        self._cleared: set[str] = set()
 
     def __contains__(self, row_id: str) -> bool:
         return row_id in self._rows
@@ -136,10 +144,11 @@ class MissingJobs:
         """The agent answered for the job of ``row_id``: it knows it (again)."""
         missing = self._rows.get(row_id)
         if missing is None:
+            if row_id not in self._cleared:
+                self._clear(row_id)  # a time an earlier relay (or link) may have left
             return
         self.forget(row_id)
-        if self._record is not None:
-            self._record.clear(row_id).addErrback(self._record_failed, missing.agent_job_id)
+        self._clear(row_id)
         _log.info(
             "agent {agent} knows job {agent_job_id} (row {row_id}) again",
             agent=self._label,
@@ -147,8 +156,24 @@ class MissingJobs:
             row_id=row_id,
         )
 
+    def _clear(self, row_id: str) -> None:
+        self._cleared.add(row_id)
+        if self._record is not None:
+            self._record.clear(row_id).addErrback(self._clear_failed, row_id)
+
+    def _clear_failed(self, failure: Failure, row_id: str) -> None:
+        _log.warn(
+            "could not clear the JOB_NOT_FOUND time kept in row {row_id} (agent {agent}): "
+            "{error}; should the agent forget that job again, its deadline may count from the "
+            "older time",
+            agent=self._label,
+            row_id=row_id,
+            error=first_line(failure.value),
+        )
+
     def forget(self, row_id: str) -> None:
         """Stop tracking ``row_id`` quietly (the row ended or is no longer followed)."""
+        self._cleared.discard(row_id)
         missing = self._rows.pop(row_id, None)
         if missing is not None and missing.timer is not None and missing.timer.active():
             missing.timer.cancel()
@@ -156,6 +181,7 @@ class MissingJobs:
     def stop(self) -> None:
         for row_id in list(self._rows):
             self.forget(row_id)
+        self._cleared.clear()
 
     def _expire(self, row_id: str) -> None:
         missing = self._rows.get(row_id)

@@ -11,18 +11,22 @@ take-over by another relay::
     clear(row)            ──▶ UPDATE … SET relay_missing_since = NULL
 
 A kept time is restarted when the row belongs to another agent job now, or when the relay
-applied an event to the row after it (the agent knew the job again meanwhile).
+applied an event to the row after it (the agent knew the job again meanwhile).  It is cleared
+when the agent shows it knows the job again, and also by the first answer showing the job that
+an agent link gets for the row, even if that link never saw the job missing: an agent can know
+a job again without a new event (so without restarting the time above) and forget it much
+later, and a time an earlier relay (or link) left must not end the row at once then.
 
 :class:`PostgresUnreachableRecord` is the same record for the unreachable deadline of
 :class:`~lpa.relay.poller.AgentPoller` (``relay_unreachable_since``, added by
 ``lpa/sql/005_relay_unreachable.sql``): "the agent knew the job again" is there "the agent
-answered again".
+answered again", and the same rule clears it: the first answer a poller gets for the row.
 
 These writes are rare (once per row when an agent forgets a job or stops answering, and once
-per row when a poller first hears its agent, to clear a time an earlier relay left), so each
-one opens its own short connection in a thread: no pool to keep alive, nothing to reconnect
-after a database restart, and a failure is just a failed call (the caller then counts from its
-own clock).
+per row when a link or poller first hears its agent, to clear a time an earlier relay left), so
+each one opens its own short connection in a thread: no pool to keep alive, nothing to
+reconnect after a database restart, and a failure is just a failed call (the caller logs one
+warning and counts from its own clock).
 """
 
 from __future__ import annotations
