@@ -86,6 +86,7 @@ class FakeRelayStore:
         agent: AgentAddress | None = None,
         status: str = DB_RUNNING,
         last_seq: int = 0,
+        missing_recorded: bool = False,
     ) -> HostJob:
         """Add a row (``running`` by default) and return its ``HostJob``."""
         host_job = HostJob(
@@ -95,6 +96,7 @@ class FakeRelayStore:
             agent_job_id=agent_job_id,
             agent=agent or AgentAddress(host=f"{host_id}.example", port=12443),
             last_seq=last_seq,
+            missing_recorded=missing_recorded,
         )
         self.host_jobs[row_id] = host_job
         self.rows[row_id] = FakeRow(status=status, last_seq=last_seq, agent_job_id=agent_job_id)

@@ -88,7 +88,7 @@ class MissingJobsTests(SynchronousTestCase):
         never saw the job missing: a later JOB_NOT_FOUND gets a whole deadline."""
         self.record.recorded["r1"] = 5000.0  # JOB_NOT_FOUND long ago, kept by an earlier relay
         for _ in range(3):
-            self.missing.saw_known("r1")
+            self.missing.saw_known("r1", recorded=True)
         self.assertEqual(self.record.calls, [("clear", "r1")])
         self.clock.advance(3000)
         self.missing.saw_missing("r1", "job-1", "ws")
@@ -101,13 +101,20 @@ class MissingJobsTests(SynchronousTestCase):
         """A first-answer clear that fails: one warning naming the row, tried once per row."""
         self.record.error = RuntimeError("could not connect to server\nmore detail")
         with capturedLogs() as logged:
-            self.missing.saw_known("r1")
-            self.missing.saw_known("r1")
+            self.missing.saw_known("r1", recorded=True)
+            self.missing.saw_known("r1", recorded=True)
         self.assertEqual(self.record.calls, [("clear", "r1")])
         [warning] = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
         self.assertIn("could not clear the JOB_NOT_FOUND time kept in row r1", warning)
         self.assertIn("could not connect to server;", warning)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_answers_for_a_row_that_held_no_time_write_nothing(self) -> None:
+        """A row read without a recorded time costs no write when the agent answers for it: a
+        relay starting to follow thousands of agents does not write to each row."""
+        for _ in range(3):
+            self.missing.saw_known("r1")
+        self.assertEqual(self.record.calls, [])
 
     def test_another_agent_job_starts_again(self) -> None:
         """The same row answered missing for another agent job (re-dispatched): a new count."""
@@ -138,7 +145,8 @@ class FirstAnswerTests(SynchronousTestCase):
         self.record.since["r1"] = -5000.0  # JOB_NOT_FOUND long ago, kept by an earlier relay
         self.store = FakeRelayStore()
         self.row = self.store.add_host_job(
-            row_id="r1", job_id="j1", host_id="h1", agent_job_id=JOB, agent=ADDRESS
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=JOB, agent=ADDRESS,
+            missing_recorded=True,  # the relay read the row with that time in it
         )
         self.agent = FakeAgentResource()
         self.answer: tuple[int, bytes] = (200, envelope({"events": []}))
@@ -212,6 +220,18 @@ class FirstAnswerTests(SynchronousTestCase):
         self.assertEqual(self.record.calls, [("mark", "r1"), ("clear", "r1")])
         self.clock.advance(100)
         self.assertEqual(self.store.rows["r1"].status, "running")
+
+    def test_a_row_read_without_a_time_gets_no_write(self) -> None:
+        """Following a row that held no JOB_NOT_FOUND time when read writes nothing, however
+        the agent answers for it."""
+        self.row = self.store.add_host_job(
+            row_id="r1", job_id="j1", host_id="h1", agent_job_id=JOB, agent=ADDRESS
+        )
+        link = self.link(FakePoller)
+        self.dials[0].opened()
+        link.ws_message(ack_frame("subscribed", JOB, "Subscribed", "t"))
+        link.ws_message(wire(JOB, 1))
+        self.assertEqual(self.record.calls, [])
 
     def test_replayed_event_clears(self) -> None:
         """An event the agent replays after the subscribe shows the job as well."""

@@ -59,11 +59,18 @@ class RunningHostJobsTests(StoreTestBase):
             "WHERE id = %s",
             (row1.row_id,),
         )
+        self.seed.execute(
+            "UPDATE patch_job_hosts SET relay_missing_since = now(), "
+            "relay_missing_agent_job_id = 'a2' WHERE id = %s",
+            (row2.row_id,),
+        )
         store = await self.make()
         found = {host_job.row_id: host_job for host_job in await store.running_host_jobs()}
         self.assertEqual(set(found), {row1.row_id, row2.row_id})
         self.assertEqual(found[row1.row_id].agent, AgentAddress("agent1.example", 12443))
         self.assertEqual(found[row1.row_id].last_seq, 7)
+        self.assertEqual((found[row1.row_id].missing_recorded, found[row2.row_id].missing_recorded),
+                         (False, True))
         self.assertEqual(found[row2.row_id].agent, AgentAddress("192.0.2.2", 14443))
         self.assertEqual(found[row2.row_id].agent_job_id, "a2")
         self.assertEqual(found[row2.row_id].job_id, job)

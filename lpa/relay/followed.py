@@ -122,6 +122,6 @@ class FollowedJob:
         if step.missing is not None:
             self._missing.saw_missing(self.row_id, self.agent_job_id, transport)
         elif self.follower.known:  # step.found, or any later answer: cheap, the link dedupes
-            self._missing.saw_known(self.row_id)
+            self._missing.saw_known(self.row_id, self.host_job.missing_recorded)
         if step.events:
             self.queue.add(step.events, transport)

@@ -44,6 +44,10 @@ class HostJob:
     agent: AgentAddress
     #: the last agent event seq applied to this row (0 when none)
     last_seq: int = 0
+    #: the row held a JOB_NOT_FOUND time (``relay_missing_since``) when it was read: the first
+    #: answer showing the job clears it (lpa.relay.missing); without one, starting to follow
+    #: the row costs no write
+    missing_recorded: bool = False
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)

@@ -11,7 +11,7 @@ again (an event, a snapshot, an empty events page) clears it::
     saw_missing(row) ──first──▶ warn, timer(deadline) ──fires──▶ on_deadline(row, reason)
          │  again: nothing new (past the deadline: on_deadline at once, e.g. after a failed write)
     saw_known(row) ──▶ timer cancelled, "knows job again", record cleared
-         │  never missing here: the first time, record cleared quietly; then nothing
+         │  never missing here: a time the row held when read is cleared quietly; then nothing
     forget(row) / stop() ──▶ timer cancelled quietly
 
 The first-seen time lives in memory and, through an optional
@@ -19,11 +19,13 @@ The first-seen time lives in memory and, through an optional
 row already holds an earlier time (this relay restarted, or took the agent over from another
 relay) the deadline counts from that one.  If the record cannot be written (database down) the
 deadline counts from this relay's own first answer, as it would without a record.  The first
-answer that shows the job clears the row's record even if this link never saw the job missing
-(the rule of the unreachable record, :mod:`lpa.relay.poller`): a time left by an earlier relay,
-while the agent had forgotten the job, must not end the row at once when the agent, having
-known the job again without new events, forgets it once more much later.  That is one write
-per row per link, not one per answer.
+answer that shows the job clears a time the row held when the relay read it
+(``HostJob.missing_recorded``) even if this link never saw the job missing (the rule of the
+unreachable record, :mod:`lpa.relay.poller`): a time left by an earlier relay, while the agent
+had forgotten the job, must not end the row at once when the agent, having known the job again
+without new events, forgets it once more much later.  That is one write per such row per link,
+and none for the rows that hold no time (nearly all: a relay starting to follow thousands of
+agents does not write to each row).
 """
 
 from __future__ import annotations
@@ -140,12 +142,15 @@ class MissingJobs:
             error=first_line(failure.value),
         )
 
-    def saw_known(self, row_id: str) -> None:
-        """The agent answered for the job of ``row_id``: it knows it (again)."""
+    def saw_known(self, row_id: str, recorded: bool = False) -> None:
+        """The agent answered for the job of ``row_id``: it knows it (again).
+
+        ``recorded``: the row held a time when the relay read it (``HostJob.missing_recorded``).
+        """
         missing = self._rows.get(row_id)
         if missing is None:
-            if row_id not in self._cleared:
-                self._clear(row_id)  # a time an earlier relay (or link) may have left
+            if recorded and row_id not in self._cleared:
+                self._clear(row_id)  # a time an earlier relay (or link) left
             return
         self.forget(row_id)
         self._clear(row_id)

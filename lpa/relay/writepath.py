@@ -108,7 +108,8 @@ class BatchOutcome:
 _RUNNING_SQL = """
 SELECT pjh.id::text, pjh.job_id::text, pjh.host_id::text, pjh.agent_job_id,
        COALESCE(NULLIF(h.fqdn, ''), host(h.ip_address)) AS address, h.agent_port,
-       CASE WHEN pjh.relay_agent_job_id = pjh.agent_job_id THEN pjh.relay_last_seq ELSE 0 END
+       CASE WHEN pjh.relay_agent_job_id = pjh.agent_job_id THEN pjh.relay_last_seq ELSE 0 END,
+       pjh.relay_missing_since IS NOT NULL
   FROM patch_job_hosts pjh JOIN hosts h ON h.id = pjh.host_id
  WHERE pjh.status = 'running'::job_status AND pjh.agent_job_id IS NOT NULL
  ORDER BY pjh.job_id, pjh.id
@@ -127,8 +128,10 @@ async def running_host_jobs(tx: Any) -> list[HostJob]:
             agent_job_id=agent_job_id,
             agent=AgentAddress(host=address, port=int(port)),
             last_seq=int(last_seq),
+            missing_recorded=bool(missing),
         )
-        for row_id, job_id, host_id, agent_job_id, address, port, last_seq in tx.fetchall()
+        for (row_id, job_id, host_id, agent_job_id, address, port, last_seq,
+             missing) in tx.fetchall()
     ]
 
 
