@@ -18,8 +18,12 @@ import sys
 import tempfile
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
-from twisted.internet.endpoints import SSL4ClientEndpoint
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
@@ -32,6 +36,7 @@ from lpa.errors import ConfigError
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 from tests.logcheck import capture_events, problems_in_text
+from tests.loopback import started_port
 from tests.rawhttp import eventually, exchange
 from tests.test_agent_service import _config_text, _DaemonCase
 
@@ -220,3 +225,63 @@ class RefusalAndTimeoutTests(_Logged):
         self.assertFalse(answer.held)
         self.assertEqual(answer.status, 408)
         self.assertEqual(answer.envelope()["error"]["code"], "REQUEST_TIMEOUT")
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on right now (metrics.local_port 0 means "off")."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class MetricsPortTests(_Logged):
+    async def _get(self, port: int, path: str) -> Any:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        return await exchange(endpoint, request.encode("ascii"), guard=10)
+
+    async def test_metrics_only_in_plain_http(self) -> None:
+        """metrics.local_port opens a plain-HTTP port on 127.0.0.1 that answers /metrics with
+        the agent's gauges in the Prometheus text format (the CRL's among them) and 404 without
+        a traceback for anything else; it closes when the agent stops."""
+        port = _free_port()
+        service = await self._start(
+            f"metrics:\n  local_port: {port}\n", backend=FakeBackend(), system=FakeSystem()
+        )
+        self.assertFalse(service.metrics_listener.factory.displayTracebacks)
+        listening = await started_port(service.metrics_listener)
+        self.assertEqual(listening.getHost(), IPv4Address("TCP", "127.0.0.1", port))
+
+        answer = await self._get(port, "/metrics")
+        self.assertEqual(answer.status, 200)
+        self.assertTrue(answer.header(b"content-type").startswith(b"text/plain; version=0.0.4"))
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.body.decode("utf-8"))
+            for sample in family.samples
+        }
+        self.assertEqual(samples[("lpa_agent_jobs_running", ())], 0)
+        self.assertEqual(samples[("lpa_agent_job_timeout_seconds", ())], 1800)
+        self.assertEqual(samples[("lpa_agent_crl_status", (("status", "valid"),))], 1)
+        self.assertGreaterEqual(samples[("lpa_agent_crl_age_seconds", ())], 0)
+
+        for path in ("/", "/api/v1/health", "/api/v1/ws/jobs"):
+            answer = await self._get(port, path)
+            self.assertEqual(answer.status, 404, path)
+            self.assertNotIn(b"Traceback", answer.body)
+            self.assertNotIn(b"lpa_agent", answer.body)
+
+        await service.stopService()
+        answer = None
+        with self.assertRaises(ConnectionRefusedError):
+            answer = await self._get(port, "/metrics")
+        self.assertIsNone(answer)
+
+    def test_off_by_default(self) -> None:
+        """Without metrics.local_port the agent opens no plain-HTTP port."""
+        service = self.build()
+        self.assertIsNone(service.metrics_listener)
+        self.assertEqual(
+            [child for child in service if isinstance(child, StreamServerEndpointService)],
+            [service.listener],
+        )

@@ -75,8 +75,8 @@ class _DaemonCase(TestCase):
         self.pki = make_test_pki(os.path.join(self.tmp, "pki"))
         self.state_dir = os.path.join(self.tmp, "state")
 
-    async def _start(self, **inject: Any) -> Any:
-        text = _config_text(self.pki, self.state_dir, timeout_seconds=self.timeout_seconds)
+    async def _start(self, extra: str = "", **inject: Any) -> Any:
+        text = _config_text(self.pki, self.state_dir, extra, timeout_seconds=self.timeout_seconds)
         config = parse_agent_config(text, "test")
         service = make_agent_service(config, reactor=reactor, **inject)
         service.startService()
