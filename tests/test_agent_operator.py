@@ -36,7 +36,7 @@ from lpa.errors import ConfigError
 from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
 from tests.logcheck import capture_events, problems_in_text
-from tests.loopback import started_port
+from tests.loopback import started_port, stop
 from tests.rawhttp import eventually, exchange
 from tests.test_agent_service import _config_text, _DaemonCase
 
@@ -276,6 +276,26 @@ class MetricsPortTests(_Logged):
         with self.assertRaises(ConnectionRefusedError):
             answer = await self._get(port, "/metrics")
         self.assertIsNone(answer)
+
+    async def test_metrics_port_in_use(self) -> None:
+        """metrics.local_port in use is a ListenError naming that port and metrics.local_port
+        (not the API's port and server.port); exit 75."""
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        service = self.build(f"metrics:\n  local_port: {port}\n")
+        error = self.assertRaises(ListenError, service.privilegedStartService)
+        # the API's port (started first) got a port: let it go
+        await stop(await started_port(service.listener))
+        self.assertEqual(error.exit_status, EX_TEMPFAIL)
+        self.assertEqual(
+            str(error),
+            f"cannot listen on 127.0.0.1:{port}: address already in use; another process "
+            f"holds the port (ss -ltnp 'sport = :{port}' shows which): stop it, or set "
+            "metrics.local_port",
+        )
 
     def test_off_by_default(self) -> None:
         """Without metrics.local_port the agent opens no plain-HTTP port."""

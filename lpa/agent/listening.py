@@ -45,8 +45,16 @@ def address(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listen_error(error: CannotListenError, bind: str, port: int) -> ListenError:
-    """The one-line explanation of a failed listen on ``bind:port``."""
+def listen_error(
+    error: CannotListenError,
+    bind: str,
+    port: int,
+    *,
+    keys: tuple[str, str] = ("server.bind", "server.port"),
+) -> ListenError:
+    """The one-line explanation of a failed listen on ``bind:port``; ``keys`` name the
+    configuration keys of that address and port (the advice says which one to change)."""
+    bind_key, port_key = keys
     cause: Any = error.socketError
     number = getattr(cause, "errno", None)
     reason = getattr(cause, "strerror", None) or str(cause)
@@ -54,24 +62,42 @@ def listen_error(error: CannotListenError, bind: str, port: int) -> ListenError:
     if number == errno.EADDRINUSE:
         advice = (
             f"another process holds the port (ss -ltnp 'sport = :{port}' shows which): stop it, "
-            "or set server.port"
+            f"or set {port_key}"
         )
         status = EX_TEMPFAIL
     elif number == errno.EACCES:
         advice = (
-            "ports below 1024 need root or CAP_NET_BIND_SERVICE: grant it, or set server.port "
+            f"ports below 1024 need root or CAP_NET_BIND_SERVICE: grant it, or set {port_key} "
             "to 1024 or above"
         )
         status = EX_NOPERM
     elif number == errno.EADDRNOTAVAIL:
         advice = (
-            f"{bind} is not an address of this host: set server.bind to one of its addresses "
+            f"{bind} is not an address of this host: set {bind_key} to one of its addresses "
             "(or 0.0.0.0 / ::)"
         )
         status = EX_CONFIG
     else:
-        advice, status = "check server.bind and server.port", EX_OSERR
+        advice, status = f"check {bind_key} and {port_key}", EX_OSERR
     return ListenError(f"cannot listen on {where}: {reason.lower()}; {advice}", status)
+
+
+class _MetricsListener(StreamServerEndpointService):
+    """The /metrics port, whose failed listen names ``metrics.local_bind``/``local_port``
+    (the agent's own ``_listening`` would name the API's address and ``server.port``)."""
+
+    def __init__(self, endpoint: Any, factory: Any, bind: str, port: int) -> None:
+        super().__init__(endpoint, factory)
+        self._bind = bind
+        self._port = port
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            raise listen_error(
+                error, self._bind, self._port, keys=("metrics.local_bind", "metrics.local_port")
+            ) from None
 
 
 def metrics_listener(
@@ -87,9 +113,8 @@ def metrics_listener(
     site.displayTracebacks = False
     bind = config.metrics.local_bind
     endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
-    service = StreamServerEndpointService(
-        endpoint_class(reactor, config.metrics.local_port, interface=bind), site
-    )
+    port = config.metrics.local_port
+    service = _MetricsListener(endpoint_class(reactor, port, interface=bind), site, bind, port)
     service._raiseSynchronously = True
     return service
 
