@@ -109,6 +109,28 @@ class AgentMetricsTests(ApiTestCase):
         self.assertEqual([code for code, _ in channel.closes], [1008, 1000])
         self.assertEqual(scrape(self.metrics)["lpa_agent_ws_slow_consumer_closes_total{}"], 1)
 
+    def test_no_crl_gauges_without_a_crl(self) -> None:
+        """Without a CRL reader (TLS off) the scrape carries no CRL gauge at all."""
+        self.assertFalse([name for name in scrape(self.metrics) if "_crl_" in name])
+
+    def test_crl_age_and_status(self) -> None:
+        """With a CRL reader, each scrape reads it: the CRL's age in seconds and one status
+        gauge labelled with the current status; a missing CRL has a status but no age."""
+        metrics = AgentMetrics(self.clock)
+        crl: dict[str, Any] = {"crl_status": "valid", "crl_age_seconds": 3600}
+        metrics.watch(job_timeout_seconds=1800, ready=list, crl=lambda: crl)
+
+        def crl_samples() -> dict[str, float]:
+            return {k: v for k, v in scrape(metrics).items() if "_crl_" in k}
+
+        self.assertEqual(crl_samples(), {"lpa_agent_crl_age_seconds{}": 3600,
+                                         "lpa_agent_crl_status{status=valid}": 1})
+        crl.update(crl_status="expired", crl_age_seconds=90000)
+        self.assertEqual(crl_samples(), {"lpa_agent_crl_age_seconds{}": 90000,
+                                         "lpa_agent_crl_status{status=expired}": 1})
+        crl.update(crl_status="missing", crl_age_seconds=None)
+        self.assertEqual(crl_samples(), {"lpa_agent_crl_status{status=missing}": 1})
+
 
 class RequestMetricsTests(ApiTestCase):
     rate_limiter_enabled = True
