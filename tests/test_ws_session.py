@@ -195,6 +195,25 @@ class GreetingAndFilterTests(SessionTestBase):
         new_job(self.jobs)
         self.assertEqual(self.channel.take(), [])
 
+    def test_subscription_count(self) -> None:
+        """``subscription_count`` (the agent's ws_subscriptions gauge) counts each job subscribed
+        once, the all-jobs mode as one, and nothing refused; unsubscribing takes them away."""
+        a, b = new_job(self.jobs), new_job(self.jobs)
+        counts = [self.session.subscription_count]
+        for message in (
+            {"action": "subscribe", "job_id": a},
+            {"action": "subscribe", "job_id": b},
+            {"action": "subscribe", "job_id": a, "after_seq": 0},  # again: still one
+            {"action": "subscribe", "job_id": str(uuid.uuid4())},  # JOB_NOT_FOUND
+            {"action": "subscribe"},
+            {"action": "subscribe", "job_id": "all"},  # already in all-jobs mode
+            {"action": "unsubscribe", "job_id": a},
+            {"action": "unsubscribe"},
+        ):
+            self.send(message)
+            counts.append(self.session.subscription_count)
+        self.assertEqual(counts, [0, 1, 2, 2, 2, 3, 3, 2, 0])
+
 
 class ReplayTests(SessionTestBase):
     def running_job(self, steps: int = 4) -> str:
