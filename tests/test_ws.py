@@ -152,8 +152,10 @@ class ProtocolTestBase(SynchronousTestCase):
         factory: Any = None,
         protocols: list[str] | None = None,
         subscribe_all: bool = False,
+        server: JobStreamProtocol | None = None,
     ) -> tuple[RecordingClient, JobStreamProtocol, iosim.IOPump]:
-        server = build(factory or self.factory, JobStreamProtocol, CLIENT_ADDRESS)
+        if server is None:
+            server = build(factory or self.factory, JobStreamProtocol, CLIENT_ADDRESS)
         client_factory = WebSocketClientFactory(
             "ws://127.0.0.1:8443/api/v1/ws/jobs",
             protocols=[SUBPROTOCOL] if protocols is None else protocols,
