@@ -48,10 +48,10 @@ setup(
     extras_require={
         # websockets: an independent client the interoperability tests speak to the agent with;
         # ruff, mypy (+ mypy-zope, stubs): `make lint`, pinned to a minor release so a new rule
-        # or inference cannot fail CI on its own
-        "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2", "h2>=4.1,<5",
+        # or inference cannot fail CI on its own; docutils: the documents parse without a warning
+        "test": ["websockets>=13,<18", "kosoku>=0.1,<0.2", "h2>=4.1,<5", "docutils>=0.21,<0.24",
                  "ruff>=0.17,<0.18", "mypy>=2.4,<2.5", "mypy-zope>=1.0.17,<1.1",
-                 "types-PyYAML>=6.0", "types-psycopg2>=2.9"],
+                 "types-PyYAML>=6.0", "types-psycopg2>=2.9", "types-docutils>=0.21"],
     },
     entry_points={"console_scripts": ["lpa = lpa.tools.cli:main"]},
 )
