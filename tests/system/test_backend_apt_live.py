@@ -1,4 +1,5 @@
-"""Live, read-only apt tests through the real ProcessRunner (skipped where apt is absent).
+"""Live, read-only apt tests through the real ProcessRunner and the whole agent daemon (skipped
+where apt is absent).
 
 Nothing here changes the host: queries, and dry runs that run only ``apt-get -s``; each dry run
 checks that ``dpkg-query`` reports exactly the same packages before and after.
@@ -7,6 +8,7 @@ checks that ``dpkg-query`` reports exactly the same packages before and after.
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -14,7 +16,19 @@ from twisted.trial.unittest import TestCase
 from lpa.agent.backends.apt import AptBackend
 from lpa.agent.model import CommandResult
 from lpa.errors import PackageNotFoundError, ValidationError
+from lpa.events import COMPLETED
 from tests.fakes_backends import FakeJobContext, make_job
+from tests.test_agent_service import _DaemonCase
+
+
+def _installed_packages() -> str:
+    return subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
 
 DPKG_QUERY = ["dpkg-query", "-W", "-f", "${Package} ${Version} ${db:Status-Abbrev}\\n"]
 
@@ -96,3 +110,28 @@ class AptLiveTests(TestCase):
         job = make_job("install", "sl;touch /tmp/lpa-pwned", dry_run=True)
         with self.assertRaises(ValidationError):
             await self.backend.execute(job, FakeJobContext(self.runner, job))
+
+
+class AgentDaemonAptTests(_DaemonCase):
+    """The same daemon over this machine's real apt, read-only and dry-run only."""
+
+    def setUp(self) -> None:
+        if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
+            raise self.skipTest("apt is not installed here")
+        super().setUp()
+
+    async def test_dry_run_apply_changes_nothing(self) -> None:
+        """A dry-run apply is accepted, runs apt-get -s, ends completed, and dpkg is unchanged."""
+        before = _installed_packages()
+        await self._start()
+        client = self._client()
+        response = await client.post(self._url("/api/v1/patches/apply"), json={"dry_run": True})
+        self.assertEqual(response.code, 202)
+        job_id = (await self._json(response))["data"]["job_id"]
+        detail = await self._wait_terminal(client, job_id)
+        self.assertEqual(detail["status"], COMPLETED, detail.get("error"))
+        self.assertTrue(detail["dry_run"])
+        self.assertIsInstance(detail["changes"], list)
+        for change in detail["changes"]:
+            self.assertEqual(set(change) >= {"name", "action"}, True)
+        self.assertEqual(_installed_packages(), before)
