@@ -137,7 +137,10 @@ class ProcessRunnerTests(TestCase):
         self.assertTrue(result.timed_out)
         self.assertIsNone(result.exit_code)
         grandchild = int(pidfile.read_text())
-        await deferLater(reactor, 0.2, lambda: None)
+        for _ in range(250):  # SIGKILL is delivered asynchronously: wait for it, up to 5 s
+            if not pid_alive(grandchild):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
         self.assertFalse(pid_alive(grandchild))
 
     async def test_descendant_holding_pipes_does_not_hang(self) -> None:
