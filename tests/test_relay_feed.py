@@ -1,18 +1,74 @@
-"""The ops feed on a real PostgreSQL: LISTEN, snapshots, samples, and LISTEN again after a cut."""
+"""The ops feed on a real PostgreSQL: LISTEN, snapshots, samples, and LISTEN again after a cut;
+its subscriptions on a stand-in connection."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from psycopg2.extensions import Notify
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lpa.relay.feed import KIND_RESYNC, KIND_UPDATE, FeedUnavailable, JobUpdateFeed
 from lpa.relay.store import default_connection_factory
 from tests import pg
 from tests.logcheck import assert_no_unhandled, capture_events
 from tests.pgutil import Seeder
+
+
+class ListenDetector:
+    """The part of the store's dead-connection detector the feed uses."""
+
+    def __init__(self) -> None:
+        self.connectionIsDead = False
+        self.handlers: list[Callable[[], object]] = []
+        self.stopped = False
+
+    def addRecoveryHandler(self, handler: Callable[[], object]) -> None:  # noqa: N802
+        self.handlers.append(handler)
+
+    def checkForDeadConnection(self, failure: Failure) -> Failure:  # noqa: N802
+        return failure
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class ListenConnection:
+    """What the feed uses of a txpostgres Connection: it connects at once, LISTEN succeeds,
+    ``notify`` delivers a notification as psycopg2 would, and ``close`` is recorded."""
+
+    def __init__(self) -> None:
+        self.detector = ListenDetector()
+        self.observers: list[Callable[[Any], object]] = []
+        self.dsn: str | None = None
+        self.operations: list[str] = []
+        self.closed = False
+
+    def addNotifyObserver(self, observer: Callable[[Any], object]) -> None:  # noqa: N802
+        self.observers.append(observer)
+
+    def connect(self, dsn: str) -> Deferred[None]:
+        self.dsn = dsn
+        return succeed(None)
+
+    def runOperation(self, sql: str) -> Deferred[None]:  # noqa: N802
+        self.operations.append(sql)
+        return succeed(None)
+
+    def runQuery(self, sql: str) -> Deferred[list[tuple[Any, ...]]]:  # noqa: N802
+        return Deferred()  # a sample or snapshot never answers: not what these tests are about
+
+    def notify(self, channel: str, payload: str) -> None:
+        for observer in list(self.observers):
+            observer(Notify(4242, channel, payload))
+
+    def close(self) -> None:
+        self.closed = True
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -113,3 +169,27 @@ class FeedTests(TestCase):
         failure = self.failureResultOf(feed.snapshot(), FeedUnavailable)
         self.assertIn("no database connection", str(failure.value))
         await deferLater(reactor, 0.2, lambda: None)  # stop between attempts, not during one
+
+
+class SubscriptionTests(SynchronousTestCase):
+    def test_cancel_stops_one_subscriber_and_is_idempotent(self) -> None:
+        """The function subscribe returns stops that subscriber only; calling it twice is
+        harmless."""
+        connection = ListenConnection()
+        clock = Clock()
+        feed = JobUpdateFeed("postgresql:///pm", clock=clock,
+                             connection_factory=lambda: connection)
+        self.successResultOf(feed.start())
+        self.assertEqual((connection.operations, feed.listening), (["LISTEN job_update"], True))
+        cancelled: list[str] = []
+        kept: list[str] = []
+        cancel = feed.subscribe(lambda kind, payload: cancelled.append(payload))
+        feed.subscribe(lambda kind, payload: kept.append(payload))
+        connection.notify("job_update", "one")
+        cancel()
+        cancel()
+        connection.notify("job_update", "two")
+        self.assertEqual((cancelled, kept, feed.subscriber_count), (["one"], ["one", "two"], 1))
+        feed.stop()
+        self.assertTrue(connection.closed and connection.detector.stopped)
+        self.assertEqual(clock.getDelayedCalls(), [])
