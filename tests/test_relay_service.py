@@ -19,6 +19,8 @@ from lpa.relay.machine import CONNECTING
 from lpa.relay.service import RelayService, make_relay_service
 from tests.fakes_membership import FakeMembershipDatabase
 from tests.fakes_relay import FakeRelayStore
+from tests.test_relay_feed import ListenConnection
+from tests.test_relay_opsservice import HeldEndpoint, StandInPort, held_ops_service
 
 ADDRESS = AgentAddress("agent1.example", 12443)
 
@@ -112,6 +114,35 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.log[-1], "store stop")
         self.clock.advance(60)
         self.assertEqual(len([c for c in self.store.calls if c.method == "running_host_jobs"]), 1)
+
+    def test_ops_port_opens_at_start_and_stop_waits_until_it_closed(self) -> None:
+        """With an ops port, starting the relay opens it; the relay's stop closes it and fires
+        only once it is closed, links closed or not."""
+        service = make_relay_service(
+            self.config,
+            reactor=self.clock,
+            clock=self.clock,
+            store=self.store,
+            tls_options_for=lambda host: "tls",
+            http_client=object(),
+            dial=self.dial,
+        )
+        endpoint, connection = HeldEndpoint(), ListenConnection()
+        service.ops = held_ops_service(endpoint, connection)
+        service.startService()
+        self.assertIs(endpoint.factory.resource, service.ops.root)
+        self.assertEqual(connection.dsn, "postgresql://relay@db.example/pm")
+        port = StandInPort(closing=Deferred())
+        endpoint.listening.callback(port)
+        self.assertEqual(service.ops.url, "http://127.0.0.1:12480/")
+        stopping = service.stopService()
+        self.assertEqual(port.stopped, 1)
+        self.sockets[0].closing.callback(None)
+        self.assertNoResult(stopping)
+        port.closing.callback(None)
+        self.successResultOf(stopping)
+        self.assertTrue(connection.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_bad_certificate_files_are_config_errors(self) -> None:
         """Unreadable [security] files stop the build with a ConfigError naming the file."""
