@@ -4,7 +4,8 @@ Each call is recorded and answered from what the test set: ``owned`` (the agents
 rebalance returns), ``members`` (live relays it reports, 2 by default), ``fail`` (an exception
 every heartbeat raises: the database is down),
 ``hold`` (heartbeats and leave stay pending until ``release()``: the database hangs),
-``rebalance_held`` (rebalances stay pending).
+``rebalance_held`` (rebalances stay pending), ``claimed``/``shed``/``expired`` (what the next
+rebalance says it moved; later ones move nothing).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class FakeMembershipDatabase:
         self.rebalance_held: list[Deferred[Rebalance]] | None = None
         self.wakeup: Callable[[], None] | None = None
         self.closed = False
+        #: what the next rebalance reports it claimed, shed and found expired
+        self.claimed = 0
+        self.shed = 0
+        self.expired: tuple[str, ...] = ()
 
     def connect(self) -> Deferred[None]:
         self.calls.append("connect")
@@ -68,10 +73,11 @@ class FakeMembershipDatabase:
             waiting: Deferred[Rebalance] = Deferred()
             self.rebalance_held.append(waiting)
             return waiting
-        return defer.succeed(
-            Rebalance(owned=self.owned, agents=len(self.owned), target=len(self.owned),
-                      members=self.members, busy=self.busy)
-        )
+        moved = Rebalance(owned=self.owned, agents=len(self.owned), target=len(self.owned),
+                          members=self.members, busy=self.busy, claimed=self.claimed,
+                          shed=self.shed, expired=self.expired)
+        self.claimed, self.shed, self.expired = 0, 0, ()
+        return defer.succeed(moved)
 
     def leave(self) -> Deferred[object]:
         self.calls.append("leave")

@@ -204,6 +204,31 @@ class MembershipTests(SynchronousTestCase):
             self.db.release()
         self.assertIn("a heartbeat took 2.5s", " ".join(formatEvent(e) for e in logged))
 
+    def test_rebalance_says_what_it_moved(self) -> None:
+        """A rebalance that claimed or shed agents is one info line with the counts, a relay it
+        found expired one warning; a rebalance that moved nothing says nothing."""
+        self.db.claimed, self.db.expired = 2, ("relay-b",)
+        with capturedLogs() as logged:
+            self.start()
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in logged if "relay-b" in formatEvent(e)
+             or "claimed" in e["log_format"]],
+            [(LogLevel.warn,
+              "relay relay-b stopped heartbeating; its agents go to the live relays"),
+             (LogLevel.info,
+              ("relay relay-a: claimed 2 and handed over 0 agents; follows 2 of 2 agents with "
+               "running jobs (2 live relays, share 2)"))])
+        with capturedLogs() as logged:
+            self.clock.advance(2)
+        self.assertEqual(list(logged), [])
+        self.db.owned, self.db.shed = frozenset({ONE}), 1
+        with capturedLogs() as logged:
+            self.clock.advance(2)
+        self.assertEqual(self.db.calls.count("rebalance"), 3)
+        self.assertEqual([formatEvent(e) for e in logged],
+                         [("relay relay-a: claimed 0 and handed over 1 agents; follows 1 of 1 "
+                           "agents with running jobs (2 live relays, share 1)")])
+
     def test_busy_claim_lock_retries_soon(self) -> None:
         """Another relay was rebalancing: try again after a short spread."""
         self.db.busy = True
