@@ -137,6 +137,37 @@ class MeteredStoreTests(SynchronousTestCase):
         self.assertEqual(samples["lpa_relay_rows_failed_total{reason=unreachable}"], 1)
         self.assertEqual(samples["lpa_relay_rows_failed_total{reason=job_not_found}"], 0)
 
+    def test_a_row_ended_twice_counts_once(self) -> None:
+        """Ending a row that already ended changes nothing: no second failed row and no
+        notification, though the call is still one transaction."""
+        for _ in range(2):
+            self.successResultOf(self.store.fail_host_job(
+                self.host_job, "agent unreachable for 900s: connection refused", TRANSPORT_POLL))
+        samples = scrape(self.metrics)
+        self.assertEqual(samples["lpa_relay_rows_failed_total{reason=unreachable}"], 1)
+        self.assertEqual(samples["lpa_relay_notifications_total{event_type=host}"], 1)
+        self.assertEqual(samples["lpa_relay_transactions_total{}"], 2)
+
+    def test_transactions_left_to_a_store_that_reports_them(self) -> None:
+        """With count_transactions off, events and failed rows still count; transactions,
+        rows per transaction and notifications are left to the store's own report."""
+        store = MeteredStore(self.inner, self.metrics, clock=self.clock,
+                             count_transactions=False)
+        result = self.successResultOf(store.apply_events(
+            self.host_job, [event("a1", 1, "running")], TRANSPORT_WS))
+        self.assertEqual(result.notified, 1)
+        self.successResultOf(store.fail_host_job(
+            self.host_job, "agent unreachable for 900s: connection refused", TRANSPORT_WS))
+        samples = scrape(self.metrics)
+        self.assertEqual(samples["lpa_relay_events_applied_total{transport=ws}"], 1)
+        self.assertEqual(samples["lpa_relay_rows_failed_total{reason=unreachable}"], 1)
+        self.assertEqual(
+            (samples["lpa_relay_transactions_total{}"],
+             samples["lpa_relay_rows_per_transaction_count{}"],
+             samples["lpa_relay_notifications_total{event_type=host}"],
+             samples["lpa_relay_notifications_total{event_type=job}"]),
+            (0, 0, 0, 0))
+
     def test_failures_pass_through_uncounted(self) -> None:
         """A store error reaches the caller unchanged and moves no counter."""
         self.inner.error = RuntimeError("database down")
