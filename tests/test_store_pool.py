@@ -255,6 +255,68 @@ class PoolTests(SynchronousTestCase):
         self.failureResultOf(bad, psycopg2.DataError)
         self.successResultOf(pool.stop())
 
+    def test_a_split_row_runs_one_call_at_a_time_while_others_pass(self) -> None:
+        """After a failed batch is split, a row's lone calls run one at a time, in order, and
+        its later writes wait behind them; other rows' writes go ahead meanwhile; a read never
+        joins a batch but runs alone in the next free transaction."""
+        pool = self.make(pool_size=2)
+        self.write(pool, "r0", "r0")
+        self.write(pool, "r9", "r9")  # both connections busy: what follows waits
+        first = self.write(pool, "r1", "r1:1")
+        second = self.write(pool, "r1", "r1:2")
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()],
+                         [["r9"], ["r1:1", "r1:2"]])
+        other = self.write(pool, "r5", "r5:1")
+        read = self.read(pool)
+        third = self.write(pool, "r1", "r1:3")
+        with capturedLogs():
+            self.open_transactions()[1][1].errback(psycopg2.DataError("invalid input"))
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r9"], ["r1:1"]])
+        self.commit(0)  # r9 frees its connection: r1:2 must wait for r1:1, r5:1 need not
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:1"], ["r5:1"]])
+        self.assertNoResult(read)
+        self.commit(1)
+        self.successResultOf(other)
+        self.assertEqual(self.successResultOf(read), "rows")  # alone, on the freed connection
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:1"]])
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:2"]])
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:3"]])
+        self.commit(0)
+        self.assertEqual([self.successResultOf(call) for call in (first, second, third)],
+                         ["done r1:1", "done r1:2", "done r1:3"])
+        self.successResultOf(pool.stop())
+
+    def test_a_later_write_never_passes_its_rows_lone_call(self) -> None:
+        """A row's lone call that cannot join the batch being built (another row's write was
+        taken first) holds back that row's later writes too: they never commit before it."""
+        pool = self.make(pool_size=2)
+        self.write(pool, "r0", "r0")
+        self.write(pool, "r9", "r9")
+        second = self.write(pool, "r1", "r1:1")
+        self.write(pool, "r1", "r1:2")
+        self.commit(0)
+        with capturedLogs():
+            self.open_transactions()[1][1].errback(psycopg2.DataError("invalid input"))
+        third = self.write(pool, "r1", "r1:3")
+        # r9's connection dies under it: r9 goes back to the head of the queue, before r1:2
+        self.open_transactions()[0][1].errback(
+            psycopg2.OperationalError("server closed the connection unexpectedly"))
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:1"]])
+        self.commit(0)
+        self.assertEqual(self.successResultOf(second), "done r1:1")
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r9"]])
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:2"]])
+        self.commit(0)
+        self.assertEqual([items for items, _ in self.open_transactions()], [["r1:3"]])
+        self.commit(0)
+        self.successResultOf(third)
+        self.connections[1].detector.recover()
+        self.successResultOf(pool.stop())
+
     def test_deadlock_is_retried(self) -> None:
         """A transaction PostgreSQL rolled back (deadlock, serialisation) simply runs again."""
         pool = self.make(pool_size=1)
