@@ -1,21 +1,18 @@
 """What an operator sees of the agent daemon: one line for each start-up fact or fault.
 
-The start-up line (version, address, port, TLS, backend); a port in use as one line and exit 75
-instead of a traceback; state_dir made private; TLS file errors naming the configuration key;
-SIGHUP saying what it re-read; a refused handshake logged with the peer; server.timeout_seconds
-answering 408 to a client that holds a request open over mutual TLS.
+The start-up line (version, address, port, TLS, backend); a port in use as one line (exit 75 under
+twistd: tests/system/test_twistd.py) instead of a traceback; state_dir made private; TLS file
+errors naming the configuration key; SIGHUP saying what it re-read; a refused handshake logged with
+the peer; server.timeout_seconds answering 408 to a client that holds a request open over mutual
+TLS.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +22,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import formatEvent
-from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from lpa.agent import tap
@@ -33,9 +29,8 @@ from lpa.agent.config import parse_agent_config
 from lpa.agent.listening import EX_TEMPFAIL, ListenError
 from lpa.agent.service import make_agent_service
 from lpa.errors import ConfigError
-from tests.certs import make_test_pki
 from tests.fakes import FakeBackend, FakeSystem
-from tests.logcheck import capture_events, problems_in_text
+from tests.logcheck import capture_events
 from tests.loopback import started_port, stop
 from tests.rawhttp import eventually, exchange
 from tests.test_agent_service import _config_text, _DaemonCase
@@ -124,46 +119,6 @@ class StartUpTests(_Logged):
         for files, message in cases:
             error = self.assertRaises(ConfigError, self.build, **files)
             self.assertEqual(str(error), message)
-
-
-class AgentTapPortTests(TestCase):
-    def test_port_in_use_under_twistd(self) -> None:
-        """twistd with the port taken: one error line naming it, exit 75, no traceback.
-
-        The agent process exits at listen, before its reactor runs a job or accepts a request,
-        so it needs no stand-in package manager."""
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        if not os.path.exists(twistd):
-            raise self.skipTest("twistd not installed beside this interpreter")
-        tmp = tempfile.mkdtemp(prefix="lpa-port-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        pki = make_test_pki(os.path.join(tmp, "pki"))
-        holder = socket.socket()
-        self.addCleanup(holder.close)
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        path = os.path.join(tmp, "agent.yaml")
-        with open(path, "w") as handle:
-            handle.write(_config_text(pki, os.path.join(tmp, "state"), port=port))
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        done = subprocess.run(
-            [twistd, "-n", "--pidfile=", "lpa-agent", "--config", path],
-            cwd=tmp,
-            env=dict(os.environ, PYTHONPATH=top),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        self.assertEqual(done.returncode, EX_TEMPFAIL, done.stdout + done.stderr)
-        output = done.stdout + done.stderr
-        self.assertEqual(problems_in_text(output), [])
-        mentions = [line for line in output.splitlines() if str(port) in line]
-        self.assertEqual(len(mentions), 1, output)
-        self.assertIn(
-            f"#error] cannot listen on 127.0.0.1:{port}: address already in use", mentions[0]
-        )
 
 
 class ReloadTests(_Logged):

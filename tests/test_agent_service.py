@@ -3,7 +3,7 @@
 These are the agent's acceptance checks, on loopback: health over mTLS, a dry-run patch apply
 that ends ``completed`` (over this machine's apt: tests/system/test_backend_apt_live.py), a
 name with shell metacharacters refused, clients refused at the handshake, history kept across a
-restart, and a bad configuration stopping twistd with one line.
+restart (a bad configuration stopping twistd with one line: tests/system/test_twistd.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
@@ -107,7 +105,6 @@ class _DaemonCase(TestCase):
         self.fail(f"job {job_id} did not end")
 
 
-
 class AgentDaemonTests(_DaemonCase):
     async def test_health_over_mtls(self) -> None:
         """A client holding a certificate of the CA gets /api/v1/health in the envelope."""
@@ -177,40 +174,6 @@ class AgentDaemonTests(_DaemonCase):
         self.assertEqual(events, before)
         self.assertEqual(events[-1]["event"], EVENT_JOB_COMPLETE)
         self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
-
-
-class AgentTapTests(TestCase):
-    def _twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        if not os.path.exists(twistd):
-            raise self.skipTest("twistd not installed beside this interpreter")
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=top)
-        with tempfile.TemporaryDirectory() as cwd:
-            return subprocess.run(
-                [twistd, "-n", "--pidfile=", "lpa-agent", *args],
-                check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
-            )
-
-    def test_missing_config_file_one_line(self) -> None:
-        """A missing config file stops start-up with one line and a non-zero exit."""
-        done = self._twistd("--config", "/nonexistent/agent.yaml")
-        self.assertNotEqual(done.returncode, 0)
-        lines = done.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, done.stderr)
-        self.assertIn("/nonexistent/agent.yaml", lines[0])
-        self.assertNotIn("Traceback", done.stderr + done.stdout)
-
-    def test_typo_key_one_line(self) -> None:
-        """A misspelt key names the key, with no traceback."""
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-            handle.write("jobs:\n  max_concurent: 3\n")
-        self.addCleanup(os.unlink, handle.name)
-        done = self._twistd("--config", handle.name)
-        self.assertNotEqual(done.returncode, 0)
-        self.assertIn("max_concurent", done.stderr)
-        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
-        self.assertNotIn("Traceback", done.stderr + done.stdout)
 
 
 class CrlHealthTests(TestCase):

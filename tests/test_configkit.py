@@ -1,5 +1,6 @@
 """The config kit both daemons share: file checks naming the key, `lpa config check` for both
-kinds of file, exit 78 and one line from both twistd plugins, and each daemon's own pid file."""
+kinds of file, and each daemon's own pid file (exit 78 and one line from both twistd plugins:
+tests/system/test_twistd.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import contextlib
 import datetime
 import io
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -233,42 +231,3 @@ class OwnPidfileTests(SynchronousTestCase):
             os.path.abspath("x.pid"))
 
 
-class TwistdExitTests(SynchronousTestCase):
-    """A real `twistd lpa-…` with a bad config: exit 78 and one line naming the key."""
-
-    def twistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        with tempfile.TemporaryDirectory() as cwd:
-            return subprocess.run(
-                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                 *argv], check=False, cwd=cwd, capture_output=True, text=True, timeout=120,
-                env=dict(os.environ, PYTHONPATH=ROOT))
-
-    def test_relay_bad_key_and_missing_cert(self) -> None:
-        """lpa-relay: a misspelt key, a missing certificate, a missing file: 78, one line each."""
-        pki = make_test_pki(os.path.abspath(self.mktemp()))
-        cases = [
-            (relay_toml(pki) + "[worker]\nws_relay_scan_intervall_secs = 3\n",
-             ("unknown key worker.ws_relay_scan_intervall_secs (did you mean "
-             "worker.ws_relay_scan_interval_secs?)")),
-            (relay_toml(pki, ca_cert_path="/nope/ca.crt"),
-             "security.ca_cert_path: /nope/ca.crt: no such file"),
-        ]
-        for text, problem in cases:
-            path = _write(os.path.abspath(self.mktemp()), text)
-            done = self.twistd("lpa-relay", "--config", path)
-            self.assertEqual(
-                (done.returncode, done.stderr),
-                (78, f"lpa-relay: configuration error: {path}: {problem}\n"), done.stdout)
-        done = self.twistd("lpa-relay", "--config", "/nope/relay.toml")
-        self.assertEqual((done.returncode, done.stderr), (
-            78, "lpa-relay: configuration error: config file /nope/relay.toml: not found\n"))
-
-    def test_agent_missing_cert(self) -> None:
-        """lpa-agent: a missing certificate is named by its key, exit 78."""
-        pki = make_test_pki(os.path.abspath(self.mktemp()))
-        path = _write(os.path.abspath(self.mktemp()),
-                      agent_yaml(pki, server_cert="/nope/server.crt"))
-        done = self.twistd("lpa-agent", "--config", path)
-        self.assertEqual((done.returncode, done.stderr), (
-            78, (f"lpa-agent: configuration error: {path}: tls.server_cert: /nope/server.crt: "
-                "no such file\n")))

@@ -13,6 +13,7 @@ finds what it must.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -333,14 +334,21 @@ class Tree:
             handle.write(text)
 
 
+@functools.cache
+def checkout_imports() -> tuple[Import, ...]:
+    """The checkout's imports, read once for the tests that need them all (parsing every
+    module takes a second or two)."""
+    return tuple(all_imports(ROOT))
+
+
 class ImportRuleTests(SynchronousTestCase):
     def test_the_code_keeps_the_rules(self) -> None:
         """No module under lpa/, twisted/plugins/, tests/ or bench/ imports what the map forbids."""
-        self.assertEqual(violations(all_imports(ROOT)), [])
+        self.assertEqual(violations(checkout_imports()), [])
 
     def test_every_exception_is_still_needed(self) -> None:
         """Each single-module exception is used by an import, so none outlives its reason."""
-        self.assertEqual(set(ALSO_MAY_IMPORT) - used_exceptions(all_imports(ROOT)), set())
+        self.assertEqual(set(ALSO_MAY_IMPORT) - used_exceptions(checkout_imports()), set())
 
     def test_the_doc_states_the_same_rules(self) -> None:
         """The rules table of docs/architecture.rst says what MAY_IMPORT says, and the rules
