@@ -73,9 +73,9 @@ class ServiceTests(SynchronousTestCase):
         self.config = RelayConfig(database_url="postgres://x@localhost/db", scan_interval=5)
         self.dial = dial
 
-    def test_make_relay_service_scans_and_dials(self) -> None:
-        """Started, the service scans the store and dials each agent with running rows."""
-        service = make_relay_service(
+    def make_service(self) -> RelayService:
+        """The relay service of :attr:`config` on the Clock, the fake store and the fake dial."""
+        return make_relay_service(
             self.config,
             reactor=self.clock,
             clock=self.clock,
@@ -84,6 +84,10 @@ class ServiceTests(SynchronousTestCase):
             http_client=object(),
             dial=self.dial,
         )
+
+    def test_make_relay_service_scans_and_dials(self) -> None:
+        """Started, the service scans the store and dials each agent with running rows."""
+        service = self.make_service()
         service.startService()
         self.assertEqual(self.log, ["dial agent1.example:12443"])
         [link] = service.scanner.links.values()
@@ -95,15 +99,7 @@ class ServiceTests(SynchronousTestCase):
 
     def test_stop_order(self) -> None:
         """stopService: scanning stops, links close (awaited), and only then the store stops."""
-        service = make_relay_service(
-            self.config,
-            reactor=self.clock,
-            clock=self.clock,
-            store=self.store,
-            tls_options_for=lambda host: "tls",
-            http_client=object(),
-            dial=self.dial,
-        )
+        service = self.make_service()
         owned = RelayService(self.store, service.scanner, own_store=True)
         owned.startService()
         stopping = owned.stopService()
@@ -118,15 +114,7 @@ class ServiceTests(SynchronousTestCase):
     def test_ops_port_opens_at_start_and_stop_waits_until_it_closed(self) -> None:
         """With an ops port, starting the relay opens it; the relay's stop closes it and fires
         only once it is closed, links closed or not."""
-        service = make_relay_service(
-            self.config,
-            reactor=self.clock,
-            clock=self.clock,
-            store=self.store,
-            tls_options_for=lambda host: "tls",
-            http_client=object(),
-            dial=self.dial,
-        )
+        service = self.make_service()
         endpoint, connection = HeldEndpoint(), ListenConnection()
         service.ops = held_ops_service(endpoint, connection)
         service.startService()
