@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from lpa.tools import demo, demo_config, demo_processes
 from lpa.tools.demo_processes import DemoError, Processes
 from lpa.tools.pgcluster import PostgresNotFound
+from tests.procs import live_in_group
 
 
 class ConfigTests(SynchronousTestCase):
@@ -127,10 +128,10 @@ class ProcessesTests(SynchronousTestCase):
         self.assertEqual(processes.stop_all(grace=5), [])
         self.assertIsNotNone(process.returncode)
         for _ in range(100):  # SIGKILL is delivered asynchronously
-            if not _live_in_group(process.pid):
+            if not live_in_group(process.pid):
                 break
             time.sleep(0.02)
-        self.assertEqual(_live_in_group(process.pid), [])
+        self.assertEqual(live_in_group(process.pid), [])
 
     def test_stop_all_kills_stubborn(self) -> None:
         """A daemon ignoring SIGTERM is SIGKILLed after the grace period and named."""
@@ -169,20 +170,6 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("no kept demo", str(error))
 
 
-def _live_in_group(pgid: int) -> list[int]:
-    """Processes of process group ``pgid`` that are not zombies."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(") ", 1)[-1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
-
-
 class KeptDemoTests(SynchronousTestCase):
     def test_running_kept_demo_refused(self) -> None:
         """A second demo over kept daemons that still run refuses; a reused pid is not ours."""
@@ -195,7 +182,7 @@ class KeptDemoTests(SynchronousTestCase):
              "--pidfile=" + os.path.abspath(state_dir) + "/x.pid"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        self.addCleanup(lambda: self.assertEqual(_live_in_group(sleeper.pid), []))
+        self.addCleanup(lambda: self.assertEqual(live_in_group(sleeper.pid), []))
         self.addCleanup(sleeper.wait)
         self.addCleanup(sleeper.kill)
         for _ in range(100):  # until the child has exec'd (its argv names the state dir)

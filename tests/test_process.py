@@ -25,6 +25,7 @@ from lpa.events import (
     JobEvent,
 )
 from tests.fakes import FakeBackend, FakeJobStore, FakeSystem
+from tests.procs import pid_alive
 
 
 def fire_once(deferred: Deferred[None]) -> None:
@@ -37,19 +38,6 @@ def fire_once(deferred: Deferred[None]) -> None:
 BIG_OUTPUT = (
     'i=0\nwhile [ $i -lt 2000 ]; do echo "line $i $(printf %040d 0)"; i=$((i+1)); done\n'
 )
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class FakePackageManagers:

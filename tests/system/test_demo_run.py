@@ -12,29 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from lpa.tools import demo_processes
 from tests.logcheck import assert_no_unhandled
+from tests.procs import pid_alive, processes_mentioning
 from tests.system import CHECKOUT
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if text.encode() in handle.read() and _alive(int(entry)):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 class EndToEndTests(SynchronousTestCase):
@@ -62,9 +41,9 @@ class EndToEndTests(SynchronousTestCase):
         with open(os.path.join(state_dir, demo_processes.STATE_FILE)) as handle:
             state = json.load(handle)
         for name, pid in state["pids"].items():
-            self.assertFalse(_alive(pid), f"{name} (pid {pid}) is still running")
-        self.assertEqual(_processes_mentioning(state_dir), [])
-        self.assertEqual(_processes_mentioning(state["postgres"]), [])
+            self.assertFalse(pid_alive(pid), f"{name} (pid {pid}) is still running")
+        self.assertEqual(processes_mentioning(state_dir), [])
+        self.assertEqual(processes_mentioning(state["postgres"]), [])
         self.assertFalse(os.path.exists(state["postgres"]))
         assert_no_unhandled(*(os.path.join(state_dir, name + suffix)
                               for name in ("lpa-agent", "lpa-relay")

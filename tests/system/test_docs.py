@@ -19,6 +19,7 @@ import sys
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.logcheck import assert_no_unhandled
+from tests.procs import processes_mentioning
 from tests.system import CHECKOUT as ROOT
 from tests.system.docblocks import Block, blocks, looks_like_commands, parse
 
@@ -136,6 +137,4 @@ class RunTests(SynchronousTestCase):
         assert_no_unhandled(*(os.path.join(state, name + suffix)
                               for name in ("lpa-agent", "lpa-relay")
                               for suffix in (".log", ".log.stdout")))
-        from tests.system.test_demo_run import _processes_mentioning
-
-        self.assertEqual(_processes_mentioning(scratch), [])
+        self.assertEqual(processes_mentioning(scratch), [])
